@@ -1,0 +1,1 @@
+"""The HDF5 feature store: schema, fingerprint, writer (crash-safe) and reader."""

@@ -1,0 +1,138 @@
+"""Reading a cache: refuses incomplete or foreign files; reads whole datasets, never per row."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache.schema import EXPERT_ATTRS, POOLED, PROMPT_COLUMNS, SCHEMA_VERSION
+from pipeline.config import MuskError
+
+
+def _str_list(ds) -> list[str]:
+    return [s.decode() if isinstance(s, bytes) else str(s) for s in ds.asstr()[()]]
+
+
+class Cache:
+    """A read-only view of one complete cache file. Use as a context manager or call close()."""
+
+    def __init__(self, path: str | Path, allow_incomplete: bool = False):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise MuskError(f"cache {str(self.path)!r} does not exist (build it with `musk extract`)")
+        try:
+            self.f = h5py.File(self.path, "r")
+        except OSError as e:
+            raise MuskError(f"cache {str(self.path)!r} is not a readable HDF5 file ({e})") from None
+        a = self.f.attrs
+        if "musk_schema" not in a:
+            self.close()
+            raise MuskError(f"{str(self.path)!r} is an HDF5 file but not a musk cache (no musk_schema attribute)")
+        if int(a["musk_schema"]) != SCHEMA_VERSION:
+            self.close()
+            raise MuskError(
+                f"cache {str(self.path)!r} has schema {int(a['musk_schema'])}, this musk reads schema {SCHEMA_VERSION}"
+            )
+        if not bool(a.get("complete", False)) and not allow_incomplete:
+            self.close()
+            raise MuskError(
+                f"cache {str(self.path)!r} is incomplete (an extraction did not finish); rerun `musk extract` "
+                "with the same config to complete it"
+            )
+
+    def close(self) -> None:
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- metadata
+    @property
+    def fingerprint(self) -> str:
+        return str(self.f.attrs["fingerprint"])
+
+    @property
+    def data_fingerprint(self) -> str:
+        return str(self.f.attrs.get("data_fingerprint", ""))
+
+    @property
+    def config_yaml(self) -> str:
+        return str(self.f.attrs["config"])
+
+    @property
+    def experts(self) -> list[str]:
+        """Expert names in the order the config listed them (recorded at extraction)."""
+        order = json.loads(self.f.attrs.get("expert_order", "[]"))
+        present = list(self.f["experts"].keys()) if "experts" in self.f else []
+        return [n for n in order if n in present] + sorted(set(present) - set(order))
+
+    @property
+    def routers(self) -> list[str]:
+        return list(self.f["router"].keys()) if "router" in self.f else []
+
+    def expert_attrs(self, name: str) -> dict:
+        g = self._expert(name)
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in g.attrs.items()}
+
+    def _expert(self, name: str):
+        if name not in self.experts:
+            raise MuskError(f"cache {str(self.path)!r} has no expert {name!r}; it has {self.experts}")
+        return self.f["experts"][name]
+
+    def __len__(self) -> int:
+        return int(self.f["prompts/text"].shape[0])
+
+    # -- data (whole datasets: one read each)
+    def prompts(self) -> dict[str, list[str]]:
+        return {c: _str_list(self.f["prompts"][c]) for c in PROMPT_COLUMNS}
+
+    def split_indices(self, split: str) -> np.ndarray:
+        splits = np.array(_str_list(self.f["prompts/split"]))
+        return np.nonzero(splits == split)[0]
+
+    def features(self, variant: str, experts: list[str] | None = None) -> dict[str, np.ndarray]:
+        if variant not in POOLED:
+            raise MuskError(f"unknown pooling variant {variant!r}; choices: {list(POOLED)}")
+        names = experts if experts is not None else self.experts
+        return {n: self._expert(n)[variant][()] for n in names}
+
+    def has_hints(self, name: str) -> bool:
+        return "hint" in self._expert(name)
+
+    def hints(self, name: str) -> list[str]:
+        if not self.has_hints(name):
+            raise MuskError(f"cache {str(self.path)!r}: expert {name!r} has no hints (extract with hints: true)")
+        return _str_list(self._expert(name)["hint"])
+
+    def router_embedding(self, encoder: str | None = None) -> np.ndarray:
+        if not self.routers:
+            raise MuskError(f"cache {str(self.path)!r} has no router embedding (extract with a router)")
+        enc = encoder or self.routers[0]
+        if enc not in self.routers:
+            raise MuskError(f"cache has no router {enc!r}; it has {self.routers}")
+        return self.f["router"][enc]["embedding"][()]
+
+    def check_layout(self) -> list[str]:
+        """Problems with the SPEC layout (empty when the file conforms)."""
+        problems = []
+        for k in ("musk_schema", "fingerprint", "config", "complete", "versions"):
+            if k not in self.f.attrs:
+                problems.append(f"root attribute {k} missing")
+        for c in PROMPT_COLUMNS:
+            if f"prompts/{c}" not in self.f:
+                problems.append(f"/prompts/{c} missing")
+        for n in self.experts:
+            g = self.f["experts"][n]
+            for k in EXPERT_ATTRS:
+                if k not in g.attrs:
+                    problems.append(f"/experts/{n} attribute {k} missing")
+            for k in POOLED + ("random_token_index", "random_layer_index", "n_tokens"):
+                if k not in g:
+                    problems.append(f"/experts/{n}/{k} missing")
+        return problems

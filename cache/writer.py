@@ -1,0 +1,129 @@
+"""Crash-safe cache writing.
+
+HDF5 is not safe against a writer killed mid-write (a SIGKILL can leave a file that no longer
+opens), so extraction never writes the final file incrementally:
+
+1. every finished batch goes to `<out>.parts/<group>/<kind>_<batch>.npz`, written under a temporary
+   name and renamed (a batch is either wholly there or absent);
+2. when every batch of every new group is there, the cache is assembled into `<out>.tmp<pid>`
+   (a copy of the existing cache, if any, plus the new groups), flushed, fsynced, marked
+   complete, and renamed over `<out>` in one step.
+
+A kill at any moment therefore leaves the old cache (or none) and a set of finished batches that
+the rerun picks up; the content equals an uninterrupted run's because batches are deterministic.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from cache.schema import SCHEMA_VERSION, versions
+
+STR = h5py.string_dtype("utf-8")
+
+
+class PartsStore:
+    """Finished batches of an extraction in progress, tied to the data fingerprint."""
+
+    def __init__(self, out: Path, data_fp: str):
+        self.root = Path(str(out) + ".parts")
+        manifest = self.root / "manifest.json"
+        if self.root.exists():
+            try:
+                ok = json.loads(manifest.read_text()).get("data_fingerprint") == data_fp
+            except (OSError, ValueError):
+                ok = False
+            if not ok:  # scratch of another config: worthless here
+                shutil.rmtree(self.root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not manifest.exists():
+            _atomic_write_bytes(manifest, json.dumps({"data_fingerprint": data_fp}).encode())
+
+    def _path(self, group: str, kind: str, batch: int) -> Path:
+        return self.root / group / f"{kind}_{batch:06d}.npz"
+
+    def has(self, group: str, kind: str, batch: int) -> bool:
+        return self._path(group, kind, batch).exists()
+
+    def save(self, group: str, kind: str, batch: int, **arrays: np.ndarray) -> None:
+        p = self._path(group, kind, batch)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, p)
+
+    def load(self, group: str, kind: str, batch: int) -> dict[str, np.ndarray]:
+        with np.load(self._path(group, kind, batch), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def remove(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def assemble(
+    out: Path,
+    *,
+    prompts: dict[str, list[str]] | None,
+    experts: list[tuple[str, dict, dict[str, np.ndarray]]],
+    routers: list[tuple[str, dict, np.ndarray]],
+    root_attrs: dict,
+) -> None:
+    """Write `out` atomically: the existing cache (if any) plus new expert and router groups.
+
+    prompts: column -> list of str, only when creating a new cache.
+    experts: (name, attrs, datasets) per new expert; routers: (encoder, attrs, embedding).
+    """
+    out = Path(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    if out.exists():
+        shutil.copyfile(out, tmp)
+    try:
+        with h5py.File(tmp, "a") as f:
+            f.attrs["complete"] = False
+            if prompts is not None:
+                g = f.require_group("prompts")
+                for col, values in prompts.items():
+                    g.create_dataset(col, data=np.array(values, dtype=object), dtype=STR)
+            for name, attrs, arrays in experts:
+                g = f.require_group("experts").create_group(name)
+                for k, v in attrs.items():
+                    g.attrs[k] = v
+                for k, v in arrays.items():
+                    if v.dtype.kind in ("U", "O"):
+                        g.create_dataset(k, data=np.array(v, dtype=object), dtype=STR)
+                    else:
+                        g.create_dataset(k, data=v)
+            for name, attrs, emb in routers:
+                g = f.require_group("router").create_group(name)
+                for k, v in attrs.items():
+                    g.attrs[k] = v
+                g.create_dataset("embedding", data=emb.astype(np.float32))
+            f.attrs["musk_schema"] = SCHEMA_VERSION
+            f.attrs["versions"] = versions()
+            for k, v in root_attrs.items():
+                f.attrs[k] = v
+            f.attrs["complete"] = True
+            f.flush()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

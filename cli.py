@@ -1,0 +1,134 @@
+"""musk: combine frozen language models under RL. `musk extract | train | report`.
+
+Every command exits 0 on success and, on bad input, prints one paragraph naming the problem (no
+traceback) and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import typer
+
+from pipeline.config import MuskError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="musk: frozen expert LMs -> cached features -> GRPO with context tokens -> paper tables.",
+)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"musk: error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _run(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except MuskError as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("musk: interrupted", err=True)
+        raise typer.Exit(130)
+
+
+@app.command()
+def extract(
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML extract config; default: the embedded default."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Cache path (default caches/<family>.h5)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Keep the first N prompts of each split."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+):
+    """Build or complete a feature cache: every expert once over every prompt."""
+    from pipeline.extract import load_extract_config, run_extract
+
+    overrides = {}
+    if out is not None:
+        overrides["out"] = str(out)
+    if limit is not None:
+        overrides["limit"] = limit
+    cfg = _run(load_extract_config, str(config) if config else None, overrides)
+    _run(run_extract, cfg, progress=not no_progress)
+
+
+@app.command()
+def train(
+    cache: Path = typer.Option(..., "--cache", help="Cache file written by `musk extract`."),
+    method: str = typer.Option(..., "--method", help="single | hard-routing | output-collab | perceiver | ffn"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML train config; default: the embedded default."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (overrides the config)."),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds: one run each."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run folder (default runs/<method>-<family>-s<seed>)."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Override total_training_steps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its last checkpoint."),
+    pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling variant read from the cache."),
+    num_latents: Optional[int] = typer.Option(None, "--num-latents", help="m, the number of latent queries."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of the LoRA policy."),
+    router_lr: Optional[float] = typer.Option(None, "--router-lr", help="Learning rate of g_phi."),
+    train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Prompts per micro-batch."),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
+    save_freq: Optional[int] = typer.Option(None, "--save-freq", help="Checkpoint every K steps."),
+    test_freq: Optional[int] = typer.Option(None, "--test-freq", help="Evaluate every K steps."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+):
+    """GRPO over cached expert features (no expert is loaded)."""
+    from train.config import load_train_config
+    from train.loop import run_train
+
+    overrides = {k: v for k, v in {
+        "method": method, "total_training_steps": max_steps, "pooling": pooling, "num_latents": num_latents,
+        "lr": lr, "router_lr": router_lr, "train_batch_size": train_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps, "save_freq": save_freq, "test_freq": test_freq,
+    }.items() if v is not None}
+    seed_list = [seed] if seed is not None else [None]
+    if seeds:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            _fail(f"--seeds takes comma-separated integers, got {seeds!r}")
+    if len(seed_list) > 1 and (out is not None or resume):
+        out_root = out
+    else:
+        out_root = None
+    for s in seed_list:
+        ov = dict(overrides)
+        if s is not None:
+            ov["seed"] = s
+        cfg = _run(load_train_config, str(config) if config else None, ov)
+        run_out = out
+        if out_root is not None:
+            run_out = out_root / f"{cfg.method}-s{cfg.seed}"
+        _run(run_train, cfg, cache_path=cache, out=run_out, resume=resume, progress=not no_progress)
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders, or folders holding run folders."),
+    out: Path = typer.Option(Path("report"), "--out", help="Where the tables and figures go."),
+):
+    """The paper's tables and figures from run folders."""
+    from analyze.report import run_report
+
+    _run(run_report, runs, out)
+
+
+def main() -> None:
+    try:
+        app()
+    except MuskError as e:  # raised outside a command body
+        typer.echo(f"musk: error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Tasks, expert loading, pooling and extraction (`musk extract`)."""

