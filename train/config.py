@@ -1,0 +1,140 @@
+"""The training config: one frozen dataclass, names as the paper's Listing 1 gives them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pipeline.config import MuskError, from_dict, load_yaml, merge
+from pipeline.pooling import VARIANTS
+from train.adapters import method_info
+from train.rewards import MODES
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: str = "perceiver"
+    """single | perceiver | ffn | hard-routing | output-collab."""
+    policy: str = "smollm2-135m-instruct"
+    """The policy LM: an expert-registry name, a hub id or a local folder."""
+    seed: int = 0
+    """Seed of initialisation, data order and sampling."""
+    experts: tuple[str, ...] | None = None
+    """Subset of the cache's experts (in this order); null uses every expert in the cache."""
+    pooling: str = "last_token"
+    """Pooling variant read from the cache (Table 2 ablation)."""
+    router: str | None = None
+    """Router encoder in the cache for hard-routing; null takes the first one."""
+    # --- g_phi
+    d_latent: int = 512
+    """Shared latent size d of the expert projections (paper: 512)."""
+    num_latents: int = 8
+    """m, the number of latent queries / context tokens of perceiver (paper: 8; Figure 6 sweep)."""
+    num_heads: int = 8
+    """Cross-attention heads (paper: 8)."""
+    init_std: float = 1e-4
+    """Std of W_out at initialisation (near zero so that C ~ 0 and KL ~ 0 at step 0)."""
+    gumbel_tau: float = 1.0
+    """Temperature of the straight-through Gumbel-softmax of hard-routing."""
+    context_position: str = "suffix"
+    """Where C goes: suffix ([x || C], Eq. 3, right before the answer) or prefix (before the prompt)."""
+    # --- LoRA
+    lora_rank: int = 8
+    """LoRA rank (paper: 8)."""
+    lora_alpha: int = 16
+    """LoRA alpha."""
+    lora_dropout: float = 0.0
+    """LoRA dropout (0 keeps the GRPO forward deterministic)."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    """Module names that get LoRA adapters."""
+    # --- GRPO
+    group_size: int = 8
+    """G completions per prompt (paper: 8)."""
+    beta: float = 0.04
+    """KL coefficient (paper: 0.04)."""
+    clip_eps: float = 0.2
+    """PPO clip range of the surrogate (inactive with one pass per batch; kept for correctness)."""
+    std_floor: float = 1e-4
+    """Floor of the group std in the advantage denominator."""
+    max_new_tokens: int = 128
+    """Fixed generation budget (paper: 128 tokens for all methods)."""
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts."""
+    answer_extraction: str = "strict"
+    """strict (paper: last closed <answer> tag) or lenient (see train/rewards.py)."""
+    # --- Listing 1
+    train_batch_size: int = 4
+    """Prompts per micro-batch (each gives group_size completions)."""
+    val_batch_size: int = 4
+    """Prompts per evaluation batch."""
+    gradient_accumulation_steps: int = 8
+    """Micro-batches per optimizer step (paper: 4 x 8 = 32 prompts a step)."""
+    total_training_steps: int = 500
+    """Optimizer steps (paper: 500 on Reasoning Gym, 233 on GSM8K)."""
+    lr: float = 1e-4
+    """AdamW learning rate of the LoRA policy."""
+    router_lr: float = 1e-4
+    """AdamW learning rate of g_phi (the context-token adapter)."""
+    weight_decay: float = 1e-2
+    """AdamW weight decay."""
+    epsilon: float = 1e-6
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Max global grad norm."""
+    warmup_steps: int = 0
+    """Linear LR warmup steps (paper: none)."""
+    log_freq: int = 1
+    """Print a progress line every K steps (metrics.jsonl gets every step)."""
+    save_freq: int = 1000
+    """Checkpoint every K steps (and at the end)."""
+    test_freq: int = 1000
+    """Evaluate on the validation split every K steps (and at the end)."""
+    eval_batches: int = 1000
+    """Evaluation batches (x val_batch_size prompts, capped at the split's size)."""
+    eval_without_context: bool = True
+    """Also evaluate the same policy with C removed (Figure 5)."""
+    # --- execution
+    dtype: str = "auto"
+    """Policy weights: auto (bf16 where fast), bfloat16, float32."""
+    device: str = "auto"
+    """auto, cpu, cuda."""
+
+    def validate(self) -> None:
+        method_info(self.method)
+        if self.pooling not in VARIANTS:
+            raise MuskError(f"unknown pooling {self.pooling!r}; choices: {list(VARIANTS)}")
+        if self.answer_extraction not in MODES:
+            raise MuskError(f"unknown answer_extraction {self.answer_extraction!r}; choices: {list(MODES)}")
+        if self.context_position not in ("suffix", "prefix"):
+            raise MuskError(f"context_position must be suffix or prefix, got {self.context_position!r}")
+        for k in ("group_size", "train_batch_size", "val_batch_size", "gradient_accumulation_steps",
+                  "total_training_steps", "max_new_tokens", "num_latents", "num_heads", "d_latent", "lora_rank",
+                  "save_freq", "test_freq", "eval_batches", "log_freq"):
+            if getattr(self, k) < 1:
+                raise MuskError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if self.group_size < 2:
+            raise MuskError("group_size must be at least 2 (GRPO normalises within a group)")
+
+
+# Embedded default: SmolLM2-135M-Instruct policy, short budget, lenient answers (CPU in minutes).
+EMBEDDED_DEFAULT = {
+    "policy": "smollm2-135m-instruct",
+    "group_size": 4,
+    "train_batch_size": 2,
+    "val_batch_size": 16,
+    "gradient_accumulation_steps": 1,
+    "total_training_steps": 40,
+    "max_new_tokens": 48,
+    "lr": 5e-4,
+    "router_lr": 5e-4,
+    "answer_extraction": "lenient",
+    "d_latent": 128,
+    "save_freq": 20,
+    "test_freq": 20,
+    "eval_batches": 4,
+}
+
+
+def load_train_config(path: str | None, overrides: dict | None = None) -> TrainConfig:
+    data = load_yaml(path) if path else dict(EMBEDDED_DEFAULT)
+    data = merge(data, overrides or {})
+    return from_dict(TrainConfig, data, "train config")
