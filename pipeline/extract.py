@@ -33,6 +33,7 @@ from pipeline.experts import (
     weights_sha256,
     _sha256_file,
 )
+from pipeline.generation import eos_ids, generate, positions
 from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_indices
 from pipeline.tasks import Prompt, TaskConfig, build_prompts
 
@@ -145,7 +146,7 @@ def _batches(n_tokens: np.ndarray, size: int) -> list[np.ndarray]:
 @torch.inference_mode()
 def expert_forward_pool(model, ids: torch.Tensor, mask: torch.Tensor, rti: torch.Tensor, rli: torch.Tensor):
     """One backbone forward (no LM head) -> dict of pooled variants, each [B, d] float32."""
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)  # [B, T] positions count real tokens only
+    pos = positions(mask)  # [B, T] positions count real tokens only
     out = model.base_model(
         input_ids=ids, attention_mask=mask, position_ids=pos, output_hidden_states=True, use_cache=False
     )
@@ -186,17 +187,16 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
         bar.update(len(rows))
     hints = None
     if cfg.hints:
+        eos = eos_ids(model, tok)
         hints = np.empty(N, dtype=object)
         for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
             if not parts.has(group, "hint", b):
                 bid, mask = _pad([ids[i] for i in rows], tok.pad_token_id, "left")  # generation: left
                 with torch.inference_mode():
-                    gen = model.generate(
-                        input_ids=bid.to(device), attention_mask=mask.to(device), do_sample=False,
-                        max_new_tokens=cfg.hint_max_new_tokens, pad_token_id=tok.pad_token_id,
-                        top_p=None, top_k=None, temperature=None,
-                    )
-                texts = tok.batch_decode(gen[:, bid.shape[1]:], skip_special_tokens=True)
+                    emb = model.get_input_embeddings()(bid.to(device))
+                    gen, live = generate(model, emb, mask.to(device), cfg.hint_max_new_tokens, eos,
+                                         tok.pad_token_id, greedy=True)
+                texts = tok.batch_decode(gen * live + tok.pad_token_id * (1 - live), skip_special_tokens=True)
                 parts.save(group, "hint", b, rows=rows, text=np.array(texts, dtype=str))
             part = parts.load(group, "hint", b)
             hints[part["rows"]] = [str(t) for t in part["text"]]

@@ -26,8 +26,8 @@ from train import checkpoint as ckpt
 from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
-from train.policy import (build_prompt_text, completion_logprobs, encode_prompts, eos_ids, generate, load_policy,
-                          splice)
+from pipeline.generation import eos_ids, generate
+from train.policy import build_prompt_text, completion_logprobs, encode_prompts, load_policy, splice
 from train.rewards import score
 
 

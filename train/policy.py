@@ -1,5 +1,5 @@
 """The policy: a causal LM with LoRA, conditioned on context tokens spliced into its input
-embeddings (Eq. 3), with a KV-cached sampler and completion log-probs that skip the LM head on
+embeddings (Eq. 3), with a sampler (pipeline/generation.py) and completion log-probs that skip the LM head on
 prompt positions.
 
 Sequence layout of a batch (left padding, so every prompt ends at the same column):
@@ -14,6 +14,7 @@ import torch
 
 from pipeline.config import MuskError
 from pipeline.experts import ExpertSpec, EXPERTS, PLAIN_FORMAT, load_expert
+from pipeline.generation import lm_logits, positions
 
 
 def policy_spec(name: str) -> ExpertSpec:
@@ -72,57 +73,6 @@ def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | Non
     return torch.cat([context, embeds], 1), torch.cat([ones, mask], 1)
 
 
-def positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def eos_ids(model, tok) -> list[int]:
-    ids = set()
-    gen = getattr(model, "generation_config", None)
-    e = getattr(gen, "eos_token_id", None) if gen is not None else None
-    for x in (e if isinstance(e, (list, tuple)) else [e]):
-        if x is not None:
-            ids.add(int(x))
-    if tok.eos_token_id is not None:
-        ids.add(int(tok.eos_token_id))
-    return sorted(ids)
-
-
-@torch.no_grad()
-def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
-             temperature: float = 1.0, greedy: bool = False):
-    """KV-cached sampling from prompt embeddings. Returns (tokens [N, T], mask [N, T]).
-
-    The mask is 1 through the first EOS (inclusive) and 0 after; later tokens are pad_id.
-    """
-    N = embeds.shape[0]
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=True,
-             logits_to_keep=1)
-    past, logits = out.past_key_values, out.logits[:, -1].float()  # [N, V]
-    pos = positions(mask)[:, -1]  # [N]
-    eos_t = torch.tensor(eos, device=embeds.device)
-    done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
-    toks, live = [], []
-    for t in range(max_new_tokens):
-        if greedy:
-            nxt = logits.argmax(-1)
-        else:
-            probs = torch.softmax(logits / temperature, dim=-1)
-            nxt = torch.multinomial(probs, 1).squeeze(1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        live.append(~done)
-        toks.append(nxt)
-        done = done | torch.isin(nxt, eos_t)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=mask.device)], 1)
-        pos = pos + 1
-        out = lm(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                 past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, out.logits[:, -1].float()
-    return torch.stack(toks, 1), torch.stack(live, 1).long()
-
-
 def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask) -> torch.Tensor:
     """log pi(y_t | prefix) for each completion token: [N, T]. The LM head runs on completion
     positions only (the prompt's logits over the vocabulary are never formed)."""
@@ -132,8 +82,5 @@ def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask) -> torch.Tensor:
     h = lm.base_model(inputs_embeds=full, attention_mask=fmask, position_ids=positions(fmask),
                       use_cache=False).last_hidden_state  # [N, P+T, d]
     P, T = embeds.shape[1], comp_ids.shape[1]
-    logits = lm.get_output_embeddings()(h[:, P - 1: P - 1 + T]).float()  # [N, T, V]
-    softcap = getattr(lm.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    logits = lm_logits(lm, h[:, P - 1: P - 1 + T])  # [N, T, V] float32
     return torch.log_softmax(logits, -1).gather(-1, comp_ids[..., None]).squeeze(-1)

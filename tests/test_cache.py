@@ -1,0 +1,176 @@
+"""The cache: SPEC layout, fingerprints, resumability (SIGKILL), no silent mixing, bad input."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from cache.reader import Cache
+from pipeline.config import MuskError
+from pipeline.extract import load_extract_config, run_extract
+from tests.conftest import ROOT, TINY_LLAMA, tiny_extract_config, write_yaml
+
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _content(path: Path) -> dict:
+    """Every dataset's values (and the root fingerprint) of a cache file."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                v = obj[()]
+                out[name] = [x.decode() if isinstance(x, bytes) else x for x in v] if v.dtype == object else v
+        f.visititems(visit)
+        out["@fingerprint"] = f.attrs["fingerprint"]
+    return out
+
+
+def _assert_same(a: dict, b: dict):
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            assert a[k] == b[k], k
+
+
+def test_spec_layout(tiny_cache):
+    with h5py.File(tiny_cache, "r") as f:
+        assert f.attrs["musk_schema"] == 1 and bool(f.attrs["complete"]) is True
+        assert len(f.attrs["fingerprint"]) == 64
+        assert "task:" in f.attrs["config"] and '"transformers"' in f.attrs["versions"]
+        N = f["prompts/text"].shape[0]
+        assert N == 16
+        assert sorted(set(f["prompts/split"].asstr()[()])) == ["train", "val"]
+        for name, d in (("tiny-llama", 32), ("tiny-gpt2", 24)):
+            g = f["experts"][name]
+            assert set(g.attrs) >= {"source", "weights_sha256", "hidden_size", "num_layers", "dtype", "prompt_format"}
+            assert g.attrs["hidden_size"] == d and g.attrs["num_layers"] == 2 and g.attrs["prompt_format"] == "plain"
+            for v in ("last_token", "first_token", "random_token", "first_layer", "random_layer"):
+                assert g[v].shape == (N, d) and g[v].dtype == np.float32
+            assert g["n_tokens"].shape == (N,) and (g["n_tokens"][()] > 5).all()
+            assert ((g["random_token_index"][()] >= 0) & (g["random_token_index"][()] < g["n_tokens"][()])).all()
+            assert ((g["random_layer_index"][()] >= 0) & (g["random_layer_index"][()] <= 2)).all()
+            assert g["hint"].shape == (N,)
+        assert f["router/all-MiniLM-L6-v2/embedding"].shape == (N, 384)
+        emb = f["router/all-MiniLM-L6-v2/embedding"][()]
+        np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    with Cache(tiny_cache) as c:
+        assert c.check_layout() == []
+        assert c.experts == ["tiny-llama", "tiny-gpt2"]
+        assert len(c.split_indices("train")) == 12 and len(c.split_indices("val")) == 4
+
+
+def test_rerun_complete_cache_does_no_work(tiny_cache, tmp_path):
+    before, mtime = _sha(tiny_cache), tiny_cache.stat().st_mtime_ns
+    msgs = []
+    cfg = load_extract_config(None, tiny_extract_config(tiny_cache))
+    run_extract(cfg, progress=False, log=msgs.append)
+    assert "nothing to do" in msgs[0]
+    assert _sha(tiny_cache) == before and tiny_cache.stat().st_mtime_ns == mtime
+
+
+def test_adding_an_expert_computes_only_it(tiny_cache, tmp_path):
+    out = tmp_path / "c.h5"
+    shutil.copyfile(tiny_cache, out)
+    old = _content(out)
+    base = tiny_extract_config(out)
+    base["experts"] = base["experts"] + [
+        {"name": "tiny-llama-b", "kind": "random", "model": "llama", "config": TINY_LLAMA, "seed": 7}
+    ]
+    msgs = []
+    run_extract(load_extract_config(None, base), progress=False, log=msgs.append)
+    assert "computed ['tiny-llama-b']" in msgs[-1] and "router" not in msgs[-1]
+    new = _content(out)
+    for k, v in old.items():  # everything that was there is unchanged
+        if k != "@fingerprint":
+            np.testing.assert_array_equal(np.asarray(v), np.asarray(new[k])) if isinstance(v, np.ndarray) else None
+    assert new["@fingerprint"] != old["@fingerprint"]
+    with Cache(out) as c:
+        assert c.experts == ["tiny-llama", "tiny-gpt2", "tiny-llama-b"]
+        # a different seed gives different features
+        assert not np.allclose(c.features("last_token")["tiny-llama"], c.features("last_token")["tiny-llama-b"])
+
+
+@pytest.mark.parametrize("change", ["task", "expert_seed", "dtype", "dropped_expert"])
+def test_cache_from_another_config_is_refused(tiny_cache, tmp_path, change):
+    out = tmp_path / "c.h5"
+    shutil.copyfile(tiny_cache, out)
+    before = _sha(out)
+    cfg = tiny_extract_config(out)
+    if change == "task":
+        cfg["task"]["train_size"] = 13
+    elif change == "expert_seed":
+        cfg["experts"][0]["seed"] = 99
+    elif change == "dtype":
+        cfg["dtype"] = "bfloat16"
+    else:
+        cfg["experts"] = cfg["experts"][:1]
+    with pytest.raises(MuskError, match="refusing to mix|does not list|another task config"):
+        run_extract(load_extract_config(None, cfg), **QUIET)
+    assert _sha(out) == before  # the good cache is untouched
+
+
+def test_reader_refuses_incomplete_and_foreign_files(tiny_cache, tmp_path):
+    bad = tmp_path / "incomplete.h5"
+    shutil.copyfile(tiny_cache, bad)
+    with h5py.File(bad, "a") as f:
+        f.attrs["complete"] = False
+    with pytest.raises(MuskError, match="incomplete"):
+        Cache(bad)
+    foreign = tmp_path / "foreign.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = 1
+    with pytest.raises(MuskError, match="not a musk cache"):
+        Cache(foreign)
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not hdf5 at all")
+    with pytest.raises(MuskError, match="not a readable HDF5"):
+        Cache(garbage)
+
+
+def _extract_cmd(cfg_path: Path) -> list[str]:
+    return [sys.executable, "-c", "import cli; cli.main()", "extract", "--config", str(cfg_path), "--no-progress"]
+
+
+def test_sigkill_midway_then_rerun_equals_uninterrupted(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cfg = tiny_extract_config(tmp_path / "killed.h5", train_size=60, val_size=20, router=False, batch_size=4,
+                              hint_batch_size=4, hint_max_new_tokens=24)
+    killed_cfg = write_yaml(tmp_path / "killed.yaml", cfg)
+    parts = tmp_path / "killed.h5.parts"
+    proc = subprocess.Popen(_extract_cmd(killed_cfg), env=env, cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list(parts.glob("*/hint_*.npz"))) >= 2:  # mid-way: features done, hints under way
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed.h5").exists()
+    n_parts = len(list(parts.glob("*/*.npz")))
+    assert n_parts >= 2
+    rerun = subprocess.run(_extract_cmd(killed_cfg), env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert not parts.exists()
+
+    cfg["out"] = str(tmp_path / "clean.h5")
+    clean_cfg = write_yaml(tmp_path / "clean.yaml", cfg)
+    clean = subprocess.run(_extract_cmd(clean_cfg), env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    _assert_same(_content(tmp_path / "killed.h5"), _content(tmp_path / "clean.h5"))

@@ -1,0 +1,83 @@
+"""Task families, GSM8K from local files, rewards and answer extraction."""
+
+import json
+
+import pytest
+
+from pipeline.config import MuskError, from_dict
+from pipeline.tasks import FAMILIES, TaskConfig, build_prompts, gsm8k_answer
+from train.rewards import extract_answer, score
+
+
+def test_paper_families_match_listings():
+    assert len(FAMILIES["arithmetic"]) == 9
+    assert len(FAMILIES["algorithmic"]) == 10
+    assert len(FAMILIES["logic"]) == 7
+    assert FAMILIES["algorithmic"]["jugs"]["config"] == {"difficulty": 6}
+    assert FAMILIES["algorithmic"]["string_manipulation"]["config"] == {"max_string_length": 15, "max_num_rules": 6}
+
+
+@pytest.mark.parametrize("family", ["arithmetic", "algorithmic", "logic"])
+def test_paper_families_generate_and_score(family):
+    cfg = TaskConfig(family=family, train_size=6, val_size=3)
+    ps = build_prompts(cfg)
+    assert [p.split for p in ps] == ["train"] * 6 + ["val"] * 3
+    assert all(p.task in FAMILIES[family] for p in ps)
+    for p in ps:  # the reference answer scores 1 through the task's own verifier
+        assert score(p.entry, f"<think>x</think><answer>{p.answer}</answer>") == pytest.approx(1.0)
+
+
+def test_splits_are_seeded_and_distinct():
+    a = build_prompts(TaskConfig(train_size=20, val_size=20))
+    b = build_prompts(TaskConfig(train_size=20, val_size=20))
+    assert [p.text for p in a] == [p.text for p in b]
+    train = [p.text for p in a if p.split == "train"]
+    val = [p.text for p in a if p.split == "val"]
+    assert train != val
+
+
+def test_unknown_family_and_dataset_list_choices():
+    with pytest.raises(MuskError, match="unknown task family 'nope'.*arithmetic"):
+        from_dict(TaskConfig, {"family": "nope"})
+    with pytest.raises(MuskError, match="unknown reasoning-gym dataset 'nope'"):
+        from_dict(TaskConfig, {"family": "arithmetic", "datasets": {"nope": {"weight": 1}}})
+    with pytest.raises(MuskError, match="unknown key"):
+        from_dict(TaskConfig, {"family": "arithmetic", "sizee": 3})
+
+
+def test_gsm8k_local_folder(tmp_path):
+    rows = [{"question": f"q{i}?", "answer": f"work <<1+1=2>>\n#### {1000 + i:,}"} for i in range(5)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
+    ps = build_prompts(TaskConfig(family="gsm8k", train_size=3, val_size=10, gsm8k_path=str(tmp_path)))
+    assert [(p.split, p.answer) for p in ps] == [("train", "1000"), ("train", "1001"), ("train", "1002"),
+                                                  ("test", "1000"), ("test", "1001")]
+    assert score(ps[0].entry, "<answer>1,000</answer>") == 1.0
+    assert score(ps[0].entry, "<answer>999</answer>") == 0.0
+
+
+def test_gsm8k_bad_files(tmp_path):
+    with pytest.raises(MuskError, match="does not exist"):
+        build_prompts(TaskConfig(family="gsm8k", gsm8k_path=str(tmp_path / "missing")))
+    (tmp_path / "train.jsonl").write_text("{not json")
+    (tmp_path / "test.jsonl").write_text("{}")
+    with pytest.raises(MuskError, match="cannot read GSM8K file"):
+        build_prompts(TaskConfig(family="gsm8k", gsm8k_path=str(tmp_path)))
+
+
+def test_gsm8k_answer():
+    assert gsm8k_answer("a\nb #### 1,234") == "1234"
+    with pytest.raises(MuskError):
+        gsm8k_answer("no marker")
+
+
+@pytest.mark.parametrize("text,strict,lenient", [
+    ("<answer>3</answer> then <answer>4</answer>", "4", "4"),
+    ("<think>2+2</think><answer> 5 </answer>", "5", "5"),
+    ("the answer is <answer>7", None, "7"),
+    ("I think it is 12, no 13.", None, "13"),
+    ("no digits", None, None),
+])
+def test_extract_answer(text, strict, lenient):
+    assert extract_answer(text, "strict") == strict
+    assert extract_answer(text, "lenient") == lenient

@@ -1,0 +1,159 @@
+"""Training end to end on a tiny policy and the tiny cache: what changes, resume, artefacts, bad input."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import train.loop
+from pipeline.config import MuskError
+from train.config import load_train_config
+from train.loop import run_train
+from tests.conftest import tiny_train_overrides
+
+QUIET = dict(progress=False, log=lambda *a: None)
+
+
+def _fake_score(entry, text, mode):
+    # Random-init policies never answer right; a length-parity reward gives groups variance.
+    return float(len(text) % 2)
+
+
+@pytest.fixture(autouse=True)
+def _rewards(monkeypatch):
+    monkeypatch.setattr(train.loop, "score", _fake_score)
+
+
+@pytest.fixture(autouse=True)
+def _no_expert_is_loaded(monkeypatch):
+    """Training must read features from the cache only: building a (random) expert is an error."""
+    import pipeline.experts
+
+    def boom(*a, **k):
+        raise AssertionError("an expert model was built during training")
+
+    monkeypatch.setattr(pipeline.experts, "_build_random", boom)
+
+
+def _metrics(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_perceiver_updates_lora_and_gphi_not_base(tiny_cache, tiny_policy, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train.adapters import load_adapter
+
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=3))
+    run = run_train(cfg, tiny_cache, tmp_path / "run", **QUIET)
+    m = _metrics(run)
+    assert [r["step"] for r in m] == [1, 2, 3]
+    for r in m:
+        assert {"reward/mean", "reward/std", "accuracy", "kl", "loss", "grad_norm", "lr", "frac_reward_zero_std",
+                "step_seconds", "tokens_per_second", "routing/entropy", "routing/utilization",
+                "routing/attention"} <= set(r)
+        assert len(r["routing/utilization"]) == 2 and len(r["routing/attention"]) == 4
+        assert abs(sum(r["routing/utilization"]) - 1) < 1e-5
+    assert m[0]["kl"] < 1e-3  # near-zero C and zero LoRA: policy == reference at step 0
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32)
+    base_sd = {k: v.clone() for k, v in base.state_dict().items()}
+    trained = PeftModel.from_pretrained(base, run / "final")
+    lora_b = [v for k, v in trained.state_dict().items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)  # LoRA B starts at 0
+    for k, v in trained.get_base_model().state_dict().items():
+        key = k.replace(".base_layer", "")
+        if "lora_" not in k:
+            torch.testing.assert_close(v, base_sd[key], rtol=0, atol=0)  # base weights untouched
+
+    adapter, spec = load_adapter(run / "final")
+    assert spec.expert_names == ("tiny-llama", "tiny-gpt2") and spec.num_latents == 4
+    assert float(adapter.out.proj.bias.detach().abs().max()) > 0  # b_out starts at exactly 0: g_phi trained
+
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == "perceiver" and summary["steps"] == 3 and summary["team"] == ["tiny-llama", "tiny-gpt2"]
+    ev = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert ev[-1]["step"] == 3 and ev[-1]["n"] == 4 and "accuracy_without_context" in ev[-1]
+    cfg_saved = (run / "config.yaml").read_text()
+    assert "cache_fingerprint" in cfg_saved and "method: perceiver" in cfg_saved
+
+
+@pytest.mark.parametrize("method", ["single", "ffn", "hard-routing", "output-collab"])
+def test_every_method_trains(tiny_cache, tiny_policy, tmp_path, method):
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method=method, total_training_steps=2))
+    run = run_train(cfg, tiny_cache, tmp_path / method, **QUIET)
+    m = _metrics(run)
+    assert len(m) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in m)
+    assert ("routing/entropy" in m[0]) == (method == "hard-routing")
+    assert (run / "final" / "adapter_model.safetensors").exists()
+
+
+def test_resume_matches_uninterrupted(tiny_cache, tiny_policy, tmp_path):
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=4, save_freq=2)
+    full = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "full", **QUIET)
+    part = run_train(load_train_config(None, {**ov, "total_training_steps": 2}), tiny_cache, tmp_path / "part",
+                     **QUIET)
+    # simulate a kill after step 3 was logged but before its checkpoint: resume must drop it
+    with open(part / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "reward/mean": -1}) + "\n")
+    run_train(load_train_config(None, ov), tiny_cache, part, resume=True, **QUIET)
+    skip = {"step_seconds", "tokens_per_second"}
+    a = [{k: v for k, v in r.items() if k not in skip and not k.startswith("time/")} for r in _metrics(full)]
+    b = [{k: v for k, v in r.items() if k not in skip and not k.startswith("time/")} for r in _metrics(part)]
+    assert a == b
+
+
+def test_existing_run_folder_is_not_overwritten(tiny_cache, tiny_policy, tmp_path):
+    ov = tiny_train_overrides(tiny_policy, method="single", total_training_steps=1)
+    run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
+    with pytest.raises(MuskError, match="already holds a run"):
+        run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
+    with pytest.raises(MuskError, match="other settings"):
+        run_train(load_train_config(None, {**ov, "lr": 0.5}), tiny_cache, tmp_path / "r", resume=True, **QUIET)
+
+
+def test_missing_hints_and_router_are_clear_errors(tiny_cache, tiny_policy, tmp_path):
+    import h5py
+
+    bare = tmp_path / "bare.h5"
+    shutil.copyfile(tiny_cache, bare)
+    with h5py.File(bare, "a") as f:
+        del f["experts/tiny-llama/hint"]
+        del f["router"]
+    for method, msg in (("output-collab", "has no hints"), ("hard-routing", "no router embedding")):
+        cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method=method))
+        with pytest.raises(MuskError, match=msg):
+            run_train(cfg, bare, tmp_path / method, **QUIET)
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", experts=["nope"]))
+    with pytest.raises(MuskError, match="has no expert 'nope'"):
+        run_train(cfg, tiny_cache, tmp_path / "x", **QUIET)
+
+
+def test_nan_loss_stops_with_checkpoint(tiny_cache, tiny_policy, tmp_path, monkeypatch):
+    real = train.loop.grpo_loss
+
+    def nan_at_step_2(*a, **k):
+        out = real(*a, **k)
+        nan_at_step_2.calls += 1
+        if nan_at_step_2.calls > 2:  # 2 micro-batches per step: step 2 goes NaN
+            return out._replace(loss=out.loss * float("nan"))
+        return out
+
+    nan_at_step_2.calls = 0
+    monkeypatch.setattr(train.loop, "grpo_loss", nan_at_step_2)
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=3))
+    with pytest.raises(MuskError, match="non-finite loss at step 2.*checkpoints/step_1"):
+        run_train(cfg, tiny_cache, tmp_path / "nan", **QUIET)
+    assert (tmp_path / "nan" / "checkpoints" / "step_1" / "lora.pt").exists()
+    assert [r["step"] for r in _metrics(tmp_path / "nan")] == [1]
+
+
+def test_unknown_keys_and_methods(tiny_policy):
+    with pytest.raises(MuskError, match="unknown method 'nope'.*perceiver"):
+        load_train_config(None, {"method": "nope"})
+    with pytest.raises(MuskError, match="unknown key"):
+        load_train_config(None, {"learning_rate": 1})
+    with pytest.raises(MuskError, match="unknown pooling"):
+        load_train_config(None, {"pooling": "mean"})
