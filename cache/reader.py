@@ -102,6 +102,13 @@ class Cache:
         names = experts if experts is not None else self.experts
         return {n: self._expert(n)[variant][()] for n in names}
 
+    def column(self, name: str, dataset: str) -> np.ndarray:
+        """A per-prompt dataset of one expert (n_tokens, hint_n_tokens, ...), read whole."""
+        g = self._expert(name)
+        if dataset not in g:
+            raise MuskError(f"cache {str(self.path)!r}: expert {name!r} has no {dataset!r}")
+        return g[dataset][()]
+
     def has_hints(self, name: str) -> bool:
         return "hint" in self._expert(name)
 

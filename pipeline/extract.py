@@ -189,6 +189,7 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
     if cfg.hints:
         eos = eos_ids(model, tok)
         hints = np.empty(N, dtype=object)
+        hint_tokens = np.zeros(N, dtype=np.int64)  # generated tokens per hint (cost accounting)
         for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
             if not parts.has(group, "hint", b):
                 bid, mask = _pad([ids[i] for i in rows], tok.pad_token_id, "left")  # generation: left
@@ -197,9 +198,11 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
                     gen, live = generate(model, emb, mask.to(device), cfg.hint_max_new_tokens, eos,
                                          tok.pad_token_id, greedy=True)
                 texts = tok.batch_decode(gen * live + tok.pad_token_id * (1 - live), skip_special_tokens=True)
-                parts.save(group, "hint", b, rows=rows, text=np.array(texts, dtype=str))
+                parts.save(group, "hint", b, rows=rows, text=np.array(texts, dtype=str),
+                           n_tokens=live.sum(1).cpu().numpy())
             part = parts.load(group, "hint", b)
             hints[part["rows"]] = [str(t) for t in part["text"]]
+            hint_tokens[part["rows"]] = part["n_tokens"]
             bar.update(len(rows))
     arrays = dict(feats)
     arrays["random_token_index"] = rti
@@ -207,6 +210,7 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
     arrays["n_tokens"] = n_tokens
     if hints is not None:
         arrays["hint"] = hints
+        arrays["hint_n_tokens"] = hint_tokens
     attrs = {
         "source": f"{spec.kind}:{spec.model}",
         "hidden_size": int(feats["last_token"].shape[1]),

@@ -161,6 +161,7 @@ class HardRouter(nn.Module):
             raise MuskError("hard-routing needs the router's sentence embedding")
         logits = self.router(router_emb)  # [B, n]
         r = self.route(logits)  # [B, n]
+        self.last_choice = r.detach().argmax(dim=-1)  # [B] the one expert that would run (cost accounting)
         z = (r[:, :, None] * self.experts(feats)).sum(dim=1)  # [B, d]
         c = self.out(self.ffn(z))[:, None, :]  # [B, 1, d_out]
         return AdapterOut(c, torch.softmax(logits, dim=-1)[:, None, :])

@@ -45,6 +45,28 @@ def _data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
     return out
 
 
+def expert_cost(method: str, idx: list[int], prompt_tokens: np.ndarray | None, hint_tokens: np.ndarray | None,
+                choice: torch.Tensor | None) -> dict:
+    """What an online system (no cache) would spend on the experts for prompts idx.
+
+    prompt_tokens, hint_tokens: [n_experts, N]. perceiver/ffn run every expert's forward pass;
+    hard-routing runs only the chosen expert (selective execution); output-collab runs every expert
+    and decodes its hint token by token.
+    """
+    zero = {"cost/expert_forward_passes": 0, "cost/expert_prompt_tokens": 0, "cost/expert_generated_tokens": 0}
+    if prompt_tokens is None or method == "single":
+        return zero
+    if method == "hard-routing":
+        chosen = choice.cpu().numpy()
+        return {**zero, "cost/expert_forward_passes": len(idx),
+                "cost/expert_prompt_tokens": int(prompt_tokens[chosen, idx].sum())}
+    out = {**zero, "cost/expert_forward_passes": prompt_tokens.shape[0] * len(idx),
+           "cost/expert_prompt_tokens": int(prompt_tokens[:, idx].sum())}
+    if method == "output-collab" and hint_tokens is not None:
+        out["cost/expert_generated_tokens"] = int(hint_tokens[:, idx].sum())
+    return out
+
+
 def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resume: bool = False,
               progress: bool = True, log=print) -> Path:
     info = method_info(cfg.method)
@@ -73,6 +95,10 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         if info.needs_router:
             router_emb = torch.from_numpy(cache.router_embedding(cfg.router)).float()  # [N, e]
         hints = {n: cache.hints(n) for n in experts} if info.needs_hints else {}
+        prompt_tokens = np.stack([cache.column(n, "n_tokens") for n in experts]) if experts else None  # [n, N]
+        hint_tokens = None
+        if info.needs_hints and all("hint_n_tokens" in cache.f["experts"][n] for n in experts):
+            hint_tokens = np.stack([cache.column(n, "hint_n_tokens") for n in experts])  # [n, N]
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise MuskError(f"cache {str(cache_path)!r} needs a train and a val (or test) split")
     family = cache_cfg["task"]["family"]
@@ -183,6 +209,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             g["lr"] = g["base_lr"] * warm
         optimizer.zero_grad(set_to_none=True)
         all_r, zero_std, kls, losses, attn, n_tokens = [], [], [], [], [], 0
+        cost = {"cost/prompts": 0, "cost/policy_prompt_tokens": 0}
         for micro in range(cfg.gradient_accumulation_steps):
             idx = _data_order(cfg.seed, len(train_idx), cursor, B)
             cursor += B
@@ -191,6 +218,11 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             C, att = context_for(idx)  # [B, m, d_out] with grad, [B, m, n]
             if att is not None:
                 attn.append(att.detach())
+            for k, v in expert_cost(cfg.method, idx, prompt_tokens, hint_tokens,
+                                    getattr(adapter, "last_choice", None)).items():
+                cost[k] = cost.get(k, 0) + v
+            cost["cost/prompts"] += B
+            cost["cost/policy_prompt_tokens"] += int(pm.sum()) * G + (0 if C is None else C.shape[1] * B * G)
             ids_g, pm_g = ids.repeat_interleave(G, 0), pm.repeat_interleave(G, 0)  # [B*G, P]
             C_g = C.repeat_interleave(G, 0) if C is not None else None  # [B*G, m, d_out]
             emb = lm.get_input_embeddings()(ids_g)  # [B*G, P, d_out]
@@ -249,7 +281,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
             "frac_reward_zero_std": float(np.mean(zero_std)), "step_seconds": dt,
             "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
-            **{f"time/{k}": v for k, v in timing.items()},
+            **{f"time/{k}": v for k, v in timing.items()}, **cost,
         }
         if attn:
             rs = routing_stats(torch.cat(attn))

@@ -1,0 +1,117 @@
+"""The paper's figures (4, 5, 6) as PNGs with labelled axes and legends."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from analyze.runs import Run  # noqa: E402
+from analyze.stats import band, cell  # noqa: E402
+
+
+def _groups(runs: list[Run]) -> dict[str, list[Run]]:
+    g = defaultdict(list)
+    for r in runs:
+        g[r.condition].append(r)
+    return g
+
+
+def figure4(runs: list[Run], out: Path) -> list[Run] | None:
+    """Per-expert utilisation u_i over steps (mean ± std band across seeds); reward and entropy."""
+    with_routing = [r for r in runs if not r.metrics.is_empty() and "routing/utilization" in r.metrics.columns]
+    groups = _groups(with_routing)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 7.5), squeeze=False)
+    for col, (cond, rs) in enumerate(sorted(groups.items())):
+        names = list(rs[0].config.get("experts") or [])
+        steps = rs[0].metrics["step"].to_numpy()
+        util = [np.array(r.metrics["routing/utilization"].to_list(), dtype=float) for r in rs]  # [T, n] each
+        n = min(len(u) for u in util)
+        steps = steps[:n]
+        ax = axes[0, col]
+        for i in range(util[0].shape[1]):
+            mean, std = band([u[:n, i] for u in util])
+            label = names[i] if i < len(names) else f"expert {i}"
+            ax.plot(steps, mean, label=label)
+            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+        ax.set_title(f"{rs[0].method} / {rs[0].family} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("utilisation $u_i$")
+        ax.legend(fontsize=8)
+        ax = axes[1, col]
+        rm, rsd = band([r.metrics["reward/mean"].to_numpy()[:n] for r in rs])
+        ax.plot(steps, rm, color="tab:blue", label="reward")
+        ax.fill_between(steps, rm - rsd, rm + rsd, color="tab:blue", alpha=0.2)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("mean reward", color="tab:blue")
+        ax2 = ax.twinx()
+        hm, hsd = band([r.metrics["routing/entropy"].to_numpy()[:n] for r in rs])
+        ax2.plot(steps, hm, color="tab:red", label="routing entropy H")
+        ax2.fill_between(steps, hm - hsd, hm + hsd, color="tab:red", alpha=0.2)
+        ax2.set_ylabel("routing entropy H", color="tab:red")
+        lines = ax.get_lines()[:1] + ax2.get_lines()[:1]
+        ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="upper left")
+    fig.suptitle("Figure 4: expert utilisation, reward and routing entropy over training")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return with_routing
+
+
+def figure5(runs: list[Run], out: Path) -> list[Run] | None:
+    """Validation reward of the same policy with C and with C removed, over training steps."""
+    ok = [r for r in runs if not r.evals.is_empty() and "reward_without_context" in r.evals.columns]
+    groups = _groups(ok)
+    if not groups:
+        return None
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
+    for col, (cond, rs) in enumerate(sorted(groups.items())):
+        ax = axes[0, col]
+        n = min(len(r.evals) for r in rs)
+        steps = rs[0].evals["step"].to_numpy()[:n]
+        for key, label, color in (("reward", "with C", "tab:green"), ("reward_without_context", "without C", "tab:gray")):
+            mean, std = band([r.evals[key].to_numpy()[:n] for r in rs])
+            ax.plot(steps, mean, marker="o", color=color, label=label)
+            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+        ax.set_title(f"{rs[0].method} / {rs[0].family}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation reward")
+        ax.legend()
+    fig.suptitle("Figure 5: the same policy with and without the context tokens C")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return ok
+
+
+def figure6(runs: list[Run], out: Path, method: str = "perceiver") -> list[Run] | None:
+    """Final validation accuracy against the number of latent queries m."""
+    groups = defaultdict(list)
+    for r in runs:
+        if r.method == method:
+            groups[(r.family, r.condition_without("num_latents"))].append(r)
+    if not groups:
+        return None
+    (family, _), rs = max(groups.items(), key=lambda kv: (len({r.config["num_latents"] for r in kv[1]}), len(kv[1])))
+    ms = sorted({r.config["num_latents"] for r in rs})
+    cells = [cell([r.final_accuracy for r in rs if r.config["num_latents"] == m]) for m in ms]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    ax.errorbar(ms, [c.mean * 100 for c in cells], yerr=[(c.std or 0) * 100 for c in cells], marker="o",
+                capsize=4, label=f"{method} / {family}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ms, [str(m) for m in ms])
+    ax.set_xlabel("number of latent queries m")
+    ax.set_ylabel("final validation accuracy (%)")
+    ax.set_title("Figure 6: accuracy vs m")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return rs

@@ -1,0 +1,49 @@
+"""`musk report`: run folders -> Markdown/CSV tables, PNG figures and a summary.md that links them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from analyze import plots
+from analyze.runs import load_runs
+from analyze.tables import Table, cost_table, spearman_table, table1, table2, table_runs_md
+
+
+def _write_table(t: Table, out: Path, stem: str) -> None:
+    (out / f"{stem}.md").write_text(t.markdown())
+    pl.DataFrame(t.raw, infer_schema_length=None).write_csv(out / f"{stem}.csv") if t.raw else \
+        (out / f"{stem}.csv").write_text("")
+
+
+def run_report(paths: list[Path], out: Path, log=print) -> Path:
+    runs = load_runs([Path(p) for p in paths])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t1 = table1(runs)
+    t2 = table2(runs)
+    ts, mean_rho = spearman_table(runs)
+    tc = cost_table(runs)
+    for t, stem in ((t1, "table1"), (t2, "table2"), (ts, "spearman"), (tc, "cost")):
+        _write_table(t, out, stem)
+    figs = {
+        "figure4.png": ("Figure 4: utilisation, reward and routing entropy", plots.figure4(runs, out / "figure4.png")),
+        "figure5.png": ("Figure 5: with vs without C", plots.figure5(runs, out / "figure5.png")),
+        "figure6.png": ("Figure 6: accuracy vs m", plots.figure6(runs, out / "figure6.png")),
+    }
+
+    md = [f"# musk report\n\n{len(runs)} runs from {', '.join(str(p) for p in paths)}.\n"]
+    for t, stem in ((t1, "table1"), (t2, "table2"), (ts, "spearman"), (tc, "cost")):
+        md.append(t.markdown())
+        md.append(f"\n[{stem}.md]({stem}.md) · [{stem}.csv]({stem}.csv)\n\nComputed from:\n\n{table_runs_md(t)}\n")
+    for name, (title, used) in figs.items():
+        if used is None:
+            md.append(f"### {title}\n\nmissing: no run has the data this figure needs.\n")
+        else:
+            fake = Table(title, [], [], sources=used)
+            md.append(f"### {title}\n\n![{title}]({name})\n\nComputed from:\n\n{table_runs_md(fake)}\n")
+    (out / "summary.md").write_text("\n".join(md))
+    rho = f"{mean_rho:+.3f}" if mean_rho is not None else "undefined"
+    log(f"report of {len(runs)} runs written to {out}/summary.md (mean Spearman rho {rho})")
+    return out / "summary.md"

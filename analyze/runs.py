@@ -1,0 +1,97 @@
+"""Loading run folders (and only run folders) into polars frames."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from pipeline.config import MuskError, sha256_of
+
+# Keys of the resolved config that never make two runs different conditions.
+NOT_A_CONDITION = ("seed", "cache", "log_freq", "save_freq", "device", "total_training_steps")
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict
+    summary: dict
+    metrics: pl.DataFrame
+    evals: pl.DataFrame
+
+    @property
+    def method(self) -> str:
+        return self.config["method"]
+
+    @property
+    def family(self) -> str:
+        return self.config.get("task_family") or self.summary.get("task_family", "?")
+
+    @property
+    def condition(self) -> str:
+        """Fingerprint of everything but the seed: runs pool into one cell only when it is equal."""
+        return sha256_of({k: v for k, v in self.config.items() if k not in NOT_A_CONDITION})[:10]
+
+    def condition_without(self, *keys: str) -> str:
+        skip = set(NOT_A_CONDITION) | set(keys)
+        return sha256_of({k: v for k, v in self.config.items() if k not in skip})[:10]
+
+    @property
+    def final_accuracy(self) -> float | None:
+        return self.summary.get("final_val_accuracy")
+
+
+def _read_jsonl(path: Path) -> pl.DataFrame:
+    if not path.exists() or not path.read_text().strip():
+        return pl.DataFrame()
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return pl.DataFrame(rows, infer_schema_length=None)
+
+
+def is_run(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
+
+
+def discover(paths: list[Path]) -> list[Path]:
+    """Run folders among `paths` and below them (a run inside a run is not looked for)."""
+    found: list[Path] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise MuskError(f"{str(p)!r} does not exist")
+        if is_run(p):
+            found.append(p)
+            continue
+        found += sorted(d.parent for d in p.rglob("config.yaml") if is_run(d.parent))
+    unique = sorted(set(found))
+    if not unique:
+        raise MuskError(f"no run folders (config.yaml + metrics.jsonl) under {[str(p) for p in paths]}")
+    return unique
+
+
+def load_run(path: Path) -> Run:
+    try:
+        config = yaml.safe_load((path / "config.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise MuskError(f"run {str(path)!r}: config.yaml is not valid YAML: {e}") from None
+    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
+    try:
+        metrics = _read_jsonl(path / "metrics.jsonl")
+        evals = _read_jsonl(path / "eval.jsonl")
+    except (ValueError, json.JSONDecodeError) as e:
+        raise MuskError(f"run {str(path)!r}: a .jsonl file is not valid JSON lines: {e}") from None
+    return Run(path.name, path, config, summary, metrics, evals)
+
+
+def load_runs(paths: list[Path]) -> list[Run]:
+    runs = [load_run(p) for p in discover(paths)]
+    names = [r.name for r in runs]
+    for r in runs:  # same folder name under different parents: use the relative path
+        if names.count(r.name) > 1:
+            r.name = f"{r.path.parent.name}/{r.path.name}"
+    return runs
