@@ -157,3 +157,14 @@ def test_unknown_keys_and_methods(tiny_policy):
         load_train_config(None, {"learning_rate": 1})
     with pytest.raises(MuskError, match="unknown pooling"):
         load_train_config(None, {"pooling": "mean"})
+
+
+def test_rollout_chunks_and_checkpointing_give_the_same_gradient(tiny_cache, tiny_policy, tmp_path):
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2)
+    a = _metrics(run_train(load_train_config(None, ov), tiny_cache, tmp_path / "a", **QUIET))
+    b = _metrics(run_train(load_train_config(None, {**ov, "rollout_chunk": 3, "gradient_checkpointing": True}),
+                           tiny_cache, tmp_path / "b", **QUIET))
+    for ra, rb in zip(a, b):
+        assert ra["reward/mean"] == rb["reward/mean"]  # same rollouts
+        for k in ("loss", "grad_norm", "kl"):
+            assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-7), k

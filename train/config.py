@@ -93,6 +93,11 @@ class TrainConfig:
     eval_without_context: bool = True
     """Also evaluate the same policy with C removed (Figure 5)."""
     # --- execution
+    rollout_chunk: int = 0
+    """Rollouts per differentiable policy forward (0: all B*G at once). Smaller saves memory; the
+    gradient is the same (chunk losses are weighted to sum to the full loss)."""
+    gradient_checkpointing: bool = False
+    """Recompute the policy's activations in backward (paper-scale policies on one GPU)."""
     dtype: str = "auto"
     """Policy weights: auto (bf16 where fast), bfloat16, float32."""
     device: str = "auto"
@@ -111,6 +116,8 @@ class TrainConfig:
                   "save_freq", "test_freq", "eval_batches", "log_freq"):
             if getattr(self, k) < 1:
                 raise MuskError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if self.rollout_chunk < 0:
+            raise MuskError("rollout_chunk must be 0 (all) or positive")
         if self.group_size < 2:
             raise MuskError("group_size must be at least 2 (GRPO normalises within a group)")
 

@@ -127,6 +127,8 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     torch.set_num_threads(max(1, torch.get_num_threads()))
     peft_model, tok, scale = load_policy(cfg, dtype, device)
     lm = peft_model.get_base_model()  # the causal LM with LoRA layers injected
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     d_out = lm.get_input_embeddings().weight.shape[1]
     spec = AdapterSpec(
         method=cfg.method, expert_dims=tuple(int(f.shape[1]) for f in expert_feats), expert_names=tuple(experts),
@@ -229,7 +231,9 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             e_in, m_in = splice(emb, pm_g, C_g, cfg.context_position)  # [B*G, P+m, d_out]
 
             t = time.perf_counter()
+            peft_model.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
             comp, cm = generate(lm, e_in.detach(), m_in, cfg.max_new_tokens, eos, pad_id, cfg.temperature)
+            peft_model.train()
             timing["generate"] += time.perf_counter() - t  # comp, cm: [B*G, T]
             n_tokens += int(cm.sum())
 
@@ -238,27 +242,38 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             rewards = torch.tensor([score(prompts["entry"][i], s, cfg.answer_extraction)
                                     for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
             adv = group_advantages(rewards, G, cfg.std_floor)
+            advantages = adv.advantages.to(device)
             timing["reward"] += time.perf_counter() - t
 
+            N = B * G
+            chunk = cfg.rollout_chunk or N
             t = time.perf_counter()
             with torch.no_grad(), peft_model.disable_adapter():
                 # pi_ref: initial policy, zero-valued context tokens at the same positions as C.
                 ref_e, ref_m = splice(emb, pm_g, torch.zeros_like(C_g) if C_g is not None else None,
                                       cfg.context_position)
-                ref_logp = completion_logprobs(lm, ref_e, ref_m, comp, cm)  # [B*G, T]
+                ref_logp = torch.cat([completion_logprobs(lm, ref_e[s:s + chunk], ref_m[s:s + chunk],
+                                                          comp[s:s + chunk], cm[s:s + chunk])
+                                      for s in range(0, N, chunk)])  # [B*G, T]
             timing["reference"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            logp = completion_logprobs(lm, e_in, m_in, comp, cm)  # [B*G, T], grad to LoRA and g_phi
-            out_loss = grpo_loss(logp, logp.detach(), ref_logp, adv.advantages.to(device), cm, cfg.beta,
-                                 cfg.clip_eps)
-            (out_loss.loss / cfg.gradient_accumulation_steps).backward()
+            micro_loss = kl_sum = 0.0
+            for s in range(0, N, chunk):
+                sl = slice(s, s + chunk)
+                logp = completion_logprobs(lm, e_in[sl], m_in[sl], comp[sl], cm[sl])  # grad to LoRA, g_phi
+                out_loss = grpo_loss(logp, logp.detach(), ref_logp[sl], advantages[sl], cm[sl], cfg.beta,
+                                     cfg.clip_eps)
+                weight = logp.shape[0] / N  # chunk losses sum to the full batch's loss
+                (out_loss.loss * weight / cfg.gradient_accumulation_steps).backward(retain_graph=s + chunk < N)
+                micro_loss += float(out_loss.loss.detach()) * weight
+                kl_sum += float(out_loss.kl) * float(cm[sl].sum())
             timing["policy"] += time.perf_counter() - t
 
             all_r.append(rewards)
             zero_std.append(adv.frac_zero_std)
-            kls.append(float(out_loss.kl))
-            losses.append(float(out_loss.loss.detach()))
+            kls.append(kl_sum / max(1.0, float(cm.sum())))
+            losses.append(micro_loss)
 
         loss_value = float(np.mean(losses))
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
@@ -283,6 +298,8 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
             **{f"time/{k}": v for k, v in timing.items()}, **cost,
         }
+        if device.startswith("cuda"):
+            rec["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
         if attn:
             rs = routing_stats(torch.cat(attn))
             rec.update({"routing/entropy": rs.entropy, "routing/utilization": rs.utilization,
