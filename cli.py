@@ -77,8 +77,15 @@ def train(
     router_lr: Optional[float] = typer.Option(None, "--router-lr", help="Learning rate of g_phi."),
     train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Prompts per micro-batch."),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
+    val_batch_size: Optional[int] = typer.Option(None, "--val-batch-size", help="Prompts per evaluation batch."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="AdamW epsilon."),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max global gradient norm."),
+    warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear LR warmup steps."),
+    log_freq: Optional[int] = typer.Option(None, "--log-freq", help="Print a line every K steps."),
     save_freq: Optional[int] = typer.Option(None, "--save-freq", help="Checkpoint every K steps."),
     test_freq: Optional[int] = typer.Option(None, "--test-freq", help="Evaluate every K steps."),
+    eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Evaluation batches."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ):
     """GRPO over cached expert features (no expert is loaded)."""
@@ -89,6 +96,8 @@ def train(
         "method": method, "total_training_steps": max_steps, "pooling": pooling, "num_latents": num_latents,
         "lr": lr, "router_lr": router_lr, "train_batch_size": train_batch_size,
         "gradient_accumulation_steps": gradient_accumulation_steps, "save_freq": save_freq, "test_freq": test_freq,
+        "val_batch_size": val_batch_size, "weight_decay": weight_decay, "epsilon": epsilon, "grad_clip": grad_clip,
+        "warmup_steps": warmup_steps, "log_freq": log_freq, "eval_batches": eval_batches,
     }.items() if v is not None}
     seed_list = [seed] if seed is not None else [None]
     if seeds:

@@ -285,7 +285,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     settings = cfg.content_settings(dtype)
 
     # Fingerprints need no model load (weights are hashed from files, memoised).
-    expert_fps = {s.name: fp.expert_fingerprint(data_fp, s, weights_sha256(s), settings) for s in cfg.experts}
+    weights = {s.name: weights_sha256(s) for s in cfg.experts}
+    expert_fps = {s.name: fp.expert_fingerprint(data_fp, s, weights[s.name], settings) for s in cfg.experts}
     router_fps = {}
     if cfg.router is not None:
         router_fps[cfg.router.name] = fp.router_fingerprint(data_fp, cfg.router, _router_sha(cfg.router))
@@ -339,7 +340,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
             bar.set_postfix_str(spec.name)
             attrs, arrays = _extract_expert(cfg, spec, prompts, parts, f"expert-{expert_fps[spec.name][:16]}",
                                             device, dtype, bar)
-            attrs["weights_sha256"] = weights_sha256(spec)
+            attrs["weights_sha256"] = weights[spec.name]
             attrs["fingerprint"] = expert_fps[spec.name]
             new_experts.append((spec.name, attrs, arrays))
         if todo_router is not None:

@@ -124,7 +124,6 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     peft_model, tok, scale = load_policy(cfg, dtype, device)
     lm = peft_model.get_base_model()  # the causal LM with LoRA layers injected
     if cfg.gradient_checkpointing:
