@@ -146,7 +146,10 @@ def test_nan_loss_stops_with_checkpoint(tiny_cache, tiny_policy, tmp_path, monke
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=3))
     with pytest.raises(MuskError, match="non-finite loss at step 2.*checkpoints/step_1"):
         run_train(cfg, tiny_cache, tmp_path / "nan", **QUIET)
-    assert (tmp_path / "nan" / "checkpoints" / "step_1" / "lora.pt").exists()
+    step1 = tmp_path / "nan" / "checkpoints" / "step_1"
+    assert (step1 / "lora.pt").exists()
+    # the saved data position is the one after step 1 (2 micro-batches x 2 prompts), not after step 2
+    assert json.loads((step1 / "state.json").read_text())["cursor"] == 4
     assert [r["step"] for r in _metrics(tmp_path / "nan")] == [1]
 
 

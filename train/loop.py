@@ -193,8 +193,8 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         adapter.train()
         return result
 
-    def save(step: int) -> None:
-        ckpt.save_checkpoint(run, step, peft_model, adapter, optimizer, {"cursor": cursor})
+    def save(step: int, data_cursor: int) -> None:
+        ckpt.save_checkpoint(run, step, peft_model, adapter, optimizer, {"cursor": data_cursor})
 
     # ---- the loop
     peft_model.train()
@@ -204,6 +204,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     last_eval = None
     for step in range(start_step + 1, cfg.total_training_steps + 1):
         t_step = time.perf_counter()
+        cursor_at_start = cursor  # the data position that goes with the weights before this step
         timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
         warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
         for g in optimizer.param_groups:
@@ -278,7 +279,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
         if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
-            save(step - 1)
+            save(step - 1, cursor_at_start)
             bar.close()
             raise MuskError(
                 f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step} "
@@ -312,7 +313,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         if step % cfg.test_freq == 0 or step == cfg.total_training_steps:
             last_eval = evaluate(step)
         if step % cfg.save_freq == 0 or step == cfg.total_training_steps:
-            save(step)
+            save(step, cursor)
     bar.close()
 
     # ---- final artefacts: PEFT adapter (PeftModel.from_pretrained), g_phi + its config, summary.
