@@ -15,7 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+import warnings
+
 import typer
+
+warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not the user's business
 
 from pipeline.config import MuskError
 
