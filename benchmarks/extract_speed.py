@@ -43,7 +43,8 @@ def main():
     ap.add_argument("--expert", default="smollm2-135m-instruct")
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--compile", action="store_true", help="also time musk with torch.compile (extract's compile: true)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -66,10 +67,10 @@ def main():
                 _ = [h[0, -1] for h in out.hidden_states]
         sync()
 
-    def run_musk():
+    def run_musk(backbone=fast.base_model):
         for rows in _batches(n_tok, args.batch_size):
             bid, mask = _pad([ids[i] for i in rows], tok.pad_token_id, "right")
-            expert_forward_pool(fast, bid.to(args.device), mask.to(args.device),
+            expert_forward_pool(backbone, bid.to(args.device), mask.to(args.device),
                                 torch.from_numpy(rti[rows]).to(args.device), torch.from_numpy(rli[rows]))
         sync()
 
@@ -89,6 +90,17 @@ def main():
     print(f"plain transformers loop : {len(ids) / p:8.1f} prompts/s {tokens / p:9.0f} tokens/s")
     print(f"musk extract (features) : {len(ids) / m:8.1f} prompts/s {tokens / m:9.0f} tokens/s")
     print(f"RATIO extract speedup = {p / m:.2f}x  (target >= 8x; issue #2 asked >= 5x)")
+    if args.compile:
+        compiled = torch.compile(fast.base_model, dynamic=True)
+        t = time.perf_counter(); run_musk(compiled); tc0 = time.perf_counter() - t
+        tcs = []
+        for _ in range(args.repeats):
+            t = time.perf_counter(); run_musk(compiled); tcs.append(time.perf_counter() - t)
+        mc = statistics.median(tcs)
+        print(f"musk extract, compiled  : {len(ids) / mc:8.1f} prompts/s {tokens / mc:9.0f} tokens/s "
+              f"(one-off compile + first pass {tc0:.0f} s)")
+        print(f"RATIO extract speedup, compiled = {p / mc:.2f}x  (target >= 8x; issue #2 asked >= 5x)")
+        achieved = max(achieved, 2 * non_emb * tokens / mc)
     if ceil:
         c = statistics.median(ceil)
         print(f"RATIO bf16 ceiling fraction = {achieved / c:.0%}  ({achieved / 1e9:.0f} of {c / 1e9:.0f} GFLOP/s; "

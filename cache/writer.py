@@ -65,6 +65,13 @@ class PartsStore:
         with np.load(self._path(group, kind, batch), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
+    def save_prompts(self, prompts: list[dict]) -> None:
+        _atomic_write_bytes(self.root / "prompts.json", json.dumps(prompts).encode())
+
+    def load_prompts(self) -> list[dict] | None:
+        p = self.root / "prompts.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -73,6 +80,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _h5_strings(values) -> np.ndarray:
+    """UTF-8 strings for HDF5, which cannot store NUL inside a variable-length string."""
+    return np.array([str(v).replace("\x00", "\ufffd") for v in values], dtype=object)
 
 
 def assemble(
@@ -100,14 +112,14 @@ def assemble(
             if prompts is not None:
                 g = f.require_group("prompts")
                 for col, values in prompts.items():
-                    g.create_dataset(col, data=np.array(values, dtype=object), dtype=STR)
+                    g.create_dataset(col, data=_h5_strings(values), dtype=STR)
             for name, attrs, arrays in experts:
                 g = f.require_group("experts").create_group(name)
                 for k, v in attrs.items():
                     g.attrs[k] = v
                 for k, v in arrays.items():
                     if v.dtype.kind in ("U", "O"):
-                        g.create_dataset(k, data=np.array(v, dtype=object), dtype=STR)
+                        g.create_dataset(k, data=_h5_strings(v), dtype=STR)
                     else:
                         g.create_dataset(k, data=v)
             for name, attrs, emb in routers:

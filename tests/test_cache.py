@@ -156,7 +156,7 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if len(list(parts.glob("*/hint_*.npz"))) >= 2:  # mid-way: features done, hints under way
+        if len(list(parts.glob("*/feat_*.npz"))) >= 3:  # mid-way: some features done, every hint pending
             break
         time.sleep(0.05)
     assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()[-2000:]}"
@@ -174,3 +174,47 @@ def test_sigkill_midway_then_rerun_equals_uninterrupted(tmp_path):
     clean = subprocess.run(_extract_cmd(clean_cfg), env=env, cwd=tmp_path, capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr[-2000:]
     _assert_same(_content(tmp_path / "killed.h5"), _content(tmp_path / "clean.h5"))
+
+
+def _no_regeneration(monkeypatch):
+    import pipeline.extract
+
+    def boom(*a, **k):
+        raise AssertionError("prompts were generated again")
+
+    monkeypatch.setattr(pipeline.extract, "build_prompts", boom)
+
+
+def test_resume_reads_saved_prompts_not_regenerated(tmp_path, monkeypatch):
+    """Some reasoning-gym generators differ across processes for one seed: a resumed extraction
+    must use the prompts its finished batches were computed on."""
+    import cache.writer
+    import pipeline.extract
+
+    cfg = load_extract_config(None, tiny_extract_config(tmp_path / "c.h5", router=False, hints=False))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # dies after every batch is finished, before the cache is written
+
+    monkeypatch.setattr(pipeline.extract, "assemble", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(cfg, **QUIET)
+    assert (tmp_path / "c.h5.parts" / "prompts.json").exists() and not (tmp_path / "c.h5").exists()
+    monkeypatch.setattr(pipeline.extract, "assemble", cache.writer.assemble)
+    _no_regeneration(monkeypatch)
+    run_extract(cfg, **QUIET)
+    with Cache(tmp_path / "c.h5") as c:
+        assert len(c) == 16 and c.check_layout() == []
+
+
+def test_added_expert_reads_the_caches_prompts(tiny_cache, tmp_path, monkeypatch):
+    out = tmp_path / "c.h5"
+    shutil.copyfile(tiny_cache, out)
+    base = tiny_extract_config(out)
+    base["experts"] = base["experts"] + [
+        {"name": "tiny-llama-c", "kind": "random", "model": "llama", "config": TINY_LLAMA, "seed": 8}
+    ]
+    _no_regeneration(monkeypatch)
+    run_extract(load_extract_config(None, base), **QUIET)
+    with Cache(out) as c:
+        assert "tiny-llama-c" in c.experts

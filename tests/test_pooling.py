@@ -78,7 +78,7 @@ def test_batched_equals_single_unpadded_forward(arch, padding_side, dtype, tol):
     L = model.config.num_hidden_layers
     rti, rli = seeded_indices(3, "t", n, L)
     bid, mask = _pad(ids, tok.pad_token_id, padding_side)
-    batched = expert_forward_pool(model, bid, mask, torch.from_numpy(rti), torch.from_numpy(rli))
+    batched = expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), torch.from_numpy(rli))
     with torch.inference_mode():
         for i, x in enumerate(ids):
             hs = model.base_model(input_ids=torch.tensor([x]), output_hidden_states=True).hidden_states
