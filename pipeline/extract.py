@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cache import fingerprint as fp
 from cache.reader import Cache
+from cache.schema import PROMPT_COLUMNS
 from cache.writer import PartsStore, assemble
 from pipeline.config import MuskError, dump_yaml, from_dict, load_yaml, merge, sha256_of, to_dict
 from pipeline.experts import (
@@ -33,7 +34,7 @@ from pipeline.experts import (
     weights_sha256,
     _sha256_file,
 )
-from pipeline.generation import eos_ids, generate, positions
+from pipeline.generation import decode, eos_ids, generate, positions
 from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_indices
 from pipeline.tasks import Prompt, TaskConfig, build_prompts
 
@@ -201,8 +202,7 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
                     emb = model.get_input_embeddings()(bid.to(device))
                     gen, live = generate(model, emb, mask.to(device), cfg.hint_max_new_tokens, eos,
                                          tok.pad_token_id, greedy=True)
-                texts = tok.batch_decode(gen * live + tok.pad_token_id * (1 - live), skip_special_tokens=True)
-                texts = [t.replace("\x00", "\ufffd") for t in texts]  # HDF5 strings cannot hold NUL
+                texts = decode(tok, gen, live)
                 parts.save(group, "hint", b, rows=rows, text=np.array(texts, dtype=str),
                            n_tokens=live.sum(1).cpu().numpy())
             part = parts.load(group, "hint", b)
@@ -343,8 +343,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     if out.exists():
         with Cache(out) as c:
             cols = c.prompts()
-        prompts = [Prompt(*(cols[k][i] for k in ("text", "answer", "task", "split", "entry")))
-                   for i in range(len(cols["text"]))]
+        prompts = [Prompt(**{k: cols[k][i] for k in PROMPT_COLUMNS}) for i in range(len(cols["text"]))]
     elif (saved := parts.load_prompts()) is not None:
         prompts = [Prompt(**p) for p in saved]
     else:
@@ -371,9 +370,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
 
     prompt_cols = None
     if not out.exists():
-        prompt_cols = {"text": [p.text for p in prompts], "answer": [p.answer for p in prompts],
-                       "task": [p.task for p in prompts], "split": [p.split for p in prompts],
-                       "entry": [p.entry for p in prompts]}
+        prompt_cols = {c: [getattr(p, c) for p in prompts] for c in PROMPT_COLUMNS}
     root_attrs = {
         "fingerprint": root_fp,
         "data_fingerprint": data_fp,

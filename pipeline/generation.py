@@ -25,6 +25,11 @@ def lm_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
     return logits.view(*shape[:-1], -1)
 
 
+def decode(tok, tokens: torch.Tensor, live: torch.Tensor) -> list[str]:
+    """Text of generated tokens [N, T]; tokens past each row's EOS (live == 0) are dropped."""
+    return tok.batch_decode(tokens * live + tok.pad_token_id * (1 - live), skip_special_tokens=True)
+
+
 def eos_ids(lm, tok) -> list[int]:
     ids = set()
     gen = getattr(lm, "generation_config", None)
@@ -47,9 +52,10 @@ def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
     """
     N = embeds.shape[0]
     backbone = lm.base_model
-    out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+    pos = positions(mask)  # [N, P]
+    out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
     past, logits = out.past_key_values, lm_logits(lm, out.last_hidden_state[:, -1])  # [N, V]
-    pos = positions(mask)[:, -1]  # [N]
+    pos = pos[:, -1]  # [N]
     eos_t = torch.tensor(eos, device=embeds.device)
     done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
     toks, live = [], []

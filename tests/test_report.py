@@ -7,7 +7,6 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from analyze.report import run_report
 from analyze.runs import load_runs
 from analyze.stats import cell, spearman
 from analyze.tables import table1, table2, spearman_table, cost_table

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pipeline.config import MuskError, from_dict, load_yaml, merge
 from pipeline.pooling import VARIANTS

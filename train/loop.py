@@ -26,7 +26,7 @@ from train import checkpoint as ckpt
 from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
-from pipeline.generation import eos_ids, generate
+from pipeline.generation import decode, eos_ids, generate
 from train.policy import build_prompt_text, completion_logprobs, encode_prompts, load_policy, splice
 from train.rewards import score
 
@@ -182,7 +182,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
                     c = context_for(idx)[0] if with_ctx else None
                     e, m = splice(lm.get_input_embeddings()(ids), pm, c, cfg.context_position)
                     comp, cm = generate(lm, e, m, cfg.max_new_tokens, eos, pad_id, greedy=True)
-                    texts = tok.batch_decode(comp * cm + pad_id * (1 - cm), skip_special_tokens=True)
+                    texts = decode(tok, comp, cm)
                     rewards += [score(prompts["entry"][i], t, cfg.answer_extraction) for i, t in zip(idx, texts)]
                 r = np.array(rewards)
                 key = "" if with_ctx else "_without_context"
@@ -238,7 +238,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             n_tokens += int(cm.sum())
 
             t = time.perf_counter()
-            texts = tok.batch_decode(comp * cm + pad_id * (1 - cm), skip_special_tokens=True)
+            texts = decode(tok, comp, cm)
             rewards = torch.tensor([score(prompts["entry"][i], s, cfg.answer_extraction)
                                     for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
             adv = group_advantages(rewards, G, cfg.std_floor)
