@@ -1,11 +1,13 @@
-"""GRPO step time: `single` against `perceiver` with n = 2, 3, 5 cached experts (experts cost
-nothing at training time), on one policy. Medians over steps 2..N (step 1 warms up).
+"""GRPO step time: `single` against `perceiver` with n = 2, 3, 5 experts, read from the cache
+(experts cost nothing at training time) and run online (each step loads nothing but forwards every
+expert on the batch's prompts, as a pipeline without a cache must). Medians over steps 2..N (step 1
+warms up); rollouts have a fixed length (min_new_tokens = max_new_tokens), so every run times the
+same number of tokens.
 
-Experts are seeded random-init models of the requested hidden sizes (2 layers): only their
-feature width matters to training, which never loads them. The policy is a registry name, a
-folder, or `shape:<hf-config-folder-or-qwen2.5-3b>` for a random-init model of that exact shape
-(for paper-scale timing where the real weights cannot be downloaded; rollouts then always use the
-full budget, the fixed-length worst case).
+The team, in order: SmolLM2-135M-Instruct and Gemma-3-270M (the embedded GGUF models), the
+naive-random expert, and random-init models with the exact shapes of SmolLM2-360M and
+Qwen2.5-0.5B (forward cost depends on shape only; no hub here). The policy is a registry name,
+a folder, or `shape:qwen2.5-3b` for a random-init model of that exact shape (paper-scale timing).
 
     python benchmarks/train_step.py --steps 6                      # CPU, embedded default policy
     python benchmarks/train_step.py --policy shape:qwen2.5-3b --device cuda --batch 4 --group 8 --tokens 128
@@ -19,18 +21,56 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.extract import load_extract_config, run_extract  # noqa: E402
+from cache.reader import Cache  # noqa: E402
+from pipeline.experts import load_expert, resolve_dtype, resolve_expert  # noqa: E402
+from pipeline.extract import _pad, expert_forward_pool, load_extract_config, run_extract, tokenize_prompts  # noqa: E402
+from pipeline.pooling import seeded_indices  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 from train.loop import run_train  # noqa: E402
 
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
                  rope_theta=1e6)
+SMOLLM2_360M = dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                    num_key_value_heads=5, tie_word_embeddings=True)
+QWEN25_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)
+TEAM = ["smollm2-135m-instruct", "gemma3-270m", "naive-random",
+        {"name": "shape-smollm2-360m", "kind": "random", "model": "llama", "config": SMOLLM2_360M,
+         "tokenizer": "smollm2-135m-instruct", "seed": 3},
+        {"name": "shape-qwen2.5-0.5b", "kind": "random", "model": "qwen2", "config": QWEN25_05B,
+         "tokenizer": "smollm2-135m-instruct", "seed": 4}]
+
+
+class OnlineExperts:
+    """features_fn for run_train: every expert forwards the batch's prompts (tokenize, pad, backbone
+    forward, pool) on each call, as a pipeline without a cache does; models stay loaded."""
+
+    def __init__(self, specs, cache_path: Path, pooling: str, dtype, device):
+        with Cache(cache_path) as c:
+            self.texts = c.prompts()["text"]
+        self.experts = [(s, *load_expert(s, dtype, device)) for s in specs]
+        self.pooling, self.device = pooling, device
+        self.gib = sum(p.numel() * p.element_size() for _, m, _ in self.experts for p in m.parameters()) / 2**30
+
+    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
+        out = []
+        for spec, model, tok in self.experts:
+            ids, _ = tokenize_prompts(tok, [SimpleNamespace(text=self.texts[i]) for i in idx])
+            n = np.array([len(x) for x in ids])
+            rti, rli = seeded_indices(0, spec.name, n, int(model.config.get_text_config().num_hidden_layers))
+            bid, mask = _pad(ids, tok.pad_token_id, "right")
+            pooled = expert_forward_pool(model.base_model, bid.to(self.device), mask.to(self.device),
+                                         torch.from_numpy(rti).to(self.device), torch.from_numpy(rli))
+            out.append(pooled[self.pooling].clone())  # a normal tensor: the adapter takes gradients
+        return out
 
 
 def shaped_policy(kind: str, root: Path) -> str:
@@ -57,8 +97,7 @@ def shaped_policy(kind: str, root: Path) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--policy", default="smollm2-135m-instruct")
-    ap.add_argument("--dims", default="576,640,256,1536,3584", help="hidden sizes of the cached experts")
-    ap.add_argument("--ns", default="2,3,5", help="expert counts to time perceiver with")
+    ap.add_argument("--ns", default="2,3,5", help="expert counts to time perceiver with (first n of the team)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--group", type=int, default=4)
@@ -66,44 +105,65 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunk", type=int, default=0, help="rollout_chunk")
     ap.add_argument("--gc", action="store_true", help="gradient_checkpointing")
+    ap.add_argument("--no-online", action="store_true", help="skip the online-expert runs")
+    ap.add_argument("--dims", default="", help="instead of the team: cached random 2-layer experts of these "
+                    "hidden sizes, e.g. the paper's 1536,3584,3072,2048,3072 (no online runs: toy forwards)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="musk-bench-"))
     policy = shaped_policy(args.policy.split(":", 1)[1], root) if args.policy.startswith("shape:") else args.policy
-    dims = [int(d) for d in args.dims.split(",")]
-    experts = [{"name": f"e{i}-{d}", "kind": "random", "model": "llama", "seed": i,
-                "config": {"hidden_size": d, "num_hidden_layers": 2, "num_attention_heads": 8 if d % 8 == 0 else 1,
-                           "num_key_value_heads": 8 if d % 8 == 0 else 1, "intermediate_size": 2 * d}}
-               for i, d in enumerate(dims)]
+    ns = [int(n) for n in args.ns.split(",")]
+    members = TEAM[: max(ns)]
+    if args.dims:
+        members = [{"name": f"e{i}-{d}", "kind": "random", "model": "llama", "seed": i,
+                    "config": {"hidden_size": d, "num_hidden_layers": 2, "num_attention_heads": 8 if d % 8 == 0 else 1,
+                               "num_key_value_heads": 8 if d % 8 == 0 else 1, "intermediate_size": 2 * d}}
+                   for i, d in enumerate(int(x) for x in args.dims.split(","))]
+        args.no_online = True
+    team = [resolve_expert(e, "team") for e in members]
     cache = run_extract(load_extract_config(None, {
-        "task": {"family": "easy-arithmetic", "train_size": 64, "val_size": 4}, "experts": experts,
+        "task": {"family": "easy-arithmetic", "train_size": 64, "val_size": 4}, "experts": members,
         "router": None, "hints": False, "out": str(root / "cache.h5"), "device": args.device}),
         progress=False, log=lambda *a: None)
     base = {"policy": policy, "group_size": args.group, "train_batch_size": args.batch,
             "gradient_accumulation_steps": 1, "total_training_steps": args.steps, "max_new_tokens": args.tokens,
-            "temperature": 1.0, "test_freq": 10_000, "save_freq": 10_000, "eval_batches": 1, "val_batch_size": 4,
-            "device": args.device, "rollout_chunk": args.chunk, "gradient_checkpointing": args.gc}
+            "min_new_tokens": args.tokens, "temperature": 1.0, "test_freq": 10_000, "save_freq": 10_000,
+            "eval_batches": 1, "val_batch_size": 4, "device": args.device, "rollout_chunk": args.chunk,
+            "gradient_checkpointing": args.gc}
+    runs = [("single", None, False)] + [("perceiver", n, False) for n in ns]
+    if not args.no_online:
+        runs += [("perceiver", n, True) for n in ns]
     results = {}
-    runs = [("single", None)] + [("perceiver", int(n)) for n in args.ns.split(",")]
-    for method, n in runs:
+    for method, n, online in runs:
         cfg = load_train_config(None, {**base, "method": method,
-                                       **({"experts": [e["name"] for e in experts[:n]]} if n else {})})
+                                       **({"experts": [e.name for e in team[:n]]} if n else {})})
+        fn = None
+        if online:
+            dev = "cuda" if args.device.startswith("cuda") else "cpu"
+            fn = OnlineExperts(team[:n], cache, cfg.pooling, resolve_dtype("auto", dev), args.device)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        run = run_train(cfg, cache, root / f"{method}-{n}", progress=False, log=lambda *a: None)
+        run = run_train(cfg, cache, root / f"{method}-{n}-{online}", progress=False, log=lambda *a: None,
+                        features_fn=fn)
+        held = fn.gib if fn else 0.0
+        del fn
         m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
-        key = method if n is None else f"perceiver n={n}"
+        key = method if n is None else f"perceiver n={n}" + (" online" if online else "")
         results[key] = {"step_s": statistics.median(r["step_seconds"] for r in m),
                         "tokens": statistics.median(r["completion_tokens"] for r in m),
-                        "peak_gb": max((r.get("mem/peak_gb", 0) for r in m), default=0)}
+                        "peak_gb": max((r.get("mem/peak_gb", 0) for r in m), default=0), "held": held}
     ref = results["single"]["step_s"]
     print(f"policy {args.policy}, device {args.device}, {args.batch} prompts x {args.group} completions, "
-          f"{args.tokens} new tokens, medians of steps 2..{args.steps}")
+          f"{args.tokens} new tokens (fixed), medians of steps 2..{args.steps}; team: {[e.name for e in team]}")
     for k, v in results.items():
         mem = f", peak GPU {v['peak_gb']:.1f} GiB" if v["peak_gb"] else ""
-        print(f"{k:16s}: {v['step_s']:7.2f} s/step ({v['tokens']:.0f} completion tokens){mem}")
-    for k, v in results.items():
-        if k != "single":
-            print(f"RATIO {k} / single step time = {v['step_s'] / ref:.3f}  (target <= 1.10)")
+        held = f", expert weights held {v['held']:.2f} GiB" if v["held"] else ""
+        print(f"{k:24s}: {v['step_s']:7.2f} s/step ({v['tokens']:.0f} completion tokens){mem}{held}")
+    for n in ns:
+        k = f"perceiver n={n}"
+        print(f"RATIO {k} cached / single step time = {results[k]['step_s'] / ref:.3f}  (target <= 1.10)")
+    for n in ns if not args.no_online else []:
+        k = f"perceiver n={n}"
+        print(f"RATIO {k} online / cached step time = {results[k + ' online']['step_s'] / results[k]['step_s']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -86,7 +86,7 @@ def _gemma3_gguf() -> Path:
 GGUF_PACKAGES = {"smollm2-135m-instruct": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
 
 # Random-init architectures (transformers config classes), for tests and naive experts.
-RANDOM_ARCHS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config"}
+RANDOM_ARCHS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config", "gemma3": "Gemma3TextConfig"}
 
 # Registry of named experts; a config may list these names or full specs.
 EXPERTS: dict[str, ExpertSpec] = {
@@ -274,6 +274,16 @@ def load_tokenizer_from(source: str):
         raise MuskError(f"cannot load tokenizer {source!r}: {e}") from None
 
 
+def _drop_gguf_quantization(config_json: Path) -> None:
+    cfg = json.loads(config_json.read_text())
+    if cfg.get("quantization_config", {}).get("quant_method") != "gguf":
+        return
+    del cfg["quantization_config"]
+    tmp = config_json.with_name(f"config.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=2))
+    os.replace(tmp, config_json)
+
+
 def materialize_gguf(path: Path, sha: str) -> Path:
     """Convert a GGUF file once into a safetensors folder under MUSK_HOME (later loads are fast).
 
@@ -284,10 +294,15 @@ def materialize_gguf(path: Path, sha: str) -> Path:
 
     target = musk_home() / "models" / f"{path.stem}-{sha[:16]}"
     if (target / "config.json").exists():
+        _drop_gguf_quantization(target / "config.json")  # folders converted by musk <= 0.1.0
         return target
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    # The weights are plain floats now: a leftover GGUF quantization_config would send every load
+    # through the GGUF quantizer and make trainers (TRL, HF Trainer) refuse the model as quantized.
+    if hasattr(fresh.config, "quantization_config"):
+        del fresh.config.quantization_config
     missing, unexpected = fresh.load_state_dict(loaded.state_dict(), strict=False)
     missing = [k for k in missing if "lm_head" not in k]  # tied head
     if missing or unexpected:

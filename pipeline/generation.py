@@ -42,28 +42,56 @@ def eos_ids(lm, tok) -> list[int]:
     return sorted(ids)
 
 
-@torch.no_grad()
+def sample_rows(probs: torch.Tensor) -> torch.Tensor:
+    """One draw per row of probs [N, V] by inverse CDF, from one uniform per row of torch's RNG.
+
+    torch.multinomial draws V exponentials per row on a CPU (7 ms a decode step for 8 x 49k, more
+    than the rest of the sampling); this draws N uniforms. Zero-probability tokens are never drawn.
+    """
+    cdf = probs.double().cumsum(-1)  # [N, V]
+    u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max(probs.shape[-1] - 1).squeeze(1)  # [N]
+
+
 def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
-             temperature: float = 1.0, greedy: bool = False):
+             temperature: float = 1.0, greedy: bool = False, min_new_tokens: int = 0, group: int = 1):
     """Decode from prompt embeddings [N, P, d] (left padded, mask [N, P]).
+
+    EOS is masked out of the first `min_new_tokens` steps (HF's min_new_tokens), which gives
+    fixed-length completions when it equals max_new_tokens (benchmarks). group > 1: rows come in
+    runs of `group` copies of one prompt (GRPO's G rollouts); the prompt is prefilled once per run
+    and its KV cache repeated, instead of G times.
 
     Returns (tokens [N, T], live [N, T]): live is 1 through the first EOS (inclusive) and 0 after,
     where tokens are pad_id. Sampling draws from torch's global RNG (seeded, checkpointed).
     """
+    with torch.inference_mode():  # ~5% faster decode steps than no_grad on a CPU
+        tokens, live = _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy,
+                               min_new_tokens, group)
+    return tokens.clone(), live.clone()  # normal tensors again: autograd may index with them
+
+
+def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group):
     N = embeds.shape[0]
     backbone = lm.base_model
     pos = positions(mask)  # [N, P]
-    out = backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-    past, logits = out.past_key_values, lm_logits(lm, out.last_hidden_state[:, -1])  # [N, V]
+    out = backbone(inputs_embeds=embeds[::group], attention_mask=mask[::group], position_ids=pos[::group],
+                   use_cache=True)  # [N/group, P] prompts
+    past, logits = out.past_key_values, lm_logits(lm, out.last_hidden_state[:, -1])  # [N/group, V]
+    if group > 1:
+        past.batch_repeat_interleave(group)
+        logits = logits.repeat_interleave(group, 0)  # [N, V]
     pos = pos[:, -1]  # [N]
     eos_t = torch.tensor(eos, device=embeds.device)
     done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
     toks, live = [], []
     for t in range(max_new_tokens):
+        if t < min_new_tokens:
+            logits = logits.index_fill(-1, eos_t, float("-inf"))
         if greedy:
             nxt = logits.argmax(-1)
         else:
-            nxt = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1).squeeze(1)
+            nxt = sample_rows(torch.softmax(logits / temperature, dim=-1))
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         live.append(~done)
         toks.append(nxt)

@@ -18,6 +18,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 TINY_LLAMA = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
               "intermediate_size": 64}
 TINY_GPT2 = {"n_embd": 24, "n_layer": 2, "n_head": 2}
+# Sliding window 6 < prompt lengths: the local layers' masking is exercised.
+TINY_GEMMA3 = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+               "head_dim": 16, "intermediate_size": 64, "sliding_window": 6,
+               "layer_types": ["sliding_attention", "full_attention"]}
+TINY = {"llama": TINY_LLAMA, "gpt2": TINY_GPT2, "gemma3": TINY_GEMMA3}
 
 
 def tiny_extract_config(out: Path, *, experts=None, train_size=12, val_size=4, hints=True, router=True,

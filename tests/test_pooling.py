@@ -63,22 +63,36 @@ def test_mean_pool_ignores_padding():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_batched_equals_single_unpadded_forward(arch, padding_side, dtype, tol):
-    """Every variant, for every prompt, equals a single-prompt unpadded forward of the same model."""
+@pytest.mark.parametrize("arch,shared", [("llama", False), ("gpt2", False), ("llama", True), ("gpt2", True),
+                                         ("gemma3", False), ("gemma3", True)])
+def test_batched_equals_single_unpadded_forward(arch, shared, padding_side, dtype, tol):
+    """Every variant, for every prompt, equals a single-prompt unpadded forward of the same model:
+    with the batch padded either side, and with the prompts' shared prefix run once and cached."""
     from pipeline.experts import ExpertSpec, load_expert
-    from pipeline.extract import _pad, expert_forward_pool
-    from tests.conftest import TINY_GPT2, TINY_LLAMA
+    from pipeline.extract import _pad, common_prefix_length, expert_forward_pool, run_prefix
+    from tests.conftest import TINY
 
-    spec = ExpertSpec("t", "random", arch, config=TINY_LLAMA if arch == "llama" else TINY_GPT2, tokenizer="bytes")
+    spec = ExpertSpec("t", "random", arch, config=TINY[arch], tokenizer="bytes")
     model, tok = load_expert(spec, dtype)
     texts = ["1 + 2 =", "What is the sum of 17 and 25, please?", "x", "A much longer prompt " * 4]
+    if shared:
+        texts = ["System: answer briefly. Q: " + t for t in texts]
     ids = [tok(t)["input_ids"] for t in texts]
     n = np.array([len(x) for x in ids])
     L = model.config.num_hidden_layers
     rti, rli = seeded_indices(3, "t", n, L)
-    bid, mask = _pad(ids, tok.pad_token_id, padding_side)
-    batched = expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), torch.from_numpy(rli))
+    P, prefix = 0, None
+    if shared:
+        P = common_prefix_length(ids)
+        assert P == len("System: answer briefly. Q: ")  # byte tokenizer: one token per character
+        rti[0] = 2  # a random token inside the prefix
+        prefix = run_prefix(model.base_model, ids[0][:P], "cpu")
+    bid, mask = _pad([x[P:] for x in ids], tok.pad_token_id, padding_side)
+    if shared and padding_side == "left":  # refused: pads between prefix and prompt
+        with pytest.raises(ValueError, match="right"):
+            expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), torch.from_numpy(rli), prefix)
+        return
+    batched = expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), torch.from_numpy(rli), prefix)
     with torch.inference_mode():
         for i, x in enumerate(ids):
             hs = model.base_model(input_ids=torch.tensor([x]), output_hidden_states=True).hidden_states

@@ -1,6 +1,7 @@
 """Smoke test on a real model shipped in a PyPI package (SmolLM2-135M-Instruct GGUF), offline."""
 
 import importlib.util
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -25,3 +26,17 @@ def test_smollm2_extracts_with_chat_template(tmp_path):
         hints = g["hint"].asstr()[()]
         assert all(isinstance(h, str) and h.strip() for h in hints)  # a real model says something
         assert (g["hint_n_tokens"][()] >= 1).all() and (g["hint_n_tokens"][()] <= 12).all()
+
+
+def test_converted_gguf_folder_loads_as_plain_weights():
+    """The safetensors folder converted from GGUF holds floats: no GGUF quantizer on load, so trainers
+    (TRL, HF Trainer) accept it and loads skip the quantizer path."""
+    import json
+
+    import torch
+
+    from pipeline.experts import EXPERTS, load_expert
+
+    model, _ = load_expert(EXPERTS["smollm2-135m-instruct"], torch.float32)
+    assert getattr(model, "hf_quantizer", None) is None
+    assert "quantization_config" not in json.loads((Path(model.name_or_path) / "config.json").read_text())

@@ -171,3 +171,25 @@ def test_rollout_chunks_and_checkpointing_give_the_same_gradient(tiny_cache, tin
         assert ra["reward/mean"] == rb["reward/mean"]  # same rollouts
         for k in ("loss", "grad_norm", "kl"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-7), k
+
+
+def test_cache_file_is_not_read_after_loading(tiny_cache, tiny_policy, tmp_path, monkeypatch):
+    """Everything the loop needs is read once: with the HDF5 file gone right after loading, training
+    and evaluation still run (no per-row HDF5 reads on the hot path)."""
+    import cache.reader
+
+    moved = tmp_path / "moved.h5"
+    real_exit = cache.reader.Cache.__exit__
+
+    def exit_and_move(self, *exc):
+        out = real_exit(self, *exc)
+        shutil.move(str(tiny_cache), str(moved))
+        return out
+
+    monkeypatch.setattr(cache.reader.Cache, "__exit__", exit_and_move)
+    try:
+        ov = tiny_train_overrides(tiny_policy, method="hard-routing", total_training_steps=2, test_freq=1)
+        run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
+        assert not tiny_cache.exists() and len(_metrics(run)) == 2
+    finally:
+        shutil.move(str(moved), str(tiny_cache))

@@ -57,6 +57,9 @@ class TrainConfig:
     """Floor of the group std in the advantage denominator."""
     max_new_tokens: int = 128
     """Fixed generation budget (paper: 128 tokens for all methods)."""
+    min_new_tokens: int = 0
+    """EOS is suppressed in a rollout's first K tokens (0: off). Not a paper setting: benchmarks set
+    it to max_new_tokens for fixed-length rollouts, as in the TRL comparison."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts."""
     answer_extraction: str = "strict"
@@ -96,6 +99,11 @@ class TrainConfig:
     rollout_chunk: int = 0
     """Rollouts per differentiable policy forward (0: all B*G at once). Smaller saves memory; the
     gradient is the same (chunk losses are weighted to sum to the full loss)."""
+    share_prompt: bool = True
+    """Run each prompt once per group of G rollouts (prefill, policy and reference forwards) and let
+    the group's completions attend to its cached keys/values: same numbers up to rounding, G-1 of
+    every G prompt forwards saved. Off under gradient checkpointing, or when rollout_chunk splits
+    groups."""
     gradient_checkpointing: bool = False
     """Recompute the policy's activations in backward (paper-scale policies on one GPU)."""
     dtype: str = "auto"
@@ -116,6 +124,8 @@ class TrainConfig:
                   "save_freq", "test_freq", "eval_batches", "log_freq"):
             if getattr(self, k) < 1:
                 raise MuskError(f"{k} must be at least 1, got {getattr(self, k)}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise MuskError(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.rollout_chunk < 0:
             raise MuskError("rollout_chunk must be 0 (all) or positive")
         if self.group_size < 2:

@@ -68,7 +68,12 @@ def expert_cost(method: str, idx: list[int], prompt_tokens: np.ndarray | None, h
 
 
 def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resume: bool = False,
-              progress: bool = True, log=print) -> Path:
+              progress: bool = True, log=print, features_fn=None) -> Path:
+    """Train one run into `out` (default runs/<method>-<family>-s<seed>); returns the run folder.
+
+    features_fn(idx) -> n tensors [b, d_i]: replaces the cache's expert features (benchmarks/train_step.py
+    passes experts run online on each batch's prompts, to time what the cache saves).
+    """
     info = method_info(cfg.method)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
@@ -161,7 +166,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
 
     def context_for(idx: list[int]):
         """C [b, m, d_out] (scaled like token embeddings) and expert attention for prompts idx."""
-        fb = [f[idx].to(device) for f in expert_feats]
+        fb = [f.to(device) for f in features_fn(idx)] if features_fn else [f[idx].to(device) for f in expert_feats]
         rb = router_emb[idx].to(device) if router_emb is not None else None
         o = adapter(fb, rb)
         return (o.context * scale if o.context is not None else None), o.attention
@@ -232,7 +237,8 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
 
             t = time.perf_counter()
             peft_model.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
-            comp, cm = generate(lm, e_in.detach(), m_in, cfg.max_new_tokens, eos, pad_id, cfg.temperature)
+            comp, cm = generate(lm, e_in.detach(), m_in, cfg.max_new_tokens, eos, pad_id, cfg.temperature,
+                                min_new_tokens=cfg.min_new_tokens, group=G if cfg.share_prompt else 1)
             peft_model.train()
             timing["generate"] += time.perf_counter() - t  # comp, cm: [B*G, T]
             n_tokens += int(cm.sum())
@@ -247,13 +253,16 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
 
             N = B * G
             chunk = cfg.rollout_chunk or N
+            # Each prompt runs once per group of G rollouts in the forwards below when the chunks hold
+            # whole groups and the KV cache is on (gradient checkpointing turns it off).
+            share = G if cfg.share_prompt and chunk % G == 0 and not cfg.gradient_checkpointing else 1
             t = time.perf_counter()
             with torch.no_grad(), peft_model.disable_adapter():
                 # pi_ref: initial policy, zero-valued context tokens at the same positions as C.
                 ref_e, ref_m = splice(emb, pm_g, torch.zeros_like(C_g) if C_g is not None else None,
                                       cfg.context_position)
                 ref_logp = torch.cat([completion_logprobs(lm, ref_e[s:s + chunk], ref_m[s:s + chunk],
-                                                          comp[s:s + chunk], cm[s:s + chunk])
+                                                          comp[s:s + chunk], cm[s:s + chunk], share)
                                       for s in range(0, N, chunk)])  # [B*G, T]
             timing["reference"] += time.perf_counter() - t
 
@@ -261,7 +270,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             micro_loss = kl_sum = 0.0
             for s in range(0, N, chunk):
                 sl = slice(s, s + chunk)
-                logp = completion_logprobs(lm, e_in[sl], m_in[sl], comp[sl], cm[sl])  # grad to LoRA, g_phi
+                logp = completion_logprobs(lm, e_in[sl], m_in[sl], comp[sl], cm[sl], share)  # grad: LoRA, g_phi
                 out_loss = grpo_loss(logp, logp.detach(), ref_logp[sl], advantages[sl], cm[sl], cfg.beta,
                                      cfg.clip_eps)
                 weight = logp.shape[0] / N  # chunk losses sum to the full batch's loss
