@@ -84,7 +84,7 @@ class ExtractConfig:
     reuse their KV cache in every batch: same vectors up to rounding, fewer tokens computed."""
     compile: bool = False
     """torch.compile each expert's backbone (dynamic shapes): ~1.2x faster features on a CPU after a
-    one-off compile of about 90 s per expert; pays off on large caches, not on the embedded default."""
+    one-off compile of 90-180 s per expert; pays off on large caches, not on the embedded default."""
 
     def validate(self) -> None:
         if not self.experts:
