@@ -22,6 +22,21 @@ def _groups(runs: list[Run]) -> dict[str, list[Run]]:
     return g
 
 
+def _band_line(ax, steps, series, **plot_kw):
+    """Mean over seeds as a line, ± one std as a shaded band (same colour when one is given)."""
+    mean, std = band(series)
+    ax.plot(steps, mean, **plot_kw)
+    ax.fill_between(steps, mean - std, mean + std, color=plot_kw.get("color"), alpha=0.2)
+
+
+def _save(fig, title: str, out: Path) -> None:
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def figure4(runs: list[Run], out: Path) -> list[Run] | None:
     """Per-expert utilisation u_i over steps (mean ± std band across seeds); reward and entropy."""
     with_routing = [r for r in runs if not r.metrics.is_empty() and "routing/utilization" in r.metrics.columns]
@@ -37,31 +52,22 @@ def figure4(runs: list[Run], out: Path) -> list[Run] | None:
         steps = steps[:n]
         ax = axes[0, col]
         for i in range(util[0].shape[1]):
-            mean, std = band([u[:n, i] for u in util])
-            label = names[i] if i < len(names) else f"expert {i}"
-            ax.plot(steps, mean, label=label)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.2)
+            _band_line(ax, steps, [u[:n, i] for u in util], label=names[i] if i < len(names) else f"expert {i}")
         ax.set_title(f"{rs[0].method} / {rs[0].family} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
         ax.set_xlabel("training step")
         ax.set_ylabel("utilisation $u_i$")
         ax.legend(fontsize=8)
         ax = axes[1, col]
-        rm, rsd = band([r.metrics["reward/mean"].to_numpy()[:n] for r in rs])
-        ax.plot(steps, rm, color="tab:blue", label="reward")
-        ax.fill_between(steps, rm - rsd, rm + rsd, color="tab:blue", alpha=0.2)
+        _band_line(ax, steps, [r.metrics["reward/mean"].to_numpy()[:n] for r in rs], color="tab:blue", label="reward")
         ax.set_xlabel("training step")
         ax.set_ylabel("mean reward", color="tab:blue")
         ax2 = ax.twinx()
-        hm, hsd = band([r.metrics["routing/entropy"].to_numpy()[:n] for r in rs])
-        ax2.plot(steps, hm, color="tab:red", label="routing entropy H")
-        ax2.fill_between(steps, hm - hsd, hm + hsd, color="tab:red", alpha=0.2)
+        _band_line(ax2, steps, [r.metrics["routing/entropy"].to_numpy()[:n] for r in rs], color="tab:red",
+                   label="routing entropy H")
         ax2.set_ylabel("routing entropy H", color="tab:red")
         lines = ax.get_lines()[:1] + ax2.get_lines()[:1]
         ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="upper left")
-    fig.suptitle("Figure 4: expert utilisation, reward and routing entropy over training")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, "Figure 4: expert utilisation, reward and routing entropy over training", out)
     return with_routing
 
 
@@ -77,17 +83,12 @@ def figure5(runs: list[Run], out: Path) -> list[Run] | None:
         n = min(len(r.evals) for r in rs)
         steps = rs[0].evals["step"].to_numpy()[:n]
         for key, label, color in (("reward", "with C", "tab:green"), ("reward_without_context", "without C", "tab:gray")):
-            mean, std = band([r.evals[key].to_numpy()[:n] for r in rs])
-            ax.plot(steps, mean, marker="o", color=color, label=label)
-            ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2)
+            _band_line(ax, steps, [r.evals[key].to_numpy()[:n] for r in rs], marker="o", color=color, label=label)
         ax.set_title(f"{rs[0].method} / {rs[0].family}")
         ax.set_xlabel("training step")
         ax.set_ylabel("validation reward")
         ax.legend()
-    fig.suptitle("Figure 5: the same policy with and without the context tokens C")
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, "Figure 5: the same policy with and without the context tokens C", out)
     return ok
 
 
@@ -111,7 +112,5 @@ def figure6(runs: list[Run], out: Path, method: str = "perceiver") -> list[Run] 
     ax.set_ylabel("final validation accuracy (%)")
     ax.set_title("Figure 6: accuracy vs m")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    _save(fig, "", out)
     return rs

@@ -48,7 +48,6 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time musk with torch.compile (extract's compile: true)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     spec = EXPERTS[args.expert]
     prompts = build_prompts(TaskConfig(family="arithmetic", train_size=args.prompts, val_size=1))[: args.prompts]
     dtype = resolve_dtype("auto", args.device)

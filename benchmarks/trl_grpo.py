@@ -103,7 +103,6 @@ def main():
         import trl
     except ImportError:
         raise SystemExit("TRL is not installed: pip install -e '.[bench]'") from None
-    torch.set_num_threads(torch.get_num_threads())
     root = Path(tempfile.mkdtemp(prefix="musk-trl-"))
     # Prompts come from a musk cache (single reads no features: one tiny expert, no hints/router).
     cache = run_extract(load_extract_config(None, {

@@ -53,6 +53,21 @@ def sample_rows(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_max(probs.shape[-1] - 1).squeeze(1)  # [N]
 
 
+def prefill(backbone, embeds: torch.Tensor, mask: torch.Tensor, group: int = 1):
+    """Run left-padded prompts [N, P, d] with the KV cache on, each distinct prompt once.
+
+    Rows come in runs of `group` copies of one prompt (GRPO's G rollouts): only every group-th row
+    goes through the model and the cache is repeated back to N rows (differentiably, when grad is on).
+    Returns (last_hidden_state [N/group, P, d], cache for N rows).
+    """
+    pm = mask[::group]  # [N/group, P]
+    out = backbone(inputs_embeds=embeds[::group], attention_mask=pm, position_ids=positions(pm), use_cache=True)
+    cache = out.past_key_values
+    if group > 1:
+        cache.batch_repeat_interleave(group)
+    return out.last_hidden_state, cache
+
+
 def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
              temperature: float = 1.0, greedy: bool = False, min_new_tokens: int = 0, group: int = 1):
     """Decode from prompt embeddings [N, P, d] (left padded, mask [N, P]).
@@ -74,14 +89,9 @@ def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
 def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group):
     N = embeds.shape[0]
     backbone = lm.base_model
-    pos = positions(mask)  # [N, P]
-    out = backbone(inputs_embeds=embeds[::group], attention_mask=mask[::group], position_ids=pos[::group],
-                   use_cache=True)  # [N/group, P] prompts
-    past, logits = out.past_key_values, lm_logits(lm, out.last_hidden_state[:, -1])  # [N/group, V]
-    if group > 1:
-        past.batch_repeat_interleave(group)
-        logits = logits.repeat_interleave(group, 0)  # [N, V]
-    pos = pos[:, -1]  # [N]
+    h, past = prefill(backbone, embeds, mask, group)  # [N/group, P, d], cache of N rows
+    logits = lm_logits(lm, h[:, -1]).repeat_interleave(group, 0)  # [N, V]
+    pos = positions(mask)[:, -1]  # [N]
     eos_t = torch.tensor(eos, device=embeds.device)
     done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
     toks, live = [], []

@@ -38,15 +38,6 @@ def real_token_span(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return first, last
 
 
-def real_token_position(attention_mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Position of each row's k-th real token (k [B], counted from 0): works for left and right
-    padding and for padding in the middle (a shared prefix followed by a left-padded suffix)."""
-    mask = attention_mask.bool()  # [B, T]
-    count = mask.long().cumsum(1) - 1  # [B, T] index of each real token among the real ones
-    hit = mask & (count == k.to(mask.device)[:, None])
-    return hit.int().argmax(dim=1)
-
-
 def pool_hidden_states(
     hidden_states: tuple[torch.Tensor, ...],
     attention_mask: torch.Tensor,
@@ -65,7 +56,7 @@ def pool_hidden_states(
     out = {
         "last_token": top[rows, last],
         "first_token": top[rows, first],
-        "random_token": top[rows, real_token_position(attention_mask, random_token_index)],
+        "random_token": top[rows, first + random_token_index.to(first.device)],
         "first_layer": hidden_states[0][rows, last],
         # One layer per row: gather row by row rather than stacking all L+1 layers ([L+1, B, T, d]).
         "random_layer": torch.stack(

@@ -21,12 +21,12 @@ from tqdm import tqdm
 from cache.reader import Cache
 from pipeline.config import MuskError, dump_yaml, from_dict, sha256_of, to_dict
 from pipeline.experts import resolve_device, resolve_dtype
+from pipeline.generation import decode, eos_ids, generate
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
-from pipeline.generation import decode, eos_ids, generate
 from train.policy import build_prompt_text, completion_logprobs, encode_prompts, load_policy, splice
 from train.rewards import score
 

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import MuskError
 from pipeline.experts import ExpertSpec, EXPERTS, PLAIN_FORMAT, load_expert
-from pipeline.generation import lm_logits, positions
+from pipeline.generation import lm_logits, positions, prefill
 
 
 def policy_spec(name: str) -> ExpertSpec:
@@ -97,16 +97,12 @@ def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> tor
                           use_cache=False).last_hidden_state  # [N, P+T, d]
         h = h[:, P - 1: P - 1 + T]  # [N, T, d]: position P-1+t predicts completion token t
     else:
-        pm = mask[::group]  # [N/G, P]
-        out = lm.base_model(inputs_embeds=embeds[::group], attention_mask=pm, position_ids=positions(pm),
-                            use_cache=True)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(group)  # [N, heads, P, hd] per layer
+        hp, cache = prefill(lm.base_model, embeds, mask, group)  # [N/G, P, d], cache of N rows
         fmask = torch.cat([mask, comp_mask[:, :-1].to(mask.dtype)], 1)  # [N, P+T-1]
         tok_emb = lm.get_input_embeddings()(comp_ids[:, :-1]).to(embeds.dtype)  # [N, T-1, d]
         hc = lm.base_model(inputs_embeds=tok_emb, attention_mask=fmask, position_ids=positions(fmask)[:, P:],
                            past_key_values=cache, use_cache=True).last_hidden_state  # [N, T-1, d]
-        h = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(group, 0), hc], 1)  # [N, T, d]
+        h = torch.cat([hp[:, -1:].repeat_interleave(group, 0), hc], 1)  # [N, T, d]
     return h
 
 
