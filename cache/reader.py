@@ -8,7 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.schema import EXPERT_ATTRS, POOLED, PROMPT_COLUMNS, SCHEMA_VERSION
+from cache.schema import (EXPERT_ATTRS, POOLED, PROMPT_COLUMNS, RANDOM_VARIANTS, READABLE_SCHEMAS,
+                          SCHEMA_1_VARIANTS)
 from pipeline.config import MuskError
 
 
@@ -31,11 +32,13 @@ class Cache:
         if "musk_schema" not in a:
             self.close()
             raise MuskError(f"{str(self.path)!r} is an HDF5 file but not a musk cache (no musk_schema attribute)")
-        if int(a["musk_schema"]) != SCHEMA_VERSION:
+        if int(a["musk_schema"]) not in READABLE_SCHEMAS:
             self.close()
             raise MuskError(
-                f"cache {str(self.path)!r} has schema {int(a['musk_schema'])}, this musk reads schema {SCHEMA_VERSION}"
+                f"cache {str(self.path)!r} has schema {int(a['musk_schema'])}, this musk reads schemas "
+                f"{list(READABLE_SCHEMAS)}; rebuild it with `musk extract`"
             )
+        self.schema = int(a["musk_schema"])
         if not bool(a.get("complete", False)) and not allow_incomplete:
             self.close()
             raise MuskError(
@@ -76,6 +79,12 @@ class Cache:
     def routers(self) -> list[str]:
         return list(self.f["router"].keys()) if "router" in self.f else []
 
+    def expert_fingerprint(self, name: str) -> str:
+        return str(self._expert(name).attrs.get("fingerprint", ""))
+
+    def router_fingerprint(self, name: str) -> str:
+        return str(self.f["router"][name].attrs.get("fingerprint", ""))
+
     def expert_attrs(self, name: str) -> dict:
         g = self._expert(name)
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in g.attrs.items()}
@@ -96,11 +105,30 @@ class Cache:
         splits = np.array(_str_list(self.f["prompts/split"]))
         return np.nonzero(splits == split)[0]
 
-    def features(self, variant: str, experts: list[str] | None = None) -> dict[str, np.ndarray]:
+    @property
+    def variants(self) -> tuple[str, ...]:
+        """The pooling variants this cache holds (schema 1 has no first_block)."""
+        return POOLED if self.schema >= 2 else SCHEMA_1_VARIANTS
+
+    def draws(self, variant: str, expert: str) -> int:
+        """How many seeded draws the cache holds for `variant` (1 for deterministic variants and for
+        schema-1 caches, which hold one draw)."""
+        ds = self._expert(expert)[variant]
+        return int(ds.shape[1]) if variant in RANDOM_VARIANTS and ds.ndim == 3 else 1
+
+    def features(self, variant: str, experts: list[str] | None = None, draw: int = 0) -> dict[str, np.ndarray]:
+        """[N, d] per expert. For random_token / random_layer, draw `draw % D` of the D stored draws."""
         if variant not in POOLED:
             raise MuskError(f"unknown pooling variant {variant!r}; choices: {list(POOLED)}")
+        if variant not in self.variants:
+            raise MuskError(f"cache {str(self.path)!r} (schema {self.schema}) has no {variant!r} pooling; it has "
+                            f"{list(self.variants)}. Rebuild it with `musk extract` (schema 2) to get it.")
         names = experts if experts is not None else self.experts
-        return {n: self._expert(n)[variant][()] for n in names}
+        out = {}
+        for n in names:
+            ds = self._expert(n)[variant]
+            out[n] = ds[:, draw % ds.shape[1]] if ds.ndim == 3 else ds[()]  # one hyperslab read, not per row
+        return out
 
     def column(self, name: str, dataset: str) -> np.ndarray:
         """A per-prompt dataset of one expert (n_tokens, hint_n_tokens, ...), read whole."""
@@ -108,6 +136,9 @@ class Cache:
         if dataset not in g:
             raise MuskError(f"cache {str(self.path)!r}: expert {name!r} has no {dataset!r}")
         return g[dataset][()]
+
+    def has_column(self, name: str, dataset: str) -> bool:
+        return dataset in self._expert(name)
 
     def has_hints(self, name: str) -> bool:
         return "hint" in self._expert(name)
@@ -139,7 +170,7 @@ class Cache:
             for k in EXPERT_ATTRS:
                 if k not in g.attrs:
                     problems.append(f"/experts/{n} attribute {k} missing")
-            for k in POOLED + ("random_token_index", "random_layer_index", "n_tokens"):
+            for k in self.variants + ("random_token_index", "random_layer_index", "n_tokens"):
                 if k not in g:
                     problems.append(f"/experts/{n}/{k} missing")
         return problems

@@ -1,17 +1,26 @@
-"""Cache schema version 1 (see SPEC.md): names of groups, datasets and attributes."""
+"""Cache schema (see SPEC.md): names of groups, datasets and attributes.
+
+Schema 2 (this musk writes it): `random_token`, `random_layer` and their indices hold
+`pooling_draws` seeded draws per prompt ([N, D, d] and [N, D]; the training seed picks draw
+seed % D), and the variant `first_block` (hidden_states[1] at the last real token) is added.
+Schema 1 (random variants [N, d], no first_block) is read as one draw.
+"""
 
 from __future__ import annotations
 
 import json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMAS = (1, 2)
 MUSK_VERSION = "0.1.0"
 
 PROMPT_COLUMNS = ("text", "answer", "task", "split", "entry")
-POOLED = ("last_token", "first_token", "random_token", "first_layer", "random_layer")
+POOLED = ("last_token", "first_token", "random_token", "first_layer", "first_block", "random_layer")
+RANDOM_VARIANTS = ("random_token", "random_layer")  # [N, D, d]: several seeded draws per prompt
 EXPERT_DATASETS = POOLED + ("random_token_index", "random_layer_index", "n_tokens")
 EXPERT_ATTRS = ("source", "weights_sha256", "hidden_size", "num_layers", "dtype", "prompt_format")
 ROOT_ATTRS = ("musk_schema", "fingerprint", "config", "complete", "versions")
+SCHEMA_1_VARIANTS = ("last_token", "first_token", "random_token", "first_layer", "random_layer")
 
 
 def versions() -> str:

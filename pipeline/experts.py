@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import MuskError, from_dict
+from pipeline.config import MuskError, from_dict, sha256_of
+from pipeline.probes import PROBE_KINDS, probe_config
 
 PLAIN_FORMAT = "Question: {question}\nAnswer:"
 
@@ -29,15 +30,18 @@ class ExpertSpec:
     name: str
     """Name of the expert inside the cache (/experts/<name>)."""
     kind: str = "hf"
-    """hf (hub id or local folder), gguf (a .gguf file), gguf-package (a PyPI package holding one), random."""
+    """hf (hub id or local folder), gguf (a .gguf file), gguf-package (a PyPI package holding one), random,
+    probe-oracle, probe-noise (pipeline/probes.py)."""
     model: str = ""
-    """hf: hub id or folder; gguf: path of the file; gguf-package: registered package key; random: architecture."""
+    """hf: hub id or folder; gguf: path of the file; gguf-package: registered package key; random: architecture;
+    probe-*: the reference LM (registry name or folder) whose tokenizer and token embeddings encode the answer."""
     config: dict = field(default_factory=dict)
-    """random: the model config (hidden_size, num_hidden_layers, ...); others: extra from_pretrained kwargs."""
+    """random: the model config (hidden_size, num_hidden_layers, ...); probe-*: encoding, slots, noise;
+    others: extra from_pretrained kwargs."""
     tokenizer: str = ""
     """random: 'bytes' (a byte-level tokenizer built in code) or a folder / expert source; others: ''."""
     seed: int = 0
-    """random: seed of the weight initialisation."""
+    """random: seed of the weight initialisation; probe-*: seed of the codes and noise."""
     trust_remote_code: bool = False
     """hf: passed to from_pretrained."""
 
@@ -54,9 +58,13 @@ class ExpertSpec:
             raise MuskError(
                 f"expert {self.name!r}: unknown random architecture {self.model!r}; choices: {sorted(RANDOM_ARCHS)}"
             )
+        if self.kind in PROBE_KINDS:
+            probe_config(self)  # raises on unknown keys or values
+            if not self.model:
+                raise MuskError(f"expert {self.name!r}: a probe needs `model`, the reference LM of its encoding")
 
 
-KINDS = ("hf", "gguf", "gguf-package", "random")
+KINDS = ("hf", "gguf", "gguf-package", "random", *PROBE_KINDS)
 
 
 def _smollm2_gguf() -> Path:
@@ -88,10 +96,18 @@ GGUF_PACKAGES = {"smollm2-135m-instruct": _smollm2_gguf, "gemma3-270m": _gemma3_
 # Random-init architectures (transformers config classes), for tests and naive experts.
 RANDOM_ARCHS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config", "gemma3": "Gemma3TextConfig"}
 
+def _registry(specs: list[ExpertSpec]) -> dict[str, ExpertSpec]:
+    out: dict[str, ExpertSpec] = {}
+    for spec in specs:
+        if spec.name in out:
+            raise ValueError(f"expert {spec.name!r} registered twice")
+        out[spec.name] = spec
+    return out
+
+
 # Registry of named experts; a config may list these names or full specs.
-EXPERTS: dict[str, ExpertSpec] = {
-    s.name: s
-    for s in [
+EXPERTS: dict[str, ExpertSpec] = _registry(
+    [
         ExpertSpec("smollm2-135m-instruct", "gguf-package", "smollm2-135m-instruct"),
         ExpertSpec("gemma3-270m", "gguf-package", "gemma3-270m"),
         ExpertSpec(
@@ -111,8 +127,13 @@ EXPERTS: dict[str, ExpertSpec] = {
         ExpertSpec("mistral-7b-instruct-v0.3", "hf", "mistralai/Mistral-7B-Instruct-v0.3"),
         ExpertSpec("gpt2", "hf", "openai-community/gpt2"),
         ExpertSpec("gpt-oss-20b", "hf", "openai/gpt-oss-20b"),
+        # Probes (pipeline/probes.py): the answer in the policy's own token embeddings, and noise.
+        ExpertSpec("probe-oracle", "probe-oracle", "smollm2-135m-instruct",
+                   config={"encoding": "token-embeddings", "slots": 8, "noise": 0.1}),
+        ExpertSpec("probe-noise", "probe-noise", "smollm2-135m-instruct",
+                   config={"encoding": "token-embeddings", "slots": 8, "noise": 0.1}),
     ]
-}
+)
 
 
 def resolve_expert(item: Any, where: str = "experts") -> ExpertSpec:
@@ -171,6 +192,12 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
+# What a hub download fetches: weights, configs and every tokenizer file, including chat templates kept
+# in their own file (chat_template.jinja: without it a chat model silently falls back to the plain
+# prompt format), sentencepiece/tiktoken vocabularies, and the code of trust_remote_code models.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py", "tokenizer*"]
+
+
 def _hf_folder(spec: ExpertSpec) -> Path:
     p = Path(spec.model).expanduser()
     if p.is_dir():
@@ -186,7 +213,7 @@ def _hf_folder(spec: ExpertSpec) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(spec.model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        return Path(snapshot_download(spec.model, allow_patterns=HUB_PATTERNS))
     except Exception as e:
         raise MuskError(
             f"expert {spec.name!r}: model {spec.model!r} is neither a local folder nor in the local Hugging Face "
@@ -203,8 +230,17 @@ def gguf_path(spec: ExpertSpec) -> Path:
     return p
 
 
+def reference_spec(spec: ExpertSpec) -> ExpertSpec:
+    """The LM whose tokenizer and token embeddings a probe's encoding uses."""
+    if spec.model in EXPERTS and EXPERTS[spec.model].kind not in PROBE_KINDS:
+        return EXPERTS[spec.model]
+    return ExpertSpec(name=f"{spec.name}-reference", kind="hf", model=spec.model)
+
+
 def weights_sha256(spec: ExpertSpec) -> str:
     """Hash of the weights that determine the expert's outputs, computed without loading the model."""
+    if spec.kind in PROBE_KINDS:  # a probe's numbers come from its reference LM's embeddings (and its spec)
+        return sha256_of({"probe": spec.kind, "reference": weights_sha256(reference_spec(spec))})
     if spec.kind == "random":
         model, _ = _build_random(spec)
         h = hashlib.sha256()

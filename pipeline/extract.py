@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,13 +21,14 @@ from tqdm import tqdm
 
 from cache import fingerprint as fp
 from cache.reader import Cache
-from cache.schema import PROMPT_COLUMNS
+from cache.schema import PROMPT_COLUMNS, SCHEMA_VERSION
 from cache.writer import PartsStore, assemble
 from pipeline.config import MuskError, dump_yaml, from_dict, load_yaml, merge, sha256_of, to_dict
 from pipeline.experts import (
     ExpertSpec,
     format_prompt,
     load_expert,
+    reference_spec,
     resolve_device,
     resolve_dtype,
     resolve_expert,
@@ -37,6 +37,7 @@ from pipeline.experts import (
 )
 from pipeline.generation import decode, eos_ids, generate, positions
 from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_indices
+from pipeline.probes import PROBE_KINDS, noise_features, oracle_features, probe_arrays, probe_config
 from pipeline.tasks import Prompt, TaskConfig, build_prompts
 
 
@@ -72,6 +73,9 @@ class ExtractConfig:
     """Budget of a hint (paper: 128 tokens for every model)."""
     pooling_seed: int = 0
     """Seed of the random token and random layer indices."""
+    pooling_draws: int = 3
+    """Seeded draws of the random token and random layer per prompt; training seed s reads draw
+    s % pooling_draws, so seeds differ in the sampling too (Table 2's spread spans both sources)."""
     dtype: str = "auto"
     """auto (bf16 where the hardware runs it fast), bfloat16, float16, float32."""
     device: str = "auto"
@@ -96,6 +100,8 @@ class ExtractConfig:
             raise MuskError(f"padding_side must be left or right, got {self.padding_side!r}")
         if self.batch_size < 1 or self.hint_batch_size < 1 or self.hint_max_new_tokens < 1:
             raise MuskError("batch sizes and hint_max_new_tokens must be at least 1")
+        if self.pooling_draws < 1:
+            raise MuskError("pooling_draws must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise MuskError("--limit must be at least 1")
 
@@ -105,7 +111,8 @@ class ExtractConfig:
     def content_settings(self, dtype: torch.dtype) -> dict:
         """The settings that change an expert's stored numbers (in its fingerprint)."""
         return {"dtype": str(dtype).replace("torch.", ""), "pooling_seed": self.pooling_seed,
-                "hints": self.hints, "hint_max_new_tokens": self.hint_max_new_tokens}
+                "pooling_draws": self.pooling_draws, "hints": self.hints,
+                "hint_max_new_tokens": self.hint_max_new_tokens}
 
 
 # The embedded default: runs offline on a CPU in a few minutes (configs/embedded-default.yaml).
@@ -116,7 +123,7 @@ EMBEDDED_DEFAULT = {
     "batch_size": 8,
     "hint_batch_size": 32,
     "hints": True,
-    "hint_max_new_tokens": 128,
+    "hint_max_new_tokens": 48,
 }
 
 
@@ -207,7 +214,7 @@ def expert_forward_pool(backbone, ids: torch.Tensor, mask: torch.Tensor, rti: to
                    past_key_values=cache, output_hidden_states=True, use_cache=True)
     # Join prefix and batch states only for the layers some variant reads ([B, P+T, d] each).
     L = len(out.hidden_states) - 1
-    read = {0, L, *rli.tolist()}
+    read = {0, 1, L, *rli.flatten().tolist()}
     hs = tuple(torch.cat([ph.expand(B, -1, -1), h], 1) if l in read else None
                for l, (ph, h) in enumerate(zip(prefix.hidden, out.hidden_states)))
     return pool_hidden_states(hs, full, rti, rli)
@@ -231,7 +238,7 @@ def feature_batches(backbone, ids: list[list[int]], pad_id: int, rti: np.ndarray
         bid, mask = _pad([ids[i][P:] for i in rows], pad_id, side)
         yield b, rows, expert_forward_pool(backbone, bid.to(device), mask.to(device),
                                            torch.from_numpy(rti[rows]).to(device), torch.from_numpy(rli[rows]),
-                                           prefix)
+                                           prefix)  # rti, rli: [N, D] (D seeded draws)
 
 
 def tokenize_prompts(tok, prompts: list[Prompt]) -> tuple[list[list[int]], str]:
@@ -242,12 +249,39 @@ def tokenize_prompts(tok, prompts: list[Prompt]) -> tuple[list[list[int]], str]:
     return ids, fmt
 
 
+def _extract_probe(cfg, spec, prompts, bar) -> tuple[dict, dict]:
+    """A probe expert (pipeline/probes.py): vectors built from the prompts' answers (oracle) or
+    seeds (noise) in the reference LM's embedding space; no forward pass, no hint."""
+    pc = probe_config(spec)
+    model, tok = load_expert(reference_spec(spec), torch.float32, "cpu")
+    E = model.get_input_embeddings()
+    emb = E.weight.detach().float() * float(getattr(E, "embed_scale", 1.0))  # what the LM itself reads
+    oracle = oracle_features([p.answer for p in prompts], tok, emb, pc, spec.seed)
+    vectors = oracle if spec.kind == "probe-oracle" else noise_features([p.text for p in prompts], oracle, spec.seed)
+    ids, _ = tokenize_prompts(tok, prompts)
+    arrays = probe_arrays(vectors, np.array([len(x) for x in ids]), cfg.pooling_draws, cfg.hints)
+    attrs = {
+        "source": f"{spec.kind}:{spec.model}",
+        "hidden_size": int(vectors.shape[1]),
+        "num_layers": 0,
+        "dtype": "float32",
+        "prompt_format": f"probe:{pc.encoding}",
+        "spec": json.dumps(to_dict(spec), sort_keys=True),
+    }
+    bar.update(len(prompts) * (1 + int(cfg.hints)))
+    return attrs, arrays
+
+
 def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tuple[dict, dict]:
+    if spec.kind in PROBE_KINDS:
+        return _extract_probe(cfg, spec, prompts, bar)
     model, tok = load_expert(spec, dtype, device)
     ids, fmt = tokenize_prompts(tok, prompts)
     n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
     L = int(model.config.get_text_config().num_hidden_layers)
-    rti, rli = seeded_indices(cfg.pooling_seed, spec.name, n_tokens, L)
+    draws = [seeded_indices(cfg.pooling_seed, spec.name, n_tokens, L, k) for k in range(cfg.pooling_draws)]
+    rti = np.stack([t for t, _ in draws], 1)  # [N, D]
+    rli = np.stack([l for _, l in draws], 1)  # [N, D]
     N = len(prompts)
     backbone = torch.compile(model.base_model, dynamic=True) if cfg.compile else model.base_model
     feats: dict[str, np.ndarray] = {}
@@ -262,7 +296,7 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
             if k == "rows":
                 continue
             if k not in feats:
-                feats[k] = np.zeros((N, v.shape[1]), dtype=np.float32)
+                feats[k] = np.zeros((N, *v.shape[1:]), dtype=np.float32)
             feats[k][part["rows"]] = v
         bar.update(len(rows))
     hints = None
@@ -360,7 +394,6 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     out = cfg.out_path()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     data_fp = fp.data_fingerprint(cfg.task, cfg.limit)
     settings = cfg.content_settings(dtype)
 
@@ -375,15 +408,19 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     existing_routers: dict[str, str] = {}
     if out.exists():
         with Cache(out, allow_incomplete=True) as c:
+            if c.schema != SCHEMA_VERSION:
+                raise MuskError(
+                    f"cache {str(out)!r} was written with schema {c.schema}; this musk writes schema "
+                    f"{SCHEMA_VERSION} (several random-pooling draws, first_block) and cannot add to it. "
+                    "Extract into another --out (training still reads the old cache as one draw)."
+                )
             if c.data_fingerprint != data_fp:
                 raise MuskError(
                     f"cache {str(out)!r} was built from another task config or limit (data fingerprint "
                     f"{c.data_fingerprint[:12]} vs {data_fp[:12]}); refusing to mix them. Use another --out."
                 )
-            for n in c.experts:
-                existing_experts[n] = str(c.f["experts"][n].attrs.get("fingerprint", ""))
-            for n in c.routers:
-                existing_routers[n] = str(c.f["router"][n].attrs.get("fingerprint", ""))
+            existing_experts = {n: c.expert_fingerprint(n) for n in c.experts}
+            existing_routers = {n: c.router_fingerprint(n) for n in c.routers}
         extra = sorted(set(existing_experts) - set(expert_fps))
         if extra:
             raise MuskError(

@@ -12,16 +12,19 @@ import hashlib
 import numpy as np
 import torch
 
-VARIANTS = ("last_token", "first_token", "random_token", "first_layer", "random_layer")
+from cache.schema import POOLED as VARIANTS  # noqa: F401  (the cache schema owns the variant names)
 
 
-def seeded_indices(seed: int, expert: str, n_tokens: np.ndarray, num_layers: int) -> tuple[np.ndarray, np.ndarray]:
+def seeded_indices(seed: int, expert: str, n_tokens: np.ndarray, num_layers: int,
+                   draw: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Per-prompt random token index in [0, n_tokens) and random layer in [0, num_layers] (inclusive).
 
-    Drawn for the whole cache at once from (seed, expert name): a prompt's index depends on neither
-    its batch nor the order of extraction, so resumed and uninterrupted runs agree.
+    Drawn for the whole cache at once from (seed, expert name, draw): a prompt's index depends on
+    neither its batch nor the order of extraction, so resumed and uninterrupted runs agree. Draw 0 is
+    the one schema-1 caches hold; the cache stores several draws and a training seed picks one.
     """
-    key = int.from_bytes(hashlib.sha256(f"{seed}:{expert}".encode()).digest()[:8], "little")
+    name = f"{seed}:{expert}" if draw == 0 else f"{seed}:{expert}:{draw}"
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
     rng = np.random.default_rng(key)
     u = rng.random(len(n_tokens))
     token_index = np.minimum((u * n_tokens).astype(np.int64), np.maximum(n_tokens - 1, 0))
@@ -44,24 +47,32 @@ def pool_hidden_states(
     random_token_index: torch.Tensor,
     random_layer_index: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """All pooling variants, each [B, d] float32.
+    """All pooling variants, each [B, d] float32 ([B, D, d] for the random ones when the indices are
+    [B, D]: D seeded draws per prompt).
 
     hidden_states: L+1 tensors [B, T, d] (None for a layer no variant of this batch reads);
-    random_token_index counts real tokens from the first one.
+    random_token_index counts real tokens from the first one. first_layer is hidden_states[0] (the
+    embedding output, the paper's h^(0)) and first_block hidden_states[1] (the first block's output),
+    both at the last real token.
     """
     L = len(hidden_states) - 1
     first, last = real_token_span(attention_mask)  # [B], [B]
     rows = torch.arange(attention_mask.shape[0], device=attention_mask.device)
     top = hidden_states[L]  # [B, T, d]
+    rti = random_token_index.to(first.device)
+    rti2 = rti if rti.dim() == 2 else rti[:, None]  # [B, D]
+    rli2 = random_layer_index if random_layer_index.dim() == 2 else random_layer_index[:, None]  # [B, D]
+    rand_tok = top[rows[:, None], first[:, None] + rti2]  # [B, D, d]
+    # One layer per (row, draw): gather one by one rather than stacking all L+1 layers ([L+1, B, T, d]).
+    rand_layer = torch.stack([torch.stack([hidden_states[int(l)][b, last[b]] for l in ls])
+                              for b, ls in enumerate(rli2.tolist())])  # [B, D, d]
     out = {
         "last_token": top[rows, last],
         "first_token": top[rows, first],
-        "random_token": top[rows, first + random_token_index.to(first.device)],
+        "random_token": rand_tok if rti.dim() == 2 else rand_tok[:, 0],
         "first_layer": hidden_states[0][rows, last],
-        # One layer per row: gather row by row rather than stacking all L+1 layers ([L+1, B, T, d]).
-        "random_layer": torch.stack(
-            [hidden_states[int(l)][b, last[b]] for b, l in enumerate(random_layer_index.tolist())]
-        ),
+        "first_block": hidden_states[min(1, L)][rows, last],
+        "random_layer": rand_layer if random_layer_index.dim() == 2 else rand_layer[:, 0],
     }
     return {k: v.float() for k, v in out.items()}
 

@@ -66,12 +66,18 @@ EASY_ARITHMETIC = {
     },
 }
 
+# Not in the paper: the probe team's task (configs/extract/probe.yaml). Answers are one digit, a
+# single token for SmolLM2, which scores ~13% alone: whether C can carry the answer is then visible.
+LETTER_COUNTING = {"letter_counting": {"weight": 1.0, "config": {}}}
+
 FAMILIES: dict[str, dict | None] = {
     "arithmetic": ARITHMETIC,
     "algorithmic": ALGORITHMIC,
     "logic": LOGIC,
     "easy-arithmetic": EASY_ARITHMETIC,
+    "letter-counting": LETTER_COUNTING,
     "gsm8k": None,  # not a Reasoning Gym composite
+    "secret-digit": None,  # built in code: the probe task (see secret_digit_split)
 }
 
 GSM8K_HUB_ID = "openai/gsm8k"
@@ -80,7 +86,8 @@ GSM8K_HUB_ID = "openai/gsm8k"
 @dataclass(frozen=True)
 class TaskConfig:
     family: str = "easy-arithmetic"
-    """Registry name of the task family: arithmetic, algorithmic, logic, gsm8k, easy-arithmetic."""
+    """Registry name of the task family: arithmetic, algorithmic, logic, gsm8k, easy-arithmetic, letter-counting,
+    secret-digit."""
     train_size: int = 16000
     """Number of training prompts (GSM8K: at most this many of the train split)."""
     val_size: int = 4000
@@ -95,6 +102,9 @@ class TaskConfig:
     """Override of the family's datasets: {name: {weight: w, config: {...}}}; None keeps the registry's."""
     gsm8k_path: str | None = None
     """GSM8K only: a local folder (train*/test* .jsonl/.parquet) or file with a split column; None reads the hub."""
+    balance_answers: bool = False
+    """Reasoning Gym only: draw each split from a pool 8x its size, taking the answers in turn, so every
+    answer is about equally frequent (a probe's no-information baseline is then 1/K, not the mode's share)."""
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
@@ -107,7 +117,7 @@ class TaskConfig:
             raise MuskError(
                 f"unknown developer_prompt {self.developer_prompt!r}; choices: {sorted(SYSTEM_PROMPTS)}"
             )
-        if self.family != "gsm8k":
+        if FAMILIES[self.family] is not None:
             self.dataset_specs()  # raises on unknown dataset names
 
     def dataset_specs(self) -> dict:
@@ -140,6 +150,25 @@ class Prompt:
     entry: str = field(repr=False)  # JSON of what the scorer needs
 
 
+BALANCE_POOL = 8
+
+
+def balanced(entries: list[dict], size: int) -> list[dict]:
+    """`size` entries taking the answers in turn (sorted), each answer's entries in their order: as
+    uniform over answers as the pool allows. Deterministic."""
+    by_answer: dict[str, list[dict]] = {}
+    for e in entries:
+        by_answer.setdefault(str(e["answer"]), []).append(e)
+    queues = [by_answer[a] for a in sorted(by_answer)]
+    out, i = [], 0
+    while len(out) < size and any(queues):
+        q = queues[i % len(queues)]
+        if q:
+            out.append(q.pop(0))
+        i += 1
+    return out
+
+
 def _rg_split(cfg: TaskConfig, split: str, size: int, seed: int) -> list[Prompt]:
     import reasoning_gym
     from reasoning_gym.composite import DatasetSpec
@@ -148,10 +177,13 @@ def _rg_split(cfg: TaskConfig, split: str, size: int, seed: int) -> list[Prompt]
         DatasetSpec(name=name, weight=float(s.get("weight", 1.0)), config=dict(s.get("config") or {}))
         for name, s in cfg.dataset_specs().items()
     ]
+    pool = size * BALANCE_POOL if cfg.balance_answers else size
     try:
-        ds = reasoning_gym.create_dataset("composite", size=size, seed=seed, datasets=specs)
+        ds = list(reasoning_gym.create_dataset("composite", size=pool, seed=seed, datasets=specs))
     except Exception as e:  # reasoning-gym raises assorted errors on bad dataset configs
         raise MuskError(f"reasoning-gym could not build family {cfg.family!r}: {e}") from None
+    if cfg.balance_answers:
+        ds = balanced(ds, size)
     out = []
     for entry in ds:
         task = entry["metadata"].get("source_dataset", cfg.family)
@@ -232,6 +264,27 @@ def _gsm8k_split(rows: list[dict], split: str, size: int) -> list[Prompt]:
     return out
 
 
+SECRET_DIGIT = "Card {card} hides a digit from 0 to 9. What is the digit?"
+
+
+def secret_digit_split(split: str, size: int, seed: int) -> list[Prompt]:
+    """The probe task: each prompt's answer is a uniformly drawn digit that nothing in its text
+    reveals (the card name is random letters). The policy alone can only guess (10%); only an expert
+    that knows the answer (probe-oracle) can lift it, and only through C. Scored as a number."""
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 7919])
+    letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    out = []
+    for _ in range(size):
+        card = "".join(rng.choice(letters, 6))
+        digit = str(int(rng.integers(0, 10)))
+        text = SECRET_DIGIT.format(card=card)
+        entry = {"question": text, "answer": digit, "metadata": {"source_dataset": "secret-digit"}}
+        out.append(Prompt(text, digit, "secret-digit", split, json.dumps(entry, sort_keys=True)))
+    return out
+
+
 def build_prompts(cfg: TaskConfig, limit: int | None = None) -> list[Prompt]:
     """All prompts of a family: train split then validation (GSM8K: test) split.
 
@@ -242,4 +295,6 @@ def build_prompts(cfg: TaskConfig, limit: int | None = None) -> list[Prompt]:
     if cfg.family == "gsm8k":
         rows = _gsm8k_rows(cfg)
         return _gsm8k_split(rows["train"], "train", train_n) + _gsm8k_split(rows["test"], "test", val_n)
+    if cfg.family == "secret-digit":
+        return secret_digit_split("train", train_n, cfg.train_seed) + secret_digit_split("val", val_n, cfg.val_seed)
     return _rg_split(cfg, "train", train_n, cfg.train_seed) + _rg_split(cfg, "val", val_n, cfg.val_seed)

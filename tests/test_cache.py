@@ -16,7 +16,7 @@ import pytest
 from cache.reader import Cache
 from pipeline.config import MuskError
 from pipeline.extract import load_extract_config, run_extract
-from tests.conftest import ROOT, TINY_LLAMA, tiny_extract_config, write_yaml
+from tests.helpers import ROOT, TINY_LLAMA, tiny_extract_config, write_yaml
 
 QUIET = dict(progress=False, log=lambda *a: None)
 
@@ -49,7 +49,7 @@ def _assert_same(a: dict, b: dict):
 
 def test_spec_layout(tiny_cache):
     with h5py.File(tiny_cache, "r") as f:
-        assert f.attrs["musk_schema"] == 1 and bool(f.attrs["complete"]) is True
+        assert f.attrs["musk_schema"] == 2 and bool(f.attrs["complete"]) is True
         assert len(f.attrs["fingerprint"]) == 64
         assert "task:" in f.attrs["config"] and '"transformers"' in f.attrs["versions"]
         N = f["prompts/text"].shape[0]
@@ -59,11 +59,15 @@ def test_spec_layout(tiny_cache):
             g = f["experts"][name]
             assert set(g.attrs) >= {"source", "weights_sha256", "hidden_size", "num_layers", "dtype", "prompt_format"}
             assert g.attrs["hidden_size"] == d and g.attrs["num_layers"] == 2 and g.attrs["prompt_format"] == "plain"
-            for v in ("last_token", "first_token", "random_token", "first_layer", "random_layer"):
+            for v in ("last_token", "first_token", "first_layer", "first_block"):
                 assert g[v].shape == (N, d) and g[v].dtype == np.float32
+            for v in ("random_token", "random_layer"):  # 3 seeded draws per prompt (pooling_draws)
+                assert g[v].shape == (N, 3, d) and g[v].dtype == np.float32
             assert g["n_tokens"].shape == (N,) and (g["n_tokens"][()] > 5).all()
-            assert ((g["random_token_index"][()] >= 0) & (g["random_token_index"][()] < g["n_tokens"][()])).all()
-            assert ((g["random_layer_index"][()] >= 0) & (g["random_layer_index"][()] <= 2)).all()
+            rti, rli = g["random_token_index"][()], g["random_layer_index"][()]
+            assert rti.shape == rli.shape == (N, 3)
+            assert ((rti >= 0) & (rti < g["n_tokens"][()][:, None])).all()
+            assert ((rli >= 0) & (rli <= 2)).all()
             assert g["hint"].shape == (N,)
         assert f["router/all-MiniLM-L6-v2/embedding"].shape == (N, 384)
         emb = f["router/all-MiniLM-L6-v2/embedding"][()]
@@ -218,3 +222,55 @@ def test_added_expert_reads_the_caches_prompts(tiny_cache, tmp_path, monkeypatch
     run_extract(load_extract_config(None, base), **QUIET)
     with Cache(out) as c:
         assert "tiny-llama-c" in c.experts
+
+
+def test_random_pooling_draws(tiny_cache):
+    """Draw 0 is the schema-1 draw; the others are new seeded draws; a training seed reads draw
+    seed % D, and the draws differ from each other."""
+    from pipeline.pooling import seeded_indices
+
+    with Cache(tiny_cache) as c:
+        n_tok = c.column("tiny-llama", "n_tokens")
+        rti = c.column("tiny-llama", "random_token_index")
+        for k in range(3):
+            np.testing.assert_array_equal(rti[:, k], seeded_indices(0, "tiny-llama", n_tok, 2, k)[0])
+        assert (rti[:, 0] != rti[:, 1]).any() and (rti[:, 1] != rti[:, 2]).any()
+        assert c.draws("random_token", "tiny-llama") == 3 and c.draws("last_token", "tiny-llama") == 1
+        f = {k: c.features("random_token", ["tiny-llama"], draw=k)["tiny-llama"] for k in range(4)}
+        np.testing.assert_array_equal(f[3], f[0])  # seed 3 reads draw 3 % 3 = 0
+        differ = rti[:, 0] != rti[:, 1]
+        assert not np.allclose(f[0][differ], f[1][differ])
+        with h5py.File(tiny_cache, "r") as h:
+            np.testing.assert_array_equal(f[1], h["experts/tiny-llama/random_token"][:, 1])
+
+
+def _as_schema_1(src: Path, dst: Path) -> Path:
+    """A copy of a cache in the schema-1 layout: one random draw [N, d], no first_block."""
+    shutil.copyfile(src, dst)
+    with h5py.File(dst, "a") as f:
+        f.attrs["musk_schema"] = 1
+        for name in f["experts"]:
+            g = f["experts"][name]
+            del g["first_block"]
+            for k in ("random_token", "random_layer", "random_token_index", "random_layer_index"):
+                first = g[k][()][:, 0]
+                del g[k]
+                g.create_dataset(k, data=first)
+    return dst
+
+
+def test_schema_1_cache_reads_as_one_draw(tiny_cache, tmp_path):
+    old = _as_schema_1(tiny_cache, tmp_path / "v1.h5")
+    with Cache(old) as c, Cache(tiny_cache) as new:
+        assert c.schema == 1 and c.check_layout() == []
+        for draw in (0, 1, 2):  # every seed reads the one draw there is
+            np.testing.assert_array_equal(c.features("random_layer", draw=draw)["tiny-gpt2"],
+                                          new.features("random_layer", draw=0)["tiny-gpt2"])
+        assert c.draws("random_layer", "tiny-gpt2") == 1
+        with pytest.raises(MuskError, match="schema 1.*no 'first_block'.*musk extract"):
+            c.features("first_block")
+    cfg = tiny_extract_config(old)  # adding to it is refused with the reason, the file untouched
+    before = _sha(old)
+    with pytest.raises(MuskError, match="schema 1; this musk writes schema 2"):
+        run_extract(load_extract_config(None, cfg), **QUIET)
+    assert _sha(old) == before

@@ -34,7 +34,18 @@ def test_pool_hidden_states_hand_worked():
     assert col["random_token"] == [300 + 0 + 1, 300 + 10 + 4]  # first real + index
     assert col["first_layer"] == [0 + 0 + 2, 0 + 10 + 4]
     assert col["random_layer"] == [0 + 0 + 2, 200 + 10 + 4]
+    assert col["first_block"] == [100 + 0 + 2, 100 + 10 + 4]
     assert all(v.dtype == torch.float32 and v.shape == (2, 3) for v in out.values())
+
+
+def test_pool_hidden_states_several_draws_hand_worked():
+    hs = _layered(B=2, T=5, L=3)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 1, 1, 1]])
+    out = pool_hidden_states(hs, mask, torch.tensor([[1, 0], [2, 1]]), torch.tensor([[0, 3], [2, 1]]))
+    assert out["random_token"].shape == out["random_layer"].shape == (2, 2, 3)
+    assert out["random_token"][..., 0].tolist() == [[301, 300], [314, 313]]
+    assert out["random_layer"][..., 0].tolist() == [[2, 302], [214, 114]]
+    assert out["last_token"].shape == (2, 3)
 
 
 @settings(max_examples=60, deadline=None)
@@ -70,7 +81,7 @@ def test_batched_equals_single_unpadded_forward(arch, shared, padding_side, dtyp
     with the batch padded either side, and with the prompts' shared prefix run once and cached."""
     from pipeline.experts import ExpertSpec, load_expert
     from pipeline.extract import _pad, common_prefix_length, expert_forward_pool, run_prefix
-    from tests.conftest import TINY
+    from tests.helpers import TINY
 
     spec = ExpertSpec("t", "random", arch, config=TINY[arch], tokenizer="bytes")
     model, tok = load_expert(spec, dtype)
@@ -98,7 +109,7 @@ def test_batched_equals_single_unpadded_forward(arch, shared, padding_side, dtyp
             hs = model.base_model(input_ids=torch.tensor([x]), output_hidden_states=True).hidden_states
             ref = {
                 "last_token": hs[L][0, -1], "first_token": hs[L][0, 0], "random_token": hs[L][0, rti[i]],
-                "first_layer": hs[0][0, -1], "random_layer": hs[rli[i]][0, -1],
+                "first_layer": hs[0][0, -1], "first_block": hs[1][0, -1], "random_layer": hs[rli[i]][0, -1],
             }
             for k, v in ref.items():
                 scale = max(1.0, float(v.float().abs().max()))

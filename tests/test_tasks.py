@@ -81,3 +81,49 @@ def test_gsm8k_answer():
 def test_extract_answer(text, strict, lenient):
     assert extract_answer(text, "strict") == strict
     assert extract_answer(text, "lenient") == lenient
+
+
+def test_balanced_answers_hand_worked():
+    from pipeline.tasks import balanced
+
+    entries = [{"answer": a, "i": i} for i, a in enumerate(["1", "1", "1", "1", "2", "3", "2", "1"])]
+    out = balanced(entries, 6)
+    assert [(e["answer"], e["i"]) for e in out] == [("1", 0), ("2", 4), ("3", 5), ("1", 1), ("2", 6), ("1", 2)]
+    assert len(balanced(entries, 100)) == 8  # never more than the pool holds
+
+
+def test_balanced_split_is_flat_and_seeded():
+    import collections
+
+    from pipeline.tasks import TaskConfig, build_prompts
+
+    cfg = TaskConfig(family="letter-counting", train_size=60, val_size=30, balance_answers=True)
+    a, b = build_prompts(cfg), build_prompts(cfg)
+    assert [p.text for p in a] == [p.text for p in b]
+    counts = collections.Counter(p.answer for p in a if p.split == "train")
+    # answers take turns; a rare answer whose pool runs out leaves its turns to the others
+    assert len(counts) >= 5 and max(counts.values()) <= -(-60 // (len(counts) - 1))
+    assert sorted(counts.values())[1] >= max(counts.values()) - 2
+    plain = collections.Counter(p.answer for p in build_prompts(TaskConfig(family="letter-counting", train_size=60,
+                                                                            val_size=30)) if p.split == "train")
+    assert plain.most_common(1)[0][1] > max(counts.values())  # unbalanced, the mode dominates
+
+
+def test_secret_digit_probe_task():
+    """The probe task: a seeded uniform digit per prompt that the prompt's text does not reveal."""
+    import collections
+    import re
+
+    from pipeline.tasks import TaskConfig, build_prompts
+    from train.rewards import score
+
+    cfg = TaskConfig(family="secret-digit", train_size=400, val_size=20, developer_prompt="direct")
+    ps = build_prompts(cfg)
+    assert [p.text for p in ps] == [p.text for p in build_prompts(cfg)]  # seeded
+    assert len({p.text for p in ps}) == len(ps)  # every prompt is its own (the card names differ)
+    counts = collections.Counter(p.answer for p in ps if p.split == "train")
+    assert set(counts) == set("0123456789") and max(counts.values()) < 2 * min(counts.values())
+    assert all(not re.search(r"\d(?!\D*from 0 to 9)", p.text.replace("0 to 9", "")) for p in ps)  # no digit but "0 to 9"
+    p = ps[0]
+    assert score(p.entry, f"The secret digit is {p.answer}.", "lenient") == 1.0
+    assert score(p.entry, f"<answer>{(int(p.answer) + 1) % 10}</answer>", "strict") == 0.0
