@@ -36,6 +36,22 @@ def _fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
+def _threads(n: Optional[int]) -> None:
+    """Use n CPU threads (intra-op; torch's default is one per core). Two musk jobs on the same cores
+    should split them: each at its full default count oversubscribes the cores and runs several
+    times slower."""
+    if n is None:
+        return
+    if n < 1:
+        _fail(f"--threads must be at least 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
+
+
+THREADS_HELP = "CPU threads for this job (default: torch's, one per core). Split the cores between parallel jobs."
+
+
 def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -51,11 +67,13 @@ def extract(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML extract config; default: the embedded default."),
     out: Optional[Path] = typer.Option(None, "--out", help="Cache path (default caches/<family>.h5)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Keep the first N prompts of each split."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ):
     """Build or complete a feature cache: every expert once over every prompt."""
     from pipeline.extract import load_extract_config, run_extract
 
+    _threads(threads)
     overrides = {}
     if out is not None:
         overrides["out"] = str(out)
@@ -90,12 +108,14 @@ def train(
     save_freq: Optional[int] = typer.Option(None, "--save-freq", help="Checkpoint every K steps."),
     test_freq: Optional[int] = typer.Option(None, "--test-freq", help="Evaluate every K steps."),
     eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Evaluation batches."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ):
     """GRPO over cached expert features (no expert is loaded)."""
     from train.config import load_train_config
     from train.loop import run_train
 
+    _threads(threads)
     overrides = {k: v for k, v in {
         "method": method, "total_training_steps": max_steps, "pooling": pooling, "num_latents": num_latents,
         "lr": lr, "router_lr": router_lr, "train_batch_size": train_batch_size,

@@ -50,7 +50,7 @@ TEAM = ["smollm2-135m-instruct", "gemma3-270m", "naive-random",
 
 
 class OnlineExperts:
-    """features_fn for run_train: every expert forwards the batch's prompts (tokenize, pad, backbone
+    """A FeatureSource for run_train: every expert forwards the batch's prompts (tokenize, pad, backbone
     forward, pool) on each call, as a pipeline without a cache does; models stay loaded."""
 
     def __init__(self, specs, cache_path: Path, pooling: str, dtype, device):
@@ -143,7 +143,7 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         run = run_train(cfg, cache, root / f"{method}-{n}-{online}", progress=False, log=lambda *a: None,
-                        features_fn=fn)
+                        features=fn)
         held = fn.gib if fn else 0.0
         del fn
         m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]

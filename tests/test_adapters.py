@@ -1,8 +1,12 @@
 """Context-token operators: shapes, near-zero C at init, straight-through Gumbel router."""
 
+import math
+
+import pytest
 import torch
 
-from train.adapters import AdapterSpec, FFNOnly, HardRouter, Perceiver, TanhFFN, build_adapter, load_adapter, save_adapter
+from train.adapters import (AdapterSpec, ExpertProjections, FFNOnly, HardRouter, Perceiver, TanhFFN, build_adapter,
+                            load_adapter, save_adapter)
 
 
 def _feats(B=3, dims=(32, 24, 40)):
@@ -79,3 +83,72 @@ def test_adapter_save_load_roundtrip(tmp_path):
     assert spec2 == spec
     f = _feats()
     torch.testing.assert_close(m(f).context, m2(f).context)
+
+
+def test_rms_gate_starts_silent_and_never_outgrows_the_embeddings():
+    torch.manual_seed(0)
+    s = 0.25  # the policy's token-embedding RMS
+    p = Perceiver([32, 24, 40], d=64, d_out=48, num_latents=8, num_heads=8, init_std=1e-4, gate="rms", embed_rms=s)
+    f = _feats()
+    assert torch.equal(p(f).context, torch.zeros(3, 8, 48))  # tanh(0) = 0: C is exactly zero at init
+    with torch.no_grad():
+        p.out.gate.fill_(0.5)
+        p.out.proj.weight.mul_(1e4)  # whatever W_out's scale, C's RMS per example is tanh(gamma) * s
+    c = p(f).context
+    rms = c.pow(2).mean(dim=(1, 2)).sqrt()
+    torch.testing.assert_close(rms, torch.full((3,), math.tanh(0.5) * s), rtol=1e-5, atol=0)
+    with torch.no_grad():
+        p.out.gate.fill_(50.0)
+    assert float(p(f).context.detach().pow(2).mean(dim=(1, 2)).sqrt().max()) <= s * (1 + 1e-5)
+
+
+def test_rms_gate_gets_the_first_gradient():
+    """At gamma = 0 only the gate's gradient is non-zero (C = tanh(gamma) * ...): W_out learns once
+    the gate has moved."""
+    torch.manual_seed(0)
+    p = FFNOnly([32, 24, 40], d=64, d_out=48, init_std=1e-4, gate="rms", embed_rms=1.0)
+    target = torch.randn(3, 3, 48)
+    (p(_feats()).context * target).sum().backward()
+    assert float(p.out.gate.grad.abs()) > 0
+    assert float(p.out.proj.weight.grad.abs().max()) == 0.0
+
+
+def test_standardized_features_hand_worked():
+    ep = ExpertProjections([2, 1], d=3, norm="standardize")
+    train = [torch.tensor([[1.0, 5.0], [3.0, 5.0]]), torch.tensor([[10.0], [30.0]])]
+    ep.set_feature_stats(train)
+    # expert 0: mean [2, 5], std [1, 0] (a constant dimension maps to 0); expert 1: mean 20, std 10
+    torch.testing.assert_close(ep.mean_0, torch.tensor([2.0, 5.0]))
+    torch.testing.assert_close(ep.inv_std_0, torch.tensor([1.0, 0.0]))
+    with torch.no_grad():
+        ep.proj[0].weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
+        ep.proj[1].weight.copy_(torch.tensor([[1.0], [2.0], [3.0]]))
+    V = ep([torch.tensor([[4.0, 9.0]]), torch.tensor([[0.0]])])
+    torch.testing.assert_close(V, torch.tensor([[[2.0, 0.0, 2.0], [-2.0, -4.0, -6.0]]]))
+    sd = ep.state_dict()
+    assert "mean_0" in sd and "inv_std_1" in sd  # saved with the weights: a reloaded g_phi is the same map
+
+
+def test_method_and_expert_registries_refuse_duplicates():
+    from pipeline.experts import ExpertSpec, _registry
+    from train.adapters import METHODS, _register
+
+    with pytest.raises(ValueError, match="registered twice"):
+        _register(METHODS["single"], METHODS["perceiver"], METHODS["single"])
+    with pytest.raises(ValueError, match="registered twice"):
+        _registry([ExpertSpec("a"), ExpertSpec("b"), ExpertSpec("a")])
+
+
+def test_cost_rules_hand_worked():
+    import numpy as np
+
+    from train.adapters import METHODS
+
+    prompt = np.array([[10, 20], [30, 40], [50, 60]])  # [n=3 experts, b=2 prompts]
+    hint = np.array([[1, 2], [3, 4], [5, 6]])
+    assert METHODS["single"].cost(prompt, hint, None)["cost/expert_forward_passes"] == 0
+    assert METHODS["perceiver"].cost(prompt, hint, None) == {
+        "cost/expert_forward_passes": 6, "cost/expert_prompt_tokens": 210, "cost/expert_generated_tokens": 0}
+    assert METHODS["hard-routing"].cost(prompt, hint, np.array([2, 0])) == {
+        "cost/expert_forward_passes": 2, "cost/expert_prompt_tokens": 50 + 20, "cost/expert_generated_tokens": 0}
+    assert METHODS["output-collab"].cost(prompt, hint, None)["cost/expert_generated_tokens"] == 21

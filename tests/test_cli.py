@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from tests.conftest import tiny_extract_config, tiny_train_overrides, write_yaml
+from tests.helpers import tiny_extract_config, tiny_train_overrides, write_yaml
 
 runner = CliRunner()
 
@@ -68,3 +68,14 @@ def test_train_cli_and_bad_input(tiny_cache, tiny_policy, tmp_path, monkeypatch)
     for s in (3, 4):
         summary = json.loads((tmp_path / "runs" / f"ffn-s{s}" / "summary.json").read_text())
         assert summary["seed"] == s and summary["method"] == "ffn"
+
+
+def test_threads_option(tiny_cache, tmp_path, monkeypatch):
+    import torch
+
+    seen = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(n))
+    code, out = _run(["extract", "--threads", "0", "--out", str(tmp_path / "x.h5")])
+    assert code == 2 and "--threads must be at least 1" in out and seen == []
+    code, out = _run(["train", "--cache", str(tmp_path / "none.h5"), "--method", "single", "--threads", "1"])
+    assert seen == [1] and code == 2 and "does not exist" in out  # threads are set before the work starts

@@ -12,7 +12,10 @@ from train.config import load_train_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "extract").glob("*.yaml")), ids=lambda p: p.stem)
+PAPER_EXTRACT = sorted(p for p in (CONFIGS / "extract").glob("*-*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_EXTRACT, ids=lambda p: p.stem)
 def test_extract_presets_load(path):
     cfg = load_extract_config(str(path))
     family, team = path.stem.split("-", 1)
@@ -38,3 +41,25 @@ def test_embedded_default_files_match_code():
     assert yaml.safe_load((CONFIGS / "embedded-default.yaml").read_text()) == EMBEDDED_DEFAULT
     assert yaml.safe_load((CONFIGS / "train" / "embedded-default.yaml").read_text()) == TRAIN_DEFAULT
     assert load_extract_config(None) == load_extract_config(str(CONFIGS / "embedded-default.yaml"))
+
+
+def test_probe_presets():
+    """The probe team: oracle, noise and one real embedded LM, on a task the policy alone mostly fails;
+    the train preset reads it offline with the embedded policy."""
+    cfg = load_extract_config(str(CONFIGS / "extract" / "probe.yaml"))
+    assert [e.kind for e in cfg.experts] == ["probe-oracle", "probe-noise", "gguf-package"]
+    assert cfg.experts[0].model == cfg.experts[1].model == "smollm2-135m-instruct"
+    assert cfg.task.family == "easy-arithmetic" and cfg.task.developer_prompt == "direct"
+    train = load_train_config(str(CONFIGS / "train" / "probe.yaml"))
+    assert train.policy == "smollm2-135m-instruct" and train.total_training_steps >= 100
+    assert train.answer_extraction == "lenient"
+
+
+def test_paper_presets_keep_the_literal_recipe():
+    """The paper presets keep Eq. 11 as printed, C right before the answer, no warmup, no feature
+    normalisation: the paper's literal recipe stays one named setting, comparable with musk's."""
+    for name in ("paper.yaml", "paper-gsm8k.yaml"):
+        cfg = load_train_config(str(CONFIGS / "train" / name))
+        assert (cfg.context_position, cfg.context_gate, cfg.feature_norm, cfg.router_warmup_steps) == \
+            ("suffix", "none", "none", 0)
+        assert cfg.init_std == 1e-4

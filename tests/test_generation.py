@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from pipeline.experts import ExpertSpec, load_expert
 from pipeline.extract import _pad
 from pipeline.generation import generate
-from tests.conftest import TINY_LLAMA
+from tests.helpers import TINY_LLAMA
 
 
 def _model():
@@ -50,7 +50,7 @@ def test_group_shared_prompt_gives_the_same_logprobs_and_gradients(arch):
     completions: log-probs and LoRA gradients equal the per-rollout forward's (fp32)."""
     from peft import LoraConfig, get_peft_model
 
-    from tests.conftest import TINY
+    from tests.helpers import TINY
     from train.policy import completion_logprobs
 
     base, tok = load_expert(ExpertSpec("t", "random", arch, config=TINY[arch], tokenizer="bytes", seed=2),

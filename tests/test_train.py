@@ -10,7 +10,7 @@ import train.loop
 from pipeline.config import MuskError
 from train.config import load_train_config
 from train.loop import run_train
-from tests.conftest import tiny_train_overrides
+from tests.helpers import tiny_train_overrides
 
 QUIET = dict(progress=False, log=lambda *a: None)
 

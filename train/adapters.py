@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -23,33 +23,7 @@ from pipeline.config import MuskError
 class AdapterOut(NamedTuple):
     context: torch.Tensor | None  # [B, m, d_out] or None (no context tokens)
     attention: torch.Tensor | None  # [B, m, n] expert attention (rows sum to 1) or None
-
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str
-    needs_features: bool
-    needs_router: bool
-    needs_hints: bool
-    description: str
-
-
-METHODS = {
-    m.name: m
-    for m in [
-        MethodInfo("single", False, False, False, "single-model RLVR: no context tokens"),
-        MethodInfo("perceiver", True, False, False, "the method: Perceiver cross-attention, m latent queries (Eqs. 5-11)"),
-        MethodInfo("ffn", True, False, False, "the method without cross-attention: FFN(V) (Eq. 14)"),
-        MethodInfo("hard-routing", True, True, False, "top-1 router over a sentence embedding, one memory token (Eq. 13)"),
-        MethodInfo("output-collab", False, False, True, "expert hints as text in an [Expert Hints] block (Eq. 12)"),
-    ]
-}
-
-
-def method_info(name: str) -> MethodInfo:
-    if name not in METHODS:
-        raise MuskError(f"unknown method {name!r}; choices: {list(METHODS)}")
-    return METHODS[name]
+    choice: torch.Tensor | None = None  # [B] the one expert hard-routing would run (cost accounting)
 
 
 class TanhFFN(nn.Module):
@@ -64,27 +38,73 @@ class TanhFFN(nn.Module):
         return torch.tanh(self.w2(torch.tanh(self.w1(x))))
 
 
-class OutputProjection(nn.Module):
-    """C = C' W_out + b_out with W_out, b_out near zero at init (Eq. 11), so C ~ 0 at step 0."""
+CONTEXT_GATES = ("none", "rms")
+FEATURE_NORMS = ("none", "standardize")
 
-    def __init__(self, d: int, d_out: int, init_std: float):
+
+class OutputProjection(nn.Module):
+    """C = C' W_out + b_out (Eq. 11), W_out ~ N(0, init_std^2) and b_out = 0 at init, so C ~ 0 at step 0.
+
+    gate "none" is the paper's literal Eq. 11. gate "rms" keeps Eq. 11 as the direction of C and sets
+    its size: C = tanh(gamma) * k * s * C_raw / rms(C_raw), with s the RMS of the policy's token
+    embeddings, k = context_rms, rms over each example's m x d_out entries, and the scalar gamma = 0
+    at init. Then C is exactly 0 at step 0 (policy == reference: KL exactly 0), its RMS never exceeds
+    k * s (it cannot outgrow the tokens it sits among by more than k), and Adam's first steps, which
+    move every entry of W_out by about the learning rate, change only where C points, not how loud it is.
+    """
+
+    def __init__(self, d: int, d_out: int, init_std: float, gate: str = "none", embed_rms: float = 1.0,
+                 context_rms: float = 1.0):
         super().__init__()
         self.proj = nn.Linear(d, d_out)
         nn.init.normal_(self.proj.weight, std=init_std)
         nn.init.zeros_(self.proj.bias)
+        self.gate_kind = gate
+        self.bound = embed_rms * context_rms  # the largest RMS C can have
+        if gate == "rms":
+            self.gate = nn.Parameter(torch.zeros(()))  # gamma: tanh(gamma) = 0 at init
 
     def forward(self, x):
-        return self.proj(x)
+        c = self.proj(x)  # [B, m, d_out]
+        if self.gate_kind == "none":
+            return c
+        rms = c.pow(2).mean(dim=(-2, -1), keepdim=True).add(1e-12).sqrt()  # [B, 1, 1]
+        return torch.tanh(self.gate) * self.bound * c / rms
 
 
 class ExpertProjections(nn.Module):
-    """z_i = h_i W_i, one linear map per expert to the shared latent size d (Eq. 6)."""
+    """z_i = h_i W_i, one linear map per expert to the shared latent size d (Eq. 6).
 
-    def __init__(self, dims: list[int], d: int):
+    norm "standardize" first z-scores each expert's features per dimension with the train split's
+    mean and std (buffers set by `set_feature_stats`, saved with the weights): experts whose hidden
+    states differ in scale by 10x or more (a final-norm LM state against a probe vector) then enter
+    the cross-attention on equal terms instead of the loudest one owning the keys and values.
+    """
+
+    def __init__(self, dims: list[int], d: int, norm: str = "none"):
         super().__init__()
         self.proj = nn.ModuleList([nn.Linear(di, d, bias=False) for di in dims])
+        self.norm = norm
+        if norm == "standardize":
+            for i, di in enumerate(dims):
+                self.register_buffer(f"mean_{i}", torch.zeros(di))
+                self.register_buffer(f"inv_std_{i}", torch.ones(di))
+
+    @torch.no_grad()
+    def set_feature_stats(self, feats: list[torch.Tensor]) -> None:
+        """Per-dimension mean and 1/std of each expert's features [N, d_i] (train split)."""
+        if self.norm != "standardize":
+            return
+        for i, f in enumerate(feats):
+            f = f.float()
+            std = f.std(dim=0, unbiased=False)
+            getattr(self, f"mean_{i}").copy_(f.mean(dim=0))
+            # a constant dimension carries nothing: it maps to 0 instead of 0/0
+            getattr(self, f"inv_std_{i}").copy_(torch.where(std > 1e-8, 1.0 / std.clamp_min(1e-8), torch.zeros_like(std)))
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        if self.norm == "standardize":
+            feats = [(h - getattr(self, f"mean_{i}")) * getattr(self, f"inv_std_{i}") for i, h in enumerate(feats)]
         return torch.stack([p(h) for p, h in zip(self.proj, feats)], dim=1)  # V: [B, n, d]
 
 
@@ -96,18 +116,19 @@ class Perceiver(nn.Module):
     none). The reported attention A is the head average.
     """
 
-    def __init__(self, dims, d, d_out, num_latents, num_heads, init_std):
+    def __init__(self, dims, d, d_out, num_latents, num_heads, init_std, gate="none", embed_rms=1.0,
+                 norm="none", context_rms=1.0):
         super().__init__()
         if d % num_heads:
             raise MuskError(f"d_latent {d} is not divisible by num_heads {num_heads}")
         self.h, self.dh = num_heads, d // num_heads
-        self.experts = ExpertProjections(dims, d)
+        self.experts = ExpertProjections(dims, d, norm)
         self.latents = nn.Parameter(torch.randn(num_latents, d) / math.sqrt(d))  # Q_lat [m, d]
         self.wq = nn.Linear(d, d, bias=False)
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std)
+        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms)
 
     def forward(self, feats, router_emb=None) -> AdapterOut:
         V = self.experts(feats)  # [B, n, d]
@@ -125,11 +146,11 @@ class Perceiver(nn.Module):
 class FFNOnly(nn.Module):
     """C = FFN(V) W_out + b_out, one token per expert, no cross-attention (Eq. 14)."""
 
-    def __init__(self, dims, d, d_out, init_std):
+    def __init__(self, dims, d, d_out, init_std, gate="none", embed_rms=1.0, norm="none", context_rms=1.0):
         super().__init__()
-        self.experts = ExpertProjections(dims, d)
+        self.experts = ExpertProjections(dims, d, norm)
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std)
+        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms)
 
     def forward(self, feats, router_emb=None) -> AdapterOut:
         return AdapterOut(self.out(self.ffn(self.experts(feats))), None)
@@ -139,15 +160,16 @@ class HardRouter(nn.Module):
     """Top-1 routing (Eq. 13): router head over the sentence embedding; straight-through
     Gumbel-softmax in training, argmax at evaluation; one memory token FFN(sum_i R_i W_i h_i).
 
-    The reported attention is the router's softmax [B, 1, n].
+    The reported attention is the router's softmax [B, 1, n]; `choice` is the expert that would run.
     """
 
-    def __init__(self, dims, d, d_out, router_dim, init_std, tau):
+    def __init__(self, dims, d, d_out, router_dim, init_std, tau, gate="none", embed_rms=1.0, norm="none",
+                 context_rms=1.0):
         super().__init__()
-        self.experts = ExpertProjections(dims, d)
+        self.experts = ExpertProjections(dims, d, norm)
         self.router = nn.Linear(router_dim, len(dims))
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std)
+        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms)
         self.tau = tau
 
     def route(self, logits: torch.Tensor) -> torch.Tensor:
@@ -161,10 +183,9 @@ class HardRouter(nn.Module):
             raise MuskError("hard-routing needs the router's sentence embedding")
         logits = self.router(router_emb)  # [B, n]
         r = self.route(logits)  # [B, n]
-        self.last_choice = r.detach().argmax(dim=-1)  # [B] the one expert that would run (cost accounting)
         z = (r[:, :, None] * self.experts(feats)).sum(dim=1)  # [B, d]
         c = self.out(self.ffn(z))[:, None, :]  # [B, 1, d_out]
-        return AdapterOut(c, torch.softmax(logits, dim=-1)[:, None, :])
+        return AdapterOut(c, torch.softmax(logits, dim=-1)[:, None, :], r.detach().argmax(dim=-1))
 
 
 class NoContext(nn.Module):
@@ -188,18 +209,93 @@ class AdapterSpec:
     gumbel_tau: float
     pooling: str
     context_scale: float
+    context_gate: str = "none"
+    embed_rms: float = 1.0
+    feature_norm: str = "none"
+    context_rms: float = 1.0
+
+    @property
+    def out_kwargs(self) -> dict:
+        return {"gate": self.context_gate, "embed_rms": self.embed_rms, "norm": self.feature_norm,
+                "context_rms": self.context_rms}
+
+
+# ---------------------------------------------------------------------------------------------
+# The method registry: what a method reads, how its g_phi is built, and what its experts would
+# cost a pipeline without the cache, in one entry each.
+
+
+def _no_cost(prompt_tokens, hint_tokens, choice) -> dict:
+    return {"cost/expert_forward_passes": 0, "cost/expert_prompt_tokens": 0, "cost/expert_generated_tokens": 0}
+
+
+def _every_expert(prompt_tokens, hint_tokens, choice) -> dict:
+    """Every expert reads every prompt once. prompt_tokens: [n, b]."""
+    return {**_no_cost(None, None, None), "cost/expert_forward_passes": int(prompt_tokens.size),
+            "cost/expert_prompt_tokens": int(prompt_tokens.sum())}
+
+
+def _chosen_expert(prompt_tokens, hint_tokens, choice) -> dict:
+    """Selective execution: only the routed expert runs (choice [b])."""
+    b = prompt_tokens.shape[1]
+    return {**_no_cost(None, None, None), "cost/expert_forward_passes": b,
+            "cost/expert_prompt_tokens": int(prompt_tokens[choice, range(b)].sum())}
+
+
+def _every_expert_decodes(prompt_tokens, hint_tokens, choice) -> dict:
+    """Every expert reads the prompt and decodes its hint token by token (hint_tokens [n, b])."""
+    out = _every_expert(prompt_tokens, hint_tokens, choice)
+    if hint_tokens is not None:
+        out["cost/expert_generated_tokens"] = int(hint_tokens.sum())
+    return out
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    needs_features: bool
+    needs_router: bool
+    needs_hints: bool
+    description: str
+    build: Callable[[AdapterSpec], nn.Module] = field(repr=False)
+    cost: Callable[..., dict] = field(repr=False)
+    """(prompt_tokens [n, b], hint_tokens [n, b] | None, choice [b] | None) -> cost/* counts."""
+
+
+def _register(*methods: MethodInfo) -> dict[str, MethodInfo]:
+    out: dict[str, MethodInfo] = {}
+    for m in methods:
+        if m.name in out:
+            raise ValueError(f"method {m.name!r} registered twice")
+        out[m.name] = m
+    return out
+
+
+METHODS = _register(
+    MethodInfo("single", False, False, False, "single-model RLVR: no context tokens",
+               lambda s: NoContext(), _no_cost),
+    MethodInfo("perceiver", True, False, False, "the method: Perceiver cross-attention, m latent queries (Eqs. 5-11)",
+               lambda s: Perceiver(list(s.expert_dims), s.d_latent, s.d_out, s.num_latents, s.num_heads,
+                                   s.init_std, **s.out_kwargs), _every_expert),
+    MethodInfo("ffn", True, False, False, "the method without cross-attention: FFN(V) (Eq. 14)",
+               lambda s: FFNOnly(list(s.expert_dims), s.d_latent, s.d_out, s.init_std, **s.out_kwargs),
+               _every_expert),
+    MethodInfo("hard-routing", True, True, False, "top-1 router over a sentence embedding, one memory token (Eq. 13)",
+               lambda s: HardRouter(list(s.expert_dims), s.d_latent, s.d_out, s.router_dim, s.init_std,
+                                    s.gumbel_tau, **s.out_kwargs), _chosen_expert),
+    MethodInfo("output-collab", False, False, True, "expert hints as text in an [Expert Hints] block (Eq. 12)",
+               lambda s: NoContext(), _every_expert_decodes),
+)
+
+
+def method_info(name: str) -> MethodInfo:
+    if name not in METHODS:
+        raise MuskError(f"unknown method {name!r}; choices: {list(METHODS)}")
+    return METHODS[name]
 
 
 def build_adapter(spec: AdapterSpec) -> nn.Module:
-    dims, d = list(spec.expert_dims), spec.d_latent
-    if spec.method == "perceiver":
-        return Perceiver(dims, d, spec.d_out, spec.num_latents, spec.num_heads, spec.init_std)
-    if spec.method == "ffn":
-        return FFNOnly(dims, d, spec.d_out, spec.init_std)
-    if spec.method == "hard-routing":
-        return HardRouter(dims, d, spec.d_out, spec.router_dim, spec.init_std, spec.gumbel_tau)
-    method_info(spec.method)
-    return NoContext()
+    return method_info(spec.method).build(spec)
 
 
 def save_adapter(module: nn.Module, spec: AdapterSpec, folder: Path) -> None:

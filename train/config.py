@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from pipeline.config import MuskError, from_dict, load_yaml, merge
 from pipeline.pooling import VARIANTS
-from train.adapters import method_info
+from train.adapters import CONTEXT_GATES, FEATURE_NORMS, method_info
+from train.policy import CONTEXT_POSITIONS
 from train.rewards import MODES
 
 
@@ -36,7 +37,22 @@ class TrainConfig:
     gumbel_tau: float = 1.0
     """Temperature of the straight-through Gumbel-softmax of hard-routing."""
     context_position: str = "suffix"
-    """Where C goes: suffix ([x || C], Eq. 3, right before the answer) or prefix (before the prompt)."""
+    """Where C goes: suffix ([x || C], Eq. 3: after the whole prompt, right before the answer), prefix
+    (before the prompt) or after-question (after the user's content, before the end of turn and the
+    generation prompt: where a chat model reads a hint)."""
+    context_gate: str = "none"
+    """none: C = C' W_out + b_out (Eq. 11 as printed). rms: C = tanh(gamma) * s * C_raw / rms(C_raw),
+    s the RMS of the policy's token embeddings, gamma = 0 at init (C = 0 and KL = 0 at step 0, C never
+    louder than a token)."""
+    context_rms: float = 1.0
+    """context_gate rms: the largest RMS of C, in units of the RMS of the policy's token embeddings."""
+    gate_lr: float = 1e-2
+    """AdamW learning rate of the gate gamma (context_gate: rms)."""
+    router_warmup_steps: int = 0
+    """Linear warmup of router_lr over the first K steps (0: none; the gate's lr is not warmed up)."""
+    feature_norm: str = "none"
+    """none, or standardize: z-score each expert's cached features per dimension with the train split's
+    statistics before W_i (experts of very different scale meet on equal terms)."""
     # --- LoRA
     lora_rank: int = 8
     """LoRA rank (paper: 8)."""
@@ -87,6 +103,11 @@ class TrainConfig:
     """Linear LR warmup steps (paper: none)."""
     log_freq: int = 1
     """Print a progress line every K steps (metrics.jsonl gets every step)."""
+    log_completions_freq: int = 10
+    """Every K steps, append the first micro-batch's first prompts with their completions, rewards,
+    advantages and attention rows to completions.jsonl (0: never)."""
+    log_completions_prompts: int = 1
+    """Prompts per completions.jsonl entry step."""
     save_freq: int = 1000
     """Checkpoint every K steps (and at the end)."""
     test_freq: int = 1000
@@ -95,6 +116,11 @@ class TrainConfig:
     """Evaluation batches (x val_batch_size prompts, capped at the split's size)."""
     eval_without_context: bool = True
     """Also evaluate the same policy with C removed (Figure 5)."""
+    curve_freq: int = 0
+    """Every K steps, evaluate with and without C on a fixed subset of the validation split (the
+    Figure 5 curve when test_freq is too rare for one); 0: off."""
+    curve_prompts: int = 64
+    """Validation prompts of the Figure 5 curve (the first ones of the split, the same at every point)."""
     # --- execution
     rollout_chunk: int = 0
     """Rollouts per differentiable policy forward (0: all B*G at once). Smaller saves memory; the
@@ -117,8 +143,16 @@ class TrainConfig:
             raise MuskError(f"unknown pooling {self.pooling!r}; choices: {list(VARIANTS)}")
         if self.answer_extraction not in MODES:
             raise MuskError(f"unknown answer_extraction {self.answer_extraction!r}; choices: {list(MODES)}")
-        if self.context_position not in ("suffix", "prefix"):
-            raise MuskError(f"context_position must be suffix or prefix, got {self.context_position!r}")
+        for key, choices in (("context_position", CONTEXT_POSITIONS), ("context_gate", CONTEXT_GATES),
+                             ("feature_norm", FEATURE_NORMS)):
+            if getattr(self, key) not in choices:
+                raise MuskError(f"unknown {key} {getattr(self, key)!r}; choices: {list(choices)}")
+        if self.context_rms <= 0:
+            raise MuskError(f"context_rms must be positive, got {self.context_rms}")
+        if self.temperature <= 0:
+            raise MuskError(f"temperature must be positive, got {self.temperature}")
+        if self.curve_freq < 0 or self.router_warmup_steps < 0 or self.curve_prompts < 1:
+            raise MuskError("curve_freq and router_warmup_steps must be >= 0, curve_prompts >= 1")
         for k in ("group_size", "train_batch_size", "val_batch_size", "gradient_accumulation_steps",
                   "total_training_steps", "max_new_tokens", "num_latents", "num_heads", "d_latent", "lora_rank",
                   "save_freq", "test_freq", "eval_batches", "log_freq"):
@@ -142,9 +176,14 @@ EMBEDDED_DEFAULT = {
     "total_training_steps": 20,
     "max_new_tokens": 48,
     "lr": 2e-4,
-    "router_lr": 1e-4,
+    "router_lr": 3e-3,
     "answer_extraction": "lenient",
     "d_latent": 128,
+    "context_position": "after-question",
+    "context_gate": "rms",
+    "context_rms": 3.0,
+    "gate_lr": 3e-2,
+    "feature_norm": "standardize",
     "save_freq": 10,
     "test_freq": 10,
     "eval_batches": 4,

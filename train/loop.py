@@ -1,7 +1,10 @@
-"""`musk train`: GRPO over cached expert features. Reads top to bottom; no expert is loaded.
+"""`musk train`: GRPO over cached expert features. No expert is loaded.
 
 One optimizer step = gradient_accumulation_steps micro-batches of train_batch_size prompts, each
-prompt sampled group_size times. The maths (advantages, loss, Eq. 15) live in train/grpo.py.
+prompt sampled group_size times. A micro-batch is two named steps, as in torchtune's GRPO recipe:
+`generate_trajectory` (context tokens, rollouts, rewards, advantages -> a typed `Rollouts`) and
+`grpo_step` (reference and policy log-probs, loss, backward). The maths (advantages, loss, Eq. 15)
+live in train/grpo.py; `run_train` at the bottom wires the parts and reads top to bottom.
 """
 
 from __future__ import annotations
@@ -10,8 +13,9 @@ import json
 import math
 import random
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -24,10 +28,10 @@ from pipeline.experts import resolve_device, resolve_dtype
 from pipeline.generation import decode, eos_ids, generate
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
-from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
+from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
-from train.policy import build_prompt_text, completion_logprobs, encode_prompts, load_policy, splice
+from train.policy import PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy, splice
 from train.rewards import score
 
 
@@ -45,74 +49,84 @@ def _data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
     return out
 
 
-def expert_cost(method: str, idx: list[int], prompt_tokens: np.ndarray | None, hint_tokens: np.ndarray | None,
-                choice: torch.Tensor | None) -> dict:
-    """What an online system (no cache) would spend on the experts for prompts idx.
-
-    prompt_tokens, hint_tokens: [n_experts, N]. perceiver/ffn run every expert's forward pass;
-    hard-routing runs only the chosen expert (selective execution); output-collab runs every expert
-    and decodes its hint token by token.
-    """
-    zero = {"cost/expert_forward_passes": 0, "cost/expert_prompt_tokens": 0, "cost/expert_generated_tokens": 0}
-    if prompt_tokens is None or method == "single":
-        return zero
-    if method == "hard-routing":
-        chosen = choice.cpu().numpy()
-        return {**zero, "cost/expert_forward_passes": len(idx),
-                "cost/expert_prompt_tokens": int(prompt_tokens[chosen, idx].sum())}
-    out = {**zero, "cost/expert_forward_passes": prompt_tokens.shape[0] * len(idx),
-           "cost/expert_prompt_tokens": int(prompt_tokens[:, idx].sum())}
-    if method == "output-collab" and hint_tokens is not None:
-        out["cost/expert_generated_tokens"] = int(hint_tokens[:, idx].sum())
-    return out
+# ---------------------------------------------------------------------------------------------
+# Data: everything a run needs, read from the cache once into memory (no per-row HDF5 reads on
+# the hot path).
 
 
-def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resume: bool = False,
-              progress: bool = True, log=print, features_fn=None) -> Path:
-    """Train one run into `out` (default runs/<method>-<family>-s<seed>); returns the run folder.
+class FeatureSource(Protocol):
+    """Where the pooled expert vectors of a batch come from: n tensors [b, d_i] for cache rows idx."""
 
-    features_fn(idx) -> n tensors [b, d_i]: replaces the cache's expert features (benchmarks/train_step.py
-    passes experts run online on each batch's prompts, to time what the cache saves).
-    """
+    def __call__(self, idx: list[int]) -> list[torch.Tensor]: ...
+
+
+class CachedFeatures:
+    """The cache's features, held in memory: n tensors [N, d_i]."""
+
+    def __init__(self, feats: list[torch.Tensor]):
+        self.feats = feats
+
+    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
+        return [f[idx] for f in self.feats]
+
+
+@dataclass
+class RunData:
+    family: str
+    system: str  # the developer prompt (system turn of the policy)
+    cache_fingerprint: str
+    prompts: dict[str, list[str]]  # the cache's prompt columns
+    train_idx: np.ndarray  # cache rows of the train split
+    val_idx: np.ndarray  # cache rows of the validation (GSM8K: test) split
+    val_split: str
+    experts: list[str]  # the team, in order (empty for methods without experts)
+    features: CachedFeatures | None  # [N, d_i] per expert
+    router_emb: torch.Tensor | None  # [N, e]
+    hints: dict[str, list[str]]  # expert -> hint per row (output-collab)
+    prompt_tokens: np.ndarray | None  # [n, N] prompt length in each expert's tokenizer (cost)
+    hint_tokens: np.ndarray | None  # [n, N] generated hint tokens (cost)
+    pooling_draw: int  # which seeded draw of random_token / random_layer this run reads (seed % draws)
+
+
+def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
     info = method_info(cfg.method)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-
-    # ---- data: everything the run needs is read from the cache once, into memory (no per-row
-    # HDF5 reads on the hot path).
     with Cache(cache_path) as cache:
-        cache_fp = cache.fingerprint
         cache_cfg = yaml.safe_load(cache.config_yaml)
         prompts = cache.prompts()
-        train_idx = cache.split_indices("train")
-        val_idx = cache.split_indices("val")
+        train_idx, val_idx, val_split = cache.split_indices("train"), cache.split_indices("val"), "val"
         if len(val_idx) == 0:
-            val_idx = cache.split_indices("test")  # GSM8K evaluates on its test split
+            val_idx, val_split = cache.split_indices("test"), "test"  # GSM8K evaluates on its test split
         experts = list(cfg.experts) if cfg.experts is not None else cache.experts
+        features, draw = None, 0
         if info.needs_features or info.needs_hints:
             if not experts:
                 raise MuskError(f"method {cfg.method!r} needs experts, but cache {str(cache_path)!r} has none")
-            feats = cache.features(cfg.pooling, experts)  # raises on an unknown expert
-            expert_feats = [torch.from_numpy(feats[n]).float() for n in experts]  # n x [N, d_i]
         else:
-            experts, expert_feats = [], []
-        router_emb = None
-        if info.needs_router:
-            router_emb = torch.from_numpy(cache.router_embedding(cfg.router)).float()  # [N, e]
+            experts = []
+        if info.needs_features:
+            feats = cache.features(cfg.pooling, experts, draw=cfg.seed)  # raises on an unknown expert
+            features = CachedFeatures([torch.from_numpy(feats[n]).float() for n in experts])
+            draw = cfg.seed % cache.draws(cfg.pooling, experts[0])
+        router_emb = torch.from_numpy(cache.router_embedding(cfg.router)).float() if info.needs_router else None
         hints = {n: cache.hints(n) for n in experts} if info.needs_hints else {}
-        prompt_tokens = np.stack([cache.column(n, "n_tokens") for n in experts]) if experts else None  # [n, N]
+        prompt_tokens = np.stack([cache.column(n, "n_tokens") for n in experts]) if experts else None
         hint_tokens = None
-        if info.needs_hints and all("hint_n_tokens" in cache.f["experts"][n] for n in experts):
-            hint_tokens = np.stack([cache.column(n, "hint_n_tokens") for n in experts])  # [n, N]
+        if info.needs_hints and all(cache.has_column(n, "hint_n_tokens") for n in experts):
+            hint_tokens = np.stack([cache.column(n, "hint_n_tokens") for n in experts])
+        fingerprint = cache.fingerprint
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise MuskError(f"cache {str(cache_path)!r} needs a train and a val (or test) split")
-    family = cache_cfg["task"]["family"]
     system = from_dict(TaskConfig, cache_cfg["task"], "cache task config").system_prompt()
-    cfg = replace(cfg, experts=tuple(experts))
+    return RunData(cache_cfg["task"]["family"], system, fingerprint, prompts, train_idx, val_idx, val_split,
+                   experts, features, router_emb, hints, prompt_tokens, hint_tokens, draw)
 
-    # ---- the run folder
-    run = Path(out) if out is not None else Path("runs") / f"{cfg.method}-{family}-s{cfg.seed}"
-    resolved = {**to_dict(cfg), "cache": str(cache_path), "cache_fingerprint": cache_fp, "task_family": family}
+
+def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData) -> tuple[Path, dict]:
+    """The run folder and its resolved config (written to config.yaml). Refuses to overwrite a run
+    and to resume one made with other settings."""
+    run = Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}"
+    resolved = {**to_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
+                "task_family": data.family}
     if resume:
         if not (run / "config.yaml").exists():
             raise MuskError(f"--resume: {str(run)!r} holds no run (no config.yaml)")
@@ -124,205 +138,372 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         raise MuskError(f"run folder {str(run)!r} already holds a run; use --resume or another --out")
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(dump_yaml(resolved))
+    return run, resolved
 
-    # ---- models: policy with LoRA, g_phi; the reference is the same weights with LoRA disabled.
+
+# ---------------------------------------------------------------------------------------------
+# Models: the policy with LoRA, g_phi, AdamW. The reference is the same weights with LoRA disabled.
+
+
+@dataclass
+class Models:
+    peft: object  # the PeftModel
+    lm: object  # the causal LM with LoRA layers injected
+    tok: object
+    adapter: torch.nn.Module  # g_phi
+    spec: AdapterSpec
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.Tensor]
+    scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
+    eos: list[int]
+
+
+def _param_groups(cfg: TrainConfig, lora: list, adapter: torch.nn.Module) -> list[dict]:
+    """LoRA at lr; g_phi at router_lr (warmed up over router_warmup_steps); the gate at gate_lr."""
+    gate = [p for n, p in adapter.named_parameters() if n.endswith("out.gate")]
+    rest = [p for n, p in adapter.named_parameters() if not n.endswith("out.gate")]
+    groups = [{"params": lora, "lr": cfg.lr, "base_lr": cfg.lr, "warmup": 0}]
+    if rest:
+        groups.append({"params": rest, "lr": cfg.router_lr, "base_lr": cfg.router_lr,
+                       "warmup": cfg.router_warmup_steps})
+    if gate:
+        groups.append({"params": gate, "lr": cfg.gate_lr, "base_lr": cfg.gate_lr, "warmup": 0})
+    return groups
+
+
+def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtype) -> Models:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     peft_model, tok, scale = load_policy(cfg, dtype, device)
-    lm = peft_model.get_base_model()  # the causal LM with LoRA layers injected
+    lm = peft_model.get_base_model()
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    d_out = lm.get_input_embeddings().weight.shape[1]
+    emb = lm.get_input_embeddings().weight
+    feats = data.features.feats if data.features is not None else []
     spec = AdapterSpec(
-        method=cfg.method, expert_dims=tuple(int(f.shape[1]) for f in expert_feats), expert_names=tuple(experts),
-        d_latent=cfg.d_latent, d_out=d_out, num_latents=cfg.num_latents, num_heads=cfg.num_heads,
-        router_dim=int(router_emb.shape[1]) if router_emb is not None else 0, init_std=cfg.init_std,
-        gumbel_tau=cfg.gumbel_tau, pooling=cfg.pooling, context_scale=scale,
+        method=cfg.method, expert_dims=tuple(int(f.shape[1]) for f in feats), expert_names=tuple(data.experts),
+        d_latent=cfg.d_latent, d_out=int(emb.shape[1]), num_latents=cfg.num_latents, num_heads=cfg.num_heads,
+        router_dim=int(data.router_emb.shape[1]) if data.router_emb is not None else 0, init_std=cfg.init_std,
+        gumbel_tau=cfg.gumbel_tau, pooling=cfg.pooling, context_scale=scale, context_gate=cfg.context_gate,
+        embed_rms=float(emb.detach().float().pow(2).mean().sqrt()), feature_norm=cfg.feature_norm,
+        context_rms=cfg.context_rms,
     )
     adapter = build_adapter(spec).to(device)
-    lora_params = [p for p in peft_model.parameters() if p.requires_grad]
-    groups = [{"params": lora_params, "lr": cfg.lr, "base_lr": cfg.lr}]
-    if any(True for _ in adapter.parameters()):
-        groups.append({"params": list(adapter.parameters()), "lr": cfg.router_lr, "base_lr": cfg.router_lr})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, eps=cfg.epsilon)
-    trainable = lora_params + list(adapter.parameters())
-    eos, pad_id = eos_ids(lm, tok), tok.pad_token_id
-    G, B = cfg.group_size, cfg.train_batch_size
+    if hasattr(adapter, "experts"):
+        adapter.experts.set_feature_stats([f[data.train_idx] for f in feats])
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(_param_groups(cfg, lora, adapter), weight_decay=cfg.weight_decay, eps=cfg.epsilon)
+    return Models(peft_model, lm, tok, adapter, spec, optimizer, lora + list(adapter.parameters()), scale,
+                  eos_ids(lm, tok))
+
+
+def context_tokens(m: Models, data: RunData, idx: list[int], device: str) -> AdapterOut:
+    """g_phi on prompts idx: C [b, m, d_out] (scaled like the policy's token embeddings) with grad,
+    expert attention [b, m, n] and the routed expert [b] where the method has them."""
+    feats = [f.to(device) for f in data.features(idx)] if data.features is not None else []
+    rb = data.router_emb[idx].to(device) if data.router_emb is not None else None
+    o = m.adapter(feats, rb)
+    return o._replace(context=o.context * m.scale if o.context is not None else None)
+
+
+def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str) -> PromptBatch:
+    parts = [build_prompt_parts(m.tok, data.system, data.prompts["text"][i],
+                                [(n, data.hints[n][i]) for n in data.experts] if with_hints else None)
+             for i in idx]
+    return encode_prompts(m.tok, parts, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# One micro-batch: generate_trajectory, then grpo_step.
+
+
+class Rollouts(NamedTuple):
+    """A micro-batch of B prompts x G completions, rows of one prompt contiguous."""
+
+    idx: list[int]  # [B] cache rows
+    embeds: torch.Tensor  # [B*G, P+m, d] the policy's input, C spliced in (differentiable into g_phi)
+    ref_embeds: torch.Tensor  # [B*G, P+m, d] the reference's input: zero-valued C at the same positions
+    mask: torch.Tensor  # [B*G, P+m]
+    tokens: torch.Tensor  # [B*G, T] completions (pad after EOS)
+    live: torch.Tensor  # [B*G, T] 1 through the first EOS
+    texts: list[str]  # [B*G] decoded completions
+    rewards: torch.Tensor  # [B*G]
+    advantages: torch.Tensor  # [B*G]
+    frac_zero_std: float
+    attention: torch.Tensor | None  # [B, m, n]
+    choice: torch.Tensor | None  # [B] the expert hard-routing ran
+    policy_prompt_tokens: int  # prompt tokens the policy read, C included (cost accounting)
+
+
+def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
+                        timing: dict) -> Rollouts:
+    G = cfg.group_size
+    info = method_info(cfg.method)
+    pb = prompt_batch(m, data, idx, info.needs_hints, device)  # [B, P]
+    ctx = context_tokens(m, data, idx, device)  # C [B, m, d_out]
+    C = ctx.context.repeat_interleave(G, 0) if ctx.context is not None else None  # [B*G, m, d_out]
+    emb = m.lm.get_input_embeddings()(pb.ids.repeat_interleave(G, 0))  # [B*G, P, d_out]
+    mask = pb.mask.repeat_interleave(G, 0)
+    e_in, m_in = splice(emb, mask, C, cfg.context_position, pb.tail)  # [B*G, P+m, d_out]
+    ref_e = splice(emb, mask, torch.zeros_like(C), cfg.context_position, pb.tail)[0] if C is not None else emb
+
+    t = time.perf_counter()
+    m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
+    tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
+                            cfg.temperature, min_new_tokens=cfg.min_new_tokens, group=G if cfg.share_prompt else 1)
+    m.peft.train()
+    timing["generate"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    texts = decode(m.tok, tokens, live)
+    rewards = torch.tensor([score(data.prompts["entry"][i], s, cfg.answer_extraction)
+                            for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
+    adv = group_advantages(rewards, G, cfg.std_floor)
+    timing["reward"] += time.perf_counter() - t
+    n_ctx = 0 if C is None else C.shape[1] * len(idx) * G
+    return Rollouts(idx, e_in, ref_e, m_in, tokens, live, texts, rewards, adv.advantages.to(device), adv.frac_zero_std,
+                    ctx.attention.detach() if ctx.attention is not None else None, ctx.choice,
+                    int(pb.mask.sum()) * G + n_ctx)
+
+
+class StepOut(NamedTuple):
+    loss: float  # the micro-batch's GRPO loss
+    kl_token_sum: float  # summed per-token KL (divide by the completion tokens for the mean)
+
+
+def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOut:
+    """Reference log-probs, then the policy's, the GRPO loss and its backward, rollout_chunk rows at a
+    time (chunk losses are weighted to sum to the micro-batch's loss; gradients accumulate)."""
+    N, G = ro.tokens.shape[0], cfg.group_size
+    chunk = cfg.rollout_chunk or N
+    # Each prompt runs once per group of G rollouts when the chunks hold whole groups and the KV
+    # cache is on (gradient checkpointing turns it off).
+    share = G if cfg.share_prompt and chunk % G == 0 and not cfg.gradient_checkpointing else 1
+    T = cfg.temperature
+    t = time.perf_counter()
+    with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
+        ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
+                                                  ro.tokens[s:s + chunk], ro.live[s:s + chunk], share, T)
+                              for s in range(0, N, chunk)])  # [B*G, T]
+    timing["reference"] += time.perf_counter() - t
+
+    t = time.perf_counter()
+    loss = kl_sum = 0.0
+    for s in range(0, N, chunk):
+        sl = slice(s, s + chunk)
+        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T)
+        out = grpo_loss(logp, logp.detach(), ref_logp[sl], ro.advantages[sl], ro.live[sl], cfg.beta, cfg.clip_eps)
+        weight = logp.shape[0] / N
+        (out.loss * weight / cfg.gradient_accumulation_steps).backward(retain_graph=s + chunk < N)
+        loss += float(out.loss.detach()) * weight
+        kl_sum += float(out.kl) * float(ro.live[sl].sum())
+    timing["policy"] += time.perf_counter() - t
+    return StepOut(loss, kl_sum)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation: greedy decoding on validation prompts, with C and (Figure 5) with C removed.
+
+
+def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.ndarray, kind: str, device: str,
+             run: Path) -> dict:
+    info = method_info(cfg.method)
+    m.peft.eval()
+    m.adapter.eval()
+    variants = [True] + ([False] if cfg.eval_without_context and cfg.method != "single" else [])
+    result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
+    with torch.no_grad():
+        for with_ctx in variants:
+            rewards = []
+            for s in range(0, len(rows), cfg.val_batch_size):
+                idx = [int(i) for i in rows[s: s + cfg.val_batch_size]]
+                pb = prompt_batch(m, data, idx, info.needs_hints and with_ctx, device)
+                c = context_tokens(m, data, idx, device).context if with_ctx else None
+                e, mk = splice(m.lm.get_input_embeddings()(pb.ids), pb.mask, c, cfg.context_position, pb.tail)
+                comp, live = generate(m.lm, e, mk, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, greedy=True)
+                rewards += [score(data.prompts["entry"][i], t, cfg.answer_extraction)
+                            for i, t in zip(idx, decode(m.tok, comp, live))]
+            r = np.array(rewards)
+            key = "" if with_ctx else "_without_context"
+            result["accuracy" + key] = float((r >= 1.0).mean())
+            result["reward" + key] = float(r.mean())
+    _append_jsonl(run / "eval.jsonl", result)
+    m.peft.train()
+    m.adapter.train()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step and its metrics record.
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> None:
+    """Linear warmup: warmup_steps for the policy's group, each group's own `warmup` on top."""
+    for g in optimizer.param_groups:
+        w = max(warmup_steps, g.get("warmup", 0))
+        g["lr"] = g["base_lr"] * (min(1.0, step / w) if w else 1.0)
+
+
+def completion_records(cfg: TrainConfig, data: RunData, step: int, ro: Rollouts, prompts: int) -> list[dict]:
+    """The first `prompts` prompts of a micro-batch with their G completions, rewards, advantages and
+    (context methods) the prompt's expert attention row [m][n] (completions.jsonl)."""
+    G, out = cfg.group_size, []
+    for b, i in enumerate(ro.idx[:prompts]):
+        rows = range(b * G, (b + 1) * G)
+        rec = {"step": step, "prompt": data.prompts["text"][i], "answer": data.prompts["answer"][i],
+               "completions": [ro.texts[r] for r in rows], "rewards": [float(ro.rewards[r]) for r in rows],
+               "advantages": [float(ro.advantages[r]) for r in rows]}
+        if ro.attention is not None:
+            rec["attention"] = ro.attention[b].float().cpu().tolist()
+        out.append(rec)
+    return out
+
+
+def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str,
+               run: Path | None = None) -> tuple[dict, int]:
+    """gradient_accumulation_steps micro-batches and one AdamW update. Returns (metrics, new cursor)."""
+    t_step = time.perf_counter()
+    timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
+    _set_lr(m.optimizer, step, cfg.warmup_steps)
+    m.optimizer.zero_grad(set_to_none=True)
+    rewards, zero_std, kls, losses, attn, n_tokens = [], [], [], [], [], 0
+    cost = {"cost/prompts": 0, "cost/policy_prompt_tokens": 0}
+    method = method_info(cfg.method)
+    for micro in range(cfg.gradient_accumulation_steps):
+        idx = [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor,
+                                                           cfg.train_batch_size)]
+        cursor += cfg.train_batch_size
+        ro = generate_trajectory(cfg, m, data, idx, device, timing)
+        out = grpo_step(cfg, m, ro, timing)
+        if run is not None and micro == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
+            for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
+                _append_jsonl(run / "completions.jsonl", rec)
+        if data.prompt_tokens is not None:
+            hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
+            choice = ro.choice.cpu().numpy() if ro.choice is not None else None
+            for k, v in method.cost(data.prompt_tokens[:, idx], hint, choice).items():
+                cost[k] = cost.get(k, 0) + v
+        cost["cost/prompts"] += len(idx)
+        cost["cost/policy_prompt_tokens"] += ro.policy_prompt_tokens
+        n_tokens += int(ro.live.sum())
+        rewards.append(ro.rewards)
+        zero_std.append(ro.frac_zero_std)
+        kls.append(out.kl_token_sum / max(1.0, float(ro.live.sum())))
+        losses.append(out.loss)
+        if ro.attention is not None:
+            attn.append(ro.attention)
+
+    loss = float(np.mean(losses))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(m.trainable, cfg.grad_clip))
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        m.optimizer.zero_grad(set_to_none=True)
+        raise _NonFinite(loss, grad_norm)
+    m.optimizer.step()
+
+    r = torch.cat(rewards)
+    dt = time.perf_counter() - t_step
+    rec = {
+        "step": step, "reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+        "accuracy": float((r >= 1.0).float().mean()), "kl": float(np.mean(kls)), "loss": loss,
+        "grad_norm": grad_norm, "lr": m.optimizer.param_groups[0]["lr"],
+        "frac_reward_zero_std": float(np.mean(zero_std)), "step_seconds": dt,
+        "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
+        **{f"time/{k}": v for k, v in timing.items()}, **cost,
+    }
+    if len(m.optimizer.param_groups) > 1:
+        rec["router_lr"] = m.optimizer.param_groups[1]["lr"]
+    gate = getattr(getattr(m.adapter, "out", None), "gate", None)
+    if gate is not None:
+        rec["context/gate"] = float(torch.tanh(gate.detach()))
+    if device.startswith("cuda"):
+        rec["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if attn:
+        rs = routing_stats(torch.cat(attn))
+        rec.update({"routing/entropy": rs.entropy, "routing/utilization": rs.utilization,
+                    "routing/attention": rs.attention})
+    return rec, cursor
+
+
+class _NonFinite(Exception):
+    def __init__(self, loss: float, grad_norm: float):
+        self.loss, self.grad_norm = loss, grad_norm
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _summary(cfg: TrainConfig, data: RunData, resolved: dict, final_step: int, last_eval: dict, m: Models) -> dict:
+    return {
+        "method": cfg.method, "team": data.experts, "task_family": data.family, "seed": cfg.seed,
+        "steps": final_step, "final_val_accuracy": last_eval.get("accuracy"),
+        "final_val_accuracy_without_context": last_eval.get("accuracy_without_context"),
+        "eval_n": last_eval.get("n"), "pooling": cfg.pooling, "pooling_draw": data.pooling_draw,
+        "num_latents": cfg.num_latents, "policy": cfg.policy, "cache_fingerprint": data.cache_fingerprint,
+        "config_fingerprint": sha256_of(resolved), "group_size": cfg.group_size,
+        "train_batch_size": cfg.train_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "max_new_tokens": cfg.max_new_tokens, "context_position": cfg.context_position,
+        "context_gate": cfg.context_gate, "context_scale": m.scale,
+    }
+
+
+def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resume: bool = False,
+              progress: bool = True, log=print, features: FeatureSource | None = None) -> Path:
+    """Train one run into `out` (default runs/<method>-<family>-s<seed>); returns the run folder.
+
+    features: where expert vectors come from (default: the cache, in memory). benchmarks/train_step.py
+    passes experts run online on each batch's prompts, to time what the cache saves.
+    """
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    data = load_data(cfg, cache_path)
+    if features is not None:
+        data.features = features
+    cfg = replace(cfg, experts=tuple(data.experts))
+    run, resolved = open_run(cfg, cache_path, out, resume, data)
+    m = build_models(cfg, data, device, dtype)
 
     start_step, cursor = 0, 0
     if resume:
         last = ckpt.latest_checkpoint(run)
         if last is not None:
-            state = ckpt.load_checkpoint(last, peft_model, adapter, optimizer)
+            state = ckpt.load_checkpoint(last, m.peft, m.adapter, m.optimizer)
             start_step, cursor = state["step"], state["cursor"]
-        for name in ("metrics.jsonl", "eval.jsonl"):
+        for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):
             ckpt.truncate_jsonl(run / name, start_step)
         log(f"resuming {run} at step {start_step}")
 
-    def prompt_texts(idx: list[int], with_hints: bool) -> list[str]:
-        return [build_prompt_text(tok, system, prompts["text"][i],
-                                  [(n, hints[n][i]) for n in experts] if with_hints else None) for i in idx]
-
-    def context_for(idx: list[int]):
-        """C [b, m, d_out] (scaled like token embeddings) and expert attention for prompts idx."""
-        fb = [f.to(device) for f in features_fn(idx)] if features_fn else [f[idx].to(device) for f in expert_feats]
-        rb = router_emb[idx].to(device) if router_emb is not None else None
-        o = adapter(fb, rb)
-        return (o.context * scale if o.context is not None else None), o.attention
-
-    def evaluate(step: int) -> dict:
-        """Greedy decoding on the validation split, with C and (Figure 5) without it."""
-        peft_model.eval()
-        adapter.eval()
-        n = min(len(val_idx), cfg.eval_batches * cfg.val_batch_size)
-        variants = [True] + ([False] if cfg.eval_without_context and cfg.method != "single" else [])
-        result = {"step": step, "split": "val" if "val" in prompts["split"] else "test", "n": n}
-        with torch.no_grad():
-            for with_ctx in variants:
-                rewards = []
-                for s in range(0, n, cfg.val_batch_size):
-                    idx = [int(i) for i in val_idx[s: s + cfg.val_batch_size]]
-                    ids, pm = encode_prompts(tok, prompt_texts(idx, info.needs_hints and with_ctx), device)
-                    c = context_for(idx)[0] if with_ctx else None
-                    e, m = splice(lm.get_input_embeddings()(ids), pm, c, cfg.context_position)
-                    comp, cm = generate(lm, e, m, cfg.max_new_tokens, eos, pad_id, greedy=True)
-                    texts = decode(tok, comp, cm)
-                    rewards += [score(prompts["entry"][i], t, cfg.answer_extraction) for i, t in zip(idx, texts)]
-                r = np.array(rewards)
-                key = "" if with_ctx else "_without_context"
-                result["accuracy" + key] = float((r >= 1.0).mean())
-                result["reward" + key] = float(r.mean())
-        _append_jsonl(run / "eval.jsonl", result)
-        peft_model.train()
-        adapter.train()
-        return result
-
-    def save(step: int, data_cursor: int) -> None:
-        ckpt.save_checkpoint(run, step, peft_model, adapter, optimizer, {"cursor": data_cursor})
-
-    # ---- the loop
-    peft_model.train()
-    adapter.train()
+    full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
+    curve_rows = data.val_idx[: min(len(data.val_idx), cfg.curve_prompts)]
+    m.peft.train()
+    m.adapter.train()
     bar = tqdm(total=cfg.total_training_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
                disable=not progress, dynamic_ncols=True)
     last_eval = None
     for step in range(start_step + 1, cfg.total_training_steps + 1):
-        t_step = time.perf_counter()
         cursor_at_start = cursor  # the data position that goes with the weights before this step
-        timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
-        warm = min(1.0, step / cfg.warmup_steps) if cfg.warmup_steps else 1.0
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * warm
-        optimizer.zero_grad(set_to_none=True)
-        all_r, zero_std, kls, losses, attn, n_tokens = [], [], [], [], [], 0
-        cost = {"cost/prompts": 0, "cost/policy_prompt_tokens": 0}
-        for micro in range(cfg.gradient_accumulation_steps):
-            idx = _data_order(cfg.seed, len(train_idx), cursor, B)
-            cursor += B
-            idx = [int(train_idx[i]) for i in idx]
-            ids, pm = encode_prompts(tok, prompt_texts(idx, info.needs_hints), device)  # [B, P]
-            C, att = context_for(idx)  # [B, m, d_out] with grad, [B, m, n]
-            if att is not None:
-                attn.append(att.detach())
-            for k, v in expert_cost(cfg.method, idx, prompt_tokens, hint_tokens,
-                                    getattr(adapter, "last_choice", None)).items():
-                cost[k] = cost.get(k, 0) + v
-            cost["cost/prompts"] += B
-            cost["cost/policy_prompt_tokens"] += int(pm.sum()) * G + (0 if C is None else C.shape[1] * B * G)
-            ids_g, pm_g = ids.repeat_interleave(G, 0), pm.repeat_interleave(G, 0)  # [B*G, P]
-            C_g = C.repeat_interleave(G, 0) if C is not None else None  # [B*G, m, d_out]
-            emb = lm.get_input_embeddings()(ids_g)  # [B*G, P, d_out]
-            e_in, m_in = splice(emb, pm_g, C_g, cfg.context_position)  # [B*G, P+m, d_out]
-
-            t = time.perf_counter()
-            peft_model.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
-            comp, cm = generate(lm, e_in.detach(), m_in, cfg.max_new_tokens, eos, pad_id, cfg.temperature,
-                                min_new_tokens=cfg.min_new_tokens, group=G if cfg.share_prompt else 1)
-            peft_model.train()
-            timing["generate"] += time.perf_counter() - t  # comp, cm: [B*G, T]
-            n_tokens += int(cm.sum())
-
-            t = time.perf_counter()
-            texts = decode(tok, comp, cm)
-            rewards = torch.tensor([score(prompts["entry"][i], s, cfg.answer_extraction)
-                                    for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
-            adv = group_advantages(rewards, G, cfg.std_floor)
-            advantages = adv.advantages.to(device)
-            timing["reward"] += time.perf_counter() - t
-
-            N = B * G
-            chunk = cfg.rollout_chunk or N
-            # Each prompt runs once per group of G rollouts in the forwards below when the chunks hold
-            # whole groups and the KV cache is on (gradient checkpointing turns it off).
-            share = G if cfg.share_prompt and chunk % G == 0 and not cfg.gradient_checkpointing else 1
-            t = time.perf_counter()
-            with torch.no_grad(), peft_model.disable_adapter():
-                # pi_ref: initial policy, zero-valued context tokens at the same positions as C.
-                ref_e, ref_m = splice(emb, pm_g, torch.zeros_like(C_g) if C_g is not None else None,
-                                      cfg.context_position)
-                ref_logp = torch.cat([completion_logprobs(lm, ref_e[s:s + chunk], ref_m[s:s + chunk],
-                                                          comp[s:s + chunk], cm[s:s + chunk], share)
-                                      for s in range(0, N, chunk)])  # [B*G, T]
-            timing["reference"] += time.perf_counter() - t
-
-            t = time.perf_counter()
-            micro_loss = kl_sum = 0.0
-            for s in range(0, N, chunk):
-                sl = slice(s, s + chunk)
-                logp = completion_logprobs(lm, e_in[sl], m_in[sl], comp[sl], cm[sl], share)  # grad: LoRA, g_phi
-                out_loss = grpo_loss(logp, logp.detach(), ref_logp[sl], advantages[sl], cm[sl], cfg.beta,
-                                     cfg.clip_eps)
-                weight = logp.shape[0] / N  # chunk losses sum to the full batch's loss
-                (out_loss.loss * weight / cfg.gradient_accumulation_steps).backward(retain_graph=s + chunk < N)
-                micro_loss += float(out_loss.loss.detach()) * weight
-                kl_sum += float(out_loss.kl) * float(cm[sl].sum())
-            timing["policy"] += time.perf_counter() - t
-
-            all_r.append(rewards)
-            zero_std.append(adv.frac_zero_std)
-            kls.append(kl_sum / max(1.0, float(cm.sum())))
-            losses.append(micro_loss)
-
-        loss_value = float(np.mean(losses))
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
-        if not math.isfinite(loss_value) or not math.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
-            save(step - 1, cursor_at_start)
+        try:
+            rec, cursor = train_step(cfg, m, data, step, cursor, device, run)
+        except _NonFinite as e:
+            ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
             bar.close()
             raise MuskError(
-                f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step {step} "
-                f"(loss={loss_value}, grad_norm={grad_norm}); stopped before the update and saved "
+                f"non-finite {'loss' if not math.isfinite(e.loss) else 'gradient norm'} at step {step} "
+                f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and saved "
                 f"{run}/checkpoints/step_{step - 1}. Lower lr/router_lr or check the cache's features."
-            )
-        optimizer.step()
-
-        r = torch.cat(all_r)
-        dt = time.perf_counter() - t_step
-        rec = {
-            "step": step, "reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
-            "accuracy": float((r >= 1.0).float().mean()), "kl": float(np.mean(kls)), "loss": loss_value,
-            "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
-            "frac_reward_zero_std": float(np.mean(zero_std)), "step_seconds": dt,
-            "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
-            **{f"time/{k}": v for k, v in timing.items()}, **cost,
-        }
-        if device.startswith("cuda"):
-            rec["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        if attn:
-            rs = routing_stats(torch.cat(attn))
-            rec.update({"routing/entropy": rs.entropy, "routing/utilization": rs.utilization,
-                        "routing/attention": rs.attention})
+            ) from None
         _append_jsonl(run / "metrics.jsonl", rec)
         bar.update(1)
         bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec['kl']:.4f}")
         if not progress and step % cfg.log_freq == 0:
             log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec['kl']:.4f} "
-                f"{dt:.1f}s")
+                f"{rec['step_seconds']:.1f}s")
         if step % cfg.test_freq == 0 or step == cfg.total_training_steps:
-            last_eval = evaluate(step)
+            last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run)
+        if cfg.curve_freq and step % cfg.curve_freq == 0:  # the Figure 5 curve: same prompts at every point
+            evaluate(cfg, m, data, step, curve_rows, "curve", device, run)
         if step % cfg.save_freq == 0 or step == cfg.total_training_steps:
-            save(step, cursor)
+            ckpt.save_checkpoint(run, step, m.peft, m.adapter, m.optimizer, {"cursor": cursor})
     bar.close()
 
     # ---- final artefacts: PEFT adapter (PeftModel.from_pretrained), g_phi + its config, summary.
@@ -330,19 +511,11 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     if last_eval is None:
         evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()] \
             if (run / "eval.jsonl").exists() else []
-        last_eval = evals[-1] if evals else evaluate(final_step)
-    peft_model.save_pretrained(run / "final")
-    save_adapter(adapter, spec, run / "final")
-    summary = {
-        "method": cfg.method, "team": experts, "task_family": family, "seed": cfg.seed, "steps": final_step,
-        "final_val_accuracy": last_eval.get("accuracy"),
-        "final_val_accuracy_without_context": last_eval.get("accuracy_without_context"),
-        "eval_n": last_eval.get("n"), "pooling": cfg.pooling, "num_latents": cfg.num_latents,
-        "policy": cfg.policy, "cache_fingerprint": cache_fp, "config_fingerprint": sha256_of(resolved),
-        "group_size": G, "train_batch_size": B, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "max_new_tokens": cfg.max_new_tokens, "context_position": cfg.context_position,
-        "context_scale": scale,
-    }
+        evals = [e for e in evals if e.get("kind", "full") == "full"]
+        last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run)
+    m.peft.save_pretrained(run / "final")
+    save_adapter(m.adapter, m.spec, run / "final")
+    summary = _summary(cfg, data, resolved, final_step, last_eval, m)
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"run {run}: final val accuracy {summary['final_val_accuracy']}")
     return run

@@ -3,12 +3,15 @@ embeddings (Eq. 3), with a sampler (pipeline/generation.py) and completion log-p
 prompt positions.
 
 Sequence layout of a batch (left padding, so every prompt ends at the same column):
-  suffix: [pad.. | prompt x | C (m) | completion y]      ([x || C], Eq. 3)
-  prefix: [C (m) | pad.. | prompt x | completion y]      (pads are masked; positions skip them)
+  suffix:         [pad.. | prompt x | C (m) | completion y]          ([x || C], Eq. 3)
+  prefix:         [C (m) | pad.. | prompt x | completion y]          (pads are masked; positions skip them)
+  after-question: [pad.. | system, question | C | end of turn, "assistant:" | completion y]
 Position ids are the running count of real tokens, so padding never shifts a sequence.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -44,36 +47,70 @@ def load_policy(cfg, dtype: torch.dtype, device: str):
     return peft_model, tok, scale
 
 
-def build_prompt_text(tok, system: str, question: str, hints: list[tuple[str, str]] | None = None) -> str:
-    """The policy's prompt: developer prompt as system turn, question (+ [Expert Hints]) as user."""
+CONTEXT_POSITIONS = ("suffix", "prefix", "after-question")
+_SENTINEL = "\x00musk-question\x00"
+
+
+def build_prompt_parts(tok, system: str, question: str, hints: list[tuple[str, str]] | None = None) -> tuple[str, str]:
+    """The policy's prompt as (head, tail): head runs through the end of the user's content (the
+    question and any [Expert Hints] block), tail is what the format adds after it (the chat
+    template's end of turn and generation prompt, or the plain format's "Answer:")."""
     user = question
     if hints:
         block = "\n".join(f"- {name}: {text.strip()}" for name, text in hints)
         user = f"{question}\n\n[Expert Hints]\n{block}"
     if getattr(tok, "chat_template", None):
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    return system + "\n\n" + PLAIN_FORMAT.format(question=user)
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": _SENTINEL}]
+        full = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    else:
+        full = system + "\n\n" + PLAIN_FORMAT.format(question=_SENTINEL)
+    before, after = full.split(_SENTINEL)
+    return before + user, after
 
 
-def encode_prompts(tok, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+def build_prompt_text(tok, system: str, question: str, hints: list[tuple[str, str]] | None = None) -> str:
+    """The policy's prompt: developer prompt as system turn, question (+ [Expert Hints]) as user."""
+    return "".join(build_prompt_parts(tok, system, question, hints))
+
+
+class PromptBatch(NamedTuple):
+    ids: torch.Tensor  # [N, P] left padded
+    mask: torch.Tensor  # [N, P]
+    tail: int  # tokens after the user's content, the same in every row (C goes before them: after-question)
+
+
+def encode_prompts(tok, parts: list[tuple[str, str]], device) -> PromptBatch:
+    """Tokenize (head, tail) prompts, head and tail separately, so the boundary where C may go is a
+    token boundary in every row; left padding puts it in one column for the whole batch."""
+    tails = {t for _, t in parts}
+    if len(tails) != 1:
+        raise ValueError("prompts of one batch must share their tail (the format after the question)")
     add_special = not getattr(tok, "chat_template", None)
-    enc = tok(texts, padding=True, add_special_tokens=add_special, return_tensors="pt")
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    enc = tok([h for h, _ in parts], padding=True, add_special_tokens=add_special, return_tensors="pt")
+    tail_ids = tok(tails.pop(), add_special_tokens=False, return_tensors="pt")["input_ids"]  # [1, Pt]
+    n = enc["input_ids"].shape[0]
+    ids = torch.cat([enc["input_ids"], tail_ids.expand(n, -1)], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones(n, tail_ids.shape[1], dtype=enc["attention_mask"].dtype)], 1)
+    return PromptBatch(ids.to(device), mask.to(device), int(tail_ids.shape[1]))
 
 
-def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, position: str):
-    """Insert C [N, m, d] into left-padded prompt embeddings [N, P, d] -> ([N, P+m, d], [N, P+m])."""
+def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, position: str, tail: int = 0):
+    """Insert C [N, m, d] into left-padded prompt embeddings [N, P, d] -> ([N, P+m, d], [N, P+m]).
+
+    suffix: after the whole prompt ([x || C], Eq. 3, right before the answer); prefix: before it
+    (and before the padding); after-question: after the user's content, before the last `tail`
+    tokens (the end of turn and generation prompt), where an LM reads a hint.
+    """
     if context is None:
         return embeds, mask
+    at = {"suffix": embeds.shape[1], "prefix": 0, "after-question": embeds.shape[1] - tail}[position]
     context = context.to(embeds.dtype)
     ones = torch.ones(context.shape[:2], dtype=mask.dtype, device=mask.device)
-    if position == "suffix":
-        return torch.cat([embeds, context], 1), torch.cat([mask, ones], 1)
-    return torch.cat([context, embeds], 1), torch.cat([ones, mask], 1)
+    return (torch.cat([embeds[:, :at], context, embeds[:, at:]], 1),
+            torch.cat([mask[:, :at], ones, mask[:, at:]], 1))
 
 
-def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, group: int = 1) -> torch.Tensor:
+def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, group: int = 1, temperature: float = 1.0) -> torch.Tensor:
     """log pi(y_t | prefix) for each completion token: [N, T]. The LM head runs on completion
     positions only (the prompt's logits over the vocabulary are never formed).
 
@@ -82,8 +119,12 @@ def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, group: int = 1) -
     values repeated `group` times (the repeat is differentiable): the same log-probs and gradients
     up to rounding, with G-1 of every G prompt forwards saved. Needs the KV cache, so not under
     gradient checkpointing (which turns the cache off in training).
+
+    temperature: the rollouts' sampling temperature; the log-probs are those of softmax(logits / T),
+    the distribution the tokens were drawn from (as TRL does), so the ratio and KL compare like with like.
     """
-    return token_logprobs(lm, _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group), comp_ids)
+    h = _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group)
+    return token_logprobs(lm, h, comp_ids, temperature=temperature)
 
 
 def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> torch.Tensor:
@@ -106,15 +147,15 @@ def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> tor
     return h
 
 
-def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64) -> torch.Tensor:
-    """log softmax(head(h))[ids] in float32: [N, T] from h [N, T, d], ids [N, T].
+def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(head(h) / temperature)[ids] in float32: [N, T] from h [N, T, d], ids [N, T].
 
     `rows` positions at a time: the [rows, V] float32 logits stay in cache and no [N, T, V] tensor
     is ever formed (1.7x faster forward and backward than one log_softmax over 384 x 49k on a CPU;
     less peak memory on a GPU). cross_entropy is log_softmax + gather in one kernel.
     """
     flat_h, flat_ids = h.reshape(-1, h.shape[-1]), ids.reshape(-1)
-    out = [-torch.nn.functional.cross_entropy(lm_logits(lm, flat_h[s:s + rows]), flat_ids[s:s + rows],
+    out = [-torch.nn.functional.cross_entropy(lm_logits(lm, flat_h[s:s + rows]) / temperature, flat_ids[s:s + rows],
                                               reduction="none")
            for s in range(0, flat_ids.numel(), rows)]
     return torch.cat(out).view(ids.shape)

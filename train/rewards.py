@@ -16,6 +16,7 @@ from pipeline.config import MuskError
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 MODES = ("strict", "lenient")
+NUMERIC_SOURCES = ("gsm8k", "secret-digit")  # scored by numeric equality, not by a reasoning-gym verifier
 
 
 def extract_answer(text: str, mode: str = "strict") -> str | None:
@@ -65,7 +66,7 @@ def score(entry_json: str, completion: str, mode: str = "strict") -> float:
     entry = json.loads(entry_json)
     answer = extract_answer(completion, mode)
     source = entry.get("metadata", {}).get("source_dataset", "")
-    if source == "gsm8k":
+    if source in NUMERIC_SOURCES:
         return gsm8k_score(answer, str(entry["answer"]))
     if answer is None:
         return 0.0
