@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 
 from analyze.runs import Run  # noqa: E402
 from analyze.stats import band, cell  # noqa: E402
+from analyze.tables import method_runs, setting_label  # noqa: E402
 
 
 def _groups(runs: list[Run]) -> dict[str, list[Run]]:
@@ -37,15 +38,17 @@ def _save(fig, title: str, out: Path) -> None:
     plt.close(fig)
 
 
-def figure4(runs: list[Run], out: Path) -> list[Run] | None:
-    """Per-expert utilisation u_i over steps (mean ± std band across seeds); reward and entropy."""
-    with_routing = [r for r in runs if not r.metrics.is_empty() and "routing/utilization" in r.metrics.columns]
-    groups = _groups(with_routing)
+def figure4(runs: list[Run], out: Path, method: str = "perceiver") -> list[Run] | None:
+    """Per-expert utilisation u_i over steps (mean ± std band across seeds); reward and entropy. One
+    column per setting (family, team, condition) of the method's own runs, as Figure 4 shows teams."""
+    groups = {k: [r for r in rs if not r.metrics.is_empty() and "routing/utilization" in r.metrics.columns]
+              for k, rs in method_runs(runs, method).items()}
+    groups = {k: rs for k, rs in groups.items() if rs}
     if not groups:
         return None
     fig, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 7.5), squeeze=False)
-    for col, (cond, rs) in enumerate(sorted(groups.items())):
-        names = list(rs[0].config.get("experts") or [])
+    for col, (key, rs) in enumerate(groups.items()):
+        names = list(rs[0].team)
         steps = rs[0].metrics["step"].to_numpy()
         util = [np.array(r.metrics["routing/utilization"].to_list(), dtype=float) for r in rs]  # [T, n] each
         n = min(len(u) for u in util)
@@ -53,7 +56,8 @@ def figure4(runs: list[Run], out: Path) -> list[Run] | None:
         ax = axes[0, col]
         for i in range(util[0].shape[1]):
             _band_line(ax, steps, [u[:n, i] for u in util], label=names[i] if i < len(names) else f"expert {i}")
-        ax.set_title(f"{rs[0].method} / {rs[0].family} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
+        ax.set_title(f"{setting_label(key[0], key[1], rs, [])} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
+                     fontsize=9)
         ax.set_xlabel("training step")
         ax.set_ylabel("utilisation $u_i$")
         ax.legend(fontsize=8)
@@ -67,29 +71,41 @@ def figure4(runs: list[Run], out: Path) -> list[Run] | None:
         ax2.set_ylabel("routing entropy H", color="tab:red")
         lines = ax.get_lines()[:1] + ax2.get_lines()[:1]
         ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="upper left")
-    _save(fig, "Figure 4: expert utilisation, reward and routing entropy over training", out)
-    return with_routing
+    _save(fig, f"Figure 4: expert utilisation, reward and routing entropy over training ({method})", out)
+    return [r for rs in groups.values() for r in rs]
+
+
+def context_curve(run: Run):
+    """The with-C / without-C evaluations of a run, as Figure 5 draws them: the fixed-subset curve
+    (kind "curve", every curve_freq steps) when the run has one, else its full evaluations."""
+    ev = run.evals
+    if ev.is_empty() or "reward_without_context" not in ev.columns:
+        return None
+    if "kind" in ev.columns and (ev["kind"] == "curve").any():
+        return ev.filter(ev["kind"] == "curve")
+    return ev.filter(ev["kind"] != "curve") if "kind" in ev.columns else ev
 
 
 def figure5(runs: list[Run], out: Path) -> list[Run] | None:
     """Validation reward of the same policy with C and with C removed, over training steps."""
-    ok = [r for r in runs if not r.evals.is_empty() and "reward_without_context" in r.evals.columns]
-    groups = _groups(ok)
+    curves = {r.name: c for r in runs if (c := context_curve(r)) is not None}
+    groups = _groups([r for r in runs if r.name in curves])
     if not groups:
         return None
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.2), squeeze=False)
     for col, (cond, rs) in enumerate(sorted(groups.items())):
         ax = axes[0, col]
-        n = min(len(r.evals) for r in rs)
-        steps = rs[0].evals["step"].to_numpy()[:n]
+        n = min(len(curves[r.name]) for r in rs)
+        steps = curves[rs[0].name]["step"].to_numpy()[:n]
         for key, label, color in (("reward", "with C", "tab:green"), ("reward_without_context", "without C", "tab:gray")):
-            _band_line(ax, steps, [r.evals[key].to_numpy()[:n] for r in rs], marker="o", color=color, label=label)
-        ax.set_title(f"{rs[0].method} / {rs[0].family}")
+            _band_line(ax, steps, [curves[r.name][key].to_numpy()[:n] for r in rs], marker="o", color=color,
+                       label=label)
+        ax.set_title(f"{rs[0].method} / {rs[0].family} ({len(rs)} seed{'s' if len(rs) > 1 else ''})")
         ax.set_xlabel("training step")
         ax.set_ylabel("validation reward")
         ax.legend()
     _save(fig, "Figure 5: the same policy with and without the context tokens C", out)
-    return ok
+    return [r for rs in groups.values() for r in rs]
 
 
 def figure6(runs: list[Run], out: Path, method: str = "perceiver") -> list[Run] | None:

@@ -8,7 +8,7 @@ import polars as pl
 
 from analyze import plots
 from analyze.runs import load_runs
-from analyze.tables import Table, cost_table, spearman_table, table1, table2, table_runs_md
+from analyze.tables import Table, collaboration_table, cost_table, spearman_table, table1, table2, table_runs_md
 
 
 def _write_table(t: Table, out: Path, stem: str) -> None:
@@ -23,9 +23,11 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     t1 = table1(runs)
     t2 = table2(runs)
-    ts, mean_rho = spearman_table(runs)
+    ts, rho_means = spearman_table(runs)
     tc = cost_table(runs)
-    for t, stem in ((t1, "table1"), (t2, "table2"), (ts, "spearman"), (tc, "cost")):
+    tk = collaboration_table(runs)
+    tables = ((t1, "table1"), (tk, "collaboration"), (t2, "table2"), (ts, "spearman"), (tc, "cost"))
+    for t, stem in tables:
         _write_table(t, out, stem)
     figs = {
         "figure4.png": ("Figure 4: utilisation, reward and routing entropy", plots.figure4(runs, out / "figure4.png")),
@@ -34,7 +36,7 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
     }
 
     md = [f"# musk report\n\n{len(runs)} runs from {', '.join(str(p) for p in paths)}.\n"]
-    for t, stem in ((t1, "table1"), (t2, "table2"), (ts, "spearman"), (tc, "cost")):
+    for t, stem in tables:
         md.append(t.markdown())
         md.append(f"\n[{stem}.md]({stem}.md) · [{stem}.csv]({stem}.csv)\n\nComputed from:\n\n{table_runs_md(t)}\n")
     for name, (title, used) in figs.items():
@@ -44,6 +46,6 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
             fake = Table(title, [], [], sources=used)
             md.append(f"### {title}\n\n![{title}]({name})\n\nComputed from:\n\n{table_runs_md(fake)}\n")
     (out / "summary.md").write_text("\n".join(md))
-    rho = f"{mean_rho:+.3f}" if mean_rho is not None else "undefined"
-    log(f"report of {len(runs)} runs written to {out}/summary.md (mean Spearman rho {rho})")
+    rho = "; ".join(f"{k}: {v:+.3f}" for k, v in rho_means.items()) or "undefined"
+    log(f"report of {len(runs)} runs written to {out}/summary.md (mean Spearman rho per setting: {rho})")
     return out / "summary.md"

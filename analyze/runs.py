@@ -11,8 +11,11 @@ import yaml
 
 from pipeline.config import MuskError, sha256_of
 
-# Keys of the resolved config that never make two runs different conditions.
-NOT_A_CONDITION = ("seed", "cache", "log_freq", "save_freq", "device", "total_training_steps")
+# Keys of the resolved config that never make two runs different conditions. total_training_steps
+# is replaced by the step the run reached (`Run.steps`): a run cut short with --max-steps is its own
+# condition, a resumed run that reached the same final step is not.
+NOT_A_CONDITION = ("seed", "cache", "log_freq", "save_freq", "device", "total_training_steps",
+                   "log_completions_freq", "log_completions_prompts")
 
 
 @dataclass
@@ -33,13 +36,24 @@ class Run:
         return self.config.get("task_family") or self.summary.get("task_family", "?")
 
     @property
+    def team(self) -> tuple[str, ...]:
+        return tuple(self.config.get("experts") or self.summary.get("team") or ())
+
+    @property
+    def steps(self) -> int:
+        """The optimizer step the run reached (summary, else its last metrics record)."""
+        if "steps" in self.summary:
+            return int(self.summary["steps"])
+        return int(self.metrics["step"].max()) if not self.metrics.is_empty() else 0
+
+    @property
     def condition(self) -> str:
         """Fingerprint of everything but the seed: runs pool into one cell only when it is equal."""
-        return sha256_of({k: v for k, v in self.config.items() if k not in NOT_A_CONDITION})[:10]
+        return self.condition_without()
 
     def condition_without(self, *keys: str) -> str:
         skip = set(NOT_A_CONDITION) | set(keys)
-        return sha256_of({k: v for k, v in self.config.items() if k not in skip})[:10]
+        return sha256_of({**{k: v for k, v in self.config.items() if k not in skip}, "steps reached": self.steps})[:10]
 
     @property
     def final_accuracy(self) -> float | None:

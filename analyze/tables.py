@@ -102,28 +102,110 @@ def table2(runs: list[Run], method: str = "perceiver") -> Table:
         cells.append(c.fmt())
         raw.append({"pooling": v, "family": family, "method": method, "mean": c.mean, "std": c.std, "n": c.n,
                     "runs": ";".join(r.name for r in rs if r.config.get("pooling") == v)})
-    return Table(f"Table 2: pooling ablation, {method} on {family} (accuracy %)", cols, [(method, cells)], raw, rs)
+    note = ("first_layer is the paper's h^(0)_{i,T}: hidden_states[0], the embedding output at the last token "
+            "(under a chat template that token is the same for every prompt, so it carries no prompt information); "
+            "first_block is hidden_states[1], the first block's output there. random_token and random_layer read "
+            "draw seed % D of the cache's D seeded draws, so their spread spans the sampling too.")
+    return Table(f"Table 2: pooling ablation, {method} on {family} (accuracy %)", cols, [(method, cells)], raw, rs,
+                 note)
 
 
-def spearman_table(runs: list[Run]) -> tuple[Table, float | None]:
-    """Spearman rho between reward/mean and routing/entropy over each run's steps, and their mean."""
-    rows, raw, vals, used = [], [], [], []
+def method_runs(runs: list[Run], method: str = "perceiver") -> dict[tuple, list[Run]]:
+    """The method's own runs (its default last-token pooling: no pooling ablation, no other method),
+    grouped by setting: (task family, team, condition without the seed). The paper computes its
+    statistics per run of the method and averages them per setting."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
-        m = r.metrics
-        if m.is_empty() or "routing/entropy" not in m.columns:
-            continue
-        m = m.drop_nulls(["routing/entropy", "reward/mean"])
-        rho = spearman(m["reward/mean"].to_list(), m["routing/entropy"].to_list())
-        used.append(r)
-        rows.append((r.name, [r.method, r.family, str(len(m)), "undefined" if rho is None else f"{rho:+.3f}"]))
-        raw.append({"run": r.name, "method": r.method, "family": r.family, "steps": len(m), "spearman": rho})
-        if rho is not None:
-            vals.append(rho)
-    mean = float(np.mean(vals)) if vals else None
-    note = (f"Mean Spearman ρ over {len(vals)} runs: {mean:+.3f} (paper: -0.48)." if mean is not None
-            else "No run with a defined Spearman ρ (needs routing statistics and non-constant series).")
-    return Table("Spearman ρ(reward, routing entropy) per run", ["method", "family", "steps", "ρ"], rows, raw,
-                 used, note), mean
+        if r.method == method and r.config.get("pooling", "last_token") == "last_token":
+            groups[(r.family, r.team, r.condition)].append(r)
+    return dict(sorted(groups.items(), key=lambda kv: (_order(kv[0][0], FAMILY_ORDER), kv[0][1], kv[0][2])))
+
+
+def setting_label(family: str, team: tuple, rs: list[Run], others: list[list[Run]]) -> str:
+    """'family / team' plus the settings that tell this group apart from the other groups."""
+    keys = _differing([rs[0].config] + [o[0].config for o in others], ROW_FREE | {"experts"}) if others else []
+    label = f"{family} / {', '.join(team) or 'no experts'}"
+    return label + (" [" + ", ".join(f"{k}={rs[0].config.get(k)}" for k in keys) + "]" if keys else "")
+
+
+def spearman_table(runs: list[Run], method: str = "perceiver") -> tuple[Table, dict[str, float]]:
+    """Spearman rho between reward/mean and routing/entropy over each run's steps, averaged per
+    setting (family, team, condition), over the method's runs only: hard-routing's router entropy
+    and the pooling ablations are not the paper's quantity. Returns the table and the mean per setting."""
+    groups = method_runs(runs, method)
+    rows, raw, used, means = [], [], [], {}
+    for key, rs in groups.items():
+        label = setting_label(key[0], key[1], rs, [g for k, g in groups.items() if k != key])
+        rhos = []
+        for r in sorted(rs, key=lambda r: r.name):
+            m = r.metrics
+            if m.is_empty() or "routing/entropy" not in m.columns:
+                continue
+            m = m.drop_nulls(["routing/entropy", "reward/mean"])
+            rho = spearman(m["reward/mean"].to_list(), m["routing/entropy"].to_list())
+            used.append(r)
+            rhos.append((r.name, rho))
+            raw.append({"setting": label, "run": r.name, "seed": r.config.get("seed"), "steps": len(m),
+                        "spearman": rho})
+        defined = [x for _, x in rhos if x is not None]
+        mean = float(np.mean(defined)) if defined else None
+        if mean is not None:
+            means[label] = mean
+        per_run = ", ".join(f"{n}: {'undefined' if x is None else f'{x:+.3f}'}" for n, x in rhos)
+        rows.append((label, [str(len(rhos)), per_run or "missing", "undefined" if mean is None else f"{mean:+.3f}"]))
+    note = (f"Over {method} runs with last-token pooling only (hard-routing and the pooling ablations are left "
+            "out); ρ per run, then the mean per setting. Paper: mean ρ = -0.48.")
+    if not rows:
+        note = f"No {method} run with routing statistics: ρ is missing."
+    return Table(f"Spearman ρ(reward, routing entropy), {method} runs, per setting",
+                 ["runs", "ρ per run", "mean ρ"], rows, raw, used, note), means
+
+
+def _mean_std(values: list[float | None], scale: float = 100.0, digits: int = 1) -> str:
+    c = cell(values)
+    if c.n == 0:
+        return "missing"
+    return f"{c.mean * scale:.{digits}f}" + (f" ± {c.std * scale:.{digits}f}" if c.std is not None else "")
+
+
+def collaboration_table(runs: list[Run]) -> Table:
+    """Does C carry information the policy uses? Per condition (family, team, method, settings):
+    final validation accuracy with C and with C removed (the same policy), routing entropy H at the
+    first and last step, and each expert's utilisation u_i at the last step; mean ± std over seeds."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    for r in runs:
+        groups[(r.family, r.team, r.method, r.condition)].append(r)
+    keys = sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), k[1], _order(k[2], METHOD_ORDER), k[3]))
+    rows, raw, used = [], [], []
+    for key in keys:
+        rs = sorted(groups[key], key=lambda r: r.name)
+        family, team, method = key[:3]
+        others = [groups[k] for k in keys if k[:3] == key[:3] and k != key]
+        label = setting_label(family, team, rs, others).replace(" / ", f" / {method} / ", 1)
+        with_c = [r.final_accuracy for r in rs]
+        without = [r.summary.get("final_val_accuracy_without_context") for r in rs]
+        first = [r.metrics["routing/entropy"][0] for r in rs if "routing/entropy" in r.metrics.columns]
+        last = [r.metrics["routing/entropy"][-1] for r in rs if "routing/entropy" in r.metrics.columns]
+        util = [r.metrics["routing/utilization"][-1].to_list() for r in rs if "routing/utilization" in r.metrics.columns]
+        u = np.array(util, dtype=float) if util else None  # [seeds, n]
+        u_txt = ", ".join(f"{n}: {u[:, i].mean():.3f}" + (f" ± {u[:, i].std(ddof=1):.3f}" if len(u) > 1 else "")
+                          for i, n in enumerate(team)) if u is not None and u.shape[1] == len(team) else "—"
+        h_txt = f"{np.mean(first):.3f} → {np.mean(last):.3f}" if first else "—"
+        rows.append((label, [str(len(rs)), _mean_std(with_c), _mean_std(without) if any(v is not None for v in without)
+                             else "—", h_txt, u_txt]))
+        cw, cwo = cell(with_c), cell(without)
+        raw.append({"condition": label, "family": family, "method": method, "runs": ";".join(r.name for r in rs),
+                    "acc_with_c_mean": cw.mean, "acc_with_c_std": cw.std, "acc_without_c_mean": cwo.mean,
+                    "acc_without_c_std": cwo.std, "entropy_first": float(np.mean(first)) if first else None,
+                    "entropy_last": float(np.mean(last)) if last else None,
+                    **({f"u_last[{n}]": float(u[:, i].mean()) for i, n in enumerate(team)}
+                       if u is not None and u.shape[1] == len(team) else {})})
+        used += rs
+    return Table("Collaboration: accuracy with and without C, routing entropy, utilisation (mean ± std over seeds)",
+                 ["seeds", "val acc % (with C)", "val acc % (C removed)", "H first → last step",
+                  "u_i at the last step"], rows, raw, used,
+                 note="Accuracy is the final greedy validation accuracy; 'C removed' evaluates the same trained "
+                      "policy with no context tokens. H = ln n is a uniform attention over the n experts.")
 
 
 def cost_table(runs: list[Run]) -> Table:
@@ -163,10 +245,10 @@ def table_runs_md(t: Table) -> str:
         return "_computed from no runs_\n"
     lines = ["| run | method | family | seed | steps | cache | condition |", "|---|---|---|---|---|---|---|"]
     for r in sorted(t.sources, key=lambda r: r.name):
-        steps = int(r.metrics["step"].max()) if not r.metrics.is_empty() else 0
-        lines.append(f"| {r.name} | {r.method} | {r.family} | {r.config.get('seed')} | {steps} | "
+        lines.append(f"| {r.name} | {r.method} | {r.family} | {r.config.get('seed')} | {r.steps} | "
                      f"{str(r.config.get('cache_fingerprint', '?'))[:12]} | {r.condition} |")
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["Table", "table1", "table2", "spearman_table", "cost_table", "table_runs_md", "Cell"]
+__all__ = ["Table", "table1", "table2", "spearman_table", "cost_table", "collaboration_table", "table_runs_md", "Cell",
+           "method_runs"]

@@ -70,8 +70,9 @@ def test_table1_numbers(runs_dir):
 
 def test_table2_numbers(runs_dir):
     t = table2(load_runs([runs_dir]))
-    assert t.columns == ["last_token", "first_token", "random_token", "first_layer", "random_layer"]
-    assert t.rows[0][1] == ["70.00 ± 10.00 (n=3)", "30.00 ± 14.14 (n=2)", "missing", "missing", "missing"]
+    assert t.columns == ["last_token", "first_token", "random_token", "first_layer", "first_block", "random_layer"]
+    assert t.rows[0][1] == ["70.00 ± 10.00 (n=3)", "30.00 ± 14.14 (n=2)", "missing", "missing", "missing", "missing"]
+    assert "hidden_states[1]" in t.note and "draw seed % D" in t.note
 
 
 def test_runs_with_other_cache_are_not_pooled(tmp_path):
@@ -83,17 +84,71 @@ def test_runs_with_other_cache_are_not_pooled(tmp_path):
     assert len(t.rows) == 2
 
 
-def test_spearman_numbers(runs_dir, tmp_path):
-    # p-ar-*: reward increasing while entropy decreasing: rho = -1 exactly
+def test_spearman_numbers(tmp_path):
+    """rho per run of the method (perceiver, last-token pooling), averaged per setting; hard-routing's
+    router entropy and the pooling ablations do not enter the number printed next to the paper's."""
     root = tmp_path / "sp"
-    make_run(root, "r1", rewards=(0.1, 0.2, 0.3, 0.4), entropy=(1.0, 0.9, 0.8, 0.7))  # -1
-    make_run(root, "r2", rewards=(0.1, 0.3, 0.2, 0.4), entropy=(0.5, 0.6, 0.7, 0.8))  # ranks 1,3,2,4 vs 1,2,3,4: 0.8
-    make_run(root, "r3", rewards=(0.1, 0.1, 0.1, 0.1), entropy=(0.5, 0.6, 0.7, 0.8))  # constant: undefined
-    t, mean = spearman_table(load_runs([root]))
+    make_run(root, "r1", seed=0, rewards=(0.1, 0.2, 0.3, 0.4), entropy=(1.0, 0.9, 0.8, 0.7))  # -1
+    make_run(root, "r2", seed=1, rewards=(0.1, 0.3, 0.2, 0.4), entropy=(0.5, 0.6, 0.7, 0.8))  # ranks 1,3,2,4: 0.8
+    make_run(root, "r3", seed=2, rewards=(0.1, 0.1, 0.1, 0.1), entropy=(0.5, 0.6, 0.7, 0.8))  # constant: undefined
+    make_run(root, "hr", method="hard-routing", rewards=(0.1, 0.2, 0.3, 0.4), entropy=(0.4, 0.6, 0.7, 0.9))  # +1
+    make_run(root, "first", pooling="first_token", rewards=(0.1, 0.2, 0.3, 0.4), entropy=(0.4, 0.6, 0.7, 0.9))
+    make_run(root, "lo", family="logic", cache="c2", rewards=(0.1, 0.2, 0.3, 0.4), entropy=(0.9, 0.6, 0.7, 0.8))
+    t, means = spearman_table(load_runs([root]))
+    assert {r.name for r in t.sources} == {"r1", "r2", "r3", "lo"}
     rows = dict(t.rows)
-    assert rows["r1"][3] == "-1.000" and rows["r2"][3] == "+0.800" and rows["r3"][3] == "undefined"
-    assert mean == pytest.approx((-1 + 0.8) / 2)
+    ar, lo = "arithmetic / math, code, general", "logic / math, code, general"
+    assert set(rows) == {ar, lo}
+    assert rows[ar][0] == "3" and rows[ar][1] == "r1: -1.000, r2: +0.800, r3: undefined"
+    assert means[ar] == pytest.approx((-1 + 0.8) / 2) and rows[ar][2] == "-0.100"
+    assert means[lo] == pytest.approx(-0.2)  # ranks 1..4 vs 4,1,2,3: 1 - 6*12/(4*15)
     assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+
+
+def test_runs_of_different_lengths_are_different_conditions(tmp_path):
+    root = tmp_path / "len"
+    make_run(root, "long-0", method="single", seed=0, acc=0.6, rewards=(0.1, 0.2, 0.3, 0.4))
+    make_run(root, "long-1", method="single", seed=1, acc=0.8, rewards=(0.1, 0.2, 0.3, 0.4))
+    make_run(root, "short", method="single", seed=2, acc=0.1, rewards=(0.1, 0.2))  # --max-steps 2
+    t = table1(load_runs([root]))
+    cells = sorted(c for _, cs in t.rows for c in cs)
+    assert cells == ["10.00 (n=1)", "70.00 ± 14.14 (n=2)"]
+    # a resumed run that reached the same final step pools with the uninterrupted ones
+    make_run(root, "resumed", method="single", seed=3, acc=0.7, rewards=(0.1, 0.2, 0.3, 0.4))
+    (root / "resumed" / "summary.json").write_text(json.dumps({"method": "single", "seed": 3, "steps": 4,
+                                                               "final_val_accuracy": 0.7}))
+    t = table1(load_runs([root]))
+    assert "70.00 ± 10.00 (n=3)" in [c for _, cs in t.rows for c in cs]
+
+
+def test_figure5_reads_the_fixed_subset_curve(tmp_path):
+    from analyze.plots import context_curve, figure5
+
+    root = tmp_path / "f5"
+    d = make_run(root, "p", evals=False)
+    recs = [{"step": s, "split": "val", "n": 64, "kind": "curve", "accuracy": 0.1 * i, "reward": 0.1 * i,
+             "accuracy_without_context": 0.05 * i, "reward_without_context": 0.05 * i}
+            for i, s in enumerate((50, 100, 150, 200, 250, 300), start=1)]
+    recs.append({"step": 300, "split": "val", "n": 4000, "kind": "full", "accuracy": 0.9, "reward": 0.9,
+                 "accuracy_without_context": 0.2, "reward_without_context": 0.2})
+    (d / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    run = load_runs([root])[0]
+    curve = context_curve(run)
+    assert curve["step"].to_list() == [50, 100, 150, 200, 250, 300] and curve["n"].to_list() == [64] * 6
+    assert figure5([run], tmp_path / "f5.png") == [run] and (tmp_path / "f5.png").exists()
+
+
+def test_paper_preset_draws_figure5_as_a_curve():
+    """The paper preset's schedule gives Figure 5 at least 5 points per run (test_freq alone: 1)."""
+    from pathlib import Path
+
+    from train.config import load_train_config
+
+    for name in ("paper.yaml", "paper-gsm8k.yaml"):
+        cfg = load_train_config(str(Path(__file__).resolve().parents[1] / "configs" / "train" / name))
+        points = [s for s in range(1, cfg.total_training_steps + 1) if cfg.curve_freq and s % cfg.curve_freq == 0]
+        assert len(points) >= 5 and cfg.curve_prompts >= 32, name
+        assert cfg.eval_without_context
 
 
 def test_cost_table(runs_dir):
@@ -115,7 +170,7 @@ def test_report_files_and_figures(runs_dir, tmp_path):
     res = CliRunner().invoke(app, ["report", str(runs_dir), "--out", str(out)])
     assert res.exit_code == 0, res.output
     summary = (out / "summary.md").read_text()
-    assert "p-ar-0" in summary and "Mean Spearman" in summary and "c2" in summary
+    assert "p-ar-0" in summary and "Spearman ρ(reward, routing entropy), perceiver runs" in summary and "c2" in summary
     for f in ("table1", "table2", "spearman", "cost"):
         assert (out / f"{f}.md").exists() and (out / f"{f}.csv").read_text().strip()
     for f in ("figure4.png", "figure5.png", "figure6.png"):
@@ -130,3 +185,22 @@ def test_report_bad_input(tmp_path):
     (tmp_path / "empty").mkdir()
     res = CliRunner().invoke(app, ["report", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "no run folders" in res.output
+
+
+def test_collaboration_table_hand_worked(tmp_path):
+    from analyze.tables import collaboration_table
+
+    root = tmp_path / "co"
+    for s, (acc, wo, h) in enumerate(((0.6, 0.2, (1.0, 0.7)), (0.8, 0.4, (1.0, 0.5)))):
+        d = make_run(root, f"p{s}", seed=s, acc=acc, rewards=(0.1, 0.2), entropy=h)
+        summary = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**summary, "final_val_accuracy_without_context": wo}))
+    make_run(root, "s0", method="single", acc=0.3, rewards=(0.1, 0.2))
+    t = collaboration_table(load_runs([root]))
+    rows = dict(t.rows)
+    p = rows["arithmetic / perceiver / math, code, general"]
+    # acc: mean .7, sample std .1414; without C: .3 ± .1414; H: mean first 1.0, mean last .6
+    assert p[:4] == ["2", "70.0 ± 14.1", "30.0 ± 14.1", "1.000 → 0.600"]
+    assert p[4] == "math: 0.500 ± 0.000, code: 0.300 ± 0.000, general: 0.200 ± 0.000"
+    assert rows["arithmetic / single / math, code, general"][:4] == ["1", "30.0", "—", "—"]
+    assert (tmp_path / "co").exists() and {r["method"] for r in t.raw} == {"perceiver", "single"}
