@@ -9,7 +9,9 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from pipeline.config import MuskError, sha256_of
+from cache.run_folder import CONFIG, EVAL, METRICS, RunFolder
+from core.errors import MuskError
+from core.hashing import sha256_of
 
 # Keys of the resolved config that never make two runs different conditions. total_training_steps
 # is replaced by the step the run reached (`Run.steps`): a run cut short with --max-steps is its own
@@ -60,15 +62,12 @@ class Run:
         return self.summary.get("final_val_accuracy")
 
 
-def _read_jsonl(path: Path) -> pl.DataFrame:
-    if not path.exists() or not path.read_text().strip():
-        return pl.DataFrame()
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    return pl.DataFrame(rows, infer_schema_length=None)
+def _frame(rows: list[dict]) -> pl.DataFrame:
+    return pl.DataFrame(rows, infer_schema_length=None) if rows else pl.DataFrame()
 
 
 def is_run(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file()
+    return RunFolder(path).is_run()
 
 
 def discover(paths: list[Path]) -> list[Path]:
@@ -81,7 +80,7 @@ def discover(paths: list[Path]) -> list[Path]:
         if is_run(p):
             found.append(p)
             continue
-        found += sorted(d.parent for d in p.rglob("config.yaml") if is_run(d.parent))
+        found += sorted(d.parent for d in p.rglob(CONFIG) if is_run(d.parent))
     unique = sorted(set(found))
     if not unique:
         raise MuskError(f"no run folders (config.yaml + metrics.jsonl) under {[str(p) for p in paths]}")
@@ -89,16 +88,16 @@ def discover(paths: list[Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> Run:
+    folder = RunFolder(path)
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text())
+        config = folder.read_config()
     except yaml.YAMLError as e:
         raise MuskError(f"run {str(path)!r}: config.yaml is not valid YAML: {e}") from None
-    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
     try:
-        metrics = _read_jsonl(path / "metrics.jsonl")
-        evals = _read_jsonl(path / "eval.jsonl")
+        summary = folder.read_summary()
+        metrics, evals = _frame(folder.read(METRICS)), _frame(folder.read(EVAL))
     except (ValueError, json.JSONDecodeError) as e:
-        raise MuskError(f"run {str(path)!r}: a .jsonl file is not valid JSON lines: {e}") from None
+        raise MuskError(f"run {str(path)!r}: summary.json or a .jsonl file is not valid JSON: {e}") from None
     return Run(path.name, path, config, summary, metrics, evals)
 
 

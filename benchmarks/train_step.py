@@ -16,7 +16,6 @@ a folder, or `shape:qwen2.5-3b` for a random-init model of that exact shape (pap
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -29,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.reader import Cache  # noqa: E402
+from cache.run_folder import METRICS, RunFolder  # noqa: E402
 from pipeline.experts import load_expert, resolve_dtype, resolve_expert  # noqa: E402
-from pipeline.extract import _pad, expert_forward_pool, load_extract_config, run_extract, tokenize_prompts  # noqa: E402
+from pipeline.extract import pad_ids, expert_forward_pool, load_extract_config, run_extract, tokenize_prompts  # noqa: E402
 from pipeline.pooling import seeded_indices  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 from train.loop import run_train  # noqa: E402
@@ -66,7 +66,7 @@ class OnlineExperts:
             ids, _ = tokenize_prompts(tok, [SimpleNamespace(text=self.texts[i]) for i in idx])
             n = np.array([len(x) for x in ids])
             rti, rli = seeded_indices(0, spec.name, n, int(model.config.get_text_config().num_hidden_layers))
-            bid, mask = _pad(ids, tok.pad_token_id, "right")
+            bid, mask = pad_ids(ids, tok.pad_token_id, "right")
             pooled = expert_forward_pool(model.base_model, bid.to(self.device), mask.to(self.device),
                                          torch.from_numpy(rti).to(self.device), torch.from_numpy(rli))
             out.append(pooled[self.pooling].clone())  # a normal tensor: the adapter takes gradients
@@ -146,7 +146,7 @@ def main():
                         features=fn)
         held = fn.gib if fn else 0.0
         del fn
-        m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][1:]
+        m = RunFolder(run).read(METRICS)[1:]
         key = method if n is None else f"perceiver n={n}" + (" online" if online else "")
         results[key] = {"step_s": statistics.median(r["step_seconds"] for r in m),
                         "tokens": statistics.median(r["completion_tokens"] for r in m),

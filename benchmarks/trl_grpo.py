@@ -15,7 +15,6 @@ TRL defaults to on, which trades time for memory). Medians of steps 2..N (step 1
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.reader import Cache  # noqa: E402
-from pipeline.config import from_dict  # noqa: E402
+from cache.run_folder import METRICS, RunFolder  # noqa: E402
+from core.config import from_dict  # noqa: E402
 from pipeline.experts import load_expert, resolve_dtype  # noqa: E402
 from pipeline.extract import load_extract_config, run_extract  # noqa: E402
 from pipeline.tasks import TaskConfig  # noqa: E402
@@ -39,7 +39,7 @@ from train.rewards import score  # noqa: E402
 
 def musk_steps(cfg, cache: Path, out: Path) -> list[dict]:
     run = run_train(cfg, cache, out, progress=False, log=lambda *a: None)
-    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return RunFolder(run).read(METRICS)
 
 
 def trl_steps(cfg, cache: Path, out: Path) -> list[float]:

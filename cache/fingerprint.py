@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from pipeline.config import sha256_of
+from core.hashing import sha256_of
 
 from cache.schema import SCHEMA_VERSION
 

@@ -10,7 +10,7 @@ import numpy as np
 
 from cache.schema import (EXPERT_ATTRS, POOLED, PROMPT_COLUMNS, RANDOM_VARIANTS, READABLE_SCHEMAS,
                           SCHEMA_1_VARIANTS)
-from pipeline.config import MuskError
+from core.errors import MuskError
 
 
 def _str_list(ds) -> list[str]:

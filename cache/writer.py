@@ -16,7 +16,6 @@ the rerun picks up; the content equals an uninterrupted run's because batches ar
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import h5py
 import numpy as np
 
 from cache.schema import SCHEMA_VERSION, versions
+from core.atomic import atomic_path, atomic_write_bytes
 
 STR = h5py.string_dtype("utf-8")
 
@@ -43,7 +43,7 @@ class PartsStore:
                 shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         if not manifest.exists():
-            _atomic_write_bytes(manifest, json.dumps({"data_fingerprint": data_fp}).encode())
+            atomic_write_bytes(manifest, json.dumps({"data_fingerprint": data_fp}).encode())
 
     def _path(self, group: str, kind: str, batch: int) -> Path:
         return self.root / group / f"{kind}_{batch:06d}.npz"
@@ -52,21 +52,15 @@ class PartsStore:
         return self._path(group, kind, batch).exists()
 
     def save(self, group: str, kind: str, batch: int, **arrays: np.ndarray) -> None:
-        p = self._path(group, kind, batch)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
+        with atomic_path(self._path(group, kind, batch)) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)  # a file object: np.savez would append .npz to a path
 
     def load(self, group: str, kind: str, batch: int) -> dict[str, np.ndarray]:
         with np.load(self._path(group, kind, batch), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
 
     def save_prompts(self, prompts: list[dict]) -> None:
-        _atomic_write_bytes(self.root / "prompts.json", json.dumps(prompts).encode())
+        atomic_write_bytes(self.root / "prompts.json", json.dumps(prompts).encode())
 
     def load_prompts(self) -> list[dict] | None:
         p = self.root / "prompts.json"
@@ -74,12 +68,6 @@ class PartsStore:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _h5_strings(values) -> np.ndarray:
@@ -101,41 +89,35 @@ def assemble(
     experts: (name, attrs, datasets) per new expert; routers: (encoder, attrs, embedding).
     """
     out = Path(out)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    if tmp.exists():
-        tmp.unlink()
-    if out.exists():
-        shutil.copyfile(out, tmp)
-    try:
+    with atomic_path(out) as tmp:
+        if out.exists():
+            shutil.copyfile(out, tmp)
         with h5py.File(tmp, "a") as f:
             f.attrs["complete"] = False
-            if prompts is not None:
-                g = f.require_group("prompts")
-                for col, values in prompts.items():
-                    g.create_dataset(col, data=_h5_strings(values), dtype=STR)
-            for name, attrs, arrays in experts:
-                g = f.require_group("experts").create_group(name)
-                for k, v in attrs.items():
-                    g.attrs[k] = v
-                for k, v in arrays.items():
-                    if v.dtype.kind in ("U", "O"):
-                        g.create_dataset(k, data=_h5_strings(v), dtype=STR)
-                    else:
-                        g.create_dataset(k, data=v)
-            for name, attrs, emb in routers:
-                g = f.require_group("router").create_group(name)
-                for k, v in attrs.items():
-                    g.attrs[k] = v
-                g.create_dataset("embedding", data=emb.astype(np.float32))
+            _write_groups(f, prompts, experts, routers)
             f.attrs["musk_schema"] = SCHEMA_VERSION
             f.attrs["versions"] = versions()
             for k, v in root_attrs.items():
                 f.attrs[k] = v
             f.attrs["complete"] = True
-            f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+
+def _write_groups(f: h5py.File, prompts, experts, routers) -> None:
+    if prompts is not None:
+        g = f.require_group("prompts")
+        for col, values in prompts.items():
+            g.create_dataset(col, data=_h5_strings(values), dtype=STR)
+    for name, attrs, arrays in experts:
+        g = f.require_group("experts").create_group(name)
+        for k, v in attrs.items():
+            g.attrs[k] = v
+        for k, v in arrays.items():
+            if v.dtype.kind in ("U", "O"):
+                g.create_dataset(k, data=_h5_strings(v), dtype=STR)
+            else:
+                g.create_dataset(k, data=v)
+    for name, attrs, emb in routers:
+        g = f.require_group("router").create_group(name)
+        for k, v in attrs.items():
+            g.attrs[k] = v
+        g.create_dataset("embedding", data=emb.astype(np.float32))

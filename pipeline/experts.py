@@ -11,15 +11,16 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from pipeline.config import MuskError, from_dict, sha256_of
+from core.atomic import atomic_path, atomic_write_text
+from core.errors import MuskError
+from core.config import from_dict
+from core.hashing import musk_home, sha256_file, sha256_of
 from pipeline.probes import PROBE_KINDS, probe_config
 
 PLAIN_FORMAT = "Question: {question}\nAnswer:"
@@ -50,21 +51,29 @@ class ExpertSpec:
             raise MuskError(f"expert name {self.name!r} must be non-empty and hold no '/'")
         if self.kind not in KINDS:
             raise MuskError(f"expert {self.name!r}: unknown kind {self.kind!r}; choices: {sorted(KINDS)}")
-        if self.kind == "gguf-package" and self.model not in GGUF_PACKAGES:
-            raise MuskError(
-                f"expert {self.name!r}: unknown GGUF package {self.model!r}; choices: {sorted(GGUF_PACKAGES)}"
-            )
-        if self.kind == "random" and self.model not in RANDOM_ARCHS:
-            raise MuskError(
-                f"expert {self.name!r}: unknown random architecture {self.model!r}; choices: {sorted(RANDOM_ARCHS)}"
-            )
-        if self.kind in PROBE_KINDS:
-            probe_config(self)  # raises on unknown keys or values
-            if not self.model:
-                raise MuskError(f"expert {self.name!r}: a probe needs `model`, the reference LM of its encoding")
+        KINDS[self.kind].check(self)
 
 
-KINDS = ("hf", "gguf", "gguf-package", "random", *PROBE_KINDS)
+def _check_none(spec: ExpertSpec) -> None:
+    pass
+
+
+def _check_package(spec: ExpertSpec) -> None:
+    if spec.model not in GGUF_PACKAGES:
+        raise MuskError(f"expert {spec.name!r}: unknown GGUF package {spec.model!r}; choices: {sorted(GGUF_PACKAGES)}")
+
+
+def _check_random(spec: ExpertSpec) -> None:
+    if spec.model not in RANDOM_ARCHS:
+        raise MuskError(
+            f"expert {spec.name!r}: unknown random architecture {spec.model!r}; choices: {sorted(RANDOM_ARCHS)}"
+        )
+
+
+def _check_probe(spec: ExpertSpec) -> None:
+    probe_config(spec)  # raises on unknown keys or values
+    if not spec.model:
+        raise MuskError(f"expert {spec.name!r}: a probe needs `model`, the reference LM of its encoding")
 
 
 def _smollm2_gguf() -> Path:
@@ -84,9 +93,8 @@ def _gemma3_gguf() -> Path:
         ) from None
     target = musk_home() / "gguf" / g.MODEL_NAME
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = g.assemble(target.with_suffix(".partial"), overwrite=True)
-        os.replace(tmp, target)
+        with atomic_path(target) as tmp:
+            g.assemble(tmp, overwrite=True)
     return target
 
 
@@ -151,36 +159,6 @@ def resolve_expert(item: Any, where: str = "experts") -> ExpertSpec:
     raise MuskError(f"{where}: expected an expert name or mapping, got {item!r}")
 
 
-def musk_home() -> Path:
-    """Where musk keeps converted models and hash memos (MUSK_HOME, default ~/.cache/musk)."""
-    return Path(os.environ.get("MUSK_HOME", Path.home() / ".cache" / "musk"))
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight hashes (file hashes, memoised by path+size+mtime so a 15 GB model is hashed once).
-
-
-def _sha256_file(path: Path) -> str:
-    memo_path = musk_home() / "sha256-memo.json"
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if key in memo:
-        return memo[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    memo[key] = digest
-    memo_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(memo))
-    os.replace(tmp, memo_path)
-    return digest
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -239,21 +217,31 @@ def reference_spec(spec: ExpertSpec) -> ExpertSpec:
 
 def weights_sha256(spec: ExpertSpec) -> str:
     """Hash of the weights that determine the expert's outputs, computed without loading the model."""
-    if spec.kind in PROBE_KINDS:  # a probe's numbers come from its reference LM's embeddings (and its spec)
-        return sha256_of({"probe": spec.kind, "reference": weights_sha256(reference_spec(spec))})
-    if spec.kind == "random":
-        model, _ = _build_random(spec)
-        h = hashlib.sha256()
-        for k, v in sorted(model.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().float().contiguous().numpy().tobytes())
-        return h.hexdigest()
-    if spec.kind in ("gguf", "gguf-package"):
-        return _sha256_file(gguf_path(spec))
+    return KINDS[spec.kind].weights_sha256(spec)
+
+
+def _probe_sha(spec: ExpertSpec) -> str:  # a probe's numbers come from its reference LM's embeddings (and its spec)
+    return sha256_of({"probe": spec.kind, "reference": weights_sha256(reference_spec(spec))})
+
+
+def _random_sha(spec: ExpertSpec) -> str:
+    model, _ = _build_random(spec)
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _gguf_sha(spec: ExpertSpec) -> str:
+    return sha256_file(gguf_path(spec))
+
+
+def _hf_sha(spec: ExpertSpec) -> str:
     h = hashlib.sha256()
     for f in _weight_files(_hf_folder(spec)):
         h.update(f.name.encode())
-        h.update(_sha256_file(f).encode())
+        h.update(sha256_file(f).encode())
     return h.hexdigest()
 
 
@@ -315,9 +303,7 @@ def _drop_gguf_quantization(config_json: Path) -> None:
     if cfg.get("quantization_config", {}).get("quant_method") != "gguf":
         return
     del cfg["quantization_config"]
-    tmp = config_json.with_name(f"config.json.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, config_json)
+    atomic_write_text(config_json, json.dumps(cfg, indent=2))
 
 
 def materialize_gguf(path: Path, sha: str) -> Path:
@@ -343,31 +329,55 @@ def materialize_gguf(path: Path, sha: str) -> Path:
     missing = [k for k in missing if "lm_head" not in k]  # tied head
     if missing or unexpected:
         raise MuskError(f"GGUF conversion of {path.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    fresh.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "musk_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha}))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(target, directory=True, replace=False) as tmp:  # another process may win the race
+        fresh.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "musk_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha}))
     return target
+
+
+def _gguf_folder(spec: ExpertSpec) -> Path:
+    p = gguf_path(spec)
+    return materialize_gguf(p, sha256_file(p))
+
+
+def _no_model(spec: ExpertSpec):
+    raise MuskError(f"expert {spec.name!r} ({spec.kind}) is built in code from its reference LM and has no model "
+                    "to load; load its reference (pipeline.experts.reference_spec) instead")
+
+
+@dataclass(frozen=True)
+class ExpertKind:
+    """How one kind of expert is checked, hashed and loaded: one registry entry per kind."""
+
+    check: Callable[[ExpertSpec], None]
+    """Raises MuskError on a spec this kind cannot use (beyond the dataclass's own checks)."""
+    weights_sha256: Callable[[ExpertSpec], str]
+    """Hash of what determines the expert's outputs, without loading a model."""
+    folder: Callable[[ExpertSpec], Path] | None
+    """The transformers folder to load (downloaded, converted or local); None: built in code by `build`."""
+    build: Callable[[ExpertSpec], tuple] | None = None
+    """(model, tokenizer) built in code, for kinds without a folder."""
+
+
+KINDS: dict[str, ExpertKind] = {
+    "hf": ExpertKind(_check_none, _hf_sha, _hf_folder),
+    "gguf": ExpertKind(_check_none, _gguf_sha, _gguf_folder),
+    "gguf-package": ExpertKind(_check_package, _gguf_sha, _gguf_folder),
+    "random": ExpertKind(_check_random, _random_sha, None, _build_random),
+    **{k: ExpertKind(_check_probe, _probe_sha, None, _no_model) for k in PROBE_KINDS},
+}
 
 
 def load_expert(spec: ExpertSpec, dtype: torch.dtype, device: str = "cpu", tokenizer_only: bool = False):
     """(model, tokenizer) in eval mode with gradients off; tokenizer pads on the right."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if spec.kind == "random":
-        model, tok = _build_random(spec)
+    kind = KINDS[spec.kind]
+    if kind.folder is None:
+        model, tok = kind.build(spec)
     else:
-        if spec.kind in ("gguf", "gguf-package"):
-            p = gguf_path(spec)
-            folder = materialize_gguf(p, _sha256_file(p))
-        else:
-            folder = _hf_folder(spec)
+        folder = kind.folder(spec)
         try:
             tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.trust_remote_code)
             if tokenizer_only:

@@ -23,7 +23,9 @@ from cache import fingerprint as fp
 from cache.reader import Cache
 from cache.schema import PROMPT_COLUMNS, SCHEMA_VERSION
 from cache.writer import PartsStore, assemble
-from pipeline.config import MuskError, dump_yaml, from_dict, load_yaml, merge, sha256_of, to_dict
+from core.errors import MuskError
+from core.config import dump_yaml, from_dict, load_yaml, merge, to_dict
+from core.hashing import sha256_file, sha256_of
 from pipeline.experts import (
     ExpertSpec,
     format_prompt,
@@ -33,7 +35,6 @@ from pipeline.experts import (
     resolve_dtype,
     resolve_expert,
     weights_sha256,
-    _sha256_file,
 )
 from pipeline.generation import decode, eos_ids, generate, positions
 from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_indices
@@ -87,8 +88,8 @@ class ExtractConfig:
     """Run the leading tokens all prompts share (chat template, system prompt, instruction) once and
     reuse their KV cache in every batch: same vectors up to rounding, fewer tokens computed."""
     compile: bool = False
-    """torch.compile each expert's backbone (dynamic shapes): ~1.2x faster features on a CPU after a
-    one-off compile of 90-180 s per expert; pays off on large caches, not on the embedded default."""
+    """torch.compile each expert's backbone (dynamic shapes): faster features after a one-off compile per
+    expert (README, Performance); pays off on large caches, not on the embedded default."""
 
     def validate(self) -> None:
         if not self.experts:
@@ -140,7 +141,7 @@ def load_extract_config(path: str | None, overrides: dict | None = None) -> Extr
 # ---------------------------------------------------------------------------------------------
 
 
-def _pad(batch_ids: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_ids(batch_ids: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
     T = max(len(x) for x in batch_ids)
     ids = torch.full((len(batch_ids), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch_ids), T), dtype=torch.long)
@@ -235,7 +236,7 @@ def feature_batches(backbone, ids: list[list[int]], pad_id: int, rti: np.ndarray
         if prefix is None and P > 0:
             prefix = run_prefix(backbone, ids[0][:P], device)
         side = "right" if P > 0 else padding_side  # see expert_forward_pool
-        bid, mask = _pad([ids[i][P:] for i in rows], pad_id, side)
+        bid, mask = pad_ids([ids[i][P:] for i in rows], pad_id, side)
         yield b, rows, expert_forward_pool(backbone, bid.to(device), mask.to(device),
                                            torch.from_numpy(rti[rows]).to(device), torch.from_numpy(rli[rows]),
                                            prefix)  # rti, rli: [N, D] (D seeded draws)
@@ -306,7 +307,7 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
         hint_tokens = np.zeros(N, dtype=np.int64)  # generated tokens per hint (cost accounting)
         for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
             if not parts.has(group, "hint", b):
-                bid, mask = _pad([ids[i] for i in rows], tok.pad_token_id, "left")  # generation: left
+                bid, mask = pad_ids([ids[i] for i in rows], tok.pad_token_id, "left")  # generation: left
                 with torch.inference_mode():
                     emb = model.get_input_embeddings()(bid.to(device))
                     gen, live = generate(model, emb, mask.to(device), cfg.hint_max_new_tokens, eos,
@@ -363,7 +364,7 @@ def _router_sha(spec: RouterSpec) -> str:
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
         raise MuskError(f"router folder {str(folder)!r} holds no weights")
-    return sha256_of([_sha256_file(f) for f in files])
+    return sha256_of([sha256_file(f) for f in files])
 
 
 def _extract_router(cfg, spec: RouterSpec, prompts, parts, group, device, bar) -> np.ndarray:
@@ -388,110 +389,132 @@ def _extract_router(cfg, spec: RouterSpec, prompts, parts, group, device, bar) -
     return out
 
 
+@dataclass
+class ExtractPlan:
+    """What a run of `musk extract` has to do, decided from fingerprints alone (no model loaded)."""
+
+    data_fp: str
+    weights: dict[str, str]  # expert -> weights sha256
+    expert_fps: dict[str, str]
+    router_fps: dict[str, str]
+    todo: list[ExpertSpec]  # experts the cache lacks
+    todo_router: RouterSpec | None
+    root_fp: str
+
+
+def _existing_groups(out: Path, data_fp: str, expert_fps: dict, router_fps: dict) -> tuple[dict, dict]:
+    """Fingerprints of the experts and routers `out` already holds; refuses a cache that would mix
+    with this config (other schema, other prompts, an expert made otherwise, an expert not listed)."""
+    if not out.exists():
+        return {}, {}
+    with Cache(out, allow_incomplete=True) as c:
+        if c.schema != SCHEMA_VERSION:
+            raise MuskError(
+                f"cache {str(out)!r} was written with schema {c.schema}; this musk writes schema "
+                f"{SCHEMA_VERSION} (several random-pooling draws, first_block) and cannot add to it. "
+                "Extract into another --out (training still reads the old cache as one draw)."
+            )
+        if c.data_fingerprint != data_fp:
+            raise MuskError(
+                f"cache {str(out)!r} was built from another task config or limit (data fingerprint "
+                f"{c.data_fingerprint[:12]} vs {data_fp[:12]}); refusing to mix them. Use another --out."
+            )
+        experts = {n: c.expert_fingerprint(n) for n in c.experts}
+        routers = {n: c.router_fingerprint(n) for n in c.routers}
+    extra = sorted(set(experts) - set(expert_fps))
+    if extra:
+        raise MuskError(f"cache {str(out)!r} holds experts {extra} that this config does not list; "
+                        "add them back to the config or use another --out")
+    for n, f in experts.items():
+        if f != expert_fps[n]:
+            raise MuskError(
+                f"cache {str(out)!r}: expert {n!r} was extracted with another spec, weights or settings "
+                f"(fingerprint {f[:12]} vs {expert_fps[n][:12]}); refusing to mix. Use another --out."
+            )
+    for n, f in routers.items():
+        if n in router_fps and f != router_fps[n]:
+            raise MuskError(f"cache {str(out)!r}: router {n!r} differs from the config's; use another --out")
+    return experts, routers
+
+
+def plan_extract(cfg: ExtractConfig, out: Path, dtype: torch.dtype) -> ExtractPlan:
+    data_fp = fp.data_fingerprint(cfg.task, cfg.limit)
+    settings = cfg.content_settings(dtype)
+    weights = {s.name: weights_sha256(s) for s in cfg.experts}  # hashed from files, memoised
+    expert_fps = {s.name: fp.expert_fingerprint(data_fp, s, weights[s.name], settings) for s in cfg.experts}
+    router_fps = {}
+    if cfg.router is not None:
+        router_fps[cfg.router.name] = fp.router_fingerprint(data_fp, cfg.router, _router_sha(cfg.router))
+    have_experts, have_routers = _existing_groups(out, data_fp, expert_fps, router_fps)
+    todo_router = cfg.router if (cfg.router is not None and cfg.router.name not in have_routers) else None
+    return ExtractPlan(data_fp, weights, expert_fps, router_fps,
+                       [s for s in cfg.experts if s.name not in have_experts], todo_router,
+                       fp.root_fingerprint(data_fp, expert_fps, {**have_routers, **router_fps}))
+
+
+def _prompts_for(cfg: ExtractConfig, out: Path, parts: PartsStore) -> list[Prompt]:
+    """Prompts are generated once per cache and never again: some reasoning-gym generators
+    (polynomial_multiplication) give other prompts for the same seed in another process, so a
+    resumed run reads the prompts its finished batches were computed on, and a cache that gets a
+    new expert reads its own prompts."""
+    if out.exists():
+        with Cache(out) as c:
+            cols = c.prompts()
+        return [Prompt(**{k: cols[k][i] for k in PROMPT_COLUMNS}) for i in range(len(cols["text"]))]
+    if (saved := parts.load_prompts()) is not None:
+        return [Prompt(**p) for p in saved]
+    prompts = build_prompts(cfg.task, cfg.limit)
+    parts.save_prompts([p.__dict__ for p in prompts])
+    return prompts
+
+
+def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt], parts: PartsStore,
+                    device: str, dtype: torch.dtype, progress: bool) -> tuple[list, list]:
+    """(new expert groups, new router groups) for `assemble`: every missing expert once over every prompt."""
+    N = len(prompts)
+    total = N * sum(1 + int(cfg.hints) for _ in plan.todo) + (N if plan.todo_router else 0)
+    new_experts, new_routers = [], []
+    with tqdm(total=total, desc="extract", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+        for spec in plan.todo:
+            bar.set_postfix_str(spec.name)
+            fpr = plan.expert_fps[spec.name]
+            attrs, arrays = _extract_expert(cfg, spec, prompts, parts, f"expert-{fpr[:16]}", device, dtype, bar)
+            new_experts.append((spec.name, {**attrs, "weights_sha256": plan.weights[spec.name], "fingerprint": fpr},
+                                arrays))
+        if (r := plan.todo_router) is not None:
+            bar.set_postfix_str(r.name)
+            emb = _extract_router(cfg, r, prompts, parts, f"router-{plan.router_fps[r.name][:16]}", device, bar)
+            attrs = {"source": r.source, "weights_sha256": _router_sha(r), "fingerprint": plan.router_fps[r.name]}
+            new_routers.append((r.name, attrs, emb))
+    return new_experts, new_routers
+
+
 def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     """Build or complete the cache of `cfg`. Returns its path. Never writes over a good cache
     unless the result is that cache plus new experts."""
     out = cfg.out_path()
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    data_fp = fp.data_fingerprint(cfg.task, cfg.limit)
-    settings = cfg.content_settings(dtype)
-
-    # Fingerprints need no model load (weights are hashed from files, memoised).
-    weights = {s.name: weights_sha256(s) for s in cfg.experts}
-    expert_fps = {s.name: fp.expert_fingerprint(data_fp, s, weights[s.name], settings) for s in cfg.experts}
-    router_fps = {}
-    if cfg.router is not None:
-        router_fps[cfg.router.name] = fp.router_fingerprint(data_fp, cfg.router, _router_sha(cfg.router))
-
-    existing_experts: dict[str, str] = {}
-    existing_routers: dict[str, str] = {}
-    if out.exists():
-        with Cache(out, allow_incomplete=True) as c:
-            if c.schema != SCHEMA_VERSION:
-                raise MuskError(
-                    f"cache {str(out)!r} was written with schema {c.schema}; this musk writes schema "
-                    f"{SCHEMA_VERSION} (several random-pooling draws, first_block) and cannot add to it. "
-                    "Extract into another --out (training still reads the old cache as one draw)."
-                )
-            if c.data_fingerprint != data_fp:
-                raise MuskError(
-                    f"cache {str(out)!r} was built from another task config or limit (data fingerprint "
-                    f"{c.data_fingerprint[:12]} vs {data_fp[:12]}); refusing to mix them. Use another --out."
-                )
-            existing_experts = {n: c.expert_fingerprint(n) for n in c.experts}
-            existing_routers = {n: c.router_fingerprint(n) for n in c.routers}
-        extra = sorted(set(existing_experts) - set(expert_fps))
-        if extra:
-            raise MuskError(
-                f"cache {str(out)!r} holds experts {extra} that this config does not list; "
-                "add them back to the config or use another --out"
-            )
-        for n, f in existing_experts.items():
-            if f != expert_fps[n]:
-                raise MuskError(
-                    f"cache {str(out)!r}: expert {n!r} was extracted with another spec, weights or settings "
-                    f"(fingerprint {f[:12]} vs {expert_fps[n][:12]}); refusing to mix. Use another --out."
-                )
-        for n, f in existing_routers.items():
-            if n in router_fps and f != router_fps[n]:
-                raise MuskError(f"cache {str(out)!r}: router {n!r} differs from the config's; use another --out")
-
-    todo = [s for s in cfg.experts if s.name not in existing_experts]
-    todo_router = cfg.router if (cfg.router is not None and cfg.router.name not in existing_routers) else None
-    all_routers = {**existing_routers, **router_fps}
-    root_fp = fp.root_fingerprint(data_fp, expert_fps, all_routers)
-    if not todo and todo_router is None:
-        log(f"cache {out} is complete and up to date (fingerprint {root_fp[:12]}); nothing to do")
+    plan = plan_extract(cfg, out, dtype)
+    if not plan.todo and plan.todo_router is None:
+        log(f"cache {out} is complete and up to date (fingerprint {plan.root_fp[:12]}); nothing to do")
         return out
 
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    parts = PartsStore(out, data_fp)
-    # Prompts are generated once per cache and never again: some reasoning-gym generators
-    # (polynomial_multiplication) give other prompts for the same seed in another process, so a
-    # resumed run reads the prompts its finished batches were computed on, and a cache that gets a
-    # new expert reads its own prompts.
-    if out.exists():
-        with Cache(out) as c:
-            cols = c.prompts()
-        prompts = [Prompt(**{k: cols[k][i] for k in PROMPT_COLUMNS}) for i in range(len(cols["text"]))]
-    elif (saved := parts.load_prompts()) is not None:
-        prompts = [Prompt(**p) for p in saved]
-    else:
-        prompts = build_prompts(cfg.task, cfg.limit)
-        parts.save_prompts([p.__dict__ for p in prompts])
-    N = len(prompts)
-    total = N * sum(1 + int(cfg.hints) for _ in todo) + (N if todo_router else 0)
-    new_experts, new_routers = [], []
-    with tqdm(total=total, desc="extract", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
-        for spec in todo:
-            bar.set_postfix_str(spec.name)
-            attrs, arrays = _extract_expert(cfg, spec, prompts, parts, f"expert-{expert_fps[spec.name][:16]}",
-                                            device, dtype, bar)
-            attrs["weights_sha256"] = weights[spec.name]
-            attrs["fingerprint"] = expert_fps[spec.name]
-            new_experts.append((spec.name, attrs, arrays))
-        if todo_router is not None:
-            bar.set_postfix_str(todo_router.name)
-            emb = _extract_router(cfg, todo_router, prompts, parts, f"router-{router_fps[todo_router.name][:16]}",
-                                  device, bar)
-            attrs = {"source": todo_router.source, "weights_sha256": _router_sha(todo_router),
-                     "fingerprint": router_fps[todo_router.name]}
-            new_routers.append((todo_router.name, attrs, emb))
-
-    prompt_cols = None
-    if not out.exists():
-        prompt_cols = {c: [getattr(p, c) for p in prompts] for c in PROMPT_COLUMNS}
+    parts = PartsStore(out, plan.data_fp)
+    prompts = _prompts_for(cfg, out, parts)
+    new_experts, new_routers = _compute_groups(cfg, plan, prompts, parts, device, dtype, progress)
+    prompt_cols = None if out.exists() else {c: [getattr(p, c) for p in prompts] for c in PROMPT_COLUMNS}
     root_attrs = {
-        "fingerprint": root_fp,
-        "data_fingerprint": data_fp,
+        "fingerprint": plan.root_fp,
+        "data_fingerprint": plan.data_fp,
         "config": dump_yaml(replace(cfg, out=str(out))),
         "expert_order": json.dumps([s.name for s in cfg.experts]),
     }
     assemble(out, prompts=prompt_cols, experts=new_experts, routers=new_routers, root_attrs=root_attrs)
     parts.remove()
-    log(f"wrote {out}: {N} prompts, experts {[s.name for s in cfg.experts]}, "
-        f"computed {[s.name for s in todo]}{' + router' if todo_router else ''} in {time.time() - t0:.1f}s "
-        f"(fingerprint {root_fp[:12]})")
+    log(f"wrote {out}: {len(prompts)} prompts, experts {[s.name for s in cfg.experts]}, "
+        f"computed {[s.name for s in plan.todo]}{' + router' if plan.todo_router else ''} in "
+        f"{time.time() - t0:.1f}s (fingerprint {plan.root_fp[:12]})")
     return out

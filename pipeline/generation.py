@@ -2,7 +2,7 @@
 
 The LM head is applied by hand to contiguous 2-D hidden states: transformers' `logits_to_keep`
 hands `F.linear` a non-contiguous 3-D slice, which PyTorch turns into a batched matmul against a
-copy of the whole [V, d] head per row (6 s for one Gemma-3 prefill of 8 prompts on this CPU).
+copy of the whole [V, d] head per row (README, Design notes, gives the cost measured on Gemma-3).
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def eos_ids(lm, tok) -> list[int]:
 def sample_rows(probs: torch.Tensor) -> torch.Tensor:
     """One draw per row of probs [N, V] by inverse CDF, from one uniform per row of torch's RNG.
 
-    torch.multinomial draws V exponentials per row on a CPU (7 ms a decode step for 8 x 49k, more
-    than the rest of the sampling); this draws N uniforms. Zero-probability tokens are never drawn.
+    torch.multinomial draws V exponentials per row on a CPU (more than the rest of the sampling costs,
+    README "Decoding"); this draws N uniforms. Zero-probability tokens are never drawn.
     """
     cdf = probs.double().cumsum(-1)  # [N, V]
     u = torch.rand(probs.shape[0], 1, dtype=torch.float64, device=probs.device) * cdf[:, -1:]

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.config import MuskError, from_dict
+from core.errors import MuskError
+from core.config import from_dict
 
 PROBE_KINDS = ("probe-oracle", "probe-noise")
 ENCODINGS = ("token-embeddings", "random-code")

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.config import MuskError
+from core.errors import MuskError
 
 # ---------------------------------------------------------------------------------------------
 # Registry. Each Reasoning Gym family maps dataset name -> {"weight": w, "config": {...}}.

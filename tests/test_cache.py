@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from cache.reader import Cache
-from pipeline.config import MuskError
+from core.errors import MuskError
 from pipeline.extract import load_extract_config, run_extract
 from tests.helpers import ROOT, TINY_LLAMA, tiny_extract_config, write_yaml
 

@@ -4,7 +4,7 @@ import fnmatch
 
 import pytest
 
-from pipeline.config import MuskError
+from core.errors import MuskError
 from pipeline.experts import ExpertSpec, _hf_folder
 
 

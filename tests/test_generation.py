@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.experts import ExpertSpec, load_expert
-from pipeline.extract import _pad
+from pipeline.extract import pad_ids
 from pipeline.generation import generate
 from tests.helpers import TINY_LLAMA
 
@@ -14,7 +14,7 @@ from tests.helpers import TINY_LLAMA
 def _model():
     model, tok = load_expert(ExpertSpec("t", "random", "llama", config=TINY_LLAMA, tokenizer="bytes", seed=5),
                              torch.float32)
-    ids, mask = _pad([tok(t)["input_ids"] for t in ["12 + 7 =", "a"]], tok.pad_token_id, "left")
+    ids, mask = pad_ids([tok(t)["input_ids"] for t in ["12 + 7 =", "a"]], tok.pad_token_id, "left")
     return model, tok, ids, mask
 
 
@@ -59,7 +59,7 @@ def test_group_shared_prompt_gives_the_same_logprobs_and_gradients(arch):
                                                                                "o_proj"], init_lora_weights=False))
     lm = model.get_base_model()
     G = 3
-    ids, mask = _pad([tok(t)["input_ids"] for t in ["What is 12 + 7? Think.", "a b"]], tok.pad_token_id, "left")
+    ids, mask = pad_ids([tok(t)["input_ids"] for t in ["What is 12 + 7? Think.", "a b"]], tok.pad_token_id, "left")
     ids, mask = ids.repeat_interleave(G, 0), mask.repeat_interleave(G, 0)  # [6, P]
     torch.manual_seed(0)
     comp = torch.randint(0, 200, (6, 9))

@@ -80,7 +80,7 @@ def test_batched_equals_single_unpadded_forward(arch, shared, padding_side, dtyp
     """Every variant, for every prompt, equals a single-prompt unpadded forward of the same model:
     with the batch padded either side, and with the prompts' shared prefix run once and cached."""
     from pipeline.experts import ExpertSpec, load_expert
-    from pipeline.extract import _pad, common_prefix_length, expert_forward_pool, run_prefix
+    from pipeline.extract import pad_ids, common_prefix_length, expert_forward_pool, run_prefix
     from tests.helpers import TINY
 
     spec = ExpertSpec("t", "random", arch, config=TINY[arch], tokenizer="bytes")
@@ -98,7 +98,7 @@ def test_batched_equals_single_unpadded_forward(arch, shared, padding_side, dtyp
         assert P == len("System: answer briefly. Q: ")  # byte tokenizer: one token per character
         rti[0] = 2  # a random token inside the prefix
         prefix = run_prefix(model.base_model, ids[0][:P], "cpu")
-    bid, mask = _pad([x[P:] for x in ids], tok.pad_token_id, padding_side)
+    bid, mask = pad_ids([x[P:] for x in ids], tok.pad_token_id, padding_side)
     if shared and padding_side == "left":  # refused: pads between prefix and prompt
         with pytest.raises(ValueError, match="right"):
             expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), torch.from_numpy(rli), prefix)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from cache.reader import Cache
-from pipeline.config import MuskError
+from core.errors import MuskError
 from pipeline.extract import load_extract_config, run_extract
 from pipeline.probes import ProbeConfig, answer_token_embeddings, noise_features, oracle_features
 from tests.helpers import TINY_LLAMA, tiny_extract_config, write_yaml

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from pipeline.config import MuskError, from_dict
+from core.errors import MuskError
+from core.config import from_dict
 from pipeline.tasks import FAMILIES, TaskConfig, build_prompts, gsm8k_answer
 from train.rewards import extract_answer, score
 

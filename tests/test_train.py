@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train.loop
-from pipeline.config import MuskError
+from core.errors import MuskError
 from train.config import load_train_config
 from train.loop import run_train
 from tests.helpers import tiny_train_overrides

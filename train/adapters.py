@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pipeline.config import MuskError
+from core.errors import MuskError
 
 
 class AdapterOut(NamedTuple):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import MuskError, from_dict, load_yaml, merge
+from core.errors import MuskError
+from core.config import from_dict, load_yaml, merge
 from pipeline.pooling import VARIANTS
 from train.adapters import CONTEXT_GATES, FEATURE_NORMS, method_info
 from train.policy import CONTEXT_POSITIONS

@@ -9,7 +9,6 @@ live in train/grpo.py; `run_train` at the bottom wires the parts and reads top t
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -23,7 +22,11 @@ import yaml
 from tqdm import tqdm
 
 from cache.reader import Cache
-from pipeline.config import MuskError, dump_yaml, from_dict, sha256_of, to_dict
+from cache.run_folder import COMPLETIONS, EVAL, METRICS, RunFolder
+from core.atomic import atomic_path
+from core.errors import MuskError
+from core.config import from_dict, to_dict
+from core.hashing import sha256_of
 from pipeline.experts import resolve_device, resolve_dtype
 from pipeline.generation import decode, eos_ids, generate
 from pipeline.tasks import TaskConfig
@@ -33,11 +36,6 @@ from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
 from train.policy import PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy, splice
 from train.rewards import score
-
-
-def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
@@ -121,23 +119,22 @@ def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
                    experts, features, router_emb, hints, prompt_tokens, hint_tokens, draw)
 
 
-def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData) -> tuple[Path, dict]:
+def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData) -> tuple[RunFolder, dict]:
     """The run folder and its resolved config (written to config.yaml). Refuses to overwrite a run
     and to resume one made with other settings."""
-    run = Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}"
+    run = RunFolder(Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}")
     resolved = {**to_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
                 "task_family": data.family}
     if resume:
-        if not (run / "config.yaml").exists():
+        if not run.config_path.exists():
             raise MuskError(f"--resume: {str(run)!r} holds no run (no config.yaml)")
-        old = yaml.safe_load((run / "config.yaml").read_text())
+        old = run.read_config()
         diff = sorted(k for k in resolved if k not in ("total_training_steps", "cache") and old.get(k) != resolved[k])
         if diff:
             raise MuskError(f"--resume: the run in {str(run)!r} was made with other settings: {diff}")
-    elif (run / "metrics.jsonl").exists() or (run / "config.yaml").exists():
+    elif run.holds_anything():
         raise MuskError(f"run folder {str(run)!r} already holds a run; use --resume or another --out")
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(dump_yaml(resolved))
+    run.write_config(resolved)
     return run, resolved
 
 
@@ -328,7 +325,7 @@ def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.nda
             key = "" if with_ctx else "_without_context"
             result["accuracy" + key] = float((r >= 1.0).mean())
             result["reward" + key] = float(r.mean())
-    _append_jsonl(run / "eval.jsonl", result)
+    run.append(EVAL, result)
     m.peft.train()
     m.adapter.train()
     return result
@@ -378,7 +375,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
         out = grpo_step(cfg, m, ro, timing)
         if run is not None and micro == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
             for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
-                _append_jsonl(run / "completions.jsonl", rec)
+                run.append(COMPLETIONS, rec)
         if data.prompt_tokens is not None:
             hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
             choice = ro.choice.cpu().numpy() if ro.choice is not None else None
@@ -465,12 +462,11 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
 
     start_step, cursor = 0, 0
     if resume:
-        last = ckpt.latest_checkpoint(run)
+        last = run.latest_checkpoint()
         if last is not None:
             state = ckpt.load_checkpoint(last, m.peft, m.adapter, m.optimizer)
             start_step, cursor = state["step"], state["cursor"]
-        for name in ("metrics.jsonl", "eval.jsonl", "completions.jsonl"):
-            ckpt.truncate_jsonl(run / name, start_step)
+        run.truncate(start_step)
         log(f"resuming {run} at step {start_step}")
 
     full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
@@ -490,9 +486,9 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             raise MuskError(
                 f"non-finite {'loss' if not math.isfinite(e.loss) else 'gradient norm'} at step {step} "
                 f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and saved "
-                f"{run}/checkpoints/step_{step - 1}. Lower lr/router_lr or check the cache's features."
+                f"{run.checkpoint(step - 1)}. Lower lr/router_lr or check the cache's features."
             ) from None
-        _append_jsonl(run / "metrics.jsonl", rec)
+        run.append(METRICS, rec)
         bar.update(1)
         bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec['kl']:.4f}")
         if not progress and step % cfg.log_freq == 0:
@@ -509,13 +505,12 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     # ---- final artefacts: PEFT adapter (PeftModel.from_pretrained), g_phi + its config, summary.
     final_step = max(start_step, cfg.total_training_steps)
     if last_eval is None:
-        evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()] \
-            if (run / "eval.jsonl").exists() else []
-        evals = [e for e in evals if e.get("kind", "full") == "full"]
+        evals = [e for e in run.read(EVAL) if e.get("kind", "full") == "full"]
         last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run)
-    m.peft.save_pretrained(run / "final")
-    save_adapter(m.adapter, m.spec, run / "final")
+    with atomic_path(run.final, directory=True) as tmp:
+        m.peft.save_pretrained(tmp)
+        save_adapter(m.adapter, m.spec, tmp)
     summary = _summary(cfg, data, resolved, final_step, last_eval, m)
-    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    run.write_summary(summary)
     log(f"run {run}: final val accuracy {summary['final_val_accuracy']}")
-    return run
+    return run.path

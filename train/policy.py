@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from pipeline.config import MuskError
+from core.errors import MuskError
 from pipeline.experts import ExpertSpec, EXPERTS, PLAIN_FORMAT, load_expert
 from pipeline.generation import lm_logits, positions, prefill
 

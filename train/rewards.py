@@ -11,7 +11,7 @@ import json
 import re
 from functools import lru_cache
 
-from pipeline.config import MuskError
+from core.errors import MuskError
 
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")

@@ -8,8 +8,6 @@ types; `to_dict` gives back the plain resolved form that is saved, fingerprinted
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import types
 import typing
 from pathlib import Path
@@ -20,8 +18,7 @@ import yaml
 T = TypeVar("T")
 
 
-class MuskError(Exception):
-    """An error caused by the user's input: the CLI prints its message (no traceback), exits 2."""
+from core.errors import MuskError
 
 
 def _type_name(tp: Any) -> str:
@@ -138,15 +135,6 @@ def load_yaml(path: str | Path) -> dict:
 
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
-
-
-def canonical_json(obj: Any) -> str:
-    return json.dumps(to_dict(obj), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-
-
-def sha256_of(obj: Any) -> str:
-    """Stable hex digest of a config-like object (key order does not matter)."""
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -1,0 +1,64 @@
+"""The shared core (core/) and the run-folder owner (cache/run_folder.py)."""
+
+import os
+
+import pytest
+
+from cache.run_folder import COMPLETIONS, EVAL, METRICS, RunFolder
+from core.atomic import atomic_path, atomic_write_text
+
+
+def test_atomic_write_replaces_and_fsyncs_file_and_folder(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    target = tmp_path / "a.json"
+    target.write_text("old")
+    atomic_write_text(target, "new")
+    assert target.read_text() == "new"
+    assert str(target.parent) in synced  # the rename is made durable
+    assert any(s.startswith(str(target) + ".tmp") for s in synced)  # the content before the rename
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]  # no temporary left
+
+
+def test_atomic_path_failure_leaves_target_untouched(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("good")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed")
+    assert target.read_text() == "good" and sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]
+
+
+def test_atomic_folder_replace_and_first_writer_wins(tmp_path):
+    target = tmp_path / "ckpt"
+    for content in ("one", "two"):
+        with atomic_path(target, directory=True) as tmp:
+            (tmp / "f").write_text(content)
+    assert (target / "f").read_text() == "two"
+    with atomic_path(target, directory=True, replace=False) as tmp:
+        (tmp / "f").write_text("three")
+    assert (target / "f").read_text() == "two"  # kept: another process converted it first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_run_folder_logs_truncate_and_state(tmp_path):
+    run = RunFolder(tmp_path / "r")
+    assert not run.holds_anything() and not run.is_run() and run.latest_checkpoint() is None
+    run.write_config({"method": "single", "seed": 0})
+    for step in (1, 2, 3):
+        run.append(METRICS, {"step": step, "reward/mean": step / 10})
+        run.append(EVAL, {"step": step, "accuracy": 0.5})
+    run.append(COMPLETIONS, {"step": 2, "prompt": "p"})
+    assert run.is_run() and run.read_config() == {"method": "single", "seed": 0}
+    run.truncate(1)  # what a resume from step 1 drops
+    assert [r["step"] for r in run.read(METRICS)] == [1] and run.read(COMPLETIONS) == []
+    for step in (2, 10):
+        run.checkpoint(step).mkdir(parents=True)
+    (run.path / "checkpoints" / "step_x").mkdir()
+    assert run.latest_checkpoint() == run.checkpoint(10)
+    run.write_summary({"steps": 3})
+    assert run.read_summary() == {"steps": 3}
+    with pytest.raises(AssertionError):
+        run.log_path("other.jsonl")
