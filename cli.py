@@ -21,7 +21,7 @@ import typer
 
 warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation notes are not the user's business
 
-from pipeline.config import MuskError
+from core.errors import MuskError
 
 app = typer.Typer(
     add_completion=False,
