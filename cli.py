@@ -109,6 +109,8 @@ def train(
     test_freq: Optional[int] = typer.Option(None, "--test-freq", help="Evaluate every K steps."),
     eval_batches: Optional[int] = typer.Option(None, "--eval-batches", help="Evaluation batches."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    report_to: Optional[str] = typer.Option(None, "--report-to",
+                                            help="Trackers, comma-separated: none, tensorboard, wandb, trackio."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ):
     """GRPO over cached expert features (no expert is loaded)."""
@@ -122,6 +124,7 @@ def train(
         "gradient_accumulation_steps": gradient_accumulation_steps, "save_freq": save_freq, "test_freq": test_freq,
         "val_batch_size": val_batch_size, "weight_decay": weight_decay, "epsilon": epsilon, "grad_clip": grad_clip,
         "warmup_steps": warmup_steps, "log_freq": log_freq, "eval_batches": eval_batches,
+        "report_to": [t.strip() for t in report_to.split(",") if t.strip()] if report_to is not None else None,
     }.items() if v is not None}
     seed_list = [seed] if seed is not None else [None]
     if seeds:

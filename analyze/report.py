@@ -1,4 +1,5 @@
-"""`musk report`: run folders -> Markdown/CSV tables, PNG figures and a summary.md that links them."""
+"""`musk report`: run folders -> Markdown/CSV tables, PNG figures, a summary.md that links them and a
+self-contained report.html."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 import polars as pl
 
 from analyze import plots
+from analyze.html import write_html
 from analyze.runs import load_runs
 from analyze.tables import Table, collaboration_table, cost_table, spearman_table, table1, table2, table_runs_md
 
@@ -46,6 +48,8 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
             fake = Table(title, [], [], sources=used)
             md.append(f"### {title}\n\n![{title}]({name})\n\nComputed from:\n\n{table_runs_md(fake)}\n")
     (out / "summary.md").write_text("\n".join(md))
+    write_html(out, runs, [t for t, _ in tables],
+               {name: (title, out / name if used is not None else None) for name, (title, used) in figs.items()})
     rho = "; ".join(f"{k}: {v:+.3f}" for k, v in rho_means.items()) or "undefined"
     log(f"report of {len(runs)} runs written to {out}/summary.md (mean Spearman rho per setting: {rho})")
     return out / "summary.md"

@@ -17,7 +17,7 @@ from core.hashing import sha256_of
 # is replaced by the step the run reached (`Run.steps`): a run cut short with --max-steps is its own
 # condition, a resumed run that reached the same final step is not.
 NOT_A_CONDITION = ("seed", "cache", "log_freq", "save_freq", "device", "total_training_steps",
-                   "log_completions_freq", "log_completions_prompts")
+                   "log_completions_freq", "log_completions_prompts", "report_to", "eval_completions")
 
 
 @dataclass

@@ -204,3 +204,74 @@ def test_collaboration_table_hand_worked(tmp_path):
     assert p[4] == "math: 0.500 ± 0.000, code: 0.300 ± 0.000, general: 0.200 ± 0.000"
     assert rows["arithmetic / single / math, code, general"][:4] == ["1", "30.0", "—", "—"]
     assert (tmp_path / "co").exists() and {r["method"] for r in t.raw} == {"perceiver", "single"}
+
+
+def _parse_page(text):
+    from html.parser import HTMLParser
+
+    class P(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.h2, self.imgs, self.links, self.tables, self._in_h2 = [], [], [], 0, False
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            self._in_h2 = tag == "h2"
+            self.tables += tag == "table"
+            if tag == "img":
+                self.imgs.append(a.get("src", ""))
+            if tag in ("a", "link", "script") and (a.get("href") or a.get("src")):
+                self.links.append(a.get("href") or a.get("src"))
+
+        def handle_data(self, data):
+            if self._in_h2:
+                self.h2.append(data)
+
+        def handle_endtag(self, tag):
+            self._in_h2 = False if tag == "h2" else self._in_h2
+
+    p = P()
+    p.feed(text)
+    return p
+
+
+def test_report_html_is_one_self_contained_page(runs_dir, tmp_path):
+    """Every table and figure of the report is in report.html, every image loads from the page itself,
+    nothing points outside it, and the last evaluation's completions with and without C are shown."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    run = runs_dir / "p-ar-0"
+    rec = {"step": 4, "kind": "eval", "prompt": "1 + <2>?", "answer": "3", "completion": "3", "reward": 1.0,
+           "completion_without_context": "4", "reward_without_context": 0.0}
+    (run / "completions.jsonl").write_text(json.dumps({**rec, "step": 2, "completion": "STALE-COMPLETION"}) + "\n"
+                                           + json.dumps(rec) + "\n")
+    out = tmp_path / "rep"
+    assert CliRunner().invoke(app, ["report", str(runs_dir), "--out", str(out)]).exit_code == 0
+    text = (out / "report.html").read_text()
+    page = _parse_page(text)
+    md_titles = [line[4:] for line in (out / "summary.md").read_text().splitlines() if line.startswith("### ")]
+    assert md_titles and all(t in page.h2 for t in md_titles)  # every table and figure of summary.md
+    assert len(page.imgs) == 3 and not page.links
+    for src in page.imgs:
+        assert src.startswith("data:image/png;base64,")
+        assert Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).format == "PNG"
+    assert "1 + &lt;2&gt;?" in text and "STALE-COMPLETION" not in text  # escaped; only the last evaluation's
+    assert "Sampled completions" in text and text.count("<h3>") == 1  # one method has completions
+
+
+def test_report_html_opens_in_a_headless_browser(runs_dir, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine (apt-get install chromium to run this check)")
+    out = tmp_path / "rep"
+    assert CliRunner().invoke(app, ["report", str(runs_dir), "--out", str(out)]).exit_code == 0
+    res = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "Sampled completions" not in res.stdout  # no completions in these runs
+    assert res.stdout.count("<img") == 3 and "musk report" in res.stdout

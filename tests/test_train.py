@@ -80,6 +80,27 @@ def test_perceiver_updates_lora_and_gphi_not_base(tiny_cache, tiny_policy, tmp_p
     assert "cache_fingerprint" in cfg_saved and "method: perceiver" in cfg_saved
 
 
+def test_completions_log_training_groups_and_eval_side_by_side(tiny_cache, tiny_policy, tmp_path):
+    """completions.jsonl: every log_completions_freq steps a prompt's G completions with rewards,
+    advantages and attention row; each full evaluation, its first prompts with C and with C removed."""
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2, log_completions_freq=1,
+                              log_completions_prompts=1, eval_completions=2)
+    run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "c", **QUIET)
+    recs = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
+    train_recs = [r for r in recs if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2]
+    for r in train_recs:
+        assert len(r["completions"]) == len(r["rewards"]) == len(r["advantages"]) == ov["group_size"]
+        assert r["rewards"] == [_fake_score(None, t, None) for t in r["completions"]]
+        assert abs(sum(r["advantages"])) < 1e-4  # group-normalised
+        assert len(r["attention"]) == 4 and len(r["attention"][0]) == 2  # [m][n]
+    ev = [r for r in recs if r["kind"] == "eval"]
+    assert len(ev) == 2 and {r["step"] for r in ev} == {2}
+    for r in ev:
+        assert r["reward"] == _fake_score(None, r["completion"], None)
+        assert r["reward_without_context"] == _fake_score(None, r["completion_without_context"], None)
+
+
 @pytest.mark.parametrize("method", ["single", "ffn", "hard-routing", "output-collab"])
 def test_every_method_trains(tiny_cache, tiny_policy, tmp_path, method):
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method=method, total_training_steps=2))

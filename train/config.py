@@ -10,6 +10,12 @@ from pipeline.pooling import VARIANTS
 from train.adapters import CONTEXT_GATES, FEATURE_NORMS, method_info
 from train.policy import CONTEXT_POSITIONS
 from train.rewards import MODES
+from train.trackers import check_trackers
+
+# Keys that do not change what a run computes: a resume may change them (with total_training_steps and
+# the cache path) and the report does not split conditions on them.
+NOT_SETTINGS = ("total_training_steps", "cache", "report_to", "log_freq", "save_freq", "log_completions_freq",
+                "log_completions_prompts", "eval_completions")
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,13 @@ class TrainConfig:
     advantages and attention rows to completions.jsonl (0: never)."""
     log_completions_prompts: int = 1
     """Prompts per completions.jsonl entry step."""
+    report_to: tuple[str, ...] = ("none",)
+    """Experiment trackers that mirror metrics.jsonl: none, tensorboard (<run>/tensorboard, extra
+    `tensorboard`), wandb, trackio (extras of the same names). Not a setting of the run: a resume may
+    change it and the report ignores it."""
+    eval_completions: int = 4
+    """Each full evaluation writes the greedy completions of its first N prompts, with C and with C
+    removed, to completions.jsonl (kind eval): what C changed, side by side. 0: none."""
     save_freq: int = 1000
     """Checkpoint every K steps (and at the end)."""
     test_freq: int = 1000
@@ -140,6 +153,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         method_info(self.method)
+        check_trackers(self.report_to)
         if self.pooling not in VARIANTS:
             raise MuskError(f"unknown pooling {self.pooling!r}; choices: {list(VARIANTS)}")
         if self.answer_extraction not in MODES:

@@ -32,10 +32,11 @@ from pipeline.generation import decode, eos_ids, generate
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
-from train.config import TrainConfig
+from train.config import NOT_SETTINGS, TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
 from train.policy import PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy, splice
 from train.rewards import score
+from train.trackers import Trackers
 
 
 def _data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
@@ -129,7 +130,7 @@ def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool,
         if not run.config_path.exists():
             raise MuskError(f"--resume: {str(run)!r} holds no run (no config.yaml)")
         old = run.read_config()
-        diff = sorted(k for k in resolved if k not in ("total_training_steps", "cache") and old.get(k) != resolved[k])
+        diff = sorted(k for k in resolved if k not in NOT_SETTINGS and old.get(k) != resolved[k])
         if diff:
             raise MuskError(f"--resume: the run in {str(run)!r} was made with other settings: {diff}")
     elif run.holds_anything():
@@ -304,28 +305,38 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOu
 
 
 def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.ndarray, kind: str, device: str,
-             run: Path) -> dict:
+             run: RunFolder) -> dict:
     info = method_info(cfg.method)
     m.peft.eval()
     m.adapter.eval()
     variants = [True] + ([False] if cfg.eval_without_context and cfg.method != "single" else [])
     result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
+    shown = {}  # key -> (texts, rewards) of the whole evaluation, for completions.jsonl
     with torch.no_grad():
         for with_ctx in variants:
-            rewards = []
+            texts, rewards = [], []
             for s in range(0, len(rows), cfg.val_batch_size):
                 idx = [int(i) for i in rows[s: s + cfg.val_batch_size]]
                 pb = prompt_batch(m, data, idx, info.needs_hints and with_ctx, device)
                 c = context_tokens(m, data, idx, device).context if with_ctx else None
                 e, mk = splice(m.lm.get_input_embeddings()(pb.ids), pb.mask, c, cfg.context_position, pb.tail)
                 comp, live = generate(m.lm, e, mk, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, greedy=True)
+                texts += decode(m.tok, comp, live)
                 rewards += [score(data.prompts["entry"][i], t, cfg.answer_extraction)
-                            for i, t in zip(idx, decode(m.tok, comp, live))]
+                            for i, t in zip(idx, texts[s:])]
             r = np.array(rewards)
             key = "" if with_ctx else "_without_context"
             result["accuracy" + key] = float((r >= 1.0).mean())
             result["reward" + key] = float(r.mean())
+            shown[key] = (texts, rewards)
     run.append(EVAL, result)
+    if kind == "full":
+        for i, row in enumerate(rows[: cfg.eval_completions]):
+            rec = {"step": step, "kind": "eval", "prompt": data.prompts["text"][row],
+                   "answer": data.prompts["answer"][row]}
+            for key, (texts, rewards) in shown.items():
+                rec.update({"completion" + key: texts[i], "reward" + key: float(rewards[i])})
+            run.append(COMPLETIONS, rec)
     m.peft.train()
     m.adapter.train()
     return result
@@ -348,7 +359,7 @@ def completion_records(cfg: TrainConfig, data: RunData, step: int, ro: Rollouts,
     G, out = cfg.group_size, []
     for b, i in enumerate(ro.idx[:prompts]):
         rows = range(b * G, (b + 1) * G)
-        rec = {"step": step, "prompt": data.prompts["text"][i], "answer": data.prompts["answer"][i],
+        rec = {"step": step, "kind": "train", "prompt": data.prompts["text"][i], "answer": data.prompts["answer"][i],
                "completions": [ro.texts[r] for r in rows], "rewards": [float(ro.rewards[r]) for r in rows],
                "advantages": [float(ro.advantages[r]) for r in rows]}
         if ro.attention is not None:
@@ -444,6 +455,50 @@ def _summary(cfg: TrainConfig, data: RunData, resolved: dict, final_step: int, l
     }
 
 
+def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start: tuple[int, int], device: str,
+               trackers: Trackers, progress: bool, log) -> dict | None:
+    """Steps start+1..total: train, log, evaluate, checkpoint. Returns the last full evaluation (or None)."""
+    start_step, cursor = start
+    full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
+    curve_rows = data.val_idx[: min(len(data.val_idx), cfg.curve_prompts)]
+    m.peft.train()
+    m.adapter.train()
+    bar = tqdm(total=cfg.total_training_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    last_eval = None
+    for step in range(start_step + 1, cfg.total_training_steps + 1):
+        cursor_at_start = cursor  # the data position that goes with the weights before this step
+        try:
+            rec, cursor = train_step(cfg, m, data, step, cursor, device, run)
+        except _NonFinite as e:
+            ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
+            bar.close()
+            raise MuskError(
+                f"non-finite {'loss' if not math.isfinite(e.loss) else 'gradient norm'} at step {step} "
+                f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and saved "
+                f"{run.checkpoint(step - 1)}. Lower lr/router_lr or check the cache's features."
+            ) from None
+        run.append(METRICS, rec)
+        trackers.log(rec, step)
+        bar.update(1)
+        bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec['kl']:.4f}")
+        if not progress and step % cfg.log_freq == 0:
+            log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec['kl']:.4f} "
+                f"{rec['step_seconds']:.1f}s")
+        evals = []
+        if step % cfg.test_freq == 0 or step == cfg.total_training_steps:
+            last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run)
+            evals.append(last_eval)
+        if cfg.curve_freq and step % cfg.curve_freq == 0:  # the Figure 5 curve: same prompts at every point
+            evals.append(evaluate(cfg, m, data, step, curve_rows, "curve", device, run))
+        for ev in evals:
+            trackers.log({f"eval/{ev['kind']}/{k}": v for k, v in ev.items() if k not in ("step", "split", "kind")}, step)
+        if step % cfg.save_freq == 0 or step == cfg.total_training_steps:
+            ckpt.save_checkpoint(run, step, m.peft, m.adapter, m.optimizer, {"cursor": cursor})
+    bar.close()
+    return last_eval
+
+
 def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resume: bool = False,
               progress: bool = True, log=print, features: FeatureSource | None = None) -> Path:
     """Train one run into `out` (default runs/<method>-<family>-s<seed>); returns the run folder.
@@ -468,44 +523,17 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             start_step, cursor = state["step"], state["cursor"]
         run.truncate(start_step)
         log(f"resuming {run} at step {start_step}")
-
-    full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
-    curve_rows = data.val_idx[: min(len(data.val_idx), cfg.curve_prompts)]
-    m.peft.train()
-    m.adapter.train()
-    bar = tqdm(total=cfg.total_training_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
-               disable=not progress, dynamic_ncols=True)
-    last_eval = None
-    for step in range(start_step + 1, cfg.total_training_steps + 1):
-        cursor_at_start = cursor  # the data position that goes with the weights before this step
-        try:
-            rec, cursor = train_step(cfg, m, data, step, cursor, device, run)
-        except _NonFinite as e:
-            ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
-            bar.close()
-            raise MuskError(
-                f"non-finite {'loss' if not math.isfinite(e.loss) else 'gradient norm'} at step {step} "
-                f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and saved "
-                f"{run.checkpoint(step - 1)}. Lower lr/router_lr or check the cache's features."
-            ) from None
-        run.append(METRICS, rec)
-        bar.update(1)
-        bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec['kl']:.4f}")
-        if not progress and step % cfg.log_freq == 0:
-            log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec['kl']:.4f} "
-                f"{rec['step_seconds']:.1f}s")
-        if step % cfg.test_freq == 0 or step == cfg.total_training_steps:
-            last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run)
-        if cfg.curve_freq and step % cfg.curve_freq == 0:  # the Figure 5 curve: same prompts at every point
-            evaluate(cfg, m, data, step, curve_rows, "curve", device, run)
-        if step % cfg.save_freq == 0 or step == cfg.total_training_steps:
-            ckpt.save_checkpoint(run, step, m.peft, m.adapter, m.optimizer, {"cursor": cursor})
-    bar.close()
+    trackers = Trackers(cfg.report_to, run.path, resolved, log)
+    try:
+        last_eval = train_loop(cfg, m, data, run, (start_step, cursor), device, trackers, progress, log)
+    finally:
+        trackers.close()
 
     # ---- final artefacts: PEFT adapter (PeftModel.from_pretrained), g_phi + its config, summary.
     final_step = max(start_step, cfg.total_training_steps)
     if last_eval is None:
         evals = [e for e in run.read(EVAL) if e.get("kind", "full") == "full"]
+        full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
         last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run)
     with atomic_path(run.final, directory=True) as tmp:
         m.peft.save_pretrained(tmp)
