@@ -23,6 +23,7 @@ from cache import fingerprint as fp
 from cache.reader import Cache
 from cache.schema import PROMPT_COLUMNS, SCHEMA_VERSION
 from cache.writer import PartsStore, assemble
+from core import dist
 from core.errors import MuskError
 from core.config import dump_yaml, from_dict, load_yaml, merge, to_dict
 from core.hashing import sha256_file, sha256_of
@@ -273,6 +274,23 @@ def _extract_probe(cfg, spec, prompts, bar) -> tuple[dict, dict]:
     return attrs, arrays
 
 
+def _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar) -> None:
+    """This rank's share of the greedy hints, stored batch by batch in the parts folder."""
+    eos = eos_ids(model, tok)
+    for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
+        if not dist.mine(b):
+            continue
+        if not parts.has(group, "hint", b):
+            bid, mask = pad_ids([ids[i] for i in rows], tok.pad_token_id, "left")  # generation: left
+            with torch.inference_mode():
+                emb = model.get_input_embeddings()(bid.to(device))
+                gen, live = generate(model, emb, mask.to(device), cfg.hint_max_new_tokens, eos,
+                                     tok.pad_token_id, greedy=True)
+            parts.save(group, "hint", b, rows=rows, text=np.array(decode(tok, gen, live), dtype=str),
+                       n_tokens=live.sum(1).cpu().numpy())
+        bar.update(len(rows))
+
+
 def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tuple[dict, dict]:
     if spec.kind in PROBE_KINDS:
         return _extract_probe(cfg, spec, prompts, bar)
@@ -285,40 +303,32 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
     rli = np.stack([l for _, l in draws], 1)  # [N, D]
     N = len(prompts)
     backbone = torch.compile(model.base_model, dynamic=True) if cfg.compile else model.base_model
-    feats: dict[str, np.ndarray] = {}
+    # Under torchrun each rank computes its round-robin share of the batches into the parts folder;
+    # after a barrier every rank reads all of them (one process: the same loop, nothing skipped).
     batches = feature_batches(backbone, ids, tok.pad_token_id, rti, rli, batch_size=cfg.batch_size,
                               padding_side=cfg.padding_side, share_prefix=cfg.share_prefix, device=device,
-                              done=lambda b: parts.has(group, "feat", b))
+                              done=lambda b: parts.has(group, "feat", b) or not dist.mine(b))
     for b, rows, pooled in batches:
         if pooled is not None:
             parts.save(group, "feat", b, rows=rows, **{k: v.cpu().numpy() for k, v in pooled.items()})
+        bar.update(len(rows) if dist.mine(b) else 0)
+    if cfg.hints:
+        _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar)
+    dist.barrier()
+    feats: dict[str, np.ndarray] = {}
+    for b, _ in enumerate(_batches(n_tokens, cfg.batch_size)):
         part = parts.load(group, "feat", b)
         for k, v in part.items():
-            if k == "rows":
-                continue
-            if k not in feats:
-                feats[k] = np.zeros((N, *v.shape[1:]), dtype=np.float32)
-            feats[k][part["rows"]] = v
-        bar.update(len(rows))
+            if k != "rows":
+                feats.setdefault(k, np.zeros((N, *v.shape[1:]), dtype=np.float32))[part["rows"]] = v
     hints = None
     if cfg.hints:
-        eos = eos_ids(model, tok)
         hints = np.empty(N, dtype=object)
         hint_tokens = np.zeros(N, dtype=np.int64)  # generated tokens per hint (cost accounting)
-        for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
-            if not parts.has(group, "hint", b):
-                bid, mask = pad_ids([ids[i] for i in rows], tok.pad_token_id, "left")  # generation: left
-                with torch.inference_mode():
-                    emb = model.get_input_embeddings()(bid.to(device))
-                    gen, live = generate(model, emb, mask.to(device), cfg.hint_max_new_tokens, eos,
-                                         tok.pad_token_id, greedy=True)
-                texts = decode(tok, gen, live)
-                parts.save(group, "hint", b, rows=rows, text=np.array(texts, dtype=str),
-                           n_tokens=live.sum(1).cpu().numpy())
+        for b, _ in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
             part = parts.load(group, "hint", b)
             hints[part["rows"]] = [str(t) for t in part["text"]]
             hint_tokens[part["rows"]] = part["n_tokens"]
-            bar.update(len(rows))
     arrays = dict(feats)
     arrays["random_token_index"] = rti
     arrays["random_layer_index"] = rli
@@ -376,16 +386,19 @@ def _extract_router(cfg, spec: RouterSpec, prompts, parts, group, device, bar) -
     texts = [p.text for p in prompts]
     out = np.zeros((len(texts), model.config.hidden_size), dtype=np.float32)
     size = max(cfg.batch_size, 32)
-    for b, start in enumerate(range(0, len(texts), size)):
-        if not parts.has(group, "emb", b):
+    starts = list(range(0, len(texts), size))
+    for b, start in enumerate(starts):
+        if dist.mine(b) and not parts.has(group, "emb", b):
             enc = tok(texts[start: start + size], padding=True, truncation=True, max_length=spec.max_length,
                       return_tensors="pt").to(device)
             with torch.inference_mode():
                 h = model(**enc).last_hidden_state
             parts.save(group, "emb", b, emb=mean_pool_normalized(h, enc["attention_mask"]).cpu().numpy())
+        bar.update(len(texts[start: start + size]) if dist.mine(b) else 0)
+    dist.barrier()
+    for b, start in enumerate(starts):
         e = parts.load(group, "emb", b)["emb"]
         out[start: start + len(e)] = e
-        bar.update(len(e))
     return out
 
 
@@ -461,11 +474,10 @@ def _prompts_for(cfg: ExtractConfig, out: Path, parts: PartsStore) -> list[Promp
         with Cache(out) as c:
             cols = c.prompts()
         return [Prompt(**{k: cols[k][i] for k in PROMPT_COLUMNS}) for i in range(len(cols["text"]))]
-    if (saved := parts.load_prompts()) is not None:
-        return [Prompt(**p) for p in saved]
-    prompts = build_prompts(cfg.task, cfg.limit)
-    parts.save_prompts([p.__dict__ for p in prompts])
-    return prompts
+    if dist.is_main() and parts.load_prompts() is None:  # under torchrun: rank 0 makes them, all read them
+        parts.save_prompts([p.__dict__ for p in build_prompts(cfg.task, cfg.limit)])
+    dist.barrier()
+    return [Prompt(**p) for p in parts.load_prompts()]
 
 
 def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt], parts: PartsStore,
@@ -473,6 +485,7 @@ def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt]
     """(new expert groups, new router groups) for `assemble`: every missing expert once over every prompt."""
     N = len(prompts)
     total = N * sum(1 + int(cfg.hints) for _ in plan.todo) + (N if plan.todo_router else 0)
+    total = -(-total // dist.world())  # this rank's share, about
     new_experts, new_routers = [], []
     with tqdm(total=total, desc="extract", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
         for spec in plan.todo:
@@ -489,22 +502,37 @@ def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt]
     return new_experts, new_routers
 
 
+def _parts_store(out: Path, data_fp: str) -> PartsStore:
+    """Rank 0 opens (and, if stale, clears) the parts folder before the other ranks use it."""
+    parts = PartsStore(out, data_fp) if dist.is_main() else None
+    dist.barrier()
+    return parts or PartsStore(out, data_fp)
+
+
 def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     """Build or complete the cache of `cfg`. Returns its path. Never writes over a good cache
     unless the result is that cache plus new experts."""
     out = cfg.out_path()
     device = resolve_device(cfg.device)
+    dist.init(device)
+    if device == "cuda" and dist.world() > 1:
+        device = f"cuda:{dist.local_rank()}"
     dtype = resolve_dtype(cfg.dtype, device)
     plan = plan_extract(cfg, out, dtype)
     if not plan.todo and plan.todo_router is None:
-        log(f"cache {out} is complete and up to date (fingerprint {plan.root_fp[:12]}); nothing to do")
+        if dist.is_main():
+            log(f"cache {out} is complete and up to date (fingerprint {plan.root_fp[:12]}); nothing to do")
         return out
 
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
-    parts = PartsStore(out, plan.data_fp)
+    parts = _parts_store(out, plan.data_fp)
     prompts = _prompts_for(cfg, out, parts)
-    new_experts, new_routers = _compute_groups(cfg, plan, prompts, parts, device, dtype, progress)
+    new_experts, new_routers = _compute_groups(cfg, plan, prompts, parts, device, dtype,
+                                               progress and dist.is_main())
+    if not dist.is_main():  # rank 0 writes the cache; the others wait for it and are done
+        dist.barrier()
+        return out
     prompt_cols = None if out.exists() else {c: [getattr(p, c) for p in prompts] for c in PROMPT_COLUMNS}
     root_attrs = {
         "fingerprint": plan.root_fp,
@@ -514,6 +542,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     }
     assemble(out, prompts=prompt_cols, experts=new_experts, routers=new_routers, root_attrs=root_attrs)
     parts.remove()
+    dist.barrier()
     log(f"wrote {out}: {len(prompts)} prompts, experts {[s.name for s in cfg.experts]}, "
         f"computed {[s.name for s in plan.todo]}{' + router' if plan.todo_router else ''} in "
         f"{time.time() - t0:.1f}s (fingerprint {plan.root_fp[:12]})")
