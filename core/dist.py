@@ -45,3 +45,27 @@ def barrier() -> None:
 def mine(index: int) -> bool:
     """Round-robin share of work item `index` (a batch) for this rank."""
     return index % world() == rank()
+
+
+def gather_all(items: list) -> list:
+    """Every rank's `items` (picklable), concatenated in rank order; one process: `items`."""
+    if world() == 1 or not dist.is_initialized():
+        return list(items)
+    out: list = [None] * world()
+    dist.all_gather_object(out, list(items))
+    return [x for part in out for x in part]
+
+
+def sum_grads(params: list[torch.Tensor]) -> None:
+    """Sum the gradients of `params` over ranks (each rank scaled its loss by 1 / its share), in one
+    flat buffer; a parameter without a gradient on this rank counts as zero."""
+    if world() == 1 or not dist.is_initialized():
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset: offset + n].view_as(g).to(g.dtype)
+        offset += n

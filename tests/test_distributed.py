@@ -74,3 +74,52 @@ def test_killed_extraction_is_completed_by_a_run_with_another_process_count(tmp_
     res = _torchrun(["extract", "--config", str(cfg), "--no-progress"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     _same_cache(one, tmp_path / "two.h5")
+
+
+def _musk(args, nproc=None):
+    """The CLI in a fresh process (under torchrun when nproc is given), with the parity reward."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)] if nproc else []
+    res = subprocess.run([sys.executable, *launcher, "-m", "tests.dp_entry", *args], env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def test_train_two_ranks_equal_one_rank_with_two_micro_batches(tiny_cache, tiny_policy, tmp_path):
+    """Data parallel over whole groups: 2 ranks x 1 micro-batch == 1 process x 2 micro-batches of the
+    same prompts (metrics, and the weights the summed gradients produced); rank 0 alone writes, and a
+    run killed after step 2 resumes under torchrun to the same weights. Both sides run in fresh
+    processes: sampling a random tiny policy's near-uniform distribution is sensitive to the last bit."""
+    import json
+
+    import torch
+
+    from tests.helpers import tiny_train_overrides
+
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=3, gradient_accumulation_steps=2,
+                              test_freq=3, save_freq=1, log_completions_freq=1)
+    common = ["train", "--cache", str(tiny_cache), "--method", "perceiver", "--no-progress"]
+    _musk([*common, "--config", str(write_yaml(tmp_path / "one.yaml", ov)), "--out", str(tmp_path / "one")])
+    two_cfg = str(write_yaml(tmp_path / "two.yaml", {**ov, "gradient_accumulation_steps": 1}))
+    _musk([*common, "--config", two_cfg, "--out", str(tmp_path / "two")], nproc=2)
+    _musk([*common, "--config", two_cfg, "--out", str(tmp_path / "res"), "--max-steps", "2"], nproc=2)
+    _musk([*common, "--config", two_cfg, "--out", str(tmp_path / "res"), "--resume"], nproc=2)
+    one, two = tmp_path / "one", tmp_path / "two"
+    m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in m2] == [1, 2, 3]  # one writer
+    assert any(r["reward/std"] > 0 for r in m1)  # the comparison is not vacuous
+    for a, b in zip(m1, m2):
+        assert a["reward/mean"] == b["reward/mean"] and a["cost/prompts"] == b["cost/prompts"] == 4
+        for k in ("loss", "kl", "grad_norm", "routing/entropy"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for other in (two, tmp_path / "res"):
+        for f in ("lora.pt", "adapter.pt"):
+            w1 = torch.load(one / "checkpoints" / "step_3" / f)
+            w2 = torch.load(other / "checkpoints" / "step_3" / f)
+            assert w1.keys() == w2.keys()
+            for k in w1:
+                torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
+    assert json.loads((two / "summary.json").read_text())["steps"] == 3

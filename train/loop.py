@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cache.reader import Cache
 from cache.run_folder import COMPLETIONS, EVAL, METRICS, RunFolder
+from core import dist
 from core.atomic import atomic_path
 from core.errors import MuskError
 from core.config import from_dict, to_dict
@@ -135,7 +136,10 @@ def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool,
             raise MuskError(f"--resume: the run in {str(run)!r} was made with other settings: {diff}")
     elif run.holds_anything():
         raise MuskError(f"run folder {str(run)!r} already holds a run; use --resume or another --out")
-    run.write_config(resolved)
+    dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if dist.is_main():
+        run.write_config(resolved)
+    dist.barrier()
     return run, resolved
 
 
@@ -293,7 +297,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOu
         logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T)
         out = grpo_loss(logp, logp.detach(), ref_logp[sl], ro.advantages[sl], ro.live[sl], cfg.beta, cfg.clip_eps)
         weight = logp.shape[0] / N
-        (out.loss * weight / cfg.gradient_accumulation_steps).backward(retain_graph=s + chunk < N)
+        share_of_step = weight / (cfg.gradient_accumulation_steps * dist.world())  # ranks sum their gradients
+        (out.loss * share_of_step).backward(retain_graph=s + chunk < N)
         loss += float(out.loss.detach()) * weight
         kl_sum += float(out.kl) * float(ro.live[sl].sum())
     timing["policy"] += time.perf_counter() - t
@@ -368,55 +373,39 @@ def completion_records(cfg: TrainConfig, data: RunData, step: int, ro: Rollouts,
     return out
 
 
-def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str,
-               run: Path | None = None) -> tuple[dict, int]:
-    """gradient_accumulation_steps micro-batches and one AdamW update. Returns (metrics, new cursor)."""
-    t_step = time.perf_counter()
-    timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
-    _set_lr(m.optimizer, step, cfg.warmup_steps)
-    m.optimizer.zero_grad(set_to_none=True)
-    rewards, zero_std, kls, losses, attn, n_tokens = [], [], [], [], [], 0
-    cost = {"cost/prompts": 0, "cost/policy_prompt_tokens": 0}
-    method = method_info(cfg.method)
-    for micro in range(cfg.gradient_accumulation_steps):
-        idx = [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor,
-                                                           cfg.train_batch_size)]
-        cursor += cfg.train_batch_size
-        ro = generate_trajectory(cfg, m, data, idx, device, timing)
-        out = grpo_step(cfg, m, ro, timing)
-        if run is not None and micro == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
-            for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
-                run.append(COMPLETIONS, rec)
-        if data.prompt_tokens is not None:
-            hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
-            choice = ro.choice.cpu().numpy() if ro.choice is not None else None
-            for k, v in method.cost(data.prompt_tokens[:, idx], hint, choice).items():
-                cost[k] = cost.get(k, 0) + v
-        cost["cost/prompts"] += len(idx)
-        cost["cost/policy_prompt_tokens"] += ro.policy_prompt_tokens
-        n_tokens += int(ro.live.sum())
-        rewards.append(ro.rewards)
-        zero_std.append(ro.frac_zero_std)
-        kls.append(out.kl_token_sum / max(1.0, float(ro.live.sum())))
-        losses.append(out.loss)
-        if ro.attention is not None:
-            attn.append(ro.attention)
+def micro_seed(seed: int, step: int, g: int) -> int:
+    """Seed of the global micro-batch g of `step`: sampling does not depend on which rank runs it, so
+    W ranks x k micro-batches draw what one process with W*k micro-batches draws (and resume is exact)."""
+    return (seed * 1_000_003 + step * 1009 + g) % 2**63
 
-    loss = float(np.mean(losses))
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(m.trainable, cfg.grad_clip))
-    if not math.isfinite(loss) or not math.isfinite(grad_norm):
-        m.optimizer.zero_grad(set_to_none=True)
-        raise _NonFinite(loss, grad_norm)
-    m.optimizer.step()
 
-    r = torch.cat(rewards)
-    dt = time.perf_counter() - t_step
+def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
+    """What one micro-batch contributes to the step's metrics (plain numbers: ranks exchange them)."""
+    st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
+          "kl": out.kl_token_sum / max(1.0, float(ro.live.sum())), "tokens": int(ro.live.sum()),
+          "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
+          "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens}}
+    if data.prompt_tokens is not None:
+        hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
+        choice = ro.choice.cpu().numpy() if ro.choice is not None else None
+        st["cost"].update(method.cost(data.prompt_tokens[:, idx], hint, choice))
+    return st
+
+
+def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad_norm: float, dt: float,
+                 timing: dict, device: str) -> dict:
+    r = torch.tensor([x for st in stats for x in st["rewards"]])
+    n_tokens = sum(st["tokens"] for st in stats)
+    cost: dict[str, float] = {}
+    for st in stats:
+        for k, v in st["cost"].items():
+            cost[k] = cost.get(k, 0) + v
     rec = {
         "step": step, "reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
-        "accuracy": float((r >= 1.0).float().mean()), "kl": float(np.mean(kls)), "loss": loss,
-        "grad_norm": grad_norm, "lr": m.optimizer.param_groups[0]["lr"],
-        "frac_reward_zero_std": float(np.mean(zero_std)), "step_seconds": dt,
-        "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
+        "accuracy": float((r >= 1.0).float().mean()), "kl": float(np.mean([st["kl"] for st in stats])),
+        "loss": float(np.mean([st["loss"] for st in stats])), "grad_norm": grad_norm,
+        "lr": m.optimizer.param_groups[0]["lr"], "frac_reward_zero_std": float(np.mean([st["zero_std"] for st in stats])),
+        "step_seconds": dt, "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
         **{f"time/{k}": v for k, v in timing.items()}, **cost,
     }
     if len(m.optimizer.param_groups) > 1:
@@ -426,11 +415,45 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
         rec["context/gate"] = float(torch.tanh(gate.detach()))
     if device.startswith("cuda"):
         rec["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    attn = [torch.tensor(st["attention"]) for st in stats if st["attention"] is not None]
     if attn:
         rs = routing_stats(torch.cat(attn))
         rec.update({"routing/entropy": rs.entropy, "routing/utilization": rs.utilization,
                     "routing/attention": rs.attention})
-    return rec, cursor
+    return rec
+
+
+def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str,
+               run: RunFolder | None = None) -> tuple[dict, int]:
+    """gradient_accumulation_steps micro-batches on each of the W ranks (W = 1 without torchrun) and
+    one AdamW update on gradients summed over ranks. Returns (metrics, new cursor)."""
+    t_step = time.perf_counter()
+    timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
+    _set_lr(m.optimizer, step, cfg.warmup_steps)
+    m.optimizer.zero_grad(set_to_none=True)
+    method, W, B = method_info(cfg.method), dist.world(), cfg.train_batch_size
+    stats = []  # [(global micro index, stats)]
+    for micro in range(cfg.gradient_accumulation_steps):
+        g = micro * W + dist.rank()  # global micro-batch index: whole groups per rank, no exchange for advantages
+        idx = [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor + g * B, B)]
+        torch.manual_seed(micro_seed(cfg.seed, step, g))
+        ro = generate_trajectory(cfg, m, data, idx, device, timing)
+        out = grpo_step(cfg, m, ro, timing)
+        if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
+            for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
+                run.append(COMPLETIONS, rec)
+        stats.append((g, _micro_stats(cfg, m, data, idx, ro, out, method)))
+    cursor += W * cfg.gradient_accumulation_steps * B
+    stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
+    dist.sum_grads(m.trainable)
+
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(m.trainable, cfg.grad_clip))
+    loss = float(np.mean([st["loss"] for st in stats]))
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        m.optimizer.zero_grad(set_to_none=True)
+        raise _NonFinite(loss, grad_norm)
+    m.optimizer.step()
+    return _step_record(cfg, m, step, stats, grad_norm, time.perf_counter() - t_step, timing, device), cursor
 
 
 class _NonFinite(Exception):
@@ -463,21 +486,29 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
     curve_rows = data.val_idx[: min(len(data.val_idx), cfg.curve_prompts)]
     m.peft.train()
     m.adapter.train()
+    main = dist.is_main()  # under torchrun rank 0 alone writes, evaluates and logs; the others train
     bar = tqdm(total=cfg.total_training_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not main, dynamic_ncols=True)
     last_eval = None
     for step in range(start_step + 1, cfg.total_training_steps + 1):
         cursor_at_start = cursor  # the data position that goes with the weights before this step
         try:
-            rec, cursor = train_step(cfg, m, data, step, cursor, device, run)
+            rec, cursor = train_step(cfg, m, data, step, cursor, device, run if main else None)
         except _NonFinite as e:
-            ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
+            if main:
+                ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
             bar.close()
             raise MuskError(
                 f"non-finite {'loss' if not math.isfinite(e.loss) else 'gradient norm'} at step {step} "
                 f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and saved "
                 f"{run.checkpoint(step - 1)}. Lower lr/router_lr or check the cache's features."
             ) from None
+        full = step % cfg.test_freq == 0 or step == cfg.total_training_steps
+        curve = bool(cfg.curve_freq) and step % cfg.curve_freq == 0  # the Figure 5 curve: same prompts each time
+        if not main:
+            if full or curve:
+                dist.barrier()  # wait for rank 0's evaluation
+            continue
         run.append(METRICS, rec)
         trackers.log(rec, step)
         bar.update(1)
@@ -486,13 +517,15 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
             log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec['kl']:.4f} "
                 f"{rec['step_seconds']:.1f}s")
         evals = []
-        if step % cfg.test_freq == 0 or step == cfg.total_training_steps:
+        if full:
             last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run)
             evals.append(last_eval)
-        if cfg.curve_freq and step % cfg.curve_freq == 0:  # the Figure 5 curve: same prompts at every point
+        if curve:
             evals.append(evaluate(cfg, m, data, step, curve_rows, "curve", device, run))
         for ev in evals:
             trackers.log({f"eval/{ev['kind']}/{k}": v for k, v in ev.items() if k not in ("step", "split", "kind")}, step)
+        if evals:
+            dist.barrier()
         if step % cfg.save_freq == 0 or step == cfg.total_training_steps:
             ckpt.save_checkpoint(run, step, m.peft, m.adapter, m.optimizer, {"cursor": cursor})
     bar.close()
@@ -507,6 +540,9 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     passes experts run online on each batch's prompts, to time what the cache saves.
     """
     device = resolve_device(cfg.device)
+    dist.init(device)
+    if device == "cuda" and dist.world() > 1:
+        device = f"cuda:{dist.local_rank()}"
     dtype = resolve_dtype(cfg.dtype, device)
     data = load_data(cfg, cache_path)
     if features is not None:
@@ -521,14 +557,18 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         if last is not None:
             state = ckpt.load_checkpoint(last, m.peft, m.adapter, m.optimizer)
             start_step, cursor = state["step"], state["cursor"]
-        run.truncate(start_step)
-        log(f"resuming {run} at step {start_step}")
-    trackers = Trackers(cfg.report_to, run.path, resolved, log)
+        if dist.is_main():
+            run.truncate(start_step)
+            log(f"resuming {run} at step {start_step}")
+    trackers = Trackers(cfg.report_to if dist.is_main() else ("none",), run.path, resolved, log)
     try:
         last_eval = train_loop(cfg, m, data, run, (start_step, cursor), device, trackers, progress, log)
     finally:
         trackers.close()
 
+    if not dist.is_main():
+        dist.barrier()  # rank 0 writes the final artefacts
+        return run.path
     # ---- final artefacts: PEFT adapter (PeftModel.from_pretrained), g_phi + its config, summary.
     final_step = max(start_step, cfg.total_training_steps)
     if last_eval is None:
@@ -540,5 +580,6 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         save_adapter(m.adapter, m.spec, tmp)
     summary = _summary(cfg, data, resolved, final_step, last_eval, m)
     run.write_summary(summary)
+    dist.barrier()
     log(f"run {run}: final val accuracy {summary['final_val_accuracy']}")
     return run.path
