@@ -21,6 +21,7 @@ from core.atomic import atomic_path, atomic_write_text
 from core.errors import MuskError
 from core.config import from_dict
 from core.hashing import musk_home, sha256_file, sha256_of
+from core.registry import registry
 from pipeline.probes import PROBE_KINDS, probe_config
 
 PLAIN_FORMAT = "Question: {question}\nAnswer:"
@@ -104,17 +105,8 @@ GGUF_PACKAGES = {"smollm2-135m-instruct": _smollm2_gguf, "gemma3-270m": _gemma3_
 # Random-init architectures (transformers config classes), for tests and naive experts.
 RANDOM_ARCHS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config", "gemma3": "Gemma3TextConfig"}
 
-def _registry(specs: list[ExpertSpec]) -> dict[str, ExpertSpec]:
-    out: dict[str, ExpertSpec] = {}
-    for spec in specs:
-        if spec.name in out:
-            raise ValueError(f"expert {spec.name!r} registered twice")
-        out[spec.name] = spec
-    return out
-
-
 # Registry of named experts; a config may list these names or full specs.
-EXPERTS: dict[str, ExpertSpec] = _registry(
+EXPERTS: dict[str, ExpertSpec] = registry(
     [
         ExpertSpec("smollm2-135m-instruct", "gguf-package", "smollm2-135m-instruct"),
         ExpertSpec("gemma3-270m", "gguf-package", "gemma3-270m"),
@@ -140,7 +132,8 @@ EXPERTS: dict[str, ExpertSpec] = _registry(
                    config={"encoding": "token-embeddings", "slots": 8, "noise": 0.1}),
         ExpertSpec("probe-noise", "probe-noise", "smollm2-135m-instruct",
                    config={"encoding": "token-embeddings", "slots": 8, "noise": 0.1}),
-    ]
+    ],
+    "expert",
 )
 
 

@@ -130,13 +130,15 @@ def test_standardized_features_hand_worked():
 
 
 def test_method_and_expert_registries_refuse_duplicates():
-    from pipeline.experts import ExpertSpec, _registry
-    from train.adapters import METHODS, _register
+    from core.registry import registry
+    from pipeline.experts import ExpertSpec
+    from train.adapters import METHODS
 
     with pytest.raises(ValueError, match="registered twice"):
-        _register(METHODS["single"], METHODS["perceiver"], METHODS["single"])
+        registry([METHODS["single"], METHODS["perceiver"], METHODS["single"]], "method")
     with pytest.raises(ValueError, match="registered twice"):
-        _registry([ExpertSpec("a"), ExpertSpec("b"), ExpertSpec("a")])
+        registry([ExpertSpec("a"), ExpertSpec("b"), ExpertSpec("a")], "expert")
+    assert list(registry([ExpertSpec("b"), ExpertSpec("a")], "expert")) == ["b", "a"]  # kept in order
 
 
 def test_cost_rules_hand_worked():

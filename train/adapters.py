@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from core.errors import MuskError
+from core.registry import registry
 
 
 class AdapterOut(NamedTuple):
@@ -262,16 +263,7 @@ class MethodInfo:
     """(prompt_tokens [n, b], hint_tokens [n, b] | None, choice [b] | None) -> cost/* counts."""
 
 
-def _register(*methods: MethodInfo) -> dict[str, MethodInfo]:
-    out: dict[str, MethodInfo] = {}
-    for m in methods:
-        if m.name in out:
-            raise ValueError(f"method {m.name!r} registered twice")
-        out[m.name] = m
-    return out
-
-
-METHODS = _register(
+METHODS = registry([
     MethodInfo("single", False, False, False, "single-model RLVR: no context tokens",
                lambda s: NoContext(), _no_cost),
     MethodInfo("perceiver", True, False, False, "the method: Perceiver cross-attention, m latent queries (Eqs. 5-11)",
@@ -285,7 +277,7 @@ METHODS = _register(
                                     s.gumbel_tau, **s.out_kwargs), _chosen_expert),
     MethodInfo("output-collab", False, False, True, "expert hints as text in an [Expert Hints] block (Eq. 12)",
                lambda s: NoContext(), _every_expert_decodes),
-)
+], "method")
 
 
 def method_info(name: str) -> MethodInfo:
