@@ -220,7 +220,9 @@ def cost_table(runs: list[Run]) -> Table:
         per_run = []
         for r in by_method[method]:
             m = r.metrics
-            if m.is_empty() or "cost/prompts" not in m.columns:
+            need = ("cost/prompts", "cost/expert_forward_passes", "cost/expert_prompt_tokens",
+                    "cost/expert_generated_tokens", "cost/policy_prompt_tokens")
+            if m.is_empty() or any(c not in m.columns for c in need):  # e.g. probe teams: no expert token counts
                 continue
             p = float(m["cost/prompts"].sum())
             g = float(r.config.get("group_size", 1))

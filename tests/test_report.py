@@ -275,3 +275,15 @@ def test_report_html_opens_in_a_headless_browser(runs_dir, tmp_path):
                           (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "Sampled completions" not in res.stdout  # no completions in these runs
     assert res.stdout.count("<img") == 3 and "musk report" in res.stdout
+
+
+def test_cost_table_skips_runs_without_expert_token_counts(tmp_path):
+    """A cache without per-expert token counts (probe teams) gives a 'missing' cost cell, not a crash."""
+    from analyze.tables import cost_table
+
+    d = make_run(tmp_path / "r", "probe-single", method="single")
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    (d / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "cost/expert_prompt_tokens"})
+                                             + "\n" for r in lines))
+    t = cost_table(load_runs([tmp_path / "r"]))
+    assert t.rows == [("single", ["missing"] * 4)] and not t.sources
