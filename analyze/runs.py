@@ -9,15 +9,14 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from cache.run_folder import CONFIG, EVAL, METRICS, RunFolder
+from cache.run_folder import CONFIG, EVAL, METRICS, NOT_SETTINGS, RunFolder
 from core.errors import MuskError
 from core.hashing import sha256_of
 
 # Keys of the resolved config that never make two runs different conditions. total_training_steps
 # is replaced by the step the run reached (`Run.steps`): a run cut short with --max-steps is its own
 # condition, a resumed run that reached the same final step is not.
-NOT_A_CONDITION = ("seed", "cache", "log_freq", "save_freq", "device", "total_training_steps",
-                   "log_completions_freq", "log_completions_prompts", "report_to", "eval_completions")
+NOT_A_CONDITION = ("seed", "device", *NOT_SETTINGS)
 
 
 @dataclass

@@ -26,6 +26,11 @@ CONFIG, SUMMARY, CHECKPOINTS, FINAL = "config.yaml", "summary.json", "checkpoint
 METRICS, EVAL, COMPLETIONS = "metrics.jsonl", "eval.jsonl", "completions.jsonl"
 LOGS = (METRICS, EVAL, COMPLETIONS)  # append-only JSON lines, one record per step or event
 
+# Keys of config.yaml that do not change what a run computes: a resume may change them, and the report
+# does not split conditions on them (it also ignores seed and device, which a resume must keep).
+NOT_SETTINGS = ("total_training_steps", "cache", "report_to", "log_freq", "save_freq", "log_completions_freq",
+                "log_completions_prompts", "eval_completions")
+
 
 @dataclass(frozen=True)
 class RunFolder:

@@ -28,13 +28,15 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init(device: str = "cpu") -> None:
-    """Open the process group if torchrun started us and it is not open yet."""
+def init(device: str = "cpu") -> str:
+    """Open the process group if torchrun started us and it is not open yet; returns this rank's
+    device (`cuda` becomes `cuda:<LOCAL_RANK>` under torchrun)."""
     if world() > 1 and not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") and torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank())
         dist.init_process_group(backend)
+    return f"cuda:{local_rank()}" if device == "cuda" and world() > 1 else device
 
 
 def barrier() -> None:

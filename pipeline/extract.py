@@ -514,9 +514,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     unless the result is that cache plus new experts."""
     out = cfg.out_path()
     device = resolve_device(cfg.device)
-    dist.init(device)
-    if device == "cuda" and dist.world() > 1:
-        device = f"cuda:{dist.local_rank()}"
+    device = dist.init(device)
     dtype = resolve_dtype(cfg.dtype, device)
     plan = plan_extract(cfg, out, dtype)
     if not plan.todo and plan.todo_router is None:

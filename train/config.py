@@ -12,11 +12,6 @@ from train.policy import CONTEXT_POSITIONS
 from train.rewards import MODES
 from train.trackers import check_trackers
 
-# Keys that do not change what a run computes: a resume may change them (with total_training_steps and
-# the cache path) and the report does not split conditions on them.
-NOT_SETTINGS = ("total_training_steps", "cache", "report_to", "log_freq", "save_freq", "log_completions_freq",
-                "log_completions_prompts", "eval_completions")
-
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -22,7 +22,7 @@ import yaml
 from tqdm import tqdm
 
 from cache.reader import Cache
-from cache.run_folder import COMPLETIONS, EVAL, METRICS, RunFolder
+from cache.run_folder import COMPLETIONS, EVAL, METRICS, NOT_SETTINGS, RunFolder
 from core import dist
 from core.atomic import atomic_path
 from core.errors import MuskError
@@ -33,7 +33,7 @@ from pipeline.generation import decode, eos_ids, generate
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
-from train.config import NOT_SETTINGS, TrainConfig
+from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
 from train.policy import PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy, splice
 from train.rewards import score
@@ -540,9 +540,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     passes experts run online on each batch's prompts, to time what the cache saves.
     """
     device = resolve_device(cfg.device)
-    dist.init(device)
-    if device == "cuda" and dist.world() > 1:
-        device = f"cuda:{dist.local_rank()}"
+    device = dist.init(device)
     dtype = resolve_dtype(cfg.dtype, device)
     data = load_data(cfg, cache_path)
     if features is not None:
