@@ -168,44 +168,59 @@ def _mean_std(values: list[float | None], scale: float = 100.0, digits: int = 1)
     return f"{c.mean * scale:.{digits}f}" + (f" ± {c.std * scale:.{digits}f}" if c.std is not None else "")
 
 
+def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[list[str], dict]:
+    """One condition's cells and CSV fields (see collaboration_table)."""
+    with_c = [r.final_accuracy for r in rs]
+    without = [r.summary.get("final_val_accuracy_without_context") for r in rs]
+    null = [r.summary.get("final_val_accuracy_null_context") for r in rs]
+    first = [r.metrics["routing/entropy"][0] for r in rs if "routing/entropy" in r.metrics.columns]
+    last = [r.metrics["routing/entropy"][-1] for r in rs if "routing/entropy" in r.metrics.columns]
+    util = [r.metrics["routing/utilization"][-1].to_list() for r in rs if "routing/utilization" in r.metrics.columns]
+    u = np.array(util, dtype=float) if util and all(len(x) == len(team) for x in util) else None  # [seeds, n]
+    u_txt = ", ".join(f"{n}: {u[:, i].mean():.3f}" + (f" ± {u[:, i].std(ddof=1):.3f}" if len(u) > 1 else "")
+                      for i, n in enumerate(team)) if u is not None else "—"
+    h_txt = f"{np.mean(first):.3f} → {np.mean(last):.3f}" if first else "—"
+    some = lambda v: _mean_std(v) if any(x is not None for x in v) else "—"  # noqa: E731
+    cells = [str(len(rs)), _mean_std(with_c), some(without)] + ([some(null)] if with_null else []) + [h_txt, u_txt]
+    cw, cwo, cn = cell(with_c), cell(without), cell(null)
+    raw = {"acc_with_c_mean": cw.mean, "acc_with_c_std": cw.std, "acc_without_c_mean": cwo.mean,
+           "acc_without_c_std": cwo.std,
+           **({"acc_null_c_mean": cn.mean, "acc_null_c_std": cn.std} if with_null else {}),
+           "entropy_first": float(np.mean(first)) if first else None,
+           "entropy_last": float(np.mean(last)) if last else None,
+           **({f"u_last[{n}]": float(u[:, i].mean()) for i, n in enumerate(team)} if u is not None else {})}
+    return cells, raw
+
+
 def collaboration_table(runs: list[Run]) -> Table:
     """Does C carry information the policy uses? Per condition (family, team, method, settings):
-    final validation accuracy with C and with C removed (the same policy), routing entropy H at the
+    final validation accuracy with C and with C removed (the same policy), with C's information
+    removed but its slots kept where runs evaluated it (eval_null_context), routing entropy H at the
     first and last step, and each expert's utilisation u_i at the last step; mean ± std over seeds."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.family, r.team, r.method, r.condition)].append(r)
     keys = sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), k[1], _order(k[2], METHOD_ORDER), k[3]))
+    with_null = any(r.summary.get("final_val_accuracy_null_context") is not None for r in runs)
     rows, raw, used = [], [], []
     for key in keys:
         rs = sorted(groups[key], key=lambda r: r.name)
         family, team, method = key[:3]
         others = [groups[k] for k in keys if k[:3] == key[:3] and k != key]
         label = setting_label(family, team, rs, others).replace(" / ", f" / {method} / ", 1)
-        with_c = [r.final_accuracy for r in rs]
-        without = [r.summary.get("final_val_accuracy_without_context") for r in rs]
-        first = [r.metrics["routing/entropy"][0] for r in rs if "routing/entropy" in r.metrics.columns]
-        last = [r.metrics["routing/entropy"][-1] for r in rs if "routing/entropy" in r.metrics.columns]
-        util = [r.metrics["routing/utilization"][-1].to_list() for r in rs if "routing/utilization" in r.metrics.columns]
-        u = np.array(util, dtype=float) if util else None  # [seeds, n]
-        u_txt = ", ".join(f"{n}: {u[:, i].mean():.3f}" + (f" ± {u[:, i].std(ddof=1):.3f}" if len(u) > 1 else "")
-                          for i, n in enumerate(team)) if u is not None and u.shape[1] == len(team) else "—"
-        h_txt = f"{np.mean(first):.3f} → {np.mean(last):.3f}" if first else "—"
-        rows.append((label, [str(len(rs)), _mean_std(with_c), _mean_std(without) if any(v is not None for v in without)
-                             else "—", h_txt, u_txt]))
-        cw, cwo = cell(with_c), cell(without)
+        cells, fields = _collaboration_row(rs, team, with_null)
+        rows.append((label, cells))
         raw.append({"condition": label, "family": family, "method": method, "runs": ";".join(r.name for r in rs),
-                    "acc_with_c_mean": cw.mean, "acc_with_c_std": cw.std, "acc_without_c_mean": cwo.mean,
-                    "acc_without_c_std": cwo.std, "entropy_first": float(np.mean(first)) if first else None,
-                    "entropy_last": float(np.mean(last)) if last else None,
-                    **({f"u_last[{n}]": float(u[:, i].mean()) for i, n in enumerate(team)}
-                       if u is not None and u.shape[1] == len(team) else {})})
+                    **fields})
         used += rs
+    cols = ["seeds", "val acc % (with C)", "val acc % (C removed)"] + \
+        (["val acc % (C's information removed)"] if with_null else []) + ["H first → last step", "u_i at the last step"]
     return Table("Collaboration: accuracy with and without C, routing entropy, utilisation (mean ± std over seeds)",
-                 ["seeds", "val acc % (with C)", "val acc % (C removed)", "H first → last step",
-                  "u_i at the last step"], rows, raw, used,
+                 cols, rows, raw, used,
                  note="Accuracy is the final greedy validation accuracy; 'C removed' evaluates the same trained "
-                      "policy with no context tokens. H = ln n is a uniform attention over the n experts.")
+                      "policy with no context tokens" + ("; \"C's information removed\" keeps the m context slots "
+                      "with the gate closed (C = its anchor)" if with_null else "") +
+                      ". H = ln n is a uniform attention over the n experts.")
 
 
 def cost_table(runs: list[Run]) -> Table:

@@ -11,6 +11,11 @@ a folder, or `shape:qwen2.5-3b` for a random-init model of that exact shape (pap
 
     python benchmarks/train_step.py --steps 6                      # CPU, embedded default policy
     python benchmarks/train_step.py --policy shape:qwen2.5-3b --device cuda --batch 4 --group 8 --tokens 128
+    python benchmarks/train_step.py --watch --ns 3 --no-online    # what watching a run costs a step
+
+--watch times, inside the same runs, everything "watching a run" adds to a step with --report-to none
+(the tracker dispatch, sampled completions built and appended to completions.jsonl, here at every
+step: log_completions_freq 1, the worst case) and prints it as a share of the step time.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -33,7 +39,10 @@ from pipeline.experts import load_expert, resolve_dtype, resolve_expert  # noqa:
 from pipeline.extract import pad_ids, expert_forward_pool, load_extract_config, run_extract, tokenize_prompts  # noqa: E402
 from pipeline.pooling import seeded_indices  # noqa: E402
 from train.config import load_train_config  # noqa: E402
+import train.loop  # noqa: E402
+from cache.run_folder import COMPLETIONS  # noqa: E402
 from train.loop import run_train  # noqa: E402
+from train.trackers import Trackers  # noqa: E402
 
 QWEN25_3B = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                  num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
@@ -73,6 +82,29 @@ class OnlineExperts:
         return out
 
 
+WATCH = {"seconds": 0.0}
+
+
+def _timed(fn, when=lambda *a, **k: True):
+    """fn, with its time added to WATCH["seconds"] whenever when(*args) holds."""
+    def wrapper(*a, **k):
+        if not when(*a, **k):
+            return fn(*a, **k)
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            WATCH["seconds"] += time.perf_counter() - t
+    return wrapper
+
+
+def watch_hooks() -> None:
+    """Time what #13 added to a training step: Trackers.log, completion_records, completions appends."""
+    Trackers.log = _timed(Trackers.log)
+    train.loop.completion_records = _timed(train.loop.completion_records)
+    RunFolder.append = _timed(RunFolder.append, lambda self, name, rec: name == COMPLETIONS)
+
+
 def shaped_policy(kind: str, root: Path) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -106,6 +138,8 @@ def main():
     ap.add_argument("--chunk", type=int, default=0, help="rollout_chunk")
     ap.add_argument("--gc", action="store_true", help="gradient_checkpointing")
     ap.add_argument("--no-online", action="store_true", help="skip the online-expert runs")
+    ap.add_argument("--watch", action="store_true", help="time the watching hooks (report_to none, "
+                    "completions logged every step) as a share of the step time")
     ap.add_argument("--dims", default="", help="instead of the team: cached random 2-layer experts of these "
                     "hidden sizes, e.g. the paper's 1536,3584,3072,2048,3072 (no online runs: toy forwards)")
     args = ap.parse_args()
@@ -128,7 +162,10 @@ def main():
             "gradient_accumulation_steps": 1, "total_training_steps": args.steps, "max_new_tokens": args.tokens,
             "min_new_tokens": args.tokens, "temperature": 1.0, "test_freq": 10_000, "save_freq": 10_000,
             "eval_batches": 1, "val_batch_size": 4, "device": args.device, "rollout_chunk": args.chunk,
-            "gradient_checkpointing": args.gc}
+            "gradient_checkpointing": args.gc, "report_to": ["none"],
+            "log_completions_freq": 1 if args.watch else 0}
+    if args.watch:
+        watch_hooks()
     runs = [("single", None, False)] + [("perceiver", n, False) for n in ns]
     if not args.no_online:
         runs += [("perceiver", n, True) for n in ns]
@@ -142,6 +179,7 @@ def main():
             fn = OnlineExperts(team[:n], cache, cfg.pooling, resolve_dtype("auto", dev), args.device)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
+        WATCH["seconds"] = 0.0
         run = run_train(cfg, cache, root / f"{method}-{n}-{online}", progress=False, log=lambda *a: None,
                         features=fn)
         held = fn.gib if fn else 0.0
@@ -150,7 +188,8 @@ def main():
         key = method if n is None else f"perceiver n={n}" + (" online" if online else "")
         results[key] = {"step_s": statistics.median(r["step_seconds"] for r in m),
                         "tokens": statistics.median(r["completion_tokens"] for r in m),
-                        "peak_gb": max((r.get("mem/peak_gb", 0) for r in m), default=0), "held": held}
+                        "peak_gb": max((r.get("mem/peak_gb", 0) for r in m), default=0), "held": held,
+                        "watch_share": WATCH["seconds"] / sum(r["step_seconds"] for r in RunFolder(run).read(METRICS))}
     ref = results["single"]["step_s"]
     print(f"policy {args.policy}, device {args.device}, {args.batch} prompts x {args.group} completions, "
           f"{args.tokens} new tokens (fixed), medians of steps 2..{args.steps}; team: {[e.name for e in team]}")
@@ -161,6 +200,8 @@ def main():
     for n in ns:
         k = f"perceiver n={n}"
         print(f"RATIO {k} cached / single step time = {results[k]['step_s'] / ref:.3f}  (target <= 1.10)")
+    for k, v in results.items() if args.watch else []:
+        print(f"RATIO {k} watching hooks / step time = {v['watch_share']:.4f}  (target <= 0.02)")
     for n in ns if not args.no_online else []:
         k = f"perceiver n={n}"
         print(f"RATIO {k} online / cached step time = {results[k + ' online']['step_s'] / results[k]['step_s']:.2f}x")

@@ -40,6 +40,7 @@ from pipeline.experts import (
 from pipeline.generation import decode, eos_ids, generate, positions
 from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_indices
 from pipeline.probes import PROBE_KINDS, noise_features, oracle_features, probe_arrays, probe_config
+from pipeline.vllm_engine import ENGINES, greedy_texts, make_llm, release, require_vllm
 from pipeline.tasks import Prompt, TaskConfig, build_prompts
 
 
@@ -91,6 +92,11 @@ class ExtractConfig:
     compile: bool = False
     """torch.compile each expert's backbone (dynamic shapes): faster features after a one-off compile per
     expert (README, Performance); pays off on large caches, not on the embedded default."""
+    hint_engine: str = "musk"
+    """musk (its own KV-cached decoder, any device) or vllm (GPU, the optional extra; experts built in
+    code have no folder for vLLM and keep musk's decoder). In the fingerprint when not musk."""
+    vllm_memory: float = 0.5
+    """hint_engine vllm: the share of GPU memory vLLM may take (the expert's own copy runs the features)."""
 
     def validate(self) -> None:
         if not self.experts:
@@ -106,6 +112,8 @@ class ExtractConfig:
             raise MuskError("pooling_draws must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise MuskError("--limit must be at least 1")
+        if self.hint_engine not in ENGINES:
+            raise MuskError(f"unknown hint_engine {self.hint_engine!r}; choices: {list(ENGINES)}")
 
     def out_path(self) -> Path:
         return Path(self.out or f"caches/{self.task.family}.h5")
@@ -114,7 +122,8 @@ class ExtractConfig:
         """The settings that change an expert's stored numbers (in its fingerprint)."""
         return {"dtype": str(dtype).replace("torch.", ""), "pooling_seed": self.pooling_seed,
                 "pooling_draws": self.pooling_draws, "hints": self.hints,
-                "hint_max_new_tokens": self.hint_max_new_tokens}
+                "hint_max_new_tokens": self.hint_max_new_tokens,
+                **({"hint_engine": self.hint_engine} if self.hint_engine != "musk" else {})}
 
 
 # The embedded default: runs offline on a CPU in a few minutes (configs/embedded-default.yaml).
@@ -291,6 +300,21 @@ def _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar) -> 
         bar.update(len(rows))
 
 
+def _hint_batches_vllm(cfg, spec, model, tok, ids, n_tokens, parts, group, bar) -> None:
+    """The same hints through vLLM (greedy, same token ids in, same budget and EOS), stored in the same
+    parts, so a run killed half way can be completed by either engine."""
+    todo = [(b, rows) for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size))
+            if dist.mine(b) and not parts.has(group, "hint", b)]
+    if todo:
+        llm = make_llm(KINDS[spec.kind].folder(spec), model.dtype, cfg.vllm_memory)
+        eos = eos_ids(model, tok)
+        for b, rows in todo:
+            texts, counts = greedy_texts(llm, [ids[i] for i in rows], cfg.hint_max_new_tokens, eos)
+            parts.save(group, "hint", b, rows=rows, text=np.array(texts, dtype=str), n_tokens=np.array(counts))
+            bar.update(len(rows))
+        release(llm)
+
+
 def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tuple[dict, dict]:
     if spec.kind in PROBE_KINDS:
         return _extract_probe(cfg, spec, prompts, bar)
@@ -312,7 +336,9 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
         if pooled is not None:
             parts.save(group, "feat", b, rows=rows, **{k: v.cpu().numpy() for k, v in pooled.items()})
         bar.update(len(rows) if dist.mine(b) else 0)
-    if cfg.hints:
+    if cfg.hints and cfg.hint_engine == "vllm" and KINDS[spec.kind].folder is not None:
+        _hint_batches_vllm(cfg, spec, model, tok, ids, n_tokens, parts, group, bar)
+    elif cfg.hints:
         _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar)
     dist.barrier()
     feats: dict[str, np.ndarray] = {}
@@ -522,6 +548,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
             log(f"cache {out} is complete and up to date (fingerprint {plan.root_fp[:12]}); nothing to do")
         return out
 
+    if cfg.hint_engine == "vllm" and cfg.hints:
+        require_vllm("hint_engine vllm")  # before any work
     t0 = time.time()
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = _parts_store(out, plan.data_fp)

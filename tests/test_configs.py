@@ -60,6 +60,6 @@ def test_paper_presets_keep_the_literal_recipe():
     normalisation: the paper's literal recipe stays one named setting, comparable with musk's."""
     for name in ("paper.yaml", "paper-gsm8k.yaml"):
         cfg = load_train_config(str(CONFIGS / "train" / name))
-        assert (cfg.context_position, cfg.context_gate, cfg.feature_norm, cfg.router_warmup_steps) == \
-            ("suffix", "none", "none", 0)
+        assert (cfg.context_position, cfg.context_gate, cfg.feature_norm, cfg.router_warmup_steps,
+                cfg.grad_clip_scope) == ("suffix", "none", "none", 0, "global")
         assert cfg.init_std == 1e-4

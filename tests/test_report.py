@@ -204,6 +204,28 @@ def test_collaboration_table_hand_worked(tmp_path):
     assert p[4] == "math: 0.500 ± 0.000, code: 0.300 ± 0.000, general: 0.200 ± 0.000"
     assert rows["arithmetic / single / math, code, general"][:4] == ["1", "30.0", "—", "—"]
     assert (tmp_path / "co").exists() and {r["method"] for r in t.raw} == {"perceiver", "single"}
+    assert "val acc % (C's information removed)" not in t.columns  # no run evaluated it
+
+
+def test_collaboration_table_null_context_column(tmp_path):
+    """Runs that evaluated C's information removed (eval_null_context) get a column of their own."""
+    from analyze.tables import collaboration_table
+
+    root = tmp_path / "co"
+    for s, (acc, wo, nu) in enumerate(((0.6, 0.2, 0.5), (0.8, 0.4, 0.7))):
+        d = make_run(root, f"p{s}", seed=s, acc=acc, rewards=(0.1, 0.2), entropy=(1.0, 0.9))
+        summary = json.loads((d / "summary.json").read_text())
+        (d / "summary.json").write_text(json.dumps({**summary, "final_val_accuracy_without_context": wo,
+                                                    "final_val_accuracy_null_context": nu}))
+    make_run(root, "s0", method="single", acc=0.3, rewards=(0.1, 0.2))
+    t = collaboration_table(load_runs([root]))
+    assert t.columns[3] == "val acc % (C's information removed)"
+    rows = dict(t.rows)
+    assert rows["arithmetic / perceiver / math, code, general"][:5] == ["2", "70.0 ± 14.1", "30.0 ± 14.1",
+                                                                         "60.0 ± 14.1", "1.000 → 0.900"]
+    assert rows["arithmetic / single / math, code, general"][:4] == ["1", "30.0", "—", "—"]
+    raw = {r["method"]: r for r in t.raw}
+    assert raw["perceiver"]["acc_null_c_mean"] == pytest.approx(0.6)  # CSV keeps fractions
 
 
 def _parse_page(text):

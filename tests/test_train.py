@@ -1,6 +1,7 @@
 """Training end to end on a tiny policy and the tiny cache: what changes, resume, artefacts, bad input."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -214,3 +215,104 @@ def test_cache_file_is_not_read_after_loading(tiny_cache, tiny_policy, tmp_path,
         assert not tiny_cache.exists() and len(_metrics(run)) == 2
     finally:
         shutil.move(str(moved), str(tiny_cache))
+
+
+def _two_group_optimizer():
+    a = torch.nn.Parameter(torch.zeros(2))
+    b = torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([0.03, 0.04])  # norms 5 and 0.05
+    opt = torch.optim.AdamW([{"name": "gate", "params": [a]}, {"name": "lora", "params": [b]}])
+    return opt, a, b
+
+
+def test_global_clip_lets_one_group_shrink_the_other():
+    """Hand-worked: norms 5 and 0.05, total sqrt(25.0025); a global clip to 1 divides both by 5.00025."""
+    opt, a, b = _two_group_optimizer()
+    total, norms = train.loop.clip_gradients(opt, 1.0, "global")
+    assert total == pytest.approx(25.0025 ** 0.5, rel=1e-6)
+    assert norms == pytest.approx({"gate": 5.0, "lora": 0.05}, rel=1e-6)
+    assert torch.allclose(b.grad, torch.tensor([0.03, 0.04]) / 25.0025 ** 0.5, rtol=1e-5)
+    assert torch.allclose(a.grad, torch.tensor([3.0, 4.0]) / 25.0025 ** 0.5, rtol=1e-5)
+
+
+def test_per_group_clip_keeps_the_small_group_intact():
+    opt, a, b = _two_group_optimizer()
+    total, _ = train.loop.clip_gradients(opt, 1.0, "per-group")
+    assert total == pytest.approx(25.0025 ** 0.5, rel=1e-6)
+    assert torch.allclose(a.grad, torch.tensor([0.6, 0.8]), rtol=1e-5)  # clipped to norm 1
+    assert torch.equal(b.grad, torch.tensor([0.03, 0.04]))  # under its own budget: untouched
+
+
+STABLE = dict(context_position="after-question", context_gate="rms", context_rms=3.0, gate_lr=3e-3,
+              feature_norm="standardize", context_anchor="mean-embedding", grad_clip_scope="per-group")
+
+
+@pytest.mark.parametrize("method", ["perceiver", "ffn"])
+def test_stable_path_starts_at_kl_zero_and_c_stays_bounded(tiny_cache, tiny_policy, tmp_path, method):
+    """Gate closed at step 0: the policy reads C = anchor, the reference reads the same anchor and LoRA
+    B = 0, so KL is exactly 0. Adam's first step moves gamma by at most gate_lr, so afterwards
+    rms(C - anchor) <= tanh(gate_lr) * context_rms * s (s: the token-embedding RMS): C is still a
+    whisper next to the tokens around it."""
+    from transformers import AutoModelForCausalLM
+
+    from train.adapters import load_adapter
+    from train.loop import load_data
+
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method=method, total_training_steps=1, **STABLE))
+    run = run_train(cfg, tiny_cache, tmp_path / "run", **QUIET)
+    m = _metrics(run)
+    assert m[0]["kl"] == 0.0
+    assert set(m[0]) >= {"grad_norm/lora", "grad_norm/router", "grad_norm/gate"}
+
+    adapter, spec = load_adapter(run / "final")
+    emb = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).get_input_embeddings().weight
+    torch.testing.assert_close(adapter.out.anchor, emb.detach().mean(0))
+    assert spec.context_anchor == "mean-embedding"
+    gamma = float(adapter.out.gate)
+    assert 0 < abs(gamma) <= 3e-3 * (1 + 1e-5)
+    data = load_data(cfg, tiny_cache)
+    with torch.no_grad():
+        adapter.eval()
+        c = adapter(data.features(list(range(4))), None).context  # [4, m, d]
+    rms = (c - adapter.out.anchor).pow(2).mean(dim=(1, 2)).sqrt()  # float32: (anchor + x) - anchor loses ~1e-4
+    s = float(emb.detach().pow(2).mean().sqrt())
+    torch.testing.assert_close(rms, torch.full_like(rms, math.tanh(abs(gamma)) * 3.0 * s), rtol=2e-3, atol=0)
+    assert float(rms.max()) <= math.tanh(3e-3) * 3.0 * s * (1 + 2e-3)
+
+
+def test_null_context_eval_equals_with_c_while_the_gate_is_shut(tiny_cache, tiny_policy, tmp_path):
+    """Probe case: gate_lr 0 keeps gamma at 0, so C is exactly its anchor and evaluating "with C's
+    information removed" must give the very same greedy completions as "with C"; with C removed
+    (no slots) the input differs."""
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=1,
+                                                       test_freq=1, eval_null_context=True,
+                                                       **{**STABLE, "gate_lr": 0.0}))
+    run = run_train(cfg, tiny_cache, tmp_path / "run", **QUIET)
+    ev = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()][-1]
+    assert ev["accuracy_null_context"] == ev["accuracy"] and ev["reward_null_context"] == ev["reward"]
+    recs = [json.loads(x) for x in (run / "completions.jsonl").read_text().splitlines()]
+    evs = [r for r in recs if r["kind"] == "eval"]
+    assert evs and all(r["completion_null_context"] == r["completion"] for r in evs)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["final_val_accuracy_null_context"] == ev["accuracy_null_context"]
+
+
+def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
+    """The null variant's input: the prompt with m copies of the anchor (the mean token embedding) where
+    C goes; with gamma = 0 it is exactly the "with C" input, and never the zero-slot input."""
+    from train.loop import _eval_inputs, build_models, load_data
+
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", **STABLE))
+    data = load_data(cfg, tiny_cache)
+    m = build_models(cfg, data, "cpu", torch.float32)
+    m.adapter.eval()
+    idx = [int(i) for i in data.val_idx[:2]]
+    with torch.no_grad():
+        e_with, mk_with = _eval_inputs(cfg, m, data, idx, "with", "cpu")
+        e_null, mk_null = _eval_inputs(cfg, m, data, idx, "null", "cpu")
+        e_none, mk_none = _eval_inputs(cfg, m, data, idx, "removed", "cpu")
+    assert torch.equal(e_with, e_null) and torch.equal(mk_with, mk_null)
+    assert e_null.shape[1] == e_none.shape[1] + cfg.num_latents
+    anchor = m.lm.get_input_embeddings().weight.mean(0)
+    slots = [(e_null[b] - anchor).abs().amax(-1) < 1e-6 for b in range(2)]  # [P+m] rows equal to the anchor
+    assert all(int(s.sum()) >= cfg.num_latents for s in slots)

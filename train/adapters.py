@@ -40,6 +40,7 @@ class TanhFFN(nn.Module):
 
 
 CONTEXT_GATES = ("none", "rms")
+CONTEXT_ANCHORS = ("zero", "mean-embedding")
 FEATURE_NORMS = ("none", "standardize")
 
 
@@ -52,10 +53,16 @@ class OutputProjection(nn.Module):
     at init. Then C is exactly 0 at step 0 (policy == reference: KL exactly 0), its RMS never exceeds
     k * s (it cannot outgrow the tokens it sits among by more than k), and Adam's first steps, which
     move every entry of W_out by about the learning rate, change only where C points, not how loud it is.
+
+    anchor "zero": C is the above. anchor "mean-embedding": the policy's mean token embedding is added
+    to every context token (a fixed buffer, set by `set_anchor`). Why: C ~ 0 at step 0 is not "no C";
+    m zero vectors spliced after the question cost SmolLM2-135M 6 points on the embedded val split
+    (42.2% -> 35.9%), m copies of its mean embedding cost 1.6 (40.6%), so with the anchor a context
+    method starts where single does and C moves away from a neutral token, not from a blank one.
     """
 
     def __init__(self, d: int, d_out: int, init_std: float, gate: str = "none", embed_rms: float = 1.0,
-                 context_rms: float = 1.0):
+                 context_rms: float = 1.0, anchor: str = "zero"):
         super().__init__()
         self.proj = nn.Linear(d, d_out)
         nn.init.normal_(self.proj.weight, std=init_std)
@@ -64,13 +71,25 @@ class OutputProjection(nn.Module):
         self.bound = embed_rms * context_rms  # the largest RMS C can have
         if gate == "rms":
             self.gate = nn.Parameter(torch.zeros(()))  # gamma: tanh(gamma) = 0 at init
+        if anchor != "zero":
+            self.register_buffer("anchor", torch.zeros(d_out))
+
+    @torch.no_grad()
+    def set_anchor(self, embedding_weight: torch.Tensor) -> None:
+        """anchor = the mean row of the policy's input embedding matrix [V, d_out] (unscaled, like C)."""
+        if hasattr(self, "anchor"):
+            self.anchor.copy_(embedding_weight.float().mean(dim=0))
+
+    def null_context(self, like: torch.Tensor) -> torch.Tensor:
+        """The C that carries no information (gate closed): what the reference reads. [.., m, d_out]"""
+        return self.anchor.expand_as(like).to(like.dtype) if hasattr(self, "anchor") else torch.zeros_like(like)
 
     def forward(self, x):
         c = self.proj(x)  # [B, m, d_out]
-        if self.gate_kind == "none":
-            return c
-        rms = c.pow(2).mean(dim=(-2, -1), keepdim=True).add(1e-12).sqrt()  # [B, 1, 1]
-        return torch.tanh(self.gate) * self.bound * c / rms
+        if self.gate_kind == "rms":
+            rms = c.pow(2).mean(dim=(-2, -1), keepdim=True).add(1e-12).sqrt()  # [B, 1, 1]
+            c = torch.tanh(self.gate) * self.bound * c / rms
+        return c + self.anchor if hasattr(self, "anchor") else c
 
 
 class ExpertProjections(nn.Module):
@@ -118,7 +137,7 @@ class Perceiver(nn.Module):
     """
 
     def __init__(self, dims, d, d_out, num_latents, num_heads, init_std, gate="none", embed_rms=1.0,
-                 norm="none", context_rms=1.0):
+                 norm="none", context_rms=1.0, anchor="zero"):
         super().__init__()
         if d % num_heads:
             raise MuskError(f"d_latent {d} is not divisible by num_heads {num_heads}")
@@ -129,7 +148,7 @@ class Perceiver(nn.Module):
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms)
+        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
 
     def forward(self, feats, router_emb=None) -> AdapterOut:
         V = self.experts(feats)  # [B, n, d]
@@ -147,11 +166,12 @@ class Perceiver(nn.Module):
 class FFNOnly(nn.Module):
     """C = FFN(V) W_out + b_out, one token per expert, no cross-attention (Eq. 14)."""
 
-    def __init__(self, dims, d, d_out, init_std, gate="none", embed_rms=1.0, norm="none", context_rms=1.0):
+    def __init__(self, dims, d, d_out, init_std, gate="none", embed_rms=1.0, norm="none", context_rms=1.0,
+                 anchor="zero"):
         super().__init__()
         self.experts = ExpertProjections(dims, d, norm)
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms)
+        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
 
     def forward(self, feats, router_emb=None) -> AdapterOut:
         return AdapterOut(self.out(self.ffn(self.experts(feats))), None)
@@ -165,12 +185,12 @@ class HardRouter(nn.Module):
     """
 
     def __init__(self, dims, d, d_out, router_dim, init_std, tau, gate="none", embed_rms=1.0, norm="none",
-                 context_rms=1.0):
+                 context_rms=1.0, anchor="zero"):
         super().__init__()
         self.experts = ExpertProjections(dims, d, norm)
         self.router = nn.Linear(router_dim, len(dims))
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms)
+        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
         self.tau = tau
 
     def route(self, logits: torch.Tensor) -> torch.Tensor:
@@ -214,11 +234,12 @@ class AdapterSpec:
     embed_rms: float = 1.0
     feature_norm: str = "none"
     context_rms: float = 1.0
+    context_anchor: str = "zero"
 
     @property
     def out_kwargs(self) -> dict:
         return {"gate": self.context_gate, "embed_rms": self.embed_rms, "norm": self.feature_norm,
-                "context_rms": self.context_rms}
+                "context_rms": self.context_rms, "anchor": self.context_anchor}
 
 
 # ---------------------------------------------------------------------------------------------

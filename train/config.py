@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from core.errors import MuskError
 from core.config import from_dict, load_yaml, merge
 from pipeline.pooling import VARIANTS
-from train.adapters import CONTEXT_GATES, FEATURE_NORMS, method_info
+from pipeline.vllm_engine import ENGINES
+from train.adapters import CONTEXT_ANCHORS, CONTEXT_GATES, FEATURE_NORMS, method_info
 from train.policy import CONTEXT_POSITIONS
 from train.rewards import MODES
 from train.trackers import check_trackers
+
+CLIP_SCOPES = ("global", "per-group")
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class TrainConfig:
     """context_gate rms: the largest RMS of C, in units of the RMS of the policy's token embeddings."""
     gate_lr: float = 1e-2
     """AdamW learning rate of the gate gamma (context_gate: rms)."""
+    context_anchor: str = "zero"
+    """zero: C as above (the paper). mean-embedding: the policy's mean token embedding is added to every
+    context token, so a closed gate leaves m neutral tokens rather than m zero vectors (which cost a
+    135M policy 6 points before any training); the reference reads the same anchor."""
     router_warmup_steps: int = 0
     """Linear warmup of router_lr over the first K steps (0: none; the gate's lr is not warmed up)."""
     feature_norm: str = "none"
@@ -100,7 +107,10 @@ class TrainConfig:
     epsilon: float = 1e-6
     """AdamW epsilon."""
     grad_clip: float = 1.0
-    """Max global grad norm."""
+    """Max grad norm (see grad_clip_scope)."""
+    grad_clip_scope: str = "global"
+    """global: one norm over all trainable tensors (the paper's recipe); per-group: LoRA, g_phi and the
+    gate are clipped each on its own, so the gate's large gradient cannot shrink the LoRA's update."""
     warmup_steps: int = 0
     """Linear LR warmup steps (paper: none)."""
     log_freq: int = 1
@@ -125,6 +135,10 @@ class TrainConfig:
     """Evaluation batches (x val_batch_size prompts, capped at the split's size)."""
     eval_without_context: bool = True
     """Also evaluate the same policy with C removed (Figure 5)."""
+    eval_null_context: bool = False
+    """Also evaluate with C's information removed but its m slots kept (the gate closed: C = its anchor,
+    or zeros without one): separates what the experts' states add from what the policy learned to do
+    with m extra tokens (accuracy_null_context)."""
     curve_freq: int = 0
     """Every K steps, evaluate with and without C on a fixed subset of the validation split (the
     Figure 5 curve when test_freq is too rare for one); 0: off."""
@@ -141,6 +155,11 @@ class TrainConfig:
     groups."""
     gradient_checkpointing: bool = False
     """Recompute the policy's activations in backward (paper-scale policies on one GPU)."""
+    rollout_engine: str = "musk"
+    """musk (its own KV-cached decoder, any device) or vllm (GPU, the optional extra: prompt embeddings
+    with C spliced in, LoRA merged into vLLM's weights after every optimizer step)."""
+    vllm_memory: float = 0.3
+    """rollout_engine vllm: the share of GPU memory vLLM may take (the policy trains in the rest)."""
     dtype: str = "auto"
     """Policy weights: auto (bf16 where fast), bfloat16, float32."""
     device: str = "auto"
@@ -154,7 +173,8 @@ class TrainConfig:
         if self.answer_extraction not in MODES:
             raise MuskError(f"unknown answer_extraction {self.answer_extraction!r}; choices: {list(MODES)}")
         for key, choices in (("context_position", CONTEXT_POSITIONS), ("context_gate", CONTEXT_GATES),
-                             ("feature_norm", FEATURE_NORMS)):
+                             ("feature_norm", FEATURE_NORMS), ("grad_clip_scope", CLIP_SCOPES),
+                             ("context_anchor", CONTEXT_ANCHORS), ("rollout_engine", ENGINES)):
             if getattr(self, key) not in choices:
                 raise MuskError(f"unknown {key} {getattr(self, key)!r}; choices: {list(choices)}")
         if self.context_rms <= 0:
@@ -192,8 +212,10 @@ EMBEDDED_DEFAULT = {
     "context_position": "after-question",
     "context_gate": "rms",
     "context_rms": 3.0,
-    "gate_lr": 3e-2,
+    "gate_lr": 3e-3,
     "feature_norm": "standardize",
+    "context_anchor": "mean-embedding",
+    "grad_clip_scope": "per-group",
     "save_freq": 10,
     "test_freq": 10,
     "eval_batches": 4,

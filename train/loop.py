@@ -28,14 +28,16 @@ from core.atomic import atomic_path
 from core.errors import MuskError
 from core.config import from_dict, to_dict
 from core.hashing import sha256_of
-from pipeline.experts import resolve_device, resolve_dtype
+from pipeline.experts import KINDS, resolve_device, resolve_dtype
 from pipeline.generation import decode, eos_ids, generate
+from pipeline.vllm_engine import make_llm, merged_lora_weights, require_vllm, sample_from_embeds, sync_weights
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
-from train.policy import PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy, splice
+from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
+                          policy_spec, splice)
 from train.rewards import score
 from train.trackers import Trackers
 
@@ -158,18 +160,19 @@ class Models:
     trainable: list[torch.Tensor]
     scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
     eos: list[int]
+    vllm: object | None = None  # rollout_engine vllm: the engine, its weights synced after each step
 
 
 def _param_groups(cfg: TrainConfig, lora: list, adapter: torch.nn.Module) -> list[dict]:
     """LoRA at lr; g_phi at router_lr (warmed up over router_warmup_steps); the gate at gate_lr."""
     gate = [p for n, p in adapter.named_parameters() if n.endswith("out.gate")]
     rest = [p for n, p in adapter.named_parameters() if not n.endswith("out.gate")]
-    groups = [{"params": lora, "lr": cfg.lr, "base_lr": cfg.lr, "warmup": 0}]
+    groups = [{"name": "lora", "params": lora, "lr": cfg.lr, "base_lr": cfg.lr, "warmup": 0}]
     if rest:
-        groups.append({"params": rest, "lr": cfg.router_lr, "base_lr": cfg.router_lr,
+        groups.append({"name": "router", "params": rest, "lr": cfg.router_lr, "base_lr": cfg.router_lr,
                        "warmup": cfg.router_warmup_steps})
     if gate:
-        groups.append({"params": gate, "lr": cfg.gate_lr, "base_lr": cfg.gate_lr, "warmup": 0})
+        groups.append({"name": "gate", "params": gate, "lr": cfg.gate_lr, "base_lr": cfg.gate_lr, "warmup": 0})
     return groups
 
 
@@ -189,15 +192,30 @@ def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtyp
         router_dim=int(data.router_emb.shape[1]) if data.router_emb is not None else 0, init_std=cfg.init_std,
         gumbel_tau=cfg.gumbel_tau, pooling=cfg.pooling, context_scale=scale, context_gate=cfg.context_gate,
         embed_rms=float(emb.detach().float().pow(2).mean().sqrt()), feature_norm=cfg.feature_norm,
-        context_rms=cfg.context_rms,
+        context_rms=cfg.context_rms, context_anchor=cfg.context_anchor,
     )
     adapter = build_adapter(spec).to(device)
+    if hasattr(adapter, "out"):
+        adapter.out.set_anchor(emb.detach())
     if hasattr(adapter, "experts"):
         adapter.experts.set_feature_stats([f[data.train_idx] for f in feats])
     lora = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(_param_groups(cfg, lora, adapter), weight_decay=cfg.weight_decay, eps=cfg.epsilon)
     return Models(peft_model, lm, tok, adapter, spec, optimizer, lora + list(adapter.parameters()), scale,
-                  eos_ids(lm, tok))
+                  eos_ids(lm, tok), _rollout_engine(cfg, peft_model, dtype))
+
+
+def _rollout_engine(cfg: TrainConfig, peft_model, dtype: torch.dtype):
+    """rollout_engine vllm: an engine over the policy's folder, holding the current merged weights."""
+    if cfg.rollout_engine != "vllm":
+        return None
+    require_vllm("rollout_engine vllm")
+    spec = policy_spec(cfg.policy)
+    if KINDS[spec.kind].folder is None:
+        raise MuskError(f"rollout_engine vllm needs a policy with a model folder; {cfg.policy!r} is built in code")
+    llm = make_llm(KINDS[spec.kind].folder(spec), dtype, cfg.vllm_memory, prompt_embeds=True, seed=cfg.seed)
+    sync_weights(llm, merged_lora_weights(peft_model))
+    return llm
 
 
 def context_tokens(m: Models, data: RunData, idx: list[int], device: str) -> AdapterOut:
@@ -225,7 +243,7 @@ class Rollouts(NamedTuple):
 
     idx: list[int]  # [B] cache rows
     embeds: torch.Tensor  # [B*G, P+m, d] the policy's input, C spliced in (differentiable into g_phi)
-    ref_embeds: torch.Tensor  # [B*G, P+m, d] the reference's input: zero-valued C at the same positions
+    ref_embeds: torch.Tensor  # [B*G, P+m, d] the reference's input: C with its gate closed (null_context)
     mask: torch.Tensor  # [B*G, P+m]
     tokens: torch.Tensor  # [B*G, T] completions (pad after EOS)
     live: torch.Tensor  # [B*G, T] 1 through the first EOS
@@ -248,13 +266,21 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     emb = m.lm.get_input_embeddings()(pb.ids.repeat_interleave(G, 0))  # [B*G, P, d_out]
     mask = pb.mask.repeat_interleave(G, 0)
     e_in, m_in = splice(emb, mask, C, cfg.context_position, pb.tail)  # [B*G, P+m, d_out]
-    ref_e = splice(emb, mask, torch.zeros_like(C), cfg.context_position, pb.tail)[0] if C is not None else emb
+    null = m.adapter.out.null_context(C) * m.scale if C is not None else None  # C without information
+    ref_e = splice(emb, mask, null, cfg.context_position, pb.tail)[0] if C is not None else emb
 
     t = time.perf_counter()
-    m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
-    tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
-                            cfg.temperature, min_new_tokens=cfg.min_new_tokens, group=G if cfg.share_prompt else 1)
-    m.peft.train()
+    if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
+        tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.max_new_tokens,
+                                          m.eos, m.tok.pad_token_id, cfg.temperature, False,
+                                          int(torch.randint(2**31 - 1, ())))
+        tokens, live = tokens.to(device), live.to(device)
+    else:
+        m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
+        tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
+                                cfg.temperature, min_new_tokens=cfg.min_new_tokens,
+                                group=G if cfg.share_prompt else 1)
+        m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -306,31 +332,47 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOu
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation: greedy decoding on validation prompts, with C and (Figure 5) with C removed.
+# Evaluation: greedy decoding on validation prompts, with C, (Figure 5) with C removed, and optionally
+# with C's information removed but its slots kept.
+
+
+def _eval_variants(cfg: TrainConfig, m: Models) -> list[tuple[str, str]]:
+    """(key suffix, what the policy reads): with C; with C removed (Figure 5); with C's information
+    removed but its m slots kept (null: the gate closed, C = its anchor), for methods that have a C."""
+    variants = [("", "with")]
+    if cfg.eval_without_context and cfg.method != "single":
+        variants.append(("_without_context", "removed"))
+    if cfg.eval_null_context and hasattr(m.adapter, "out"):
+        variants.append(("_null_context", "null"))
+    return variants
+
+
+def _eval_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], mode: str, device: str):
+    """The policy's greedy-eval input under one variant: (embeds [b, P(+m), d], mask)."""
+    pb = prompt_batch(m, data, idx, method_info(cfg.method).needs_hints and mode != "removed", device)
+    c = context_tokens(m, data, idx, device).context if mode != "removed" else None
+    if mode == "null" and c is not None:
+        c = m.adapter.out.null_context(c) * m.scale
+    return splice(m.lm.get_input_embeddings()(pb.ids), pb.mask, c, cfg.context_position, pb.tail)
 
 
 def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.ndarray, kind: str, device: str,
              run: RunFolder) -> dict:
-    info = method_info(cfg.method)
     m.peft.eval()
     m.adapter.eval()
-    variants = [True] + ([False] if cfg.eval_without_context and cfg.method != "single" else [])
     result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
     shown = {}  # key -> (texts, rewards) of the whole evaluation, for completions.jsonl
     with torch.no_grad():
-        for with_ctx in variants:
+        for key, mode in _eval_variants(cfg, m):
             texts, rewards = [], []
             for s in range(0, len(rows), cfg.val_batch_size):
                 idx = [int(i) for i in rows[s: s + cfg.val_batch_size]]
-                pb = prompt_batch(m, data, idx, info.needs_hints and with_ctx, device)
-                c = context_tokens(m, data, idx, device).context if with_ctx else None
-                e, mk = splice(m.lm.get_input_embeddings()(pb.ids), pb.mask, c, cfg.context_position, pb.tail)
+                e, mk = _eval_inputs(cfg, m, data, idx, mode, device)
                 comp, live = generate(m.lm, e, mk, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, greedy=True)
                 texts += decode(m.tok, comp, live)
                 rewards += [score(data.prompts["entry"][i], t, cfg.answer_extraction)
                             for i, t in zip(idx, texts[s:])]
             r = np.array(rewards)
-            key = "" if with_ctx else "_without_context"
             result["accuracy" + key] = float((r >= 1.0).mean())
             result["reward" + key] = float(r.mean())
             shown[key] = (texts, rewards)
@@ -447,13 +489,37 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
     dist.sum_grads(m.trainable)
 
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(m.trainable, cfg.grad_clip))
+    grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
     loss = float(np.mean([st["loss"] for st in stats]))
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         m.optimizer.zero_grad(set_to_none=True)
         raise _NonFinite(loss, grad_norm)
     m.optimizer.step()
-    return _step_record(cfg, m, step, stats, grad_norm, time.perf_counter() - t_step, timing, device), cursor
+    if m.vllm is not None:
+        sync_weights(m.vllm, merged_lora_weights(m.peft))  # the next rollouts sample from the updated policy
+    rec = _step_record(cfg, m, step, stats, grad_norm, time.perf_counter() - t_step, timing, device)
+    rec.update({f"grad_norm/{k}": v for k, v in group_norms.items()})
+    return rec, cursor
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str) -> tuple[float, dict]:
+    """Clip to max_norm over all trainable tensors together (global: one norm, as verl and TRL clip) or
+    per optimizer group (per-group: LoRA, g_phi and the gate each get their own budget). Why per-group:
+    under the rms gate C = tanh(gamma) k s C_raw / rms(C_raw) divides by a small rms(C_raw) at init,
+    so g_phi's gradient norm reached 10^2-10^3 on the embedded default while the LoRA's was below 1;
+    a global clip then divides the LoRA's update by that much on those steps.
+    Returns (the global norm before clipping, {group name: its norm})."""
+    groups = [(g.get("name", str(i)), [p for p in g["params"] if p.grad is not None])
+              for i, g in enumerate(optimizer.param_groups)]
+    norms = {name: float(torch.nn.utils.get_total_norm([p.grad for p in ps])) if ps else 0.0 for name, ps in groups}
+    total = math.sqrt(sum(v * v for v in norms.values()))
+    if scope == "global":
+        torch.nn.utils.clip_grads_with_norm_([p for _, ps in groups for p in ps], max_norm, torch.tensor(total))
+    else:
+        for name, ps in groups:
+            if ps:
+                torch.nn.utils.clip_grads_with_norm_(ps, max_norm, torch.tensor(norms[name]))
+    return total, norms
 
 
 class _NonFinite(Exception):
@@ -469,12 +535,13 @@ def _summary(cfg: TrainConfig, data: RunData, resolved: dict, final_step: int, l
         "method": cfg.method, "team": data.experts, "task_family": data.family, "seed": cfg.seed,
         "steps": final_step, "final_val_accuracy": last_eval.get("accuracy"),
         "final_val_accuracy_without_context": last_eval.get("accuracy_without_context"),
+        "final_val_accuracy_null_context": last_eval.get("accuracy_null_context"),
         "eval_n": last_eval.get("n"), "pooling": cfg.pooling, "pooling_draw": data.pooling_draw,
         "num_latents": cfg.num_latents, "policy": cfg.policy, "cache_fingerprint": data.cache_fingerprint,
         "config_fingerprint": sha256_of(resolved), "group_size": cfg.group_size,
         "train_batch_size": cfg.train_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_new_tokens": cfg.max_new_tokens, "context_position": cfg.context_position,
-        "context_gate": cfg.context_gate, "context_scale": m.scale,
+        "context_gate": cfg.context_gate, "context_anchor": cfg.context_anchor, "context_scale": m.scale,
     }
 
 
