@@ -34,13 +34,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cache.reader import Cache  # noqa: E402
-from cache.run_folder import METRICS, RunFolder  # noqa: E402
+from cache.run_folder import COMPLETIONS, METRICS, RunFolder  # noqa: E402
 from pipeline.experts import load_expert, resolve_dtype, resolve_expert  # noqa: E402
 from pipeline.extract import pad_ids, expert_forward_pool, load_extract_config, run_extract, tokenize_prompts  # noqa: E402
 from pipeline.pooling import seeded_indices  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 import train.loop  # noqa: E402
-from cache.run_folder import COMPLETIONS  # noqa: E402
 from train.loop import run_train  # noqa: E402
 from train.trackers import Trackers  # noqa: E402
 

@@ -227,6 +227,12 @@ def context_tokens(m: Models, data: RunData, idx: list[int], device: str) -> Ada
     return o._replace(context=o.context * m.scale if o.context is not None else None)
 
 
+def null_context_tokens(m: Models, C: torch.Tensor) -> torch.Tensor:
+    """C with its information removed (the gate closed: the anchor, or zeros), scaled like C: what the
+    reference reads in training and the policy reads in the null-context evaluation. [.., m, d_out]"""
+    return m.adapter.out.null_context(C) * m.scale
+
+
 def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str) -> PromptBatch:
     parts = [build_prompt_parts(m.tok, data.system, data.prompts["text"][i],
                                 [(n, data.hints[n][i]) for n in data.experts] if with_hints else None)
@@ -266,8 +272,7 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     emb = m.lm.get_input_embeddings()(pb.ids.repeat_interleave(G, 0))  # [B*G, P, d_out]
     mask = pb.mask.repeat_interleave(G, 0)
     e_in, m_in = splice(emb, mask, C, cfg.context_position, pb.tail)  # [B*G, P+m, d_out]
-    null = m.adapter.out.null_context(C) * m.scale if C is not None else None  # C without information
-    ref_e = splice(emb, mask, null, cfg.context_position, pb.tail)[0] if C is not None else emb
+    ref_e = splice(emb, mask, null_context_tokens(m, C), cfg.context_position, pb.tail)[0] if C is not None else emb
 
     t = time.perf_counter()
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
@@ -352,7 +357,7 @@ def _eval_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], mod
     pb = prompt_batch(m, data, idx, method_info(cfg.method).needs_hints and mode != "removed", device)
     c = context_tokens(m, data, idx, device).context if mode != "removed" else None
     if mode == "null" and c is not None:
-        c = m.adapter.out.null_context(c) * m.scale
+        c = null_context_tokens(m, c)
     return splice(m.lm.get_input_embeddings()(pb.ids), pb.mask, c, cfg.context_position, pb.tail)
 
 
