@@ -12,6 +12,9 @@ a folder, or `shape:qwen2.5-3b` for a random-init model of that exact shape (pap
     python benchmarks/train_step.py --steps 6                      # CPU, embedded default policy
     python benchmarks/train_step.py --policy shape:qwen2.5-3b --device cuda --batch 4 --group 8 --tokens 128
     python benchmarks/train_step.py --watch --ns 3 --no-online    # what watching a run costs a step
+    python benchmarks/train_step.py --merge-ab --tokens 48 --dtype float32   # decoding through merged LoRA
+    python benchmarks/train_step.py --policy shape:qwen2.5-3b --tokenizer <folder> --device cuda --batch 32 \
+        --group 8 --tokens 128 --chunk 32 --dims 1536,3584,3072 --ns 3 --steps 3   # a paper step, one micro-batch
 
 --watch times, inside the same runs, everything "watching a run" adds to a step with --report-to none
 (the tracker dispatch, sampled completions built and appended to completions.jsonl, here at every
@@ -104,16 +107,22 @@ def watch_hooks() -> None:
     RunFolder.append = _timed(RunFolder.append, lambda self, name, rec: name == COMPLETIONS)
 
 
-def shaped_policy(kind: str, root: Path) -> str:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def shaped_policy(kind: str, root: Path, tokenizer: str = "") -> str:
+    """A random-init policy of that exact shape, saved as a folder; its tokenizer is `tokenizer` (a
+    folder: real BPE prompt lengths) or a byte-level one (prompts ~4x longer than a BPE's)."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from pipeline.experts import byte_tokenizer
 
     if kind != "qwen2.5-3b":
         raise SystemExit(f"unknown shape {kind!r}; choices: ['qwen2.5-3b']")
-    tok = byte_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    if tokenizer:
+        tok = AutoTokenizer.from_pretrained(tokenizer)
+    else:
+        tok = byte_tokenizer()
+        tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                             "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    tok.pad_token = tok.pad_token or tok.eos_token
     cfg = Qwen2Config(**QWEN25_3B, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -125,6 +134,17 @@ def shaped_policy(kind: str, root: Path) -> str:
     return str(root / "policy")
 
 
+def print_merge_ab(args, results: dict) -> None:
+    print(f"policy {args.policy} ({args.dtype}), {args.batch} prompts x {args.group} completions, {args.tokens} new "
+          f"tokens (fixed), medians of steps 2..{args.steps}, two interleaved runs each")
+    for k, v in results.items():
+        print(f"{k:32s}: {v['step_s']:6.2f} s/step (" + ", ".join(f"{p} {t:.2f}" for p, t in v["parts"].items()) + ")")
+    gen = {v: statistics.median(r["parts"]["generate"] for k, r in results.items() if f" {v} #" in k) for v in ("off", "on")}
+    step = {v: statistics.median(r["step_s"] for k, r in results.items() if f" {v} #" in k) for v in ("off", "on")}
+    print(f"RATIO generate time, merged / unmerged = {gen['on'] / gen['off']:.3f}")
+    print(f"RATIO step time, merged / unmerged = {step['on'] / step['off']:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--policy", default="smollm2-135m-instruct")
@@ -134,16 +154,21 @@ def main():
     ap.add_argument("--group", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--accum", type=int, default=1, help="gradient_accumulation_steps (micro-batches a step)")
+    ap.add_argument("--tokenizer", default="", help="shape: policies: a tokenizer folder (default: bytes)")
     ap.add_argument("--chunk", type=int, default=0, help="rollout_chunk")
     ap.add_argument("--gc", action="store_true", help="gradient_checkpointing")
     ap.add_argument("--no-online", action="store_true", help="skip the online-expert runs")
     ap.add_argument("--watch", action="store_true", help="time the watching hooks (report_to none, "
                     "completions logged every step) as a share of the step time")
+    ap.add_argument("--merge-ab", action="store_true", help="only single, decoding with decode_merged off "
+                    "and on, side by side (what merging LoRA for decoding saves)")
+    ap.add_argument("--dtype", default="auto", help="policy dtype (decode_merged auto merges float32 only)")
     ap.add_argument("--dims", default="", help="instead of the team: cached random 2-layer experts of these "
                     "hidden sizes, e.g. the paper's 1536,3584,3072,2048,3072 (no online runs: toy forwards)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="musk-bench-"))
-    policy = shaped_policy(args.policy.split(":", 1)[1], root) if args.policy.startswith("shape:") else args.policy
+    policy = shaped_policy(args.policy.split(":", 1)[1], root, args.tokenizer) if args.policy.startswith("shape:") else args.policy
     ns = [int(n) for n in args.ns.split(",")]
     members = TEAM[: max(ns)]
     if args.dims:
@@ -158,19 +183,21 @@ def main():
         "router": None, "hints": False, "out": str(root / "cache.h5"), "device": args.device}),
         progress=False, log=lambda *a: None)
     base = {"policy": policy, "group_size": args.group, "train_batch_size": args.batch,
-            "gradient_accumulation_steps": 1, "total_training_steps": args.steps, "max_new_tokens": args.tokens,
+            "gradient_accumulation_steps": args.accum, "total_training_steps": args.steps, "max_new_tokens": args.tokens,
             "min_new_tokens": args.tokens, "temperature": 1.0, "test_freq": 10_000, "save_freq": 10_000,
             "eval_batches": 1, "val_batch_size": 4, "device": args.device, "rollout_chunk": args.chunk,
-            "gradient_checkpointing": args.gc, "report_to": ["none"],
+            "gradient_checkpointing": args.gc, "report_to": ["none"], "dtype": args.dtype,
             "log_completions_freq": 1 if args.watch else 0}
     if args.watch:
         watch_hooks()
-    runs = [("single", None, False)] + [("perceiver", n, False) for n in ns]
+    runs = [("single", None, False, "auto")] + [("perceiver", n, False, "auto") for n in ns]
     if not args.no_online:
-        runs += [("perceiver", n, True) for n in ns]
+        runs += [("perceiver", n, True, "auto") for n in ns]
+    if args.merge_ab:  # interleaved off / on, so load on the machine hits both alike
+        runs = [("single", None, False, v) for v in ("off", "on", "off", "on")]
     results = {}
-    for method, n, online in runs:
-        cfg = load_train_config(None, {**base, "method": method,
+    for i, (method, n, online, merged) in enumerate(runs):
+        cfg = load_train_config(None, {**base, "method": method, "decode_merged": merged,
                                        **({"experts": [e.name for e in team[:n]]} if n else {})})
         fn = None
         if online:
@@ -179,23 +206,31 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         WATCH["seconds"] = 0.0
-        run = run_train(cfg, cache, root / f"{method}-{n}-{online}", progress=False, log=lambda *a: None,
+        run = run_train(cfg, cache, root / f"{method}-{n}-{online}-{i}", progress=False, log=lambda *a: None,
                         features=fn)
         held = fn.gib if fn else 0.0
         del fn
         m = RunFolder(run).read(METRICS)[1:]
         key = method if n is None else f"perceiver n={n}" + (" online" if online else "")
+        if args.merge_ab:
+            key = f"single, decode_merged {merged} #{i // 2 + 1}"
         results[key] = {"step_s": statistics.median(r["step_seconds"] for r in m),
                         "tokens": statistics.median(r["completion_tokens"] for r in m),
+                        "parts": {k: statistics.median(r[f"time/{k}"] for r in m)
+                                  for k in ("generate", "reference", "policy")},
                         "peak_gb": max((r.get("mem/peak_gb", 0) for r in m), default=0), "held": held,
                         "watch_share": WATCH["seconds"] / sum(r["step_seconds"] for r in RunFolder(run).read(METRICS))}
+    if args.merge_ab:
+        return print_merge_ab(args, results)
     ref = results["single"]["step_s"]
     print(f"policy {args.policy}, device {args.device}, {args.batch} prompts x {args.group} completions, "
-          f"{args.tokens} new tokens (fixed), medians of steps 2..{args.steps}; team: {[e.name for e in team]}")
+          f"{args.tokens} new tokens (fixed), {args.accum} micro-batch(es) a step, rollout_chunk {args.chunk}, "
+          f"gradient checkpointing {'on' if args.gc else 'off'}, medians of steps 2..{args.steps}; team: {[e.name for e in team]}")
     for k, v in results.items():
         mem = f", peak GPU {v['peak_gb']:.1f} GiB" if v["peak_gb"] else ""
         held = f", expert weights held {v['held']:.2f} GiB" if v["held"] else ""
-        print(f"{k:24s}: {v['step_s']:7.2f} s/step ({v['tokens']:.0f} completion tokens){mem}{held}")
+        parts = ", ".join(f"{p} {t:.2f}" for p, t in v["parts"].items())
+        print(f"{k:24s}: {v['step_s']:7.2f} s/step ({parts}; {v['tokens']:.0f} completion tokens){mem}{held}")
     for n in ns:
         k = f"perceiver n={n}"
         print(f"RATIO {k} cached / single step time = {results[k]['step_s'] / ref:.3f}  (target <= 1.10)")

@@ -29,7 +29,8 @@ LOGS = (METRICS, EVAL, COMPLETIONS)  # append-only JSON lines, one record per st
 # Keys of config.yaml that do not change what a run computes: a resume may change them, and the report
 # does not split conditions on them (it also ignores seed and device, which a resume must keep).
 NOT_SETTINGS = ("total_training_steps", "cache", "report_to", "log_freq", "save_freq", "log_completions_freq",
-                "log_completions_prompts", "eval_completions", "eval_null_context", "rollout_engine", "vllm_memory")
+                "log_completions_prompts", "eval_completions", "eval_null_context", "rollout_engine", "vllm_memory",
+                "decode_merged")
 
 
 @dataclass(frozen=True)

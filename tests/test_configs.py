@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.config import to_dict
 from pipeline.extract import EMBEDDED_DEFAULT, load_extract_config
 from train.config import EMBEDDED_DEFAULT as TRAIN_DEFAULT
 from train.config import load_train_config
@@ -37,6 +38,20 @@ def test_paper_train_preset_matches_listing1():
     assert load_train_config(str(CONFIGS / "train" / "paper-gsm8k.yaml")).total_training_steps == 233
 
 
+def test_paper_h100_preset_is_paper_yaml_in_one_micro_batch():
+    """paper-h100.yaml changes how a step is batched, nothing it means: the same 32 prompts a step,
+    the same validation prompts (the 4000 of the split), every other key equal to paper.yaml's."""
+    paper = to_dict(load_train_config(str(CONFIGS / "train" / "paper.yaml")))
+    h100 = to_dict(load_train_config(str(CONFIGS / "train" / "paper-h100.yaml")))
+    batching = {"train_batch_size", "gradient_accumulation_steps", "rollout_chunk", "val_batch_size", "eval_batches"}
+    assert {k for k in paper if paper[k] != h100[k]} == batching
+    assert h100["train_batch_size"] * h100["gradient_accumulation_steps"] == 32 and h100["gradient_accumulation_steps"] == 1
+    assert h100["rollout_chunk"] % h100["group_size"] == 0  # chunks hold whole groups
+    val_size = 4000
+    assert min(val_size, h100["eval_batches"] * h100["val_batch_size"]) == min(
+        val_size, paper["eval_batches"] * paper["val_batch_size"]) == val_size
+
+
 def test_embedded_default_files_match_code():
     assert yaml.safe_load((CONFIGS / "embedded-default.yaml").read_text()) == EMBEDDED_DEFAULT
     assert yaml.safe_load((CONFIGS / "train" / "embedded-default.yaml").read_text()) == TRAIN_DEFAULT
@@ -58,7 +73,7 @@ def test_probe_presets():
 def test_paper_presets_keep_the_literal_recipe():
     """The paper presets keep Eq. 11 as printed, C right before the answer, no warmup, no feature
     normalisation: the paper's literal recipe stays one named setting, comparable with musk's."""
-    for name in ("paper.yaml", "paper-gsm8k.yaml"):
+    for name in ("paper.yaml", "paper-gsm8k.yaml", "paper-h100.yaml"):
         cfg = load_train_config(str(CONFIGS / "train" / name))
         assert (cfg.context_position, cfg.context_gate, cfg.feature_norm, cfg.router_warmup_steps,
                 cfg.grad_clip_scope) == ("suffix", "none", "none", 0, "global")

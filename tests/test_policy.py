@@ -77,3 +77,63 @@ def test_logprobs_follow_the_sampling_temperature():
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         assert not torch.allclose(completion_logprobs(lm, emb, torch.ones_like(ids), comp, live, temperature=0.5),
                                   completion_logprobs(lm, emb, torch.ones_like(ids), comp, live))
+
+
+def test_merged_lora_decodes_the_same_and_puts_w_back(tiny_policy):
+    """Inside merged_lora each LoRA linear computes x (W + s B A) with its branch off: the logits equal
+    the LoRA forward's within fp32 rounding (and differ from the base model's: B A is really used), greedy
+    tokens are identical, and every base weight is its original tensor again afterwards, also when the
+    body raises."""
+    from peft.tuners.lora import LoraLayer
+
+    from pipeline.generation import eos_ids, generate
+    from tests.helpers import tiny_train_overrides
+    from train.config import load_train_config
+    from train.policy import load_policy, merged_lora
+
+    peft, tok, _ = load_policy(load_train_config(None, tiny_train_overrides(tiny_policy)), torch.float32, "cpu")
+    lm = peft.get_base_model()
+    torch.manual_seed(0)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make B A count
+            p.data.normal_(0, 0.3)
+    layers = [mod for mod in lm.modules() if isinstance(mod, LoraLayer)]
+    weights = [mod.get_base_layer().weight for mod in layers]
+    ids = torch.tensor([tok("12 + 7 =")["input_ids"]] * 2)
+    with torch.no_grad():
+        want = lm(input_ids=ids).logits
+        with peft.disable_adapter():
+            base = lm(input_ids=ids).logits
+        with merged_lora(peft):
+            got = lm(input_ids=ids).logits
+        with merged_lora(peft, enabled=False):
+            assert torch.equal(lm(input_ids=ids).logits, want)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (base - want).abs().max() > 1e-2
+    assert all(mod.get_base_layer().weight is w for mod, w in zip(layers, weights))
+
+    emb, mask = lm.get_input_embeddings()(ids), torch.ones_like(ids)
+    a = generate(lm, emb, mask, 8, eos_ids(lm, tok), tok.pad_token_id, greedy=True)
+    with merged_lora(peft):
+        b = generate(lm, emb, mask, 8, eos_ids(lm, tok), tok.pad_token_id, greedy=True)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    with pytest.raises(RuntimeError), merged_lora(peft):
+        raise RuntimeError("inside")
+    assert all(mod.get_base_layer().weight is w for mod, w in zip(layers, weights))
+    with torch.no_grad():
+        assert torch.equal(lm(input_ids=ids).logits, want)  # adapters back on
+
+
+def test_decode_merged_auto_is_float32_only():
+    from types import SimpleNamespace
+
+    from train.loop import decode_merged
+
+    def m(dtype):
+        return SimpleNamespace(lm=SimpleNamespace(dtype=dtype))
+
+    def cfg(v):
+        return SimpleNamespace(decode_merged=v)
+
+    assert decode_merged(cfg("auto"), m(torch.float32)) and not decode_merged(cfg("auto"), m(torch.bfloat16))
+    assert decode_merged(cfg("on"), m(torch.bfloat16)) and not decode_merged(cfg("off"), m(torch.float32))

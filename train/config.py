@@ -8,6 +8,8 @@ from core.errors import MuskError
 from core.config import from_dict, load_yaml, merge
 from pipeline.pooling import VARIANTS
 from pipeline.vllm_engine import ENGINES
+
+DECODE_MERGED = ("auto", "on", "off")
 from train.adapters import CONTEXT_ANCHORS, CONTEXT_GATES, FEATURE_NORMS, method_info
 from train.policy import CONTEXT_POSITIONS
 from train.rewards import MODES
@@ -160,6 +162,11 @@ class TrainConfig:
     with C spliced in, LoRA merged into vLLM's weights after every optimizer step)."""
     vllm_memory: float = 0.3
     """rollout_engine vllm: the share of GPU memory vLLM may take (the policy trains in the rest)."""
+    decode_merged: str = "auto"
+    """auto, on, off: decode rollouts and evaluations through W + B A, merged out of place for each
+    LoRA linear (one matmul instead of three; the LoRA branch is a third of a CPU decode step's ops).
+    Same numbers up to rounding where the policy is float32 (auto: float32 only); in bf16 W + B A
+    rounds a small B A away, so the rollouts would lag the policy."""
     dtype: str = "auto"
     """Policy weights: auto (bf16 where fast), bfloat16, float32."""
     device: str = "auto"
@@ -174,7 +181,8 @@ class TrainConfig:
             raise MuskError(f"unknown answer_extraction {self.answer_extraction!r}; choices: {list(MODES)}")
         for key, choices in (("context_position", CONTEXT_POSITIONS), ("context_gate", CONTEXT_GATES),
                              ("feature_norm", FEATURE_NORMS), ("grad_clip_scope", CLIP_SCOPES),
-                             ("context_anchor", CONTEXT_ANCHORS), ("rollout_engine", ENGINES)):
+                             ("context_anchor", CONTEXT_ANCHORS), ("rollout_engine", ENGINES),
+                             ("decode_merged", DECODE_MERGED)):
             if getattr(self, key) not in choices:
                 raise MuskError(f"unknown {key} {getattr(self, key)!r}; choices: {list(choices)}")
         if self.context_rms <= 0:

@@ -37,7 +37,7 @@ from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, 
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
 from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
-                          policy_spec, splice)
+                          merged_lora, policy_spec, splice)
 from train.rewards import score
 from train.trackers import Trackers
 
@@ -262,6 +262,11 @@ class Rollouts(NamedTuple):
     policy_prompt_tokens: int  # prompt tokens the policy read, C included (cost accounting)
 
 
+def decode_merged(cfg: TrainConfig, m: Models) -> bool:
+    """Whether rollouts and evaluations decode through merged LoRA weights (cfg.decode_merged)."""
+    return cfg.decode_merged == "on" or (cfg.decode_merged == "auto" and m.lm.dtype == torch.float32)
+
+
 def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
                         timing: dict) -> Rollouts:
     G = cfg.group_size
@@ -282,9 +287,10 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
         tokens, live = tokens.to(device), live.to(device)
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
-        tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
-                                cfg.temperature, min_new_tokens=cfg.min_new_tokens,
-                                group=G if cfg.share_prompt else 1)
+        with merged_lora(m.peft, decode_merged(cfg, m)):
+            tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
+                                    cfg.temperature, min_new_tokens=cfg.min_new_tokens,
+                                    group=G if cfg.share_prompt else 1)
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
@@ -367,7 +373,7 @@ def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.nda
     m.adapter.eval()
     result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
     shown = {}  # key -> (texts, rewards) of the whole evaluation, for completions.jsonl
-    with torch.no_grad():
+    with torch.no_grad(), merged_lora(m.peft, decode_merged(cfg, m)):
         for key, mode in _eval_variants(cfg, m):
             texts, rewards = [], []
             for s in range(0, len(rows), cfg.val_batch_size):
