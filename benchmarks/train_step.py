@@ -139,8 +139,11 @@ def print_merge_ab(args, results: dict) -> None:
           f"tokens (fixed), medians of steps 2..{args.steps}, two interleaved runs each")
     for k, v in results.items():
         print(f"{k:32s}: {v['step_s']:6.2f} s/step (" + ", ".join(f"{p} {t:.2f}" for p, t in v["parts"].items()) + ")")
-    gen = {v: statistics.median(r["parts"]["generate"] for k, r in results.items() if f" {v} #" in k) for v in ("off", "on")}
-    step = {v: statistics.median(r["step_s"] for k, r in results.items() if f" {v} #" in k) for v in ("off", "on")}
+    def med(v, get):
+        return statistics.median(get(r) for k, r in results.items() if f" {v} #" in k)
+
+    gen = {v: med(v, lambda r: r["parts"]["generate"]) for v in ("off", "on")}
+    step = {v: med(v, lambda r: r["step_s"]) for v in ("off", "on")}
     print(f"RATIO generate time, merged / unmerged = {gen['on'] / gen['off']:.3f}")
     print(f"RATIO step time, merged / unmerged = {step['on'] / step['off']:.3f}")
 
@@ -168,7 +171,9 @@ def main():
                     "hidden sizes, e.g. the paper's 1536,3584,3072,2048,3072 (no online runs: toy forwards)")
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="musk-bench-"))
-    policy = shaped_policy(args.policy.split(":", 1)[1], root, args.tokenizer) if args.policy.startswith("shape:") else args.policy
+    policy = args.policy
+    if policy.startswith("shape:"):
+        policy = shaped_policy(policy.split(":", 1)[1], root, args.tokenizer)
     ns = [int(n) for n in args.ns.split(",")]
     members = TEAM[: max(ns)]
     if args.dims:
@@ -225,7 +230,8 @@ def main():
     ref = results["single"]["step_s"]
     print(f"policy {args.policy}, device {args.device}, {args.batch} prompts x {args.group} completions, "
           f"{args.tokens} new tokens (fixed), {args.accum} micro-batch(es) a step, rollout_chunk {args.chunk}, "
-          f"gradient checkpointing {'on' if args.gc else 'off'}, medians of steps 2..{args.steps}; team: {[e.name for e in team]}")
+          f"gradient checkpointing {'on' if args.gc else 'off'}, medians of steps 2..{args.steps}; "
+          f"team: {[e.name for e in team]}")
     for k, v in results.items():
         mem = f", peak GPU {v['peak_gb']:.1f} GiB" if v["peak_gb"] else ""
         held = f", expert weights held {v['held']:.2f} GiB" if v["held"] else ""

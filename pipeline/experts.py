@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -311,6 +312,10 @@ def materialize_gguf(path: Path, sha: str) -> Path:
     if (target / "config.json").exists():
         _drop_gguf_quantization(target / "config.json")  # folders converted by musk <= 0.1.0
         return target
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        # Under torchrun transformers' save_pretrained writes weights and config on rank 0 alone (a
+        # folder from another rank would hold only the tokenizer), so rank 0 converts, the others wait.
+        return _wait_for_conversion(target, path)
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
@@ -326,6 +331,19 @@ def materialize_gguf(path: Path, sha: str) -> Path:
         fresh.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "musk_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha}))
+        if not (tmp / "config.json").exists() or not _weight_files(tmp):  # never commit a folder without a model
+            raise MuskError(f"GGUF conversion of {path.name}: save_pretrained wrote no config or weights")
+    return target
+
+
+def _wait_for_conversion(target: Path, path: Path, timeout: float = 1800.0, poll: float = 0.5) -> Path:
+    """Wait until another process (rank 0) has committed the converted folder `target`."""
+    deadline = time.monotonic() + timeout
+    while not (target / "config.json").exists():
+        if time.monotonic() > deadline:
+            raise MuskError(f"waited {timeout:.0f} s for rank 0 to convert {path.name} into {target}; "
+                            "does rank 0 load the same experts?")
+        time.sleep(poll)
     return target
 
 

@@ -15,8 +15,8 @@ from tests.helpers import tiny_extract_config, write_yaml
 QUIET = dict(progress=False, log=lambda *a: None)
 
 
-def _torchrun(args, tmp_path, nproc=2):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+def _torchrun(args, tmp_path, nproc=2, env=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "cli", *args]
     return subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env,
@@ -123,3 +123,20 @@ def test_train_two_ranks_equal_one_rank_with_two_micro_batches(tiny_cache, tiny_
             for k in w1:
                 torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)
     assert json.loads((two / "summary.json").read_text())["steps"] == 3
+
+
+def test_gguf_conversion_under_torchrun_from_a_fresh_home(tmp_path):
+    """A first run under torchrun: both ranks need the converted GGUF folder. transformers' save_pretrained
+    writes weights and config on rank 0 alone, so a folder converted by rank 1 held only the tokenizer and,
+    when rank 1 won the rename, every later load failed ("Should have a model_type key"). Rank 0 converts;
+    the other ranks wait for its folder."""
+    cfg = tiny_extract_config(tmp_path / "g.h5", experts=["smollm2-135m-instruct"], router=False, hints=False,
+                              train_size=2, val_size=2)
+    env = {"MUSK_HOME": str(tmp_path / "home")}
+    res = _torchrun(["extract", "--config", str(write_yaml(tmp_path / "g.yaml", cfg)), "--no-progress"], tmp_path,
+                    env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    (folder,) = (tmp_path / "home" / "models").iterdir()
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
+    with Cache(tmp_path / "g.h5") as c:
+        assert c.experts == ["smollm2-135m-instruct"]

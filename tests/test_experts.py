@@ -1,6 +1,7 @@
 """Expert loading details that decide what an expert reads: the files a hub download fetches."""
 
 import fnmatch
+from pathlib import Path
 
 import pytest
 
@@ -41,3 +42,17 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(MuskError, match="neither a local folder nor in the local Hugging Face cache"):
         _hf_folder(ExpertSpec("e", "hf", "org/some-model"))
+
+
+def test_waiting_for_rank_zero_times_out_with_a_message(tmp_path):
+    import threading
+
+    from pipeline.experts import _wait_for_conversion
+
+    with pytest.raises(MuskError, match="rank 0"):
+        _wait_for_conversion(tmp_path / "never", Path("m.gguf"), timeout=0.2, poll=0.05)
+    target = tmp_path / "late"
+    t = threading.Timer(0.2, lambda: (target.mkdir(), (target / "config.json").write_text("{}")))
+    t.start()
+    assert _wait_for_conversion(target, Path("m.gguf"), timeout=5, poll=0.05) == target
+    t.join()
