@@ -32,8 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.experts import EXPERTS, ExpertSpec, load_expert, resolve_dtype  # noqa: E402
-from pipeline.extract import _batches, common_prefix_length, feature_batches, pad_ids, tokenize_prompts  # noqa: E402
-from pipeline.generation import eos_ids, generate  # noqa: E402
+from pipeline.extract import (_batches, common_prefix_length, feature_batches, greedy_hints,  # noqa: E402
+                              tokenize_prompts)
+from pipeline.generation import eos_ids  # noqa: E402
 from pipeline.pooling import seeded_indices  # noqa: E402
 from pipeline.tasks import TaskConfig, build_prompts  # noqa: E402
 
@@ -67,11 +68,7 @@ def time_hints(model, tok, ids, sizes, budget, device, sync) -> dict[int, float]
     for size in sizes:
         t = time.perf_counter()
         for rows in _batches(n_tok, size):
-            bid, mask = pad_ids([ids[i] for i in rows], tok.pad_token_id, "left")
-            with torch.inference_mode():
-                emb = model.get_input_embeddings()(bid.to(device))
-                generate(model, emb, mask.to(device), budget, eos, tok.pad_token_id, greedy=True,
-                         min_new_tokens=budget)
+            greedy_hints(model, tok, [ids[i] for i in rows], budget, eos, device, min_new_tokens=budget)
         sync()
         out[size] = time.perf_counter() - t
     return out

@@ -24,10 +24,10 @@ ap.add_argument("--batch", type=int, default=32)
 args = ap.parse_args()
 dtype = resolve_dtype("auto", "cpu")
 model, tok = load_expert(EXPERTS[args.expert], dtype, "cpu")
-cfg = model.config.get_text_config()
 head = model.get_output_embeddings().weight
 print(f"dtype {dtype}, cpu capability {torch.backends.cpu.get_cpu_capability()}, threads {torch.get_num_threads()}")
-print(f"params {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M, LM head {head.shape} = {head.numel() / 1e6:.0f}M "
+n_params = sum(p.numel() for p in model.parameters())
+print(f"params {n_params / 1e6:.0f}M, LM head {tuple(head.shape)} = {head.numel() / 1e6:.0f}M "
       f"({head.numel() * head.element_size() / 2**20:.0f} MiB read per token step)")
 prompts = build_prompts(TaskConfig(family="easy-arithmetic", train_size=args.batch, val_size=1))[:args.batch]
 ids, _ = tokenize_prompts(tok, prompts)

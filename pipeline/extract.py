@@ -283,6 +283,16 @@ def _extract_probe(cfg, spec, prompts, bar) -> tuple[dict, dict]:
     return attrs, arrays
 
 
+def greedy_hints(model, tok, batch_ids: list[list[int]], max_new_tokens: int, eos: list[int], device,
+                 min_new_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of hints: (tokens [b, T], live [b, T]) greedy from the prompts, left padded."""
+    bid, mask = pad_ids(batch_ids, tok.pad_token_id, "left")  # generation: left
+    with torch.inference_mode():
+        emb = model.get_input_embeddings()(bid.to(device))
+        return generate(model, emb, mask.to(device), max_new_tokens, eos, tok.pad_token_id, greedy=True,
+                        min_new_tokens=min_new_tokens)
+
+
 def _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar) -> None:
     """This rank's share of the greedy hints, stored batch by batch in the parts folder."""
     eos = eos_ids(model, tok)
@@ -290,11 +300,7 @@ def _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar) -> 
         if not dist.mine(b):
             continue
         if not parts.has(group, "hint", b):
-            bid, mask = pad_ids([ids[i] for i in rows], tok.pad_token_id, "left")  # generation: left
-            with torch.inference_mode():
-                emb = model.get_input_embeddings()(bid.to(device))
-                gen, live = generate(model, emb, mask.to(device), cfg.hint_max_new_tokens, eos,
-                                     tok.pad_token_id, greedy=True)
+            gen, live = greedy_hints(model, tok, [ids[i] for i in rows], cfg.hint_max_new_tokens, eos, device)
             parts.save(group, "hint", b, rows=rows, text=np.array(decode(tok, gen, live), dtype=str),
                        n_tokens=live.sum(1).cpu().numpy())
         bar.update(len(rows))

@@ -84,19 +84,6 @@ def sample_from_embeds(llm, embeds: torch.Tensor, mask: torch.Tensor, n: int, ma
     return tokens.to(embeds.device), live.to(embeds.device)
 
 
-def merged_lora_weights(peft_model) -> list[tuple[str, torch.Tensor]]:
-    """(Hugging Face name, W + delta) for every LoRA-wrapped linear, computed out of place."""
-    from peft.tuners.lora import LoraLayer
-
-    out = []
-    for name, module in peft_model.get_base_model().named_modules():
-        if isinstance(module, LoraLayer):
-            w = module.base_layer.weight
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-            out.append((f"{name}.weight", (w.float() + delta.float()).to(w.dtype)))
-    return out
-
-
 def sync_weights(llm, items: list[tuple[str, torch.Tensor]]) -> None:
     """Load (name, tensor) pairs into the weights vLLM holds and drop its prefix cache."""
     model = llm.llm_engine.model_executor.driver_worker.model_runner.model

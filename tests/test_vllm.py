@@ -38,7 +38,8 @@ def test_vllm_engine_stops_before_work_where_it_cannot_run(tiny_policy):
 @needs_vllm_gpu
 def test_vllm_greedy_tokens_match_musk_decoder_from_prompt_embeds(tiny_policy):
     from pipeline.generation import eos_ids, generate
-    from pipeline.vllm_engine import make_llm, merged_lora_weights, release, sample_from_embeds, sync_weights
+    from pipeline.vllm_engine import make_llm, release, sample_from_embeds, sync_weights
+    from train.policy import merged_lora_weights
     from train.policy import build_prompt_parts, encode_prompts, load_policy
 
     cfg = load_train_config(None, {"policy": str(tiny_policy), "dtype": "float32", "device": "cuda"})

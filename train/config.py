@@ -8,13 +8,12 @@ from core.errors import MuskError
 from core.config import from_dict, load_yaml, merge
 from pipeline.pooling import VARIANTS
 from pipeline.vllm_engine import ENGINES
-
-DECODE_MERGED = ("auto", "on", "off")
 from train.adapters import CONTEXT_ANCHORS, CONTEXT_GATES, FEATURE_NORMS, method_info
 from train.policy import CONTEXT_POSITIONS
 from train.rewards import MODES
 from train.trackers import check_trackers
 
+DECODE_MERGED = ("auto", "on", "off")
 CLIP_SCOPES = ("global", "per-group")
 
 

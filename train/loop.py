@@ -30,14 +30,14 @@ from core.config import from_dict, to_dict
 from core.hashing import sha256_of
 from pipeline.experts import KINDS, resolve_device, resolve_dtype
 from pipeline.generation import decode, eos_ids, generate
-from pipeline.vllm_engine import make_llm, merged_lora_weights, require_vllm, sample_from_embeds, sync_weights
+from pipeline.vllm_engine import make_llm, require_vllm, sample_from_embeds, sync_weights
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
 from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
-                          merged_lora, policy_spec, splice)
+                          merged_lora, merged_lora_weights, policy_spec, splice)
 from train.rewards import score
 from train.trackers import Trackers
 

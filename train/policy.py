@@ -27,27 +27,39 @@ def policy_spec(name: str) -> ExpertSpec:
     return ExpertSpec(name="policy", kind="hf", model=name)
 
 
+def lora_merges(peft_model):
+    """(Hugging Face name, base linear, W + delta) for every LoRA-wrapped linear, W + delta computed
+    out of place in fp32 and cast back to W's dtype (the trained weights are never merged in place)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in peft_model.get_base_model().named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            with torch.no_grad():  # closed before the yield: the caller's grad mode is its own
+                delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+                merged = (base.weight.float() + delta.float()).to(base.weight.dtype)
+            yield name, base, merged
+
+
+def merged_lora_weights(peft_model) -> list[tuple[str, torch.Tensor]]:
+    """(Hugging Face weight name, W + delta) pairs: what vLLM's load_weights takes after each step."""
+    return [(f"{name}.weight", merged) for name, _, merged in lora_merges(peft_model)]
+
+
 @contextmanager
 def merged_lora(peft_model, enabled: bool = True):
     """Inside: every LoRA linear computes x (W + s B A) with its LoRA branch off, instead of
     x W + s (x A) B (one matmul where there were three, plus a scale and an add: on a CPU those small
-    ops are a third of a decode step's). Out of place: each base weight is swapped for a merged copy
+    ops are a third of a decode step's). Out of place: each base weight is swapped for its merged copy
     and the original tensor put back on exit, so W itself is never rounded. No gradients inside."""
-    from peft.tuners.lora import LoraLayer
-
     if not enabled:
         yield
         return
     swapped = []  # [(base linear, its original weight)]
     try:
-        with torch.no_grad():
-            for module in peft_model.get_base_model().modules():
-                if isinstance(module, LoraLayer) and module.active_adapters:
-                    base = module.get_base_layer()
-                    w = base.weight
-                    delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
-                    base.weight = torch.nn.Parameter((w.float() + delta.float()).to(w.dtype), requires_grad=False)
-                    swapped.append((base, w))
+        for _, base, merged in lora_merges(peft_model):
+            swapped.append((base, base.weight))
+            base.weight = torch.nn.Parameter(merged, requires_grad=False)
         with peft_model.disable_adapter():
             yield
     finally:
