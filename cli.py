@@ -49,6 +49,8 @@ def _threads(n: Optional[int]) -> None:
     torch.set_num_threads(n)
 
 
+SET_HELP = ("KEY=VALUE for any config field (repeatable; dotted for nested fields, e.g. task.train_size=64); "
+            "VALUE is read as YAML and typed by the config. Recorded in the saved config.")
 THREADS_HELP = "CPU threads for this job (default: torch's, one per core). Split the cores between parallel jobs."
 
 
@@ -69,12 +71,14 @@ def extract(
     limit: Optional[int] = typer.Option(None, "--limit", help="Keep the first N prompts of each split."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Build or complete a feature cache: every expert once over every prompt."""
-    from pipeline.extract import load_extract_config, run_extract
+    from core.config import parse_sets
+    from pipeline.extract import ExtractConfig, load_extract_config, run_extract
 
     _threads(threads)
-    overrides = {}
+    overrides = _run(parse_sets, ExtractConfig, sets or [])
     if out is not None:
         overrides["out"] = str(out)
     if limit is not None:
@@ -112,9 +116,11 @@ def train(
     report_to: Optional[str] = typer.Option(None, "--report-to",
                                             help="Trackers, comma-separated: none, tensorboard, wandb, trackio."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """GRPO over cached expert features (no expert is loaded)."""
-    from train.config import load_train_config
+    from core.config import merge, parse_sets
+    from train.config import TrainConfig, load_train_config
     from train.loop import run_train
 
     _threads(threads)
@@ -126,6 +132,7 @@ def train(
         "warmup_steps": warmup_steps, "log_freq": log_freq, "eval_batches": eval_batches,
         "report_to": [t.strip() for t in report_to.split(",") if t.strip()] if report_to is not None else None,
     }.items() if v is not None}
+    overrides = merge(overrides, _run(parse_sets, TrainConfig, sets or []))  # --set wins over the named flags
     seed_list = [seed] if seed is not None else [None]
     if seeds:
         try:

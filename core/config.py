@@ -8,6 +8,7 @@ types; `to_dict` gives back the plain resolved form that is saved, fingerprinted
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from pathlib import Path
@@ -91,8 +92,11 @@ def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        near = {k: difflib.get_close_matches(k, list(fields), n=3, cutoff=0.5) for k in unknown}
+        hint = "; ".join(f"{k!r}: did you mean {v}?" for k, v in near.items() if v)
         raise MuskError(
-            f"{where}: unknown key(s) {unknown}; valid keys for {cls.__name__} are {sorted(fields)}"
+            f"{where}: unknown key(s) {unknown}{' (' + hint + ')' if hint else ''}; "
+            f"valid keys for {cls.__name__} are {sorted(fields)}"
         )
     kwargs = {}
     for name, f in fields.items():
@@ -145,4 +149,43 @@ def merge(base: dict, override: dict) -> dict:
             out[k] = merge(out[k], v)
         else:
             out[k] = v
+    return out
+
+
+def parse_sets(cls: type, items: list[str] | tuple[str, ...], where: str = "--set") -> dict:
+    """`--set KEY=VALUE` items -> a nested override dict for `cls` (a frozen dataclass config).
+
+    KEY is a field name, dotted for nested configs (`task.train_size=64`); VALUE is read as YAML
+    (`0.1`, `true`, `null`, `[q_proj, v_proj]`, `{a: 1}`) and typed later by `from_dict` against the
+    field's annotation, so `beta=abc` fails there with the field named. An unknown KEY raises
+    MuskError listing the nearest valid keys. Later items win over earlier ones.
+    """
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise MuskError(f"{where} {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        tp, node, parts = cls, out, key.split(".")
+        for depth, part in enumerate(parts):
+            fields = {f.name: f for f in dataclasses.fields(tp) if f.init} if dataclasses.is_dataclass(tp) else {}
+            if part not in fields:
+                prefix = ".".join(parts[:depth])
+                valid = [f"{prefix}.{n}" if prefix else n for n in sorted(fields)]
+                near = difflib.get_close_matches(".".join(parts[: depth + 1]), valid, n=5, cutoff=0.4)
+                raise MuskError(f"{where} {key!r}: unknown key {part!r}"
+                                f"{' for ' + prefix if prefix else ''}; nearest valid keys: {near or valid[:10]}")
+            if depth == len(parts) - 1:
+                node[part] = value
+                break
+            sub = typing.get_type_hints(tp)[part]
+            inner = [a for a in typing.get_args(sub) if dataclasses.is_dataclass(a)]
+            tp = sub if dataclasses.is_dataclass(sub) else (inner[0] if inner else None)
+            if tp is None:
+                raise MuskError(f"{where} {key!r}: {part!r} is not a nested config; set it whole ({part}=...)")
+            node = node.setdefault(part, {})
     return out
