@@ -34,7 +34,7 @@ from pipeline.tasks import TaskConfig  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 from train.loop import run_train  # noqa: E402
 from train.policy import build_prompt_text, policy_spec  # noqa: E402
-from train.rewards import score  # noqa: E402
+from pipeline.rewards import score  # noqa: E402
 
 
 def musk_steps(cfg, cache: Path, out: Path) -> list[dict]:

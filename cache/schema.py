@@ -1,6 +1,11 @@
 """Cache schema (see SPEC.md): names of groups, datasets and attributes.
 
-Schema 2 (this musk writes it): `random_token`, `random_layer` and their indices hold
+Schema 3 (this musk writes it): schema 2 with held-out splits by construction, the root attribute
+`split_overlap` (validation prompts whose text is in the training split: 0) and a data fingerprint
+that covers the prompts themselves. Schemas 1 and 2 are read; a run refuses one whose validation
+prompts appear in its training split.
+
+Schema 2: `random_token`, `random_layer` and their indices hold
 `pooling_draws` seeded draws per prompt ([N, D, d] and [N, D]; the training seed picks draw
 seed % D), and the variant `first_block` (hidden_states[1] at the last real token) is added.
 Schema 1 (random variants [N, d], no first_block) is read as one draw.
@@ -10,8 +15,8 @@ from __future__ import annotations
 
 import json
 
-SCHEMA_VERSION = 2
-READABLE_SCHEMAS = (1, 2)
+SCHEMA_VERSION = 3
+READABLE_SCHEMAS = (1, 2, 3)
 MUSK_VERSION = "0.1.0"
 
 PROMPT_COLUMNS = ("text", "answer", "task", "split", "entry")

@@ -24,26 +24,43 @@ import numpy as np
 
 from cache.schema import SCHEMA_VERSION, versions
 from core.atomic import atomic_path, atomic_write_bytes
+from core.errors import MuskError
 
 STR = h5py.string_dtype("utf-8")
 
 
 class PartsStore:
-    """Finished batches of an extraction in progress, tied to the data fingerprint."""
+    """Finished batches of an extraction in progress, tied to the prompt-config fingerprint and to the
+    layout settings (batch sizes, padding, prefix sharing, dtype) that decide what each batch holds.
 
-    def __init__(self, out: Path, data_fp: str):
+    A rerun of another prompt config clears the folder (scratch of another config is worthless); a
+    rerun of the same config with other layout settings is refused, naming them, because its batch
+    b would stand for other rows than the stored batch b.
+    """
+
+    def __init__(self, out: Path, data_fp: str, layout: dict | None = None):
         self.root = Path(str(out) + ".parts")
         manifest = self.root / "manifest.json"
+        layout = layout or {}
         if self.root.exists():
             try:
-                ok = json.loads(manifest.read_text()).get("data_fingerprint") == data_fp
+                old = json.loads(manifest.read_text())
             except (OSError, ValueError):
-                ok = False
-            if not ok:  # scratch of another config: worthless here
+                old = {}
+            if old.get("data_fingerprint") != data_fp:  # scratch of another config: worthless here
                 shutil.rmtree(self.root)
+            elif old.get("layout", {}) != layout:
+                was = old.get("layout", {})
+                diff = ", ".join(f"{k}: {was.get(k)!r} then, {layout.get(k)!r} now"
+                                 for k in sorted(set(was) | set(layout)) if was.get(k) != layout.get(k))
+                raise MuskError(
+                    f"an interrupted extraction into {str(out)!r} used other settings ({diff}); its finished "
+                    f"batches would stand for other rows. Rerun with the settings it used to complete it, or "
+                    f"delete {str(self.root)!r} to start over."
+                )
         self.root.mkdir(parents=True, exist_ok=True)
         if not manifest.exists():
-            atomic_write_bytes(manifest, json.dumps({"data_fingerprint": data_fp}).encode())
+            atomic_write_bytes(manifest, json.dumps({"data_fingerprint": data_fp, "layout": layout}).encode())
 
     def _path(self, group: str, kind: str, batch: int) -> Path:
         return self.root / group / f"{kind}_{batch:06d}.npz"

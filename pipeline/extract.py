@@ -41,7 +41,8 @@ from pipeline.generation import decode, eos_ids, generate, positions
 from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_indices
 from pipeline.probes import PROBE_KINDS, noise_features, oracle_features, probe_arrays, probe_config
 from pipeline.vllm_engine import ENGINES, greedy_texts, make_llm, release, require_vllm
-from pipeline.tasks import Prompt, TaskConfig, build_prompts
+from pipeline.rewards import check_references
+from pipeline.tasks import Prompt, TaskConfig, build_prompts, split_overlap
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,13 @@ class ExtractConfig:
 
     def out_path(self) -> Path:
         return Path(self.out or f"caches/{self.task.family}.h5")
+
+    def layout_settings(self, dtype: torch.dtype) -> dict:
+        """The settings that decide which rows a finished batch in the parts folder holds, and how it
+        was computed beyond the expert fingerprint: a rerun must use the same ones to reuse parts."""
+        return {"batch_size": self.batch_size, "hint_batch_size": self.hint_batch_size,
+                "padding_side": self.padding_side, "share_prefix": self.share_prefix, "compile": self.compile,
+                "dtype": str(dtype).replace("torch.", "")}
 
     def content_settings(self, dtype: torch.dtype) -> dict:
         """The settings that change an expert's stored numbers (in its fingerprint)."""
@@ -347,20 +355,12 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
     elif cfg.hints:
         _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar)
     dist.barrier()
-    feats: dict[str, np.ndarray] = {}
-    for b, _ in enumerate(_batches(n_tokens, cfg.batch_size)):
-        part = parts.load(group, "feat", b)
-        for k, v in part.items():
-            if k != "rows":
-                feats.setdefault(k, np.zeros((N, *v.shape[1:]), dtype=np.float32))[part["rows"]] = v
+    feats = gather_parts(parts, group, "feat", _batches(n_tokens, cfg.batch_size), N, spec.name)
+    check_finite(feats, spec.name, prompts)
     hints = None
     if cfg.hints:
-        hints = np.empty(N, dtype=object)
-        hint_tokens = np.zeros(N, dtype=np.int64)  # generated tokens per hint (cost accounting)
-        for b, _ in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
-            part = parts.load(group, "hint", b)
-            hints[part["rows"]] = [str(t) for t in part["text"]]
-            hint_tokens[part["rows"]] = part["n_tokens"]
+        h = gather_parts(parts, group, "hint", _batches(n_tokens, cfg.hint_batch_size), N, spec.name)
+        hints, hint_tokens = np.array([str(t) for t in h["text"]], dtype=object), h["n_tokens"].astype(np.int64)  # tokens: cost accounting
     arrays = dict(feats)
     arrays["random_token_index"] = rti
     arrays["random_layer_index"] = rli
@@ -378,6 +378,45 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
     }
     del model
     return attrs, arrays
+
+
+def gather_parts(parts: PartsStore, group: str, kind: str, batches: list[np.ndarray], N: int,
+                 name: str) -> dict[str, np.ndarray]:
+    """Assemble the stored batches of one group into [N, ...] arrays, proving the result whole: each
+    stored batch must hold exactly the rows the plan gives it, and every row must end up computed.
+    Raises MuskError otherwise (the cache is then never marked complete)."""
+    out: dict[str, np.ndarray] = {}
+    covered = np.zeros(N, dtype=bool)
+    for b, rows in enumerate(batches):
+        if not parts.has(group, kind, b):
+            raise MuskError(f"expert {name!r}: {kind} batch {b} was never computed; rerun `musk extract`")
+        part = parts.load(group, kind, b)
+        if not np.array_equal(part["rows"], rows):
+            raise MuskError(f"expert {name!r}: stored {kind} batch {b} holds rows other than the plan's; delete "
+                            f"{str(parts.root)!r} and rerun `musk extract`")
+        for k, v in part.items():
+            if k != "rows":
+                if k not in out:
+                    dtype = {"f": np.float32, "U": object}.get(v.dtype.kind, v.dtype)
+                    out[k] = np.zeros((N, *v.shape[1:]), dtype=dtype)
+                out[k][rows] = v
+        covered[rows] = True
+    if not covered.all():
+        raise MuskError(f"expert {name!r}: {int((~covered).sum())} of {N} prompts have no {kind} computed")
+    return out
+
+
+def check_finite(arrays: dict[str, np.ndarray], name: str, prompts: list[Prompt]) -> None:
+    """Raise MuskError naming the expert, the variant and the prompts whose features are NaN or inf
+    (fp16 overflow, a broken checkpoint): a cache never stores them."""
+    for k, v in arrays.items():
+        if v.dtype.kind != "f":
+            continue
+        bad = np.nonzero(~np.isfinite(v.reshape(len(v), -1)).all(1))[0]
+        if len(bad):
+            shown = ", ".join(f"{i} ({prompts[i].text[:40]!r})" for i in bad[:3])
+            raise MuskError(f"expert {name!r}: {k} is not finite for {len(bad)} prompts, e.g. rows {shown}; "
+                            "try dtype float32 or bfloat16 (float16 overflows in some models)")
 
 
 def _router_folder(spec: RouterSpec) -> Path:
@@ -430,7 +469,11 @@ def _extract_router(cfg, spec: RouterSpec, prompts, parts, group, device, bar) -
     dist.barrier()
     for b, start in enumerate(starts):
         e = parts.load(group, "emb", b)["emb"]
+        if len(e) != len(texts[start: start + size]):
+            raise MuskError(f"router {spec.name!r}: stored batch {b} holds {len(e)} rows, the plan {size}; delete "
+                            f"{str(parts.root)!r} and rerun `musk extract`")
         out[start: start + len(e)] = e
+    check_finite({"embedding": out}, f"router {spec.name}", prompts)
     return out
 
 
@@ -456,8 +499,8 @@ def _existing_groups(out: Path, data_fp: str, expert_fps: dict, router_fps: dict
         if c.schema != SCHEMA_VERSION:
             raise MuskError(
                 f"cache {str(out)!r} was written with schema {c.schema}; this musk writes schema "
-                f"{SCHEMA_VERSION} (several random-pooling draws, first_block) and cannot add to it. "
-                "Extract into another --out (training still reads the old cache as one draw)."
+                f"{SCHEMA_VERSION} (held-out splits by construction, a data fingerprint over the prompts) and "
+                "cannot add to it. Extract into another --out."
             )
         if c.data_fingerprint != data_fp:
             raise MuskError(
@@ -482,8 +525,8 @@ def _existing_groups(out: Path, data_fp: str, expert_fps: dict, router_fps: dict
     return experts, routers
 
 
-def plan_extract(cfg: ExtractConfig, out: Path, dtype: torch.dtype) -> ExtractPlan:
-    data_fp = fp.data_fingerprint(cfg.task, cfg.limit)
+def plan_extract(cfg: ExtractConfig, out: Path, dtype: torch.dtype, data_fp: str) -> ExtractPlan:
+    """What to compute; `data_fp` is the data fingerprint of the prompts the cache holds or will hold."""
     settings = cfg.content_settings(dtype)
     weights = {s.name: weights_sha256(s) for s in cfg.experts}  # hashed from files, memoised
     expert_fps = {s.name: fp.expert_fingerprint(data_fp, s, weights[s.name], settings) for s in cfg.experts}
@@ -497,19 +540,35 @@ def plan_extract(cfg: ExtractConfig, out: Path, dtype: torch.dtype) -> ExtractPl
                        fp.root_fingerprint(data_fp, expert_fps, {**have_routers, **router_fps}))
 
 
-def _prompts_for(cfg: ExtractConfig, out: Path, parts: PartsStore) -> list[Prompt]:
-    """Prompts are generated once per cache and never again: some reasoning-gym generators
-    (polynomial_multiplication) give other prompts for the same seed in another process, so a
-    resumed run reads the prompts its finished batches were computed on, and a cache that gets a
-    new expert reads its own prompts."""
-    if out.exists():
-        with Cache(out) as c:
-            cols = c.prompts()
-        return [Prompt(**{k: cols[k][i] for k in PROMPT_COLUMNS}) for i in range(len(cols["text"]))]
+def _cache_prompts(out: Path) -> list[Prompt] | None:
+    """The prompts an existing cache holds (a cache that gets a new expert reads its own prompts)."""
+    if not out.exists():
+        return None
+    with Cache(out) as c:
+        cols = c.prompts()
+    return [Prompt(**{k: cols[k][i] for k in PROMPT_COLUMNS}) for i in range(len(cols["text"]))]
+
+
+def _new_prompts(cfg: ExtractConfig, parts: PartsStore) -> list[Prompt]:
+    """Prompts of a new cache, generated once and kept in the parts folder (a resumed run reads the
+    prompts its finished batches were computed on). Before any expert runs: the splits are checked
+    held out (no validation question in the training split) and every reference answer is checked
+    to score 1.0 through the training scorer."""
     if dist.is_main() and parts.load_prompts() is None:  # under torchrun: rank 0 makes them, all read them
-        parts.save_prompts([p.__dict__ for p in build_prompts(cfg.task, cfg.limit)])
+        prompts = build_prompts(cfg.task, cfg.limit)
+        overlap = split_overlap(prompts)
+        if overlap:
+            raise MuskError(f"{overlap} held-out prompts of family {cfg.task.family!r} also appear in its training "
+                            "split; refusing to build a cache whose validation numbers would be training accuracy. "
+                            "Give the splits different seeds or set task.val_partition.")
+        check_references([p.entry for p in prompts], [p.answer for p in prompts], [p.task for p in prompts])
+        parts.save_prompts([p.__dict__ for p in prompts])
     dist.barrier()
     return [Prompt(**p) for p in parts.load_prompts()]
+
+
+def _columns(prompts: list[Prompt]) -> dict[str, list[str]]:
+    return {c: [getattr(p, c) for p in prompts] for c in PROMPT_COLUMNS}
 
 
 def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt], parts: PartsStore,
@@ -534,11 +593,13 @@ def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt]
     return new_experts, new_routers
 
 
-def _parts_store(out: Path, data_fp: str) -> PartsStore:
+def _parts_store(out: Path, cfg: ExtractConfig, dtype: torch.dtype) -> PartsStore:
     """Rank 0 opens (and, if stale, clears) the parts folder before the other ranks use it."""
-    parts = PartsStore(out, data_fp) if dist.is_main() else None
+    key = fp.prompt_config_fingerprint(cfg.task, cfg.limit)
+    layout = cfg.layout_settings(dtype)
+    parts = PartsStore(out, key, layout) if dist.is_main() else None
     dist.barrier()
-    return parts or PartsStore(out, data_fp)
+    return parts or PartsStore(out, key, layout)
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
@@ -548,7 +609,13 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     device = resolve_device(cfg.device)
     device = dist.init(device)
     dtype = resolve_dtype(cfg.dtype, device)
-    plan = plan_extract(cfg, out, dtype)
+    prompts, parts = _cache_prompts(out), None
+    if prompts is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        parts = _parts_store(out, cfg, dtype)
+        prompts = _new_prompts(cfg, parts)
+    data_fp = fp.data_fingerprint(fp.prompt_config_fingerprint(cfg.task, cfg.limit), _columns(prompts))
+    plan = plan_extract(cfg, out, dtype, data_fp)
     if not plan.todo and plan.todo_router is None:
         if dist.is_main():
             log(f"cache {out} is complete and up to date (fingerprint {plan.root_fp[:12]}); nothing to do")
@@ -557,22 +624,21 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     if cfg.hint_engine == "vllm" and cfg.hints:
         require_vllm("hint_engine vllm")  # before any work
     t0 = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    parts = _parts_store(out, plan.data_fp)
-    prompts = _prompts_for(cfg, out, parts)
+    parts = parts or _parts_store(out, cfg, dtype)
     new_experts, new_routers = _compute_groups(cfg, plan, prompts, parts, device, dtype,
                                                progress and dist.is_main())
     if not dist.is_main():  # rank 0 writes the cache; the others wait for it and are done
         dist.barrier()
         return out
-    prompt_cols = None if out.exists() else {c: [getattr(p, c) for p in prompts] for c in PROMPT_COLUMNS}
     root_attrs = {
         "fingerprint": plan.root_fp,
         "data_fingerprint": plan.data_fp,
+        "split_overlap": split_overlap(prompts),
         "config": dump_yaml(replace(cfg, out=str(out))),
         "expert_order": json.dumps([s.name for s in cfg.experts]),
     }
-    assemble(out, prompts=prompt_cols, experts=new_experts, routers=new_routers, root_attrs=root_attrs)
+    assemble(out, prompts=None if out.exists() else _columns(prompts), experts=new_experts, routers=new_routers,
+             root_attrs=root_attrs)
     parts.remove()
     dist.barrier()
     log(f"wrote {out}: {len(prompts)} prompts, experts {[s.name for s in cfg.experts]}, "

@@ -1,16 +1,34 @@
 """Task families: the paper's Reasoning Gym composites (Listings 2-4), GSM8K, and small presets.
 
 A family is a registry entry. Reasoning Gym families are composites of datasets with weights and
-per-dataset configs; the train split is generated from seed 1 and validation from seed 2, as
-reasoning-gym's own training configs do. GSM8K is read from the hub id when online or from a local
-parquet/jsonl file (train and test splits; the numeric answer after `####`).
+per-dataset configs; GSM8K is read from the hub id when online or from a local parquet/jsonl file
+(train and test splits; the numeric answer after `####`).
+
+Held out means never trained on. reasoning-gym builds item i of a split from `Random(seed + i)`
+(a composite's j-th dataset from `seed + j + 1 + i`), so two splits seeded 1 and 2 are the same
+stream shifted by one. musk therefore starts split s's stream at `seed_s * STREAM_STRIDE`: two
+splits with different seeds draw from disjoint ranges of generator seeds. On top of that, a
+validation question whose whitespace-normalised text is in the training split is skipped (the
+stream moves on), and families whose question space is small (the embedded one-digit sums have a
+few hundred distinct questions) partition the space itself: a question belongs to the validation
+split iff the SHA-256 of its normalised text falls in the first `val_partition` share of the hash
+range, so no validation question can ever be drawn for training.
+
+Prompts do not depend on PYTHONHASHSEED: some generators (polynomial_multiplication) order terms
+through a Python set of strings, so `build_prompts` generates them in a child process with
+PYTHONHASHSEED=0 unless this process already runs with it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from core.errors import MuskError
 
@@ -82,6 +100,14 @@ FAMILIES: dict[str, dict | None] = {
 
 GSM8K_HUB_ID = "openai/gsm8k"
 
+# Families whose question space is small enough that a validation split drawn from the same space
+# would mostly repeat training questions: the share of the space (by question hash) held out for
+# validation. Every other family relies on disjoint generator streams plus the content filter.
+VAL_PARTITION = {"easy-arithmetic": 0.25}
+
+STREAM_STRIDE = 10**9  # split s's generator stream starts at seed_s * STREAM_STRIDE
+SCAN_FACTOR = 50  # a split may scan this many stream items per prompt it keeps before giving up
+
 
 @dataclass(frozen=True)
 class TaskConfig:
@@ -102,6 +128,10 @@ class TaskConfig:
     """Override of the family's datasets: {name: {weight: w, config: {...}}}; None keeps the registry's."""
     gsm8k_path: str | None = None
     """GSM8K only: a local folder (train*/test* .jsonl/.parquet) or file with a split column; None reads the hub."""
+    val_partition: float | None = None
+    """Share of the question space (by SHA-256 of the whitespace-normalised question) reserved for
+    validation; training never draws from it. None: the family's registry default (easy-arithmetic
+    0.25, others 0: held out by disjoint generator streams and the content filter alone)."""
     balance_answers: bool = False
     """Reasoning Gym only: draw each split from a pool 8x its size, taking the answers in turn, so every
     answer is about equally frequent (a probe's no-information baseline is then 1/K, not the mode's share)."""
@@ -111,6 +141,11 @@ class TaskConfig:
             raise MuskError(f"unknown task family {self.family!r}; choices: {sorted(FAMILIES)}")
         if self.train_size < 1 or self.val_size < 1:
             raise MuskError("task.train_size and task.val_size must be at least 1")
+        if self.train_seed == self.val_seed:
+            raise MuskError(f"task.train_seed and task.val_seed are both {self.train_seed}: the validation split "
+                            "would be the training split; give them different seeds")
+        if self.val_partition is not None and not 0.0 <= self.val_partition < 1.0:
+            raise MuskError(f"task.val_partition must be in [0, 1), got {self.val_partition}")
         from reasoning_gym.utils import SYSTEM_PROMPTS
 
         if self.developer_prompt not in SYSTEM_PROMPTS:
@@ -134,6 +169,10 @@ class TaskConfig:
             if not isinstance(spec, dict) or set(spec) - {"weight", "config"}:
                 raise MuskError(f"dataset {name!r}: expected {{weight: w, config: {{...}}}}, got {spec!r}")
         return specs
+
+    def partition(self) -> float:
+        """The validation share of the question space in use (see val_partition)."""
+        return self.val_partition if self.val_partition is not None else VAL_PARTITION.get(self.family, 0.0)
 
     def system_prompt(self) -> str:
         from reasoning_gym.utils import SYSTEM_PROMPTS
@@ -169,7 +208,37 @@ def balanced(entries: list[dict], size: int) -> list[dict]:
     return out
 
 
-def _rg_split(cfg: TaskConfig, split: str, size: int, seed: int) -> list[Prompt]:
+def normalize_question(text: str) -> str:
+    """Whitespace-normalised question text: what "the same question" means for held-out checks."""
+    return " ".join(str(text).split())
+
+
+def in_val_partition(text: str, share: float) -> bool:
+    """Whether a question falls in the validation share of the question space (hash-partitioned)."""
+    if share <= 0:
+        return False
+    h = int.from_bytes(hashlib.sha256(normalize_question(text).encode()).digest()[:8], "big")
+    return h < share * 2**64
+
+
+def _take(stream: Iterable[dict], keep: Callable[[dict], bool], n: int, cap: int, what: str) -> list[dict]:
+    """The first `n` items of `stream` that `keep` accepts, scanning at most `cap` items."""
+    out = []
+    for scanned, item in enumerate(stream):
+        if len(out) == n or scanned >= cap:
+            break
+        if keep(item):
+            out.append(item)
+    if len(out) < n:
+        raise MuskError(
+            f"{what}: only {len(out)} of {n} prompts found in {cap} generated items; the question space is "
+            "too small for this split size and the held-out constraint. Lower the split size, or raise "
+            "task.val_partition for a small family."
+        )
+    return out
+
+
+def _rg_stream(cfg: TaskConfig, seed: int, cap: int) -> Iterator[dict]:
     import reasoning_gym
     from reasoning_gym.composite import DatasetSpec
 
@@ -177,25 +246,51 @@ def _rg_split(cfg: TaskConfig, split: str, size: int, seed: int) -> list[Prompt]
         DatasetSpec(name=name, weight=float(s.get("weight", 1.0)), config=dict(s.get("config") or {}))
         for name, s in cfg.dataset_specs().items()
     ]
-    pool = size * BALANCE_POOL if cfg.balance_answers else size
-    try:
-        ds = list(reasoning_gym.create_dataset("composite", size=pool, seed=seed, datasets=specs))
+    try:  # lazy: items are generated as the stream is read
+        ds = reasoning_gym.create_dataset("composite", size=cap, seed=seed * STREAM_STRIDE, datasets=specs)
     except Exception as e:  # reasoning-gym raises assorted errors on bad dataset configs
         raise MuskError(f"reasoning-gym could not build family {cfg.family!r}: {e}") from None
+    return iter(ds)
+
+
+def reference_answer(entry: dict) -> str:
+    """The entry's reference answer. Some datasets (propositional_logic) accept many answers and
+    store None; reasoning-gym keeps a valid one in metadata.example_answer, which is used instead."""
+    answer = entry.get("answer")
+    if answer is None:
+        answer = entry.get("metadata", {}).get("example_answer")
+    if answer is None:
+        source = entry.get("metadata", {}).get("source_dataset", "?")
+        raise MuskError(f"reasoning-gym dataset {source!r} gave an entry without an answer or example_answer")
+    return str(answer)
+
+
+def has_reference(entry: dict) -> bool:
+    """Whether the entry has a reference answer the verifier accepts. An entry without `answer`
+    (propositional_logic) is kept only if its example_answer scores 1.0: reasoning-gym sometimes
+    offers one its own verifier rejects (premises that are tautologies entail nothing), and such a
+    prompt has no known correct answer to train or evaluate on."""
+    if entry.get("answer") is not None:
+        return True
+    from pipeline.rewards import score
+
+    example = entry.get("metadata", {}).get("example_answer")
+    return example is not None and score(json.dumps(entry, default=str), f"<answer>{example}</answer>") == 1.0
+
+
+def _rg_split(cfg: TaskConfig, split: str, size: int, seed: int, keep: Callable[[str], bool]) -> list[Prompt]:
+    pool = size * BALANCE_POOL if cfg.balance_answers else size
+    cap = SCAN_FACTOR * pool + 1000
+    entries = _take(_rg_stream(cfg, seed, cap), lambda e: keep(e["question"]) and has_reference(e), pool, cap,
+                    f"family {cfg.family!r}, {split} split")
     if cfg.balance_answers:
-        ds = balanced(ds, size)
+        entries = balanced(entries, size)
     out = []
-    for entry in ds:
+    for entry in entries:
         task = entry["metadata"].get("source_dataset", cfg.family)
-        out.append(
-            Prompt(
-                text=entry["question"],
-                answer=str(entry["answer"]),
-                task=task,
-                split=split,
-                entry=json.dumps(entry, default=str, sort_keys=True),
-            )
-        )
+        answer = reference_answer(entry)
+        out.append(Prompt(text=entry["question"], answer=answer, task=task, split=split,
+                          entry=json.dumps({**entry, "answer": answer}, default=str, sort_keys=True)))
     return out
 
 
@@ -267,34 +362,80 @@ def _gsm8k_split(rows: list[dict], split: str, size: int) -> list[Prompt]:
 SECRET_DIGIT = "Card {card} hides a digit from 0 to 9. What is the digit?"
 
 
-def secret_digit_split(split: str, size: int, seed: int) -> list[Prompt]:
-    """The probe task: each prompt's answer is a uniformly drawn digit that nothing in its text
-    reveals (the card name is random letters). The policy alone can only guess (10%); only an expert
-    that knows the answer (probe-oracle) can lift it, and only through C. Scored as a number."""
+def _secret_digit_stream(seed: int) -> Iterator[dict]:
     import numpy as np
 
     rng = np.random.default_rng([seed, 7919])
     letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
-    out = []
-    for _ in range(size):
+    while True:
         card = "".join(rng.choice(letters, 6))
         digit = str(int(rng.integers(0, 10)))
         text = SECRET_DIGIT.format(card=card)
-        entry = {"question": text, "answer": digit, "metadata": {"source_dataset": "secret-digit"}}
-        out.append(Prompt(text, digit, "secret-digit", split, json.dumps(entry, sort_keys=True)))
-    return out
+        yield {"question": text, "answer": digit, "metadata": {"source_dataset": "secret-digit"}}
+
+
+def secret_digit_split(split: str, size: int, seed: int, keep: Callable[[str], bool] = lambda t: True) -> list[Prompt]:
+    """The probe task: each prompt's answer is a uniformly drawn digit that nothing in its text
+    reveals (the card name is random letters). The policy alone can only guess (10%); only an expert
+    that knows the answer (probe-oracle) can lift it, and only through C. Scored as a number."""
+    entries = _take(_secret_digit_stream(seed), lambda e: keep(e["question"]), size, SCAN_FACTOR * size + 1000,
+                    f"secret-digit, {split} split")
+    return [Prompt(e["question"], e["answer"], "secret-digit", split, json.dumps(e, sort_keys=True)) for e in entries]
+
+
+def split_overlap(prompts: list[Prompt]) -> int:
+    """Held-out prompts (val/test) whose whitespace-normalised question is in the training split."""
+    train = {normalize_question(p.text) for p in prompts if p.split == "train"}
+    return sum(normalize_question(p.text) in train for p in prompts if p.split != "train")
+
+
+def _build_here(cfg: TaskConfig, limit: int | None) -> list[Prompt]:
+    train_n = min(cfg.train_size, limit) if limit else cfg.train_size
+    val_n = min(cfg.val_size, limit) if limit else cfg.val_size
+    if cfg.family == "gsm8k":  # the official splits; a test question also in train is dropped
+        rows = _gsm8k_rows(cfg)
+        train = _gsm8k_split(rows["train"], "train", train_n)
+        seen = {normalize_question(p.text) for p in train}
+        test = [p for p in _gsm8k_split(rows["test"], "test", len(rows["test"]))
+                if normalize_question(p.text) not in seen][:val_n]
+        return train + test
+    share = cfg.partition()
+    train_keep = lambda t: not in_val_partition(t, share)  # noqa: E731
+    if cfg.family == "secret-digit":
+        train = secret_digit_split("train", train_n, cfg.train_seed, train_keep)
+    else:
+        train = _rg_split(cfg, "train", train_n, cfg.train_seed, train_keep)
+    seen = {normalize_question(p.text) for p in train}
+    val_keep = lambda t: normalize_question(t) not in seen and (share <= 0 or in_val_partition(t, share))  # noqa: E731
+    if cfg.family == "secret-digit":
+        return train + secret_digit_split("val", val_n, cfg.val_seed, val_keep)
+    return train + _rg_split(cfg, "val", val_n, cfg.val_seed, val_keep)
 
 
 def build_prompts(cfg: TaskConfig, limit: int | None = None) -> list[Prompt]:
-    """All prompts of a family: train split then validation (GSM8K: test) split.
+    """All prompts of a family: train split then validation (GSM8K: test) split, held out from it.
 
     `limit` keeps the first `limit` prompts of each split (quick runs); it is part of the config.
+    Generated with PYTHONHASHSEED=0 (a child process when this one runs with another hash seed), so
+    every process gets the same prompts. Raises MuskError when a split cannot be filled.
     """
-    train_n = min(cfg.train_size, limit) if limit else cfg.train_size
-    val_n = min(cfg.val_size, limit) if limit else cfg.val_size
-    if cfg.family == "gsm8k":
-        rows = _gsm8k_rows(cfg)
-        return _gsm8k_split(rows["train"], "train", train_n) + _gsm8k_split(rows["test"], "test", val_n)
-    if cfg.family == "secret-digit":
-        return secret_digit_split("train", train_n, cfg.train_seed) + secret_digit_split("val", val_n, cfg.val_seed)
-    return _rg_split(cfg, "train", train_n, cfg.train_seed) + _rg_split(cfg, "val", val_n, cfg.val_seed)
+    if os.environ.get("PYTHONHASHSEED") == "0" or cfg.family in ("gsm8k", "secret-digit"):
+        return _build_here(cfg, limit)
+    from core.config import to_dict
+
+    code = ("import json, sys; from core.config import from_dict; from core.errors import MuskError\n"
+            "from pipeline.tasks import TaskConfig, _build_here\n"
+            "a = json.loads(sys.stdin.read())\n"
+            "try:\n    ps = _build_here(from_dict(TaskConfig, a['cfg'], 'task'), a['limit'])\n"
+            "except MuskError as e:\n    print(json.dumps({'error': str(e)})); sys.exit(0)\n"
+            "print(json.dumps({'prompts': [p.__dict__ for p in ps]}))\n")
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps({"cfg": to_dict(cfg), "limit": limit}),
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"prompt generation failed in its child process:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "error" in out:
+        raise MuskError(out["error"])
+    return [Prompt(**p) for p in out["prompts"]]

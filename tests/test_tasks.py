@@ -7,7 +7,7 @@ import pytest
 from core.errors import MuskError
 from core.config import from_dict
 from pipeline.tasks import FAMILIES, TaskConfig, build_prompts, gsm8k_answer
-from train.rewards import extract_answer, score
+from pipeline.rewards import extract_answer, score
 
 
 def test_paper_families_match_listings():
@@ -49,10 +49,12 @@ def test_unknown_family_and_dataset_list_choices():
 def test_gsm8k_local_folder(tmp_path):
     rows = [{"question": f"q{i}?", "answer": f"work <<1+1=2>>\n#### {1000 + i:,}"} for i in range(5)]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows[:2]))
+    test = [{"question": f"t{i}?", "answer": f"#### {i}"} for i in range(2)]
+    test.insert(1, {"question": " q1? ", "answer": "#### 1001"})  # a training question (whitespace aside)
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in test))
     ps = build_prompts(TaskConfig(family="gsm8k", train_size=3, val_size=10, gsm8k_path=str(tmp_path)))
     assert [(p.split, p.answer) for p in ps] == [("train", "1000"), ("train", "1001"), ("train", "1002"),
-                                                  ("test", "1000"), ("test", "1001")]
+                                                  ("test", "0"), ("test", "1")]
     assert score(ps[0].entry, "<answer>1,000</answer>") == 1.0
     assert score(ps[0].entry, "<answer>999</answer>") == 0.0
 
@@ -116,7 +118,7 @@ def test_secret_digit_probe_task():
     import re
 
     from pipeline.tasks import TaskConfig, build_prompts
-    from train.rewards import score
+    from pipeline.rewards import score
 
     cfg = TaskConfig(family="secret-digit", train_size=400, val_size=20, developer_prompt="direct")
     ps = build_prompts(cfg)

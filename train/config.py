@@ -10,7 +10,7 @@ from pipeline.pooling import VARIANTS
 from pipeline.vllm_engine import ENGINES
 from train.adapters import CONTEXT_ANCHORS, CONTEXT_GATES, FEATURE_NORMS, method_info
 from train.policy import CONTEXT_POSITIONS
-from train.rewards import MODES
+from pipeline.rewards import MODES
 from train.trackers import check_trackers
 
 DECODE_MERGED = ("auto", "on", "off")

@@ -38,7 +38,7 @@ from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
 from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
                           merged_lora, merged_lora_weights, policy_spec, splice)
-from train.rewards import score
+from pipeline.rewards import score
 from train.trackers import Trackers
 
 
