@@ -11,6 +11,7 @@ import numpy as np
 from cache.schema import (EXPERT_ATTRS, POOLED, PROMPT_COLUMNS, RANDOM_VARIANTS, READABLE_SCHEMAS,
                           SCHEMA_1_VARIANTS)
 from core.errors import MuskError
+from core.heldout import count_overlap
 
 
 def _str_list(ds) -> list[str]:
@@ -100,6 +101,13 @@ class Cache:
     # -- data (whole datasets: one read each)
     def prompts(self) -> dict[str, list[str]]:
         return {c: _str_list(self.f["prompts"][c]) for c in PROMPT_COLUMNS}
+
+    def split_overlap(self) -> int:
+        """Held-out prompts whose question is in the training split: the stored count (schema 3),
+        else counted from the prompts (older caches, whose validation split may be training data)."""
+        if "split_overlap" in self.f.attrs:
+            return int(self.f.attrs["split_overlap"])
+        return count_overlap(_str_list(self.f["prompts/text"]), _str_list(self.f["prompts/split"]))
 
     def split_indices(self, split: str) -> np.ndarray:
         splits = np.array(_str_list(self.f["prompts/split"]))

@@ -30,7 +30,7 @@ LOGS = (METRICS, EVAL, COMPLETIONS)  # append-only JSON lines, one record per st
 # does not split conditions on them (it also ignores seed and device, which a resume must keep).
 NOT_SETTINGS = ("total_training_steps", "cache", "report_to", "log_freq", "save_freq", "log_completions_freq",
                 "log_completions_prompts", "eval_completions", "eval_null_context", "rollout_engine", "vllm_memory",
-                "decode_merged")
+                "decode_merged", "world_size", "micro_batches_per_rank")  # ranks split a step, not change it
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from core.errors import MuskError
 from core.config import dump_yaml, from_dict, load_yaml, merge, to_dict
 from core.hashing import sha256_file, sha256_of
 from pipeline.experts import (
+    KINDS,
     ExpertSpec,
     format_prompt,
     load_expert,

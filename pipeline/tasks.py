@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from core.errors import MuskError
+from core.heldout import count_overlap, normalize_question
 
 # ---------------------------------------------------------------------------------------------
 # Registry. Each Reasoning Gym family maps dataset name -> {"weight": w, "config": {...}}.
@@ -208,11 +209,6 @@ def balanced(entries: list[dict], size: int) -> list[dict]:
     return out
 
 
-def normalize_question(text: str) -> str:
-    """Whitespace-normalised question text: what "the same question" means for held-out checks."""
-    return " ".join(str(text).split())
-
-
 def in_val_partition(text: str, share: float) -> bool:
     """Whether a question falls in the validation share of the question space (hash-partitioned)."""
     if share <= 0:
@@ -385,8 +381,7 @@ def secret_digit_split(split: str, size: int, seed: int, keep: Callable[[str], b
 
 def split_overlap(prompts: list[Prompt]) -> int:
     """Held-out prompts (val/test) whose whitespace-normalised question is in the training split."""
-    train = {normalize_question(p.text) for p in prompts if p.split == "train"}
-    return sum(normalize_question(p.text) in train for p in prompts if p.split != "train")
+    return count_overlap([p.text for p in prompts], [p.split for p in prompts])
 
 
 def _build_here(cfg: TaskConfig, limit: int | None) -> list[Prompt]:

@@ -275,3 +275,65 @@ def test_schema_1_cache_reads_as_one_draw(tiny_cache, tmp_path):
     with pytest.raises(MuskError, match="schema 1; this musk writes schema 3"):
         run_extract(load_extract_config(None, cfg), **QUIET)
     assert _sha(old) == before
+
+
+def _kill_after(monkeypatch, n: int):
+    import cache.writer
+
+    real, saved = cache.writer.PartsStore.save, []
+
+    def dies(self, *a, **k):
+        if len(saved) == n:
+            raise KeyboardInterrupt("killed")
+        saved.append(a)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(cache.writer.PartsStore, "save", dies)
+
+
+def test_rerun_with_other_batch_layout_is_refused(tmp_path, monkeypatch):
+    """Reused batches stand for the rows of the run that made them: another batch_size is refused
+    by name, the cache is never written, and the same settings complete it."""
+    cfg = tiny_extract_config(tmp_path / "c.h5", router=False, batch_size=5)
+    _kill_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_extract(load_extract_config(None, cfg), **QUIET)
+    monkeypatch.undo()
+    with pytest.raises(MuskError, match="batch_size: 5 then, 4 now"):
+        run_extract(load_extract_config(None, {**cfg, "batch_size": 4}), **QUIET)
+    assert not (tmp_path / "c.h5").exists()
+    run_extract(load_extract_config(None, cfg), **QUIET)
+    with Cache(tmp_path / "c.h5") as c:
+        assert all(np.abs(c.features("last_token")[n]).sum(1).min() > 0 for n in c.experts)  # no row left zero
+
+
+def test_assembly_proves_every_row_computed(tmp_path):
+    from cache.writer import PartsStore
+    from pipeline.extract import gather_parts
+
+    parts = PartsStore(tmp_path / "x.h5", "fp", {"batch_size": 2})
+    plan = [np.array([3, 1]), np.array([0, 2])]
+    parts.save("g", "feat", 0, rows=plan[0], last_token=np.ones((2, 3), np.float32))
+    with pytest.raises(MuskError, match="feat batch 1 was never computed"):
+        gather_parts(parts, "g", "feat", plan, 4, "e")
+    parts.save("g", "feat", 1, rows=np.array([0, 1]), last_token=np.ones((2, 3), np.float32))  # other rows
+    with pytest.raises(MuskError, match="batch 1 holds rows other than the plan's"):
+        gather_parts(parts, "g", "feat", plan, 4, "e")
+    parts.save("g", "feat", 1, rows=plan[1], last_token=np.full((2, 3), 2, np.float32))
+    out = gather_parts(parts, "g", "feat", plan, 4, "e")
+    np.testing.assert_array_equal(out["last_token"][:, 0], [2, 1, 2, 1])
+    parts.save("h", "feat", 0, rows=np.array([4]), last_token=np.ones((1, 3), np.float32))
+    with pytest.raises(MuskError, match="4 of 5 prompts have no feat"):  # a plan that misses rows
+        gather_parts(parts, "h", "feat", [np.array([4])], 5, "e")
+
+
+def test_non_finite_features_are_refused_naming_expert_and_prompt():
+    from pipeline.extract import check_finite
+    from pipeline.tasks import Prompt
+
+    prompts = [Prompt(f"q{i}", "1", "t", "train", "{}") for i in range(3)]
+    feats = {"last_token": np.ones((3, 2), np.float32)}
+    check_finite(feats, "ok", prompts)
+    feats["last_token"][1, 0] = np.inf
+    with pytest.raises(MuskError, match=r"expert 'e': last_token is not finite for 1 prompts, e.g. rows 1 \('q1'\)"):
+        check_finite(feats, "e", prompts)

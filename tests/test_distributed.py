@@ -102,7 +102,7 @@ def test_train_two_ranks_equal_one_rank_with_two_micro_batches(tiny_cache, tiny_
                               test_freq=3, save_freq=1, log_completions_freq=1)
     common = ["train", "--cache", str(tiny_cache), "--method", "perceiver", "--no-progress"]
     _musk([*common, "--config", str(write_yaml(tmp_path / "one.yaml", ov)), "--out", str(tmp_path / "one")])
-    two_cfg = str(write_yaml(tmp_path / "two.yaml", {**ov, "gradient_accumulation_steps": 1}))
+    two_cfg = str(write_yaml(tmp_path / "two.yaml", ov))  # the same preset: 2 micro-batches a step, 1 per rank
     _musk([*common, "--config", two_cfg, "--out", str(tmp_path / "two")], nproc=2)
     _musk([*common, "--config", two_cfg, "--out", str(tmp_path / "res"), "--max-steps", "2"], nproc=2)
     _musk([*common, "--config", two_cfg, "--out", str(tmp_path / "res"), "--resume"], nproc=2)
@@ -110,6 +110,12 @@ def test_train_two_ranks_equal_one_rank_with_two_micro_batches(tiny_cache, tiny_
     m1 = [json.loads(x) for x in (one / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (two / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in m2] == [1, 2, 3]  # one writer
+    import yaml
+
+    c1, c2 = (yaml.safe_load((d / "config.yaml").read_text()) for d in (one, two))
+    assert (c1["world_size"], c1["micro_batches_per_rank"]) == (1, 2)
+    assert (c2["world_size"], c2["micro_batches_per_rank"]) == (2, 1)
+    assert c1["prompts_per_step"] == c2["prompts_per_step"] == 4  # the preset's batch, whatever the ranks
     assert any(r["reward/std"] > 0 for r in m1)  # the comparison is not vacuous
     for a, b in zip(m1, m2):
         assert a["reward/mean"] == b["reward/mean"] and a["cost/prompts"] == b["cost/prompts"] == 4
@@ -140,3 +146,12 @@ def test_gguf_conversion_under_torchrun_from_a_fresh_home(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
     with Cache(tmp_path / "g.h5") as c:
         assert c.experts == ["smollm2-135m-instruct"]
+
+
+def test_accumulation_must_split_over_ranks():
+    from core.errors import MuskError
+    from train.loop import micro_batches_per_rank
+
+    assert micro_batches_per_rank(8, 1) == 8 and micro_batches_per_rank(8, 4) == 2 and micro_batches_per_rank(3, 3) == 1
+    with pytest.raises(MuskError, match="gradient_accumulation_steps 3 does not split over 2 ranks"):
+        micro_batches_per_rank(3, 2)

@@ -11,7 +11,8 @@ import pytest
 
 from core.errors import MuskError
 from pipeline.rewards import SCORER_ERRORS, check_references, score
-from pipeline.tasks import (TaskConfig, build_prompts, in_val_partition, normalize_question, split_overlap)
+from core.heldout import normalize_question
+from pipeline.tasks import TaskConfig, build_prompts, in_val_partition, split_overlap
 from tests.helpers import ROOT
 
 
@@ -139,3 +140,47 @@ def test_scorer_exception_is_counted_and_shown(monkeypatch):
     shown = [str(x.message) for x in w]
     assert len(shown) == 1 and "KeyError" in shown[0] and "What is 2+2?" in shown[0]
     assert SCORER_ERRORS is not rewards.SCORER_ERRORS  # the module's own tally was left alone
+
+
+def test_training_counts_scorer_errors_per_step(tiny_cache, tiny_policy, tmp_path, monkeypatch):
+    import train.loop
+    from pipeline.rewards import SCORER_ERRORS as tally
+    from tests.helpers import tiny_train_overrides
+    from train.config import load_train_config
+    from train.loop import run_train
+
+    def failing(entry, text, mode):
+        tally.record("chain_sum", text, "q", ValueError("bad entry"))
+        return 0.0
+
+    monkeypatch.setattr(train.loop, "score", failing)
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single", total_training_steps=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run_train(cfg, cache_path=tiny_cache, out=tmp_path / "run", resume=False, progress=False, log=lambda *a: None)
+    steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["reward/scorer_errors"] for r in steps] == [16, 16]  # 2 micro-batches x 2 prompts x 4 rollouts
+
+
+def test_old_cache_with_overlapping_splits_is_refused_for_training(tiny_cache, tiny_policy, tmp_path):
+    import shutil
+
+    import h5py
+
+    from tests.helpers import tiny_train_overrides
+    from train.config import load_train_config
+    from train.loop import run_train
+
+    old = tmp_path / "old.h5"
+    shutil.copyfile(tiny_cache, old)
+    with h5py.File(old, "a") as f:  # a schema-2 cache whose validation question is a training one
+        del f.attrs["split_overlap"]
+        f.attrs["musk_schema"] = 2
+        text = f["prompts/text"].asstr()[()]
+        text[-1] = text[0]
+        del f["prompts/text"]
+        f.create_dataset("prompts/text", data=text.astype(object), dtype=h5py.string_dtype("utf-8"))
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single"))
+    with pytest.raises(MuskError, match="1 of its held-out prompts are also in its training split"):
+        run_train(cfg, cache_path=old, out=tmp_path / "run", resume=False, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()

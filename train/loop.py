@@ -38,7 +38,7 @@ from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
 from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
                           merged_lora, merged_lora_weights, policy_spec, splice)
-from pipeline.rewards import score
+from pipeline.rewards import SCORER_ERRORS, score
 from train.trackers import Trackers
 
 
@@ -94,6 +94,10 @@ def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
     info = method_info(cfg.method)
     with Cache(cache_path) as cache:
         cache_cfg = yaml.safe_load(cache.config_yaml)
+        if (overlap := cache.split_overlap()) > 0:
+            raise MuskError(f"cache {str(cache_path)!r}: {overlap} of its held-out prompts are also in its training "
+                            "split, so its validation numbers would be training accuracy. Rebuild it with this "
+                            "musk's `musk extract` (held-out splits by construction).")
         prompts = cache.prompts()
         train_idx, val_idx, val_split = cache.split_indices("train"), cache.split_indices("val"), "val"
         if len(val_idx) == 0:
@@ -123,12 +127,24 @@ def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
                    experts, features, router_emb, hints, prompt_tokens, hint_tokens, draw)
 
 
+def micro_batches_per_rank(accumulation: int, world: int) -> int:
+    """A step's gradient_accumulation_steps micro-batches split over `world` ranks; raises MuskError
+    when they do not divide (a step would otherwise take more or fewer prompts than the config says)."""
+    if accumulation % world:
+        raise MuskError(f"gradient_accumulation_steps {accumulation} does not split over {world} ranks: a step takes "
+                        f"gradient_accumulation_steps x train_batch_size prompts whatever the rank count. Use a "
+                        f"multiple of {world} (--set gradient_accumulation_steps=...) or another rank count.")
+    return accumulation // world
+
+
 def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData) -> tuple[RunFolder, dict]:
     """The run folder and its resolved config (written to config.yaml). Refuses to overwrite a run
     and to resume one made with other settings."""
     run = RunFolder(Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}")
     resolved = {**to_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
-                "task_family": data.family}
+                "task_family": data.family, "world_size": dist.world(),
+                "micro_batches_per_rank": micro_batches_per_rank(cfg.gradient_accumulation_steps, dist.world()),
+                "prompts_per_step": cfg.gradient_accumulation_steps * cfg.train_batch_size}
     if resume:
         if not run.config_path.exists():
             raise MuskError(f"--resume: {str(run)!r} holds no run (no config.yaml)")
@@ -334,7 +350,7 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOu
         logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T)
         out = grpo_loss(logp, logp.detach(), ref_logp[sl], ro.advantages[sl], ro.live[sl], cfg.beta, cfg.clip_eps)
         weight = logp.shape[0] / N
-        share_of_step = weight / (cfg.gradient_accumulation_steps * dist.world())  # ranks sum their gradients
+        share_of_step = weight / cfg.gradient_accumulation_steps  # the step's A micro-batches, over every rank
         (out.loss * share_of_step).backward(retain_graph=s + chunk < N)
         loss += float(out.loss.detach()) * weight
         kl_sum += float(out.kl) * float(ro.live[sl].sum())
@@ -437,7 +453,8 @@ def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
     st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
           "kl": out.kl_token_sum / max(1.0, float(ro.live.sum())), "tokens": int(ro.live.sum()),
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
-          "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens}}
+          "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens},
+          "scorer_errors": SCORER_ERRORS.take()}  # verifier exceptions (scored 0) since the last micro-batch
     if data.prompt_tokens is not None:
         hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
         choice = ro.choice.cpu().numpy() if ro.choice is not None else None
@@ -459,6 +476,7 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
         "loss": float(np.mean([st["loss"] for st in stats])), "grad_norm": grad_norm,
         "lr": m.optimizer.param_groups[0]["lr"], "frac_reward_zero_std": float(np.mean([st["zero_std"] for st in stats])),
         "step_seconds": dt, "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
+        "reward/scorer_errors": sum(st["scorer_errors"] for st in stats),
         **{f"time/{k}": v for k, v in timing.items()}, **cost,
     }
     if len(m.optimizer.param_groups) > 1:
@@ -478,15 +496,16 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
 
 def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str,
                run: RunFolder | None = None) -> tuple[dict, int]:
-    """gradient_accumulation_steps micro-batches on each of the W ranks (W = 1 without torchrun) and
-    one AdamW update on gradients summed over ranks. Returns (metrics, new cursor)."""
+    """gradient_accumulation_steps (A) micro-batches in all, A / W on each of the W ranks (W = 1 without
+    torchrun), and one AdamW update on gradients summed over ranks: a step takes the prompts the config
+    promises whatever the rank count. Returns (metrics, new cursor)."""
     t_step = time.perf_counter()
     timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
     _set_lr(m.optimizer, step, cfg.warmup_steps)
     m.optimizer.zero_grad(set_to_none=True)
     method, W, B = method_info(cfg.method), dist.world(), cfg.train_batch_size
     stats = []  # [(global micro index, stats)]
-    for micro in range(cfg.gradient_accumulation_steps):
+    for micro in range(micro_batches_per_rank(cfg.gradient_accumulation_steps, W)):
         g = micro * W + dist.rank()  # global micro-batch index: whole groups per rank, no exchange for advantages
         idx = [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor + g * B, B)]
         torch.manual_seed(micro_seed(cfg.seed, step, g))
@@ -496,7 +515,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
             for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
         stats.append((g, _micro_stats(cfg, m, data, idx, ro, out, method)))
-    cursor += W * cfg.gradient_accumulation_steps * B
+    cursor += cfg.gradient_accumulation_steps * B
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
     dist.sum_grads(m.trainable)
 
