@@ -9,11 +9,13 @@ from core.config import from_dict, load_yaml, merge
 from pipeline.pooling import VARIANTS
 from pipeline.vllm_engine import ENGINES
 from train.adapters import CONTEXT_ANCHORS, CONTEXT_GATES, FEATURE_NORMS, method_info
-from train.policy import CONTEXT_POSITIONS
+from train.policy import CONTEXT_POSITIONS, HINT_FORMATS
 from pipeline.rewards import MODES
 from train.trackers import check_trackers
 
 DECODE_MERGED = ("auto", "on", "off")
+HINT_POSITIONS = ("context", "user-turn")
+HINT_REFERENCES = ("zeros", "reads")
 CLIP_SCOPES = ("global", "per-group")
 
 
@@ -58,6 +60,16 @@ class TrainConfig:
     """zero: C as above (the paper). mean-embedding: the policy's mean token embedding is added to every
     context token, so a closed gate leaves m neutral tokens rather than m zero vectors (which cost a
     135M policy 6 points before any training); the reference reads the same anchor."""
+    hint_format: str = "literal"
+    """output-collab: literal (Eq. 12 as written: the experts' decoded hints verbatim, unlabelled, in an
+    [Expert Hints] block) or labelled (musk's: one "- <expert>: <stripped hint>" line per expert)."""
+    hint_position: str = "context"
+    """output-collab: context (the hint block's tokens go where the paper puts C, context_position) or
+    user-turn (inside the user's message, after the question)."""
+    hint_reference: str = "zeros"
+    """output-collab: zeros (the reference policy reads zero-valued tokens at the hints' positions, as
+    Sec. 4.1 gives it zero-valued context tokens at C's) or reads (it reads the hints like the policy).
+    zeros needs hint_position context."""
     router_warmup_steps: int = 0
     """Linear warmup of router_lr over the first K steps (0: none; the gate's lr is not warmed up)."""
     feature_norm: str = "none"
@@ -181,9 +193,13 @@ class TrainConfig:
         for key, choices in (("context_position", CONTEXT_POSITIONS), ("context_gate", CONTEXT_GATES),
                              ("feature_norm", FEATURE_NORMS), ("grad_clip_scope", CLIP_SCOPES),
                              ("context_anchor", CONTEXT_ANCHORS), ("rollout_engine", ENGINES),
-                             ("decode_merged", DECODE_MERGED)):
+                             ("decode_merged", DECODE_MERGED), ("hint_format", HINT_FORMATS),
+                             ("hint_position", HINT_POSITIONS), ("hint_reference", HINT_REFERENCES)):
             if getattr(self, key) not in choices:
                 raise MuskError(f"unknown {key} {getattr(self, key)!r}; choices: {list(choices)}")
+        if self.hint_reference == "zeros" and self.hint_position != "context":
+            raise MuskError("hint_reference zeros needs hint_position context (the reference's zero tokens take "
+                            "the hint block's slots); with hint_position user-turn use hint_reference reads")
         if self.context_rms <= 0:
             raise MuskError(f"context_rms must be positive, got {self.context_rms}")
         if self.temperature <= 0:
@@ -223,6 +239,9 @@ EMBEDDED_DEFAULT = {
     "feature_norm": "standardize",
     "context_anchor": "mean-embedding",
     "grad_clip_scope": "per-group",
+    "hint_format": "labelled",
+    "hint_position": "user-turn",
+    "hint_reference": "reads",
     "save_freq": 10,
     "test_freq": 10,
     "eval_batches": 4,

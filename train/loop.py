@@ -36,8 +36,8 @@ from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
-from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
-                          merged_lora, merged_lora_weights, policy_spec, splice)
+from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_blocks, encode_prompts,
+                          hint_block_text, load_policy, merged_lora, merged_lora_weights, policy_spec, splice)
 from pipeline.rewards import SCORER_ERRORS, score
 from train.trackers import Trackers
 
@@ -249,11 +249,49 @@ def null_context_tokens(m: Models, C: torch.Tensor) -> torch.Tensor:
     return m.adapter.out.null_context(C) * m.scale
 
 
-def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str) -> PromptBatch:
+def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str,
+                 hint_format: str = "labelled") -> PromptBatch:
     parts = [build_prompt_parts(m.tok, data.system, data.prompts["text"][i],
-                                [(n, data.hints[n][i]) for n in data.experts] if with_hints else None)
+                                [(n, data.hints[n][i]) for n in data.experts] if with_hints else None, hint_format)
              for i in idx]
     return encode_prompts(m.tok, parts, device)
+
+
+class PolicyInputs(NamedTuple):
+    """What the policy and the reference read for b prompts, C or the hint block spliced in."""
+
+    embeds: torch.Tensor  # [b, L, d] the policy's input (differentiable into g_phi)
+    ref_embeds: torch.Tensor  # [b, L, d] the reference's: C with its gate closed, or zeros at the hints
+    mask: torch.Tensor  # [b, L] left padded
+    ctx: AdapterOut | None  # g_phi's output (None with C removed)
+
+
+def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
+                  mode: str = "with") -> PolicyInputs:
+    """The policy's input for prompts idx under `mode`: with (C, or output-collab's hints), removed
+    (the bare prompt: Figure 5), null (C's information removed, its slots kept).
+
+    output-collab's hints go in the user turn (hint_position user-turn) or as a block of tokens
+    where C goes (context: Eq. 12), the reference then reading zero-valued tokens at their positions
+    (hint_reference zeros) or the hints themselves (reads)."""
+    hints = method_info(cfg.method).needs_hints and mode != "removed"
+    block = hints and cfg.hint_position == "context"
+    pb = prompt_batch(m, data, idx, hints and not block, device, cfg.hint_format)  # [b, P]
+    emb = m.lm.get_input_embeddings()(pb.ids)  # [b, P, d]
+    ctx = context_tokens(m, data, idx, device) if mode != "removed" else None
+    extra, ref_extra, extra_mask = None, None, None
+    if ctx is not None and ctx.context is not None:  # C [b, m, d]
+        extra = ref_extra = null_context_tokens(m, ctx.context)
+        if mode == "with":
+            extra = ctx.context
+    elif block:
+        texts = [hint_block_text([(n, data.hints[n][i]) for n in data.experts], cfg.hint_format) for i in idx]
+        ids, extra_mask = encode_blocks(m.tok, texts, device)  # [b, H]
+        extra = m.lm.get_input_embeddings()(ids)  # [b, H, d]
+        ref_extra = torch.zeros_like(extra) if cfg.hint_reference == "zeros" else extra
+    e_in, m_in = splice(emb, pb.mask, extra, cfg.context_position, pb.tail, extra_mask)
+    ref_e = splice(emb, pb.mask, ref_extra, cfg.context_position, pb.tail, extra_mask)[0] if extra is not None else emb
+    return PolicyInputs(e_in, ref_e, m_in, ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,14 +324,9 @@ def decode_merged(cfg: TrainConfig, m: Models) -> bool:
 def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
                         timing: dict) -> Rollouts:
     G = cfg.group_size
-    info = method_info(cfg.method)
-    pb = prompt_batch(m, data, idx, info.needs_hints, device)  # [B, P]
-    ctx = context_tokens(m, data, idx, device)  # C [B, m, d_out]
-    C = ctx.context.repeat_interleave(G, 0) if ctx.context is not None else None  # [B*G, m, d_out]
-    emb = m.lm.get_input_embeddings()(pb.ids.repeat_interleave(G, 0))  # [B*G, P, d_out]
-    mask = pb.mask.repeat_interleave(G, 0)
-    e_in, m_in = splice(emb, mask, C, cfg.context_position, pb.tail)  # [B*G, P+m, d_out]
-    ref_e = splice(emb, mask, null_context_tokens(m, C), cfg.context_position, pb.tail)[0] if C is not None else emb
+    pi = policy_inputs(cfg, m, data, idx, device)  # [B, L, d]
+    e_in, ref_e, m_in = (x.repeat_interleave(G, 0) for x in (pi.embeds, pi.ref_embeds, pi.mask))  # [B*G, L(, d)]
+    ctx = pi.ctx
 
     t = time.perf_counter()
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
@@ -316,10 +349,9 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
                             for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
     adv = group_advantages(rewards, G, cfg.std_floor)
     timing["reward"] += time.perf_counter() - t
-    n_ctx = 0 if C is None else C.shape[1] * len(idx) * G
     return Rollouts(idx, e_in, ref_e, m_in, tokens, live, texts, rewards, adv.advantages.to(device), adv.frac_zero_std,
                     ctx.attention.detach() if ctx.attention is not None else None, ctx.choice,
-                    int(pb.mask.sum()) * G + n_ctx)
+                    int(pi.mask.sum()) * G)
 
 
 class StepOut(NamedTuple):
@@ -375,12 +407,9 @@ def _eval_variants(cfg: TrainConfig, m: Models) -> list[tuple[str, str]]:
 
 
 def _eval_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], mode: str, device: str):
-    """The policy's greedy-eval input under one variant: (embeds [b, P(+m), d], mask)."""
-    pb = prompt_batch(m, data, idx, method_info(cfg.method).needs_hints and mode != "removed", device)
-    c = context_tokens(m, data, idx, device).context if mode != "removed" else None
-    if mode == "null" and c is not None:
-        c = null_context_tokens(m, c)
-    return splice(m.lm.get_input_embeddings()(pb.ids), pb.mask, c, cfg.context_position, pb.tail)
+    """The policy's greedy-eval input under one variant: (embeds [b, L, d], mask [b, L])."""
+    pi = policy_inputs(cfg, m, data, idx, device, mode)
+    return pi.embeds, pi.mask
 
 
 def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.ndarray, kind: str, device: str,
