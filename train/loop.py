@@ -88,6 +88,7 @@ class RunData:
     prompt_tokens: np.ndarray | None  # [n, N] prompt length in each expert's tokenizer (cost)
     hint_tokens: np.ndarray | None  # [n, N] generated hint tokens (cost)
     pooling_draw: int  # which seeded draw of random_token / random_layer this run reads (seed % draws)
+    prompt_set: str = ""  # the cache's data fingerprint: runs with equal values saw the same prompts
 
 
 def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
@@ -119,12 +120,12 @@ def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
         hint_tokens = None
         if info.needs_hints and all(cache.has_column(n, "hint_n_tokens") for n in experts):
             hint_tokens = np.stack([cache.column(n, "hint_n_tokens") for n in experts])
-        fingerprint = cache.fingerprint
+        fingerprint, prompt_set = cache.fingerprint, cache.data_fingerprint
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise MuskError(f"cache {str(cache_path)!r} needs a train and a val (or test) split")
     system = from_dict(TaskConfig, cache_cfg["task"], "cache task config").system_prompt()
     return RunData(cache_cfg["task"]["family"], system, fingerprint, prompts, train_idx, val_idx, val_split,
-                   experts, features, router_emb, hints, prompt_tokens, hint_tokens, draw)
+                   experts, features, router_emb, hints, prompt_tokens, hint_tokens, draw, prompt_set)
 
 
 def micro_batches_per_rank(accumulation: int, world: int) -> int:
@@ -142,7 +143,7 @@ def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool,
     and to resume one made with other settings."""
     run = RunFolder(Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}")
     resolved = {**to_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
-                "task_family": data.family, "world_size": dist.world(),
+                "task_family": data.family, "prompt_set": data.prompt_set, "world_size": dist.world(),
                 "micro_batches_per_rank": micro_batches_per_rank(cfg.gradient_accumulation_steps, dist.world()),
                 "prompts_per_step": cfg.gradient_accumulation_steps * cfg.train_batch_size}
     if resume:
@@ -597,6 +598,7 @@ def _summary(cfg: TrainConfig, data: RunData, resolved: dict, final_step: int, l
         "final_val_accuracy_null_context": last_eval.get("accuracy_null_context"),
         "eval_n": last_eval.get("n"), "pooling": cfg.pooling, "pooling_draw": data.pooling_draw,
         "num_latents": cfg.num_latents, "policy": cfg.policy, "cache_fingerprint": data.cache_fingerprint,
+        "prompt_set": data.prompt_set,
         "config_fingerprint": sha256_of(resolved), "group_size": cfg.group_size,
         "train_batch_size": cfg.train_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_new_tokens": cfg.max_new_tokens, "context_position": cfg.context_position,
