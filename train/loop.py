@@ -34,8 +34,8 @@ from pipeline.vllm_engine import make_llm, require_vllm, sample_from_embeds, syn
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
-from train.config import TrainConfig
-from train.grpo import group_advantages, grpo_loss, routing_stats
+from train.config import TrainConfig, advantage_scale
+from train.grpo import group_advantages, grpo_loss, routing_stats, truncated_rows
 from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
                           merged_lora, merged_lora_weights, policy_spec, splice)
 from train.rewards import score
@@ -267,30 +267,47 @@ def decode_merged(cfg: TrainConfig, m: Models) -> bool:
     return cfg.decode_merged == "on" or (cfg.decode_merged == "auto" and m.lm.dtype == torch.float32)
 
 
-def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
-                        timing: dict) -> Rollouts:
+class PolicyInputs(NamedTuple):
+    pb: PromptBatch  # [B, P]
+    ctx: AdapterOut  # C [B, m, d_out] with grad, attention, choice
+    embeds: torch.Tensor  # [B*G, P+m, d] C spliced in
+    ref_embeds: torch.Tensor  # [B*G, P+m, d] C's gate closed (null_context)
+    mask: torch.Tensor  # [B*G, P+m]
+
+
+def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str) -> PolicyInputs:
+    """The policy's and the reference's inputs for prompts idx, each repeated G times, with C made by
+    g_phi as it is now (num_iterations > 1 rebuilds them after each update)."""
     G = cfg.group_size
-    info = method_info(cfg.method)
-    pb = prompt_batch(m, data, idx, info.needs_hints, device)  # [B, P]
+    pb = prompt_batch(m, data, idx, method_info(cfg.method).needs_hints, device)  # [B, P]
     ctx = context_tokens(m, data, idx, device)  # C [B, m, d_out]
     C = ctx.context.repeat_interleave(G, 0) if ctx.context is not None else None  # [B*G, m, d_out]
     emb = m.lm.get_input_embeddings()(pb.ids.repeat_interleave(G, 0))  # [B*G, P, d_out]
     mask = pb.mask.repeat_interleave(G, 0)
     e_in, m_in = splice(emb, mask, C, cfg.context_position, pb.tail)  # [B*G, P+m, d_out]
     ref_e = splice(emb, mask, null_context_tokens(m, C), cfg.context_position, pb.tail)[0] if C is not None else emb
+    return PolicyInputs(pb, ctx, e_in, ref_e, m_in)
+
+
+def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
+                        timing: dict) -> Rollouts:
+    G = cfg.group_size
+    pb, ctx, e_in, ref_e, m_in = policy_inputs(cfg, m, data, idx, device)
+    C = ctx.context
 
     t = time.perf_counter()
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
         tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.max_new_tokens,
                                           m.eos, m.tok.pad_token_id, cfg.temperature, False,
-                                          int(torch.randint(2**31 - 1, ())))
+                                          int(torch.randint(2**31 - 1, ())), cfg.top_k, cfg.top_p, cfg.min_p)
         tokens, live = tokens.to(device), live.to(device)
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
         with merged_lora(m.peft, decode_merged(cfg, m)):
             tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
                                     cfg.temperature, min_new_tokens=cfg.min_new_tokens,
-                                    group=G if cfg.share_prompt else 1)
+                                    group=G if cfg.share_prompt else 1, top_k=cfg.top_k, top_p=cfg.top_p,
+                                    min_p=cfg.min_p)
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
@@ -298,22 +315,35 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     texts = decode(m.tok, tokens, live)
     rewards = torch.tensor([score(data.prompts["entry"][i], s, cfg.answer_extraction)
                             for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
-    adv = group_advantages(rewards, G, cfg.std_floor)
+    adv = group_advantages(rewards, G, cfg.std_floor, advantage_scale(cfg))
     timing["reward"] += time.perf_counter() - t
-    n_ctx = 0 if C is None else C.shape[1] * len(idx) * G
+    n_ctx = 0 if C is None else C.shape[1] * len(idx) * G  # C is [B, m, d_out] here
     return Rollouts(idx, e_in, ref_e, m_in, tokens, live, texts, rewards, adv.advantages.to(device), adv.frac_zero_std,
                     ctx.attention.detach() if ctx.attention is not None else None, ctx.choice,
                     int(pb.mask.sum()) * G + n_ctx)
 
 
+class OldLogps(NamedTuple):
+    """What passes 2..num_iterations over the same rollouts reuse."""
+
+    logp: torch.Tensor  # [B*G, T] pi_old: the sampling policy's log-probs (first pass, detached)
+    ref: torch.Tensor  # [B*G, T] the reference's log-probs
+
+
 class StepOut(NamedTuple):
     loss: float  # the micro-batch's GRPO loss
     kl_token_sum: float  # summed per-token KL (divide by the completion tokens for the mean)
+    loss_tokens: float  # completion tokens in the loss (mask_truncated_completions drops some)
+    old: OldLogps | None  # for later passes (num_iterations > 1), else None
 
 
-def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOut:
+def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldLogps | None = None) -> StepOut:
     """Reference log-probs, then the policy's, the GRPO loss and its backward, rollout_chunk rows at a
-    time (chunk losses are weighted to sum to the micro-batch's loss; gradients accumulate)."""
+    time (chunk losses are weighted to sum to the micro-batch's loss; gradients accumulate).
+
+    old None: the first pass, right after sampling: the policy's log-probs detached are pi_old (same
+    weights, same inputs) and are kept, with the reference's, for later passes when num_iterations > 1.
+    loss_type dapo backpropagates the micro-batch's token sum; `update` divides by the step's tokens."""
     N, G = ro.tokens.shape[0], cfg.group_size
     chunk = cfg.rollout_chunk or N
     # Each prompt runs once per group of G rollouts when the chunks hold whole groups and the KV
@@ -321,25 +351,41 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOu
     share = G if cfg.share_prompt and chunk % G == 0 and not cfg.gradient_checkpointing else 1
     T = cfg.temperature
     t = time.perf_counter()
-    with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
-        ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
-                                                  ro.tokens[s:s + chunk], ro.live[s:s + chunk], share, T)
-                              for s in range(0, N, chunk)])  # [B*G, T]
+    if old is not None:
+        ref_logp = old.ref
+    else:
+        with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
+            ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
+                                                      ro.tokens[s:s + chunk], ro.live[s:s + chunk], share, T)
+                                  for s in range(0, N, chunk)])  # [B*G, T]
     timing["reference"] += time.perf_counter() - t
 
     t = time.perf_counter()
+    live = ro.live
+    if cfg.mask_truncated_completions:  # [B*G, T]: truncated rows leave the loss
+        live = live * (~truncated_rows(ro.tokens, ro.live, m.eos, cfg.max_new_tokens)).to(live.dtype)[:, None]
+    n_tok = float(live.sum())
+    token_mean = cfg.loss_type in ("bnpo", "dapo")  # chunks share the micro-batch's token count
     loss = kl_sum = 0.0
+    kept = []
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
         logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T)
-        out = grpo_loss(logp, logp.detach(), ref_logp[sl], ro.advantages[sl], ro.live[sl], cfg.beta, cfg.clip_eps)
-        weight = logp.shape[0] / N
-        share_of_step = weight / (cfg.gradient_accumulation_steps * dist.world())  # ranks sum their gradients
+        old_logp = logp.detach() if old is None else old.logp[sl]
+        out = grpo_loss(logp, old_logp, ref_logp[sl], ro.advantages[sl], live[sl], cfg.beta, cfg.clip_eps,
+                        cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None)
+        weight = 1.0 if token_mean else logp.shape[0] / N
+        if cfg.loss_type == "dapo":
+            share_of_step = weight * n_tok  # the token sum; `update` divides by the step's token count
+        else:
+            share_of_step = weight / (cfg.gradient_accumulation_steps * dist.world())  # ranks sum their gradients
         (out.loss * share_of_step).backward(retain_graph=s + chunk < N)
         loss += float(out.loss.detach()) * weight
-        kl_sum += float(out.kl) * float(ro.live[sl].sum())
+        kl_sum += float(out.kl) * float(live[sl].sum())
+        if cfg.num_iterations > 1 and old is None:
+            kept.append(old_logp)
     timing["policy"] += time.perf_counter() - t
-    return StepOut(loss, kl_sum)
+    return StepOut(loss, kl_sum, n_tok, OldLogps(torch.cat(kept), ref_logp) if kept else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +480,7 @@ def micro_seed(seed: int, step: int, g: int) -> int:
 
 def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
     """What one micro-batch contributes to the step's metrics (plain numbers: ranks exchange them)."""
-    st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
+    st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss, "loss_tokens": out.loss_tokens,
           "kl": out.kl_token_sum / max(1.0, float(ro.live.sum())), "tokens": int(ro.live.sum()),
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
           "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens}}
@@ -486,31 +532,53 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     m.optimizer.zero_grad(set_to_none=True)
     method, W, B = method_info(cfg.method), dist.world(), cfg.train_batch_size
     stats = []  # [(global micro index, stats)]
+    again = []  # num_iterations > 1: (global micro index, rollouts without their graph, pi_old and ref log-probs)
     for micro in range(cfg.gradient_accumulation_steps):
         g = micro * W + dist.rank()  # global micro-batch index: whole groups per rank, no exchange for advantages
         idx = [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor + g * B, B)]
         torch.manual_seed(micro_seed(cfg.seed, step, g))
         ro = generate_trajectory(cfg, m, data, idx, device, timing)
         out = grpo_step(cfg, m, ro, timing)
+        if out.old is not None:
+            again.append((g, ro._replace(embeds=None, ref_embeds=None), out.old))
         if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
             for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
         stats.append((g, _micro_stats(cfg, m, data, idx, ro, out, method)))
     cursor += W * cfg.gradient_accumulation_steps * B
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
-    dist.sum_grads(m.trainable)
-
-    grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
-    loss = float(np.mean([st["loss"] for st in stats]))
-    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+    step_tokens = sum(st["loss_tokens"] for st in stats)
+    grad_norm, group_norms = update(cfg, m, float(np.mean([st["loss"] for st in stats])), step_tokens)
+    for _ in range(1, cfg.num_iterations):  # PPO-style passes 2..mu over the same rollouts
         m.optimizer.zero_grad(set_to_none=True)
-        raise _NonFinite(loss, grad_norm)
-    m.optimizer.step()
+        losses = []
+        for g, ro, old in again:
+            torch.manual_seed(micro_seed(cfg.seed, step, g))  # hard-routing's Gumbel draw as at sampling time
+            ro = ro._replace(embeds=policy_inputs(cfg, m, data, ro.idx, device).embeds)  # C from g_phi as it is now
+            losses.append(grpo_step(cfg, m, ro, timing, old).loss)
+        update(cfg, m, float(np.mean(dist.gather_all(losses))), step_tokens)
     if m.vllm is not None:
         sync_weights(m.vllm, merged_lora_weights(m.peft))  # the next rollouts sample from the updated policy
     rec = _step_record(cfg, m, step, stats, grad_norm, time.perf_counter() - t_step, timing, device)
     rec.update({f"grad_norm/{k}": v for k, v in group_norms.items()})
     return rec, cursor
+
+
+def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float) -> tuple[float, dict]:
+    """One AdamW update on the accumulated gradients: sum over ranks, dapo's token sums divided by the
+    step's loss tokens (all ranks), clip. A non-finite loss or norm raises _NonFinite before the update.
+    Returns clip_gradients' (global norm, {group: norm})."""
+    dist.sum_grads(m.trainable)
+    if cfg.loss_type == "dapo":
+        for p in m.trainable:
+            if p.grad is not None:
+                p.grad.div_(max(step_tokens, 1.0))
+    grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        m.optimizer.zero_grad(set_to_none=True)
+        raise _NonFinite(loss, grad_norm)
+    m.optimizer.step()
+    return grad_norm, group_norms
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str) -> tuple[float, dict]:
