@@ -440,3 +440,21 @@ def test_masking_truncated_completions_leaves_nothing_when_all_hit_the_budget(ti
     off = _metrics(run_train(load_train_config(None, ov), tiny_cache, tmp_path / "off", **QUIET))[0]
     assert on["reward/mean"] == off["reward/mean"]
     assert on["loss"] == 0.0 and on["grad_norm"] == 0.0 and off["grad_norm"] > 0
+
+
+def test_nan_in_a_later_pass_saves_no_mislabelled_checkpoint(tiny_cache, tiny_policy, tmp_path, monkeypatch):
+    """num_iterations 2, NaN in step 1's second pass: the first pass has already updated the weights,
+    so they are not step 0's and are not saved as a checkpoint; the message says so."""
+    real = train.loop.grpo_loss
+
+    def nan_in_second_pass(*a, **k):
+        out = real(*a, **k)
+        nan_in_second_pass.calls += 1
+        return out._replace(loss=out.loss * float("nan")) if nan_in_second_pass.calls > 2 else out
+
+    nan_in_second_pass.calls = 0
+    monkeypatch.setattr(train.loop, "grpo_loss", nan_in_second_pass)
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", num_iterations=2))
+    with pytest.raises(MuskError, match="non-finite loss at step 1 .*saved nothing \\(pass 2 of num_iterations"):
+        run_train(cfg, tiny_cache, tmp_path / "nan", **QUIET)
+    assert not (tmp_path / "nan" / "checkpoints").exists()

@@ -1,7 +1,7 @@
 """`musk train`: GRPO over cached expert features. No expert is loaded.
 
 One optimizer step = gradient_accumulation_steps micro-batches of train_batch_size prompts, each
-prompt sampled group_size times. A micro-batch is two named steps, as in torchtune's GRPO recipe:
+prompt sampled group_size times (num_iterations > 1: that many AdamW updates on the same rollouts). A micro-batch is two named steps, as in torchtune's GRPO recipe:
 `generate_trajectory` (context tokens, rollouts, rewards, advantages -> a typed `Rollouts`) and
 `grpo_step` (reference and policy log-probs, loss, backward). The maths (advantages, loss, Eq. 15)
 live in train/grpo.py; `run_train` at the bottom wires the parts and reads top to bottom.
@@ -549,14 +549,14 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
     step_tokens = sum(st["loss_tokens"] for st in stats)
     grad_norm, group_norms = update(cfg, m, float(np.mean([st["loss"] for st in stats])), step_tokens)
-    for _ in range(1, cfg.num_iterations):  # PPO-style passes 2..mu over the same rollouts
+    for it in range(1, cfg.num_iterations):  # PPO-style passes 2..mu over the same rollouts
         m.optimizer.zero_grad(set_to_none=True)
         losses = []
         for g, ro, old in again:
             torch.manual_seed(micro_seed(cfg.seed, step, g))  # hard-routing's Gumbel draw as at sampling time
             ro = ro._replace(embeds=policy_inputs(cfg, m, data, ro.idx, device).embeds)  # C from g_phi as it is now
             losses.append(grpo_step(cfg, m, ro, timing, old).loss)
-        update(cfg, m, float(np.mean(dist.gather_all(losses))), step_tokens)
+        update(cfg, m, float(np.mean(dist.gather_all(losses))), step_tokens, it)
     if m.vllm is not None:
         sync_weights(m.vllm, merged_lora_weights(m.peft))  # the next rollouts sample from the updated policy
     rec = _step_record(cfg, m, step, stats, grad_norm, time.perf_counter() - t_step, timing, device)
@@ -564,10 +564,10 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     return rec, cursor
 
 
-def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float) -> tuple[float, dict]:
+def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float, it: int = 0) -> tuple[float, dict]:
     """One AdamW update on the accumulated gradients: sum over ranks, dapo's token sums divided by the
     step's loss tokens (all ranks), clip. A non-finite loss or norm raises _NonFinite before the update.
-    Returns clip_gradients' (global norm, {group: norm})."""
+    it: the pass over the step's rollouts (0 the first). Returns clip_gradients' (global norm, {group: norm})."""
     dist.sum_grads(m.trainable)
     if cfg.loss_type == "dapo":
         for p in m.trainable:
@@ -576,7 +576,7 @@ def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float) -> tupl
     grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         m.optimizer.zero_grad(set_to_none=True)
-        raise _NonFinite(loss, grad_norm)
+        raise _NonFinite(loss, grad_norm, it)
     m.optimizer.step()
     return grad_norm, group_norms
 
@@ -602,8 +602,8 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str
 
 
 class _NonFinite(Exception):
-    def __init__(self, loss: float, grad_norm: float):
-        self.loss, self.grad_norm = loss, grad_norm
+    def __init__(self, loss: float, grad_norm: float, it: int = 0):
+        self.loss, self.grad_norm, self.it = loss, grad_norm, it  # it > 0: earlier passes already updated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,13 +641,15 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
         try:
             rec, cursor = train_step(cfg, m, data, step, cursor, device, run if main else None)
         except _NonFinite as e:
-            if main:
+            if main and e.it == 0:  # pass it > 0: the weights hold this step's first updates, not step-1's
                 ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
             bar.close()
+            saved = f"saved {run.checkpoint(step - 1)}" if e.it == 0 else \
+                f"saved nothing (pass {e.it + 1} of num_iterations; the last checkpoint is the one to resume)"
             raise MuskError(
                 f"non-finite {'loss' if not math.isfinite(e.loss) else 'gradient norm'} at step {step} "
-                f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and saved "
-                f"{run.checkpoint(step - 1)}. Lower lr/router_lr or check the cache's features."
+                f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and {saved}. "
+                f"Lower lr/router_lr or check the cache's features."
             ) from None
         full = step % cfg.test_freq == 0 or step == cfg.total_training_steps
         curve = bool(cfg.curve_freq) and step % cfg.curve_freq == 0  # the Figure 5 curve: same prompts each time
