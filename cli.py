@@ -78,7 +78,8 @@ def extract(
     from pipeline.extract import ExtractConfig, load_extract_config, run_extract
 
     _threads(threads)
-    overrides = {k: v for k, v in {"out": str(out) if out is not None else None, "limit": limit}.items() if v is not None}
+    named = {"out": str(out) if out is not None else None, "limit": limit}
+    overrides = {k: v for k, v in named.items() if v is not None}
     overrides = merge(overrides, _run(parse_sets, ExtractConfig, sets or []))  # --set wins, as in train
     cfg = _run(load_extract_config, str(config) if config else None, overrides)
     _run(run_extract, cfg, progress=not no_progress)

@@ -190,8 +190,8 @@ def parse_sets(cls: type, items: list[str] | tuple[str, ...], where: str = "--se
                                 f"{' for ' + prefix if prefix else ''}; nearest valid keys: {near or valid[:10]}")
             sub = typing.get_type_hints(tp)[part]
             if depth == len(parts) - 1:
-                if _is_text(sub) and value is not None:
-                    value = raw.strip()
+                if _is_text(sub) and value is not None and not isinstance(value, str):
+                    value = raw.strip()  # YAML read it as a bool, number or date; the field wants the text
                 try:
                     _convert(sub, value, f"{where} {key}")  # typed now, so the message names --set
                 except MuskError as e:

@@ -241,7 +241,8 @@ def _trl_loss(GRPOTrainer, logp, old, ref, adv, mask, *, loss_type, beta, eps, e
         current_gradient_accumulation_steps=1, max_completion_length=max_len, accelerator=acc,
         _entropy_bonus_enabled=False, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
     )
-    inputs = {"prompt_ids": torch.zeros(mask.shape[0], 2, dtype=torch.long), "prompt_mask": torch.ones(mask.shape[0], 2),
+    n = mask.shape[0]
+    inputs = {"prompt_ids": torch.zeros(n, 2, dtype=torch.long), "prompt_mask": torch.ones(n, 2),
               "completion_ids": torch.zeros_like(mask), "completion_mask": mask, "advantages": adv,
               "old_per_token_logps": old, "ref_per_token_logps": ref, "num_items_in_batch": mask.sum()}
     loss = GRPOTrainer._compute_loss(me, None, inputs)

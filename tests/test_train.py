@@ -384,7 +384,8 @@ def test_second_pass_starts_from_the_sampling_policy(tiny_cache, tiny_policy, tm
     pi_old log-probs line up with the rows: log pi - log pi_old is 0 on every token, so the ratio is 1
     and the loss equals the first pass's. Two AdamW updates a step."""
     seen, gaps, updates, contexts = [], [], [], []
-    step, upd, loss_fn, ctx_fn = train.loop.grpo_step, train.loop.update, train.loop.grpo_loss, train.loop.context_tokens
+    step, upd = train.loop.grpo_step, train.loop.update
+    loss_fn, ctx_fn = train.loop.grpo_loss, train.loop.context_tokens
 
     def spy_step(cfg, m, ro, timing, old=None):
         out = step(cfg, m, ro, timing, old)

@@ -1,7 +1,8 @@
 """`musk train`: GRPO over cached expert features. No expert is loaded.
 
 One optimizer step = gradient_accumulation_steps micro-batches of train_batch_size prompts, each
-prompt sampled group_size times (num_iterations > 1: that many AdamW updates on the same rollouts). A micro-batch is two named steps, as in torchtune's GRPO recipe:
+prompt sampled group_size times (num_iterations > 1: that many AdamW updates on the same rollouts).
+A micro-batch is two named steps, as in torchtune's GRPO recipe:
 `generate_trajectory` (context tokens, rollouts, rewards, advantages -> a typed `Rollouts`) and
 `grpo_step` (reference and policy log-probs, loss, backward). The maths (advantages, loss, Eq. 15)
 live in train/grpo.py; `run_train` at the bottom wires the parts and reads top to bottom.
@@ -480,8 +481,9 @@ def micro_seed(seed: int, step: int, g: int) -> int:
 
 def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
     """What one micro-batch contributes to the step's metrics (plain numbers: ranks exchange them)."""
-    st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss, "loss_tokens": out.loss_tokens,
-          "kl": out.kl_token_sum / max(1.0, float(ro.live.sum())), "tokens": int(ro.live.sum()),
+    st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
+          "kl": out.kl_token_sum / max(1.0, out.loss_tokens), "tokens": int(ro.live.sum()),
+          "loss_tokens": out.loss_tokens,
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
           "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens}}
     if data.prompt_tokens is not None:
