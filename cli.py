@@ -74,15 +74,13 @@ def extract(
     sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
     """Build or complete a feature cache: every expert once over every prompt."""
-    from core.config import parse_sets
+    from core.config import merge, parse_sets
     from pipeline.extract import ExtractConfig, load_extract_config, run_extract
 
     _threads(threads)
-    overrides = _run(parse_sets, ExtractConfig, sets or [])
-    if out is not None:
-        overrides["out"] = str(out)
-    if limit is not None:
-        overrides["limit"] = limit
+    named = {"out": str(out) if out is not None else None, "limit": limit}
+    overrides = {k: v for k, v in named.items() if v is not None}
+    overrides = merge(overrides, _run(parse_sets, ExtractConfig, sets or []))  # --set wins, as in train
     cfg = _run(load_extract_config, str(config) if config else None, overrides)
     _run(run_extract, cfg, progress=not no_progress)
 

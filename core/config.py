@@ -152,13 +152,22 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _is_text(tp: Any) -> bool:
+    """Whether field type tp is str or str | None (VALUE then stays the text typed, not YAML's reading)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and args == [str])
+
+
 def parse_sets(cls: type, items: list[str] | tuple[str, ...], where: str = "--set") -> dict:
     """`--set KEY=VALUE` items -> a nested override dict for `cls` (a frozen dataclass config).
 
-    KEY is a field name, dotted for nested configs (`task.train_size=64`); VALUE is read as YAML
-    (`0.1`, `true`, `null`, `[q_proj, v_proj]`, `{a: 1}`) and typed later by `from_dict` against the
-    field's annotation, so `beta=abc` fails there with the field named. An unknown KEY raises
-    MuskError listing the nearest valid keys. Later items win over earlier ones.
+    KEY is a field name, dotted for nested configs (`task.train_size=64`). VALUE is read as YAML
+    (`0.1`, `true`, `null`, `[q_proj, v_proj]`, `{a: 1}`), except for a string field, which takes the
+    text as typed (`decode_merged=off` is "off", not YAML's false; `null` still clears an optional
+    one), and is checked against the field's annotation here, so `beta=abc` fails naming --set.
+    Raises MuskError for an item without "=", an unknown KEY (listing the nearest valid keys) and a
+    VALUE of the wrong type (naming the key, the expected type and the nearest valid keys). Later
+    items win over earlier ones.
     """
     out: dict = {}
     for item in items:
@@ -173,16 +182,23 @@ def parse_sets(cls: type, items: list[str] | tuple[str, ...], where: str = "--se
         tp, node, parts = cls, out, key.split(".")
         for depth, part in enumerate(parts):
             fields = {f.name: f for f in dataclasses.fields(tp) if f.init} if dataclasses.is_dataclass(tp) else {}
+            prefix = ".".join(parts[:depth])
+            valid = [f"{prefix}.{n}" if prefix else n for n in sorted(fields)]
             if part not in fields:
-                prefix = ".".join(parts[:depth])
-                valid = [f"{prefix}.{n}" if prefix else n for n in sorted(fields)]
                 near = difflib.get_close_matches(".".join(parts[: depth + 1]), valid, n=5, cutoff=0.4)
                 raise MuskError(f"{where} {key!r}: unknown key {part!r}"
                                 f"{' for ' + prefix if prefix else ''}; nearest valid keys: {near or valid[:10]}")
+            sub = typing.get_type_hints(tp)[part]
             if depth == len(parts) - 1:
+                if _is_text(sub) and value is not None and not isinstance(value, str):
+                    value = raw.strip()  # YAML read it as a bool, number or date; the field wants the text
+                try:
+                    _convert(sub, value, f"{where} {key}")  # typed now, so the message names --set
+                except MuskError as e:
+                    near = difflib.get_close_matches(key, valid, n=5, cutoff=0.6)
+                    raise MuskError(f"{e} (field type {_type_name(sub)}; nearest valid keys: {near})") from None
                 node[part] = value
                 break
-            sub = typing.get_type_hints(tp)[part]
             inner = [a for a in typing.get_args(sub) if dataclasses.is_dataclass(a)]
             tp = sub if dataclasses.is_dataclass(sub) else (inner[0] if inner else None)
             if tp is None:

@@ -53,6 +53,38 @@ def sample_rows(probs: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_max(probs.shape[-1] - 1).squeeze(1)  # [N]
 
 
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> torch.Tensor:
+    """Logits [N, V] with the tokens that top_k, then top_p, then min_p remove set to -inf
+    (transformers' order and definitions; the most probable token always stays):
+    top_k > 0 keeps the k largest logits; top_p < 1 keeps the smallest set of most probable tokens
+    whose probability reaches top_p (a token stays while the mass above it is below top_p); min_p > 0
+    drops tokens whose probability is below min_p x the top token's. Off at 0, 1.0, 0.0."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [N, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        p = torch.softmax(sorted_logits, dim=-1)
+        drop = (p.cumsum(-1) - p) >= top_p  # [N, V] sorted: the mass above the token already reaches top_p
+        drop[:, 0] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    if min_p > 0.0:
+        p = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(p < min_p * p.max(dim=-1, keepdim=True).values, float("-inf"))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """One sampled token per row of logits [N, V] -> [N]: softmax(logits / temperature), filtered by
+    filter_logits, drawn by sample_rows from torch's global RNG. With the filters off the draw is
+    exactly sample_rows(softmax(logits / temperature)) (the same tokens for the same RNG state)."""
+    logits = logits / temperature
+    if top_k > 0 or top_p < 1.0 or min_p > 0.0:
+        logits = filter_logits(logits, top_k, top_p, min_p)
+    return sample_rows(torch.softmax(logits, dim=-1))
+
+
 def prefill(backbone, embeds: torch.Tensor, mask: torch.Tensor, group: int = 1):
     """Run left-padded prompts [N, P, d] with the KV cache on, each distinct prompt once.
 
@@ -69,24 +101,27 @@ def prefill(backbone, embeds: torch.Tensor, mask: torch.Tensor, group: int = 1):
 
 
 def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
-             temperature: float = 1.0, greedy: bool = False, min_new_tokens: int = 0, group: int = 1):
+             temperature: float = 1.0, greedy: bool = False, min_new_tokens: int = 0, group: int = 1,
+             top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     """Decode from prompt embeddings [N, P, d] (left padded, mask [N, P]).
 
     EOS is masked out of the first `min_new_tokens` steps (HF's min_new_tokens), which gives
     fixed-length completions when it equals max_new_tokens (benchmarks). group > 1: rows come in
     runs of `group` copies of one prompt (GRPO's G rollouts); the prompt is prefilled once per run
-    and its KV cache repeated, instead of G times.
+    and its KV cache repeated, instead of G times. top_k, top_p, min_p filter the sampling
+    distribution (sample_tokens; off by default).
 
     Returns (tokens [N, T], live [N, T]): live is 1 through the first EOS (inclusive) and 0 after,
     where tokens are pad_id. Sampling draws from torch's global RNG (seeded, checkpointed).
     """
     with torch.inference_mode():  # ~5% faster decode steps than no_grad on a CPU
         tokens, live = _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy,
-                               min_new_tokens, group)
+                               min_new_tokens, group, (top_k, top_p, min_p))
     return tokens.clone(), live.clone()  # normal tensors again: autograd may index with them
 
 
-def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group):
+def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
+            filters=(0, 1.0, 0.0)):
     N = embeds.shape[0]
     backbone = lm.base_model
     h, past = prefill(backbone, embeds, mask, group)  # [N/group, P, d], cache of N rows
@@ -101,7 +136,7 @@ def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, 
         if greedy:
             nxt = logits.argmax(-1)
         else:
-            nxt = sample_rows(torch.softmax(logits / temperature, dim=-1))
+            nxt = sample_tokens(logits, temperature, *filters)
         nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         live.append(~done)
         toks.append(nxt)

@@ -64,14 +64,17 @@ def greedy_texts(llm, ids: list[list[int]], max_new_tokens: int, eos: list[int])
 
 
 def sample_from_embeds(llm, embeds: torch.Tensor, mask: torch.Tensor, n: int, max_new_tokens: int,
-                       eos: list[int], pad_id: int, temperature: float, greedy: bool, seed: int):
+                       eos: list[int], pad_id: int, temperature: float, greedy: bool, seed: int,
+                       top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     """Decode from left-padded prompt embeddings [B, P, d] (mask [B, P]), n completions per prompt, in
     the layout of pipeline.generation.generate: (tokens [B*n, T], live [B*n, T]), rows of one prompt
-    contiguous, live 1 through the first EOS (inclusive), pad_id after."""
+    contiguous, live 1 through the first EOS (inclusive), pad_id after. top_k, top_p, min_p: vLLM's
+    sampling filters, off by default (top_k 0 is passed as vLLM's -1, "all tokens")."""
     from vllm import SamplingParams
 
     sp = SamplingParams(n=n, temperature=0.0 if greedy else temperature, max_tokens=max_new_tokens,
-                        stop_token_ids=list(eos), seed=seed)
+                        stop_token_ids=list(eos), seed=seed, top_k=top_k if top_k > 0 else -1, top_p=top_p,
+                        min_p=min_p)
     prompts = [{"prompt_embeds": e[m.bool()].detach()} for e, m in zip(embeds, mask)]  # drop the padding
     outs = llm.generate(prompts, sp, use_tqdm=False)
     rows = [list(c.token_ids) for o in outs for c in o.outputs]  # [B*n] lists

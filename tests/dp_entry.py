@@ -1,10 +1,30 @@
 """`musk` for tests run under torchrun: the CLI with the parity reward (random policies never answer
-right, and a reward without variance would make every gradient zero)."""
+right, and a reward without variance would make every gradient zero). MUSK_TEST_LENGTHS=1 also ends
+each rollout at a position set by its first token (a random tiny policy almost never samples EOS), so
+completion lengths vary the same way in every process layout."""
+
+import os
+
+import torch
 
 import train.loop
 from tests.helpers import parity_score
 
 train.loop.score = parity_score
+
+if os.environ.get("MUSK_TEST_LENGTHS") == "1":
+    _generate = train.loop.generate
+
+    def _varied(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k):
+        tokens, live = _generate(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
+        if k.get("greedy"):
+            return tokens, live
+        T = tokens.shape[1]
+        end, pos = (tokens[:, 0] % (T + 1))[:, None], torch.arange(T)[None]  # end T: the whole budget, no EOS
+        live = (pos <= end).long()
+        return torch.where(pos == end, eos[0], torch.where(live.bool(), tokens, pad_id)), live
+
+    train.loop.generate = _varied
 
 if __name__ == "__main__":
     from cli import main

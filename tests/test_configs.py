@@ -78,3 +78,41 @@ def test_paper_presets_keep_the_literal_recipe():
         assert (cfg.context_position, cfg.context_gate, cfg.feature_norm, cfg.router_warmup_steps,
                 cfg.grad_clip_scope) == ("suffix", "none", "none", 0, "global")
         assert cfg.init_std == 1e-4
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "train").glob("*.yaml")), ids=lambda p: p.stem)
+def test_train_presets_keep_the_original_grpo_estimator(path):
+    """Every train preset (and the embedded default) keeps the GRPO it was measured with: per-completion
+    token mean, group-std advantages, one pass per batch, symmetric clip, every completion in the loss,
+    plain temperature sampling."""
+    from train.config import advantage_scale
+
+    cfg = load_train_config(str(path))
+    assert (cfg.loss_type, advantage_scale(cfg), cfg.num_iterations, cfg.clip_eps, cfg.clip_eps_high,
+            cfg.mask_truncated_completions) == ("grpo", "group", 1, 0.2, None, False)
+    assert (cfg.top_p, cfg.top_k, cfg.min_p) == (1.0, 0, 0.0)
+
+
+def test_scale_rewards_auto_follows_loss_type():
+    from train.config import advantage_scale
+
+    assert advantage_scale(load_train_config(None, {"loss_type": "dr_grpo"})) == "none"
+    assert advantage_scale(load_train_config(None, {"loss_type": "dapo"})) == "group"
+    assert advantage_scale(load_train_config(None, {"loss_type": "dr_grpo", "scale_rewards": "group"})) == "group"
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"loss_type": "ppo"}, "unknown loss_type 'ppo'; choices: ['grpo', 'dr_grpo', 'dapo', 'bnpo']"),
+    ({"scale_rewards": "std"}, "unknown scale_rewards 'std'; choices: ['auto', 'group', 'batch', 'none']"),
+    ({"num_iterations": 0}, "num_iterations must be at least 1"),
+    ({"top_p": 0.0}, "0 < top_p <= 1"),
+    ({"top_k": -1}, "top_k >= 0"),
+    ({"min_p": 1.0}, "0 <= min_p < 1"),
+    ({"clip_eps_high": -0.1}, "clip_eps and clip_eps_high must be >= 0"),
+])
+def test_grpo_settings_are_checked(bad, message):
+    from core.errors import MuskError
+
+    with pytest.raises(MuskError) as e:
+        load_train_config(None, bad)
+    assert message in str(e.value)

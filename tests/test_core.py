@@ -62,3 +62,18 @@ def test_run_folder_logs_truncate_and_state(tmp_path):
     assert run.read_summary() == {"steps": 3}
     with pytest.raises(AssertionError):
         run.log_path("other.jsonl")
+
+
+def test_parse_sets_types_values_by_the_field():
+    from core.config import from_dict, parse_sets
+    from pipeline.extract import ExtractConfig
+    from train.config import TrainConfig
+
+    got = parse_sets(TrainConfig, ["decode_merged=off", "policy=123", "router=null", "experts=[a, b]", "beta=1e-3",
+                                   "eval_null_context=yes", "pooling='first_token'"])
+    assert got == {"decode_merged": "off", "policy": "123", "router": None, "experts": ["a", "b"], "beta": "1e-3",
+                   "eval_null_context": True, "pooling": "first_token"}
+    assert parse_sets(ExtractConfig, ["task.train_size=5", "task.val_size=2", "task.train_size=6"]) == {
+        "task": {"train_size": 6, "val_size": 2}}
+    cfg = from_dict(TrainConfig, {k: v for k, v in got.items() if k not in ("experts", "policy")})
+    assert (cfg.beta, cfg.decode_merged, cfg.router, cfg.pooling) == (1e-3, "off", None, "first_token")

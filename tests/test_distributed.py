@@ -155,3 +155,33 @@ def test_accumulation_must_split_over_ranks():
     assert micro_batches_per_rank(8, 1) == 8 and micro_batches_per_rank(8, 4) == 2 and micro_batches_per_rank(3, 3) == 1
     with pytest.raises(MuskError, match="gradient_accumulation_steps 3 does not split over 2 ranks"):
         micro_batches_per_rank(3, 2)
+
+
+def test_dapo_and_several_passes_two_ranks_equal_one_rank(tiny_cache, tiny_policy, tmp_path, monkeypatch):
+    """loss_type dapo divides by the tokens of the whole step, all ranks together, and num_iterations 2
+    reuses each rank's rollouts: 2 ranks x 1 micro-batch still equal 1 process x 2 micro-batches, with
+    completion lengths that differ between the micro-batches (a per-rank token count would not)."""
+    import json
+
+    import torch
+
+    from tests.helpers import tiny_train_overrides
+
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2, gradient_accumulation_steps=2,
+                              save_freq=2, loss_type="dapo", num_iterations=2, clip_eps_high=0.28)
+    monkeypatch.setenv("MUSK_TEST_LENGTHS", "1")
+    common = ["train", "--cache", str(tiny_cache), "--method", "perceiver", "--no-progress"]
+    _musk([*common, "--config", str(write_yaml(tmp_path / "one.yaml", ov)), "--out", str(tmp_path / "one")])
+    _musk([*common, "--config", str(write_yaml(tmp_path / "two.yaml", ov)), "--out", str(tmp_path / "two")],
+          nproc=2)  # the same preset: its 2 micro-batches a step split over the ranks
+    m1, m2 = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "two"))
+    assert len(m1) == len(m2) == 2 and any(r["reward/std"] > 0 for r in m1)
+    assert all(r["completion_tokens"] < 2 * 2 * 4 * 6 for r in m1)  # lengths vary: the token count matters
+    for a, b in zip(m1, m2):
+        assert a["reward/mean"] == b["reward/mean"]
+        for k in ("loss", "kl", "grad_norm"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for f in ("lora.pt", "adapter.pt"):
+        w1, w2 = (torch.load(tmp_path / d / "checkpoints" / "step_2" / f) for d in ("one", "two"))
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-6)

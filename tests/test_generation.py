@@ -91,3 +91,73 @@ def test_sample_rows_follows_probs_and_never_draws_zero(weights, seed):
     freq = torch.bincount(draws, minlength=len(weights)).double() / 20000
     assert (freq[p == 0] == 0).all()
     assert torch.allclose(freq, p.double(), atol=0.015)  # ~4.5 binomial std at p = 0.5
+
+
+# --- top_k / top_p / min_p sampling ---------------------------------------------------------------
+
+
+def test_filter_logits_hand_worked():
+    from pipeline.generation import filter_logits
+
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]]))
+    kept = lambda **kw: torch.isfinite(filter_logits(logits, **kw))[0].tolist()  # noqa: E731
+    assert kept() == [True] * 4
+    assert kept(top_k=2) == [False, True, False, True]
+    # top_p .75: masses above each token (sorted .5, .3, .15, .05) are 0, .5, .8, .95 -> the first two stay
+    assert kept(top_p=0.75) == [False, True, False, True]
+    assert kept(top_p=0.81) == [False, True, True, True]
+    # min_p .2: threshold .2 x .5 = .1 -> only .05 goes
+    assert kept(min_p=0.2) == [False, True, True, True]
+    assert kept(top_k=3, min_p=0.5) == [False, True, False, True]  # .3 >= .25 stays, .15 goes
+    assert kept(top_p=0.01) == [False, True, False, False]  # the top token always stays
+    assert torch.equal(filter_logits(logits, top_k=2)[0, [1, 3]], logits[0, [1, 3]])  # kept logits untouched
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 40), st.floats(0.05, 1.0), st.floats(0.0, 0.9))
+def test_filter_logits_matches_transformers_warpers(seed, top_k, top_p, min_p):
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from pipeline.generation import filter_logits
+
+    logits = torch.randn(5, 32, generator=torch.Generator().manual_seed(seed)) * 3
+    ref = logits
+    if top_k:
+        ref = TopKLogitsWarper(top_k)(None, ref)
+    if top_p < 1.0:
+        ref = TopPLogitsWarper(top_p)(None, ref)
+    if min_p > 0.0:
+        ref = MinPLogitsWarper(min_p)(None, ref)
+    assert torch.equal(torch.isfinite(filter_logits(logits, top_k, top_p, min_p)), torch.isfinite(ref))
+
+
+def test_sample_tokens_with_filters_off_is_the_plain_draw():
+    from pipeline.generation import sample_rows, sample_tokens
+
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(11)
+    plain = sample_rows(torch.softmax(logits / 0.7, dim=-1))
+    torch.manual_seed(11)
+    assert torch.equal(sample_tokens(logits, 0.7), plain)
+
+
+def test_sample_tokens_draws_only_from_the_kept_set():
+    from pipeline.generation import sample_tokens
+
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3])).expand(4000, -1)
+    torch.manual_seed(0)
+    assert set(sample_tokens(logits, top_k=2).tolist()) == {1, 3}
+    assert set(sample_tokens(logits, top_p=0.75).tolist()) == {1, 3}
+    assert set(sample_tokens(logits, min_p=0.2).tolist()) == {1, 2, 3}
+    assert set(sample_tokens(logits, top_k=1).tolist()) == {1}
+    freq = torch.bincount(sample_tokens(logits, top_k=2), minlength=4).double() / 4000
+    assert freq[[1, 3]].tolist() == pytest.approx([0.5 / 0.8, 0.3 / 0.8], abs=0.03)  # renormalised over the kept
+
+
+def test_generate_with_top_k_one_is_greedy():
+    model, tok, ids, mask = _model()
+    emb = model.get_input_embeddings()(ids)
+    greedy, _ = generate(model, emb, mask, 6, [], tok.pad_token_id, greedy=True)
+    torch.manual_seed(0)
+    sampled, _ = generate(model, emb, mask, 6, [], tok.pad_token_id, temperature=1.5, top_k=1)
+    assert torch.equal(sampled, greedy)

@@ -316,3 +316,146 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     anchor = m.lm.get_input_embeddings().weight.mean(0)
     slots = [(e_null[b] - anchor).abs().amax(-1) < 1e-6 for b in range(2)]  # [P+m] rows equal to the anchor
     assert all(int(s.sum()) >= cfg.num_latents for s in slots)
+
+
+# --- GRPO settings: loss types, several passes per batch, truncation masking --------------------
+
+
+def test_loss_types_agree_when_every_completion_has_the_same_length(tiny_cache, tiny_policy, tmp_path):
+    """Known by construction: with EOS suppressed for the whole budget every completion has exactly
+    max_new_tokens tokens, so the per-completion mean (grpo), the micro-batch token mean (bnpo), the
+    step's token mean (dapo) and the constant normaliser (dr_grpo, scale_rewards group) are one number:
+    same loss and gradient norm at every step, also with dapo's rollouts in chunks."""
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2, min_new_tokens=6)
+    runs = {lt: _metrics(run_train(load_train_config(None, {**ov, "loss_type": lt, "scale_rewards": "group"}),
+                                   tiny_cache, tmp_path / lt, **QUIET))
+            for lt in ("grpo", "bnpo", "dapo", "dr_grpo")}
+    runs["dapo-chunks"] = _metrics(run_train(load_train_config(None, {**ov, "loss_type": "dapo", "rollout_chunk": 3}),
+                                             tiny_cache, tmp_path / "dapo-chunks", **QUIET))
+    base = runs.pop("grpo")
+    assert all(r["completion_tokens"] == 2 * 2 * 4 * 6 for r in base)  # 2 micro x 2 prompts x 4 rollouts x 6
+    assert all(r["grad_norm"] > 0 for r in base)
+    for name, m in runs.items():
+        for ra, rb in zip(base, m):
+            assert rb["reward/mean"] == ra["reward/mean"], name
+            for k in ("loss", "grad_norm", "kl"):
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-7), (name, k)
+
+
+def _varied_lengths(monkeypatch):
+    """Rollouts of set lengths: in even rollout calls row i ends with an EOS at position i % (T+1), in odd calls
+    at position 0 except row 0; an end at T means the whole budget without EOS (truncated). A random
+    tiny policy almost never samples EOS itself."""
+    gen, calls = train.loop.generate, []
+
+    def varied(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k):
+        tokens, _ = gen(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
+        N, T = tokens.shape
+        rows = torch.arange(N)
+        end = rows % (T + 1) if len(calls) % 2 == 0 else torch.where(rows == 0, T, 0)
+        calls.extend([] if k.get("greedy") else [1])  # count rollouts only: each run's start even
+        end, pos = end[:, None], torch.arange(T)[None]
+        live = (pos <= end).long()
+        tokens = torch.where(pos == end, eos[0], torch.where(live.bool(), tokens, pad_id))
+        return tokens, live
+
+    monkeypatch.setattr(train.loop, "generate", varied)
+
+
+def test_loss_types_differ_when_lengths_do(tiny_cache, tiny_policy, tmp_path, monkeypatch):
+    """With unequal lengths the estimators weight tokens differently (the probe above: they agree when
+    lengths do); masking truncated completions changes the gradient only when some are truncated."""
+    _varied_lengths(monkeypatch)
+    ov = tiny_train_overrides(tiny_policy, method="single", total_training_steps=1, min_new_tokens=6)
+    m = {lt: _metrics(run_train(load_train_config(None, {**ov, **kw}), tiny_cache, tmp_path / lt, **QUIET))[0]
+         for lt, kw in [("grpo", {}), ("dapo", {"loss_type": "dapo"}), ("bnpo", {"loss_type": "bnpo"}),
+                        ("mask", {"mask_truncated_completions": True})]}
+    assert m["grpo"]["completion_tokens"] == (1 + 2 + 3 + 4 + 5 + 6 + 6 + 1) + (6 + 7 * 1)  # two micro-batches
+    assert m["grpo"]["loss"] == 0.0  # per-completion means of -A (ratio 1, KL 0 at init) cancel in each group
+    assert len({r["reward/mean"] for r in m.values()}) == 1  # the same rollouts
+    norms = [m[k]["grad_norm"] for k in ("grpo", "dapo", "bnpo", "mask")]
+    assert all(a != pytest.approx(b, rel=1e-3) for i, a in enumerate(norms) for b in norms[i + 1:])
+
+
+@pytest.mark.parametrize("method", ["perceiver", "hard-routing"])
+def test_second_pass_starts_from_the_sampling_policy(tiny_cache, tiny_policy, tmp_path, monkeypatch, method):
+    """num_iterations 2 with every learning rate 0: the second pass sees the same weights, rebuilds the
+    same C (hard-routing: the same Gumbel draw, so the same expert for every prompt) and its stored
+    pi_old log-probs line up with the rows: log pi - log pi_old is 0 on every token, so the ratio is 1
+    and the loss equals the first pass's. Two AdamW updates a step."""
+    seen, gaps, updates, contexts = [], [], [], []
+    step, upd = train.loop.grpo_step, train.loop.update
+    loss_fn, ctx_fn = train.loop.grpo_loss, train.loop.context_tokens
+
+    def spy_step(cfg, m, ro, timing, old=None):
+        out = step(cfg, m, ro, timing, old)
+        seen.append((old is None, out.loss))
+        return out
+
+    def spy_loss(logp, old_logp, *a, **k):
+        gaps.append(float((logp.detach() - old_logp).abs().max()))
+        return loss_fn(logp, old_logp, *a, **k)
+
+    def spy_ctx(*a):
+        out = ctx_fn(*a)
+        contexts.append((out.context.detach().clone(), None if out.choice is None else out.choice.tolist()))
+        return out
+
+    monkeypatch.setattr(train.loop, "grpo_step", spy_step)
+    monkeypatch.setattr(train.loop, "grpo_loss", spy_loss)
+    monkeypatch.setattr(train.loop, "context_tokens", spy_ctx)
+    monkeypatch.setattr(train.loop, "update", lambda *a: updates.append(1) or upd(*a))
+    ov = tiny_train_overrides(tiny_policy, method=method, total_training_steps=2, num_iterations=2, lr=0.0,
+                              router_lr=0.0, gate_lr=0.0)
+    run_train(load_train_config(None, ov), tiny_cache, tmp_path / "run", **QUIET)
+    first = [loss for is_first, loss in seen if is_first]
+    second = [loss for is_first, loss in seen if not is_first]
+    assert len(first) == len(second) == 2 * 2 and len(updates) == 2 * 2  # 2 steps x 2 micro-batches; 2 x mu
+    assert second == pytest.approx(first, rel=1e-6, abs=1e-9)
+    assert len(gaps) == 8 and max(gaps) < 1e-6
+    # C per call: step 1 samples micro 0, 1 then rebuilds them; step 2 the same (then the evaluation)
+    for s in (0, 4):
+        for micro in (0, 1):
+            (c1, r1), (c2, r2) = contexts[s + micro], contexts[s + 2 + micro]
+            assert torch.equal(c1, c2) and r1 == r2
+    if method == "hard-routing":  # the probe can fail: the draws do pick different experts
+        assert len({tuple(r) for _, r in contexts[:8]}) > 1
+
+
+def test_several_passes_reuse_the_rollouts_and_move_the_policy(tiny_cache, tiny_policy, tmp_path):
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2)
+    one = _metrics(run_train(load_train_config(None, ov), tiny_cache, tmp_path / "one", **QUIET))
+    two = _metrics(run_train(load_train_config(None, {**ov, "num_iterations": 2, "clip_eps_high": 0.28}),
+                             tiny_cache, tmp_path / "two", **QUIET))
+    assert two[0]["reward/mean"] == one[0]["reward/mean"] and two[0]["loss"] == pytest.approx(one[0]["loss"])
+    assert two[1]["kl"] != pytest.approx(one[1]["kl"], rel=1e-3)  # the extra update moved the policy
+
+
+def test_masking_truncated_completions_leaves_nothing_when_all_hit_the_budget(tiny_cache, tiny_policy, tmp_path):
+    """EOS suppressed for the whole budget: every completion is truncated, so with the mask on no token
+    is in the loss (loss 0, gradient 0); without it the same rollouts give a gradient."""
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=1, min_new_tokens=6,
+                              top_k=50, top_p=0.9, min_p=0.01)
+    on = _metrics(run_train(load_train_config(None, {**ov, "mask_truncated_completions": True}), tiny_cache,
+                            tmp_path / "on", **QUIET))[0]
+    off = _metrics(run_train(load_train_config(None, ov), tiny_cache, tmp_path / "off", **QUIET))[0]
+    assert on["reward/mean"] == off["reward/mean"]
+    assert on["loss"] == 0.0 and on["grad_norm"] == 0.0 and off["grad_norm"] > 0
+
+
+def test_nan_in_a_later_pass_saves_no_mislabelled_checkpoint(tiny_cache, tiny_policy, tmp_path, monkeypatch):
+    """num_iterations 2, NaN in step 1's second pass: the first pass has already updated the weights,
+    so they are not step 0's and are not saved as a checkpoint; the message says so."""
+    real = train.loop.grpo_loss
+
+    def nan_in_second_pass(*a, **k):
+        out = real(*a, **k)
+        nan_in_second_pass.calls += 1
+        return out._replace(loss=out.loss * float("nan")) if nan_in_second_pass.calls > 2 else out
+
+    nan_in_second_pass.calls = 0
+    monkeypatch.setattr(train.loop, "grpo_loss", nan_in_second_pass)
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", num_iterations=2))
+    with pytest.raises(MuskError, match="non-finite loss at step 1 .*saved nothing \\(pass 2 of num_iterations"):
+        run_train(cfg, tiny_cache, tmp_path / "nan", **QUIET)
+    assert not (tmp_path / "nan" / "checkpoints").exists()

@@ -9,8 +9,9 @@ from core.config import from_dict, load_yaml, merge
 from pipeline.pooling import VARIANTS
 from pipeline.vllm_engine import ENGINES
 from train.adapters import CONTEXT_ANCHORS, CONTEXT_GATES, FEATURE_NORMS, method_info
-from train.policy import CONTEXT_POSITIONS, HINT_FORMATS
 from pipeline.rewards import MODES
+from train.grpo import LOSS_TYPES, SCALE_REWARDS
+from train.policy import CONTEXT_POSITIONS, HINT_FORMATS
 from train.trackers import check_trackers
 
 DECODE_MERGED = ("auto", "on", "off")
@@ -90,7 +91,28 @@ class TrainConfig:
     beta: float = 0.04
     """KL coefficient (paper: 0.04)."""
     clip_eps: float = 0.2
-    """PPO clip range of the surrogate (inactive with one pass per batch; kept for correctness)."""
+    """Lower PPO clip of the ratio pi/pi_old: the surrogate clips it at 1 - clip_eps (TRL: epsilon;
+    default 0.2 as TRL). Active only when num_iterations > 1 (with one pass the ratio is 1)."""
+    clip_eps_high: float | None = None
+    """Upper PPO clip: the ratio is clipped at 1 + clip_eps_high; null: clip_eps (symmetric, TRL:
+    epsilon_high, default null as TRL). DAPO's clip-higher sets it above clip_eps (e.g. 0.28)."""
+    num_iterations: int = 1
+    """mu, AdamW updates per batch of rollouts (TRL: num_iterations; paper and default 1). Each step
+    samples once, then makes mu passes over the same rollouts, the ratio taken against the sampling
+    policy's log-probs (PPO-style GRPO). total_training_steps counts batches of rollouts, so a run
+    makes mu x total_training_steps updates."""
+    loss_type: str = "grpo"
+    """How per-token losses become one number (train/grpo.py): grpo (mean over each completion's
+    tokens, then over completions: the paper and original GRPO), dr_grpo (token sum over the constant
+    completions x max_new_tokens), bnpo (token mean over the micro-batch), dapo (token mean over the
+    whole optimizer step). TRL's name; TRL's default is dapo."""
+    scale_rewards: str = "auto"
+    """Advantage scaling (TRL: scale_rewards): group (divide by the group's reward std: GRPO), batch (by
+    the std of the micro-batch's B*G rewards), none (no division: Dr. GRPO). auto: none under
+    loss_type dr_grpo, group otherwise (the paper: group)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_new_tokens without EOS out of the loss (DAPO's overlong
+    filtering; TRL: mask_truncated_completions, default false). They still count in the advantages."""
     std_floor: float = 1e-4
     """Floor of the group std in the advantage denominator."""
     max_new_tokens: int = 128
@@ -100,6 +122,14 @@ class TrainConfig:
     it to max_new_tokens for fixed-length rollouts, as in the TRL comparison."""
     temperature: float = 1.0
     """Sampling temperature of the rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling of the rollouts: keep the smallest set of tokens whose probability reaches
+    top_p (1.0: off, the paper and TRL's default). The loss's log-probs stay those of the unfiltered
+    softmax(logits / temperature), as TRL computes them."""
+    top_k: int = 0
+    """Sample the rollouts from the k most probable tokens only (0: off, the paper and TRL's default)."""
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p x the most probable token's (0.0: off; TRL: null)."""
     answer_extraction: str = "strict"
     """strict (paper: last closed <answer> tag) or lenient (see train/rewards.py)."""
     # --- Listing 1
@@ -194,7 +224,8 @@ class TrainConfig:
                              ("feature_norm", FEATURE_NORMS), ("grad_clip_scope", CLIP_SCOPES),
                              ("context_anchor", CONTEXT_ANCHORS), ("rollout_engine", ENGINES),
                              ("decode_merged", DECODE_MERGED), ("hint_format", HINT_FORMATS),
-                             ("hint_position", HINT_POSITIONS), ("hint_reference", HINT_REFERENCES)):
+                             ("hint_position", HINT_POSITIONS), ("hint_reference", HINT_REFERENCES),
+                             ("loss_type", LOSS_TYPES), ("scale_rewards", ("auto",) + SCALE_REWARDS)):
             if getattr(self, key) not in choices:
                 raise MuskError(f"unknown {key} {getattr(self, key)!r}; choices: {list(choices)}")
         if self.hint_reference == "zeros" and self.hint_position != "context":
@@ -204,11 +235,16 @@ class TrainConfig:
             raise MuskError(f"context_rms must be positive, got {self.context_rms}")
         if self.temperature <= 0:
             raise MuskError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p < 1:
+            raise MuskError(f"sampling filters need 0 < top_p <= 1, top_k >= 0 and 0 <= min_p < 1; got top_p "
+                            f"{self.top_p}, top_k {self.top_k}, min_p {self.min_p}")
+        if self.clip_eps < 0 or (self.clip_eps_high is not None and self.clip_eps_high < 0):
+            raise MuskError(f"clip_eps and clip_eps_high must be >= 0, got {self.clip_eps}, {self.clip_eps_high}")
         if self.curve_freq < 0 or self.router_warmup_steps < 0 or self.curve_prompts < 1:
             raise MuskError("curve_freq and router_warmup_steps must be >= 0, curve_prompts >= 1")
         for k in ("group_size", "train_batch_size", "val_batch_size", "gradient_accumulation_steps",
                   "total_training_steps", "max_new_tokens", "num_latents", "num_heads", "d_latent", "lora_rank",
-                  "save_freq", "test_freq", "eval_batches", "log_freq"):
+                  "save_freq", "test_freq", "eval_batches", "log_freq", "num_iterations"):
             if getattr(self, k) < 1:
                 raise MuskError(f"{k} must be at least 1, got {getattr(self, k)}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -246,6 +282,13 @@ EMBEDDED_DEFAULT = {
     "test_freq": 10,
     "eval_batches": 4,
 }
+
+
+def advantage_scale(cfg: TrainConfig) -> str:
+    """scale_rewards with auto resolved: none under dr_grpo (Dr. GRPO drops the std), group otherwise."""
+    if cfg.scale_rewards != "auto":
+        return cfg.scale_rewards
+    return "none" if cfg.loss_type == "dr_grpo" else "group"
 
 
 def load_train_config(path: str | None, overrides: dict | None = None) -> TrainConfig:

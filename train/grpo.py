@@ -1,18 +1,26 @@
 """GRPO maths as pure functions returning (value, stats) NamedTuples.
 
-Departures from textbook GRPO (DeepSeekMath, Shao et al. 2024), all deliberate:
+One objective (paper Eq. 4: reward minus beta * KL to the reference), several estimators of it, named
+as TRL names them so that a run states its estimator in the words its readers use:
 
-1. One optimisation pass per batch of rollouts (num_iterations = 1, as TRL's default): the "old"
-   policy is the current one detached, so ratio == 1 in value and the clipped surrogate reduces to
-   the policy gradient; the clip is kept so that a future multi-pass setting is correct.
-2. KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 per token (unbiased, >= 0), added to
-   the loss with coefficient beta (paper: 0.04), not folded into the reward.
-3. The reference policy is the frozen initial policy: LoRA disabled on the same weights (no second
+- advantages (`scale_rewards`): A_i = r_i - mean of its group, divided by the group's std (group, the
+  original GRPO), by the std over the whole batch of rollouts (batch) or by nothing (none: Dr. GRPO).
+- surrogate: the PPO clip on the ratio pi_theta / pi_old per token, clipped to [1 - clip_eps,
+  1 + clip_eps_high] (DAPO's asymmetric "clip-higher" when clip_eps_high > clip_eps). pi_old is the
+  policy that sampled the rollouts; with one pass per batch (num_iterations = 1, the paper) it is the
+  current policy detached, so ratio == 1 in value and the surrogate is the policy gradient.
+- loss normalisation (`loss_type`): grpo (mean over each completion's tokens, then over completions:
+  the original GRPO and the paper), dr_grpo (token sum over a constant, completions x max_new_tokens),
+  bnpo (token mean over the micro-batch), dapo (token mean over the optimizer step's whole batch).
+
+Fixed choices, all deliberate:
+
+1. KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 per token (unbiased, >= 0), added to
+   the loss with coefficient beta (paper: 0.04), not folded into the reward (as TRL).
+2. The reference policy is the frozen initial policy: LoRA disabled on the same weights (no second
    copy) and zero-valued context tokens at the same positions as C (paper, Sec. 4.1).
-4. Advantages are group-normalised with the Bessel-corrected std and a floor (std_floor), so a group
-   whose rewards are all equal gets advantage exactly 0 instead of 0/0.
-5. Loss normalisation: mean over each completion's real tokens, then mean over completions (the
-   original GRPO form; DAPO's token-level mean is not used).
+3. The std is Bessel-corrected and floored (std_floor), so a group whose rewards are all equal gets
+   advantage exactly 0 instead of 0/0 (TRL adds 1e-4 to the std instead of flooring it).
 """
 
 from __future__ import annotations
@@ -29,17 +37,33 @@ class AdvantageStats(NamedTuple):
     frac_zero_std: float
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, std_floor: float = 1e-4) -> AdvantageStats:
-    """A_i = (r_i - mean_g) / max(std_g, std_floor) within each group of `group_size` completions.
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 
-    rewards: [B*G], completions of one prompt contiguous. std is Bessel-corrected (G-1).
+
+def group_advantages(rewards: torch.Tensor, group_size: int, std_floor: float = 1e-4,
+                     scale: str = "group") -> AdvantageStats:
+    """A_i = (r_i - mean_g) / max(s, std_floor) within each group of `group_size` completions.
+
+    rewards: [B*G], completions of one prompt contiguous. s is the group's std (scale "group", GRPO),
+    the std of all B*G rewards (scale "batch", TRL's scale_rewards="batch") or 1 (scale "none", Dr.
+    GRPO: no std division). stds are Bessel-corrected. group_std and frac_zero_std always describe the
+    groups. Raises ValueError when the rewards do not split into groups or scale is unknown.
     """
     if rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    if scale not in SCALE_REWARDS:
+        raise ValueError(f"unknown scale_rewards {scale!r}; choices: {list(SCALE_REWARDS)}")
     r = rewards.float().view(-1, group_size)  # [B, G]
     mean = r.mean(dim=1)
     std = r.std(dim=1, unbiased=True) if group_size > 1 else torch.zeros_like(mean)
-    adv = (r - mean[:, None]) / std.clamp_min(std_floor)[:, None]
+    if scale == "group":
+        adv = (r - mean[:, None]) / std.clamp_min(std_floor)[:, None]
+    elif scale == "batch":
+        batch_std = r.std(unbiased=True) if r.numel() > 1 else r.new_zeros(())
+        adv = (r - mean[:, None]) / batch_std.clamp_min(std_floor)
+    else:
+        adv = r - mean[:, None]
     frac_zero = float((std < std_floor).float().mean())
     return AdvantageStats(adv.reshape(-1), mean, std, frac_zero)
 
@@ -65,28 +89,58 @@ def grpo_loss(
     mask: torch.Tensor,
     beta: float,
     clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    loss_type: str = "grpo",
+    max_tokens: int | None = None,
+    num_tokens: float | None = None,
 ) -> GRPOLoss:
-    """Clipped surrogate + beta * k3 KL, per-sequence token mean then batch mean.
+    """Clipped surrogate + beta * k3 KL per token, reduced as `loss_type` says.
 
     logp, old_logp, ref_logp, mask: [N, T] (N = B*G completions, T completion tokens);
-    advantages: [N]. mask is 1 on real completion tokens (through the first EOS).
+    advantages: [N]. mask is 1 on the completion tokens that count (through the first EOS).
+    ratio = exp(logp - old_logp) is clipped to [1 - clip_eps, 1 + clip_eps_high] (clip_eps_high
+    None: clip_eps); per token l = -min(ratio A, clip(ratio) A) + beta k3. Reductions (TRL's
+    GRPOTrainer._compute_loss names and formulas):
+      grpo     mean_i (sum_t l m / sum_t m)             per-completion token mean, then mean
+      dr_grpo  sum l m / (N * max_tokens)               max_tokens: the generation budget (default T)
+      bnpo     sum l m / num_tokens                     num_tokens default: sum m (this batch's tokens)
+      dapo     sum l m / num_tokens                     the caller passes the tokens of the whole
+                                                        optimizer step (TRL: num_items_in_batch)
+    policy_loss is the same reduction of the surrogate alone; kl and clip_frac are token means over
+    mask (clip_frac: tokens where the clip decides the value, TRL's clip_ratio/region_mean).
+    Raises ValueError on an unknown loss_type.
     """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; choices: {list(LOSS_TYPES)}")
+    eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)  # [N, T]
     a = advantages[:, None]
     surr1 = ratio * a
-    surr2 = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * a
+    surr2 = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * a
     pg = -torch.minimum(surr1, surr2)  # [N, T]
     kl = k3_kl(logp, ref_logp)  # [N, T]
     per_token = pg + beta * kl
-    lengths = mask.sum(dim=1).clamp_min(1.0)  # [N]
-    loss = ((per_token * mask).sum(dim=1) / lengths).mean()
+    reduce = _reduction(mask, loss_type, max_tokens, num_tokens)
+    loss = reduce(per_token)
     with torch.no_grad():
         n_tok = mask.sum().clamp_min(1.0)
-        policy_loss = ((pg * mask).sum(dim=1) / lengths).mean()
+        policy_loss = reduce(pg)
         kl_mean = (kl * mask).sum() / n_tok
         clipped = ((surr2 < surr1).to(mask.dtype) * mask).sum() / n_tok
     return GRPOLoss(loss, policy_loss.detach(), kl_mean.detach(), clipped.detach())
+
+
+def _reduction(mask: torch.Tensor, loss_type: str, max_tokens: int | None, num_tokens: float | None):
+    """Per-token values [N, T] -> the scalar loss_type asks for (see grpo_loss)."""
+    if loss_type == "grpo":
+        lengths = mask.sum(dim=1).clamp_min(1.0)  # [N]
+        return lambda x: ((x * mask).sum(dim=1) / lengths).mean()
+    if loss_type == "dr_grpo":
+        denom = mask.shape[0] * (max_tokens if max_tokens is not None else mask.shape[1])
+        return lambda x: (x * mask).sum() / denom
+    denom = mask.sum().clamp_min(1.0) if num_tokens is None else max(float(num_tokens), 1.0)
+    return lambda x: (x * mask).sum() / denom
 
 
 class RoutingStats(NamedTuple):
@@ -106,3 +160,12 @@ def routing_stats(attention: torch.Tensor) -> RoutingStats:
     h = (-plogp.sum(dim=-1)).mean(dim=-1)  # [B]
     u = a.mean(dim=1)  # [B, n]
     return RoutingStats(float(h.mean()), u.mean(dim=0).tolist(), a.mean(dim=0).tolist())
+
+
+def truncated_rows(tokens: torch.Tensor, live: torch.Tensor, eos: list[int], max_new_tokens: int) -> torch.Tensor:
+    """Which completions hit the budget without an EOS: [N] bool, from tokens and live [N, T] (live 1
+    through the first EOS). A row is truncated when it has max_new_tokens live tokens and none is an
+    EOS (TRL's mask_truncated_completions: the last token is not EOS)."""
+    eos_t = torch.tensor(eos, device=tokens.device)
+    has_eos = (torch.isin(tokens, eos_t) & live.bool()).any(dim=1)  # [N]
+    return (live.sum(dim=1) >= max_new_tokens) & ~has_eos

@@ -1,7 +1,8 @@
 """`musk train`: GRPO over cached expert features. No expert is loaded.
 
 One optimizer step = gradient_accumulation_steps micro-batches of train_batch_size prompts, each
-prompt sampled group_size times. A micro-batch is two named steps, as in torchtune's GRPO recipe:
+prompt sampled group_size times (num_iterations > 1: that many AdamW updates on the same rollouts).
+A micro-batch is two named steps, as in torchtune's GRPO recipe:
 `generate_trajectory` (context tokens, rollouts, rewards, advantages -> a typed `Rollouts`) and
 `grpo_step` (reference and policy log-probs, loss, backward). The maths (advantages, loss, Eq. 15)
 live in train/grpo.py; `run_train` at the bottom wires the parts and reads top to bottom.
@@ -34,11 +35,11 @@ from pipeline.vllm_engine import make_llm, require_vllm, sample_from_embeds, syn
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
-from train.config import TrainConfig
-from train.grpo import group_advantages, grpo_loss, routing_stats
+from pipeline.rewards import SCORER_ERRORS, score
+from train.config import TrainConfig, advantage_scale
+from train.grpo import group_advantages, grpo_loss, routing_stats, truncated_rows
 from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_blocks, encode_prompts,
                           hint_block_text, load_policy, merged_lora, merged_lora_weights, policy_spec, splice)
-from pipeline.rewards import SCORER_ERRORS, score
 from train.trackers import Trackers
 
 
@@ -322,25 +323,39 @@ def decode_merged(cfg: TrainConfig, m: Models) -> bool:
     return cfg.decode_merged == "on" or (cfg.decode_merged == "auto" and m.lm.dtype == torch.float32)
 
 
+class RolloutInputs(NamedTuple):
+    ctx: AdapterOut  # C [B, m, d_out] with grad, attention, choice
+    embeds: torch.Tensor  # [B*G, L, d] C (or the hint block) spliced in
+    ref_embeds: torch.Tensor  # [B*G, L, d] what the reference reads
+    mask: torch.Tensor  # [B*G, L]
+
+
+def rollout_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str) -> RolloutInputs:
+    """policy_inputs for prompts idx, each row repeated G times, with C made by g_phi as it is now
+    (num_iterations > 1 rebuilds them after each update)."""
+    pi = policy_inputs(cfg, m, data, idx, device)  # [B, L, d]
+    G = cfg.group_size
+    return RolloutInputs(pi.ctx, *(x.repeat_interleave(G, 0) for x in (pi.embeds, pi.ref_embeds, pi.mask)))
+
+
 def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
                         timing: dict) -> Rollouts:
     G = cfg.group_size
-    pi = policy_inputs(cfg, m, data, idx, device)  # [B, L, d]
-    e_in, ref_e, m_in = (x.repeat_interleave(G, 0) for x in (pi.embeds, pi.ref_embeds, pi.mask))  # [B*G, L(, d)]
-    ctx = pi.ctx
+    ctx, e_in, ref_e, m_in = rollout_inputs(cfg, m, data, idx, device)
 
     t = time.perf_counter()
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
         tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.max_new_tokens,
                                           m.eos, m.tok.pad_token_id, cfg.temperature, False,
-                                          int(torch.randint(2**31 - 1, ())))
+                                          int(torch.randint(2**31 - 1, ())), cfg.top_k, cfg.top_p, cfg.min_p)
         tokens, live = tokens.to(device), live.to(device)
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
         with merged_lora(m.peft, decode_merged(cfg, m)):
             tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
                                     cfg.temperature, min_new_tokens=cfg.min_new_tokens,
-                                    group=G if cfg.share_prompt else 1)
+                                    group=G if cfg.share_prompt else 1, top_k=cfg.top_k, top_p=cfg.top_p,
+                                    min_p=cfg.min_p)
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
@@ -348,21 +363,34 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     texts = decode(m.tok, tokens, live)
     rewards = torch.tensor([score(data.prompts["entry"][i], s, cfg.answer_extraction)
                             for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
-    adv = group_advantages(rewards, G, cfg.std_floor)
+    adv = group_advantages(rewards, G, cfg.std_floor, advantage_scale(cfg))
     timing["reward"] += time.perf_counter() - t
     return Rollouts(idx, e_in, ref_e, m_in, tokens, live, texts, rewards, adv.advantages.to(device), adv.frac_zero_std,
                     ctx.attention.detach() if ctx.attention is not None else None, ctx.choice,
-                    int(pi.mask.sum()) * G)
+                    int(m_in.sum()))
+
+
+class OldLogps(NamedTuple):
+    """What passes 2..num_iterations over the same rollouts reuse."""
+
+    logp: torch.Tensor  # [B*G, T] pi_old: the sampling policy's log-probs (first pass, detached)
+    ref: torch.Tensor  # [B*G, T] the reference's log-probs
 
 
 class StepOut(NamedTuple):
     loss: float  # the micro-batch's GRPO loss
     kl_token_sum: float  # summed per-token KL (divide by the completion tokens for the mean)
+    loss_tokens: float  # completion tokens in the loss (mask_truncated_completions drops some)
+    old: OldLogps | None  # for later passes (num_iterations > 1), else None
 
 
-def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOut:
+def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldLogps | None = None) -> StepOut:
     """Reference log-probs, then the policy's, the GRPO loss and its backward, rollout_chunk rows at a
-    time (chunk losses are weighted to sum to the micro-batch's loss; gradients accumulate)."""
+    time (chunk losses are weighted to sum to the micro-batch's loss; gradients accumulate).
+
+    old None: the first pass, right after sampling: the policy's log-probs detached are pi_old (same
+    weights, same inputs) and are kept, with the reference's, for later passes when num_iterations > 1.
+    loss_type dapo backpropagates the micro-batch's token sum; `update` divides by the step's tokens."""
     N, G = ro.tokens.shape[0], cfg.group_size
     chunk = cfg.rollout_chunk or N
     # Each prompt runs once per group of G rollouts when the chunks hold whole groups and the KV
@@ -370,25 +398,41 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOu
     share = G if cfg.share_prompt and chunk % G == 0 and not cfg.gradient_checkpointing else 1
     T = cfg.temperature
     t = time.perf_counter()
-    with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
-        ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
-                                                  ro.tokens[s:s + chunk], ro.live[s:s + chunk], share, T)
-                              for s in range(0, N, chunk)])  # [B*G, T]
+    if old is not None:
+        ref_logp = old.ref
+    else:
+        with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
+            ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
+                                                      ro.tokens[s:s + chunk], ro.live[s:s + chunk], share, T)
+                                  for s in range(0, N, chunk)])  # [B*G, T]
     timing["reference"] += time.perf_counter() - t
 
     t = time.perf_counter()
+    live = ro.live
+    if cfg.mask_truncated_completions:  # [B*G, T]: truncated rows leave the loss
+        live = live * (~truncated_rows(ro.tokens, ro.live, m.eos, cfg.max_new_tokens)).to(live.dtype)[:, None]
+    n_tok = float(live.sum())
+    token_mean = cfg.loss_type in ("bnpo", "dapo")  # chunks share the micro-batch's token count
     loss = kl_sum = 0.0
+    kept = []
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
         logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T)
-        out = grpo_loss(logp, logp.detach(), ref_logp[sl], ro.advantages[sl], ro.live[sl], cfg.beta, cfg.clip_eps)
-        weight = logp.shape[0] / N
-        share_of_step = weight / cfg.gradient_accumulation_steps  # the step's A micro-batches, over every rank
+        old_logp = logp.detach() if old is None else old.logp[sl]
+        out = grpo_loss(logp, old_logp, ref_logp[sl], ro.advantages[sl], live[sl], cfg.beta, cfg.clip_eps,
+                        cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None)
+        weight = 1.0 if token_mean else logp.shape[0] / N
+        if cfg.loss_type == "dapo":
+            share_of_step = weight * n_tok  # the token sum; `update` divides by the step's token count
+        else:
+            share_of_step = weight / cfg.gradient_accumulation_steps  # the step's A micro-batches, over every rank
         (out.loss * share_of_step).backward(retain_graph=s + chunk < N)
         loss += float(out.loss.detach()) * weight
-        kl_sum += float(out.kl) * float(ro.live[sl].sum())
+        kl_sum += float(out.kl) * float(live[sl].sum())
+        if cfg.num_iterations > 1 and old is None:
+            kept.append(old_logp)
     timing["policy"] += time.perf_counter() - t
-    return StepOut(loss, kl_sum)
+    return StepOut(loss, kl_sum, n_tok, OldLogps(torch.cat(kept), ref_logp) if kept else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,7 +525,8 @@ def micro_seed(seed: int, step: int, g: int) -> int:
 def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
     """What one micro-batch contributes to the step's metrics (plain numbers: ranks exchange them)."""
     st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
-          "kl": out.kl_token_sum / max(1.0, float(ro.live.sum())), "tokens": int(ro.live.sum()),
+          "kl": out.kl_token_sum / max(1.0, out.loss_tokens), "tokens": int(ro.live.sum()),
+          "loss_tokens": out.loss_tokens,
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
           "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens},
           "scorer_errors": SCORER_ERRORS.take()}  # verifier exceptions (scored 0) since the last micro-batch
@@ -535,31 +580,53 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     m.optimizer.zero_grad(set_to_none=True)
     method, W, B = method_info(cfg.method), dist.world(), cfg.train_batch_size
     stats = []  # [(global micro index, stats)]
+    again = []  # num_iterations > 1: (global micro index, rollouts without their graph, pi_old and ref log-probs)
     for micro in range(micro_batches_per_rank(cfg.gradient_accumulation_steps, W)):
         g = micro * W + dist.rank()  # global micro-batch index: whole groups per rank, no exchange for advantages
         idx = [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor + g * B, B)]
         torch.manual_seed(micro_seed(cfg.seed, step, g))
         ro = generate_trajectory(cfg, m, data, idx, device, timing)
         out = grpo_step(cfg, m, ro, timing)
+        if out.old is not None:
+            again.append((g, ro._replace(embeds=None, ref_embeds=None), out.old))
         if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
             for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
         stats.append((g, _micro_stats(cfg, m, data, idx, ro, out, method)))
     cursor += cfg.gradient_accumulation_steps * B
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
-    dist.sum_grads(m.trainable)
-
-    grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
-    loss = float(np.mean([st["loss"] for st in stats]))
-    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+    step_tokens = sum(st["loss_tokens"] for st in stats)
+    grad_norm, group_norms = update(cfg, m, float(np.mean([st["loss"] for st in stats])), step_tokens)
+    for it in range(1, cfg.num_iterations):  # PPO-style passes 2..mu over the same rollouts
         m.optimizer.zero_grad(set_to_none=True)
-        raise _NonFinite(loss, grad_norm)
-    m.optimizer.step()
+        losses = []
+        for g, ro, old in again:
+            torch.manual_seed(micro_seed(cfg.seed, step, g))  # hard-routing's Gumbel draw as at sampling time
+            ro = ro._replace(embeds=rollout_inputs(cfg, m, data, ro.idx, device).embeds)  # C from g_phi as it is now
+            losses.append(grpo_step(cfg, m, ro, timing, old).loss)
+        update(cfg, m, float(np.mean(dist.gather_all(losses))), step_tokens, it)
     if m.vllm is not None:
         sync_weights(m.vllm, merged_lora_weights(m.peft))  # the next rollouts sample from the updated policy
     rec = _step_record(cfg, m, step, stats, grad_norm, time.perf_counter() - t_step, timing, device)
     rec.update({f"grad_norm/{k}": v for k, v in group_norms.items()})
     return rec, cursor
+
+
+def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float, it: int = 0) -> tuple[float, dict]:
+    """One AdamW update on the accumulated gradients: sum over ranks, dapo's token sums divided by the
+    step's loss tokens (all ranks), clip. A non-finite loss or norm raises _NonFinite before the update.
+    it: the pass over the step's rollouts (0 the first). Returns clip_gradients' (global norm, {group: norm})."""
+    dist.sum_grads(m.trainable)
+    if cfg.loss_type == "dapo":
+        for p in m.trainable:
+            if p.grad is not None:
+                p.grad.div_(max(step_tokens, 1.0))
+    grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        m.optimizer.zero_grad(set_to_none=True)
+        raise _NonFinite(loss, grad_norm, it)
+    m.optimizer.step()
+    return grad_norm, group_norms
 
 
 def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str) -> tuple[float, dict]:
@@ -583,8 +650,8 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str
 
 
 class _NonFinite(Exception):
-    def __init__(self, loss: float, grad_norm: float):
-        self.loss, self.grad_norm = loss, grad_norm
+    def __init__(self, loss: float, grad_norm: float, it: int = 0):
+        self.loss, self.grad_norm, self.it = loss, grad_norm, it  # it > 0: earlier passes already updated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -623,13 +690,15 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
         try:
             rec, cursor = train_step(cfg, m, data, step, cursor, device, run if main else None)
         except _NonFinite as e:
-            if main:
+            if main and e.it == 0:  # pass it > 0: the weights hold this step's first updates, not step-1's
                 ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
             bar.close()
+            saved = f"saved {run.checkpoint(step - 1)}" if e.it == 0 else \
+                f"saved nothing (pass {e.it + 1} of num_iterations; the last checkpoint is the one to resume)"
             raise MuskError(
                 f"non-finite {'loss' if not math.isfinite(e.loss) else 'gradient norm'} at step {step} "
-                f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and saved "
-                f"{run.checkpoint(step - 1)}. Lower lr/router_lr or check the cache's features."
+                f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and {saved}. "
+                f"Lower lr/router_lr or check the cache's features."
             ) from None
         full = step % cfg.test_freq == 0 or step == cfg.total_training_steps
         curve = bool(cfg.curve_freq) and step % cfg.curve_freq == 0  # the Figure 5 curve: same prompts each time
