@@ -234,11 +234,11 @@ def test_presets_plan_the_paper_grids():
     """The paper's grids and the README's embedded evidence, as presets: the number of runs and their
     settings (caches that are not built yet are listed, not an error, in a plan)."""
     sweeps = ROOT / "configs" / "sweeps"
-    counts = {"table1.yaml": 72, "table2.yaml": 15, "figure6.yaml": 21, "embedded-evidence.yaml": 9}
+    counts = {"table1.yaml": 72, "table2.yaml": 15, "figure6.yaml": 21, "embedded-evidence.yaml": 9, "main-job.yaml": 5}
     for name, n in counts.items():
         folder, cells = plan_sweep(sweeps / name)
         assert len(cells) == n, name
-        assert len({c.seed for c in cells}) == 3
+        assert len({c.seed for c in cells}) == (1 if name == "main-job.yaml" else 3)
     _, t1 = plan_sweep(sweeps / "table1.yaml")
     gsm = [c for c in t1 if "gsm8k" in c.name]
     assert len(gsm) == 18 and {c.steps for c in gsm} == {233} and {c.steps for c in t1 if c not in gsm} == {500}
@@ -268,3 +268,17 @@ def test_ray_executor_runs_the_grid(tiny_cache, tiny_policy, tmp_path):
         assert any(x.startswith("[single-s1 1/1] eval at step 1") for x in lines)
     finally:
         ray.shutdown()
+
+
+def test_watcher_of_a_resumed_run_starts_at_its_checkpoint(tmp_path):
+    """Resumed from step_2: steps and evaluations up to 2 were printed by the earlier attempt; a step 3
+    logged after the checkpoint (then dropped by the resume) is printed once, when it is redone."""
+    run = tmp_path / "r"
+    (run / "checkpoints" / "step_2").mkdir(parents=True)
+    rec = lambda k: json.dumps({"step": k, "reward/mean": 0.0, "accuracy": 0.0, "kl": 0.0, "step_seconds": 1.0})  # noqa: E731
+    (run / "metrics.jsonl").write_text("".join(rec(k) + "\n" for k in (1, 2)))
+    (run / "eval.jsonl").write_text(json.dumps({"step": 2, "n": 4, "accuracy": 0.5}) + "\n")
+    w = RunWatcher("single-s0", run, 4, 1, 2, tmp_path / "r.log")
+    assert w.prefix() == "[single-s0 2/4]" and w.poll() == []
+    (run / "metrics.jsonl").write_text("".join(rec(k) + "\n" for k in (1, 2, 3)))
+    assert [x[:17] for x in w.poll()] == ["[single-s0 3/4] r"]

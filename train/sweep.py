@@ -395,7 +395,7 @@ def summary_lines(r: SweepResult, grid: Path) -> list[str]:
     for name, rc, logf in r.failed:
         lines.append(f"  failed: {name} (exit {rc}): {_last_line(logf)} | log: {logf}")
     if r.remaining:
-        lines.append(f"  not run: {', '.join(r.remaining)}")
+        lines.append(f"  not finished (interrupted, or never started): {', '.join(r.remaining)}")
     if r.failed or r.remaining:
         lines.append(f"rerun `musk sweep {grid}` to retry the failed runs and resume the others "
                      "(finished runs are skipped)")

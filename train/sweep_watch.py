@@ -62,7 +62,7 @@ class RunWatcher:
         run = RunFolder(folder)
         last = run.latest_checkpoint()
         self.name, self.steps, self.log_freq, self.test_freq, self.log = name, steps, log_freq, test_freq, log
-        self.step = int(last.name.split("_")[1]) if last is not None else 0  # a resume starts here
+        self.step = self.start = int(last.name.split("_")[1]) if last is not None else 0  # a resume starts here
         self.metrics, self.evals = _Tail(run.log_path(METRICS)), _Tail(run.log_path(EVAL))
         self.seen_evals: set = set()
         self.step_seconds: list[float] = []
@@ -95,7 +95,7 @@ class RunWatcher:
         for step, is_eval, r in sorted(events, key=lambda x: x[:2]):
             if is_eval:
                 key = (step, r.get("kind", "full"))
-                if key not in self.seen_evals:
+                if step > self.start and key not in self.seen_evals:  # not the evaluations before a resume
                     self.seen_evals.add(key)
                     lines.append(self._eval_line(r))
                 continue
