@@ -16,7 +16,8 @@ from cli import app
 from core.errors import MuskError
 from tests.helpers import ROOT, tiny_train_overrides, write_yaml
 from train import sweep_exec
-from train.sweep import cell_name, makespan, plan_lines, plan_sweep, run_sweep
+from train.sweep import makespan, plan_lines, plan_sweep, run_sweep
+from train.sweep_grid import cell_name
 from train.sweep_exec import lane_plan
 from train.sweep_watch import RunWatcher, duration
 
