@@ -85,16 +85,12 @@ class _Recorded(subprocess.Popen):
 
 
 def test_killed_run_is_resumed_and_equals_an_uninterrupted_run(tiny_cache, tiny_policy, tmp_path, monkeypatch):
-    """A child killed (SIGKILL) after step 2 of 3 is reported failed; the rerun resumes it from its last
-    checkpoint and its metrics equal those of the same cell run without interruption."""
-    keys = dict(methods=["perceiver"], seeds=[0], set=tiny_train_overrides(tiny_policy, total_training_steps=3,
-                                                                           save_freq=1))
-    ref = run_sweep(_grid(tmp_path, tiny_cache, tiny_policy, "ref.yaml", out=str(tmp_path / "ref"), **keys),
-                    log=lambda *a: None, **QUIET)
-    assert ref.finished == ["perceiver-s0"]
-
-    grid = _grid(tmp_path, tiny_cache, tiny_policy, **keys)
-    run = tmp_path / "sweep" / "perceiver-s0"
+    """Two runs of the same computation side by side (log_freq only changes what is printed); one child
+    is killed (SIGKILL) after step 2 of 3 and reported failed, the other finishes. The rerun resumes the
+    killed one from its last checkpoint, and its metrics equal those of the one never interrupted."""
+    grid = _grid(tmp_path, tiny_cache, tiny_policy, methods=["perceiver"], seeds=[0], grid={"log_freq": [1, 2]},
+                 set=tiny_train_overrides(tiny_policy, total_training_steps=3, save_freq=1))
+    ref, run = tmp_path / "sweep" / "perceiver-log_freq-1-s0", tmp_path / "sweep" / "perceiver-log_freq-2-s0"
     monkeypatch.setattr(sweep_exec.subprocess, "Popen", _Recorded)
     _Recorded.started = []
 
@@ -103,28 +99,29 @@ def test_killed_run_is_resumed_and_equals_an_uninterrupted_run(tiny_cache, tiny_
         while time.monotonic() < deadline:
             m = run / "metrics.jsonl"
             if m.exists() and len(m.read_text().splitlines()) >= 2:
-                os.kill(_Recorded.started[0].pid, signal.SIGKILL)
+                os.kill(_Recorded.started[1].pid, signal.SIGKILL)  # the second cell's child
                 return
             time.sleep(0.02)
 
     killer = threading.Thread(target=kill_after_step_2)
     killer.start()
     lines = []
-    first = run_sweep(grid, log=lines.append, **QUIET)
+    first = run_sweep(grid, lanes=2, log=lines.append, **QUIET)
     killer.join()
-    assert first.failed and first.failed[0][:2] == ("perceiver-s0", -signal.SIGKILL)
+    assert first.finished == [ref.name] and first.failed and first.failed[0][:2] == (run.name, -signal.SIGKILL)
     assert not (run / "summary.json").exists()
-    assert any("failed: perceiver-s0 (exit -9)" in x and "log: " in x for x in lines), lines
+    assert any(f"failed: {run.name} (exit -9)" in x and "log: " in x for x in lines), lines
 
     plan = []
     run_sweep(grid, dry_run=True, step_seconds=10, log=plan.append)
-    assert "resume" in plan[1] and "(last checkpoint)" in plan[1]
+    assert plan[1].split()[:2] == ["done", ref.name]
+    assert plan[2].split()[:2] == ["resume", run.name] and "(last checkpoint)" in plan[2]
 
     lines = []
-    second = run_sweep(grid, log=lines.append, **QUIET)
-    assert second.finished == ["perceiver-s0"] and not second.failed
-    assert any(x.startswith("[perceiver-s0 ") and "resuming on lane 1" in x for x in lines), lines
-    assert _metrics(run) == _metrics(tmp_path / "ref" / "perceiver-s0")
+    second = run_sweep(grid, lanes=2, log=lines.append, **QUIET)
+    assert second.finished == [run.name] and second.before == [ref.name] and not second.failed
+    assert any(x.startswith(f"[{run.name} ") and "resuming on lane 1" in x for x in lines), lines
+    assert _metrics(run) == _metrics(ref) and len(_metrics(run)) == 3
     assert json.loads((run / "summary.json").read_text())["steps"] == 3
 
 
@@ -138,7 +135,7 @@ def test_failing_run_is_reported_and_the_others_finish(tiny_cache, tiny_policy, 
     end says which failed with its log, and the exit code is 1."""
     grid = _grid(tmp_path, tiny_cache, tiny_policy, methods=["perceiver"], seeds=[0], steps=1,
                  grid={"experts": [["tiny-llama"], ["nope"]]})
-    code, out = _cli(["sweep", str(grid), "--quiet", "600"])
+    code, out = _cli(["sweep", str(grid), "--lanes", "2", "--quiet", "600"])
     assert code == 1, out
     bad, good = "perceiver-experts-nope-s0", "perceiver-experts-tiny-llama-s0"
     log = tmp_path / "sweep" / "logs" / f"{bad}.log"
@@ -283,3 +280,20 @@ def test_watcher_of_a_resumed_run_starts_at_its_checkpoint(tmp_path):
     assert w.prefix() == "[single-s0 2/4]" and w.poll() == []
     (run / "metrics.jsonl").write_text("".join(rec(k) + "\n" for k in (1, 2, 3)))
     assert [x[:17] for x in w.poll()] == ["[single-s0 3/4] r"]
+
+
+def test_one_sweep_at_a_time_drives_a_folder(tiny_cache, tiny_policy, tmp_path):
+    from train.sweep import sweep_lock
+
+    grid = _grid(tmp_path, tiny_cache, tiny_policy)
+    with sweep_lock(tmp_path / "sweep"):
+        with pytest.raises(MuskError, match=f"another musk sweep is running on {tmp_path / 'sweep'} \\(pid {os.getpid()}"):
+            run_sweep(grid, log=lambda *a: None, **QUIET)
+    assert not list((tmp_path / "sweep").glob("*-s*"))  # no run was started
+
+
+def test_help_lists_sweep():
+    code, out = _cli(["--help"])
+    assert code == 0 and "sweep" in out
+    code, out = _cli(["sweep", "--help"])
+    assert code == 0 and all(k in out for k in ("--lanes", "--executor", "--dry-run", "--step-seconds"))

@@ -19,13 +19,17 @@ the sweep stops).
 from __future__ import annotations
 
 import os
+import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 from cache.run_folder import METRICS, RunFolder
 from core.errors import MuskError
 from train.sweep_grid import LOGS, Cell, plan_sweep, train_command
+
+LOCK = "sweep.lock"  # <sweep>/sweep.lock: held by the musk sweep that drives the folder
 
 __all__ = ["plan_sweep", "plan_lines", "run_sweep", "makespan", "SweepResult"]
 
@@ -134,10 +138,8 @@ def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lane
               dry_run: bool = False, step_seconds: float | None = None, quiet: float = 120.0, poll: float = 1.0,
               entry: list[str] | None = None, log=print) -> SweepResult:
     """Plan the grid, stop on a bad one before any run starts, run what is not finished, print each run's
-    progress and a summary. `entry`: the child's command before `train` (default: this Python, -m cli)."""
-    from train.sweep_exec import Job
-    from train.sweep_watch import RunWatcher, duration
-
+    progress and a summary. `entry`: the child's command before `train` (default: this Python, -m cli).
+    Raises MuskError on a bad grid, or while another `musk sweep` drives the same folder."""
     folder, cells = plan_sweep(grid, out)
     if dry_run:
         for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds):
@@ -147,53 +149,87 @@ def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lane
     if bad:
         more = f" ({len(bad) - 1} more cells cannot run; `--dry-run` lists them)" if len(bad) > 1 else ""
         raise MuskError(f"cell {bad[0].describe()}: {bad[0].note}{more}. No run was started.")
-    ex = make_executor(executor, lanes, threads, address, gpus_per_run)
     before = [c.name for c in cells if c.state == "done"]
     pending = [c for c in cells if c.state != "done"]
-    log(f"sweep {folder}: {len(cells)} runs, {len(before)} finished before, {len(pending)} to run on {ex.describe()}")
-    (folder / LOGS).mkdir(parents=True, exist_ok=True)
-    running: dict[str, tuple[Cell, RunWatcher, float]] = {}
-    finished, failed = [], []
-    try:
-        while pending or running:
-            while pending and ex.capacity() > 0:
-                c = pending.pop(0)
-                logf = folder / LOGS / f"{c.name}.log"
-                where = ex.start(Job(c.name, train_command(c, c.state == "resume", None, entry), logf, os.getcwd()))
-                w = RunWatcher(c.name, c.folder, c.steps, c.train.log_freq, c.train.test_freq, logf, quiet)
-                running[c.name] = (c, w, time.monotonic())
-                log(f"{w.prefix()} {'resuming' if c.state == 'resume' else 'started'} on {where}; log: {logf}")
-            for c, w, _ in running.values():
-                for line in w.poll():
-                    log(line)
-            for name, rc in ex.poll():
-                c, w, t0 = running.pop(name)
-                for line in w.poll():
-                    log(line)
-                logf = folder / LOGS / f"{name}.log"
-                if rc == 0:
-                    finished.append(name)
-                    acc = RunFolder(c.folder).read_summary().get("final_val_accuracy")
-                    shown = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else acc
-                    log(f"[{name} {c.steps}/{c.steps}] finished in {duration(time.monotonic() - t0)}: "
-                        f"final val accuracy {shown}")
-                else:
-                    failed.append((name, rc, logf))
-                    log(f"{w.prefix()} FAILED (exit {rc}) after {duration(time.monotonic() - t0)}: "
-                        f"{_last_line(logf)} | log: {logf}")
-            if pending or running:
-                time.sleep(poll)
-    except KeyboardInterrupt:
-        log("sweep: interrupted; stopping the running runs (a rerun resumes them)")
-        ex.stop()
-    finally:
-        ex.close()
-    remaining = [c.name for c in cells if c.state != "done" and c.name not in finished
-                 and c.name not in {f[0] for f in failed}]
+    finished: list[str] = []
+    failed: list[tuple[str, object, Path]] = []
+    with sweep_lock(folder):
+        ex = make_executor(executor, lanes, threads, address, gpus_per_run)
+        log(f"sweep {folder}: {len(cells)} runs, {len(before)} finished before, {len(pending)} to run on "
+            f"{ex.describe()}")
+        try:
+            _drive(ex, folder, pending, finished, failed, quiet, poll, entry, log)
+        except KeyboardInterrupt:
+            log("sweep: interrupted; stopping the running runs (a rerun resumes them)")
+            ex.stop()
+        finally:
+            ex.close()
+    ended = set(finished) | {f[0] for f in failed}
+    remaining = [c.name for c in cells if c.state != "done" and c.name not in ended]
     result = SweepResult(folder, finished, before, failed, remaining)
     for line in summary_lines(result, grid):
         log(line)
     return result
+
+
+@contextmanager
+def sweep_lock(folder: Path):
+    """One `musk sweep` at a time drives a sweep folder: two would start the same runs twice."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            raise MuskError(f"another musk sweep is running on {folder} ({f.read().strip() or 'pid unknown'}); "
+                            "wait for it, or stop it (a rerun resumes its runs)") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _drive(ex, folder: Path, pending: list[Cell], finished: list, failed: list, quiet: float, poll: float,
+           entry: list[str] | None, log) -> None:
+    """Start cells while the executor has room, print their progress, record how each ended."""
+    from train.sweep_exec import Job
+    from train.sweep_watch import RunWatcher, duration
+
+    (folder / LOGS).mkdir(parents=True, exist_ok=True)
+    running: dict[str, tuple[Cell, RunWatcher, float]] = {}
+    while pending or running:
+        while pending and ex.capacity() > 0:
+            c = pending.pop(0)
+            logf = folder / LOGS / f"{c.name}.log"
+            where = ex.start(Job(c.name, train_command(c, c.state == "resume", None, entry), logf, os.getcwd()))
+            w = RunWatcher(c.name, c.folder, c.steps, c.train.log_freq, c.train.test_freq, logf, quiet)
+            running[c.name] = (c, w, time.monotonic())
+            log(f"{w.prefix()} {'resuming' if c.state == 'resume' else 'started'} on {where}; log: {logf}")
+        for c, w, _ in running.values():
+            for line in w.poll():
+                log(line)
+        for name, rc in ex.poll():
+            c, w, t0 = running.pop(name)
+            for line in w.poll():
+                log(line)
+            took = duration(time.monotonic() - t0)
+            if rc == 0:
+                finished.append(name)
+                acc = RunFolder(c.folder).read_summary().get("final_val_accuracy")
+                shown = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else acc
+                log(f"[{name} {c.steps}/{c.steps}] finished in {took}: final val accuracy {shown}")
+            else:
+                logf = folder / LOGS / f"{name}.log"
+                failed.append((name, rc, logf))
+                log(f"{w.prefix()} FAILED (exit {rc}) after {took}: {_last_line(logf)} | log: {logf}")
+        if pending or running:
+            time.sleep(poll)
 
 
 def summary_lines(r: SweepResult, grid: Path) -> list[str]:
