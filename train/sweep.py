@@ -12,8 +12,8 @@ eval.jsonl (train/sweep_watch.py).
 
 Cell states: todo (nothing in its folder), resume (a config.yaml without a finished summary: killed
 or failed; restarted with --resume from its last checkpoint), done (summary.json at the cell's
-total_training_steps), blocked (the folder holds a run of other settings, or the cache is missing:
-the sweep stops).
+total_training_steps), no-cache (its cache is missing or unreadable) and blocked (the folder holds a
+run of other settings): the last two stop the sweep before any run starts (a plan lists them).
 """
 
 from __future__ import annotations
@@ -70,17 +70,18 @@ def makespan(durations: list[float], lanes: int) -> float:
 def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds: float | None) -> list[str]:
     from train.sweep_watch import duration
 
-    states = {s: [c for c in cells if c.state == s] for s in ("done", "resume", "todo", "blocked")}
+    states = {s: [c for c in cells if c.state == s] for s in ("done", "resume", "todo", "no-cache", "blocked")}
     lines = [f"sweep {folder}: {len(cells)} runs: {len(states['done'])} finished, {len(states['resume'])} "
              f"to resume, {len(states['todo'])} to start" +
-             (f", {len(states['blocked'])} that cannot run" if states["blocked"] else "")]
+             (f", {len(states['no-cache'])} waiting for their cache" if states["no-cache"] else "") +
+             (f", {len(states['blocked'])} blocked by a run of other settings" if states["blocked"] else "")]
     width = max(len(c.name) for c in cells)
     for c in cells:
         what = {"done": f"{c.steps}/{c.steps} steps",
                 "resume": f"from step {_steps_done(c)} of {c.steps} (last checkpoint)",
-                "todo": f"{c.steps} steps", "blocked": c.note}[c.state]
+                "todo": f"{c.steps} steps", "no-cache": c.note, "blocked": c.note}[c.state]
         lines.append(f"  {c.state:<8} {c.name:<{width}}  {what}")
-    left = {c.name: c.steps - _steps_done(c) for c in states["resume"] + states["todo"]}
+    left = {c.name: c.steps - _steps_done(c) for c in states["resume"] + states["todo"] + states["no-cache"]}
     if not left:
         return lines + ["nothing to run"]
     measured = measured_step_seconds(cells)
@@ -145,7 +146,7 @@ def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lane
         for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds):
             log(line)
         return SweepResult(folder, [], [c.name for c in cells if c.state == "done"], [], [])
-    bad = [c for c in cells if c.state == "blocked"]
+    bad = [c for c in cells if c.state in ("no-cache", "blocked")]
     if bad:
         more = f" ({len(bad) - 1} more cells cannot run; `--dry-run` lists them)" if len(bad) > 1 else ""
         raise MuskError(f"cell {bad[0].describe()}: {bad[0].note}{more}. No run was started.")

@@ -60,8 +60,8 @@ class Cell:
     axes: dict  # KEY -> value: this cell's grid values (in its name)
     train: TrainConfig  # the resolved config, as the child will resolve it
     folder: Path
-    state: str = "todo"  # todo | resume | done | blocked
-    note: str = ""  # why a cell is blocked
+    state: str = "todo"  # todo | resume | done | no-cache | blocked
+    note: str = ""  # why a cell cannot run (no-cache, blocked)
 
     @property
     def steps(self) -> int:
@@ -167,11 +167,12 @@ def _cache_fingerprint(path: str, fingerprints: dict) -> str | None:
 
 
 def with_state(cell: Cell, fingerprints: dict) -> Cell:
-    """The cell with what its folder holds: done, resume, todo, or blocked (another run's settings,
+    """The cell with what its folder holds: done, resume, todo, no-cache (its cache is missing or not
+    readable) or blocked (another run's settings,
     or a missing cache: `note` says which)."""
     fp = _cache_fingerprint(cell.cache, fingerprints)
     if fp is None:
-        return replace(cell, state="blocked", note=fingerprints[f"error:{cell.cache}"])
+        return replace(cell, state="no-cache", note=fingerprints[f"error:{cell.cache}"])
     run = RunFolder(cell.folder)
     if not run.config_path.exists():
         return replace(cell, state="todo")
