@@ -168,8 +168,7 @@ def _cache_fingerprint(path: str, fingerprints: dict) -> str | None:
 
 def with_state(cell: Cell, fingerprints: dict) -> Cell:
     """The cell with what its folder holds: done, resume, todo, no-cache (its cache is missing or not
-    readable) or blocked (another run's settings,
-    or a missing cache: `note` says which)."""
+    readable) or blocked (its folder holds a run of other settings); `note` says why it cannot run."""
     fp = _cache_fingerprint(cell.cache, fingerprints)
     if fp is None:
         return replace(cell, state="no-cache", note=fingerprints[f"error:{cell.cache}"])
