@@ -300,3 +300,15 @@ def test_help_lists_sweep():
     assert code == 0 and "sweep" in out
     code, out = _cli(["sweep", "--help"])
     assert code == 0 and all(k in out for k in ("--lanes", "--executor", "--dry-run", "--step-seconds"))
+
+
+def test_measure_times_steps_here_without_touching_the_sweep(tiny_cache, tiny_policy, tmp_path):
+    from train.sweep import MEASURE_STEPS, measure_step_seconds
+
+    folder, cells = plan_sweep(_grid(tmp_path, tiny_cache, tiny_policy, methods=["single"]))
+    now = measure_step_seconds(cells, 1, ENTRY)
+    assert set(now) == {"single"} and 0 < now["single"] < 120
+    line = plan_lines(folder, cells, 2, None, now)[-1]
+    assert line.startswith(f"estimated: 4 steps from step times measured just now, {MEASURE_STEPS} steps of each "
+                           f"method one run at a time (single {now['single']:.1f} s)")
+    assert not folder.exists()  # measured in a temporary folder

@@ -67,7 +67,42 @@ def makespan(durations: list[float], lanes: int) -> float:
     return max(ends)
 
 
-def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds: float | None) -> list[str]:
+# Measuring runs: a few steps, evaluations cut to one prompt, nothing else logged.
+MEASURE_STEPS = 3
+MEASURE_SETS = {"eval_batches": 1, "val_batch_size": 1, "eval_without_context": False, "eval_null_context": False,
+                "eval_completions": 0, "log_completions_freq": 0, "curve_freq": 0}
+
+
+def measure_step_seconds(cells: list[Cell], threads: int, entry: list[str] | None = None) -> dict[str, float]:
+    """Times MEASURE_STEPS steps of the first unfinished cell of each method on this machine, one run
+    at a time with `threads` threads, in a temporary folder: {method: median step_seconds}. Raises
+    MuskError with the run's last line if a measuring run fails."""
+    import subprocess
+    import tempfile
+    from dataclasses import replace
+    from statistics import median
+
+    firsts: dict[str, Cell] = {}
+    for c in cells:
+        if c.state in ("todo", "resume") and c.method not in firsts:
+            firsts[c.method] = c
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="musk-measure-") as tmp:
+        for method, c in firsts.items():
+            probe = replace(c, folder=Path(tmp) / c.name, sets={**c.sets, **MEASURE_SETS})
+            cmd = train_command(probe, False, threads, entry) + ["--max-steps", str(MEASURE_STEPS)]
+            log = Path(tmp) / f"{c.name}.log"
+            with open(log, "wb") as f:
+                rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+            steps = [float(r["step_seconds"]) for r in RunFolder(probe.folder).read(METRICS)]
+            if rc != 0 or not steps:
+                raise MuskError(f"measuring {c.name} failed (exit {rc}): {_last_line(log)}")
+            out[method] = median(steps)
+    return out
+
+
+def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds: float | None,
+               measured_now: dict[str, float] | None = None) -> list[str]:
     from train.sweep_watch import duration
 
     states = {s: [c for c in cells if c.state == s] for s in ("done", "resume", "todo", "no-cache", "blocked")}
@@ -87,14 +122,18 @@ def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds:
     measured = measured_step_seconds(cells)
     if step_seconds is not None:
         per, source = (lambda c: step_seconds), f"{step_seconds:g} s a step (given)"
+    elif measured_now:
+        per = lambda c: measured_now[c.method]  # noqa: E731
+        source = (f"step times measured just now, {MEASURE_STEPS} steps of each method one run at a time (" +
+                  ", ".join(f"{m} {s:.1f} s" for m, s in measured_now.items()) + ")")
     elif measured:
         per = lambda c: measured.get(c.method, measured["*"])  # noqa: E731
         source = "the median step time of this sweep's runs so far, per method (" + ", ".join(
             f"{m} {s:.1f} s" for m, s in measured.items() if m != "*") + ")"
     else:
         return lines + [f"{sum(left.values())} steps to run; estimated time unknown: no run of this sweep has "
-                        "logged a step yet. Give one with --step-seconds S (e.g. measured with "
-                        "`musk train ... --max-steps 2`), or start the sweep: its first steps measure it."]
+                        "logged a step yet. Measure it here with --measure, give it with --step-seconds S, "
+                        "or start the sweep: its first steps measure it."]
     secs = [left[c.name] * per(c) for c in cells if c.name in left]
     total = sum(secs)
     lines.append(f"estimated: {sum(left.values())} steps from {source} = {duration(total)} of steps"
@@ -136,14 +175,20 @@ def make_executor(executor: str, lanes: int, threads: int | None, address: str |
 
 def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lanes: int = 1,
               threads: int | None = None, address: str | None = None, gpus_per_run: float | None = None,
-              dry_run: bool = False, step_seconds: float | None = None, quiet: float = 120.0, poll: float = 1.0,
-              entry: list[str] | None = None, log=print) -> SweepResult:
+              dry_run: bool = False, step_seconds: float | None = None, measure: bool = False,
+              quiet: float = 120.0, poll: float = 1.0, entry: list[str] | None = None, log=print) -> SweepResult:
     """Plan the grid, stop on a bad one before any run starts, run what is not finished, print each run's
     progress and a summary. `entry`: the child's command before `train` (default: this Python, -m cli).
     Raises MuskError on a bad grid, or while another `musk sweep` drives the same folder."""
     folder, cells = plan_sweep(grid, out)
     if dry_run:
-        for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds):
+        now = None
+        if measure and step_seconds is None:
+            n = threads or max(1, (os.cpu_count() or 1) // lanes)
+            log(f"measuring the step time of {len({c.method for c in cells if c.state in ('todo', 'resume')})} "
+                f"method(s) here ({MEASURE_STEPS} steps each, {n} thread(s))...")
+            now = measure_step_seconds(cells, n, entry)
+        for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds, now):
             log(line)
         return SweepResult(folder, [], [c.name for c in cells if c.state == "done"], [], [])
     bad = [c for c in cells if c.state in ("no-cache", "blocked")]
