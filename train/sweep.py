@@ -132,8 +132,8 @@ def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds:
             f"{m} {s:.1f} s" for m, s in measured.items() if m != "*") + ")"
     else:
         return lines + [f"{sum(left.values())} steps to run; estimated time unknown: no run of this sweep has "
-                        "logged a step yet. Measure it here with --measure, give it with --step-seconds S, "
-                        "or start the sweep: its first steps measure it."]
+                        "logged a step yet. Measure it here with --measure (it needs the caches), give it "
+                        "with --step-seconds S, or start the sweep: its first steps measure it."]
     secs = [left[c.name] * per(c) for c in cells if c.name in left]
     total = sum(secs)
     lines.append(f"estimated: {sum(left.values())} steps from {source} = {duration(total)} of steps"
@@ -181,12 +181,15 @@ def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lane
     progress and a summary. `entry`: the child's command before `train` (default: this Python, -m cli).
     Raises MuskError on a bad grid, or while another `musk sweep` drives the same folder."""
     folder, cells = plan_sweep(grid, out)
+    if measure and not dry_run:
+        raise MuskError("--measure goes with --dry-run (it times steps for the plan's estimate)")
     if dry_run:
         now = None
-        if measure and step_seconds is None:
+        methods = {c.method for c in cells if c.state in ("todo", "resume")}
+        if measure and step_seconds is None and methods:
             n = threads or max(1, (os.cpu_count() or 1) // lanes)
-            log(f"measuring the step time of {len({c.method for c in cells if c.state in ('todo', 'resume')})} "
-                f"method(s) here ({MEASURE_STEPS} steps each, {n} thread(s))...")
+            log(f"measuring the step time of {len(methods)} method(s) here ({MEASURE_STEPS} steps each, "
+                f"{n} thread(s))...")
             now = measure_step_seconds(cells, n, entry)
         for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds, now):
             log(line)
