@@ -1,4 +1,4 @@
-"""musk: combine frozen language models under RL. `musk extract | train | report`.
+"""musk: combine frozen language models under RL. `musk extract | train | sweep | report`.
 
 Every command exits 0 on success and, on bad input, prints one paragraph naming the problem (no
 traceback) and exits 2.
@@ -150,6 +150,35 @@ def train(
         if out_root is not None:
             run_out = out_root / f"{cfg.method}-s{cfg.seed}"
         _run(run_train, cfg, cache_path=cache, out=run_out, resume=resume, progress=not no_progress)
+
+
+@app.command()
+def sweep(
+    grid: Path = typer.Argument(..., help="GRID.yaml: out, cache, config, methods, seeds, grid, set, also (docs/sweeps.md)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="The sweep folder (overrides the grid's `out`)."),
+    executor: str = typer.Option("local", "--executor", help="local (lanes on this machine) | ray (a Ray cluster)."),
+    lanes: int = typer.Option(1, "--lanes", help="local: runs at once, each with cores/lanes threads or a GPU of its own."),
+    threads: Optional[int] = typer.Option(None, "--threads",
+                                          help="CPU threads a run (local default: cores / lanes; ray default: 1)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address",
+                                              help="ray: the cluster's head, HOST:PORT (default: $RAY_ADDRESS, else a local head)."),
+    gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run",
+                                                 help="ray: GPUs a run asks for (default: 1 where the cluster has GPUs)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, what is done) and the estimated time."),
+    step_seconds: Optional[float] = typer.Option(None, "--step-seconds",
+                                                 help="Seconds a training step for --dry-run's estimate (default: measured by this sweep's runs)."),
+    measure: bool = typer.Option(False, "--measure",
+                                 help="With --dry-run: time a few steps of each method here for the estimate."),
+    quiet: float = typer.Option(120.0, "--quiet", help="Seconds a run may say nothing before a 'still running' line."),
+):
+    """A grid of training runs: skips finished ones, resumes killed ones, retries failed ones."""
+    from train.sweep import run_sweep
+
+    res = _run(run_sweep, grid, out=out, executor=executor, lanes=lanes, threads=threads,
+               address=ray_address or os.environ.get("RAY_ADDRESS"), gpus_per_run=gpus_per_run,
+               dry_run=dry_run, step_seconds=step_seconds, measure=measure, quiet=quiet, log=typer.echo)
+    if res.failed or res.remaining:
+        raise typer.Exit(1)
 
 
 @app.command()

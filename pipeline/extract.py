@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from cache import fingerprint as fp
 from cache.reader import Cache
@@ -27,6 +26,7 @@ from core import dist
 from core.errors import MuskError
 from core.config import dump_yaml, from_dict, load_yaml, merge, to_dict
 from core.hashing import sha256_file, sha256_of
+from core.progress import bar as progress_bar
 from pipeline.experts import (
     KINDS,
     ExpertSpec,
@@ -579,7 +579,7 @@ def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt]
     total = N * sum(1 + int(cfg.hints) for _ in plan.todo) + (N if plan.todo_router else 0)
     total = -(-total // dist.world())  # this rank's share, about
     new_experts, new_routers = [], []
-    with tqdm(total=total, desc="extract", unit="prompt", disable=not progress, dynamic_ncols=True) as bar:
+    with progress_bar(total, "extract", "prompt", disable=not progress) as bar:  # plain lines when not a terminal
         for spec in plan.todo:
             bar.set_postfix_str(spec.name)
             fpr = plan.expert_fps[spec.name]

@@ -77,3 +77,25 @@ def test_parse_sets_types_values_by_the_field():
         "task": {"train_size": 6, "val_size": 2}}
     cfg = from_dict(TrainConfig, {k: v for k, v in got.items() if k not in ("experts", "policy")})
     assert (cfg.beta, cfg.decode_merged, cfg.router, cfg.pooling) == (1e-3, "off", None, "first_token")
+
+
+def test_progress_bar_writes_plain_lines_where_stderr_is_not_a_terminal():
+    """In a log file or a pipe, the bar is whole lines (no carriage returns), the last at 100%."""
+    import io
+
+    from core.progress import bar
+
+    out = io.StringIO()  # not a terminal
+    with bar(4, "extract", "prompt", every=0, stream=out) as b:
+        for _ in range(4):
+            b.update(1)
+    text = out.getvalue()
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("extract:   0%") and "0/4" in lines[0]
+    assert lines[-1].startswith("extract: 100%") and "4/4" in lines[-1]
+    assert len(lines) == len(set(lines)) >= 3  # progress in between, no repeated line
+    quiet = io.StringIO()
+    with bar(4, "extract", "prompt", disable=True, stream=quiet) as b:
+        b.update(4)
+    assert quiet.getvalue() == ""
