@@ -300,7 +300,8 @@ def test_null_context_eval_equals_with_c_while_the_gate_is_shut(tiny_cache, tiny
 def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     """The null variant's input: the prompt with m copies of the anchor (the mean token embedding) where
     C goes; with gamma = 0 it is exactly the "with C" input, and never the zero-slot input."""
-    from train.loop import _eval_inputs, build_models, load_data
+    from train.evaluate import _eval_inputs
+    from train.loop import build_models, load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", **STABLE))
     data = load_data(cfg, tiny_cache)
@@ -308,9 +309,9 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     m.adapter.eval()
     idx = [int(i) for i in data.val_idx[:2]]
     with torch.no_grad():
-        e_with, mk_with = _eval_inputs(cfg, m, data, idx, "with", "cpu")
-        e_null, mk_null = _eval_inputs(cfg, m, data, idx, "null", "cpu")
-        e_none, mk_none = _eval_inputs(cfg, m, data, idx, "removed", "cpu")
+        e_with, mk_with, _ = _eval_inputs(cfg, m, data, idx, "with", "cpu")
+        e_null, mk_null, _ = _eval_inputs(cfg, m, data, idx, "null", "cpu")
+        e_none, mk_none, _ = _eval_inputs(cfg, m, data, idx, "removed", "cpu")
     assert torch.equal(e_with, e_null) and torch.equal(mk_with, mk_null)
     assert e_null.shape[1] == e_none.shape[1] + cfg.num_latents
     anchor = m.lm.get_input_embeddings().weight.mean(0)

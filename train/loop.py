@@ -33,11 +33,12 @@ from pipeline.generation import decode, eos_ids, generate
 from pipeline.vllm_engine import make_llm, require_vllm, sample_from_embeds, sync_weights
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
-from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
+from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
-from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
-                          merged_lora, merged_lora_weights, policy_spec, splice)
+from train.evaluate import evaluate, rollout_diagnostics, truncated
+from train.inputs import context_tokens, decode_merged, null_context_tokens, prompt_batch
+from train.policy import completion_logprobs, load_policy, merged_lora, merged_lora_weights, policy_spec, splice
 from train.rewards import score
 from train.trackers import Trackers
 
@@ -218,28 +219,6 @@ def _rollout_engine(cfg: TrainConfig, peft_model, dtype: torch.dtype):
     return llm
 
 
-def context_tokens(m: Models, data: RunData, idx: list[int], device: str) -> AdapterOut:
-    """g_phi on prompts idx: C [b, m, d_out] (scaled like the policy's token embeddings) with grad,
-    expert attention [b, m, n] and the routed expert [b] where the method has them."""
-    feats = [f.to(device) for f in data.features(idx)] if data.features is not None else []
-    rb = data.router_emb[idx].to(device) if data.router_emb is not None else None
-    o = m.adapter(feats, rb)
-    return o._replace(context=o.context * m.scale if o.context is not None else None)
-
-
-def null_context_tokens(m: Models, C: torch.Tensor) -> torch.Tensor:
-    """C with its information removed (the gate closed: the anchor, or zeros), scaled like C: what the
-    reference reads in training and the policy reads in the null-context evaluation. [.., m, d_out]"""
-    return m.adapter.out.null_context(C) * m.scale
-
-
-def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str) -> PromptBatch:
-    parts = [build_prompt_parts(m.tok, data.system, data.prompts["text"][i],
-                                [(n, data.hints[n][i]) for n in data.experts] if with_hints else None)
-             for i in idx]
-    return encode_prompts(m.tok, parts, device)
-
-
 # ---------------------------------------------------------------------------------------------
 # One micro-batch: generate_trajectory, then grpo_step.
 
@@ -260,11 +239,6 @@ class Rollouts(NamedTuple):
     attention: torch.Tensor | None  # [B, m, n]
     choice: torch.Tensor | None  # [B] the expert hard-routing ran
     policy_prompt_tokens: int  # prompt tokens the policy read, C included (cost accounting)
-
-
-def decode_merged(cfg: TrainConfig, m: Models) -> bool:
-    """Whether rollouts and evaluations decode through merged LoRA weights (cfg.decode_merged)."""
-    return cfg.decode_merged == "on" or (cfg.decode_merged == "auto" and m.lm.dtype == torch.float32)
 
 
 def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
@@ -309,6 +283,8 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
 class StepOut(NamedTuple):
     loss: float  # the micro-batch's GRPO loss
     kl_token_sum: float  # summed per-token KL (divide by the completion tokens for the mean)
+    clip_token_sum: float = 0.0  # completion tokens where the clip was active
+    entropy_token_sum: float = 0.0  # summed token entropy of the policy on its own completions (nats)
 
 
 def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOut:
@@ -328,76 +304,21 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOu
     timing["reference"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    loss = kl_sum = 0.0
+    loss = kl_sum = clip_sum = ent_sum = 0.0
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
-        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T)
+        ent = []  # [chunk, T] token entropy, filled by completion_logprobs
+        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T, ent)
         out = grpo_loss(logp, logp.detach(), ref_logp[sl], ro.advantages[sl], ro.live[sl], cfg.beta, cfg.clip_eps)
         weight = logp.shape[0] / N
         share_of_step = weight / (cfg.gradient_accumulation_steps * dist.world())  # ranks sum their gradients
         (out.loss * share_of_step).backward(retain_graph=s + chunk < N)
         loss += float(out.loss.detach()) * weight
         kl_sum += float(out.kl) * float(ro.live[sl].sum())
+        clip_sum += float(out.clip_frac) * float(ro.live[sl].sum())
+        ent_sum += float((ent[0] * ro.live[sl]).sum())
     timing["policy"] += time.perf_counter() - t
-    return StepOut(loss, kl_sum)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: greedy decoding on validation prompts, with C, (Figure 5) with C removed, and optionally
-# with C's information removed but its slots kept.
-
-
-def _eval_variants(cfg: TrainConfig, m: Models) -> list[tuple[str, str]]:
-    """(key suffix, what the policy reads): with C; with C removed (Figure 5); with C's information
-    removed but its m slots kept (null: the gate closed, C = its anchor), for methods that have a C."""
-    variants = [("", "with")]
-    if cfg.eval_without_context and cfg.method != "single":
-        variants.append(("_without_context", "removed"))
-    if cfg.eval_null_context and hasattr(m.adapter, "out"):
-        variants.append(("_null_context", "null"))
-    return variants
-
-
-def _eval_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], mode: str, device: str):
-    """The policy's greedy-eval input under one variant: (embeds [b, P(+m), d], mask)."""
-    pb = prompt_batch(m, data, idx, method_info(cfg.method).needs_hints and mode != "removed", device)
-    c = context_tokens(m, data, idx, device).context if mode != "removed" else None
-    if mode == "null" and c is not None:
-        c = null_context_tokens(m, c)
-    return splice(m.lm.get_input_embeddings()(pb.ids), pb.mask, c, cfg.context_position, pb.tail)
-
-
-def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.ndarray, kind: str, device: str,
-             run: RunFolder) -> dict:
-    m.peft.eval()
-    m.adapter.eval()
-    result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
-    shown = {}  # key -> (texts, rewards) of the whole evaluation, for completions.jsonl
-    with torch.no_grad(), merged_lora(m.peft, decode_merged(cfg, m)):
-        for key, mode in _eval_variants(cfg, m):
-            texts, rewards = [], []
-            for s in range(0, len(rows), cfg.val_batch_size):
-                idx = [int(i) for i in rows[s: s + cfg.val_batch_size]]
-                e, mk = _eval_inputs(cfg, m, data, idx, mode, device)
-                comp, live = generate(m.lm, e, mk, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, greedy=True)
-                texts += decode(m.tok, comp, live)
-                rewards += [score(data.prompts["entry"][i], t, cfg.answer_extraction)
-                            for i, t in zip(idx, texts[s:])]
-            r = np.array(rewards)
-            result["accuracy" + key] = float((r >= 1.0).mean())
-            result["reward" + key] = float(r.mean())
-            shown[key] = (texts, rewards)
-    run.append(EVAL, result)
-    if kind == "full":
-        for i, row in enumerate(rows[: cfg.eval_completions]):
-            rec = {"step": step, "kind": "eval", "prompt": data.prompts["text"][row],
-                   "answer": data.prompts["answer"][row]}
-            for key, (texts, rewards) in shown.items():
-                rec.update({"completion" + key: texts[i], "reward" + key: float(rewards[i])})
-            run.append(COMPLETIONS, rec)
-    m.peft.train()
-    m.adapter.train()
-    return result
+    return StepOut(loss, kl_sum, clip_sum, ent_sum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +358,10 @@ def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
     st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
           "kl": out.kl_token_sum / max(1.0, float(ro.live.sum())), "tokens": int(ro.live.sum()),
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
-          "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens}}
+          "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens},
+          "lengths": ro.live.sum(1).tolist(), "truncated": truncated(ro.tokens, ro.live, m.eos).tolist(),
+          "tasks": [data.prompts["task"][i] for i in idx for _ in range(cfg.group_size)],
+          "clip": out.clip_token_sum, "entropy": out.entropy_token_sum}
     if data.prompt_tokens is not None:
         hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
         choice = ro.choice.cpu().numpy() if ro.choice is not None else None
@@ -460,6 +384,10 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
         "lr": m.optimizer.param_groups[0]["lr"], "frac_reward_zero_std": float(np.mean([st["zero_std"] for st in stats])),
         "step_seconds": dt, "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
         **{f"time/{k}": v for k, v in timing.items()}, **cost,
+        "clip_frac": sum(st["clip"] for st in stats) / max(1, n_tokens),
+        "policy/entropy": sum(st["entropy"] for st in stats) / max(1, n_tokens),
+        **rollout_diagnostics([x for st in stats for x in st["lengths"]], [x for st in stats for x in st["truncated"]],
+                              r.tolist(), [x for st in stats for x in st["tasks"]]),
     }
     if len(m.optimizer.param_groups) > 1:
         rec["router_lr"] = m.optimizer.param_groups[1]["lr"]
