@@ -317,3 +317,29 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     anchor = m.lm.get_input_embeddings().weight.mean(0)
     slots = [(e_null[b] - anchor).abs().amax(-1) < 1e-6 for b in range(2)]  # [P+m] rows equal to the anchor
     assert all(int(s.sum()) >= cfg.num_latents for s in slots)
+
+
+def test_evaluations_keep_per_prompt_records_and_steps_log_diagnostics(tiny_cache, tiny_policy, tmp_path):
+    """eval_records.jsonl: every validation prompt x condition of each evaluation, once, with step and
+    kind; metrics.jsonl: completion length, truncation, policy token entropy, clip fraction, reward per dataset."""
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2, test_freq=1)
+    run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
+    recs = [json.loads(x) for x in (run / "eval_records.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2]
+    for e in evals:
+        mine = [r for r in recs if r["step"] == e["step"]]
+        assert sorted((r["condition"], r["prompt"]) for r in mine) == sorted(
+            (c, p) for c in ("with", "without") for p in {r["prompt"] for r in mine})
+        assert len({r["prompt"] for r in mine}) == e["n"] == 4 and all(r["kind"] == "full" for r in mine)
+        w = [r for r in mine if r["condition"] == "with"]
+        assert e["accuracy"] == sum(r["correct"] for r in w) / 4
+        assert e["completion_tokens_mean"] == pytest.approx(sum(r["completion_tokens"] for r in w) / 4)
+        assert all(r["reward"] == _fake_score(None, r["completion"], None) for r in mine)
+    tasks = {r["task"] for r in recs}
+    for r in _metrics(run):
+        assert 1 <= r["completion/length_mean"] <= r["completion/length_max"] <= 6
+        assert 0 <= r["completion/truncated_frac"] <= 1 and r["clip_frac"] == 0.0  # one pass: ratio == 1
+        assert 0 < r["policy/entropy"] <= math.log(256 + 3)  # nats, at most ln |V| (byte tokenizer)
+        assert {k[len("reward/task/"):] for k in r if k.startswith("reward/task/")} <= tasks | {"secret-digit"}
+        assert any(k.startswith("reward/task/") for k in r)
