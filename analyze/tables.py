@@ -201,6 +201,9 @@ def _mean_std(values: list[float | None], scale: float = 100.0, digits: int = 1)
     return f"{c.mean * scale:.{digits}f}" + (f" ± {c.std * scale:.{digits}f}" if c.std is not None else "")
 
 
+WINDOW = 20  # steps over which the collaboration table averages u_i
+
+
 def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[list[str], dict]:
     """One condition's cells and CSV fields (see collaboration_table)."""
     with_c = [r.final_accuracy for r in rs]
@@ -208,7 +211,9 @@ def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[lis
     null = [r.summary.get("final_val_accuracy_null_context") for r in rs]
     first = [r.metrics["routing/entropy"][0] for r in rs if "routing/entropy" in r.metrics.columns]
     last = [r.metrics["routing/entropy"][-1] for r in rs if "routing/entropy" in r.metrics.columns]
-    util = [r.metrics["routing/utilization"][-1].to_list() for r in rs if "routing/utilization" in r.metrics.columns]
+    # u_i of a run: the mean over its last WINDOW steps (one step is one training batch: a few prompts)
+    util = [np.mean(r.metrics["routing/utilization"].to_list()[-WINDOW:], axis=0).tolist() for r in rs
+            if "routing/utilization" in r.metrics.columns]
     u = np.array(util, dtype=float) if util and all(len(x) == len(team) for x in util) else None  # [seeds, n]
     u_txt = ", ".join(f"{n}: {u[:, i].mean():.3f}" + (f" ± {u[:, i].std(ddof=1):.3f}" if len(u) > 1 else "")
                       for i, n in enumerate(team)) if u is not None else "—"
@@ -221,7 +226,7 @@ def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[lis
            **({"acc_null_c_mean": cn.mean, "acc_null_c_std": cn.std} if with_null else {}),
            "entropy_first": float(np.mean(first)) if first else None,
            "entropy_last": float(np.mean(last)) if last else None,
-           **({f"u_last[{n}]": float(u[:, i].mean()) for i, n in enumerate(team)} if u is not None else {})}
+           **({f"u_last{WINDOW}[{n}]": float(u[:, i].mean()) for i, n in enumerate(team)} if u is not None else {})}
     return cells, raw
 
 
@@ -229,7 +234,7 @@ def collaboration_table(runs: list[Run]) -> Table:
     """Does C carry information the policy uses? Per condition (family, team, method, settings):
     final validation accuracy with C and with C removed (the same policy), with C's information
     removed but its slots kept where runs evaluated it (eval_null_context), routing entropy H at the
-    first and last step, and each expert's utilisation u_i at the last step; mean ± std over seeds."""
+    first and last step, and each expert's utilisation u_i over the last WINDOW steps; mean ± std over seeds."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.family, r.team, r.method, r.condition)].append(r)
@@ -247,13 +252,16 @@ def collaboration_table(runs: list[Run]) -> Table:
                     **fields})
         used += rs
     cols = ["seeds", "val acc % (with C)", "val acc % (C removed)"] + \
-        (["val acc % (C's information removed)"] if with_null else []) + ["H first → last step", "u_i at the last step"]
+        (["val acc % (C's information removed)"] if with_null else []) + ["H first → last step", f"u_i, mean of the last {WINDOW} steps"]
     return Table("Collaboration: accuracy with and without C, routing entropy, utilisation (mean ± std over seeds)",
                  cols, rows, raw, used,
                  note="Accuracy is the final greedy validation accuracy; 'C removed' evaluates the same trained "
                       "policy with no context tokens" + ("; \"C's information removed\" keeps the m context slots "
                       "with the gate closed (C = its anchor)" if with_null else "") +
-                      ". H = ln n is a uniform attention over the n experts.")
+                      f". H = ln n is a uniform attention over the n experts. u_i is each run's mean over its last "
+                      f"{WINDOW} training steps (one step reads a few prompts; single steps swing by ±0.2 on the "
+                      "probe preset), then mean ± std over seeds; the per-dataset routing table reads u_i on the "
+                      "evaluation prompts.")
 
 
 def cost_table(runs: list[Run]) -> Table:

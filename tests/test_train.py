@@ -343,3 +343,20 @@ def test_evaluations_keep_per_prompt_records_and_steps_log_diagnostics(tiny_cach
         assert 0 < r["policy/entropy"] <= math.log(256 + 3)  # nats, at most ln |V| (byte tokenizer)
         assert {k[len("reward/task/"):] for k in r if k.startswith("reward/task/")} <= tasks | {"secret-digit"}
         assert any(k.startswith("reward/task/") for k in r)
+
+
+def test_resume_drops_a_torn_last_line_with_a_warning(tiny_cache, tiny_policy, tmp_path):
+    """A kill mid-write leaves half a JSON line at the end of a log: --resume drops it (warning) and
+    the next records start on a line of their own."""
+    from cache.run_folder import TornLineWarning
+
+    ov = tiny_train_overrides(tiny_policy, method="single", total_training_steps=1, save_freq=1, test_freq=1)
+    run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
+    for log in ("metrics.jsonl", "eval.jsonl", "eval_records.jsonl"):
+        with open(run / log, "a") as f:
+            f.write('{"step": 2, "rew')
+    with pytest.warns(TornLineWarning, match="dropped its last line"):
+        run_train(load_train_config(None, {**ov, "total_training_steps": 2}), tiny_cache, run, resume=True, **QUIET)
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    ev = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in ev] == [1, 2]

@@ -12,6 +12,7 @@ calls `condition_records` on a saved run under any condition.
 
 from __future__ import annotations
 
+import hashlib
 from collections import defaultdict
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -73,7 +74,8 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
 
     temperature None: greedy, samples must be 1. Otherwise `samples` draws per prompt at `temperature`
     from torch's RNG seeded with `seed` (forked: the caller's RNG is untouched). Returns one record per
-    (prompt, sample): prompt (row), task, split, condition, sample, reward, correct, completion_tokens,
+    (prompt, sample): prompt (row), task, split, question_sha (the question's digest: reports pair
+    prompts by it), condition, sample, reward, correct, completion_tokens,
     truncated (no EOS within max_new_tokens), completion; with expert attention also utilization
     ([n], mean over the m context tokens) and entropy (H of Eq. 15 for this prompt)."""
     greedy = temperature is None
@@ -93,6 +95,7 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
             for j, (row, text) in enumerate(zip([i for i in idx for _ in range(K)], texts)):
                 r = score(data.prompts["entry"][row], text, cfg.answer_extraction)
                 rec = {"prompt": row, "task": data.prompts["task"][row], "split": data.prompts["split"][row],
+                       "question_sha": hashlib.sha256(data.prompts["text"][row].encode()).hexdigest()[:16],
                        "condition": cond.name, "sample": j % K, "reward": float(r), "correct": bool(r >= 1.0),
                        "completion_tokens": int(live[j].sum()), "truncated": bool(cut[j]), "completion": text}
                 if att is not None:
