@@ -69,7 +69,7 @@ def _eval_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], mod
 
 
 def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Condition, device: str,
-                      samples: int = 1, temperature: float | None = None, seed: int = 0) -> list[dict]:
+                      samples: int = 1, temperature: float | None = None, seed: int = 0, scorer=None) -> list[dict]:
     """Decode every prompt of `rows` (cache rows) under `cond`, val_batch_size prompts at a time.
 
     temperature None: greedy, samples must be 1. Otherwise `samples` draws per prompt at `temperature`
@@ -77,7 +77,9 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
     (prompt, sample): prompt (row), task, split, question_sha (the question's digest: reports pair
     prompts by it), condition, sample, reward, correct, completion_tokens,
     truncated (no EOS within max_new_tokens), completion; with expert attention also utilization
-    ([n], mean over the m context tokens) and entropy (H of Eq. 15 for this prompt)."""
+    ([n], mean over the m context tokens) and entropy (H of Eq. 15 for this prompt).
+    scorer: (entry JSON, completion, mode) -> reward; default train.rewards.score."""
+    scorer = scorer or score
     greedy = temperature is None
     K = 1 if greedy else samples
     out = []
@@ -93,7 +95,7 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
             texts = decode(m.tok, toks, live)
             cut = truncated(toks, live, m.eos)  # [b*K]
             for j, (row, text) in enumerate(zip([i for i in idx for _ in range(K)], texts)):
-                r = score(data.prompts["entry"][row], text, cfg.answer_extraction)
+                r = scorer(data.prompts["entry"][row], text, cfg.answer_extraction)
                 rec = {"prompt": row, "task": data.prompts["task"][row], "split": data.prompts["split"][row],
                        "question_sha": hashlib.sha256(data.prompts["text"][row].encode()).hexdigest()[:16],
                        "condition": cond.name, "sample": j % K, "reward": float(r), "correct": bool(r >= 1.0),
@@ -175,17 +177,17 @@ def summarize(records: list[dict]) -> dict:
 
 
 def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.ndarray, kind: str, device: str,
-             run: RunFolder) -> dict:
+             run: RunFolder, scorer=None) -> dict:
     """A training evaluation (greedy) on cache rows `rows`: eval.jsonl gets one aggregate record
     (accuracy, reward and diagnostics per condition, keys suffixed as SUFFIX), eval_records.jsonl the
     records (with step and kind), and a full evaluation its first eval_completions prompts side by side
-    in completions.jsonl. Returns the aggregate record."""
+    in completions.jsonl; scorer: the training reward (default train.rewards.score). Returns the aggregate record."""
     m.peft.eval()
     m.adapter.eval()
     result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
     by_cond = {}
     for cond in training_conditions(cfg, m):
-        recs = condition_records(cfg, m, data, rows, cond, device)
+        recs = condition_records(cfg, m, data, rows, cond, device, scorer=scorer)
         s = _scores(recs)
         result.update({k + SUFFIX[cond.name]: s[k] for k in ("accuracy", "reward", "completion_tokens_mean",
                                                                "completion_tokens_max", "truncated_frac")})

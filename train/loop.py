@@ -524,10 +524,10 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
                 f"{rec['step_seconds']:.1f}s")
         evals = []
         if full:
-            last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run)
+            last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run, score)
             evals.append(last_eval)
         if curve:
-            evals.append(evaluate(cfg, m, data, step, curve_rows, "curve", device, run))
+            evals.append(evaluate(cfg, m, data, step, curve_rows, "curve", device, run, score))
         for ev in evals:
             trackers.log({f"eval/{ev['kind']}/{k}": v for k, v in ev.items() if k not in ("step", "split", "kind")}, step)
         if evals:
@@ -578,7 +578,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     if last_eval is None:
         evals = [e for e in run.read(EVAL) if e.get("kind", "full") == "full"]
         full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
-        last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run)
+        last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run, score)
     with atomic_path(run.final, directory=True) as tmp:
         m.peft.save_pretrained(tmp)
         save_adapter(m.adapter, m.spec, tmp)
