@@ -18,7 +18,7 @@ import numpy as np
 
 from analyze.runs import SCHEDULE, Run
 from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_bootstrap
-from analyze.tables import FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, is_ablation
+from analyze.tables import FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, ablation_names
 from cache.run_folder import EVAL_DIR, EVAL_RECORDS, read_jsonl
 
 CI_NOTE = (f"Paired bootstrap over prompts: {BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed "
@@ -75,8 +75,9 @@ def paired_cell(a: dict, b: dict) -> tuple[str, dict]:
 def _rows(runs: list[Run]) -> dict[tuple, list[Run]]:
     """Finished main-setting runs that kept records, one row per method and settings (as Table 1)."""
     rows: dict[tuple, list[Run]] = defaultdict(list)
+    ablations = ablation_names(runs)
     for r in runs:
-        if r.finished and not is_ablation(r):
+        if r.finished and r.name not in ablations:
             rows[(r.method, r.condition_without("cache_fingerprint", "task_family", "experts", *SCHEDULE,
                                                 steps=False))].append(r)
     return rows
@@ -139,8 +140,9 @@ def ablation_table(runs: list[Run]) -> Table:
             settings = (summary.get("split"), summary.get("checkpoint"), summary.get("samples"))
             groups[(r.family, r.method, r.team, r.condition_without(steps=False), settings)].append((r, recs))
     single = defaultdict(list)  # the single runs' last full evaluation, per family
+    ablations = ablation_names(runs)
     for r in runs:
-        if r.method == "single" and r.finished and not is_ablation(r):
+        if r.method == "single" and r.finished and r.name not in ablations:
             single[r.family].append(last_full_records(r))
     rows, raw, used = [], [], []
     for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], str(k))):
@@ -181,8 +183,9 @@ def routing_table(runs: list[Run]) -> Table:
     """u_i per dataset on the evaluation prompts (with C, last full evaluation): mean over the prompts of
     each run, then mean ± std over seeds. One training batch is too few prompts to read routing from."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
+    ablations = ablation_names(runs)
     for r in runs:
-        if r.finished and not is_ablation(r):
+        if r.finished and r.name not in ablations:
             groups[(r.family, r.method, r.team, r.condition)].append(r)
     rows, raw, used = [], [], []
     for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], k[3])):

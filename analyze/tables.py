@@ -129,22 +129,33 @@ def table2(runs: list[Run], method: str = "perceiver") -> Table:
                  note)
 
 
-# The paper's main setting of the method. Runs that differ from it here are ablations (Table 2 sweeps
-# pooling, Figure 6 sweeps m) and stay out of the Spearman table and Figure 4.
-MAIN_SETTING = {"pooling": "last_token", "num_latents": 8}
+# The paper's main setting: last-token pooling and m = 8 latent queries. Runs that differ from it are
+# ablations (Table 2 sweeps pooling, Figure 6 sweeps m) and stay out of the Spearman table, Figure 4 and
+# the paired tables. m only matters to perceiver; where no perceiver run of a (family, team) has m = 8,
+# the m most of them use is the main one (a preset that trains at another m throughout).
+MAIN_POOLING, MAIN_LATENTS = "last_token", 8
 
 
-def is_ablation(r: Run) -> bool:
-    return any(r.config.get(k, v) != v for k, v in MAIN_SETTING.items())
+def ablation_names(runs: list[Run]) -> set[str]:
+    """Names of the runs that are ablation conditions (see MAIN_POOLING, MAIN_LATENTS)."""
+    ms: dict[tuple, list] = defaultdict(list)
+    for r in runs:
+        if r.method == "perceiver":
+            ms[(r.family, r.team)].append(r.config.get("num_latents", MAIN_LATENTS))
+    main = {k: MAIN_LATENTS if MAIN_LATENTS in v else max(set(v), key=v.count) for k, v in ms.items()}
+    return {r.name for r in runs
+            if r.config.get("pooling", MAIN_POOLING) != MAIN_POOLING
+            or (r.method == "perceiver" and r.config.get("num_latents", MAIN_LATENTS) != main[(r.family, r.team)])}
 
 
 def method_runs(runs: list[Run], method: str = "perceiver") -> dict[tuple, list[Run]]:
-    """The method's own runs in its main setting (MAIN_SETTING: no pooling ablation, no m sweep, no
+    """The method's own runs in its main setting (ablation_names: no pooling ablation, no m sweep, no
     other method), grouped by setting: (task family, team, condition without the seed). The paper
     computes its statistics per run of the method and averages them per setting."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
+    ablations = ablation_names(runs)
     for r in runs:
-        if r.method == method and not is_ablation(r):
+        if r.method == method and r.name not in ablations:
             groups[(r.family, r.team, r.condition)].append(r)
     return dict(sorted(groups.items(), key=lambda kv: (_order(kv[0][0], FAMILY_ORDER), kv[0][1], kv[0][2])))
 
@@ -184,9 +195,9 @@ def spearman_table(runs: list[Run], method: str = "perceiver") -> tuple[Table, d
     overall = float(np.mean(list(means.values()))) if means else None
     if overall is not None:
         raw.append({"setting": "all settings", "run": "", "seed": None, "steps": None, "spearman": overall})
-    note = (f"Over {method} runs in the main setting only (last-token pooling, m = 8: hard-routing, the pooling "
-            "ablation and the m sweep are left out); ρ per run, then the mean per setting. Mean ρ over all "
-            f"{len(means)} settings: " + ("undefined" if overall is None else f"{overall:+.3f}") +
+    note = (f"Over {method} runs in the main setting only (last-token pooling, m = 8 or the m its runs share: "
+            "hard-routing, the pooling ablation and the m sweep are left out); ρ per run, then the mean per "
+            f"setting. Mean ρ over all {len(means)} settings: " + ("undefined" if overall is None else f"{overall:+.3f}") +
             " (paper: -0.48).")
     if not rows:
         note = f"No {method} run with routing statistics: ρ is missing."
