@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from analyze.runs import SCHEDULE, Run
-from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, paired_bootstrap
+from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, cell, paired_bootstrap
 from analyze.tables import FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, ablation_names
 from cache.run_folder import EVAL_DIR, EVAL_RECORDS, read_jsonl
 
@@ -128,6 +128,33 @@ def paired_tables(runs: list[Run]) -> list[Table]:
                [(f"{f} / {t}", cells) for (f, t), cells in task_rows.items()], [x for x in raw if x["task"]], used,
                note)
     return [t1, t2]
+
+
+def table1_per_task(runs: list[Run]) -> Table:
+    """Table 1's rows broken down per dataset: greedy accuracy (%) of each run's last full evaluation on
+    the prompts of one dataset, mean ± std over seeds; one column per family / dataset."""
+    recs = {r.name: last_full_records(r) for r in runs}
+    rows = {k: [r for r in rs if recs[r.name]] for k, rs in _rows(runs).items()}
+    rows = {k: rs for k, rs in rows.items() if rs}
+    cols = sorted({(r.family, x["task"]) for rs in rows.values() for r in rs for x in recs[r.name]},
+                  key=lambda c: (_order(c[0], FAMILY_ORDER), c[1]))
+    out, raw, used = [], [], []
+    for (method, _), rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
+        others = [x[0].config for k, x in rows.items() if k[0] == method and x is not rs]
+        label = _label(method, rs[0].config, _differing([rs[0].config] + others, ROW_FREE | set(SCHEDULE))
+                       if others else [])
+        cells = []
+        for fam, task in cols:
+            accs = [_mean(per_prompt(recs[r.name], "with", task)) for r in rs if r.family == fam]
+            c = cell([a for a in accs if a is not None])
+            cells.append(c.fmt())
+            raw.append({"row": label, "family": fam, "task": task, "mean": c.mean, "std": c.std, "n": c.n})
+        out.append((label, cells))
+        used += rs
+    note = ("Greedy accuracy with C on each dataset's prompts of the last full evaluation (eval_records.jsonl)."
+            if out else "No finished run kept per-prompt evaluation records (eval_records.jsonl).")
+    return Table("Table 1 per dataset: final validation accuracy (%), mean ± std across seeds",
+                 [f"{f} / {t}" for f, t in cols], out, raw, used, note)
 
 
 def ablation_table(runs: list[Run]) -> Table:

@@ -223,3 +223,13 @@ def test_eval_refuses_a_method_without_experts_and_a_foreign_cache(tiny_run, tin
     with h5py.File(other, "a") as f:
         f["prompts/text"][0] = text[0]  # same prompts, new file: accepted
     assert _eval(tiny_run, "--cache", other, "--limit", "1", "--out", tmp_path / "z")[0] == 0
+
+
+def test_help_lists_eval_with_its_options():
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0 and "eval" in res.output
+    res = CliRunner().invoke(app, ["eval", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--checkpoint", "--cache", "--split", "--limit", "--samples", "--temperature", "--context", "--ablate",
+                "--out"):
+        assert opt in res.output

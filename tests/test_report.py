@@ -475,3 +475,15 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
     r = dict(routing_table(runs).rows)
     assert r["arithmetic / perceiver / all"] == ["1", "math: 0.350, code: 0.325, general: 0.325"]
     assert r["arithmetic / perceiver / t1"] == ["1", "math: 0.500, code: 0.350, general: 0.150"]
+
+
+def test_table1_per_dataset_from_records(tmp_path):
+    from analyze.records import table1_per_task
+
+    root = tmp_path / "pt"
+    for s, rows in enumerate(([1, 1, 1, 0], [1, 0, 0, 0])):
+        _records(make_run(root, f"p{s}", seed=s), rows)
+    t = table1_per_task(load_runs([root]))
+    assert t.columns == ["arithmetic / t1", "arithmetic / t2"]
+    # t1: seeds 1.0 and 0.5 -> 75 ± 35.36; t2: 0.5 and 0 -> 25 ± 35.36
+    assert dict(t.rows)["perceiver"] == ["75.00 ± 35.36 (n=2)", "25.00 ± 35.36 (n=2)"]

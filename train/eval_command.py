@@ -168,6 +168,8 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     """Evaluate; returns the folder holding records.jsonl and summary.json."""
     run = RunFolder(req.run)
     cfg, resolved = run_config(run)
+    # evaluation decodes with musk's own decoder, on whatever device this machine has
+    cfg = dataclasses.replace(cfg, rollout_engine="musk", device="auto")
     folder = weights_folder(run, req.checkpoint)
     if req.split not in SPLITS:
         raise MuskError(f"unknown --split {req.split!r}; choices: {list(SPLITS)}")
