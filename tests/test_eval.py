@@ -142,6 +142,7 @@ def test_eval_records_are_complete_and_a_rerun_adds_none(tiny_run, tmp_path):
         assert r["split"] == "val" and r["reward"] == parity_score(None, r["completion"], None)
         assert r["correct"] == (r["reward"] >= 1) and 1 <= r["completion_tokens"] <= 6
         assert not r["truncated"] or r["completion_tokens"] == 6  # truncated: the whole budget, no EOS
+        assert 0 < r["token_entropy"] <= math.log(300)  # nats, below ln |V| (byte tokenizer)
         assert r["truncated"] or r["completion"] is not None
         if r["condition"] != "without":
             assert len(r["utilization"]) == 2 and abs(sum(r["utilization"]) - 1) < 1e-5

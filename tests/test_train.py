@@ -335,6 +335,7 @@ def test_evaluations_keep_per_prompt_records_and_steps_log_diagnostics(tiny_cach
         w = [r for r in mine if r["condition"] == "with"]
         assert e["accuracy"] == sum(r["correct"] for r in w) / 4
         assert e["completion_tokens_mean"] == pytest.approx(sum(r["completion_tokens"] for r in w) / 4)
+        assert e["token_entropy_mean"] == pytest.approx(sum(r["token_entropy"] for r in w) / 4)
         assert all(r["reward"] == _fake_score(None, r["completion"], None) for r in mine)
     tasks = {r["task"] for r in recs}
     for r in _metrics(run):

@@ -25,7 +25,7 @@ from pipeline.generation import decode, generate
 from train.adapters import method_info
 from train.grpo import routing_stats
 from train.inputs import ALL, ExpertView, context_tokens, decode_merged, null_context_tokens, prompt_batch
-from train.policy import merged_lora, splice
+from train.policy import completion_logprobs, merged_lora, splice
 from train.rewards import score
 
 if TYPE_CHECKING:
@@ -76,7 +76,8 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
     from torch's RNG seeded with `seed` (forked: the caller's RNG is untouched). Returns one record per
     (prompt, sample): prompt (row), task, split, question_sha (the question's digest: reports pair
     prompts by it), condition, sample, reward, correct, completion_tokens,
-    truncated (no EOS within max_new_tokens), completion; with expert attention also utilization
+    truncated (no EOS within max_new_tokens), completion, token_entropy (the policy's mean token entropy
+    over the completion at the sampling temperature, nats); with expert attention also utilization
     ([n], mean over the m context tokens) and entropy (H of Eq. 15 for this prompt).
     scorer: (entry JSON, completion, mode) -> reward; default train.rewards.score."""
     scorer = scorer or score
@@ -94,12 +95,16 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
                                   temperature=temperature or 1.0, greedy=greedy, group=K)
             texts = decode(m.tok, toks, live)
             cut = truncated(toks, live, m.eos)  # [b*K]
+            ent = []  # the policy's token entropy on these completions [b*K, T] (one more forward)
+            completion_logprobs(m.lm, e, mk, toks, live, K, temperature or cfg.temperature, ent)
+            tok_h = (ent[0] * live).sum(1) / live.sum(1).clamp_min(1)  # [b*K] mean over each completion
             for j, (row, text) in enumerate(zip([i for i in idx for _ in range(K)], texts)):
                 r = scorer(data.prompts["entry"][row], text, cfg.answer_extraction)
                 rec = {"prompt": row, "task": data.prompts["task"][row], "split": data.prompts["split"][row],
                        "question_sha": hashlib.sha256(data.prompts["text"][row].encode()).hexdigest()[:16],
                        "condition": cond.name, "sample": j % K, "reward": float(r), "correct": bool(r >= 1.0),
-                       "completion_tokens": int(live[j].sum()), "truncated": bool(cut[j]), "completion": text}
+                       "completion_tokens": int(live[j].sum()), "truncated": bool(cut[j]), "completion": text,
+                       "token_entropy": float(tok_h[j])}
                 if att is not None:
                     rs = routing_stats(att[j // K: j // K + 1])
                     rec.update({"utilization": rs.utilization, "entropy": rs.entropy})
@@ -124,10 +129,12 @@ def rollout_diagnostics(lengths: list[int], truncated: list[bool], rewards: list
 
 
 def diagnostics(records: list[dict]) -> dict:
-    """Completion length (mean, max) and the fraction truncated at the budget, over records."""
+    """Completion length (mean, max), the fraction truncated at the budget and the policy's mean token
+    entropy (the mean over completions of each one's mean), over records."""
     n = [r["completion_tokens"] for r in records]
     return {"completion_tokens_mean": float(np.mean(n)) if n else None, "completion_tokens_max": max(n, default=None),
-            "truncated_frac": float(np.mean([r["truncated"] for r in records])) if records else None}
+            "truncated_frac": float(np.mean([r["truncated"] for r in records])) if records else None,
+            "token_entropy_mean": float(np.mean([r["token_entropy"] for r in records])) if records else None}
 
 
 def _scores(records: list[dict]) -> dict:
@@ -190,7 +197,8 @@ def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.nda
         recs = condition_records(cfg, m, data, rows, cond, device, scorer=scorer)
         s = _scores(recs)
         result.update({k + SUFFIX[cond.name]: s[k] for k in ("accuracy", "reward", "completion_tokens_mean",
-                                                               "completion_tokens_max", "truncated_frac")})
+                                                               "completion_tokens_max", "truncated_frac",
+                                                               "token_entropy_mean")})
         by_cond[cond.name] = recs
     run.append(EVAL, result)
     for recs in by_cond.values():
