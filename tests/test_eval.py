@@ -234,3 +234,28 @@ def test_help_lists_eval_with_its_options():
     for opt in ("--checkpoint", "--cache", "--split", "--limit", "--samples", "--temperature", "--context", "--ablate",
                 "--out"):
         assert opt in res.output
+
+
+def test_output_collab_ablations_edit_the_hint_block(tiny_policy):
+    """output-collab reads its experts as hint lines: drop leaves a line out, shuffle takes that expert's
+    hint from another prompt, only keeps one line."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from train.inputs import prompt_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    tok.padding_side = "left"
+    data = SimpleNamespace(system="sys", prompts={"text": ["q0", "q1"]}, experts=["a", "b"],
+                           hints={"a": ["A0", "A1"], "b": ["B0", "B1"]})
+    m = SimpleNamespace(tok=tok)
+
+    def text(view):
+        pb = prompt_batch(m, data, [0], True, "cpu", view)
+        return tok.decode(pb.ids[0][pb.mask[0].bool()])
+
+    assert "- a: A0\n- b: B0" in text(ExpertView())
+    assert "- b: B0" in text(ExpertView(keep=torch.tensor([False, True]))) and "- a:" not in text(
+        ExpertView(keep=torch.tensor([False, True])))
+    assert "- a: A0\n- b: B1" in text(ExpertView(source={1: {0: 1}}))
