@@ -28,6 +28,7 @@ from core.config import from_dict
 from core.errors import MuskError
 from pipeline.experts import resolve_device, resolve_dtype
 from train import checkpoint as ckpt
+from train.adapters import method_info
 from train.config import TrainConfig
 from train.evaluate import Condition, condition_records, summarize
 from train.inputs import ExpertView
@@ -183,9 +184,10 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     rows = np.nonzero(np.array(data.prompts["split"]) == req.split)[0][: req.limit]
     if len(rows) == 0:
         raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
+    has_c = method_info(cfg.method).needs_features  # g_phi with an output projection (and a null C)
+    conds = [shuffled(c, rows, req.seed) for c in parse_conditions(req, cfg, data, has_c)]  # before the model loads
     device = resolve_device(cfg.device)
     m = build_models(cfg, data, device, resolve_dtype(cfg.dtype, device))
-    conds = [shuffled(c, rows, req.seed) for c in parse_conditions(req, cfg, data, hasattr(m.adapter, "out"))]
     _load_weights(m, folder, req.checkpoint)
 
     out = Path(req.out) if req.out is not None else default_out(req)
