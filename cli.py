@@ -1,4 +1,4 @@
-"""musk: combine frozen language models under RL. `musk extract | train | sweep | report`.
+"""musk: combine frozen language models under RL. `musk extract | train | eval | sweep | report`.
 
 Every command exits 0 on success and, on bad input, prints one paragraph naming the problem (no
 traceback) and exits 2.
@@ -29,6 +29,18 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="musk: frozen expert LMs -> cached features -> GRPO with context tokens -> paper tables.",
 )
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """musk's own warnings (a torn .jsonl line dropped, ...) as one line, without a source location."""
+    if category.__name__ == "TornLineWarning":
+        typer.echo(f"musk: warning: {message}", err=True)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+warnings.showwarning = _show_warning
 
 
 def _fail(msg: str) -> None:
@@ -150,6 +162,37 @@ def train(
         if out_root is not None:
             run_out = out_root / f"{cfg.method}-s{cfg.seed}"
         _run(run_train, cfg, cache_path=cache, out=run_out, resume=resume, progress=not no_progress)
+
+
+@app.command("eval")
+def eval_(
+    run: Path = typer.Argument(..., help="A run folder written by `musk train`."),
+    checkpoint: str = typer.Option("final", "--checkpoint", help="final, or step_K of the run's checkpoints."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache to read (default: the run's own)."),
+    split: str = typer.Option("val", "--split", help="val | test | train."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N prompts of the split."),
+    samples: int = typer.Option(1, "--samples", help="K samples per prompt (mean@K, pass@K); 1: greedy."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (with --samples)."),
+    context: str = typer.Option("with", "--context", help="Comma-separated: with, without (C removed), null "
+                                                          "(C's information removed, slots kept)."),
+    ablate: Optional[list[str]] = typer.Option(None, "--ablate", help="drop:NAME, shuffle:NAME or only:NAME "
+                                                                      "(repeatable): an expert taken out, its "
+                                                                      "features shuffled across prompts, or kept alone."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder (default RUN/eval/<checkpoint>-<split>[-<ablations>])."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the shuffle permutations and of sampling."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+):
+    """Evaluate a saved run under conditions and expert ablations (records.jsonl, summary.json)."""
+    from train.eval_command import EvalRequest, run_eval
+
+    _threads(threads)
+    if limit is not None and limit < 1:
+        _fail(f"--limit must be at least 1, got {limit}")
+    req = EvalRequest(run=run, checkpoint=checkpoint, cache=cache, split=split, limit=limit, samples=samples,
+                      temperature=temperature, contexts=tuple(c.strip() for c in context.split(",") if c.strip()),
+                      ablations=tuple(ablate or ()), out=out, seed=seed)
+    _run(run_eval, req, progress=not no_progress)
 
 
 @app.command()

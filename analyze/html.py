@@ -40,10 +40,11 @@ def figure_html(title: str, png: Path | None) -> str:
 
 def runs_html(runs: list[Run]) -> str:
     rows = "".join(f"<tr><td>{_e(r.name)}</td><td>{_e(r.method)}</td><td>{_e(r.family)}</td>"
-                   f"<td>{_e(r.config.get('seed'))}</td><td>{_e(r.steps)}</td><td>{_e(r.final_accuracy)}</td>"
+                   f"<td>{_e(r.config.get('seed'))}</td><td>{_e(r.steps)}</td><td>{_e(r.status())}</td>"
+                   f"<td>{_e(r.final_accuracy)}</td>"
                    f"<td>{_e(str(r.config.get('cache_fingerprint', '?'))[:12])}</td></tr>" for r in runs)
     return ("<h2>Runs</h2><table><tr><th>run</th><th>method</th><th>family</th><th>seed</th><th>steps</th>"
-            f"<th>final val accuracy</th><th>cache</th></tr>{rows}</table>")
+            f"<th>status</th><th>final val accuracy</th><th>cache</th></tr>{rows}</table>")
 
 
 def completions_html(runs: list[Run], per_method: int = 3) -> str:

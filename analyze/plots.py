@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,40 +39,64 @@ def _save(fig, title: str, out: Path) -> None:
     plt.close(fig)
 
 
-def figure4(runs: list[Run], out: Path, method: str = "perceiver") -> list[Run] | None:
-    """Per-expert utilisation u_i over steps (mean ± std band across seeds); reward and entropy. One
-    column per setting (family, team, condition) of the method's own runs, as Figure 4 shows teams."""
+def _smooth(x: np.ndarray, w: int) -> np.ndarray:
+    """Trailing mean over the last w steps (fewer at the start), along axis 0."""
+    c = np.cumsum(np.concatenate([np.zeros((1,) + x.shape[1:]), x]), axis=0)
+    k = np.minimum(np.arange(1, len(x) + 1), w).reshape((-1,) + (1,) * (x.ndim - 1))
+    return (c[1:] - c[np.maximum(np.arange(1, len(x) + 1) - w, 0)]) / k
+
+
+def _span(ax, series: list[np.ndarray], least: float) -> None:
+    """Symmetric y-range around 0 of at least ±least: a change smaller than that stays visibly small
+    instead of filling the axis (noise is not magnified into structure)."""
+    top = max([least] + [float(np.nanmax(np.abs(s))) * 1.15 for s in series if len(s)])
+    ax.set_ylim(-top, top)
+    ax.axhline(0, color="0.6", lw=0.8)
+
+
+def figure4(runs: list[Run], out: Path, method: str = "perceiver", rho: dict | None = None) -> list[Run] | None:
+    """As the paper's Figure 1: the change from initialisation of each expert's utilisation u_i (top)
+    and of the routing entropy H (bottom, with the mean reward), trailing means over W steps, mean
+    over seeds with ± one std shaded. Axes span at least ±0.1 for u_i and ±0.1 ln n for H, so that
+    jitter between runs looks as small as it is. One column per setting of the method's main-setting
+    runs (ablations left out), titled with the setting's mean Spearman rho(reward, H)."""
+    all_groups = method_runs(runs, method)
     groups = {k: [r for r in rs if not r.metrics.is_empty() and "routing/utilization" in r.metrics.columns]
-              for k, rs in method_runs(runs, method).items()}
+              for k, rs in all_groups.items()}
     groups = {k: rs for k, rs in groups.items() if rs}
     if not groups:
         return None
     fig, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 7.5), squeeze=False)
     for col, (key, rs) in enumerate(groups.items()):
+        label = setting_label(key[0], key[1], rs, [g for k, g in all_groups.items() if k != key])
         names = list(rs[0].team)
-        steps = rs[0].metrics["step"].to_numpy()
         util = [np.array(r.metrics["routing/utilization"].to_list(), dtype=float) for r in rs]  # [T, n] each
-        n = min(len(u) for u in util)
-        steps = steps[:n]
+        T = min(len(u) for u in util)
+        steps = rs[0].metrics["step"].to_numpy()[:T]
+        w = min(10, max(1, T // 5))
+        du = [_smooth(u[:T] - u[0], w) for u in util]  # [T, n] change from the first step
         ax = axes[0, col]
-        for i in range(util[0].shape[1]):
-            _band_line(ax, steps, [u[:n, i] for u in util], label=names[i] if i < len(names) else f"expert {i}")
-        ax.set_title(f"{setting_label(key[0], key[1], rs, [])} ({len(rs)} seed{'s' if len(rs) > 1 else ''})",
-                     fontsize=9)
+        for i in range(du[0].shape[1]):
+            _band_line(ax, steps, [d[:, i] for d in du], label=names[i] if i < len(names) else f"expert {i}")
+        _span(ax, du, 0.1)
+        r_txt = f"; mean ρ(reward, H) {rho[label]:+.2f}" if rho and label in rho else ""
+        ax.set_title(textwrap.fill(f"{label} ({len(rs)} seed{'s' if len(rs) > 1 else ''}{r_txt})", 48), fontsize=9)
         ax.set_xlabel("training step")
-        ax.set_ylabel("utilisation $u_i$")
+        ax.set_ylabel(f"Δ utilisation $u_i$ from step 1 ({w}-step mean)")
         ax.legend(fontsize=8)
         ax = axes[1, col]
-        _band_line(ax, steps, [r.metrics["reward/mean"].to_numpy()[:n] for r in rs], color="tab:blue", label="reward")
+        _band_line(ax, steps, [_smooth(r.metrics["reward/mean"].to_numpy()[:T].astype(float), w) for r in rs],
+                   color="tab:blue", label="reward")
         ax.set_xlabel("training step")
-        ax.set_ylabel("mean reward", color="tab:blue")
+        ax.set_ylabel(f"mean reward ({w}-step mean)", color="tab:blue")
         ax2 = ax.twinx()
-        _band_line(ax2, steps, [r.metrics["routing/entropy"].to_numpy()[:n] for r in rs], color="tab:red",
-                   label="routing entropy H")
-        ax2.set_ylabel("routing entropy H", color="tab:red")
-        lines = ax.get_lines()[:1] + ax2.get_lines()[:1]
-        ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="upper left")
-    _save(fig, f"Figure 4: expert utilisation, reward and routing entropy over training ({method})", out)
+        dh = [_smooth(h - h[0], w) for h in (r.metrics["routing/entropy"].to_numpy()[:T].astype(float) for r in rs)]
+        _band_line(ax2, steps, dh, color="tab:red", label="Δ routing entropy H")
+        _span(ax2, dh, 0.1 * np.log(max(2, len(names))))
+        ax2.set_ylabel("Δ routing entropy H from step 1", color="tab:red")
+        lines = ax.get_lines()[:1] + [x for x in ax2.get_lines() if x.get_label() == "Δ routing entropy H"][:1]
+        ax.legend(lines, [x.get_label() for x in lines], fontsize=8, loc="upper left")
+    _save(fig, f"Figure 4 ({method}): change from initialisation", out)
     return [r for rs in groups.values() for r in rs]
 
 
@@ -112,7 +137,7 @@ def figure6(runs: list[Run], out: Path, method: str = "perceiver") -> list[Run] 
     """Final validation accuracy against the number of latent queries m."""
     groups = defaultdict(list)
     for r in runs:
-        if r.method == method:
+        if r.method == method and r.final_accuracy is not None:
             groups[(r.family, r.condition_without("num_latents"))].append(r)
     if not groups:
         return None

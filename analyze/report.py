@@ -9,8 +9,10 @@ import polars as pl
 
 from analyze import plots
 from analyze.html import write_html
+from analyze.records import ablation_table, paired_tables, routing_table, table1_per_task
 from analyze.runs import load_runs
-from analyze.tables import Table, collaboration_table, cost_table, spearman_table, table1, table2, table_runs_md
+from analyze.tables import (Table, collaboration_table, cost_table, spearman_table, table1, table2, table_runs_md,
+                            unfinished_note)
 
 
 def _write_table(t: Table, out: Path, stem: str) -> None:
@@ -20,24 +22,31 @@ def _write_table(t: Table, out: Path, stem: str) -> None:
 
 
 def run_report(paths: list[Path], out: Path, log=print) -> Path:
-    runs = load_runs([Path(p) for p in paths])
+    every = load_runs([Path(p) for p in paths])
+    # A run without summary.json (still training, killed, waiting for --resume) has no final evaluation
+    # and stops at another step than its seeds: it is left out of every table and figure and named.
+    runs = [r for r in every if r.finished]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t1 = table1(runs)
+    t1 = table1(every)
     t2 = table2(runs)
     ts, rho_means = spearman_table(runs)
     tc = cost_table(runs)
     tk = collaboration_table(runs)
-    tables = ((t1, "table1"), (tk, "collaboration"), (t2, "table2"), (ts, "spearman"), (tc, "cost"))
+    tp, tpt = paired_tables(runs)
+    tables = ((t1, "table1"), (table1_per_task(runs), "table1_per_task"), (tp, "paired"), (tpt, "paired_per_task"), (ablation_table(runs), "ablations"),
+              (tk, "collaboration"), (routing_table(runs), "routing_per_task"), (t2, "table2"), (ts, "spearman"),
+              (tc, "cost"))
     for t, stem in tables:
         _write_table(t, out, stem)
     figs = {
-        "figure4.png": ("Figure 4: utilisation, reward and routing entropy", plots.figure4(runs, out / "figure4.png")),
+        "figure4.png": ("Figure 4: change in utilisation and routing entropy from initialisation",
+                        plots.figure4(runs, out / "figure4.png", rho=rho_means)),
         "figure5.png": ("Figure 5: with vs without C", plots.figure5(runs, out / "figure5.png")),
         "figure6.png": ("Figure 6: accuracy vs m", plots.figure6(runs, out / "figure6.png")),
     }
 
-    md = [f"# musk report\n\n{len(runs)} runs from {', '.join(str(p) for p in paths)}.\n"]
+    md = [f"# musk report\n\n{len(every)} runs from {', '.join(str(p) for p in paths)}.{unfinished_note(every)}\n"]
     for t, stem in tables:
         md.append(t.markdown())
         md.append(f"\n[{stem}.md]({stem}.md) · [{stem}.csv]({stem}.csv)\n\nComputed from:\n\n{table_runs_md(t)}\n")
@@ -48,8 +57,10 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
             fake = Table(title, [], [], sources=used)
             md.append(f"### {title}\n\n![{title}]({name})\n\nComputed from:\n\n{table_runs_md(fake)}\n")
     (out / "summary.md").write_text("\n".join(md))
-    write_html(out, runs, [t for t, _ in tables],
+    write_html(out, every, [t for t, _ in tables],
                {name: (title, out / name if used is not None else None) for name, (title, used) in figs.items()})
     rho = "; ".join(f"{k}: {v:+.3f}" for k, v in rho_means.items()) or "undefined"
-    log(f"report of {len(runs)} runs written to {out}/summary.md (mean Spearman rho per setting: {rho})")
+    overall = f"{sum(rho_means.values()) / len(rho_means):+.3f}" if rho_means else "undefined"
+    log(f"report of {len(every)} runs ({len(every) - len(runs)} unfinished, left out) written to {out}/summary.md "
+        f"(mean Spearman rho per setting: {rho}; over all settings: {overall})")
     return out / "summary.md"

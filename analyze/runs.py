@@ -17,6 +17,9 @@ from core.hashing import sha256_of
 # is replaced by the step the run reached (`Run.steps`): a run cut short with --max-steps is its own
 # condition, a resumed run that reached the same final step is not.
 NOT_A_CONDITION = ("seed", "device", *NOT_SETTINGS)
+# When evaluations happen, not what is trained: Table 1 sets a GSM8K run (233 steps, curve every 40)
+# in the same row as Reasoning Gym runs (500 steps, curve every 50).
+SCHEDULE = ("curve_freq", "curve_prompts", "test_freq")
 
 
 @dataclass
@@ -52,13 +55,27 @@ class Run:
         """Fingerprint of everything but the seed: runs pool into one cell only when it is equal."""
         return self.condition_without()
 
-    def condition_without(self, *keys: str) -> str:
+    def condition_without(self, *keys: str, steps: bool = True) -> str:
+        """The condition without config `keys` (and without the step reached when steps=False)."""
         skip = set(NOT_A_CONDITION) | set(keys)
-        return sha256_of({**{k: v for k, v in self.config.items() if k not in skip}, "steps reached": self.steps})[:10]
+        cfg = {k: v for k, v in self.config.items() if k not in skip}
+        return sha256_of({**cfg, "steps reached": self.steps} if steps else cfg)[:10]
 
     @property
     def final_accuracy(self) -> float | None:
         return self.summary.get("final_val_accuracy")
+
+    @property
+    def finished(self) -> bool:
+        """summary.json is written last: without it the run is still training, was killed, or is
+        waiting for --resume."""
+        return "final_val_accuracy" in self.summary
+
+    def status(self) -> str:
+        """'finished', or 'unfinished: step K of T' (the last step in metrics.jsonl)."""
+        if self.finished:
+            return "finished"
+        return f"unfinished: step {self.steps} of {self.config.get('total_training_steps', '?')}"
 
 
 def _frame(rows: list[dict]) -> pl.DataFrame:

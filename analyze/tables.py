@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from analyze.runs import NOT_A_CONDITION, Run
+from analyze.runs import NOT_A_CONDITION, SCHEDULE, Run
 from analyze.stats import Cell, cell, spearman
 from pipeline.pooling import VARIANTS
 
@@ -48,20 +48,26 @@ def _order(key: str, order: list[str]) -> tuple:
 
 
 def table1(runs: list[Run]) -> Table:
-    """Methods x task families: mean +/- std of final validation accuracy across seeds."""
-    families = sorted({r.family for r in runs}, key=lambda f: _order(f, FAMILY_ORDER))
+    """Methods x task families, as the paper lays Table 1 out: one row per method (and settings), one
+    column per family; a cell is the mean +/- std of final validation accuracy across seeds.
+
+    A row pools runs that differ in the seed, the cache (one per family) and the evaluation schedule;
+    a cell pools runs of equal length, and columns may differ in length (GSM8K 233 steps vs 500). A
+    family whose runs span two caches or two lengths splits the row (labelled). Unfinished runs have
+    no final accuracy: they are left out and named in the note."""
+    done = [r for r in runs if r.finished]
+    families = sorted({r.family for r in done}, key=lambda f: _order(f, FAMILY_ORDER))
     rows: dict[tuple, list[Run]] = defaultdict(list)
-    for r in runs:
-        # Same row: same method and settings; the cache joins the key so two caches never pool.
-        rows[(r.method, r.condition_without("cache_fingerprint", "task_family"))].append(r)
+    for r in done:
+        rows[(r.method, r.condition_without("cache_fingerprint", "task_family", *SCHEDULE, steps=False))].append(r)
     split_rows: dict[tuple, list[Run]] = {}
     for key, rs in rows.items():
-        per_family_caches = defaultdict(set)
+        per_family = defaultdict(set)
         for r in rs:
-            per_family_caches[r.family].add(r.config.get("cache_fingerprint"))
-        if any(len(v) > 1 for v in per_family_caches.values()):
+            per_family[r.family].add((r.config.get("cache_fingerprint"), r.steps))
+        if any(len(v) > 1 for v in per_family.values()):
             for r in rs:
-                split_rows.setdefault(key + (r.config.get("cache_fingerprint"),), []).append(r)
+                split_rows.setdefault(key + ((r.config.get("cache_fingerprint"), r.steps),), []).append(r)
         else:
             split_rows[key] = rs
     by_method = defaultdict(list)
@@ -70,19 +76,32 @@ def table1(runs: list[Run]) -> Table:
     out_rows, raw = [], []
     for method in sorted(by_method, key=lambda m: _order(m, METHOD_ORDER)):
         entries = by_method[method]
-        keys = _differing([rs[0].config for _, rs in entries], ROW_FREE) if len(entries) > 1 else []
+        keys = _differing([rs[0].config for _, rs in entries], ROW_FREE | set(SCHEDULE)) if len(entries) > 1 else []
         for key, rs in sorted(entries, key=lambda e: str(e[0])):
             label = _label(method, rs[0].config, keys)
             if len(key) == 3:
-                label += f" (cache {str(key[2])[:8]})"
+                label += f" (cache {str(key[2][0])[:8]}, {key[2][1]} steps)"
             cells = []
             for fam in families:
                 c = cell([r.final_accuracy for r in rs if r.family == fam])
                 cells.append(c.fmt())
                 raw.append({"row": label, "family": fam, "mean": c.mean, "std": c.std, "n": c.n,
+                            "steps": ";".join(sorted({str(r.steps) for r in rs if r.family == fam})),
                             "runs": ";".join(r.name for r in rs if r.family == fam)})
             out_rows.append((label, cells))
-    return Table("Table 1: final validation accuracy (%), mean ± std across seeds", families, out_rows, raw, runs)
+    lengths = {f: sorted({r.steps for r in done if r.family == f}) for f in families}
+    note = "Steps per run: " + ", ".join(f"{f} {'/'.join(map(str, n))}" for f, n in lengths.items()) + "." \
+        if families else "No finished run."
+    note += unfinished_note(runs)
+    return Table("Table 1: final validation accuracy (%), mean ± std across seeds", families, out_rows, raw, done,
+                 note)
+
+
+def unfinished_note(runs: list[Run]) -> str:
+    """' Left out, unfinished: a (step 3 of 10), ...' or ''."""
+    left = [f"{r.name} (step {r.steps} of {r.config.get('total_training_steps', '?')})" for r in runs
+            if not r.finished]
+    return (" Left out, unfinished (no final evaluation yet): " + ", ".join(sorted(left)) + ".") if left else ""
 
 
 def table2(runs: list[Run], method: str = "perceiver") -> Table:
@@ -110,13 +129,33 @@ def table2(runs: list[Run], method: str = "perceiver") -> Table:
                  note)
 
 
-def method_runs(runs: list[Run], method: str = "perceiver") -> dict[tuple, list[Run]]:
-    """The method's own runs (its default last-token pooling: no pooling ablation, no other method),
-    grouped by setting: (task family, team, condition without the seed). The paper computes its
-    statistics per run of the method and averages them per setting."""
-    groups: dict[tuple, list[Run]] = defaultdict(list)
+# The paper's main setting: last-token pooling and m = 8 latent queries. Runs that differ from it are
+# ablations (Table 2 sweeps pooling, Figure 6 sweeps m) and stay out of the Spearman table, Figure 4 and
+# the paired tables. m only matters to perceiver; where no perceiver run of a (family, team) has m = 8,
+# the m most of them use is the main one (a preset that trains at another m throughout).
+MAIN_POOLING, MAIN_LATENTS = "last_token", 8
+
+
+def ablation_names(runs: list[Run]) -> set[str]:
+    """Names of the runs that are ablation conditions (see MAIN_POOLING, MAIN_LATENTS)."""
+    ms: dict[tuple, list] = defaultdict(list)
     for r in runs:
-        if r.method == method and r.config.get("pooling", "last_token") == "last_token":
+        if r.method == "perceiver":
+            ms[(r.family, r.team)].append(r.config.get("num_latents", MAIN_LATENTS))
+    main = {k: MAIN_LATENTS if MAIN_LATENTS in v else max(set(v), key=v.count) for k, v in ms.items()}
+    return {r.name for r in runs
+            if r.config.get("pooling", MAIN_POOLING) != MAIN_POOLING
+            or (r.method == "perceiver" and r.config.get("num_latents", MAIN_LATENTS) != main[(r.family, r.team)])}
+
+
+def method_runs(runs: list[Run], method: str = "perceiver") -> dict[tuple, list[Run]]:
+    """The method's own runs in its main setting (ablation_names: no pooling ablation, no m sweep, no
+    other method), grouped by setting: (task family, team, condition without the seed). The paper
+    computes its statistics per run of the method and averages them per setting."""
+    groups: dict[tuple, list[Run]] = defaultdict(list)
+    ablations = ablation_names(runs)
+    for r in runs:
+        if r.method == method and r.name not in ablations:
             groups[(r.family, r.team, r.condition)].append(r)
     return dict(sorted(groups.items(), key=lambda kv: (_order(kv[0][0], FAMILY_ORDER), kv[0][1], kv[0][2])))
 
@@ -153,8 +192,13 @@ def spearman_table(runs: list[Run], method: str = "perceiver") -> tuple[Table, d
             means[label] = mean
         per_run = ", ".join(f"{n}: {'undefined' if x is None else f'{x:+.3f}'}" for n, x in rhos)
         rows.append((label, [str(len(rhos)), per_run or "missing", "undefined" if mean is None else f"{mean:+.3f}"]))
-    note = (f"Over {method} runs with last-token pooling only (hard-routing and the pooling ablations are left "
-            "out); ρ per run, then the mean per setting. Paper: mean ρ = -0.48.")
+    overall = float(np.mean(list(means.values()))) if means else None
+    if overall is not None:
+        raw.append({"setting": "all settings", "run": "", "seed": None, "steps": None, "spearman": overall})
+    note = (f"Over {method} runs in the main setting only (last-token pooling, m = 8 or the m its runs share: "
+            "hard-routing, the pooling ablation and the m sweep are left out); ρ per run, then the mean per "
+            f"setting. Mean ρ over all {len(means)} settings: " + ("undefined" if overall is None else f"{overall:+.3f}") +
+            " (paper: -0.48).")
     if not rows:
         note = f"No {method} run with routing statistics: ρ is missing."
     return Table(f"Spearman ρ(reward, routing entropy), {method} runs, per setting",
@@ -168,6 +212,9 @@ def _mean_std(values: list[float | None], scale: float = 100.0, digits: int = 1)
     return f"{c.mean * scale:.{digits}f}" + (f" ± {c.std * scale:.{digits}f}" if c.std is not None else "")
 
 
+WINDOW = 20  # steps over which the collaboration table averages u_i
+
+
 def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[list[str], dict]:
     """One condition's cells and CSV fields (see collaboration_table)."""
     with_c = [r.final_accuracy for r in rs]
@@ -175,7 +222,9 @@ def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[lis
     null = [r.summary.get("final_val_accuracy_null_context") for r in rs]
     first = [r.metrics["routing/entropy"][0] for r in rs if "routing/entropy" in r.metrics.columns]
     last = [r.metrics["routing/entropy"][-1] for r in rs if "routing/entropy" in r.metrics.columns]
-    util = [r.metrics["routing/utilization"][-1].to_list() for r in rs if "routing/utilization" in r.metrics.columns]
+    # u_i of a run: the mean over its last WINDOW steps (one step is one training batch: a few prompts)
+    util = [np.mean(r.metrics["routing/utilization"].to_list()[-WINDOW:], axis=0).tolist() for r in rs
+            if "routing/utilization" in r.metrics.columns]
     u = np.array(util, dtype=float) if util and all(len(x) == len(team) for x in util) else None  # [seeds, n]
     u_txt = ", ".join(f"{n}: {u[:, i].mean():.3f}" + (f" ± {u[:, i].std(ddof=1):.3f}" if len(u) > 1 else "")
                       for i, n in enumerate(team)) if u is not None else "—"
@@ -188,7 +237,7 @@ def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[lis
            **({"acc_null_c_mean": cn.mean, "acc_null_c_std": cn.std} if with_null else {}),
            "entropy_first": float(np.mean(first)) if first else None,
            "entropy_last": float(np.mean(last)) if last else None,
-           **({f"u_last[{n}]": float(u[:, i].mean()) for i, n in enumerate(team)} if u is not None else {})}
+           **({f"u_last{WINDOW}[{n}]": float(u[:, i].mean()) for i, n in enumerate(team)} if u is not None else {})}
     return cells, raw
 
 
@@ -196,7 +245,7 @@ def collaboration_table(runs: list[Run]) -> Table:
     """Does C carry information the policy uses? Per condition (family, team, method, settings):
     final validation accuracy with C and with C removed (the same policy), with C's information
     removed but its slots kept where runs evaluated it (eval_null_context), routing entropy H at the
-    first and last step, and each expert's utilisation u_i at the last step; mean ± std over seeds."""
+    first and last step, and each expert's utilisation u_i over the last WINDOW steps; mean ± std over seeds."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.family, r.team, r.method, r.condition)].append(r)
@@ -214,13 +263,16 @@ def collaboration_table(runs: list[Run]) -> Table:
                     **fields})
         used += rs
     cols = ["seeds", "val acc % (with C)", "val acc % (C removed)"] + \
-        (["val acc % (C's information removed)"] if with_null else []) + ["H first → last step", "u_i at the last step"]
+        (["val acc % (C's information removed)"] if with_null else []) + ["H first → last step", f"u_i, mean of the last {WINDOW} steps"]
     return Table("Collaboration: accuracy with and without C, routing entropy, utilisation (mean ± std over seeds)",
                  cols, rows, raw, used,
                  note="Accuracy is the final greedy validation accuracy; 'C removed' evaluates the same trained "
                       "policy with no context tokens" + ("; \"C's information removed\" keeps the m context slots "
                       "with the gate closed (C = its anchor)" if with_null else "") +
-                      ". H = ln n is a uniform attention over the n experts.")
+                      f". H = ln n is a uniform attention over the n experts. u_i is each run's mean over its last "
+                      f"{WINDOW} training steps (one step reads a few prompts; single steps swing by ±0.2 on the "
+                      "probe preset), then mean ± std over seeds; the per-dataset routing table reads u_i on the "
+                      "evaluation prompts.")
 
 
 def cost_table(runs: list[Run]) -> Table:

@@ -5,15 +5,21 @@
     runs/<name>/config.yaml          resolved training config + the cache fingerprint it read
                 metrics.jsonl        one record per optimizer step
                 eval.jsonl           one record per evaluation (kind full | curve)
+                eval_records.jsonl   one record per evaluated prompt, condition and sample (step, kind)
                 completions.jsonl    sampled prompts with their completions, rewards, advantages
                 checkpoints/step_K/  everything a bit-for-bit resume needs
                 final/               PEFT adapter + context adapter
                 summary.json         method, team, family, seed, steps, final accuracy
+                eval/<name>/         `musk eval` folders: records.jsonl + summary.json
+
+A killed process can leave the last line of a .jsonl cut short: readers drop that one line with a
+warning (TornLineWarning); a broken line anywhere else is an error naming the file and line.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +27,43 @@ import yaml
 
 from core.atomic import atomic_write_text
 from core.config import dump_yaml
+from core.errors import MuskError
 
 CONFIG, SUMMARY, CHECKPOINTS, FINAL = "config.yaml", "summary.json", "checkpoints", "final"
 METRICS, EVAL, COMPLETIONS = "metrics.jsonl", "eval.jsonl", "completions.jsonl"
-LOGS = (METRICS, EVAL, COMPLETIONS)  # append-only JSON lines, one record per step or event
+EVAL_RECORDS, EVAL_DIR = "eval_records.jsonl", "eval"
+LOGS = (METRICS, EVAL, COMPLETIONS, EVAL_RECORDS)  # append-only JSON lines, one record per step or event
+
+
+class TornLineWarning(UserWarning):
+    """The last line of a .jsonl was cut short (a crash mid-write) and was dropped."""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file ([] when it does not exist). A last line that does not parse
+    is a torn write: dropped with a TornLineWarning. Raises MuskError for a broken line elsewhere."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = [(i, x) for i, x in enumerate(path.read_bytes().decode("utf-8", errors="replace").splitlines(), 1)
+             if x.strip()]
+    out = []
+    for j, (i, x) in enumerate(lines):
+        try:
+            out.append(json.loads(x))
+        except json.JSONDecodeError as e:
+            if j == len(lines) - 1:
+                warnings.warn(f"{path}: dropped its last line, cut short by a crash mid-write ({x[:60]!r}...)",
+                              TornLineWarning, stacklevel=2)
+                break
+            raise MuskError(f"{str(path)!r}: line {i} is not valid JSON ({e}); only a torn last line is dropped, "
+                            "so this file was edited or damaged: repair or remove that line") from None
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace `path` with `records`, one per line, atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 # Keys of config.yaml that do not change what a run computes: a resume may change them, and the report
 # does not split conditions on them (it also ignores seed and device, which a resume must keep).
@@ -99,13 +138,12 @@ class RunFolder:
             f.write(json.dumps(record) + "\n")
 
     def read(self, log: str) -> list[dict]:
-        p = self.log_path(log)
-        return [json.loads(x) for x in p.read_text().splitlines() if x.strip()] if p.exists() else []
+        return read_jsonl(self.log_path(log))
 
     def truncate(self, max_step: int) -> None:
-        """Drop log records past `max_step` (written after the checkpoint by a run that was killed)."""
+        """Drop log records past `max_step` (written after the checkpoint by a run that was killed) and
+        a torn last line (with a warning): appends then start on a line of their own."""
         for log in LOGS:
             p = self.log_path(log)
             if p.exists():
-                keep = [x for x in p.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= max_step]
-                atomic_write_text(p, "".join(line + "\n" for line in keep))
+                write_jsonl(p, [r for r in read_jsonl(p) if r.get("step", 0) <= max_step])

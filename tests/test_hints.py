@@ -33,7 +33,8 @@ def test_presets_choose_their_hint_form():
 
 
 def _inputs(tiny_cache, tiny_policy, **ov):
-    from train.loop import build_models, load_data, policy_inputs
+    from train.inputs import policy_inputs
+    from train.loop import build_models, load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="output-collab", **ov))
     data = load_data(cfg, tiny_cache)
@@ -65,12 +66,12 @@ def test_literal_block_where_c_goes_and_zero_reference(tiny_cache, tiny_policy):
 
 
 def test_labelled_in_turn_read_by_the_reference(tiny_cache, tiny_policy):
-    from train.loop import prompt_batch
+    from train.inputs import prompt_batch
 
     cfg, m, data, idx, pi, bare = _inputs(tiny_cache, tiny_policy, hint_format="labelled",
                                           hint_position="user-turn", hint_reference="reads")
     assert torch.equal(pi.embeds, pi.ref_embeds)  # the reference reads the hints too
-    pb = prompt_batch(m, data, idx, True, "cpu", "labelled")
+    pb = prompt_batch(m, data, idx, True, "cpu", hint_format="labelled")
     text = m.tok.decode(pb.ids[0][pb.mask[0].bool()])
     assert f"- {data.experts[0]}: " in text and "[Expert Hints]" in text
     assert int(pi.mask[0].sum()) == int(pb.mask[0].sum()) > int(bare.mask[0].sum())  # no extra block slots

@@ -309,3 +309,181 @@ def test_cost_table_skips_runs_without_expert_token_counts(tmp_path):
                                              + "\n" for r in lines))
     t = cost_table(load_runs([tmp_path / "r"]))
     assert t.rows == [("single", ["missing"] * 4)] and not t.sources
+
+
+# ---------------------------------------------------------------------------------------------
+# Crash-safe run folders, unfinished runs, Table 1 across lengths, ablations left out of Spearman.
+
+
+def _report(*args):
+    res = CliRunner().invoke(app, ["report", *map(str, args)])
+    return res.exit_code, res.output + (res.stderr if res.stderr_bytes is not None else "")
+
+
+def test_torn_last_line_is_dropped_with_a_warning(runs_dir, tmp_path):
+    for log in ("metrics.jsonl", "eval.jsonl"):
+        with open(runs_dir / "p-ar-0" / log, "a") as f:
+            f.write('{"step": 5, "reward/me')  # killed mid-write
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from cache.run_folder import TornLineWarning
+
+    with pytest.warns(TornLineWarning, match="metrics.jsonl: dropped its last line"):
+        code, out = _report(runs_dir, "--out", tmp_path / "rep")
+    assert code == 0, out
+    assert "70.00 ± 10.00 (n=3)" in (tmp_path / "rep" / "table1.md").read_text()  # the run still counts
+    res = subprocess.run([sys.executable, "cli.py", "report", str(runs_dir), "--out", str(tmp_path / "rep2")],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.count("musk: warning:") == 2 and "eval.jsonl: dropped its last line" in res.stderr
+    run = load_runs([runs_dir / "p-ar-0"])[0]
+    assert run.metrics["step"].to_list() == [1, 2, 3, 4]
+
+
+def test_broken_line_inside_a_log_is_a_clear_error(runs_dir, tmp_path):
+    p = runs_dir / "p-ar-0" / "metrics.jsonl"
+    lines = p.read_text().splitlines()
+    p.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    code, out = _report(runs_dir, "--out", tmp_path / "rep")
+    assert code == 2 and "metrics.jsonl" in out and "line 2 is not valid JSON" in out and "Traceback" not in out
+
+
+def test_report_on_finished_running_killed_and_resumed_runs(runs_dir, tmp_path):
+    """An unfinished run (no summary.json: still training or killed) and one killed before its first
+    step are named with the step they reached and left out of the tables; nothing crashes."""
+    d = make_run(runs_dir, "p-running", seed=7, rewards=(0.1, 0.2))
+    (d / "summary.json").unlink()
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "total_training_steps": 4}))
+    k = make_run(runs_dir, "s-killed", method="single", seed=8)
+    (k / "summary.json").unlink()
+    (k / "metrics.jsonl").write_text("")
+    make_run(runs_dir, "p-m4", seed=9, m=4)  # a finished m-sweep run beside them (Figure 6)
+    code, out = _report(runs_dir, "--out", tmp_path / "rep")
+    assert code == 0, out
+    t1 = (tmp_path / "rep" / "table1.md").read_text()
+    assert "p-running (step 2 of 4)" in t1 and "s-killed (step 0 of ?)" in t1
+    assert "70.00 ± 10.00 (n=3)" in t1  # the unfinished perceiver run does not enter the cell
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "unfinished: step 2 of 4" in html and "finished" in html
+    for f in ("figure4.png", "figure5.png", "figure6.png"):
+        assert (tmp_path / "rep" / f).exists()
+
+
+def _with(d, **cfg_extra):
+    cfg = yaml.safe_load((d / "config.yaml").read_text())
+    (d / "config.yaml").write_text(yaml.safe_dump({**cfg, **cfg_extra}))
+    return d
+
+
+def test_table1_one_row_per_method_across_lengths(tmp_path):
+    """GSM8K runs (fewer steps, another curve_freq) share a row with Reasoning Gym runs; a cell pools
+    runs of one length and says it."""
+    root = tmp_path / "t1"
+    for method in ("single", "perceiver"):
+        for s, a in enumerate((0.4, 0.6)):
+            _with(make_run(root, f"{method}-ar-{s}", method=method, seed=s, acc=a), curve_freq=50,
+                  total_training_steps=4)
+        _with(make_run(root, f"{method}-gsm-0", method=method, family="gsm8k", cache="g", acc=0.3, rewards=(0.1, 0.2),
+                       entropy=(1.0, 0.9)), curve_freq=40, total_training_steps=2)
+    t = table1(load_runs([root]))
+    assert t.columns == ["arithmetic", "gsm8k"]
+    assert dict(t.rows) == {"single": ["50.00 ± 14.14 (n=2)", "30.00 (n=1)"],
+                            "perceiver": ["50.00 ± 14.14 (n=2)", "30.00 (n=1)"]}
+    assert "Steps per run: arithmetic 4, gsm8k 2." in t.note
+    # a run of another length in the same cell is not pooled: that family's row splits, labelled
+    _with(make_run(root, "single-ar-short", method="single", seed=5, acc=0.9, rewards=(0.1, 0.2, 0.3)),
+          curve_freq=50, total_training_steps=3)
+    rows = dict(table1(load_runs([root])).rows)
+    assert rows["single (cache c1, 3 steps)"][0] == "90.00 (n=1)" and rows["single (cache c1, 4 steps)"][0] == \
+        "50.00 ± 14.14 (n=2)"
+
+
+def test_spearman_and_figure4_leave_out_ablations_and_give_the_mean_over_settings(tmp_path):
+    from analyze.plots import figure4
+
+    root = tmp_path / "sp"
+    make_run(root, "r1", seed=0, rewards=(0.1, 0.2, 0.3, 0.4), entropy=(1.0, 0.9, 0.8, 0.7))  # -1
+    make_run(root, "lo", family="logic", cache="c2", rewards=(0.1, 0.2, 0.3, 0.4), entropy=(0.9, 0.6, 0.7, 0.8))  # -.2
+    make_run(root, "m4", seed=1, m=4, rewards=(0.1, 0.2, 0.3, 0.4), entropy=(0.4, 0.6, 0.7, 0.9))  # m sweep: +1
+    make_run(root, "m16", seed=2, m=16, rewards=(0.1, 0.2, 0.3, 0.4), entropy=(0.4, 0.6, 0.7, 0.9))
+    runs = load_runs([root])
+    t, means = spearman_table(runs)
+    assert {r.name for r in t.sources} == {"r1", "lo"} and len(t.rows) == 2
+    assert "Mean ρ over all 2 settings: -0.600 (paper: -0.48)" in t.note  # (-1 + -0.2) / 2
+    assert [x for x in t.raw if x["setting"] == "all settings"][0]["spearman"] == pytest.approx(-0.6)
+    used = figure4(runs, tmp_path / "f4.png", rho=means)
+    assert {r.name for r in used} == {"r1", "lo"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-prompt records: paired intervals, expert ablations, routing per dataset (hand-worked).
+
+
+def _records(d, rows, condition="with", step=4, name="eval_records.jsonl", tasks=("t1", "t1", "t2", "t2"),
+             util=None):
+    recs = [{"step": step, "kind": "full", "prompt": i, "question_sha": f"q{i}", "task": tasks[i], "split": "val",
+             "condition": condition, "sample": 0, "correct": bool(c), "reward": float(c), "completion_tokens": 3,
+             "truncated": False, "completion": "x", **({"utilization": util[i], "entropy": 0.5} if util else {})}
+            for i, c in enumerate(rows)]
+    with open(d / name, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_paired_tables_hand_worked(tmp_path):
+    """perceiver [1,1,1,0] vs single [0,1,1,0]: d = [1,0,0,0], interval [0, 75] (see test_stats);
+    with C [1,1,1,0] vs without [0,0,1,0]: d = [1,1,0,0], resampled means K/4, K ~ Bin(4, 1/2), CDF
+    .0625 .3125 .6875 .9375 1: interval [0, 100]."""
+    from analyze.records import paired_tables
+
+    root = tmp_path / "pr"
+    p = make_run(root, "p", acc=0.75)
+    _records(p, [1, 1, 1, 0])
+    _records(p, [0, 0, 1, 0], condition="without")
+    _records(p, [0, 0, 0, 0], step=2)  # an earlier evaluation: not read
+    s = make_run(root, "s", method="single", acc=0.5)
+    _records(s, [0, 1, 1, 0])
+    fam, per_task = paired_tables(load_runs([root]))
+    rows = dict(fam.rows)
+    assert rows["perceiver − single"] == ["+25.0 [+0.0, +75.0] (n=4)"]
+    assert rows["perceiver: with C − without C"] == ["+50.0 [+0.0, +100.0] (n=4)"]
+    assert "10000 resamples" in fam.note and "seed 0" in fam.note
+    tasks = dict(per_task.rows)
+    assert tasks["arithmetic / t1"][0] == "+50.0 [+0.0, +100.0] (n=2)"  # d = [1, 0] on t1
+    assert tasks["arithmetic / t2"][0] == "+0.0 [+0.0, +0.0] (n=2)"
+
+
+def test_ablation_table_reads_musk_eval_folders(tmp_path):
+    from analyze.records import ablation_table, routing_table
+
+    root = tmp_path / "ab"
+    p = make_run(root, "p", acc=0.75)
+    _records(p, [1, 1, 1, 0], util=[[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.2, 0.2, 0.6], [0.2, 0.4, 0.4]])
+    ev = p / "eval" / "final-val-drop_math"
+    ev.mkdir(parents=True)
+    (ev / "summary.json").write_text(json.dumps({"split": "val", "checkpoint": "final", "samples": 1}))
+    _records(ev, [1, 1, 1, 0], name="records.jsonl")
+    _records(ev, [0, 1, 1, 0], condition="drop:math", name="records.jsonl")
+    s = make_run(root, "s", method="single", acc=0.5)
+    _records(s, [0, 1, 1, 0])
+    runs = load_runs([root])
+    t = ablation_table(runs)
+    assert dict(t.rows)["arithmetic / perceiver / math, code, general / drop:math"] == [
+        "1", "75.0 (n=4)", "50.0 (n=4)", "-25.0 [-75.0, +0.0] (n=4)", "+0.0 [+0.0, +0.0] (n=4)"]
+    r = dict(routing_table(runs).rows)
+    assert r["arithmetic / perceiver / all"] == ["1", "math: 0.350, code: 0.325, general: 0.325"]
+    assert r["arithmetic / perceiver / t1"] == ["1", "math: 0.500, code: 0.350, general: 0.150"]
+
+
+def test_table1_per_dataset_from_records(tmp_path):
+    from analyze.records import table1_per_task
+
+    root = tmp_path / "pt"
+    for s, rows in enumerate(([1, 1, 1, 0], [1, 0, 0, 0])):
+        _records(make_run(root, f"p{s}", seed=s), rows)
+    t = table1_per_task(load_runs([root]))
+    assert t.columns == ["arithmetic / t1", "arithmetic / t2"]
+    # t1: seeds 1.0 and 0.5 -> 75 ± 35.36; t2: 0.5 and 0 -> 25 ± 35.36
+    assert dict(t.rows)["perceiver"] == ["75.00 ± 35.36 (n=2)", "25.00 ± 35.36 (n=2)"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train.loop
+import train.inputs
 from core.errors import MuskError
 from train.config import load_train_config
 from train.loop import run_train
@@ -300,7 +301,8 @@ def test_null_context_eval_equals_with_c_while_the_gate_is_shut(tiny_cache, tiny
 def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     """The null variant's input: the prompt with m copies of the anchor (the mean token embedding) where
     C goes; with gamma = 0 it is exactly the "with C" input, and never the zero-slot input."""
-    from train.loop import _eval_inputs, build_models, load_data
+    from train.evaluate import _eval_inputs
+    from train.loop import build_models, load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", **STABLE))
     data = load_data(cfg, tiny_cache)
@@ -308,9 +310,9 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     m.adapter.eval()
     idx = [int(i) for i in data.val_idx[:2]]
     with torch.no_grad():
-        e_with, mk_with = _eval_inputs(cfg, m, data, idx, "with", "cpu")
-        e_null, mk_null = _eval_inputs(cfg, m, data, idx, "null", "cpu")
-        e_none, mk_none = _eval_inputs(cfg, m, data, idx, "removed", "cpu")
+        e_with, mk_with, _ = _eval_inputs(cfg, m, data, idx, "with", "cpu")
+        e_null, mk_null, _ = _eval_inputs(cfg, m, data, idx, "null", "cpu")
+        e_none, mk_none, _ = _eval_inputs(cfg, m, data, idx, "removed", "cpu")
     assert torch.equal(e_with, e_null) and torch.equal(mk_with, mk_null)
     assert e_null.shape[1] == e_none.shape[1] + cfg.num_latents
     anchor = m.lm.get_input_embeddings().weight.mean(0)
@@ -385,7 +387,7 @@ def test_second_pass_starts_from_the_sampling_policy(tiny_cache, tiny_policy, tm
     and the loss equals the first pass's. Two AdamW updates a step."""
     seen, gaps, updates, contexts = [], [], [], []
     step, upd = train.loop.grpo_step, train.loop.update
-    loss_fn, ctx_fn = train.loop.grpo_loss, train.loop.context_tokens
+    loss_fn, ctx_fn = train.loop.grpo_loss, train.inputs.context_tokens
 
     def spy_step(cfg, m, ro, timing, old=None):
         out = step(cfg, m, ro, timing, old)
@@ -403,7 +405,7 @@ def test_second_pass_starts_from_the_sampling_policy(tiny_cache, tiny_policy, tm
 
     monkeypatch.setattr(train.loop, "grpo_step", spy_step)
     monkeypatch.setattr(train.loop, "grpo_loss", spy_loss)
-    monkeypatch.setattr(train.loop, "context_tokens", spy_ctx)
+    monkeypatch.setattr(train.inputs, "context_tokens", spy_ctx)
     monkeypatch.setattr(train.loop, "update", lambda *a: updates.append(1) or upd(*a))
     ov = tiny_train_overrides(tiny_policy, method=method, total_training_steps=2, num_iterations=2, lr=0.0,
                               router_lr=0.0, gate_lr=0.0)
@@ -459,3 +461,47 @@ def test_nan_in_a_later_pass_saves_no_mislabelled_checkpoint(tiny_cache, tiny_po
     with pytest.raises(MuskError, match="non-finite loss at step 1 .*saved nothing \\(pass 2 of num_iterations"):
         run_train(cfg, tiny_cache, tmp_path / "nan", **QUIET)
     assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_evaluations_keep_per_prompt_records_and_steps_log_diagnostics(tiny_cache, tiny_policy, tmp_path):
+    """eval_records.jsonl: every validation prompt x condition of each evaluation, once, with step and
+    kind; metrics.jsonl: completion length, truncation, policy token entropy, clip fraction, reward per dataset."""
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2, test_freq=1)
+    run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
+    recs = [json.loads(x) for x in (run / "eval_records.jsonl").read_text().splitlines()]
+    evals = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [1, 2]
+    for e in evals:
+        mine = [r for r in recs if r["step"] == e["step"]]
+        assert sorted((r["condition"], r["prompt"]) for r in mine) == sorted(
+            (c, p) for c in ("with", "without") for p in {r["prompt"] for r in mine})
+        assert len({r["prompt"] for r in mine}) == e["n"] == 4 and all(r["kind"] == "full" for r in mine)
+        w = [r for r in mine if r["condition"] == "with"]
+        assert e["accuracy"] == sum(r["correct"] for r in w) / 4
+        assert e["completion_tokens_mean"] == pytest.approx(sum(r["completion_tokens"] for r in w) / 4)
+        assert e["token_entropy_mean"] == pytest.approx(sum(r["token_entropy"] for r in w) / 4)
+        assert all(r["reward"] == _fake_score(None, r["completion"], None) for r in mine)
+    tasks = {r["task"] for r in recs}
+    for r in _metrics(run):
+        assert 1 <= r["completion/length_mean"] <= r["completion/length_max"] <= 6
+        assert 0 <= r["completion/truncated_frac"] <= 1 and r["clip_frac"] == 0.0  # one pass: ratio == 1
+        assert 0 < r["policy/entropy"] <= math.log(256 + 3)  # nats, at most ln |V| (byte tokenizer)
+        assert {k[len("reward/task/"):] for k in r if k.startswith("reward/task/")} <= tasks | {"secret-digit"}
+        assert any(k.startswith("reward/task/") for k in r)
+
+
+def test_resume_drops_a_torn_last_line_with_a_warning(tiny_cache, tiny_policy, tmp_path):
+    """A kill mid-write leaves half a JSON line at the end of a log: --resume drops it (warning) and
+    the next records start on a line of their own."""
+    from cache.run_folder import TornLineWarning
+
+    ov = tiny_train_overrides(tiny_policy, method="single", total_training_steps=1, save_freq=1, test_freq=1)
+    run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
+    for log in ("metrics.jsonl", "eval.jsonl", "eval_records.jsonl"):
+        with open(run / log, "a") as f:
+            f.write('{"step": 2, "rew')
+    with pytest.warns(TornLineWarning, match="dropped its last line"):
+        run_train(load_train_config(None, {**ov, "total_training_steps": 2}), tiny_cache, run, resume=True, **QUIET)
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    ev = [json.loads(x) for x in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in ev] == [1, 2]

@@ -57,7 +57,8 @@ class StubLLM:
             for _ in range(sp.n):
                 torch.manual_seed(int(torch.randint(2**31 - 1, (), generator=gen)))
                 toks, live = generate(self.lm, emb, mask, sp.max_tokens, sp.stop_token_ids, 0,
-                                      max(sp.temperature, 1e-6), greedy=sp.temperature == 0.0)
+                                      max(sp.temperature, 1e-6), greedy=sp.temperature == 0.0, top_k=sp.top_k,
+                                      top_p=sp.top_p, min_p=sp.min_p)
                 ids = toks[0][live[0].bool()].tolist()
                 rows.append(SimpleNamespace(token_ids=ids, text=self.tok.decode(
                     [t for t in ids if t not in sp.stop_token_ids], skip_special_tokens=True)))
@@ -66,9 +67,11 @@ class StubLLM:
 
 
 class StubSamplingParams:
-    def __init__(self, n=1, temperature=1.0, max_tokens=16, stop_token_ids=(), seed=None, skip_special_tokens=True):
+    def __init__(self, n=1, temperature=1.0, max_tokens=16, stop_token_ids=(), seed=None, skip_special_tokens=True,
+                 top_k=-1, top_p=1.0, min_p=0.0):
         self.n, self.temperature, self.max_tokens = n, temperature, max_tokens
         self.stop_token_ids, self.seed = list(stop_token_ids), seed
+        self.top_k, self.top_p, self.min_p = max(top_k, 0), top_p, min_p
 
 
 @pytest.fixture

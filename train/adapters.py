@@ -3,6 +3,11 @@
 Each adapter maps the cached, pooled expert vectors of a batch ([B, d_i] per expert) to context
 tokens C [B, m, d_out] in the policy's embedding space, and exposes its expert attention [B, m, n]
 (or None) for the routing statistics of Eq. 15.
+
+`keep` ([n] bool, None = all) takes experts out at evaluation time (`musk eval --ablate drop:NAME`):
+an expert with keep False has no token when g_phi mixes them. Perceiver: its attention score is -inf,
+so the softmax renormalises over the rest (exactly the attention over the remaining tokens); FFN: its
+token is left out of C (n-1 context tokens); hard-routing: its router logit is -inf, it is never chosen.
 """
 
 from __future__ import annotations
@@ -150,14 +155,17 @@ class Perceiver(nn.Module):
         self.ffn = TanhFFN(d)
         self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
 
-    def forward(self, feats, router_emb=None) -> AdapterOut:
+    def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
         V = self.experts(feats)  # [B, n, d]
         B, n, d = V.shape
         m = self.latents.shape[0]
         q = self.wq(self.latents).view(m, self.h, self.dh).transpose(0, 1)  # [h, m, dh]
         k = self.wk(V).view(B, n, self.h, self.dh).transpose(1, 2)  # [B, h, n, dh]
         v = self.wv(V).view(B, n, self.h, self.dh).transpose(1, 2)  # [B, h, n, dh]
-        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(self.dh), dim=-1)  # [B, h, m, n]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.dh)  # [B, h, m, n]
+        if keep is not None:  # a dropped expert gets weight exactly 0; the rest renormalise
+            scores = scores.masked_fill(~keep.to(scores.device), float("-inf"))
+        att = torch.softmax(scores, dim=-1)  # [B, h, m, n]
         mixed = (att @ v).transpose(1, 2).reshape(B, m, d)  # [B, m, d]
         c = self.out(self.ffn(self.latents + mixed))  # [B, m, d_out]
         return AdapterOut(c, att.mean(dim=1))
@@ -173,8 +181,11 @@ class FFNOnly(nn.Module):
         self.ffn = TanhFFN(d)
         self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
 
-    def forward(self, feats, router_emb=None) -> AdapterOut:
-        return AdapterOut(self.out(self.ffn(self.experts(feats))), None)
+    def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
+        V = self.experts(feats)  # [B, n, d]
+        if keep is not None:
+            V = V[:, keep.to(V.device)]  # [B, n_kept, d]: a dropped expert has no token
+        return AdapterOut(self.out(self.ffn(V)), None)
 
 
 class HardRouter(nn.Module):
@@ -199,10 +210,12 @@ class HardRouter(nn.Module):
             return F.gumbel_softmax(logits, tau=self.tau, hard=True)
         return F.one_hot(logits.argmax(dim=-1), logits.shape[-1]).to(logits.dtype)
 
-    def forward(self, feats, router_emb=None) -> AdapterOut:
+    def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
         if router_emb is None:
             raise MuskError("hard-routing needs the router's sentence embedding")
         logits = self.router(router_emb)  # [B, n]
+        if keep is not None:  # a dropped expert can never be chosen (argmax or Gumbel)
+            logits = logits.masked_fill(~keep.to(logits.device), float("-inf"))
         r = self.route(logits)  # [B, n]
         z = (r[:, :, None] * self.experts(feats)).sum(dim=1)  # [B, d]
         c = self.out(self.ffn(z))[:, None, :]  # [B, 1, d_out]
@@ -210,7 +223,7 @@ class HardRouter(nn.Module):
 
 
 class NoContext(nn.Module):
-    def forward(self, feats, router_emb=None) -> AdapterOut:
+    def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
         return AdapterOut(None, None)
 
 

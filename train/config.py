@@ -131,7 +131,7 @@ class TrainConfig:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p x the most probable token's (0.0: off; TRL: null)."""
     answer_extraction: str = "strict"
-    """strict (paper: last closed <answer> tag) or lenient (see train/rewards.py)."""
+    """strict (paper: last closed <answer> tag) or lenient (see pipeline/rewards.py)."""
     # --- Listing 1
     train_batch_size: int = 4
     """Prompts per micro-batch (each gives group_size completions)."""

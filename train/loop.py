@@ -34,12 +34,13 @@ from pipeline.generation import decode, eos_ids, generate
 from pipeline.vllm_engine import make_llm, require_vllm, sample_from_embeds, sync_weights
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
-from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
 from pipeline.rewards import SCORER_ERRORS, score
+from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig, advantage_scale
+from train.evaluate import evaluate, rollout_diagnostics, truncated
 from train.grpo import group_advantages, grpo_loss, routing_stats, truncated_rows
-from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_blocks, encode_prompts,
-                          hint_block_text, load_policy, merged_lora, merged_lora_weights, policy_spec, splice)
+from train.inputs import decode_merged, rollout_inputs
+from train.policy import completion_logprobs, load_policy, merged_lora, merged_lora_weights, policy_spec
 from train.trackers import Trackers
 
 
@@ -236,66 +237,6 @@ def _rollout_engine(cfg: TrainConfig, peft_model, dtype: torch.dtype):
     return llm
 
 
-def context_tokens(m: Models, data: RunData, idx: list[int], device: str) -> AdapterOut:
-    """g_phi on prompts idx: C [b, m, d_out] (scaled like the policy's token embeddings) with grad,
-    expert attention [b, m, n] and the routed expert [b] where the method has them."""
-    feats = [f.to(device) for f in data.features(idx)] if data.features is not None else []
-    rb = data.router_emb[idx].to(device) if data.router_emb is not None else None
-    o = m.adapter(feats, rb)
-    return o._replace(context=o.context * m.scale if o.context is not None else None)
-
-
-def null_context_tokens(m: Models, C: torch.Tensor) -> torch.Tensor:
-    """C with its information removed (the gate closed: the anchor, or zeros), scaled like C: what the
-    reference reads in training and the policy reads in the null-context evaluation. [.., m, d_out]"""
-    return m.adapter.out.null_context(C) * m.scale
-
-
-def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str,
-                 hint_format: str = "labelled") -> PromptBatch:
-    parts = [build_prompt_parts(m.tok, data.system, data.prompts["text"][i],
-                                [(n, data.hints[n][i]) for n in data.experts] if with_hints else None, hint_format)
-             for i in idx]
-    return encode_prompts(m.tok, parts, device)
-
-
-class PolicyInputs(NamedTuple):
-    """What the policy and the reference read for b prompts, C or the hint block spliced in."""
-
-    embeds: torch.Tensor  # [b, L, d] the policy's input (differentiable into g_phi)
-    ref_embeds: torch.Tensor  # [b, L, d] the reference's: C with its gate closed, or zeros at the hints
-    mask: torch.Tensor  # [b, L] left padded
-    ctx: AdapterOut | None  # g_phi's output (None with C removed)
-
-
-def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
-                  mode: str = "with") -> PolicyInputs:
-    """The policy's input for prompts idx under `mode`: with (C, or output-collab's hints), removed
-    (the bare prompt: Figure 5), null (C's information removed, its slots kept).
-
-    output-collab's hints go in the user turn (hint_position user-turn) or as a block of tokens
-    where C goes (context: Eq. 12), the reference then reading zero-valued tokens at their positions
-    (hint_reference zeros) or the hints themselves (reads)."""
-    hints = method_info(cfg.method).needs_hints and mode != "removed"
-    block = hints and cfg.hint_position == "context"
-    pb = prompt_batch(m, data, idx, hints and not block, device, cfg.hint_format)  # [b, P]
-    emb = m.lm.get_input_embeddings()(pb.ids)  # [b, P, d]
-    ctx = context_tokens(m, data, idx, device) if mode != "removed" else None
-    extra, ref_extra, extra_mask = None, None, None
-    if ctx is not None and ctx.context is not None:  # C [b, m, d]
-        extra = ref_extra = null_context_tokens(m, ctx.context)
-        if mode == "with":
-            extra = ctx.context
-    elif block:
-        texts = [hint_block_text([(n, data.hints[n][i]) for n in data.experts], cfg.hint_format) for i in idx]
-        ids, extra_mask = encode_blocks(m.tok, texts, device)  # [b, H]
-        extra = m.lm.get_input_embeddings()(ids)  # [b, H, d]
-        ref_extra = torch.zeros_like(extra) if cfg.hint_reference == "zeros" else extra
-    e_in, m_in = splice(emb, pb.mask, extra, cfg.context_position, pb.tail, extra_mask)
-    ref_e = splice(emb, pb.mask, ref_extra, cfg.context_position, pb.tail, extra_mask)[0] if extra is not None else emb
-    return PolicyInputs(e_in, ref_e, m_in, ctx)
-
-
 # ---------------------------------------------------------------------------------------------
 # One micro-batch: generate_trajectory, then grpo_step.
 
@@ -316,26 +257,6 @@ class Rollouts(NamedTuple):
     attention: torch.Tensor | None  # [B, m, n]
     choice: torch.Tensor | None  # [B] the expert hard-routing ran
     policy_prompt_tokens: int  # prompt tokens the policy read, C included (cost accounting)
-
-
-def decode_merged(cfg: TrainConfig, m: Models) -> bool:
-    """Whether rollouts and evaluations decode through merged LoRA weights (cfg.decode_merged)."""
-    return cfg.decode_merged == "on" or (cfg.decode_merged == "auto" and m.lm.dtype == torch.float32)
-
-
-class RolloutInputs(NamedTuple):
-    ctx: AdapterOut  # C [B, m, d_out] with grad, attention, choice
-    embeds: torch.Tensor  # [B*G, L, d] C (or the hint block) spliced in
-    ref_embeds: torch.Tensor  # [B*G, L, d] what the reference reads
-    mask: torch.Tensor  # [B*G, L]
-
-
-def rollout_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str) -> RolloutInputs:
-    """policy_inputs for prompts idx, each row repeated G times, with C made by g_phi as it is now
-    (num_iterations > 1 rebuilds them after each update)."""
-    pi = policy_inputs(cfg, m, data, idx, device)  # [B, L, d]
-    G = cfg.group_size
-    return RolloutInputs(pi.ctx, *(x.repeat_interleave(G, 0) for x in (pi.embeds, pi.ref_embeds, pi.mask)))
 
 
 def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
@@ -382,6 +303,8 @@ class StepOut(NamedTuple):
     kl_token_sum: float  # summed per-token KL (divide by the completion tokens for the mean)
     loss_tokens: float  # completion tokens in the loss (mask_truncated_completions drops some)
     old: OldLogps | None  # for later passes (num_iterations > 1), else None
+    clip_token_sum: float = 0.0  # completion tokens where the clip was active
+    entropy_token_sum: float = 0.0  # summed token entropy of the policy on its own completions (nats)
 
 
 def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldLogps | None = None) -> StepOut:
@@ -413,11 +336,12 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
         live = live * (~truncated_rows(ro.tokens, ro.live, m.eos, cfg.max_new_tokens)).to(live.dtype)[:, None]
     n_tok = float(live.sum())
     token_mean = cfg.loss_type in ("bnpo", "dapo")  # chunks share the micro-batch's token count
-    loss = kl_sum = 0.0
+    loss = kl_sum = clip_sum = ent_sum = 0.0
     kept = []
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
-        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T)
+        ent = []  # [chunk, T] token entropy, filled by completion_logprobs
+        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T, ent)
         old_logp = logp.detach() if old is None else old.logp[sl]
         out = grpo_loss(logp, old_logp, ref_logp[sl], ro.advantages[sl], live[sl], cfg.beta, cfg.clip_eps,
                         cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None)
@@ -429,65 +353,12 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
         (out.loss * share_of_step).backward(retain_graph=s + chunk < N)
         loss += float(out.loss.detach()) * weight
         kl_sum += float(out.kl) * float(live[sl].sum())
+        clip_sum += float(out.clip_frac) * float(live[sl].sum())
+        ent_sum += float((ent[0] * ro.live[sl]).sum())
         if cfg.num_iterations > 1 and old is None:
             kept.append(old_logp)
     timing["policy"] += time.perf_counter() - t
-    return StepOut(loss, kl_sum, n_tok, OldLogps(torch.cat(kept), ref_logp) if kept else None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation: greedy decoding on validation prompts, with C, (Figure 5) with C removed, and optionally
-# with C's information removed but its slots kept.
-
-
-def _eval_variants(cfg: TrainConfig, m: Models) -> list[tuple[str, str]]:
-    """(key suffix, what the policy reads): with C; with C removed (Figure 5); with C's information
-    removed but its m slots kept (null: the gate closed, C = its anchor), for methods that have a C."""
-    variants = [("", "with")]
-    if cfg.eval_without_context and cfg.method != "single":
-        variants.append(("_without_context", "removed"))
-    if cfg.eval_null_context and hasattr(m.adapter, "out"):
-        variants.append(("_null_context", "null"))
-    return variants
-
-
-def _eval_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], mode: str, device: str):
-    """The policy's greedy-eval input under one variant: (embeds [b, L, d], mask [b, L])."""
-    pi = policy_inputs(cfg, m, data, idx, device, mode)
-    return pi.embeds, pi.mask
-
-
-def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.ndarray, kind: str, device: str,
-             run: RunFolder) -> dict:
-    m.peft.eval()
-    m.adapter.eval()
-    result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
-    shown = {}  # key -> (texts, rewards) of the whole evaluation, for completions.jsonl
-    with torch.no_grad(), merged_lora(m.peft, decode_merged(cfg, m)):
-        for key, mode in _eval_variants(cfg, m):
-            texts, rewards = [], []
-            for s in range(0, len(rows), cfg.val_batch_size):
-                idx = [int(i) for i in rows[s: s + cfg.val_batch_size]]
-                e, mk = _eval_inputs(cfg, m, data, idx, mode, device)
-                comp, live = generate(m.lm, e, mk, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, greedy=True)
-                texts += decode(m.tok, comp, live)
-                rewards += [score(data.prompts["entry"][i], t, cfg.answer_extraction)
-                            for i, t in zip(idx, texts[s:])]
-            r = np.array(rewards)
-            result["accuracy" + key] = float((r >= 1.0).mean())
-            result["reward" + key] = float(r.mean())
-            shown[key] = (texts, rewards)
-    run.append(EVAL, result)
-    if kind == "full":
-        for i, row in enumerate(rows[: cfg.eval_completions]):
-            rec = {"step": step, "kind": "eval", "prompt": data.prompts["text"][row],
-                   "answer": data.prompts["answer"][row]}
-            for key, (texts, rewards) in shown.items():
-                rec.update({"completion" + key: texts[i], "reward" + key: float(rewards[i])})
-            run.append(COMPLETIONS, rec)
-    m.peft.train()
-    m.adapter.train()
-    return result
+    return StepOut(loss, kl_sum, n_tok, OldLogps(torch.cat(kept), ref_logp) if kept else None, clip_sum, ent_sum)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +400,10 @@ def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
           "loss_tokens": out.loss_tokens,
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
           "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens},
-          "scorer_errors": SCORER_ERRORS.take()}  # verifier exceptions (scored 0) since the last micro-batch
+          "scorer_errors": SCORER_ERRORS.take(),  # verifier exceptions (scored 0) since the last micro-batch
+          "lengths": ro.live.sum(1).tolist(), "truncated": truncated(ro.tokens, ro.live, m.eos).tolist(),
+          "tasks": [data.prompts["task"][i] for i in idx for _ in range(cfg.group_size)],
+          "clip": out.clip_token_sum, "entropy": out.entropy_token_sum}
     if data.prompt_tokens is not None:
         hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
         choice = ro.choice.cpu().numpy() if ro.choice is not None else None
@@ -553,6 +427,10 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
         "step_seconds": dt, "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
         "reward/scorer_errors": sum(st["scorer_errors"] for st in stats),
         **{f"time/{k}": v for k, v in timing.items()}, **cost,
+        "clip_frac": sum(st["clip"] for st in stats) / max(1, n_tokens),
+        "policy/entropy": sum(st["entropy"] for st in stats) / max(1, n_tokens),
+        **rollout_diagnostics([x for st in stats for x in st["lengths"]], [x for st in stats for x in st["truncated"]],
+                              r.tolist(), [x for st in stats for x in st["tasks"]]),
     }
     if len(m.optimizer.param_groups) > 1:
         rec["router_lr"] = m.optimizer.param_groups[1]["lr"]
@@ -715,10 +593,10 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
                 f"{rec['step_seconds']:.1f}s")
         evals = []
         if full:
-            last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run)
+            last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run, score)
             evals.append(last_eval)
         if curve:
-            evals.append(evaluate(cfg, m, data, step, curve_rows, "curve", device, run))
+            evals.append(evaluate(cfg, m, data, step, curve_rows, "curve", device, run, score))
         for ev in evals:
             trackers.log({f"eval/{ev['kind']}/{k}": v for k, v in ev.items() if k not in ("step", "split", "kind")}, step)
         if evals:
@@ -769,7 +647,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     if last_eval is None:
         evals = [e for e in run.read(EVAL) if e.get("kind", "full") == "full"]
         full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
-        last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run)
+        last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run, score)
     with atomic_path(run.final, directory=True) as tmp:
         m.peft.save_pretrained(tmp)
         save_adapter(m.adapter, m.spec, tmp)

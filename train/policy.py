@@ -186,7 +186,8 @@ def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | Non
     return torch.gather(e, 1, order[..., None].expand_as(e)), torch.gather(mk, 1, order)
 
 
-def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, group: int = 1, temperature: float = 1.0) -> torch.Tensor:
+def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, group: int = 1, temperature: float = 1.0,
+                        entropy: list | None = None) -> torch.Tensor:
     """log pi(y_t | prefix) for each completion token: [N, T]. The LM head runs on completion
     positions only (the prompt's logits over the vocabulary are never formed).
 
@@ -198,9 +199,11 @@ def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, group: int = 1, t
 
     temperature: the rollouts' sampling temperature; the log-probs are those of softmax(logits / T),
     the distribution the tokens were drawn from (as TRL does), so the ratio and KL compare like with like.
+
+    entropy: a list that receives the policy's token entropy [N, T] (nats, detached) at the same positions.
     """
     h = _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group)
-    return token_logprobs(lm, h, comp_ids, temperature=temperature)
+    return token_logprobs(lm, h, comp_ids, temperature=temperature, entropy=entropy)
 
 
 def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> torch.Tensor:
@@ -223,15 +226,26 @@ def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> tor
     return h
 
 
-def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, temperature: float = 1.0) -> torch.Tensor:
+def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, temperature: float = 1.0,
+                   entropy: list | None = None) -> torch.Tensor:
     """log softmax(head(h) / temperature)[ids] in float32: [N, T] from h [N, T, d], ids [N, T].
 
     `rows` positions at a time: the [rows, V] float32 logits stay in cache and no [N, T, V] tensor
     is ever formed (1.7x faster forward and backward than one log_softmax over 384 x 49k on a CPU;
     less peak memory on a GPU). cross_entropy is log_softmax + gather in one kernel.
+
+    entropy: a list that receives H = -sum_v p_v log p_v of softmax(head(h) / temperature), [N, T]
+    nats, detached, from the same logits (one more pass over each [rows, V] block, no backward).
     """
     flat_h, flat_ids = h.reshape(-1, h.shape[-1]), ids.reshape(-1)
-    out = [-torch.nn.functional.cross_entropy(lm_logits(lm, flat_h[s:s + rows]) / temperature, flat_ids[s:s + rows],
-                                              reduction="none")
-           for s in range(0, flat_ids.numel(), rows)]
+    out, ent = [], []
+    for s in range(0, flat_ids.numel(), rows):
+        z = lm_logits(lm, flat_h[s:s + rows]) / temperature  # [rows, V]
+        out.append(-torch.nn.functional.cross_entropy(z, flat_ids[s:s + rows], reduction="none"))
+        if entropy is not None:
+            with torch.no_grad():
+                lp = torch.log_softmax(z.detach(), -1)
+                ent.append(-(lp.exp() * lp).sum(-1))
+    if entropy is not None:
+        entropy.append(torch.cat(ent).view(ids.shape))
     return torch.cat(out).view(ids.shape)

@@ -1,0 +1,261 @@
+"""`musk eval` and the expert ablations: hand-computed C with an expert dropped, shuffles that touch one
+expert only, complete records that a rerun never duplicates, bad input that writes nothing."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import train.evaluate
+import train.loop
+from cli import app
+from train.adapters import AdapterSpec, build_adapter
+from train.inputs import ExpertView, expert_features
+from train.loop import CachedFeatures
+from tests.helpers import parity_score, tiny_train_overrides
+
+DIMS = (5, 3, 4)
+
+
+def _spec(method, **kw):
+    return AdapterSpec(method=method, expert_dims=DIMS, expert_names=("a", "b", "c"), d_latent=8, d_out=6,
+                       num_latents=3, num_heads=2, router_dim=7, init_std=0.5, gumbel_tau=1.0, pooling="last_token",
+                       context_scale=1.0, **kw)
+
+
+def _feats(b=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, d, generator=g) for d in DIMS]
+
+
+@pytest.mark.parametrize("gate", ["none", "rms"])
+def test_drop_perceiver_is_attention_over_the_remaining_tokens(gate):
+    """C by hand from the tokens of experts a and c only: per-head softmax over 2 keys, heads
+    concatenated, FFN(Q_lat + mixed), W_out."""
+    torch.manual_seed(0)
+    p = build_adapter(_spec("perceiver", context_gate=gate)).eval()
+    with torch.no_grad():
+        p.out.gate.fill_(0.7) if gate == "rms" else None
+        feats = _feats()
+        keep = torch.tensor([True, False, True])
+        got = p(feats, None, keep=keep)
+        V = p.experts(feats)[:, [0, 2]]  # [B, 2, d]: the remaining experts' tokens
+        B, m, h, dh = V.shape[0], 3, 2, 4
+        q = p.wq(p.latents).view(m, h, dh).transpose(0, 1)  # [h, m, dh]
+        k = p.wk(V).view(B, 2, h, dh).transpose(1, 2)  # [B, h, 2, dh]
+        v = p.wv(V).view(B, 2, h, dh).transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1)  # [B, h, m, 2]
+        want = p.out(p.ffn(p.latents + (att @ v).transpose(1, 2).reshape(B, m, 8)))
+    torch.testing.assert_close(got.context, want, rtol=1e-6, atol=1e-6)
+    assert torch.all(got.attention[:, :, 1] == 0)  # the dropped expert has no weight
+    torch.testing.assert_close(got.attention[:, :, [0, 2]], att.mean(1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got.attention.sum(-1), torch.ones(B, m))
+    assert not torch.allclose(got.context, p(feats, None).context)  # dropping b changes C
+
+
+def test_drop_ffn_leaves_the_expert_token_out():
+    torch.manual_seed(0)
+    f = build_adapter(_spec("ffn")).eval()
+    feats = _feats()
+    with torch.no_grad():
+        got = f(feats, None, keep=torch.tensor([True, True, False])).context
+        want = f.out(f.ffn(f.experts(feats)[:, :2]))  # [B, 2, d_out]: tokens of a and b
+        full = f(feats, None).context
+    assert got.shape == (4, 2, 6)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got, full[:, :2], rtol=0, atol=0)  # gate none: tokens are per expert
+
+
+def test_drop_hard_routing_never_chooses_the_dropped_expert():
+    torch.manual_seed(0)
+    r = build_adapter(_spec("hard-routing"))
+    with torch.no_grad():
+        r.router.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))  # b wins every prompt
+    emb, feats, keep = torch.randn(64, 7), _feats(64), torch.tensor([True, False, True])
+    r.eval()
+    assert torch.all(r(feats, emb).choice == 1)
+    assert not torch.any(r(feats, emb, keep=keep).choice == 1)
+    r.train()  # straight-through Gumbel draws: never b either
+    assert not torch.any(r(feats, emb, keep=keep).choice == 1)
+    assert torch.all(r(feats, emb, keep=keep).attention[..., 1] == 0)
+
+
+def test_shuffle_changes_only_that_experts_column():
+    class Data:
+        features = CachedFeatures([torch.arange(10.0)[:, None] * (i + 1) + torch.zeros(10, d) for i, d in enumerate(DIMS)])
+
+    idx = [2, 3, 4, 5]
+    view = ExpertView(source={1: {2: 5, 3: 2, 4: 3, 5: 4}})
+    base, got = expert_features(Data, idx), expert_features(Data, idx, view)
+    assert torch.equal(got[0], base[0]) and torch.equal(got[2], base[2])
+    assert torch.equal(got[1], Data.features([5, 2, 3, 4])[1]) and not torch.equal(got[1], base[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# musk eval end to end on a tiny run
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_cache, tiny_policy, tmp_path_factory):
+    from train.config import load_train_config
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(train.loop, "score", parity_score)
+    try:
+        cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2,
+                                                           save_freq=1))
+        return train.loop.run_train(cfg, tiny_cache, tmp_path_factory.mktemp("runs") / "p", progress=False,
+                                    log=lambda *a: None)
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _parity(monkeypatch):
+    monkeypatch.setattr(train.evaluate, "score", parity_score)
+
+
+def _eval(*args):
+    res = CliRunner().invoke(app, ["eval", *map(str, args), "--no-progress"])
+    return res.exit_code, res.output + (res.stderr if res.stderr_bytes is not None else "")
+
+
+def _records(folder):
+    return [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
+
+
+def test_eval_records_are_complete_and_a_rerun_adds_none(tiny_run, tmp_path):
+    out = tmp_path / "ev"
+    args = [tiny_run, "--context", "with,without", "--ablate", "drop:tiny-llama", "--ablate", "shuffle:tiny-gpt2",
+            "--out", out]
+    code, msg = _eval(*args)
+    assert code == 0, msg
+    recs = _records(out)
+    conds = ["with", "without", "drop:tiny-llama", "shuffle:tiny-gpt2"]
+    keys = [(r["prompt"], r["condition"], r["sample"]) for r in recs]
+    val_rows = sorted({r["prompt"] for r in recs})
+    assert len(val_rows) == 4 and sorted(keys) == sorted((p, c, 0) for p in val_rows for c in conds)
+    for r in recs:
+        assert r["split"] == "val" and r["reward"] == parity_score(None, r["completion"], None)
+        assert r["correct"] == (r["reward"] >= 1) and 1 <= r["completion_tokens"] <= 6
+        assert not r["truncated"] or r["completion_tokens"] == 6  # truncated: the whole budget, no EOS
+        assert 0 < r["token_entropy"] <= math.log(300)  # nats, below ln |V| (byte tokenizer)
+        assert r["truncated"] or r["completion"] is not None
+        if r["condition"] != "without":
+            assert len(r["utilization"]) == 2 and abs(sum(r["utilization"]) - 1) < 1e-5
+        if r["condition"] == "drop:tiny-llama":
+            assert r["utilization"][0] == 0.0 and r["entropy"] == pytest.approx(0.0, abs=1e-6)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["n_prompts"] == 4 and s["samples"] == 1 and s["split"] == "val" and s["checkpoint"] == "final"
+    assert list(s["conditions"]) == conds
+    w = s["conditions"]["with"]
+    assert w["accuracy"] == pytest.approx(sum(r["correct"] for r in recs if r["condition"] == "with") / 4)
+    assert w["n"] == 4 and sum(t["n"] for t in w["per_task"].values()) == 4
+    assert set(w["routing"]) >= {"entropy", "utilization", "per_task"} and "routing" not in s["conditions"]["without"]
+
+    before = (out / "records.jsonl").read_text()
+    assert _eval(*args)[0] == 0 and (out / "records.jsonl").read_text() == before  # complete: nothing redone
+    # a kill during the last condition: its records are gone; the rerun computes it, once
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs
+                                               if r["condition"] != "shuffle:tiny-gpt2"))
+    assert _eval(*args)[0] == 0
+    again = _records(out)
+    assert sorted((r["prompt"], r["condition"], r["sample"]) for r in again) == sorted(keys)
+    code, msg = _eval(tiny_run, "--limit", "2", "--out", out)  # other settings: refused, nothing changed
+    assert code == 2 and "other settings" in msg and "n_prompts" in msg
+
+
+def test_eval_samples_give_pass_at_k_and_checkpoints_load(tiny_run, tmp_path):
+    out = tmp_path / "k"
+    code, msg = _eval(tiny_run, "--checkpoint", "step_1", "--samples", "3", "--temperature", "1.0", "--limit", "2",
+                      "--out", out)
+    assert code == 0, msg
+    recs = _records(out)
+    assert sorted((r["prompt"], r["sample"]) for r in recs) == sorted((p, s) for p in {r["prompt"] for r in recs}
+                                                                      for s in range(3))
+    c = json.loads((out / "summary.json").read_text())["conditions"]["with"]
+    by = {}
+    for r in recs:
+        by.setdefault(r["prompt"], []).append(r["correct"])
+    from analyze.stats import pass_at_k
+
+    assert c["mean_at_k"] == pytest.approx(sum(sum(v) / 3 for v in by.values()) / 2)
+    assert c["pass_at_k"] == pytest.approx(sum(pass_at_k(3, sum(v), 3) for v in by.values()) / 2)
+    assert "accuracy" not in c
+    default = _eval(tiny_run, "--limit", "1")
+    assert default[0] == 0 and (tiny_run / "eval" / "final-val" / "summary.json").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ablate", "drop:nope"], "unknown expert 'nope'; the run's experts are ['tiny-llama', 'tiny-gpt2']"),
+    (["--ablate", "mute:tiny-llama"], "--ablate takes drop:NAME, shuffle:NAME or only:NAME"),
+    (["--context", "sideways"], "unknown --context 'sideways'; choices"),
+    (["--checkpoint", "step_9"], "has no step_9"),
+    (["--split", "dev"], "unknown --split 'dev'"),
+    (["--samples", "4"], "needs --temperature"),
+])
+def test_eval_bad_input_writes_nothing(tiny_run, tmp_path, args, message):
+    code, msg = _eval(tiny_run, *args, "--out", tmp_path / "x")
+    assert code == 2 and message in msg and "Traceback" not in msg
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_refuses_a_method_without_experts_and_a_foreign_cache(tiny_run, tiny_cache, tiny_policy, tmp_path):
+    import h5py
+
+    from train.config import load_train_config
+
+    single = train.loop.run_train(load_train_config(None, tiny_train_overrides(tiny_policy, method="single",
+                                                                                total_training_steps=1)),
+                                  tiny_cache, tmp_path / "s", progress=False, log=lambda *a: None)
+    code, msg = _eval(single, "--ablate", "drop:tiny-llama", "--out", tmp_path / "x")
+    assert code == 2 and "method 'single' reads no experts" in msg and not (tmp_path / "x").exists()
+    other = tmp_path / "other.h5"
+    shutil.copyfile(tiny_cache, other)
+    with h5py.File(other, "a") as f:  # another extraction: other prompts, another fingerprint
+        text = f["prompts/text"].asstr()[()]
+        f["prompts/text"][0] = text[0] + " (edited)"
+        f.attrs["fingerprint"] = "f" * 64
+    code, msg = _eval(tiny_run, "--cache", other, "--out", tmp_path / "y")
+    assert code == 2 and "train prompts are not the run's" in msg and not (tmp_path / "y").exists()
+    with h5py.File(other, "a") as f:
+        f["prompts/text"][0] = text[0]  # same prompts, new file: accepted
+    assert _eval(tiny_run, "--cache", other, "--limit", "1", "--out", tmp_path / "z")[0] == 0
+
+
+def test_help_lists_eval_with_its_options():
+    res = CliRunner().invoke(app, ["--help"])
+    assert res.exit_code == 0 and "eval" in res.output
+    res = CliRunner().invoke(app, ["eval", "--help"])
+    assert res.exit_code == 0
+    for opt in ("--checkpoint", "--cache", "--split", "--limit", "--samples", "--temperature", "--context", "--ablate",
+                "--out"):
+        assert opt in res.output
+
+
+def test_output_collab_ablations_edit_the_hint_block(tiny_policy):
+    """output-collab reads its experts as hint lines: drop leaves a line out, shuffle takes that expert's
+    hint from another prompt, only keeps one line."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from train.inputs import prompt_batch
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    tok.padding_side = "left"
+    data = SimpleNamespace(system="sys", prompts={"text": ["q0", "q1"]}, experts=["a", "b"],
+                           hints={"a": ["A0", "A1"], "b": ["B0", "B1"]})
+    m = SimpleNamespace(tok=tok)
+
+    def text(view):
+        pb = prompt_batch(m, data, [0], True, "cpu", view)
+        return tok.decode(pb.ids[0][pb.mask[0].bool()])
+
+    assert "- a: A0\n- b: B0" in text(ExpertView())
+    assert "- b: B0" in text(ExpertView(keep=torch.tensor([False, True]))) and "- a:" not in text(
+        ExpertView(keep=torch.tensor([False, True])))
+    assert "- a: A0\n- b: B1" in text(ExpertView(source={1: {0: 1}}))

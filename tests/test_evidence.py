@@ -1,0 +1,42 @@
+"""benchmarks/evidence.sh end to end on the tiny cache and policy: train, musk eval with every expert
+dropped and shuffled, musk report with the paired and ablation tables."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import ROOT, tiny_train_overrides, write_yaml
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_evidence_script_on_a_tiny_run(tiny_cache, tiny_policy, tmp_path):
+    cfg = write_yaml(tmp_path / "t.yaml", tiny_train_overrides(tiny_policy, total_training_steps=2, test_freq=1))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
+           "MUSK": f"{sys.executable} {ROOT / 'cli.py'}", "EVAL_ARGS": "--limit 3"}
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "evidence.sh"), "tiny", str(tiny_cache), str(cfg),
+                          str(tmp_path / "ev"), "0"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    runs = tmp_path / "ev" / "tiny-runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["perceiver-0", "single-0"]
+    summary = json.loads((runs / "perceiver-0" / "eval" / "final-val-ablations" / "summary.json").read_text())
+    assert list(summary["conditions"]) == ["with", "without", "drop:tiny-llama", "shuffle:tiny-llama",
+                                           "drop:tiny-gpt2", "shuffle:tiny-gpt2"]
+    assert summary["n_prompts"] == 3
+    assert not (runs / "single-0" / "eval").exists()
+    rep = tmp_path / "ev" / "tiny-report"
+    ablations = (rep / "ablations.md").read_text()
+    for cond in ("drop:tiny-llama", "shuffle:tiny-gpt2"):
+        assert f"tiny / perceiver / tiny-llama, tiny-gpt2 / {cond}" in ablations.replace("easy-arithmetic", "tiny")
+    assert "perceiver − single" in (rep / "paired.md").read_text() and "(n=3)" in ablations
+    assert "Expert ablations" in res.stdout and "Paired differences" in res.stdout
+    # a rerun trains nothing and evaluates nothing again
+    before = (runs / "perceiver-0" / "eval" / "final-val-ablations" / "records.jsonl").read_text()
+    res = subprocess.run(["bash", str(ROOT / "benchmarks" / "evidence.sh"), "tiny", str(tiny_cache), str(cfg),
+                          str(tmp_path / "ev"), "0"], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "musk train" not in res.stderr
+    assert (runs / "perceiver-0" / "eval" / "final-val-ablations" / "records.jsonl").read_text() == before

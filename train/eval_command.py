@@ -1,0 +1,215 @@
+"""`musk eval RUN_DIR`: a saved run (final/ or a checkpoint) evaluated on a split of its cache under
+conditions and expert ablations. Nothing is retrained.
+
+    RUN_DIR/eval/<checkpoint>-<split>[-<ablations>]/records.jsonl   one record per (prompt, condition, sample)
+                                                    summary.json    settings + per condition and per task scores
+
+Every input is checked before anything is written. A rerun into the same folder with the same settings
+reuses the conditions whose records are complete and computes the rest (records never duplicated);
+records.jsonl and summary.json are replaced atomically after each condition, so a kill loses at most
+the condition in progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cache.reader import Cache
+from cache.run_folder import EVAL_DIR, RunFolder, read_jsonl, write_jsonl
+from core.atomic import atomic_write_text
+from core.config import from_dict
+from core.errors import MuskError
+from pipeline.experts import resolve_device, resolve_dtype
+from train import checkpoint as ckpt
+from train.adapters import method_info
+from train.config import TrainConfig
+from train.evaluate import Condition, condition_records, summarize
+from train.inputs import ExpertView
+from train.loop import RunData, build_models, load_data
+
+CONTEXTS = ("with", "without", "null")
+ABLATIONS = ("drop", "shuffle", "only")
+SPLITS = ("val", "test", "train")
+RECORDS, SUMMARY = "records.jsonl", "summary.json"
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """What `musk eval` was asked (its command-line options)."""
+
+    run: Path
+    checkpoint: str = "final"
+    cache: Path | None = None
+    split: str = "val"
+    limit: int | None = None
+    samples: int = 1
+    temperature: float | None = None
+    contexts: tuple[str, ...] = ("with",)
+    ablations: tuple[str, ...] = ()
+    out: Path | None = None
+    seed: int = 0  # seeds the shuffle permutations and the sampling; recorded in summary.json
+
+
+def default_out(req: EvalRequest) -> Path:
+    tail = "".join("-" + a.replace(":", "_") for a in req.ablations)
+    return Path(req.run) / EVAL_DIR / f"{req.checkpoint}-{req.split}{tail}"
+
+
+def run_config(run: RunFolder) -> tuple[TrainConfig, dict]:
+    if not run.config_path.is_file():
+        raise MuskError(f"{str(run)!r} is not a run folder (no config.yaml)")
+    resolved = run.read_config()
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return from_dict(TrainConfig, {k: v for k, v in resolved.items() if k in names}, f"{run}/config.yaml"), resolved
+
+
+def weights_folder(run: RunFolder, checkpoint: str) -> Path:
+    path = run.final if checkpoint == "final" else run.path / "checkpoints" / checkpoint
+    if not checkpoint == "final" and not (checkpoint.startswith("step_") and checkpoint[5:].isdigit()):
+        raise MuskError(f"--checkpoint takes final or step_K, got {checkpoint!r}")
+    if not path.is_dir():
+        have = sorted(p.name for p in (run.path / "checkpoints").glob("step_*")) if (run.path / "checkpoints").is_dir() else []
+        raise MuskError(f"run {str(run)!r} has no {checkpoint} ({str(path)!r} is missing); it has "
+                        f"{(['final'] if run.final.is_dir() else []) + have or 'no weights (is it still training?)'}")
+    return path
+
+
+def check_cache(cache_path: Path, resolved: dict, data: RunData) -> None:
+    """The cache must hold the run's prompts: the run's own cache (same fingerprint), or one whose
+    train split and experts are those the run was trained on (e.g. the same extraction with a test split)."""
+    if data.cache_fingerprint == resolved.get("cache_fingerprint"):
+        return
+    own = Path(str(resolved.get("cache", "")))
+    msg = (f"cache {str(cache_path)!r} is not the one run was trained on (fingerprint {data.cache_fingerprint[:12]} vs "
+           f"{str(resolved.get('cache_fingerprint'))[:12]})")
+    if not own.is_file():
+        raise MuskError(f"{msg}, and the run's own cache {str(own)!r} is not there to compare prompts with")
+    with Cache(own) as c:
+        theirs = c.prompts()
+        train = [theirs["text"][i] for i in c.split_indices("train")]
+        experts = {n: c.expert_fingerprint(n) for n in data.experts}
+    with Cache(cache_path) as c:
+        same_experts = all(c.expert_fingerprint(n) == fp for n, fp in experts.items())
+    ours = [data.prompts["text"][i] for i in data.train_idx]
+    if ours != train or not same_experts:
+        raise MuskError(f"{msg}: its {'train prompts' if ours != train else 'experts'} are not the run's, so "
+                        "the run's weights and its features do not belong together")
+
+
+def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate: bool) -> list[Condition]:
+    """Conditions in order: the contexts asked, then each ablation (of "with")."""
+    conds = []
+    for c in req.contexts:
+        if c not in CONTEXTS:
+            raise MuskError(f"unknown --context {c!r}; choices: {list(CONTEXTS)}")
+        if c != "with" and cfg.method in ("single", "output-collab"):
+            raise MuskError(f"--context {c}: method {cfg.method!r} has no context tokens C to remove")
+        if c == "null" and not has_gate:
+            raise MuskError(f"--context null: method {cfg.method!r} has no C whose information can be removed")
+        conds.append(Condition(c, c))
+    n = len(data.experts)
+    for i_a, a in enumerate(req.ablations):
+        kind, _, name = a.partition(":")
+        if kind not in ABLATIONS or not name:
+            raise MuskError(f"--ablate takes drop:NAME, shuffle:NAME or only:NAME, got {a!r}")
+        if n == 0:
+            raise MuskError(f"--ablate {a}: method {cfg.method!r} reads no experts, so there is none to {kind}")
+        if name not in data.experts:
+            raise MuskError(f"--ablate {a}: unknown expert {name!r}; the run's experts are {data.experts}")
+        e = data.experts.index(name)
+        if kind == "shuffle":
+            if data.features is None and cfg.method != "output-collab":
+                raise MuskError(f"--ablate {a}: method {cfg.method!r} reads no expert features to shuffle")
+            view = ExpertView(source={e: {}})  # rows filled in once the evaluated prompts are known
+        else:
+            keep = torch.zeros(n, dtype=torch.bool) if kind == "only" else torch.ones(n, dtype=torch.bool)
+            keep[e] = kind == "only"
+            view = ExpertView(keep=keep)
+        conds.append(Condition(a, "with", view))
+    if len({c.name for c in conds}) != len(conds):
+        raise MuskError(f"a condition is asked twice: {[c.name for c in conds]}")
+    return conds
+
+
+def shuffled(cond: Condition, rows: np.ndarray, seed: int) -> Condition:
+    """A shuffle condition with its permutation: expert e of prompt rows[j] reads rows[perm[j]],
+    perm = default_rng([seed, e]).permutation(len(rows)) (recorded in summary.json)."""
+    if not cond.view.source:
+        return cond
+    (e,) = cond.view.source
+    perm = np.random.default_rng([seed, e]).permutation(len(rows))
+    return cond._replace(view=ExpertView(source={e: {int(rows[j]): int(rows[p]) for j, p in enumerate(perm)}}))
+
+
+def _load_weights(m, folder: Path, checkpoint: str) -> None:
+    if checkpoint == "final":
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(m.peft, load_file(str(folder / "adapter_model.safetensors")))
+        m.adapter.load_state_dict(torch.load(folder / "context_adapter.pt", weights_only=True))
+    else:
+        ckpt.load_checkpoint(folder, m.peft, m.adapter, m.optimizer)
+
+
+def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray) -> dict:
+    return {"run": str(run.path.resolve()), "checkpoint": req.checkpoint, "cache_fingerprint": data.cache_fingerprint,
+            "split": req.split, "n_prompts": len(rows), "samples": req.samples, "temperature": req.temperature,
+            "seed": req.seed}
+
+
+def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
+    """Evaluate; returns the folder holding records.jsonl and summary.json."""
+    run = RunFolder(req.run)
+    cfg, resolved = run_config(run)
+    # evaluation decodes with musk's own decoder, on whatever device this machine has
+    cfg = dataclasses.replace(cfg, rollout_engine="musk", device="auto")
+    folder = weights_folder(run, req.checkpoint)
+    if req.split not in SPLITS:
+        raise MuskError(f"unknown --split {req.split!r}; choices: {list(SPLITS)}")
+    if req.samples < 1 or (req.samples > 1 and req.temperature is None):
+        raise MuskError("--samples K needs K >= 1, and K > 1 needs --temperature T (greedy decoding has one answer)")
+    if req.temperature is not None and req.temperature <= 0:
+        raise MuskError(f"--temperature must be positive, got {req.temperature}")
+    cache_path = Path(req.cache) if req.cache is not None else Path(str(resolved.get("cache")))
+    data = load_data(cfg, cache_path)
+    check_cache(cache_path, resolved, data)
+    rows = np.nonzero(np.array(data.prompts["split"]) == req.split)[0][: req.limit]
+    if len(rows) == 0:
+        raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
+    has_c = method_info(cfg.method).needs_features  # g_phi with an output projection (and a null C)
+    conds = [shuffled(c, rows, req.seed) for c in parse_conditions(req, cfg, data, has_c)]  # before the model loads
+    device = resolve_device(cfg.device)
+    m = build_models(cfg, data, device, resolve_dtype(cfg.dtype, device))
+    _load_weights(m, folder, req.checkpoint)
+
+    out = Path(req.out) if req.out is not None else default_out(req)
+    meta = {**settings(req, run, data, rows), "method": cfg.method, "team": data.experts}
+    old = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
+    if old is not None and any(old.get(k) != v for k, v in settings(req, run, data, rows).items()):
+        diff = sorted(k for k, v in settings(req, run, data, rows).items() if old.get(k) != v)
+        raise MuskError(f"{str(out)!r} holds an evaluation with other settings ({diff}); use another --out")
+    records = read_jsonl(out / RECORDS) if old is not None else []
+    want = {(int(r), s) for r in rows for s in range(req.samples)}
+    m.peft.eval()
+    m.adapter.eval()
+    for cond in tqdm(conds, desc="musk eval", unit="condition", disable=not progress):
+        have = {(r["prompt"], r["sample"]) for r in records if r["condition"] == cond.name}
+        if have == want:
+            continue  # complete from an earlier run into this folder
+        records = [r for r in records if r["condition"] != cond.name]
+        records += condition_records(cfg, m, data, rows, cond, device, req.samples, req.temperature, req.seed)
+        out.mkdir(parents=True, exist_ok=True)
+        write_jsonl(out / RECORDS, records)
+        atomic_write_text(out / SUMMARY, json.dumps({**meta, "conditions": summarize(records)}, indent=2))
+    if not (out / SUMMARY).is_file():  # nothing left to compute and nothing written yet cannot happen
+        raise MuskError(f"no conditions to evaluate into {str(out)!r}")
+    log(f"musk eval: {len(conds)} conditions x {len(rows)} prompts x {req.samples} samples -> {out}")
+    return out
