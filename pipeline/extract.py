@@ -27,8 +27,10 @@ from core import dist
 from core.errors import MuskError
 from core.config import dump_yaml, from_dict, load_yaml, merge, to_dict
 from core.hashing import sha256_file, sha256_of
+from pipeline.chat import PROMPT_DATE_ISO
 from pipeline.experts import (
     ExpertSpec,
+    check_device,
     format_prompt,
     load_expert,
     reference_spec,
@@ -122,7 +124,7 @@ class ExtractConfig:
         """The settings that change an expert's stored numbers (in its fingerprint)."""
         return {"dtype": str(dtype).replace("torch.", ""), "pooling_seed": self.pooling_seed,
                 "pooling_draws": self.pooling_draws, "hints": self.hints,
-                "hint_max_new_tokens": self.hint_max_new_tokens,
+                "hint_max_new_tokens": self.hint_max_new_tokens, "prompt_date": PROMPT_DATE_ISO,
                 **({"hint_engine": self.hint_engine} if self.hint_engine != "musk" else {})}
 
 
@@ -548,6 +550,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     device = resolve_device(cfg.device)
     device = dist.init(device)
     dtype = resolve_dtype(cfg.dtype, device)
+    for spec in cfg.experts:
+        check_device(spec, device)  # before any hashing, download or conversion
     plan = plan_extract(cfg, out, dtype)
     if not plan.todo and plan.todo_router is None:
         if dist.is_main():

@@ -36,8 +36,8 @@ from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
 from train.grpo import group_advantages, grpo_loss, routing_stats
-from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
-                          merged_lora, merged_lora_weights, policy_spec, splice)
+from train.policy import (PromptBatch, build_prompt_parts, check_policy, completion_logprobs, encode_prompts,
+                          load_policy, merged_lora, merged_lora_weights, policy_spec, save_policy, splice)
 from train.rewards import score
 from train.trackers import Trackers
 
@@ -624,6 +624,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     if features is not None:
         data.features = features
     cfg = replace(cfg, experts=tuple(data.experts))
+    check_policy(cfg, device)  # a policy that cannot train here stops before the run folder is made
     run, resolved = open_run(cfg, cache_path, out, resume, data)
     m = build_models(cfg, data, device, dtype)
 
@@ -652,7 +653,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
         last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run)
     with atomic_path(run.final, directory=True) as tmp:
-        m.peft.save_pretrained(tmp)
+        save_policy(m.peft, tmp, policy_spec(cfg.policy))  # PEFT's files + where the base model comes from
         save_adapter(m.adapter, m.spec, tmp)
     summary = _summary(cfg, data, resolved, final_step, last_eval, m)
     run.write_summary(summary)
