@@ -23,6 +23,7 @@ from tests.families import FAMILIES, POLICY_FAMILIES, build_family
 from tests.helpers import tiny_extract_config, tiny_train_overrides
 
 QUIET = dict(progress=False, log=lambda *a: None)
+LETTERS = {"family": "letter-counting", "train_size": 6, "val_size": 2}  # prompts of unequal length: padding
 HINT_TOKENS = 5
 
 
@@ -34,16 +35,17 @@ def family_dirs(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module", params=[True, False], ids=["shared-prefix", "no-prefix"])
 def family_cache(request, family_dirs, tmp_path_factory):
-    """One cache holding all seven families as experts: 8 prompts in batches of 3 (padding inside
-    every batch), 2 random-pooling draws, 5-token hints."""
+    """One cache holding all seven families as experts: 8 letter-counting prompts (86 to 135
+    characters) in batches of 3 (padding inside every batch: after the shared prefix on the right,
+    without it on the left), 2 random-pooling draws, 5-token hints."""
     from pipeline.extract import load_extract_config, run_extract
     from tests.helpers import write_yaml
 
     d = tmp_path_factory.mktemp("family-cache")
     experts = [{"name": n, "kind": "hf", "model": str(p)} for n, p in family_dirs.items()]
-    cfg = tiny_extract_config(d / "fam.h5", experts=experts, train_size=6, val_size=2, router=False,
+    cfg = tiny_extract_config(d / "fam.h5", experts=experts, router=False, task=LETTERS,
                               batch_size=3, hint_batch_size=3, hint_max_new_tokens=HINT_TOKENS, pooling_draws=2,
-                              share_prefix=request.param)
+                              share_prefix=request.param, padding_side="right" if request.param else "left")
     return run_extract(load_extract_config(str(write_yaml(d / "e.yaml", cfg))), **QUIET)
 
 
@@ -67,6 +69,7 @@ def test_expert_features_and_hints_equal_plain_transformers(family, family_cache
 
     with Cache(family_cache) as c:
         questions = c.prompts()["text"]
+        assert len({len(q) for q in questions}) > 4  # batches are padded
         attrs = c.expert_attrs(family)
         n_tokens = c.column(family, "n_tokens")
         rti, rli = c.column(family, "random_token_index"), c.column(family, "random_layer_index")  # [N, 2]
@@ -116,6 +119,17 @@ def test_the_families_switch_on_what_they_stand_for(family_dirs):
         from transformers import AutoTokenizer
 
         assert AutoTokenizer.from_pretrained(family_dirs[name]).pad_token is None
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_random_init_experts_of_every_family(family):
+    """kind: random builds each family from its config class (naive-expert stand-ins of any family)."""
+    from pipeline.experts import ExpertSpec, load_expert
+
+    spec = ExpertSpec("r", "random", family, config=FAMILIES[family].dims, tokenizer="bytes", seed=1)
+    spec.validate()
+    model, tok = load_expert(spec, torch.float32)
+    assert model.config.model_type == family and model.get_input_embeddings().weight.shape[0] == len(tok)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,7 +240,7 @@ def test_lora_targets_follow_the_family(family_dirs):
         targets("gpt_oss", ("q_proj", "router"))
 
 
-def test_a_policy_that_cannot_train_stops_before_the_run_folder(family_dirs, tiny_cache, tmp_path):
+def test_a_policy_that_cannot_train_stops_before_the_run_folder(family_dirs, policy_cache, tmp_path):
     """LoRA names the family lacks (GPT-2 has c_attn, not q_proj) or MXFP4 on a CPU: refused before any
     run folder, config.yaml or weights exist."""
     import shutil
@@ -240,7 +254,7 @@ def test_a_policy_that_cannot_train_stops_before_the_run_folder(family_dirs, tin
     (q / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
     for policy, msg in ((family_dirs["gpt2"], r"\(gpt2\) has no linear modules named 'q_proj'"), (q, "MXFP4")):
         with pytest.raises(MuskError, match=msg):
-            run_train(load_train_config(None, tiny_train_overrides(policy)), tiny_cache, tmp_path / "run", **QUIET)
+            run_train(load_train_config(None, tiny_train_overrides(policy)), policy_cache, tmp_path / "run", **QUIET)
         assert not (tmp_path / "run").exists()
 
 
@@ -260,9 +274,21 @@ def _parity_rewards(monkeypatch):
     monkeypatch.setattr(train.loop, "score", parity_score)
 
 
+@pytest.fixture(scope="module")
+def policy_cache(tmp_path_factory):
+    """Two tiny random experts with hints and the router, on letter-counting prompts of unequal
+    length (the policy's batches are left padded)."""
+    from pipeline.extract import load_extract_config, run_extract
+    from tests.helpers import write_yaml
+
+    d = tmp_path_factory.mktemp("policy-cache")
+    cfg = tiny_extract_config(d / "p.h5", task={**LETTERS, "train_size": 8, "val_size": 4})
+    return run_extract(load_extract_config(str(write_yaml(d / "e.yaml", cfg))), **QUIET)
+
+
 @pytest.mark.usefixtures("_parity_rewards")
 @pytest.mark.parametrize("family", POLICY_FAMILIES)
-def test_policy_trains_every_method(family, family_dirs, tiny_cache, tmp_path):
+def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -273,7 +299,7 @@ def test_policy_trains_every_method(family, family_dirs, tiny_cache, tmp_path):
     for method in METHODS:
         ov = tiny_train_overrides(folder, method=method, total_training_steps=2, gradient_accumulation_steps=1,
                                   eval_without_context=False, **STABLE)
-        run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / method, **QUIET)
+        run = run_train(load_train_config(None, ov), policy_cache, tmp_path / method, **QUIET)
         m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in m] == [1, 2] and all(np.isfinite(r["loss"]) for r in m), (family, method)
         assert m[0]["kl"] == 0.0, (family, method)  # LoRA B = 0 and the gate shut: policy == reference
