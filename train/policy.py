@@ -88,17 +88,20 @@ def lora_targets(model, wanted: tuple[str, ...], policy: str) -> list[str]:
     """The module names LoRA wraps in this model for the configured `wanted` names (deduplicated, in
     order). Fused families get their fused names (FUSED_LORA_TARGETS); MuskError on a name the model
     lacks (listing the names it has) or on an MoE router."""
-    family = model.config.get_text_config().model_type
+    text = model.config.get_text_config()
+    family = text.model_type
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
                      if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"})
     fused = FUSED_LORA_TARGETS.get(family, {})
+    moe = getattr(text, "num_local_experts", 0) or getattr(text, "num_experts", 0)
     out = []
     for t in wanted:
-        name = fused.get(t, t) if t not in linear else t
-        if name in ROUTER_NAMES and getattr(model.config.get_text_config(), "num_local_experts", 0):
+        name = t if t in names else fused.get(t, t)
+        if name in ROUTER_NAMES and moe:
             raise MuskError(f"policy {policy!r} ({family}): {t!r} is the router of its mixture of experts, which "
                             "stays frozen; take it out of lora_target_modules (attention projections: q_proj, ...)")
-        if name not in linear:
+        if name not in names:
             raise MuskError(f"policy {policy!r} ({family}) has no linear modules named {t!r} for LoRA; "
                             f"set lora_target_modules to names among {linear}")
         if name not in out:
@@ -115,9 +118,12 @@ def check_policy(cfg, device: str) -> None:
 
     spec = policy_spec(cfg.policy)
     check_device(spec, device)
-    if spec.kind != "hf" or not Path(spec.model).expanduser().is_dir():
+    if spec.kind != "hf":
         return
-    config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    try:  # a local folder's or the hub's config.json (no weights)
+        config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    except Exception:
+        return  # loading says why
     with torch.device("meta"):  # module names only: no memory, no weights
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     lora_targets(skeleton, tuple(cfg.lora_target_modules), cfg.policy)
