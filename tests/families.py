@@ -54,6 +54,9 @@ GPT_OSS = (r"{{ '<|start|>system<|message|>You are a helpful model.\nKnowledge c
            r"{% if add_generation_prompt %}{{ '<|start|>assistant' }}{% endif %}")
 
 SMALL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+# With tied embeddings and the default init (std 0.02) a 2-layer model's greedy output is its last
+# input token repeated, whatever the prompt: a wider init makes the hints depend on the prompt.
+WIDE_INIT = {"initializer_range": 0.3}
 
 
 @dataclass(frozen=True)
@@ -74,11 +77,12 @@ class Family:
 FAMILIES = {
     "qwen2": Family("Qwen2Config", {**SMALL, "num_key_value_heads": 1, "tie_word_embeddings": True},
                     ("<|endoftext|>", "<|im_start|>", "<|im_end|>"), None, "<|im_end|>", "<|endoftext|>",
-                    ("<|im_end|>", "<|endoftext|>"), QWEN2),
+                    ("<|im_end|>", "<|endoftext|>"), QWEN2, extra=WIDE_INIT),
     "llama": Family("LlamaConfig", {**SMALL, "num_key_value_heads": 1, "tie_word_embeddings": True},
                     ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                      "<|eot_id|>", "<|eom_id|>"),
-                    "<|begin_of_text|>", "<|eot_id|>", None, ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"), LLAMA3),
+                    "<|begin_of_text|>", "<|eot_id|>", None, ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>"), LLAMA3,
+                    extra=WIDE_INIT),
     "phi3": Family("Phi3Config", {**SMALL, "num_key_value_heads": 2},
                    ("<s>", "<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
                    "<s>", "<|endoftext|>", "<|endoftext|>", ("<|endoftext|>", "<|end|>"), PHI3, ("qkv_proj", "o_proj")),

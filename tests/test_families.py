@@ -99,6 +99,7 @@ def test_expert_features_and_hints_equal_plain_transformers(family, family_cache
             out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                                  max_new_tokens=HINT_TOKENS, do_sample=False)
             assert hints[i] == tok.decode(out[0, len(ids):], skip_special_tokens=True), (family, i)
+    assert len(set(hints)) > 1  # the hints depend on the prompt (a constant one would prove little)
 
 
 def test_the_families_switch_on_what_they_stand_for(family_dirs):
@@ -192,7 +193,11 @@ def test_a_template_that_refuses_a_system_turn_gets_it_in_the_user_turn(family_d
     tok = AutoTokenizer.from_pretrained(family_dirs["gemma2"])
     with pytest.raises(TemplateError, match="System role not supported"):
         tok.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], tokenize=False)
+    from transformers.utils import chat_template_utils as ctu
+
+    clock = ctu.datetime
     head, tail = build_prompt_parts(tok, "Be brief.", "What is 2+3?")
+    assert ctu.datetime is clock  # the fixed clock is put back, also after the template raised
     assert head == "<bos><start_of_turn>user\nBe brief.\n\nWhat is 2+3?"
     assert tail == "<end_of_turn>\n<start_of_turn>model\n"
 
