@@ -317,3 +317,20 @@ def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path)
     wrapped = {n.rsplit(".", 1)[-1] for n, mod in peft.named_modules() if hasattr(mod, "lora_A")}
     assert wrapped == set(FAMILIES[family].lora)
     assert any(float(v.abs().max()) > 0 for k, v in peft.state_dict().items() if "lora_B" in k)
+
+
+@pytest.mark.usefixtures("_parity_rewards")
+def test_a_policy_with_dropout_starts_at_kl_zero(family_dirs, policy_cache, tmp_path):
+    """GPT-2's config has dropout 0.1 (embeddings, residuals, attention); GRPO runs the policy in train
+    mode, so musk turns dropout off: KL is exactly 0 at step 0 (LoRA on GPT-2's fused c_attn)."""
+    from transformers import AutoConfig
+
+    from train.config import load_train_config
+    from train.loop import run_train
+
+    assert AutoConfig.from_pretrained(family_dirs["gpt2"]).resid_pdrop == 0.1
+    ov = tiny_train_overrides(family_dirs["gpt2"], method="perceiver", total_training_steps=1,
+                              gradient_accumulation_steps=1, eval_without_context=False,
+                              lora_target_modules=["c_attn"], **STABLE)
+    run = run_train(load_train_config(None, ov), policy_cache, tmp_path / "gpt2", **QUIET)
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["kl"] == 0.0

@@ -129,16 +129,30 @@ def check_policy(cfg, device: str) -> None:
     lora_targets(skeleton, tuple(cfg.lora_target_modules), cfg.policy)
 
 
+def disable_dropout(model) -> None:
+    """Dropout off in every module of the base model (GPT-2's configs carry 0.1): GRPO runs the policy
+    in train mode, where dropout would make the policy differ from its reference (and from the
+    rollouts' sampler) by noise alone, so KL would not start at 0. As TRL's disable_dropout."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if isinstance(getattr(mod, "attention_dropout", None), float):  # attention modules keep a float
+            mod.attention_dropout = 0.0
+
+
 def load_policy(cfg, dtype: torch.dtype, device: str):
-    """(peft model, tokenizer, context scale). Base weights frozen; LoRA in fp32, on the family's
-    module names for cfg.lora_target_modules (lora_targets)."""
+    """(peft model, tokenizer, context scale). Base weights frozen, dropout off; LoRA in fp32, on the
+    family's module names for cfg.lora_target_modules (lora_targets)."""
     from peft import LoraConfig, get_peft_model
 
     spec = policy_spec(cfg.policy)
     model, tok = load_expert(spec, dtype, device)
+    disable_dropout(model)
+    targets = lora_targets(model, tuple(cfg.lora_target_modules), cfg.policy)
+    conv1d = any(type(mod).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, mod in model.named_modules())
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=lora_targets(model, tuple(cfg.lora_target_modules), cfg.policy),
-                      task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM",
+                      fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores its weight as [in, out]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lcfg, autocast_adapter_dtype=True)
