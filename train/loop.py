@@ -40,7 +40,8 @@ from train.config import TrainConfig, advantage_scale
 from train.evaluate import evaluate, rollout_diagnostics, truncated
 from train.grpo import group_advantages, grpo_loss, routing_stats, truncated_rows
 from train.inputs import decode_merged, rollout_inputs
-from train.policy import completion_logprobs, load_policy, merged_lora, merged_lora_weights, policy_spec
+from train.policy import (check_policy, completion_logprobs, load_policy, merged_lora, merged_lora_weights,
+                          policy_spec, save_policy)
 from train.trackers import Trackers
 
 
@@ -621,6 +622,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     if features is not None:
         data.features = features
     cfg = replace(cfg, experts=tuple(data.experts))
+    check_policy(cfg, device)  # a policy that cannot train here stops before the run folder is made
     run, resolved = open_run(cfg, cache_path, out, resume, data)
     m = build_models(cfg, data, device, dtype)
 
@@ -649,7 +651,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
         last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run, score)
     with atomic_path(run.final, directory=True) as tmp:
-        m.peft.save_pretrained(tmp)
+        save_policy(m.peft, tmp, policy_spec(cfg.policy))  # PEFT's files + where the base model comes from
         save_adapter(m.adapter, m.spec, tmp)
     summary = _summary(cfg, data, resolved, final_step, last_eval, m)
     run.write_summary(summary)

