@@ -23,6 +23,7 @@ columns only.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -192,26 +193,29 @@ def _sources(lm) -> list[torch.Tensor]:
     return [p for p in lm.parameters()]
 
 
-_CACHE: dict = {}  # id(lm) -> (weakrefs to sources, versions, max_pos, adapters on, Weights)
+# lm -> (weakrefs to sources, versions, adapters on, Weights); the entry goes with the model
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def fused_weights(lm, max_pos: int) -> Weights:
     """build_weights, reused while no parameter of lm was replaced or updated in place (an optimizer
     step bumps the version; merged_lora swaps whole tensors) and the adapters are in the same state.
-    One entry per model: the fused copies of the previous weight set are released on a rebuild."""
-    import weakref
-
+    One entry per model: the fused copies of the previous weight set are released on a rebuild.
+    Rotary tables shorter than max_pos are rebuilt alone (twice as long), not the weights."""
     src = _sources(lm)
     state = tuple(bool(getattr(m, "disable_adapters", False)) for m in lm.modules() if hasattr(m, "lora_A"))
-    hit = _CACHE.get(id(lm))
+    hit = _CACHE.get(lm)
     if hit is not None:
-        refs, vers, mp, st, w = hit
-        if (mp >= max_pos and st == state and len(refs) == len(src)
-                and all(r() is s for r, s in zip(refs, src)) and vers == [s._version for s in src]):
+        refs, vers, st, w = hit
+        if (st == state and len(refs) == len(src) and all(r() is s for r, s in zip(refs, src))
+                and vers == [s._version for s in src]):
+            if next(iter(w.cos.values())).shape[0] < max_pos:
+                w.cos, w.sin = _rope_tables(lm.base_model, lm.config, set(w.cos), 2 * max_pos, w.embed.dtype,
+                                            w.embed.device)
             return w
-    _CACHE.pop(id(lm), None)
-    w = build_weights(lm, max_pos)
-    _CACHE[id(lm)] = ([weakref.ref(s) for s in src], [s._version for s in src], max_pos, state, w)
+    _CACHE.pop(lm, None)
+    w = build_weights(lm, max(max_pos, 1024))
+    _CACHE[lm] = ([weakref.ref(s) for s in src], [s._version for s in src], state, w)
     return w
 
 

@@ -197,3 +197,20 @@ def test_uncovered_family_falls_back_to_the_loop_and_says_so(caplog):
     assert torch.equal(a.tokens, sample(model, emb, mask, 6, [], 0, greedy=True, step="loop").tokens)
     with pytest.raises(decode_step.Unsupported):
         sample(model, emb, mask, 6, [], 0, greedy=True, step="fused")
+
+
+def test_fused_weights_are_reused_then_released_with_the_model():
+    import gc
+
+    from pipeline import decode_step
+
+    model = _tiny("llama")
+    emb, mask = _prompts(model)
+    sample(model, emb, mask, 3, [], 0, greedy=True, step="fused")
+    w = decode_step._CACHE[model][-1]
+    sample(model, emb, mask, 40, [], 0, greedy=True, step="fused")  # longer: rotary tables grow, weights stay
+    assert decode_step._CACHE[model][-1] is w
+    n = len(decode_step._CACHE)
+    del model, w
+    gc.collect()
+    assert len(decode_step._CACHE) == n - 1

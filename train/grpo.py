@@ -13,6 +13,11 @@ Departures from textbook GRPO (DeepSeekMath, Shao et al. 2024), all deliberate:
    whose rewards are all equal gets advantage exactly 0 instead of 0/0.
 5. Loss normalisation: mean over each completion's real tokens, then mean over completions (the
    original GRPO form; DAPO's token-level mean is not used).
+6. Rollouts come from a sampler (the fused decode step, possibly bf16) that is not the training
+   forward: their per-token log-probs differ by rounding. The gap is measured every step
+   (`sampler_gap`); optionally each token's policy-gradient term is weighted by the truncated
+   importance ratio min(pi_trainer / pi_sampler, C) (truncated importance sampling, TIS; Yao et al.
+   2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"). Off by default.
 """
 
 from __future__ import annotations
@@ -65,11 +70,14 @@ def grpo_loss(
     mask: torch.Tensor,
     beta: float,
     clip_eps: float = 0.2,
+    is_weights: torch.Tensor | None = None,
 ) -> GRPOLoss:
     """Clipped surrogate + beta * k3 KL, per-sequence token mean then batch mean.
 
     logp, old_logp, ref_logp, mask: [N, T] (N = B*G completions, T completion tokens);
     advantages: [N]. mask is 1 on real completion tokens (through the first EOS).
+    is_weights: [N, T] detached weights on each token's policy-gradient term (truncated importance
+    sampling, `sampler_gap`); None: 1.
     """
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)  # [N, T]
@@ -77,6 +85,8 @@ def grpo_loss(
     surr1 = ratio * a
     surr2 = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * a
     pg = -torch.minimum(surr1, surr2)  # [N, T]
+    if is_weights is not None:
+        pg = pg * is_weights
     kl = k3_kl(logp, ref_logp)  # [N, T]
     per_token = pg + beta * kl
     lengths = mask.sum(dim=1).clamp_min(1.0)  # [N]
@@ -106,3 +116,33 @@ def routing_stats(attention: torch.Tensor) -> RoutingStats:
     h = (-plogp.sum(dim=-1)).mean(dim=-1)  # [B]
     u = a.mean(dim=1)  # [B, n]
     return RoutingStats(float(h.mean()), u.mean(dim=0).tolist(), a.mean(dim=0).tolist())
+
+
+class SamplerGap(NamedTuple):
+    weights: torch.Tensor  # [N, T] min(exp(trainer - sampler), cap) on live tokens, 1 elsewhere; detached
+    gap: float  # mean over live tokens of sampler - trainer log-prob
+    abs_gap: float  # mean |sampler - trainer|
+    max_abs_gap: float
+    truncated: float  # fraction of live tokens whose ratio exceeded the cap
+
+
+def sampler_gap(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> SamplerGap:
+    """Per-token log-prob gap between the sampler that drew the rollouts and the training forward,
+    and the truncated importance weights min(pi_trainer(y_t) / pi_sampler(y_t), cap) (TIS).
+
+    trainer_logp, sampler_logp, mask: [N, T]. cap: C of TIS (> 0); cap <= 0 gives weights of 1.
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        d = (trainer_logp.detach() - sampler_logp).float()  # [N, T] log pi_trainer / pi_sampler
+        n = max(1, int(m.sum()))
+        gap = float(-(d * m).sum()) / n
+        abs_d = d.abs() * m
+        ratio = torch.exp(d)
+        if cap > 0:
+            w = torch.where(m, ratio.clamp_max(cap), torch.ones_like(ratio))
+            trunc = float(((ratio > cap) & m).sum()) / n
+        else:
+            w, trunc = torch.ones_like(ratio), 0.0
+    return SamplerGap(w, gap, float(abs_d.sum()) / n, float(abs_d.max()) if m.any() else 0.0, trunc)

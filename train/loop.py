@@ -29,13 +29,13 @@ from core.errors import MuskError
 from core.config import from_dict, to_dict
 from core.hashing import sha256_of
 from pipeline.experts import KINDS, resolve_device, resolve_dtype
-from pipeline.generation import decode, eos_ids, generate
+from pipeline.generation import decode, eos_ids, generate, sample
 from pipeline.vllm_engine import make_llm, require_vllm, sample_from_embeds, sync_weights
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from train.adapters import AdapterOut, AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig
-from train.grpo import group_advantages, grpo_loss, routing_stats
+from train.grpo import group_advantages, grpo_loss, routing_stats, sampler_gap
 from train.policy import (PromptBatch, build_prompt_parts, completion_logprobs, encode_prompts, load_policy,
                           merged_lora, merged_lora_weights, policy_spec, splice)
 from train.rewards import score
@@ -260,6 +260,7 @@ class Rollouts(NamedTuple):
     attention: torch.Tensor | None  # [B, m, n]
     choice: torch.Tensor | None  # [B] the expert hard-routing ran
     policy_prompt_tokens: int  # prompt tokens the policy read, C included (cost accounting)
+    sampler_logp: torch.Tensor | None = None  # [B*G, T] the sampler's log-probs of its tokens (musk's decoder)
 
 
 def decode_merged(cfg: TrainConfig, m: Models) -> bool:
@@ -280,6 +281,7 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     ref_e = splice(emb, mask, null_context_tokens(m, C), cfg.context_position, pb.tail)[0] if C is not None else emb
 
     t = time.perf_counter()
+    sampler_logp = None
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
         tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.max_new_tokens,
                                           m.eos, m.tok.pad_token_id, cfg.temperature, False,
@@ -288,9 +290,9 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
         with merged_lora(m.peft, decode_merged(cfg, m)):
-            tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
-                                    cfg.temperature, min_new_tokens=cfg.min_new_tokens,
-                                    group=G if cfg.share_prompt else 1)
+            tokens, live, sampler_logp = sample(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos,
+                                                m.tok.pad_token_id, cfg.temperature, min_new_tokens=cfg.min_new_tokens,
+                                                group=G if cfg.share_prompt else 1, logprobs=True)
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
@@ -303,12 +305,13 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     n_ctx = 0 if C is None else C.shape[1] * len(idx) * G
     return Rollouts(idx, e_in, ref_e, m_in, tokens, live, texts, rewards, adv.advantages.to(device), adv.frac_zero_std,
                     ctx.attention.detach() if ctx.attention is not None else None, ctx.choice,
-                    int(pb.mask.sum()) * G + n_ctx)
+                    int(pb.mask.sum()) * G + n_ctx, sampler_logp)
 
 
 class StepOut(NamedTuple):
     loss: float  # the micro-batch's GRPO loss
     kl_token_sum: float  # summed per-token KL (divide by the completion tokens for the mean)
+    sampler: dict | None = None  # token-summed sampler/trainer log-prob gaps (sampler_gap), when known
 
 
 def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOut:
@@ -329,17 +332,27 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict) -> StepOu
 
     t = time.perf_counter()
     loss = kl_sum = 0.0
+    gaps = {"gap": 0.0, "abs_gap": 0.0, "max_abs_gap": 0.0, "truncated": 0.0} if ro.sampler_logp is not None else None
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
         logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T)
-        out = grpo_loss(logp, logp.detach(), ref_logp[sl], ro.advantages[sl], ro.live[sl], cfg.beta, cfg.clip_eps)
+        is_w = None
+        if gaps is not None:  # the sampler is not the training forward: measure, and correct if asked (TIS)
+            sg = sampler_gap(logp, ro.sampler_logp[sl], ro.live[sl], cfg.tis_cap)
+            n_tok = float(ro.live[sl].sum())
+            for k in ("gap", "abs_gap", "truncated"):
+                gaps[k] += getattr(sg, k) * n_tok
+            gaps["max_abs_gap"] = max(gaps["max_abs_gap"], sg.max_abs_gap)
+            is_w = sg.weights if cfg.tis_cap > 0 else None
+        out = grpo_loss(logp, logp.detach(), ref_logp[sl], ro.advantages[sl], ro.live[sl], cfg.beta, cfg.clip_eps,
+                        is_w)
         weight = logp.shape[0] / N
         share_of_step = weight / (cfg.gradient_accumulation_steps * dist.world())  # ranks sum their gradients
         (out.loss * share_of_step).backward(retain_graph=s + chunk < N)
         loss += float(out.loss.detach()) * weight
         kl_sum += float(out.kl) * float(ro.live[sl].sum())
     timing["policy"] += time.perf_counter() - t
-    return StepOut(loss, kl_sum)
+    return StepOut(loss, kl_sum, gaps)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +450,8 @@ def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
     st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
           "kl": out.kl_token_sum / max(1.0, float(ro.live.sum())), "tokens": int(ro.live.sum()),
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
-          "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens}}
+          "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens},
+          "sampler": out.sampler}
     if data.prompt_tokens is not None:
         hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
         choice = ro.choice.cpu().numpy() if ro.choice is not None else None
@@ -461,6 +475,11 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
         "step_seconds": dt, "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
         **{f"time/{k}": v for k, v in timing.items()}, **cost,
     }
+    gaps = [st["sampler"] for st in stats if st.get("sampler") is not None]
+    if gaps and n_tokens:  # token-weighted means over the step; the max over it
+        for k in ("gap", "abs_gap", "truncated"):
+            rec[f"sampler/logprob_{k}" if k != "truncated" else "sampler/tis_truncated"] = sum(g[k] for g in gaps) / n_tokens
+        rec["sampler/logprob_max_abs_gap"] = max(g["max_abs_gap"] for g in gaps)
     if len(m.optimizer.param_groups) > 1:
         rec["router_lr"] = m.optimizer.param_groups[1]["lr"]
     gate = getattr(getattr(m.adapter, "out", None), "gate", None)
