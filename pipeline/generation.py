@@ -88,8 +88,9 @@ _said: set = set()
 
 def _fused_weights(lm, max_pos: int, step: str):
     """The fused step's weights for lm, or None (today's loop) where the family or a module is not
-    covered: said once per model type in the log. step 'loop' always returns None."""
-    if step == "loop" or os.environ.get("MUSK_DECODE_STEP") == "loop":
+    covered: said once per model type in the log. step 'loop' (or 'auto' under MUSK_DECODE_STEP=loop)
+    returns None."""
+    if step == "loop" or (step == "auto" and os.environ.get("MUSK_DECODE_STEP") == "loop"):
         return None
     from pipeline import decode_step
 

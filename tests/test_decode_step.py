@@ -214,3 +214,16 @@ def test_fused_weights_are_reused_then_released_with_the_model():
     del model, w
     gc.collect()
     assert len(decode_step._CACHE) == n - 1
+
+
+def test_environment_switch_forces_the_loop(monkeypatch):
+    from pipeline import decode_step
+    from pipeline.generation import generate
+
+    model = _tiny("llama")
+    emb, mask = _prompts(model)
+    a, _ = generate(model, emb, mask, 5, [], 0, greedy=True)
+    monkeypatch.setenv("MUSK_DECODE_STEP", "loop")
+    monkeypatch.setattr(decode_step, "fused_weights", lambda *a: pytest.fail("the fused step ran"))
+    b, _ = generate(model, emb, mask, 5, [], 0, greedy=True)
+    assert torch.equal(a, b)
