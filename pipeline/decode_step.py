@@ -12,8 +12,9 @@ Same maths as the transformers modules it reads its weights from, in fewer, larg
     step reads the merged weights and runs no LoRA branch at all.
 
 Numbers: float32 greedy tokens equal the transformers loop's on the tested families (the rounding of
-a fused matmul or of F.rms_norm differs in the last bit; tests/test_decode_step.py). In bfloat16,
-F.rms_norm rounds once where Llama's module rounds twice: logits agree to bf16 rounding.
+a fused matmul or of F.rms_norm differs in the last bit; tests/test_decode_step.py). In bfloat16 the
+norms round where the modules round; fused matmuls and attention kernels may still round
+differently, so logits agree to bf16 rounding, not bit for bit.
 
 The static path (`static=True`) attends over the whole cache under a mask, with the column as a
 tensor, so one step has fixed shapes and no host sync: that is what a CUDA graph captures
@@ -226,6 +227,8 @@ def fused_weights(lm, max_pos: int) -> Weights:
 def _norm(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> torch.Tensor:
     if gemma:  # (x_fp32 normalised * (1 + w)).to(dtype), as Gemma3RMSNorm
         return F.rms_norm(x.float(), (x.shape[-1],), w, eps).to(x.dtype)
+    if x.dtype != torch.float32:  # w * (x_fp32 normalised).to(dtype): Llama's two roundings
+        return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * w
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
@@ -253,19 +256,19 @@ def attn_masks(W: Weights, valid: torch.Tensor, q_cols: torch.Tensor, L: int) ->
 def attend(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of q [n, Hq, T, hd] on K, V [n, Hk, L, hd] under a boolean mask [n, 1, T, L], grouped
     keys and values never copied. SDPA (enable_gqa), except for one reduced-precision query on a CPU:
-    there SDPA's kernel took 2.6 ms a layer for SmolLM2's decode shape in bf16, the three operations
-    below 0.5 ms (scores and weighted sum in the input dtype, softmax in float32, as transformers' eager
-    attention)."""
+    there SDPA's kernel took 2.6 ms a layer for SmolLM2's decode shape in bf16, the two bmm below
+    0.5 ms."""
     n, hq, T, hd = q.shape
     hk = K.shape[1]
     if T > 1 or q.device.type != "cpu" or q.dtype == torch.float32:
         return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=scale, enable_gqa=hq != hk)
     L, g = K.shape[2], hq // hk
-    # bmm on views: a column slice of the static cache merges (n, Hk) into one batch dim without a copy
-    Kb, Vb = K.reshape(n * hk, L, hd), V.reshape(n * hk, L, hd)
-    s = torch.bmm(q.reshape(n * hk, g, hd), Kb.transpose(1, 2)).view(n, hk, g, L) * scale  # [n, Hk, g, L]
-    p = torch.softmax(s.float().masked_fill_(~mask, float("-inf")), -1).to(q.dtype)
-    return torch.bmm(p.view(n * hk, g, L), Vb).view(n, hq, 1, hd)
+    # float32 throughout, one rounding at the output, as SDPA's CPU kernel accumulates; the cast of the
+    # filled cache columns [n * Hk, L, hd] is small next to a layer's weights
+    Kb, Vb = K.reshape(n * hk, L, hd).float(), V.reshape(n * hk, L, hd).float()
+    s = torch.bmm(q.reshape(n * hk, g, hd).float(), Kb.transpose(1, 2)).view(n, hk, g, L) * scale  # [n, Hk, g, L]
+    p = torch.softmax(s.masked_fill_(~mask, float("-inf")), -1)
+    return torch.bmm(p.view(n * hk, g, L), Vb).view(n, hq, 1, hd).to(q.dtype)
 
 
 def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, col0, masks: dict,
