@@ -281,6 +281,7 @@ def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, col0
     n, T, _ = x.shape
     gemma = W.family == "gemma3_text"
     hq, hk, hd = W.hq, W.hk, W.hd
+    rope = {k: (W.cos[k][pos][:, :, None], W.sin[k][pos][:, :, None]) for k in W.cos}  # [n, T, 1, hd] per kind
     h = x
     for i, la in enumerate(W.layers):
         r = _norm(h, la.norms[0], W.eps, gemma)
@@ -288,7 +289,7 @@ def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, col0
         qk, v = qkv[:, :, :hq + hk], qkv[:, :, hq + hk:]
         if la.qk_norm is not None:
             qk = F.rms_norm(qk.float(), (hd,), None, W.eps).mul_(la.qk_norm).to(x.dtype)
-        cos, sin = W.cos[la.rope][pos][:, :, None], W.sin[la.rope][pos][:, :, None]  # [n, T, 1, hd]
+        cos, sin = rope[la.rope]
         qk = qk * cos + qk.view(n, T, hq + hk, 2, hd // 2).flip(3).view(n, T, hq + hk, hd) * sin
         q = qk[:, :, :hq].transpose(1, 2)  # [n, Hq, T, hd]
         k, v = qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2)  # [n, Hk, T, hd]
