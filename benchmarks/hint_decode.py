@@ -43,12 +43,12 @@ with torch.inference_mode():
         pos = pos + 1
         s = time.perf_counter()
         out = model.base_model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                               past_key_values=past, use_cache=True)
+                               cache=past, use_cache=True)
         m = time.perf_counter()
         logits = lm_logits(model, out.last_hidden_state[:, -1])
         nxt = logits.argmax(-1)
         e = time.perf_counter()
-        past = out.past_key_values
+        past = out.cache
         if t >= 4:
             tb.append(m - s); th.append(e - m)
 b, hh = statistics.median(tb), statistics.median(th)

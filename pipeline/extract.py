@@ -207,7 +207,7 @@ def common_prefix_length(ids: list[list[int]]) -> int:
 def run_prefix(backbone, prefix_ids: list[int], device) -> SharedPrefix:
     ids = torch.tensor([prefix_ids], device=device)  # [1, P]
     out = backbone(input_ids=ids, output_hidden_states=True, use_cache=True)
-    return SharedPrefix(len(prefix_ids), out.past_key_values, tuple(out.hidden_states))
+    return SharedPrefix(len(prefix_ids), out.cache, tuple(out.hidden_states))
 
 
 @torch.inference_mode()
@@ -233,7 +233,7 @@ def expert_forward_pool(backbone, ids: torch.Tensor, mask: torch.Tensor, rti: to
     cache = copy.deepcopy(prefix.cache)
     cache.batch_repeat_interleave(B)
     out = backbone(input_ids=ids, attention_mask=full, position_ids=positions(full)[:, P:],
-                   past_key_values=cache, output_hidden_states=True, use_cache=True)
+                   cache=cache, output_hidden_states=True, use_cache=True)
     # Join prefix and batch states only for the layers some variant reads ([B, P+T, d] each).
     L = len(out.hidden_states) - 1
     read = {0, 1, L, *rli.flatten().tolist()}

@@ -7,7 +7,14 @@ copy of the whole [V, d] head per row (README, Design notes, gives the cost meas
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+from typing import NamedTuple
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -94,10 +101,41 @@ def prefill(backbone, embeds: torch.Tensor, mask: torch.Tensor, group: int = 1):
     """
     pm = mask[::group]  # [N/group, P]
     out = backbone(inputs_embeds=embeds[::group], attention_mask=pm, position_ids=positions(pm), use_cache=True)
-    cache = out.past_key_values
+    cache = out.cache
     if group > 1:
         cache.batch_repeat_interleave(group)
     return out.last_hidden_state, cache
+
+
+class Decoded(NamedTuple):
+    tokens: torch.Tensor  # [N, T] generated ids, pad_id after each row's EOS
+    live: torch.Tensor  # [N, T] 1 through the first EOS (inclusive), 0 after
+    logprobs: torch.Tensor | None  # [N, T] float32 log-prob of each token under the distribution it was
+    #                                drawn from (softmax(logits / T), EOS masked while suppressed); 0 where not live
+
+
+STEPS = ("auto", "fused", "loop")
+_said: set = set()
+
+
+def _fused_weights(lm, max_pos: int, step: str):
+    """The fused step's weights for lm, or None (today's loop) where the family or a module is not
+    covered: said once per model type in the log. step 'loop' (or 'auto' under MUSK_DECODE_STEP=loop)
+    returns None."""
+    if step == "loop" or (step == "auto" and os.environ.get("MUSK_DECODE_STEP") == "loop"):
+        return None
+    from pipeline import decode_step
+
+    try:
+        return decode_step.fused_weights(lm, max_pos)
+    except decode_step.Unsupported as e:
+        if step == "fused":
+            raise
+        key = (getattr(lm.config, "model_type", "?"), str(e))
+        if key not in _said:
+            _said.add(key)
+            log.info("decoding %s through the transformers loop: the fused step does not cover it (%s)", *key)
+        return None
 
 
 def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
@@ -109,43 +147,147 @@ def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
     fixed-length completions when it equals max_new_tokens (benchmarks). group > 1: rows come in
     runs of `group` copies of one prompt (GRPO's G rollouts); the prompt is prefilled once per run
     and its KV cache repeated, instead of G times. top_k, top_p, min_p filter the sampling
-    distribution (sample_tokens; off by default).
+    distribution (filter_logits; off by default).
+
+    Llama, Qwen2, Mistral and Gemma-3 decode through the fused step (pipeline/decode_step.py), other
+    families through transformers' modules; MUSK_DECODE_STEP=loop forces the latter (`sample` takes
+    the choice as an argument).
 
     Returns (tokens [N, T], live [N, T]): live is 1 through the first EOS (inclusive) and 0 after,
     where tokens are pad_id. Sampling draws from torch's global RNG (seeded, checkpointed).
     """
+    out = sample(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
+                 filters=(top_k, top_p, min_p))
+    return out.tokens, out.live
+
+
+def sample(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int, temperature: float = 1.0,
+           greedy: bool = False, min_new_tokens: int = 0, group: int = 1, logprobs: bool = False,
+           step: str = "auto", check_every: int | None = None, static: bool | None = None,
+           filters: tuple[int, float, float] = (0, 1.0, 0.0)) -> Decoded:
+    """`generate` with the sampler's own log-probs (logprobs=True) and the decoder chosen: step
+    'auto' (fused where covered), 'fused' (raises decode_step.Unsupported where not), 'loop'.
+    check_every: tokens between all-done checks (a host sync); default 1 on a CPU, 8 on a GPU.
+    Tokens and live are the same whatever check_every is (trailing all-pad columns are cut); on a GPU
+    the RNG may advance by a few more draws after the last row stops. static: the fixed-shape step
+    (default on CUDA, where it is captured as a CUDA graph; on a CPU it runs eagerly, for tests).
+    filters: (top_k, top_p, min_p) of the sampling distribution; the log-probs are those of the
+    filtered distribution the tokens were drawn from."""
+    if step not in STEPS:
+        raise ValueError(f"unknown decode step {step!r}; choices: {list(STEPS)}")
+    if check_every is None:
+        check_every = 8 if embeds.device.type == "cuda" else 1
     with torch.inference_mode():  # ~5% faster decode steps than no_grad on a CPU
-        tokens, live = _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy,
-                               min_new_tokens, group, (top_k, top_p, min_p))
-    return tokens.clone(), live.clone()  # normal tensors again: autograd may index with them
+        W = _fused_weights(lm, mask.shape[1] + max_new_tokens + 1, step)
+        args = (lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
+                (logprobs, filters))
+        out = _decode(*args) if W is None else _decode_fused(W, *args, check_every=check_every, static=static)
+    # normal tensors again: autograd may index with them
+    return Decoded(out.tokens.clone(), out.live.clone(), None if out.logprobs is None else out.logprobs.clone())
 
 
-def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
-            filters=(0, 1.0, 0.0)):
-    N = embeds.shape[0]
-    backbone = lm.base_model
-    h, past = prefill(backbone, embeds, mask, group)  # [N/group, P, d], cache of N rows
-    logits = lm_logits(lm, h[:, -1]).repeat_interleave(group, 0)  # [N, V]
-    pos = positions(mask)[:, -1]  # [N]
-    eos_t = torch.tensor(eos, device=embeds.device)
-    done = torch.zeros(N, dtype=torch.bool, device=embeds.device)
-    toks, live = [], []
-    for t in range(max_new_tokens):
-        if t < min_new_tokens:
-            logits = logits.index_fill(-1, eos_t, float("-inf"))
-        if greedy:
+class _Picker:
+    """Choose each row's next token from logits [N, V] as the old loop did (EOS suppressed for the
+    first min_new_tokens, greedy argmax or one inverse-CDF draw per row, pad after EOS)."""
+
+    def __init__(self, N, eos, pad_id, temperature, greedy, min_new_tokens, want, device):
+        logprobs, self.filters = want  # (bool, (top_k, top_p, min_p))
+        self.eos_t = torch.tensor(eos, device=device, dtype=torch.long)
+        self.done = torch.zeros(N, dtype=torch.bool, device=device)
+        self.pad, self.greedy, self.min_new, self.want = pad_id, greedy, min_new_tokens, logprobs
+        self.temp = 1.0 if greedy else temperature
+        self.toks, self.live, self.lps = [], [], []
+
+    def __call__(self, t: int, logits: torch.Tensor) -> torch.Tensor:
+        if t < self.min_new:
+            logits = logits.index_fill(-1, self.eos_t, float("-inf"))
+        scaled = logits / self.temp
+        if not self.greedy and self.filters != (0, 1.0, 0.0):
+            scaled = filter_logits(scaled, *self.filters)
+        if self.greedy:
             nxt = logits.argmax(-1)
         else:
-            nxt = sample_tokens(logits, temperature, *filters)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        live.append(~done)
-        toks.append(nxt)
-        done = done | torch.isin(nxt, eos_t)
-        if bool(done.all()) or t == max_new_tokens - 1:
+            nxt = sample_rows(torch.softmax(scaled, dim=-1))
+        if self.want:
+            lp = torch.log_softmax(scaled, -1).gather(1, nxt[:, None])[:, 0]
+            self.lps.append(lp.masked_fill(self.done, 0.0))
+        nxt = torch.where(self.done, torch.full_like(nxt, self.pad), nxt)
+        self.live.append(~self.done)
+        self.toks.append(nxt)
+        self.done = self.done | torch.isin(nxt, self.eos_t)
+        return nxt
+
+    def result(self) -> Decoded:
+        tokens, live = torch.stack(self.toks, 1), torch.stack(self.live, 1).long()
+        lp = torch.stack(self.lps, 1) if self.want else None
+        n = int(live.any(0).sum())  # columns past the last live one (checks every k tokens) are cut
+        return Decoded(tokens[:, :n], live[:, :n], lp[:, :n] if lp is not None else None)
+
+
+def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group, logprobs):
+    """Today's loop: transformers' modules with their dynamic cache, one forward per token."""
+    N = embeds.shape[0]
+    backbone = lm.base_model
+    h, cache = prefill(backbone, embeds, mask, group)  # [N/group, P, d], cache of N rows
+    logits = lm_logits(lm, h[:, -1]).repeat_interleave(group, 0)  # [N, V]
+    pos = positions(mask)[:, -1]  # [N]
+    pick = _Picker(N, eos, pad_id, temperature, greedy, min_new_tokens, logprobs, embeds.device)
+    for t in range(max_new_tokens):
+        nxt = pick(t, logits)
+        if bool(pick.done.all()) or t == max_new_tokens - 1:
             break
         mask = torch.cat([mask, torch.ones(N, 1, dtype=mask.dtype, device=mask.device)], 1)
         pos = pos + 1
         out = backbone(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos[:, None],
-                       past_key_values=past, use_cache=True)
-        past, logits = out.past_key_values, lm_logits(lm, out.last_hidden_state[:, -1])
-    return torch.stack(toks, 1), torch.stack(live, 1).long()
+                       cache=cache, use_cache=True)
+        cache, logits = out.cache, lm_logits(lm, out.last_hidden_state[:, -1])
+    return pick.result()
+
+
+def _decode_fused(W, lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
+                  logprobs, check_every: int = 1, static: bool | None = None):
+    """The fused step (pipeline/decode_step.py): static cache, prefill once per group, one step a token.
+    On CUDA the step is captured as a CUDA graph after its first run and replayed; the all-done check
+    (a host sync) runs every `check_every` tokens."""
+    from pipeline import decode_step as ds
+
+    N, P, _ = embeds.shape
+    S, dev = P + max_new_tokens, embeds.device
+    cache = ds.KVCache(W, N, S, W.embed.dtype, dev)
+    valid = torch.cat([mask.bool(), torch.ones(N, max_new_tokens, dtype=torch.bool, device=dev)], 1)  # [N, S]
+    pos = positions(mask)  # [N, P]
+    cols = torch.arange(P, device=dev)
+    pv = valid[::group]
+    h = ds.forward(W, cache, embeds[::group].to(W.embed.dtype), pos[::group], 0, ds.attn_masks(W, pv, cols, P), P,
+                   group)  # [N/group, P, d]
+    logits = lm_logits(lm, h[:, -1]).repeat_interleave(group, 0)  # [N, V]
+    last = pos[:, -1]  # [N]
+    pick = _Picker(N, eos, pad_id, temperature, greedy, min_new_tokens, logprobs, dev)
+    static = dev.type == "cuda" if static is None else static
+    step, gen_cols = None, torch.arange(P, S, device=dev)  # [T] the columns tokens land in, on the device
+    for t in range(max_new_tokens):
+        nxt = pick(t, logits)
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(pick.done.all())):
+            break
+        p = last + (t + 1)  # [N]
+        if static:  # fixed shapes, column as a tensor: on CUDA one graph replay a token
+            col = gen_cols[t]  # a view: no host-to-device copy
+            if step is None:
+                fn = functools.partial(_static_step, W, lm, cache, valid, S=S)
+                step = ds.GraphedStep(fn, nxt, col, p) if dev.type == "cuda" else fn
+            logits = step(nxt, col, p)
+        else:
+            c = P + t
+            x = ds.embed(W, nxt[:, None])  # [N, 1, d]
+            masks = ds.attn_masks(W, valid, torch.tensor([c], device=dev), c + 1)
+            logits = lm_logits(lm, ds.forward(W, cache, x, p[:, None], c, masks, c + 1)[:, 0])
+    return pick.result()
+
+
+def _static_step(W, lm, cache, valid, nxt, col, p, *, S: int):
+    """One token through the fused step with fixed shapes (all S cache columns under a mask, the
+    column a 0-d tensor): no host sync, capturable as a CUDA graph. Returns logits [N, V]."""
+    from pipeline import decode_step as ds
+
+    masks = ds.attn_masks(W, valid, col.view(1), S)
+    return lm_logits(lm, ds.forward(W, cache, ds.embed(W, nxt[:, None]), p[:, None], col, masks, S)[:, 0])

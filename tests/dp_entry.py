@@ -13,18 +13,17 @@ from tests.helpers import parity_score
 train.loop.score = parity_score
 
 if os.environ.get("MUSK_TEST_LENGTHS") == "1":
-    _generate = train.loop.generate
+    _sample = train.loop.sample  # the rollouts' decoder (greedy evaluations go through train.evaluate)
 
     def _varied(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k):
-        tokens, live = _generate(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
-        if k.get("greedy"):
-            return tokens, live
+        tokens, live, lp = _sample(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
         T = tokens.shape[1]
         end, pos = (tokens[:, 0] % (T + 1))[:, None], torch.arange(T)[None]  # end T: the whole budget, no EOS
         live = (pos <= end).long()
-        return torch.where(pos == end, eos[0], torch.where(live.bool(), tokens, pad_id)), live
+        tokens = torch.where(pos == end, eos[0], torch.where(live.bool(), tokens, pad_id))
+        return tokens, live, None if lp is None else lp * live
 
-    train.loop.generate = _varied
+    train.loop.sample = _varied
 
 if __name__ == "__main__":
     from cli import main

@@ -208,6 +208,13 @@ class TrainConfig:
     LoRA linear (one matmul instead of three; the LoRA branch is a third of a CPU decode step's ops).
     Same numbers up to rounding where the policy is float32 (auto: float32 only); in bf16 W + B A
     rounds a small B A away, so the rollouts would lag the policy."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling: weight each rollout token's policy-gradient term by
+    min(pi_trainer(y_t) / pi_sampler(y_t), tis_cap), correcting for a sampler that is not the training
+    forward (the fused decode step in bf16, vLLM with merged bf16 weights). 0 = off (paper presets:
+    off; the paper trains on-policy). Typical when on: 2. The gap itself is logged every step
+    (sampler/logprob_gap, sampler/logprob_abs_gap, sampler/logprob_max_abs_gap) whenever musk's own
+    decoder draws the rollouts."""
     dtype: str = "auto"
     """Policy weights: auto (bf16 where fast), bfloat16, float32."""
     device: str = "auto"
@@ -233,6 +240,8 @@ class TrainConfig:
                             "the hint block's slots); with hint_position user-turn use hint_reference reads")
         if self.context_rms <= 0:
             raise MuskError(f"context_rms must be positive, got {self.context_rms}")
+        if self.tis_cap < 0:
+            raise MuskError(f"tis_cap must be 0 (off) or positive, got {self.tis_cap}")
         if self.temperature <= 0:
             raise MuskError(f"temperature must be positive, got {self.temperature}")
         if not 0 < self.top_p <= 1 or self.top_k < 0 or not 0 <= self.min_p < 1:

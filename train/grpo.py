@@ -21,6 +21,11 @@ Fixed choices, all deliberate:
    copy) and zero-valued context tokens at the same positions as C (paper, Sec. 4.1).
 3. The std is Bessel-corrected and floored (std_floor), so a group whose rewards are all equal gets
    advantage exactly 0 instead of 0/0 (TRL adds 1e-4 to the std instead of flooring it).
+4. Rollouts come from a sampler (the fused decode step, possibly bf16) that is not the training
+   forward: their per-token log-probs differ by rounding. The gap is measured every step
+   (`sampler_gap`); optionally each token's policy-gradient term is weighted by the truncated
+   importance ratio min(pi_trainer / pi_sampler, C) (truncated importance sampling, TIS; Yao et al.
+   2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"). Off by default.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ def grpo_loss(
     loss_type: str = "grpo",
     max_tokens: int | None = None,
     num_tokens: float | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> GRPOLoss:
     """Clipped surrogate + beta * k3 KL per token, reduced as `loss_type` says.
 
@@ -109,6 +115,8 @@ def grpo_loss(
     policy_loss is the same reduction of the surrogate alone; kl and clip_frac are token means over
     mask (clip_frac: tokens where the clip decides the value, TRL's clip_ratio/region_mean).
     Raises ValueError on an unknown loss_type.
+    is_weights: [N, T] detached weights on each token's policy-gradient term (truncated importance
+    sampling, `sampler_gap`); None: 1.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choices: {list(LOSS_TYPES)}")
@@ -119,6 +127,8 @@ def grpo_loss(
     surr1 = ratio * a
     surr2 = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + eps_high) * a
     pg = -torch.minimum(surr1, surr2)  # [N, T]
+    if is_weights is not None:
+        pg = pg * is_weights
     kl = k3_kl(logp, ref_logp)  # [N, T]
     per_token = pg + beta * kl
     reduce = _reduction(mask, loss_type, max_tokens, num_tokens)
@@ -169,3 +179,33 @@ def truncated_rows(tokens: torch.Tensor, live: torch.Tensor, eos: list[int], max
     eos_t = torch.tensor(eos, device=tokens.device)
     has_eos = (torch.isin(tokens, eos_t) & live.bool()).any(dim=1)  # [N]
     return (live.sum(dim=1) >= max_new_tokens) & ~has_eos
+
+
+class SamplerGap(NamedTuple):
+    weights: torch.Tensor  # [N, T] min(exp(trainer - sampler), cap) on live tokens, 1 elsewhere; detached
+    gap: float  # mean over live tokens of sampler - trainer log-prob
+    abs_gap: float  # mean |sampler - trainer|
+    max_abs_gap: float
+    truncated: float  # fraction of live tokens whose ratio exceeded the cap
+
+
+def sampler_gap(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor,
+                cap: float) -> SamplerGap:
+    """Per-token log-prob gap between the sampler that drew the rollouts and the training forward,
+    and the truncated importance weights min(pi_trainer(y_t) / pi_sampler(y_t), cap) (TIS).
+
+    trainer_logp, sampler_logp, mask: [N, T]. cap: C of TIS (> 0); cap <= 0 gives weights of 1.
+    """
+    with torch.no_grad():
+        m = mask.bool()
+        d = (trainer_logp.detach() - sampler_logp).float()  # [N, T] log pi_trainer / pi_sampler
+        n = max(1, int(m.sum()))
+        gap = float(-(d * m).sum()) / n
+        abs_d = d.abs() * m
+        ratio = torch.exp(d)
+        if cap > 0:
+            w = torch.where(m, ratio.clamp_max(cap), torch.ones_like(ratio))
+            trunc = float(((ratio > cap) & m).sum()) / n
+        else:
+            w, trunc = torch.ones_like(ratio), 0.0
+    return SamplerGap(w, gap, float(abs_d.sum()) / n, float(abs_d.max()) if m.any() else 0.0, trunc)

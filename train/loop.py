@@ -30,7 +30,7 @@ from core.errors import MuskError
 from core.config import from_dict, to_dict
 from core.hashing import sha256_of
 from pipeline.experts import KINDS, resolve_device, resolve_dtype
-from pipeline.generation import decode, eos_ids, generate
+from pipeline.generation import decode, eos_ids, sample
 from pipeline.vllm_engine import make_llm, require_vllm, sample_from_embeds, sync_weights
 from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
@@ -38,7 +38,7 @@ from pipeline.rewards import SCORER_ERRORS, score
 from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig, advantage_scale
 from train.evaluate import evaluate, rollout_diagnostics, truncated
-from train.grpo import group_advantages, grpo_loss, routing_stats, truncated_rows
+from train.grpo import group_advantages, grpo_loss, routing_stats, sampler_gap, truncated_rows
 from train.inputs import decode_merged, rollout_inputs
 from train.policy import (check_policy, completion_logprobs, load_policy, merged_lora, merged_lora_weights,
                           policy_spec, save_policy)
@@ -258,6 +258,7 @@ class Rollouts(NamedTuple):
     attention: torch.Tensor | None  # [B, m, n]
     choice: torch.Tensor | None  # [B] the expert hard-routing ran
     policy_prompt_tokens: int  # prompt tokens the policy read, C included (cost accounting)
+    sampler_logp: torch.Tensor | None = None  # [B*G, T] the sampler's log-probs of its tokens (musk's decoder)
 
 
 def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
@@ -266,6 +267,7 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     ctx, e_in, ref_e, m_in = rollout_inputs(cfg, m, data, idx, device)
 
     t = time.perf_counter()
+    sampler_logp = None
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
         tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.max_new_tokens,
                                           m.eos, m.tok.pad_token_id, cfg.temperature, False,
@@ -274,10 +276,10 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
         with merged_lora(m.peft, decode_merged(cfg, m)):
-            tokens, live = generate(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
-                                    cfg.temperature, min_new_tokens=cfg.min_new_tokens,
-                                    group=G if cfg.share_prompt else 1, top_k=cfg.top_k, top_p=cfg.top_p,
-                                    min_p=cfg.min_p)
+            tokens, live, sampler_logp = sample(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos,
+                                                m.tok.pad_token_id, cfg.temperature, min_new_tokens=cfg.min_new_tokens,
+                                                group=G if cfg.share_prompt else 1, logprobs=True,
+                                                filters=(cfg.top_k, cfg.top_p, cfg.min_p))
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
@@ -289,7 +291,7 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     timing["reward"] += time.perf_counter() - t
     return Rollouts(idx, e_in, ref_e, m_in, tokens, live, texts, rewards, adv.advantages.to(device), adv.frac_zero_std,
                     ctx.attention.detach() if ctx.attention is not None else None, ctx.choice,
-                    int(m_in.sum()))
+                    int(m_in.sum()), sampler_logp)
 
 
 class OldLogps(NamedTuple):
@@ -306,6 +308,7 @@ class StepOut(NamedTuple):
     old: OldLogps | None  # for later passes (num_iterations > 1), else None
     clip_token_sum: float = 0.0  # completion tokens where the clip was active
     entropy_token_sum: float = 0.0  # summed token entropy of the policy on its own completions (nats)
+    sampler: dict | None = None  # token-summed sampler/trainer log-prob gaps (sampler_gap), first pass only
 
 
 def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldLogps | None = None) -> StepOut:
@@ -339,13 +342,24 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     token_mean = cfg.loss_type in ("bnpo", "dapo")  # chunks share the micro-batch's token count
     loss = kl_sum = clip_sum = ent_sum = 0.0
     kept = []
+    gaps = {"gap": 0.0, "abs_gap": 0.0, "max_abs_gap": 0.0, "truncated": 0.0} if ro.sampler_logp is not None else None
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
         ent = []  # [chunk, T] token entropy, filled by completion_logprobs
         logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T, ent)
         old_logp = logp.detach() if old is None else old.logp[sl]
+        is_w = None
+        if gaps is not None:  # the sampler is not the training forward: measure, and correct if asked (TIS)
+            sg = sampler_gap(old_logp, ro.sampler_logp[sl], ro.live[sl], cfg.tis_cap)  # pi_old: first pass's
+            if old is None:
+                chunk_tok = float(ro.live[sl].sum())
+                for k in ("gap", "abs_gap", "truncated"):
+                    gaps[k] += getattr(sg, k) * chunk_tok
+                gaps["max_abs_gap"] = max(gaps["max_abs_gap"], sg.max_abs_gap)
+            is_w = sg.weights if cfg.tis_cap > 0 else None
         out = grpo_loss(logp, old_logp, ref_logp[sl], ro.advantages[sl], live[sl], cfg.beta, cfg.clip_eps,
-                        cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None)
+                        cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None,
+                        is_weights=is_w)
         weight = 1.0 if token_mean else logp.shape[0] / N
         if cfg.loss_type == "dapo":
             share_of_step = weight * n_tok  # the token sum; `update` divides by the step's token count
@@ -359,7 +373,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
         if cfg.num_iterations > 1 and old is None:
             kept.append(old_logp)
     timing["policy"] += time.perf_counter() - t
-    return StepOut(loss, kl_sum, n_tok, OldLogps(torch.cat(kept), ref_logp) if kept else None, clip_sum, ent_sum)
+    return StepOut(loss, kl_sum, n_tok, OldLogps(torch.cat(kept), ref_logp) if kept else None, clip_sum, ent_sum,
+                   gaps if old is None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,7 +419,7 @@ def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
           "scorer_errors": SCORER_ERRORS.take(),  # verifier exceptions (scored 0) since the last micro-batch
           "lengths": ro.live.sum(1).tolist(), "truncated": truncated(ro.tokens, ro.live, m.eos).tolist(),
           "tasks": [data.prompts["task"][i] for i in idx for _ in range(cfg.group_size)],
-          "clip": out.clip_token_sum, "entropy": out.entropy_token_sum}
+          "clip": out.clip_token_sum, "entropy": out.entropy_token_sum, "sampler": out.sampler}
     if data.prompt_tokens is not None:
         hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
         choice = ro.choice.cpu().numpy() if ro.choice is not None else None
@@ -433,6 +448,11 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
         **rollout_diagnostics([x for st in stats for x in st["lengths"]], [x for st in stats for x in st["truncated"]],
                               r.tolist(), [x for st in stats for x in st["tasks"]]),
     }
+    gaps = [st["sampler"] for st in stats if st.get("sampler") is not None]
+    if gaps and n_tokens:  # token-weighted means over the step; the max over it
+        for k in ("gap", "abs_gap", "truncated"):
+            rec[f"sampler/logprob_{k}" if k != "truncated" else "sampler/tis_truncated"] = sum(g[k] for g in gaps) / n_tokens
+        rec["sampler/logprob_max_abs_gap"] = max(g["max_abs_gap"] for g in gaps)
     if len(m.optimizer.param_groups) > 1:
         rec["router_lr"] = m.optimizer.param_groups[1]["lr"]
     gate = getattr(getattr(m.adapter, "out", None), "gate", None)

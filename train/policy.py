@@ -295,7 +295,7 @@ def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> tor
         fmask = torch.cat([mask, comp_mask[:, :-1].to(mask.dtype)], 1)  # [N, P+T-1]
         tok_emb = lm.get_input_embeddings()(comp_ids[:, :-1]).to(embeds.dtype)  # [N, T-1, d]
         hc = lm.base_model(inputs_embeds=tok_emb, attention_mask=fmask, position_ids=positions(fmask)[:, P:],
-                           past_key_values=cache, use_cache=True).last_hidden_state  # [N, T-1, d]
+                           cache=cache, use_cache=True).last_hidden_state  # [N, T-1, d]
         h = torch.cat([hp[:, -1:].repeat_interleave(group, 0), hc], 1)  # [N, T, d]
     return h
 

@@ -1,0 +1,174 @@
+"""Decode speed: musk's transformers loop, transformers' own generate with its static cache, and the
+fused step (pipeline/decode_step.py), against the machine's weight-read floor measured in the same run.
+
+A token step is timed as (time for T new tokens - time for 1) / (T - 1): prefill excluded, every
+row decodes all T tokens (min_new_tokens = T). The weight-read floor is one pass that reads every
+parameter once (a sum per tensor, tied embeddings once): no decoder can step faster than it at
+this batch. Random-init models of the exact shapes (speed depends on shape and dtype only).
+
+    python benchmarks/decode.py                        # CPU: SmolLM2-135M shape, batch 8, 48 tokens
+    python benchmarks/decode.py --threads 1 --dtype float32
+    python benchmarks/decode.py --device cuda          # adds the paper shape: Qwen2.5-3B, batch 256, 128 tokens
+    python benchmarks/decode.py --real                 # the embedded SmolLM2-135M-Instruct weights
+
+Prints ms per token step per decoder and
+    RATIO decode new / old = X               (fused step / musk's loop)
+    RATIO decode new / weight-read floor = Y
+for the first shape (the embedded default's), and the same with a shape suffix for the paper shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.experts import resolve_dtype
+from pipeline.generation import sample
+
+SMOLLM2_135M = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 8192,
+                "tie_word_embeddings": True, "rope_theta": 100000.0, "rms_norm_eps": 1e-5}
+QWEN25_3B = {"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+             "num_attention_heads": 16, "num_key_value_heads": 2, "max_position_embeddings": 32768,
+             "tie_word_embeddings": True, "rope_theta": 1e6}
+
+
+def build(shape: str, dtype, device, real: bool):
+    import transformers
+
+    if real:
+        from pipeline.experts import EXPERTS, load_expert
+
+        return load_expert(EXPERTS["smollm2-135m-instruct"], dtype, device)[0]
+    cfg = (transformers.LlamaConfig(**SMOLLM2_135M) if shape == "smollm2-135m"
+           else transformers.Qwen2Config(**QWEN25_3B))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval().requires_grad_(False)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs (the caller warms up)."""
+    out = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def weight_read_floor(model, device, repeats: int) -> tuple[float, int]:
+    """(median seconds of one pass reading every parameter, bytes read)."""
+    params = list(model.parameters())  # tied weights appear once
+    nbytes = sum(p.numel() * p.element_size() for p in params)
+
+    def read():
+        with torch.inference_mode():
+            for p in params:
+                p.sum()
+    read()
+    return timed(read, device, repeats * 3), nbytes
+
+
+def decoders(model, emb, mask, T: int, compile_hf: bool):
+    def musk(step):
+        return lambda n: sample(model, emb, mask, n, [], 0, greedy=True, min_new_tokens=n, step=step)
+
+    def hf_static(n):
+        with torch.inference_mode():
+            model.generate(inputs_embeds=emb, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, cache_implementation="static", pad_token_id=0,
+                           **({} if compile_hf else {"disable_compile": True}))
+    return {"musk loop (transformers modules, dynamic cache)": musk("loop"),
+            "transformers generate, static cache" + (" + torch.compile" if compile_hf else ""): hf_static,
+            "fused step (new)": musk("fused")}
+
+
+def run_shape(shape: str, batch: int, T: int, prompt: int, dtype, device: str, repeats: int, real: bool,
+              compile_hf: bool, suffix: str) -> None:
+    model = build(shape, dtype, device, real)
+    n_params = sum(p.numel() for p in model.parameters())
+    floor, nbytes = weight_read_floor(model, device, repeats)
+    print(f"\n{shape}{' (real weights)' if real else ''}: {n_params / 1e6:.0f}M parameters, {dtype}, batch {batch}, "
+          f"prompt {prompt}, {T} new tokens")
+    print(f"  weight-read floor: {floor * 1e3:.1f} ms ({nbytes / 2**20:.0f} MiB, {nbytes / floor / 1e9:.1f} GB/s)")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, model.config.vocab_size, (batch, prompt), generator=g)
+    mask = torch.ones(batch, prompt, dtype=torch.long)
+    for i in range(batch):  # left padding: rows of different lengths
+        mask[i, : (i * 7) % (prompt // 3)] = 0
+    ids, mask = (ids * mask).to(device), mask.to(device)
+    with torch.inference_mode():
+        emb = model.get_input_embeddings()(ids)
+    step = {}
+    for name, fn in decoders(model, emb, mask, T, compile_hf).items():
+        try:
+            fn(1)  # warm-up: fused weights, allocator, compilation where asked
+        except (RuntimeError, ValueError, TypeError) as e:  # a path this transformers does not take: say so
+            print(f"  {name}: not run ({type(e).__name__}: {str(e)[:120]})")
+            continue
+        full = timed(functools.partial(fn, T), device, repeats)
+        one = timed(functools.partial(fn, 1), device, repeats)
+        step[name] = (full - one) / (T - 1)
+        print(f"  {name}: {step[name] * 1e3:.1f} ms/token step  ({full:.2f} s for {T} tokens, "
+              f"{step[name] / floor:.2f}x the floor)")
+    old, new = step["musk loop (transformers modules, dynamic cache)"], step["fused step (new)"]
+    print(f"RATIO decode new / old{suffix} = {new / old:.3f}")
+    print(f"RATIO decode new / weight-read floor{suffix} = {new / floor:.3f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda adds the paper shape)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on a CPU (0: torch's default)")
+    ap.add_argument("--dtype", default="auto", help="auto (as `dtype: auto` picks), float32, bfloat16")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--prompt", type=int, default=96, help="prompt length in tokens (C included)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per decoder and length (median)")
+    ap.add_argument("--real", action="store_true", help="the embedded SmolLM2-135M-Instruct weights")
+    ap.add_argument("--compile", action="store_true", help="let transformers' generate torch.compile its step")
+    ap.add_argument("--paper-only", action="store_true", help="cuda: only the paper shape")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = resolve_dtype(args.dtype, args.device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import transformers
+
+    print(f"{datetime.date.today()} | {cpu} | ISA {torch.backends.cpu.get_cpu_capability()} | "
+          f"threads {torch.get_num_threads()} | torch {torch.__version__} | transformers {transformers.__version__}"
+          + (f" | {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""))
+    if not args.paper_only:
+        run_shape("smollm2-135m", args.batch, args.tokens, args.prompt, dtype, args.device, args.repeats, args.real,
+                  args.compile, "")
+    if args.device.startswith("cuda"):
+        run_shape("qwen2.5-3b", 256, 128, 160, dtype, args.device, args.repeats, False, args.compile,
+                  " (qwen2.5-3b, batch 256, 128 tokens)")
+
+
+if __name__ == "__main__":
+    main()
