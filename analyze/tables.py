@@ -54,17 +54,26 @@ def table1(runs: list[Run]) -> Table:
     A row pools runs that differ in the seed, the cache (one per family) and the evaluation schedule;
     a cell pools runs of equal length, and columns may differ in length (GSM8K 233 steps vs 500). A
     family whose runs span two caches or two lengths splits the row (labelled). Unfinished runs have
-    no final accuracy: they are left out and named in the note."""
+    no final accuracy: they are left out and named in the note.
+
+    A column holds runs evaluated on one prompt set (the cache's data fingerprint, `prompt_set`): a
+    family whose runs saw different prompts gets one column per prompt set, and the note says which
+    prompt set each column covers."""
     done = [r for r in runs if r.finished]
-    families = sorted({r.family for r in done}, key=lambda f: _order(f, FAMILY_ORDER))
+    sets = defaultdict(set)  # family -> its prompt sets
+    for r in done:
+        sets[r.family].add(_prompt_set(r))
+    columns = [(f, p) for f in sorted(sets, key=lambda f: _order(f, FAMILY_ORDER)) for p in sorted(sets[f])]
+    families = [f if len(sets[f]) == 1 else f"{f} [prompts {p[:8]}]" for f, p in columns]
     rows: dict[tuple, list[Run]] = defaultdict(list)
     for r in done:
-        rows[(r.method, r.condition_without("cache_fingerprint", "task_family", *SCHEDULE, steps=False))].append(r)
+        rows[(r.method, r.condition_without("cache_fingerprint", "prompt_set", "task_family", *SCHEDULE,
+                                            steps=False))].append(r)
     split_rows: dict[tuple, list[Run]] = {}
     for key, rs in rows.items():
-        per_family = defaultdict(set)
+        per_family = defaultdict(set)  # (family, prompt set): a column
         for r in rs:
-            per_family[r.family].add((r.config.get("cache_fingerprint"), r.steps))
+            per_family[(r.family, _prompt_set(r))].add((r.config.get("cache_fingerprint"), r.steps))
         if any(len(v) > 1 for v in per_family.values()):
             for r in rs:
                 split_rows.setdefault(key + ((r.config.get("cache_fingerprint"), r.steps),), []).append(r)
@@ -82,19 +91,28 @@ def table1(runs: list[Run]) -> Table:
             if len(key) == 3:
                 label += f" (cache {str(key[2][0])[:8]}, {key[2][1]} steps)"
             cells = []
-            for fam in families:
-                c = cell([r.final_accuracy for r in rs if r.family == fam])
+            for (fam, ps), head in zip(columns, families):
+                here = [r for r in rs if r.family == fam and _prompt_set(r) == ps]
+                c = cell([r.final_accuracy for r in here])
                 cells.append(c.fmt())
-                raw.append({"row": label, "family": fam, "mean": c.mean, "std": c.std, "n": c.n,
-                            "steps": ";".join(sorted({str(r.steps) for r in rs if r.family == fam})),
-                            "runs": ";".join(r.name for r in rs if r.family == fam)})
+                raw.append({"row": label, "family": head, "prompt_set": ps, "mean": c.mean, "std": c.std, "n": c.n,
+                            "steps": ";".join(sorted({str(r.steps) for r in here})),
+                            "runs": ";".join(r.name for r in here)})
             out_rows.append((label, cells))
-    lengths = {f: sorted({r.steps for r in done if r.family == f}) for f in families}
+    lengths = {f: sorted({r.steps for r in done if r.family == f}) for f in sets}
     note = "Steps per run: " + ", ".join(f"{f} {'/'.join(map(str, n))}" for f, n in lengths.items()) + "." \
-        if families else "No finished run."
+        if columns else "No finished run."
+    if columns:
+        note += " Prompt sets (validation prompts of the cache each column read): " + ", ".join(
+            f"{head} {ps[:12] or 'unrecorded'}" for (_, ps), head in zip(columns, families)) + "."
     note += unfinished_note(runs)
     return Table("Table 1: final validation accuracy (%), mean ± std across seeds", families, out_rows, raw, done,
                  note)
+
+
+def _prompt_set(r: Run) -> str:
+    """The data fingerprint of the cache the run read ('' for runs made before it was recorded)."""
+    return str(r.config.get("prompt_set") or r.summary.get("prompt_set") or "")
 
 
 def unfinished_note(runs: list[Run]) -> str:

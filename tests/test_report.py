@@ -401,6 +401,22 @@ def test_table1_one_row_per_method_across_lengths(tmp_path):
         "50.00 ± 14.14 (n=2)"
 
 
+def test_table1_sets_side_by_side_only_runs_of_one_prompt_set(tmp_path):
+    """Runs of a family evaluated on other prompts (another prompt set) never share a cell: the column
+    splits by prompt set and the note names the set of every column."""
+    root = tmp_path / "ps"
+    for method in ("single", "perceiver"):
+        _with(make_run(root, f"{method}-a", method=method, acc=0.4), prompt_set="aaaaaaaaaaaaaaaa")
+        _with(make_run(root, f"{method}-g", method=method, family="gsm8k", cache="g", acc=0.2), prompt_set="gggggggg0000")
+    _with(make_run(root, "single-b", method="single", seed=1, cache="c9", acc=0.8), prompt_set="bbbbbbbbbbbbbbbb")
+    t = table1(load_runs([root]))
+    assert t.columns == ["arithmetic [prompts aaaaaaaa]", "arithmetic [prompts bbbbbbbb]", "gsm8k"]
+    assert dict(t.rows)["single"] == ["40.00 (n=1)", "80.00 (n=1)", "20.00 (n=1)"]
+    assert dict(t.rows)["perceiver"][0] == "40.00 (n=1)" and dict(t.rows)["perceiver"][2] == "20.00 (n=1)"
+    assert dict(t.rows)["perceiver"][1] != "80.00 (n=1)"  # no perceiver run saw prompt set b
+    assert "arithmetic [prompts aaaaaaaa] aaaaaaaaaaaa" in t.note and "gsm8k gggggggg0000" in t.note
+
+
 def test_spearman_and_figure4_leave_out_ablations_and_give_the_mean_over_settings(tmp_path):
     from analyze.plots import figure4
 
