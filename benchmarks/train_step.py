@@ -101,7 +101,7 @@ def _timed(fn, when=lambda *a, **k: True):
 
 
 def watch_hooks() -> None:
-    """Time what #13 added to a training step: Trackers.log, completion_records, completions appends."""
+    """Time what watching a run adds to a training step: Trackers.log, completion_records, completions appends."""
     Trackers.log = _timed(Trackers.log)
     train.loop.completion_records = _timed(train.loop.completion_records)
     RunFolder.append = _timed(RunFolder.append, lambda self, name, rec: name == COMPLETIONS)
