@@ -229,3 +229,21 @@ def test_environment_switch_forces_the_loop(monkeypatch):
     monkeypatch.setattr(decode_step, "fused_weights", lambda *a: pytest.fail("the fused step ran"))
     b, _ = generate(model, emb, mask, 5, [], 0, greedy=True)
     assert torch.equal(a, b)
+
+
+def test_auto_decodes_bfloat16_through_the_loop(caplog, monkeypatch):
+    """The fused step reproduces the loop's tokens only in float32: under step auto a bf16 model decodes
+    through the loop (said in the log), unless MUSK_DECODE_STEP=fused asks for the step."""
+    import pipeline.generation
+    from pipeline.generation import _fused_weights
+
+    monkeypatch.setattr(pipeline.generation, "_said", set())
+    model = _tiny("llama", torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="pipeline.generation"):
+        assert _fused_weights(model, 32, "auto") is None
+    assert "matches the loop only in float32" in caplog.text
+    assert _fused_weights(model, 32, "fused") is not None
+    monkeypatch.setenv("MUSK_DECODE_STEP", "fused")
+    assert _fused_weights(model, 32, "auto") is not None
+    monkeypatch.delenv("MUSK_DECODE_STEP")
+    assert _fused_weights(_tiny("llama"), 32, "auto") is not None  # float32: a covered family fuses
