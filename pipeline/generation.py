@@ -81,15 +81,22 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                  min_p: float = 0.0) -> torch.Tensor:
-    """One sampled token per row of logits [N, V] -> [N]: softmax(logits / temperature), filtered by
-    filter_logits, drawn by sample_rows from torch's global RNG. With the filters off the draw is
-    exactly sample_rows(softmax(logits / temperature)) (the same tokens for the same RNG state)."""
+def sampling_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    min_p: float = 0.0) -> torch.Tensor:
+    """The logits [N, V] of the distribution a token is drawn from: logits / temperature, filtered by
+    filter_logits when a filter is on (softmax of them is that distribution, log_softmax its log-probs)."""
     logits = logits / temperature
     if top_k > 0 or top_p < 1.0 or min_p > 0.0:
         logits = filter_logits(logits, top_k, top_p, min_p)
-    return sample_rows(torch.softmax(logits, dim=-1))
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  min_p: float = 0.0) -> torch.Tensor:
+    """One sampled token per row of logits [N, V] -> [N], drawn by sample_rows from torch's global RNG
+    out of sampling_logits' distribution. With the filters off the draw is exactly
+    sample_rows(softmax(logits / temperature)) (the same tokens for the same RNG state)."""
+    return sample_rows(torch.softmax(sampling_logits(logits, temperature, top_k, top_p, min_p), dim=-1))
 
 
 def prefill(backbone, embeds: torch.Tensor, mask: torch.Tensor, group: int = 1):
@@ -212,9 +219,7 @@ class _Picker:
     def __call__(self, t: int, logits: torch.Tensor) -> torch.Tensor:
         if t < self.min_new:
             logits = logits.index_fill(-1, self.eos_t, float("-inf"))
-        scaled = logits / self.temp
-        if not self.greedy and self.filters != (0, 1.0, 0.0):
-            scaled = filter_logits(scaled, *self.filters)
+        scaled = logits / self.temp if self.greedy else sampling_logits(logits, self.temp, *self.filters)
         if self.greedy:
             nxt = logits.argmax(-1)
         else:
