@@ -1,5 +1,5 @@
 """Decode speed: musk's transformers loop, transformers' own generate with its static cache, and the
-fused step (pipeline/decode_step.py), against the machine's weight-read floor measured in the same run.
+fused step (pipeline/decode_step.py) with plain and with oneDNN-packed weights, against the machine's weight-read floor measured in the same run.
 
 A token step is timed as (time for T new tokens - time for 1) / (T - 1): prefill excluded, every
 row decodes all T tokens (min_new_tokens = T). The weight-read floor is one pass that reads every
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import os
 import platform
 import statistics
 import sys
@@ -89,8 +90,15 @@ def weight_read_floor(model, device, repeats: int) -> tuple[float, int]:
 
 
 def decoders(model, emb, mask, T: int, compile_hf: bool):
-    def musk(step):
-        return lambda n: sample(model, emb, mask, n, [], 0, greedy=True, min_new_tokens=n, step=step)
+    def musk(step, pack="1"):
+        def run(n):
+            before = os.environ.get("MUSK_DECODE_PACK")
+            os.environ["MUSK_DECODE_PACK"] = pack
+            try:
+                return sample(model, emb, mask, n, [], 0, greedy=True, min_new_tokens=n, step=step)
+            finally:
+                os.environ.pop("MUSK_DECODE_PACK") if before is None else os.environ.update(MUSK_DECODE_PACK=before)
+        return run
 
     def hf_static(n):
         with torch.inference_mode():
@@ -99,6 +107,7 @@ def decoders(model, emb, mask, T: int, compile_hf: bool):
                            **({} if compile_hf else {"disable_compile": True}))
     return {"musk loop (transformers modules, dynamic cache)": musk("loop"),
             "transformers generate, static cache" + (" + torch.compile" if compile_hf else ""): hf_static,
+            "fused step, plain F.linear (MUSK_DECODE_PACK=0)": musk("fused", "0"),
             "fused step (new)": musk("fused")}
 
 

@@ -16,6 +16,11 @@ a fused matmul or of F.rms_norm differs in the last bit; tests/test_decode_step.
 norms round where the modules round; fused matmuls and attention kernels may still round
 differently, so logits agree to bf16 rounding, not bit for bit.
 
+On a CPU each fused weight is also held in oneDNN's blocked layout (`pack`; torch.compile's CPU
+freezing does the same): at decode batches its matmul reads the weights about twice as fast as
+F.linear's. bf16 outputs are bit-identical to F.linear's; float32 ones differ in the last bits (another
+summation order), like any fused matmul. MUSK_DECODE_PACK=0 turns it off.
+
 The static path (`static=True`) attends over the whole cache under a mask, with the column as a
 tensor, so one step has fixed shapes and no host sync: that is what a CUDA graph captures
 (pipeline/generation.py replays it once a token). On a CPU the eager path attends over the filled
@@ -24,6 +29,7 @@ columns only.
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 
@@ -61,6 +67,56 @@ def _linear_parts(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[to
     return mod.weight, mod.bias, []
 
 
+def can_pack(w: torch.Tensor) -> bool:
+    """Whether oneDNN can hold w [out, in] in its blocked layout here: a CPU tensor in float32, or in
+    bf16 where oneDNN has bf16 kernels for this CPU."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    if w.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return w.dtype == torch.float32
+
+
+def pack(w: torch.Tensor) -> torch.Tensor | None:
+    """oneDNN's blocked copy of a linear weight w [out, in] for `packed_linear`, or None where it
+    cannot be made (`can_pack`). The hint (8 rows) picks the blocking; any row count runs on it."""
+    if not can_pack(w):
+        return None
+    try:
+        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 8)
+    except RuntimeError:  # a build whose oneDNN lacks the kernel: plain F.linear
+        return None
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ W^T + b on a `pack`ed W: [..., out], in x's dtype."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+# first module of a fused set -> (weakrefs to its source weights and biases, their versions, fused W,
+# bias, packed W): the base weights do not change while LoRA trains, so each training step's rebuild
+# reuses them instead of concatenating and packing ~all parameters again
+_BASE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _base(mods: list, parts: list, packed: bool):
+    src = [t for w, b, _ in parts for t in (w, b) if t is not None]
+    hit = _BASE.get(mods[0])
+    if hit is not None:
+        refs, vers, w, bias, pw = hit
+        if (len(refs) == len(src) and all(r() is t for r, t in zip(refs, src))
+                and vers == [t._version for t in src] and (pw is not None) == packed):
+            return w, bias, pw
+    ws = [w for w, _, _ in parts]
+    w = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
+    bias = None
+    if any(b is not None for _, b, _ in parts):
+        bias = torch.cat([b if b is not None else w.new_zeros(wi.shape[0]) for (wi, b, _) in parts])
+    pw = pack(w) if packed else None
+    _BASE[mods[0]] = ([weakref.ref(t) for t in src], [t._version for t in src], w, bias, pw if packed else None)
+    return w, bias, pw
+
+
 @dataclass
 class Fused:
     """One fused projection: y = x W^T + b + (x A^T) B^T, the LoRA part in float32."""
@@ -69,26 +125,28 @@ class Fused:
     bias: torch.Tensor | None  # [out]
     lora_a: torch.Tensor | None  # [R, in] float32
     lora_b: torch.Tensor | None  # [out, R] float32, scale folded in
+    packed: torch.Tensor | None = None  # weight in oneDNN's layout (`pack`), used when present
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        if self.packed is not None:
+            y = packed_linear(x, self.packed, self.bias)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if self.lora_a is None:
             return y
         # PEFT: the base output (rounded to x's dtype) plus the float32 branch, rounded once more.
         return (y.float() + F.linear(F.linear(x.float(), self.lora_a), self.lora_b)).to(x.dtype)
 
 
-def fuse(mods: list) -> Fused:
-    """Concatenate linears that read the same input into one (q/k/v, gate/up)."""
+def fuse(mods: list, packed: bool = False) -> Fused:
+    """Concatenate linears that read the same input into one (q/k/v, gate/up); packed: also hold the
+    weight in oneDNN's layout where `can_pack`."""
     parts = [_linear_parts(m) for m in mods]
     ws = [w for w, _, _ in parts]
-    w = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
-    bias = None
-    if any(b is not None for _, b, _ in parts):
-        bias = torch.cat([b if b is not None else w.new_zeros(wi.shape[0]) for (wi, b, _) in parts])
+    w, bias, pw = _base(mods, parts, packed)
     loras = [(i, a, b) for i, (_, _, ls) in enumerate(parts) for a, b in ls]
     if not loras:
-        return Fused(w, bias, None, None)
+        return Fused(w, bias, None, None, pw)
     offs = [0]
     for wi in ws:
         offs.append(offs[-1] + wi.shape[0])
@@ -99,7 +157,7 @@ def fuse(mods: list) -> Fused:
     for i, a, b in loras:
         B[offs[i]:offs[i + 1], r0:r0 + a.shape[0]] = b.float()
         r0 += a.shape[0]
-    return Fused(w, bias, A, B)
+    return Fused(w, bias, A, B, pw)
 
 
 @dataclass
@@ -131,6 +189,7 @@ class Weights:
     eps: float
     cos: dict  # rope kind -> [max_pos, hd]
     sin: dict  # rope kind -> [max_pos, hd], first half negated (rotate_half folded in)
+    head: Fused  # the LM head [V, d] (tied: the embedding), logits in the weights' dtype
 
 
 def family_of(lm) -> str | None:
@@ -151,8 +210,15 @@ def _rope_tables(backbone, cfg, kinds: set, max_pos: int, dtype, device) -> tupl
     return cos, sin
 
 
-def build_weights(lm, max_pos: int) -> Weights:
-    """Read (and fuse) the weights of a covered model. Raises Unsupported otherwise."""
+def pack_default() -> bool:
+    """Packed weights unless MUSK_DECODE_PACK=0 (they are only made where `can_pack`)."""
+    return os.environ.get("MUSK_DECODE_PACK", "1") != "0"
+
+
+def build_weights(lm, max_pos: int, packed: bool | None = None) -> Weights:
+    """Read (and fuse) the weights of a covered model; packed (default `pack_default`): also in
+    oneDNN's layout on a CPU. Raises Unsupported otherwise."""
+    packed = pack_default() if packed is None else packed
     fam = family_of(lm)
     if fam is None:
         raise Unsupported(f"model type {getattr(lm.config, 'model_type', '?')!r}")
@@ -180,8 +246,8 @@ def build_weights(lm, max_pos: int) -> Weights:
                             (1.0 + at.k_norm.weight.float()).expand(cfg.num_key_value_heads, hd)])
         else:
             norms, qk = [L.input_layernorm.weight, L.post_attention_layernorm.weight], None
-        layers.append(Layer(fuse([at.q_proj, at.k_proj, at.v_proj]), fuse([at.o_proj]),
-                            fuse([mlp.gate_proj, mlp.up_proj]), fuse([mlp.down_proj]), norms, qk, window,
+        layers.append(Layer(fuse([at.q_proj, at.k_proj, at.v_proj], packed), fuse([at.o_proj], packed),
+                            fuse([mlp.gate_proj, mlp.up_proj], packed), fuse([mlp.down_proj], packed), norms, qk, window,
                             lt[i] if gemma else "", mlp.act_fn))
     emb = bb.embed_tokens
     scale = emb.embed_scale.to(emb.weight.dtype) if gemma else None
@@ -190,7 +256,7 @@ def build_weights(lm, max_pos: int) -> Weights:
     scaling = cfg.query_pre_attn_scalar ** -0.5 if gemma else hd ** -0.5
     final = (1.0 + bb.norm.weight.float()) if gemma else bb.norm.weight
     return Weights(fam, layers, final, emb.weight, scale, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
-                   scaling, cfg.rms_norm_eps, cos, sin)
+                   scaling, cfg.rms_norm_eps, cos, sin, fuse([lm.get_output_embeddings()], packed))
 
 
 def _sources(lm) -> list[torch.Tensor]:
@@ -202,13 +268,15 @@ def _sources(lm) -> list[torch.Tensor]:
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def fused_weights(lm, max_pos: int) -> Weights:
+def fused_weights(lm, max_pos: int, packed: bool | None = None) -> Weights:
     """build_weights, reused while no parameter of lm was replaced or updated in place (an optimizer
     step bumps the version; merged_lora swaps whole tensors) and the adapters are in the same state.
-    One entry per model: the fused copies of the previous weight set are released on a rebuild.
+    One entry per model: the fused copies of the previous weight set are released on a rebuild (the
+    base weights' fused and packed copies are kept while those weights are unchanged, see `_base`).
     Rotary tables shorter than max_pos are rebuilt alone (twice as long), not the weights."""
+    packed = pack_default() if packed is None else packed
     src = _sources(lm)
-    state = tuple(bool(getattr(m, "disable_adapters", False)) for m in lm.modules() if hasattr(m, "lora_A"))
+    state = (packed,) + tuple(bool(getattr(m, "disable_adapters", False)) for m in lm.modules() if hasattr(m, "lora_A"))
     hit = _CACHE.get(lm)
     if hit is not None:
         refs, vers, st, w = hit
@@ -219,7 +287,7 @@ def fused_weights(lm, max_pos: int) -> Weights:
                                             w.embed.device)
             return w
     _CACHE.pop(lm, None)
-    w = build_weights(lm, max(max_pos, 1024))
+    w = build_weights(lm, max(max_pos, 1024), packed)
     _CACHE[lm] = ([weakref.ref(s) for s in src], [s._version for s in src], state, w)
     return w
 
@@ -232,8 +300,16 @@ def _norm(x: torch.Tensor, w: torch.Tensor, eps: float, gemma: bool) -> torch.Te
     return F.rms_norm(x, (x.shape[-1],), w, eps)
 
 
+def cache_dtype(dtype: torch.dtype, device) -> torch.dtype:
+    """The KV cache's dtype for weights in `dtype`: float32 on a CPU, where one reduced-precision query
+    attends in float32 (`attend`) and would otherwise cast every filled column each token (bf16 keys
+    and values are exact in float32, so the values attended are the same); the weights' dtype elsewhere."""
+    return torch.float32 if torch.device(device).type == "cpu" else dtype
+
+
 class KVCache:
-    """Static keys and values: per layer [N, Hk, S, hd], written in place at their column."""
+    """Static keys and values: per layer [N, Hk, S, hd], written in place at their column (in the
+    cache's dtype: see `cache_dtype`)."""
 
     def __init__(self, W: Weights, N: int, S: int, dtype, device):
         self.k = [torch.zeros(N, W.hk, S, W.hd, dtype=dtype, device=device) for _ in W.layers]
@@ -261,10 +337,11 @@ def attend(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask: torch.Tensor
     n, hq, T, hd = q.shape
     hk = K.shape[1]
     if T > 1 or q.device.type != "cpu" or q.dtype == torch.float32:
+        K, V = K.to(q.dtype), V.to(q.dtype)  # a float32 cache under bf16 weights: exact round trip
         return F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=scale, enable_gqa=hq != hk)
     L, g = K.shape[2], hq // hk
-    # float32 throughout, one rounding at the output, as SDPA's CPU kernel accumulates; the cast of the
-    # filled cache columns [n * Hk, L, hd] is small next to a layer's weights
+    # float32 throughout, one rounding at the output, as SDPA's CPU kernel accumulates; the cache is
+    # float32 already on a CPU (cache_dtype), else its filled columns [n * Hk, L, hd] are cast here
     Kb, Vb = K.reshape(n * hk, L, hd).float(), V.reshape(n * hk, L, hd).float()
     s = torch.bmm(q.reshape(n * hk, g, hd).float(), Kb.transpose(1, 2)).view(n, hk, g, L) * scale  # [n, Hk, g, L]
     p = torch.softmax(s.masked_fill_(~mask, float("-inf")), -1)
@@ -295,8 +372,8 @@ def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, col0
         k, v = qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2)  # [n, Hk, T, hd]
         K, V = cache.k[i], cache.v[i]
         if isinstance(col0, torch.Tensor):
-            K.index_copy_(2, col0.view(1), k)
-            V.index_copy_(2, col0.view(1), v)
+            K.index_copy_(2, col0.view(1), k.to(K.dtype))
+            V.index_copy_(2, col0.view(1), v.to(V.dtype))
         elif group == 1:
             K[:, :, col0:col0 + T] = k
             V[:, :, col0:col0 + T] = v

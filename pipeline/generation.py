@@ -22,10 +22,12 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
-def lm_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
-    """Logits in float32 for hidden states [..., d], through a 2-D matmul."""
+def lm_logits(lm, hidden: torch.Tensor, head=None) -> torch.Tensor:
+    """Logits in float32 for hidden states [..., d], through a 2-D matmul: lm's output embedding, or
+    `head` (the fused step's copy of it, decode_step.Fused) when given."""
     shape = hidden.shape
-    logits = lm.get_output_embeddings()(hidden.reshape(-1, shape[-1]).contiguous()).float()
+    flat = hidden.reshape(-1, shape[-1]).contiguous()
+    logits = (lm.get_output_embeddings()(flat) if head is None else head(flat)).float()
     softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -128,19 +130,14 @@ _said: set = set()
 def _fused_weights(lm, max_pos: int, step: str):
     """The fused step's weights for lm, or None (today's loop) where the family or a module is not
     covered: said once per model type in the log. step 'loop' (or 'auto' under MUSK_DECODE_STEP=loop)
-    returns None; so does 'auto' for a model that is not float32 (MUSK_DECODE_STEP=fused overrides)."""
+    returns None.
+
+    float32: the fused step gives the loop's tokens (tested). bf16: both round, in different places
+    (the fused step's attention runs in float32), so greedy tokens may part ways; along a float32
+    model's tokens the fused step is as close to float32 as the loop is (tested; on a trained probe
+    policy the next-token KL from float32 was 1.80e-3 fused, 1.83e-3 loop), and on 512 prompts its
+    greedy accuracy was the loop's within the paired interval (docs/performance.md)."""
     if step == "loop" or (step == "auto" and os.environ.get("MUSK_DECODE_STEP") == "loop"):
-        return None
-    dtype = next(lm.parameters()).dtype
-    if step == "auto" and dtype != torch.float32 and os.environ.get("MUSK_DECODE_STEP") != "fused":
-        # The fused step gives the loop's tokens exactly in float32 (tested). In bf16 its different
-        # rounding moved greedy tokens enough to change accuracy: a probe policy reading C at 3x the
-        # token RMS scored 28.1% through it and 40.6% through the loop on the same 64 prompts. So
-        # bf16 keeps the loop unless MUSK_DECODE_STEP=fused asks for the step.
-        key = (getattr(lm.config, "model_type", "?"), f"{dtype}: the fused step matches the loop only in float32")
-        if key not in _said:
-            _said.add(key)
-            log.info("decoding %s through the transformers loop (%s)", *key)
         return None
     from pipeline import decode_step
 
@@ -269,14 +266,14 @@ def _decode_fused(W, lm, embeds, mask, max_new_tokens, eos, pad_id, temperature,
 
     N, P, _ = embeds.shape
     S, dev = P + max_new_tokens, embeds.device
-    cache = ds.KVCache(W, N, S, W.embed.dtype, dev)
+    cache = ds.KVCache(W, N, S, ds.cache_dtype(W.embed.dtype, dev), dev)
     valid = torch.cat([mask.bool(), torch.ones(N, max_new_tokens, dtype=torch.bool, device=dev)], 1)  # [N, S]
     pos = positions(mask)  # [N, P]
     cols = torch.arange(P, device=dev)
     pv = valid[::group]
     h = ds.forward(W, cache, embeds[::group].to(W.embed.dtype), pos[::group], 0, ds.attn_masks(W, pv, cols, P), P,
                    group)  # [N/group, P, d]
-    logits = lm_logits(lm, h[:, -1]).repeat_interleave(group, 0)  # [N, V]
+    logits = lm_logits(lm, h[:, -1], W.head).repeat_interleave(group, 0)  # [N, V]
     last = pos[:, -1]  # [N]
     pick = _Picker(N, eos, pad_id, temperature, greedy, min_new_tokens, logprobs, dev)
     static = dev.type == "cuda" if static is None else static
@@ -296,7 +293,7 @@ def _decode_fused(W, lm, embeds, mask, max_new_tokens, eos, pad_id, temperature,
             c = P + t
             x = ds.embed(W, nxt[:, None])  # [N, 1, d]
             masks = ds.attn_masks(W, valid, torch.tensor([c], device=dev), c + 1)
-            logits = lm_logits(lm, ds.forward(W, cache, x, p[:, None], c, masks, c + 1)[:, 0])
+            logits = lm_logits(lm, ds.forward(W, cache, x, p[:, None], c, masks, c + 1)[:, 0], W.head)
     return pick.result()
 
 
@@ -306,4 +303,4 @@ def _static_step(W, lm, cache, valid, nxt, col, p, *, S: int):
     from pipeline import decode_step as ds
 
     masks = ds.attn_masks(W, valid, col.view(1), S)
-    return lm_logits(lm, ds.forward(W, cache, ds.embed(W, nxt[:, None]), p[:, None], col, masks, S)[:, 0])
+    return lm_logits(lm, ds.forward(W, cache, ds.embed(W, nxt[:, None]), p[:, None], col, masks, S)[:, 0], W.head)
