@@ -180,6 +180,8 @@ def eval_(
                                                                       "features shuffled across prompts, or kept alone."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder (default RUN/eval/<checkpoint>-<split>[-<ablations>])."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffle permutations and of sampling."),
+    dtype: str = typer.Option("run", "--dtype", help="Policy dtype while decoding: run (the run's own), auto, "
+                                                     "float32, bfloat16."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ):
@@ -191,7 +193,7 @@ def eval_(
         _fail(f"--limit must be at least 1, got {limit}")
     req = EvalRequest(run=run, checkpoint=checkpoint, cache=cache, split=split, limit=limit, samples=samples,
                       temperature=temperature, contexts=tuple(c.strip() for c in context.split(",") if c.strip()),
-                      ablations=tuple(ablate or ()), out=out, seed=seed)
+                      ablations=tuple(ablate or ()), out=out, seed=seed, dtype=dtype)
     _run(run_eval, req, progress=not no_progress)
 
 

@@ -121,6 +121,8 @@ class Decoded(NamedTuple):
     live: torch.Tensor  # [N, T] 1 through the first EOS (inclusive), 0 after
     logprobs: torch.Tensor | None  # [N, T] float32 log-prob of each token under the distribution it was
     #                                drawn from (softmax(logits / T), EOS masked while suppressed); 0 where not live
+    entropy: torch.Tensor | None = None  # [N, T] float32 nats: H of softmax(logits / entropy_temperature) at
+    #                                      each generated position (raw logits: no filter, no EOS mask); 0 where not live
 
 
 STEPS = ("auto", "fused", "loop")
@@ -179,7 +181,7 @@ def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
 def sample(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int, temperature: float = 1.0,
            greedy: bool = False, min_new_tokens: int = 0, group: int = 1, logprobs: bool = False,
            step: str = "auto", check_every: int | None = None, static: bool | None = None,
-           filters: tuple[int, float, float] = (0, 1.0, 0.0)) -> Decoded:
+           filters: tuple[int, float, float] = (0, 1.0, 0.0), entropy_temperature: float | None = None) -> Decoded:
     """`generate` with the sampler's own log-probs (logprobs=True) and the decoder chosen: step
     'auto' (fused where covered), 'fused' (raises decode_step.Unsupported where not), 'loop'.
     check_every: tokens between all-done checks (a host sync); default 1 on a CPU, 8 on a GPU.
@@ -187,7 +189,9 @@ def sample(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int, t
     the RNG may advance by a few more draws after the last row stops. static: the fixed-shape step
     (default on CUDA, where it is captured as a CUDA graph; on a CPU it runs eagerly, for tests).
     filters: (top_k, top_p, min_p) of the sampling distribution; the log-probs are those of the
-    filtered distribution the tokens were drawn from."""
+    filtered distribution the tokens were drawn from. entropy_temperature: also return the policy's
+    token entropy at that temperature from the decoder's own logits (what `completion_logprobs`'
+    `entropy` gives from a second forward pass, equal up to the decoders' rounding)."""
     if step not in STEPS:
         raise ValueError(f"unknown decode step {step!r}; choices: {list(STEPS)}")
     if check_every is None:
@@ -195,10 +199,10 @@ def sample(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int, t
     with torch.inference_mode():  # ~5% faster decode steps than no_grad on a CPU
         W = _fused_weights(lm, mask.shape[1] + max_new_tokens + 1, step)
         args = (lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
-                (logprobs, filters))
+                (logprobs, filters, entropy_temperature))
         out = _decode(*args) if W is None else _decode_fused(W, *args, check_every=check_every, static=static)
     # normal tensors again: autograd may index with them
-    return Decoded(out.tokens.clone(), out.live.clone(), None if out.logprobs is None else out.logprobs.clone())
+    return Decoded(*(None if x is None else x.clone() for x in out))
 
 
 class _Picker:
@@ -206,14 +210,17 @@ class _Picker:
     first min_new_tokens, greedy argmax or one inverse-CDF draw per row, pad after EOS)."""
 
     def __init__(self, N, eos, pad_id, temperature, greedy, min_new_tokens, want, device):
-        logprobs, self.filters = want  # (bool, (top_k, top_p, min_p))
+        logprobs, self.filters, self.ent_t = want  # (bool, (top_k, top_p, min_p), entropy temperature or None)
         self.eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         self.done = torch.zeros(N, dtype=torch.bool, device=device)
         self.pad, self.greedy, self.min_new, self.want = pad_id, greedy, min_new_tokens, logprobs
         self.temp = 1.0 if greedy else temperature
-        self.toks, self.live, self.lps = [], [], []
+        self.toks, self.live, self.lps, self.ents = [], [], [], []
 
     def __call__(self, t: int, logits: torch.Tensor) -> torch.Tensor:
+        if self.ent_t is not None:  # H = -sum p log p of softmax(logits / T_H), as token_logprobs computes it
+            lz = torch.log_softmax(logits / self.ent_t, -1)  # [N, V]
+            self.ents.append((-(lz.exp() * lz).sum(-1)).masked_fill(self.done, 0.0))
         if t < self.min_new:
             logits = logits.index_fill(-1, self.eos_t, float("-inf"))
         scaled = logits / self.temp if self.greedy else sampling_logits(logits, self.temp, *self.filters)
@@ -233,8 +240,10 @@ class _Picker:
     def result(self) -> Decoded:
         tokens, live = torch.stack(self.toks, 1), torch.stack(self.live, 1).long()
         lp = torch.stack(self.lps, 1) if self.want else None
+        ent = torch.stack(self.ents, 1) if self.ent_t is not None else None
         n = int(live.any(0).sum())  # columns past the last live one (checks every k tokens) are cut
-        return Decoded(tokens[:, :n], live[:, :n], lp[:, :n] if lp is not None else None)
+        return Decoded(tokens[:, :n], live[:, :n], lp[:, :n] if lp is not None else None,
+                       ent[:, :n] if ent is not None else None)
 
 
 def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group, logprobs):

@@ -13,15 +13,18 @@ from tests.helpers import parity_score
 train.loop.score = parity_score
 
 if os.environ.get("MUSK_TEST_LENGTHS") == "1":
+    from pipeline.generation import Decoded
+
     _sample = train.loop.sample  # the rollouts' decoder (greedy evaluations go through train.evaluate)
 
     def _varied(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k):
-        tokens, live, lp = _sample(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
+        d = _sample(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
+        tokens, lp = d.tokens, d.logprobs
         T = tokens.shape[1]
         end, pos = (tokens[:, 0] % (T + 1))[:, None], torch.arange(T)[None]  # end T: the whole budget, no EOS
         live = (pos <= end).long()
         tokens = torch.where(pos == end, eos[0], torch.where(live.bool(), tokens, pad_id))
-        return tokens, live, None if lp is None else lp * live
+        return Decoded(tokens, live, None if lp is None else lp * live)
 
     train.loop.sample = _varied
 

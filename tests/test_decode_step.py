@@ -395,3 +395,26 @@ def test_bfloat16_fused_step_is_as_close_to_float32_as_the_loop(family):
     assert kl["loop"].mean() > 1e-7  # bf16 does round: the comparison is not between zeros
     assert kl["fused"].mean() <= 1.25 * kl["loop"].mean()
     assert (kl["fused"].mean(1) <= 1.25 * kl["loop"].mean(1) + 1e-4).all()
+
+
+@pytest.mark.parametrize("step", ["loop", "fused"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decoder_entropy_equals_the_training_forwards(step, greedy):
+    """The token entropy the decoder reports (softmax(logits / T_H) at each generated position, from
+    its own logits) equals what completion_logprobs computes in a second forward pass (fp32), and is
+    0 past each row's EOS. Greedy decoding at T_H = 0.7 and sampling at T = 1.3 with T_H = 1.3."""
+    from train.policy import completion_logprobs
+
+    model = _tiny("llama")
+    emb, mask = _prompts(model, context=2)
+    torch.manual_seed(4)
+    t_h = 0.7 if greedy else 1.3
+    out = sample(model, emb, mask, 12, [7, 9], 0, temperature=1.3, greedy=greedy, step=step, entropy_temperature=t_h)
+    assert out.entropy.shape == out.tokens.shape
+    ent = []
+    with torch.no_grad():
+        completion_logprobs(model, emb, mask, out.tokens, out.live, temperature=t_h, entropy=ent)
+    live = out.live.bool()
+    assert torch.allclose(out.entropy[live], ent[0][live], atol=1e-4)
+    assert (out.entropy[~live] == 0).all() and (out.entropy[live] > 0).all()
+    assert sample(model, emb, mask, 4, [], 0, greedy=True, step=step).entropy is None  # only when asked

@@ -168,6 +168,26 @@ def test_eval_records_are_complete_and_a_rerun_adds_none(tiny_run, tmp_path):
     assert code == 2 and "other settings" in msg and "n_prompts" in msg
 
 
+def test_eval_dtype_is_chosen_recorded_and_never_mixed(tiny_run, tmp_path):
+    """--dtype run decodes in the run's own dtype; another dtype is recorded in summary.json, and a
+    folder evaluated in one dtype refuses another. A bad name exits 2 with the choices, writing nothing."""
+    out = tmp_path / "dt"
+    code, msg = _eval(tiny_run, "--limit", "2", "--dtype", "float64", "--out", out)
+    assert code == 2 and "unknown dtype 'float64'" in msg and "bfloat16" in msg and not out.exists()
+    assert _eval(tiny_run, "--limit", "2", "--out", out)[0] == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert s["dtype"] == "float32"  # the tiny run's dtype
+    code, msg = _eval(tiny_run, "--limit", "2", "--dtype", "bfloat16", "--out", out)
+    assert code == 2 and "other settings (['dtype'])" in msg
+    # a summary written before dtype was recorded decoded in the run's dtype: a rerun completes it
+    del s["dtype"]
+    (out / "summary.json").write_text(json.dumps(s))
+    assert _eval(tiny_run, "--limit", "2", "--out", out)[0] == 0
+    code, msg = _eval(tiny_run, "--limit", "2", "--dtype", "bfloat16", "--out", tmp_path / "bf")
+    assert code == 0, msg
+    assert json.loads((tmp_path / "bf" / "summary.json").read_text())["dtype"] == "bfloat16"
+
+
 def test_eval_samples_give_pass_at_k_and_checkpoints_load(tiny_run, tmp_path):
     out = tmp_path / "k"
     code, msg = _eval(tiny_run, "--checkpoint", "step_1", "--samples", "3", "--temperature", "1.0", "--limit", "2",

@@ -348,10 +348,13 @@ def _varied_lengths(monkeypatch):
     """Rollouts of set lengths: in even rollout calls row i ends with an EOS at position i % (T+1), in odd calls
     at position 0 except row 0; an end at T means the whole budget without EOS (truncated). A random
     tiny policy almost never samples EOS itself."""
+    from pipeline.generation import Decoded
+
     gen, calls = train.loop.sample, []
 
     def varied(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k):
-        tokens, _, lp = gen(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
+        d = gen(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
+        tokens, lp = d.tokens, d.logprobs
         N, T = tokens.shape
         rows = torch.arange(N)
         end = rows % (T + 1) if len(calls) % 2 == 0 else torch.where(rows == 0, T, 0)
@@ -359,7 +362,7 @@ def _varied_lengths(monkeypatch):
         end, pos = end[:, None], torch.arange(T)[None]
         live = (pos <= end).long()
         tokens = torch.where(pos == end, eos[0], torch.where(live.bool(), tokens, pad_id))
-        return tokens, live, None if lp is None else lp * live
+        return Decoded(tokens, live, None if lp is None else lp * live)
 
     monkeypatch.setattr(train.loop, "sample", varied)
 

@@ -55,6 +55,9 @@ class EvalRequest:
     ablations: tuple[str, ...] = ()
     out: Path | None = None
     seed: int = 0  # seeds the shuffle permutations and the sampling; recorded in summary.json
+    # the policy's dtype while decoding: "run" (the run's own `dtype` setting, as its training-time
+    # evaluations decoded), or auto / float32 / bfloat16; recorded (resolved) in summary.json
+    dtype: str = "run"
 
 
 def default_out(req: EvalRequest) -> Path:
@@ -159,10 +162,16 @@ def _load_weights(m, folder: Path, checkpoint: str) -> None:
         ckpt.load_checkpoint(folder, m.peft, m.adapter, m.optimizer)
 
 
-def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray) -> dict:
+def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, dtype: torch.dtype) -> dict:
     return {"run": str(run.path.resolve()), "checkpoint": req.checkpoint, "cache_fingerprint": data.cache_fingerprint,
             "split": req.split, "n_prompts": len(rows), "samples": req.samples, "temperature": req.temperature,
-            "seed": req.seed}
+            "seed": req.seed, "dtype": str(dtype).removeprefix("torch.")}
+
+
+def _differs(old: dict, new: dict) -> list[str]:
+    """Settings of an earlier evaluation in the folder that differ from these (summaries written before
+    dtype was recorded decoded in the run's dtype: compared only where present)."""
+    return sorted(k for k, v in new.items() if old.get(k) != v and (k != "dtype" or k in old))
 
 
 def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
@@ -187,15 +196,16 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     has_c = method_info(cfg.method).needs_features  # g_phi with an output projection (and a null C)
     conds = [shuffled(c, rows, req.seed) for c in parse_conditions(req, cfg, data, has_c)]  # before the model loads
     device = resolve_device(cfg.device)
-    m = build_models(cfg, data, device, resolve_dtype(cfg.dtype, device))
-    _load_weights(m, folder, req.checkpoint)
-
+    dtype = resolve_dtype(cfg.dtype if req.dtype == "run" else req.dtype, device)
     out = Path(req.out) if req.out is not None else default_out(req)
-    meta = {**settings(req, run, data, rows), "method": cfg.method, "team": data.experts}
+    here = settings(req, run, data, rows, dtype)
     old = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
-    if old is not None and any(old.get(k) != v for k, v in settings(req, run, data, rows).items()):
-        diff = sorted(k for k, v in settings(req, run, data, rows).items() if old.get(k) != v)
-        raise MuskError(f"{str(out)!r} holds an evaluation with other settings ({diff}); use another --out")
+    if old is not None and _differs(old, here):
+        raise MuskError(f"{str(out)!r} holds an evaluation with other settings ({_differs(old, here)}); "
+                        "use another --out")
+    m = build_models(cfg, data, device, dtype)
+    _load_weights(m, folder, req.checkpoint)
+    meta = {**here, "method": cfg.method, "team": data.experts}
     records = read_jsonl(out / RECORDS) if old is not None else []
     want = {(int(r), s) for r in rows for s in range(req.samples)}
     m.peft.eval()

@@ -21,10 +21,10 @@ import torch
 
 from analyze.stats import pass_at_k
 from cache.run_folder import COMPLETIONS, EVAL, EVAL_RECORDS, RunFolder
-from pipeline.generation import decode, generate
+from pipeline.generation import decode, sample
 from train.grpo import routing_stats
 from train.inputs import ALL, ExpertView, decode_merged, policy_inputs
-from train.policy import completion_logprobs, merged_lora
+from train.policy import merged_lora
 from pipeline.rewards import score
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
     (prompt, sample): prompt (row), task, split, question_sha (the question's digest: reports pair
     prompts by it), condition, sample, reward, correct, completion_tokens,
     truncated (no EOS within max_new_tokens), completion, token_entropy (the policy's mean token entropy
-    over the completion at the sampling temperature, nats); with expert attention also utilization
+    over the completion at the sampling temperature, nats, from the decoder's logits); with expert attention also utilization
     ([n], mean over the m context tokens) and entropy (H of Eq. 15 for this prompt).
     scorer: (entry JSON, completion, mode) -> reward; default pipeline.rewards.score."""
     scorer = scorer or score
@@ -85,13 +85,13 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
             e, mk, att = _eval_inputs(cfg, m, data, idx, _MODE[cond.context], device, cond.view)
             if K > 1:
                 e, mk = e.repeat_interleave(K, 0), mk.repeat_interleave(K, 0)
-            toks, live = generate(m.lm, e, mk, cfg.max_new_tokens, m.eos, m.tok.pad_token_id,
-                                  temperature=temperature or 1.0, greedy=greedy, group=K)
+            # the policy's token entropy at the sampling temperature comes from the decoder's own logits
+            dec = sample(m.lm, e, mk, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, temperature or 1.0, greedy,
+                         group=K, entropy_temperature=temperature or cfg.temperature)
+            toks, live = dec.tokens, dec.live
             texts = decode(m.tok, toks, live)
             cut = truncated(toks, live, m.eos)  # [b*K]
-            ent = []  # the policy's token entropy on these completions [b*K, T] (one more forward)
-            completion_logprobs(m.lm, e, mk, toks, live, K, temperature or cfg.temperature, ent)
-            tok_h = (ent[0] * live).sum(1) / live.sum(1).clamp_min(1)  # [b*K] mean over each completion
+            tok_h = (dec.entropy * live).sum(1) / live.sum(1).clamp_min(1)  # [b*K] mean over each completion
             for j, (row, text) in enumerate(zip([i for i in idx for _ in range(K)], texts)):
                 r = scorer(data.prompts["entry"][row], text, cfg.answer_extraction)
                 rec = {"prompt": row, "task": data.prompts["task"][row], "split": data.prompts["split"][row],

@@ -276,10 +276,10 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
         with merged_lora(m.peft, decode_merged(cfg, m)):
-            tokens, live, sampler_logp = sample(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos,
-                                                m.tok.pad_token_id, cfg.temperature, min_new_tokens=cfg.min_new_tokens,
-                                                group=G if cfg.share_prompt else 1, logprobs=True,
-                                                filters=(cfg.top_k, cfg.top_p, cfg.min_p))
+            dec = sample(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, cfg.temperature,
+                         min_new_tokens=cfg.min_new_tokens, group=G if cfg.share_prompt else 1, logprobs=True,
+                         filters=(cfg.top_k, cfg.top_p, cfg.min_p))
+            tokens, live, sampler_logp = dec.tokens, dec.live, dec.logprobs
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
