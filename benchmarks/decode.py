@@ -1,10 +1,13 @@
 """Decode speed: musk's transformers loop, transformers' own generate with its static cache, and the
-fused step (pipeline/decode_step.py) with plain and with oneDNN-packed weights, against the machine's weight-read floor measured in the same run.
+fused step (pipeline/decode_step.py) with plain and with oneDNN-packed weights, against the machine's
+weight-read floor measured in the same run.
 
 A token step is timed as (time for T new tokens - time for 1) / (T - 1): prefill excluded, every
 row decodes all T tokens (min_new_tokens = T). The weight-read floor is one pass that reads every
 parameter once (a sum per tensor, tied embeddings once): no decoder can step faster than it at
-this batch. Random-init models of the exact shapes (speed depends on shape and dtype only).
+this batch. The floor and every decoder are measured once per round, `--repeats` rounds, and the
+medians over rounds are reported (on a shared host whose speed drifts, all move together).
+Random-init models of the exact shapes (speed depends on shape and dtype only).
 
     python benchmarks/decode.py                        # CPU: SmolLM2-135M shape, batch 8, 48 tokens
     python benchmarks/decode.py --threads 1 --dtype float32
@@ -89,6 +92,25 @@ def weight_read_floor(model, device, repeats: int) -> tuple[float, int]:
     return timed(read, device, repeats * 3), nbytes
 
 
+def matmuls_alone(model, batch: int, device) -> callable:
+    """One pass of the fused step's matrix multiplies alone (every fused weight and the LM head once,
+    on random [batch, in] inputs, packed where the step packs): what the step's other operations
+    (norms, rotary, attention, sampling) add on top of."""
+    from pipeline import decode_step
+
+    W = decode_step.fused_weights(model, 64)
+    mats = [f for la in W.layers for f in (la.qkv, la.o, la.gate_up, la.down)] + [W.head]
+    xs = {f.weight.shape[1]: torch.randn(batch, f.weight.shape[1], dtype=f.weight.dtype, device=device)
+          for f in mats}
+
+    def run():
+        with torch.inference_mode():
+            for f in mats:
+                f(xs[f.weight.shape[1]])
+    run()
+    return run
+
+
 def decoders(model, emb, mask, T: int, compile_hf: bool):
     def musk(step, pack="1"):
         def run(n):
@@ -115,10 +137,9 @@ def run_shape(shape: str, batch: int, T: int, prompt: int, dtype, device: str, r
               compile_hf: bool, suffix: str) -> None:
     model = build(shape, dtype, device, real)
     n_params = sum(p.numel() for p in model.parameters())
-    floor, nbytes = weight_read_floor(model, device, repeats)
+    nbytes = weight_read_floor(model, device, 1)[1]  # also warms the weights
     print(f"\n{shape}{' (real weights)' if real else ''}: {n_params / 1e6:.0f}M parameters, {dtype}, batch {batch}, "
           f"prompt {prompt}, {T} new tokens")
-    print(f"  weight-read floor: {floor * 1e3:.1f} ms ({nbytes / 2**20:.0f} MiB, {nbytes / floor / 1e9:.1f} GB/s)")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, model.config.vocab_size, (batch, prompt), generator=g)
     mask = torch.ones(batch, prompt, dtype=torch.long)
@@ -127,18 +148,36 @@ def run_shape(shape: str, batch: int, T: int, prompt: int, dtype, device: str, r
     ids, mask = (ids * mask).to(device), mask.to(device)
     with torch.inference_mode():
         emb = model.get_input_embeddings()(ids)
-    step = {}
+    fns = {}
     for name, fn in decoders(model, emb, mask, T, compile_hf).items():
         try:
             fn(1)  # warm-up: fused weights, allocator, compilation where asked
+            fns[name] = fn
         except (RuntimeError, ValueError, TypeError) as e:  # a path this transformers does not take: say so
             print(f"  {name}: not run ({type(e).__name__}: {str(e)[:120]})")
-            continue
-        full = timed(functools.partial(fn, T), device, repeats)
-        one = timed(functools.partial(fn, 1), device, repeats)
-        step[name] = (full - one) / (T - 1)
-        print(f"  {name}: {step[name] * 1e3:.1f} ms/token step  ({full:.2f} s for {T} tokens, "
-              f"{step[name] / floor:.2f}x the floor)")
+    # Rounds: each measures the floor and every decoder once, so a machine whose speed drifts (a shared
+    # host) moves all of them together; the medians over rounds are reported.
+    rounds = {name: [] for name in fns}
+    floors, fulls, mms = [], {name: [] for name in fns}, []
+    mm = matmuls_alone(model, batch, device)
+    for _ in range(repeats):
+        floors.append(weight_read_floor(model, device, 1)[0])
+        mms.append(timed(mm, device, 3))
+        for name, fn in fns.items():
+            full = timed(functools.partial(fn, T), device, 1)
+            one = timed(functools.partial(fn, 1), device, 1)
+            rounds[name].append((full - one) / (T - 1))
+            fulls[name].append(full)
+    floor = statistics.median(floors)
+    print(f"  weight-read floor: {floor * 1e3:.1f} ms ({nbytes / 2**20:.0f} MiB, {nbytes / floor / 1e9:.1f} GB/s; "
+          f"rounds {', '.join(f'{f * 1e3:.1f}' for f in floors)})")
+    mm_t = statistics.median(mms)
+    print(f"  the fused step's matmuls alone (packed as the step packs them): {mm_t * 1e3:.1f} ms "
+          f"({mm_t / floor:.2f}x the floor)")
+    step = {name: statistics.median(v) for name, v in rounds.items()}
+    for name in fns:
+        print(f"  {name}: {step[name] * 1e3:.1f} ms/token step  ({statistics.median(fulls[name]):.2f} s for {T} "
+              f"tokens, {step[name] / floor:.2f}x the floor; rounds {', '.join(f'{x * 1e3:.1f}' for x in rounds[name])})")
     old, new = step["musk loop (transformers modules, dynamic cache)"], step["fused step (new)"]
     print(f"RATIO decode new / old{suffix} = {new / old:.3f}")
     print(f"RATIO decode new / weight-read floor{suffix} = {new / floor:.3f}")
@@ -152,7 +191,7 @@ def main():
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--prompt", type=int, default=96, help="prompt length in tokens (C included)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per decoder and length (median)")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (floor and every decoder once each); medians")
     ap.add_argument("--real", action="store_true", help="the embedded SmolLM2-135M-Instruct weights")
     ap.add_argument("--compile", action="store_true", help="let transformers' generate torch.compile its step")
     ap.add_argument("--paper-only", action="store_true", help="cuda: only the paper shape")
