@@ -16,9 +16,9 @@ a fused matmul or of F.rms_norm differs in the last bit; tests/test_decode_step.
 norms round where the modules round; fused matmuls and attention kernels may still round
 differently, so logits agree to bf16 rounding, not bit for bit.
 
-On a CPU each fused weight is also held in oneDNN's blocked layout (`pack`; torch.compile's CPU
-freezing does the same): at decode batches its matmul reads the weights about twice as fast as
-F.linear's. bf16 outputs are bit-identical to F.linear's; float32 ones differ in the last bits (another
+On a CPU each fused weight is also held in oneDNN's blocked layout (pipeline/packed.py;
+torch.compile's CPU freezing does the same): at decode batches its matmul reads the weights about
+twice as fast as F.linear's. bf16 outputs are bit-identical to F.linear's; float32 ones differ in the last bits (another
 summation order), like any fused matmul. MUSK_DECODE_PACK=0 turns it off.
 
 The static path (`static=True`) attends over the whole cache under a mask, with the column as a
@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.packed import pack, packed_linear
 
 FAMILIES = ("llama", "qwen2", "mistral", "gemma3_text")
 
@@ -65,32 +67,6 @@ def _linear_parts(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[to
     if type(mod) is not torch.nn.Linear:
         raise Unsupported(f"linear of type {type(mod).__name__}")
     return mod.weight, mod.bias, []
-
-
-def can_pack(w: torch.Tensor) -> bool:
-    """Whether oneDNN can hold w [out, in] in its blocked layout here: a CPU tensor in float32, or in
-    bf16 where oneDNN has bf16 kernels for this CPU."""
-    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if w.dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return w.dtype == torch.float32
-
-
-def pack(w: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked copy of a linear weight w [out, in] for `packed_linear`, or None where it
-    cannot be made (`can_pack`). The hint (8 rows) picks the blocking; any row count runs on it."""
-    if not can_pack(w):
-        return None
-    try:
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 8)
-    except RuntimeError:  # a build whose oneDNN lacks the kernel: plain F.linear
-        return None
-
-
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ W^T + b on a `pack`ed W: [..., out], in x's dtype."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
 # first module of a fused set -> (weakrefs to its source weights and biases, their versions, fused W,

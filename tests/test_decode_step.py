@@ -244,9 +244,9 @@ def test_auto_decodes_every_covered_dtype_through_the_fused_step(monkeypatch):
 
 
 def _packs(dtype) -> bool:
-    from pipeline import decode_step
+    from pipeline.packed import can_pack
 
-    return decode_step.can_pack(torch.zeros(1, dtype=dtype))
+    return can_pack(torch.zeros(1, dtype=dtype))
 
 
 @pytest.mark.skipif(not _packs(torch.bfloat16), reason="oneDNN has no bf16 kernels for this CPU")
@@ -257,7 +257,7 @@ def test_packed_bfloat16_linear_is_bit_identical_to_f_linear():
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
-    from pipeline.decode_step import pack, packed_linear
+    from pipeline.packed import pack, packed_linear
 
     @settings(max_examples=25, deadline=None)
     @given(st.lists(st.integers(1, 40), min_size=1, max_size=2), st.integers(1, 200), st.integers(1, 96),
@@ -273,7 +273,7 @@ def test_packed_bfloat16_linear_is_bit_identical_to_f_linear():
 
 @pytest.mark.skipif(not _packs(torch.float32), reason="no oneDNN in this torch build")
 def test_packed_float32_linear_agrees_to_rounding():
-    from pipeline.decode_step import pack, packed_linear
+    from pipeline.packed import pack, packed_linear
 
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(300, 64, generator=g), torch.randn(5, 64, generator=g)
