@@ -18,8 +18,10 @@ differently, so logits agree to bf16 rounding, not bit for bit.
 
 On a CPU each fused weight is also held in oneDNN's blocked layout (pipeline/packed.py;
 torch.compile's CPU freezing does the same): at decode batches its matmul reads the weights about
-twice as fast as F.linear's. bf16 outputs are bit-identical to F.linear's; float32 ones differ in the last bits (another
-summation order), like any fused matmul. MUSK_DECODE_PACK=0 turns it off.
+twice as fast as F.linear's. bf16 outputs are bit-identical to F.linear's; float32 ones differ in
+the last bits (another summation order), like any fused matmul. MUSK_DECODE_PACK=0 turns it off.
+The KV cache is float32 on a CPU (`cache_dtype`), so one bf16 query attends in float32 without
+casting the cache every token.
 
 The static path (`static=True`) attends over the whole cache under a mask, with the column as a
 tensor, so one step has fixed shapes and no host sync: that is what a CUDA graph captures
