@@ -71,9 +71,9 @@ def _linear_parts(mod) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[to
     return mod.weight, mod.bias, []
 
 
-# first module of a fused set -> (weakrefs to its source weights and biases, their versions, fused W,
-# bias, packed W): the base weights do not change while LoRA trains, so each training step's rebuild
-# reuses them instead of concatenating and packing ~all parameters again
+# first module of a fused set -> (weakrefs to its source weights and biases, their versions, packing
+# asked, fused W, bias, packed W or None): the base weights do not change while LoRA trains, so each
+# training step's rebuild reuses them instead of concatenating and packing ~all parameters again
 _BASE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -81,9 +81,11 @@ def _base(mods: list, parts: list, packed: bool):
     src = [t for w, b, _ in parts for t in (w, b) if t is not None]
     hit = _BASE.get(mods[0])
     if hit is not None:
-        refs, vers, w, bias, pw = hit
-        if (len(refs) == len(src) and all(r() is t for r, t in zip(refs, src))
-                and vers == [t._version for t in src] and (pw is not None) == packed):
+        refs, vers, asked, w, bias, pw = hit
+        # `asked`, not whether a packed copy exists: where packing is unavailable (a GPU, fp16) the
+        # entry holds none and must still be reused
+        if (asked == packed and len(refs) == len(src) and all(r() is t for r, t in zip(refs, src))
+                and vers == [t._version for t in src]):
             return w, bias, pw
     ws = [w for w, _, _ in parts]
     w = ws[0] if len(ws) == 1 else torch.cat(ws, 0)
@@ -91,7 +93,7 @@ def _base(mods: list, parts: list, packed: bool):
     if any(b is not None for _, b, _ in parts):
         bias = torch.cat([b if b is not None else w.new_zeros(wi.shape[0]) for (wi, b, _) in parts])
     pw = pack(w) if packed else None
-    _BASE[mods[0]] = ([weakref.ref(t) for t in src], [t._version for t in src], w, bias, pw if packed else None)
+    _BASE[mods[0]] = ([weakref.ref(t) for t in src], [t._version for t in src], packed, w, bias, pw)
     return w, bias, pw
 
 

@@ -418,3 +418,22 @@ def test_decoder_entropy_equals_the_training_forwards(step, greedy):
     assert torch.allclose(out.entropy[live], ent[0][live], atol=1e-4)
     assert (out.entropy[~live] == 0).all() and (out.entropy[live] > 0).all()
     assert sample(model, emb, mask, 4, [], 0, greedy=True, step=step).entropy is None  # only when asked
+
+
+def test_base_weights_are_reused_where_packing_is_unavailable(monkeypatch):
+    """Where no packed copy can be made (a GPU, fp16, a torch without oneDNN), a LoRA update still
+    reuses the base weights' fused copies: the cache keys on packing asked, not on a copy existing."""
+    from pipeline import decode_step
+
+    monkeypatch.setattr(decode_step, "pack", lambda w: None)
+    peft = _peft(_tiny("llama"))
+    lm = peft.get_base_model()
+    emb, mask = _prompts(lm)
+    sample(lm, emb, mask, 4, [], 0, greedy=True, step="fused")
+    W1 = decode_step._CACHE[lm][-1]
+    with torch.no_grad():
+        lm.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(0.5)
+    sample(lm, emb, mask, 4, [], 0, greedy=True, step="fused")
+    W2 = decode_step._CACHE[lm][-1]
+    assert W2 is not W1 and W2.layers[0].qkv.packed is None
+    assert W2.layers[0].qkv.weight is W1.layers[0].qkv.weight  # the concatenated q/k/v, not made again
