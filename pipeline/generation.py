@@ -34,6 +34,12 @@ def lm_logits(lm, hidden: torch.Tensor, head=None) -> torch.Tensor:
     return logits.view(*shape[:-1], -1)
 
 
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = -sum_v p_v log p_v of softmax(logits) over the last axis, in nats: [...] from [..., V]."""
+    lz = torch.log_softmax(logits, -1)
+    return -(lz.exp() * lz).sum(-1)
+
+
 def decode(tok, tokens: torch.Tensor, live: torch.Tensor) -> list[str]:
     """Text of generated tokens [N, T]; tokens past each row's EOS (live == 0) are dropped."""
     return tok.batch_decode(tokens * live + tok.pad_token_id * (1 - live), skip_special_tokens=True)
@@ -218,9 +224,8 @@ class _Picker:
         self.toks, self.live, self.lps, self.ents = [], [], [], []
 
     def __call__(self, t: int, logits: torch.Tensor) -> torch.Tensor:
-        if self.ent_t is not None:  # H = -sum p log p of softmax(logits / T_H), as token_logprobs computes it
-            lz = torch.log_softmax(logits / self.ent_t, -1)  # [N, V]
-            self.ents.append((-(lz.exp() * lz).sum(-1)).masked_fill(self.done, 0.0))
+        if self.ent_t is not None:  # of softmax(logits / T_H), as token_logprobs computes it
+            self.ents.append(token_entropy(logits / self.ent_t).masked_fill(self.done, 0.0))  # [N]
         if t < self.min_new:
             logits = logits.index_fill(-1, self.eos_t, float("-inf"))
         scaled = logits / self.temp if self.greedy else sampling_logits(logits, self.temp, *self.filters)

@@ -200,9 +200,9 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     out = Path(req.out) if req.out is not None else default_out(req)
     here = settings(req, run, data, rows, dtype)
     old = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
-    if old is not None and _differs(old, here):
-        raise MuskError(f"{str(out)!r} holds an evaluation with other settings ({_differs(old, here)}); "
-                        "use another --out")
+    diff = _differs(old, here) if old is not None else []
+    if diff:
+        raise MuskError(f"{str(out)!r} holds an evaluation with other settings ({diff}); use another --out")
     m = build_models(cfg, data, device, dtype)
     _load_weights(m, folder, req.checkpoint)
     meta = {**here, "method": cfg.method, "team": data.experts}

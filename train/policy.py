@@ -23,7 +23,7 @@ from core.errors import MuskError
 from pipeline.chat import PLAIN_FORMAT, render_system_user
 from pipeline.experts import (EXPERTS, GGUF_DISTRIBUTIONS, ExpertSpec, check_device, gguf_path, load_expert,
                               resolve_expert, weights_sha256)
-from pipeline.generation import lm_logits, positions, prefill
+from pipeline.generation import lm_logits, positions, prefill, token_entropy
 
 
 def policy_spec(name: str) -> ExpertSpec:
@@ -318,8 +318,7 @@ def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, tempe
         out.append(-torch.nn.functional.cross_entropy(z, flat_ids[s:s + rows], reduction="none"))
         if entropy is not None:
             with torch.no_grad():
-                lp = torch.log_softmax(z.detach(), -1)
-                ent.append(-(lp.exp() * lp).sum(-1))
+                ent.append(token_entropy(z.detach()))
     if entropy is not None:
         entropy.append(torch.cat(ent).view(ids.shape))
     return torch.cat(out).view(ids.shape)
