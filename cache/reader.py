@@ -11,7 +11,7 @@ import numpy as np
 from cache.schema import (EXPERT_ATTRS, POOLED, PROMPT_COLUMNS, RANDOM_VARIANTS, READABLE_SCHEMAS,
                           SCHEMA_1_VARIANTS)
 from core.errors import MuskError
-from core.heldout import count_overlap
+from core.heldout import composition, count_overlap
 
 
 def _str_list(ds) -> list[str]:
@@ -108,6 +108,13 @@ class Cache:
         if "split_overlap" in self.f.attrs:
             return int(self.f.attrs["split_overlap"])
         return count_overlap(_str_list(self.f["prompts/text"]), _str_list(self.f["prompts/split"]))
+
+    def split_shares(self) -> dict:
+        """Each dataset's part of each split (see cache.schema, schema 4): the stored record, else
+        counted from the prompts (older caches; no configured "mix" then)."""
+        if "split_shares" in self.f.attrs:
+            return json.loads(str(self.f.attrs["split_shares"]))
+        return composition(_str_list(self.f["prompts/task"]), _str_list(self.f["prompts/split"]))
 
     def split_indices(self, split: str) -> np.ndarray:
         splits = np.array(_str_list(self.f["prompts/split"]))

@@ -1,6 +1,12 @@
 """Cache schema (see SPEC.md): names of groups, datasets and attributes.
 
-Schema 3 (this musk writes it): schema 2 with held-out splits by construction, the root attribute
+Schema 4 (this musk writes it): schema 3 with every Reasoning Gym family split by a hash partition of
+its problem (commutative rewordings of a chain sum are one problem), each dataset's configured share
+of each split exact, and the root attribute `split_shares` (JSON: {"mix": {dataset: configured
+share}, "train"/"val"/"test": {dataset: {"prompts": n, "share": s}}}). Schemas 1-3 are read; their
+shares are counted from the prompts (no "mix").
+
+Schema 3: schema 2 with held-out splits by construction, the root attribute
 `split_overlap` (validation prompts whose text is in the training split: 0) and a data fingerprint
 that covers the prompts themselves. Schemas 1 and 2 are read; a run refuses one whose validation
 prompts appear in its training split.
@@ -15,8 +21,8 @@ from __future__ import annotations
 
 import json
 
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, 4)
 MUSK_VERSION = "0.1.0"
 
 PROMPT_COLUMNS = ("text", "answer", "task", "split", "entry")

@@ -26,6 +26,7 @@ from core import dist
 from core.errors import MuskError
 from core.config import dump_yaml, from_dict, load_yaml, merge, to_dict
 from core.hashing import sha256_file, sha256_of
+from core.heldout import composition
 from core.progress import bar as progress_bar
 from pipeline.chat import PROMPT_DATE_ISO
 from pipeline.experts import (
@@ -45,7 +46,7 @@ from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_in
 from pipeline.probes import PROBE_KINDS, noise_features, oracle_features, probe_arrays, probe_config
 from pipeline.vllm_engine import ENGINES, greedy_texts, make_llm, release, require_vllm
 from pipeline.rewards import check_references
-from pipeline.tasks import Prompt, TaskConfig, build_prompts, split_overlap
+from pipeline.tasks import Prompt, TaskConfig, build_prompts, mix, split_overlap
 
 
 @dataclass(frozen=True)
@@ -502,7 +503,8 @@ def _existing_groups(out: Path, data_fp: str, expert_fps: dict, router_fps: dict
         if c.schema != SCHEMA_VERSION:
             raise MuskError(
                 f"cache {str(out)!r} was written with schema {c.schema}; this musk writes schema "
-                f"{SCHEMA_VERSION} (held-out splits by construction, a data fingerprint over the prompts) and "
+                f"{SCHEMA_VERSION} (held-out splits by a partition of the problems, each dataset's share of "
+                "each split exact and recorded, a data fingerprint over the prompts) and "
                 "cannot add to it. Extract into another --out."
             )
         if c.data_fingerprint != data_fp:
@@ -624,6 +626,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
     if not plan.todo and plan.todo_router is None:
         if dist.is_main():
             log(f"cache {out} is complete and up to date (fingerprint {plan.root_fp[:12]}); nothing to do")
+            with Cache(out) as c:
+                log(format_shares(c.split_shares()))
         return out
 
     if cfg.hint_engine == "vllm" and cfg.hints:
@@ -639,6 +643,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
         "fingerprint": plan.root_fp,
         "data_fingerprint": plan.data_fp,
         "split_overlap": split_overlap(prompts),
+        "split_shares": json.dumps(split_shares(cfg.task, prompts)),
         "config": dump_yaml(replace(cfg, out=str(out))),
         "expert_order": json.dumps([s.name for s in cfg.experts]),
     }
@@ -646,7 +651,27 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
              root_attrs=root_attrs)
     parts.remove()
     dist.barrier()
+    log(format_shares(split_shares(cfg.task, prompts)))
     log(f"wrote {out}: {len(prompts)} prompts, experts {[s.name for s in cfg.experts]}, "
         f"computed {[s.name for s in plan.todo]}{' + router' if plan.todo_router else ''} in "
         f"{time.time() - t0:.1f}s (fingerprint {plan.root_fp[:12]})")
     return out
+
+
+def split_shares(task: TaskConfig, prompts: list[Prompt]) -> dict:
+    """The cache's `split_shares` record: the configured mix and each dataset's part of each split."""
+    return {"mix": mix(task), **composition([p.task for p in prompts], [p.split for p in prompts])}
+
+
+def format_shares(shares: dict) -> str:
+    """One line per dataset: configured share, then its share (and prompts) in each split."""
+    splits = [s for s in shares if s != "mix"]
+    names = list(shares.get("mix", {})) + sorted({t for s in splits for t in shares[s]} - set(shares.get("mix", {})))
+    lines = ["dataset shares (prompts): " + " | ".join(["configured"] * ("mix" in shares) + splits)]
+    for name in names:
+        cells = [f"{100 * shares['mix'][name]:.1f}%" if name in shares.get("mix", {}) else "-"] * ("mix" in shares)
+        for s in splits:
+            c = shares[s].get(name, {"prompts": 0, "share": 0.0})
+            cells.append(f"{100 * c['share']:.1f}% ({c['prompts']})")
+        lines.append(f"  {name}: " + " | ".join(cells))
+    return "\n".join(lines)

@@ -4,15 +4,17 @@ A family is a registry entry. Reasoning Gym families are composites of datasets 
 per-dataset configs; GSM8K is read from the hub id when online or from a local parquet/jsonl file
 (train and test splits; the numeric answer after `####`).
 
-Held out means never trained on. reasoning-gym builds item i of a split from `Random(seed + i)`
-(a composite's j-th dataset from `seed + j + 1 + i`), so two splits seeded 1 and 2 are the same
-stream shifted by one. musk therefore starts split s's stream at `seed_s * STREAM_STRIDE`: two
-splits with different seeds draw from disjoint ranges of generator seeds. On top of that, a
-validation question whose whitespace-normalised text is in the training split is skipped (the
-stream moves on), and families whose question space is small (the embedded one-digit sums have a
-few hundred distinct questions) partition the space itself: a question belongs to the validation
-split iff the SHA-256 of its normalised text falls in the first `val_partition` share of the hash
-range, so no validation question can ever be drawn for training.
+Held out means never trained on. Every Reasoning Gym family partitions its question space: a
+question belongs to the validation split iff the SHA-256 of its problem (`core.heldout.problem_key`:
+the whitespace-normalised text, a chain sum's terms in canonical order, so `3 + 8` and `8 + 3` are
+one problem) falls in the first `val_partition` share of the hash range (0.25 by default); training
+never draws from that share, validation draws only from it. Each dataset of a composite is drawn
+from its own generator stream, and a split holds each dataset's configured share of its prompts
+exactly (largest-remainder rounding), so a dataset whose question space is small is not
+under-weighted in validation. reasoning-gym builds item i of a dataset from `Random(seed + i)`
+(a composite's j-th dataset from `seed + j + 1 + i`), so two splits seeded 1 and 2 would be the
+same stream shifted by one: musk starts split s's stream at `seed_s * STREAM_STRIDE`, and a
+validation question whose problem is in the training split is skipped as well.
 
 Prompts do not depend on PYTHONHASHSEED: some generators (polynomial_multiplication) order terms
 through a Python set of strings, so `build_prompts` generates them in a child process with
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from core.errors import MuskError
-from core.heldout import count_overlap, normalize_question
+from core.heldout import count_overlap, normalize_question, problem_key
 
 # ---------------------------------------------------------------------------------------------
 # Registry. Each Reasoning Gym family maps dataset name -> {"weight": w, "config": {...}}.
@@ -101,10 +103,11 @@ FAMILIES: dict[str, dict | None] = {
 
 GSM8K_HUB_ID = "openai/gsm8k"
 
-# Families whose question space is small enough that a validation split drawn from the same space
-# would mostly repeat training questions: the share of the space (by question hash) held out for
-# validation. Every other family relies on disjoint generator streams plus the content filter.
-VAL_PARTITION = {"easy-arithmetic": 0.25}
+# The share of a Reasoning Gym family's question space (by problem hash) held out for validation.
+# 0.25 keeps the generation cost of the paper's 16,000/4,000 splits near its minimum (16k/0.75 +
+# 4k/0.25 items scanned). GSM8K (official splits) and secret-digit (a 26^6 space, disjoint streams
+# plus the content filter) do not partition.
+DEFAULT_VAL_PARTITION = 0.25
 
 STREAM_STRIDE = 10**9  # split s's generator stream starts at seed_s * STREAM_STRIDE
 SCAN_FACTOR = 50  # a split may scan this many stream items per prompt it keeps before giving up
@@ -130,9 +133,10 @@ class TaskConfig:
     gsm8k_path: str | None = None
     """GSM8K only: a local folder (train*/test* .jsonl/.parquet) or file with a split column; None reads the hub."""
     val_partition: float | None = None
-    """Share of the question space (by SHA-256 of the whitespace-normalised question) reserved for
-    validation; training never draws from it. None: the family's registry default (easy-arithmetic
-    0.25, others 0: held out by disjoint generator streams and the content filter alone)."""
+    """Share of the question space (by SHA-256 of the problem: whitespace-normalised, a chain sum's terms
+    in canonical order) reserved for validation; training never draws from it. None: 0.25 for Reasoning
+    Gym families, 0 for gsm8k and secret-digit (held out by their official splits / disjoint streams).
+    0 on a Reasoning Gym family: disjoint generator streams and the content filter alone."""
     balance_answers: bool = False
     """Reasoning Gym only: draw each split from a pool 8x its size, taking the answers in turn, so every
     answer is about equally frequent (a probe's no-information baseline is then 1/K, not the mode's share)."""
@@ -173,7 +177,9 @@ class TaskConfig:
 
     def partition(self) -> float:
         """The validation share of the question space in use (see val_partition)."""
-        return self.val_partition if self.val_partition is not None else VAL_PARTITION.get(self.family, 0.0)
+        if self.val_partition is not None:
+            return self.val_partition
+        return DEFAULT_VAL_PARTITION if FAMILIES[self.family] is not None else 0.0
 
     def system_prompt(self) -> str:
         from reasoning_gym.utils import SYSTEM_PROMPTS
@@ -210,10 +216,11 @@ def balanced(entries: list[dict], size: int) -> list[dict]:
 
 
 def in_val_partition(text: str, share: float) -> bool:
-    """Whether a question falls in the validation share of the question space (hash-partitioned)."""
+    """Whether a question's problem (`problem_key`) falls in the validation share of the question
+    space (hash-partitioned): commutative rewordings of one chain sum fall on one side together."""
     if share <= 0:
         return False
-    h = int.from_bytes(hashlib.sha256(normalize_question(text).encode()).digest()[:8], "big")
+    h = int.from_bytes(hashlib.sha256(problem_key(text).encode()).digest()[:8], "big")
     return h < share * 2**64
 
 
@@ -234,19 +241,48 @@ def _take(stream: Iterable[dict], keep: Callable[[dict], bool], n: int, cap: int
     return out
 
 
-def _rg_stream(cfg: TaskConfig, seed: int, cap: int) -> Iterator[dict]:
-    import reasoning_gym
-    from reasoning_gym.composite import DatasetSpec
+def mix(cfg: TaskConfig) -> dict[str, float]:
+    """Each dataset's configured share of a split (weights normalised), in registry order."""
+    if FAMILIES[cfg.family] is None:
+        return {cfg.family: 1.0}
+    specs = cfg.dataset_specs()
+    weights = {name: float(s.get("weight", 1.0)) for name, s in specs.items()}
+    total = sum(weights.values())
+    if total <= 0 or any(w < 0 for w in weights.values()):
+        raise MuskError(f"family {cfg.family!r}: dataset weights must be non-negative and not all 0, got {weights}")
+    return {name: w / total for name, w in weights.items()}
 
-    specs = [
-        DatasetSpec(name=name, weight=float(s.get("weight", 1.0)), config=dict(s.get("config") or {}))
-        for name, s in cfg.dataset_specs().items()
-    ]
+
+def allocate(shares: dict[str, float], size: int) -> dict[str, int]:
+    """`size` prompts split by `shares` with largest-remainder rounding: each count is within one of
+    size x share, and the counts sum to `size`. Ties go to the dataset listed first."""
+    exact = {name: size * w for name, w in shares.items()}
+    counts = {name: int(x) for name, x in exact.items()}
+    order = sorted(shares, key=lambda n: -(exact[n] - counts[n]))  # stable: listed order breaks ties
+    for name in order[: size - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def _rg_stream(name: str, index: int, spec: dict, seed: int, cap: int) -> Iterator[dict]:
+    """Dataset `name`'s own generator stream, seeded as reasoning-gym's composite seeds its
+    index-th dataset (split seed x STREAM_STRIDE + index + 1)."""
+    import reasoning_gym
+
+    config = dict(spec.get("config") or {})
     try:  # lazy: items are generated as the stream is read
-        ds = reasoning_gym.create_dataset("composite", size=cap, seed=seed * STREAM_STRIDE, datasets=specs)
+        ds = reasoning_gym.create_dataset(name, **{**config, "size": cap, "seed": seed * STREAM_STRIDE + index + 1})
     except Exception as e:  # reasoning-gym raises assorted errors on bad dataset configs
-        raise MuskError(f"reasoning-gym could not build family {cfg.family!r}: {e}") from None
+        raise MuskError(f"reasoning-gym could not build dataset {name!r}: {e}") from None
     return iter(ds)
+
+
+def interleave(groups: dict[str, list]) -> list:
+    """One list of every group's items, evenly mixed: item k of a group of n sits at (k + 0.5) / n
+    of the way through (ties in group order). Deterministic; a prefix holds about each share."""
+    keyed = [((k + 0.5) / len(items), g, item) for g, items in enumerate(groups.values())
+             for k, item in enumerate(items)]
+    return [item for _, _, item in sorted(keyed, key=lambda x: (x[0], x[1]))]
 
 
 def reference_answer(entry: dict) -> str:
@@ -275,15 +311,21 @@ def has_reference(entry: dict) -> bool:
 
 
 def _rg_split(cfg: TaskConfig, split: str, size: int, seed: int, keep: Callable[[str], bool]) -> list[Prompt]:
-    pool = size * BALANCE_POOL if cfg.balance_answers else size
-    cap = SCAN_FACTOR * pool + 1000
-    entries = _take(_rg_stream(cfg, seed, cap), lambda e: keep(e["question"]) and has_reference(e), pool, cap,
-                    f"family {cfg.family!r}, {split} split")
-    if cfg.balance_answers:
-        entries = balanced(entries, size)
+    """`size` prompts, each dataset's share of them exact (`allocate`), each drawn from its own stream."""
+    specs = cfg.dataset_specs()
+    per_dataset = {}
+    for index, (name, n) in enumerate(allocate(mix(cfg), size).items()):
+        if n == 0:
+            continue
+        pool = n * BALANCE_POOL if cfg.balance_answers else n
+        cap = SCAN_FACTOR * pool + 1000
+        entries = _take(_rg_stream(name, index, specs[name], seed, cap),
+                        lambda e: keep(e["question"]) and has_reference(e), pool, cap,
+                        f"family {cfg.family!r}, dataset {name!r}, {split} split")
+        per_dataset[name] = balanced(entries, n) if cfg.balance_answers else entries
     out = []
-    for entry in entries:
-        task = entry["metadata"].get("source_dataset", cfg.family)
+    for entry in interleave(per_dataset):
+        task = entry["metadata"].setdefault("source_dataset", cfg.family)
         answer = reference_answer(entry)
         out.append(Prompt(text=entry["question"], answer=answer, task=task, split=split,
                           entry=json.dumps({**entry, "answer": answer}, default=str, sort_keys=True)))
@@ -310,6 +352,24 @@ def _read_table(path: Path) -> list[dict]:
     raise MuskError(f"GSM8K file {str(path)!r}: expected .parquet or .jsonl")
 
 
+def _read_split_files(files: list[Path], split: str) -> list[dict]:
+    """The rows of one split's files (shards of one format). A split in two formats (`train.jsonl`
+    beside `train.parquet`, a common download-and-convert leftover) or two files holding the same
+    questions would read the split twice: refused, naming the files."""
+    formats = {".parquet" if f.suffix == ".parquet" else ".jsonl" for f in files}
+    if len(formats) > 1:
+        raise MuskError(f"GSM8K {split} split is in {len(formats)} formats: {[f.name for f in files]} in "
+                        f"{str(files[0].parent)!r}; the split would be read twice. Keep one format.")
+    tables = [_read_table(f) for f in files]
+    questions = [sorted(normalize_question(r.get("question", "")) for r in t) for t in tables]
+    for i in range(len(files)):
+        for j in range(i + 1, len(files)):
+            if questions[i] and questions[i] == questions[j]:
+                raise MuskError(f"GSM8K files {files[i].name!r} and {files[j].name!r} in {str(files[0].parent)!r} "
+                                f"hold the same {split} questions; the split would be read twice. Keep one.")
+    return [r for t in tables for r in t]
+
+
 def _gsm8k_rows(cfg: TaskConfig) -> dict[str, list[dict]]:
     if cfg.gsm8k_path is None:
         try:
@@ -333,7 +393,7 @@ def _gsm8k_rows(cfg: TaskConfig) -> dict[str, list[dict]]:
             )
             if not files:
                 raise MuskError(f"GSM8K folder {str(p)!r} has no {split}*.jsonl or {split}*.parquet file")
-            rows[split] = [r for f in files for r in _read_table(f)]
+            rows[split] = _read_split_files(files, split)
     else:
         table = _read_table(p)
         if not table or "split" not in table[0]:
@@ -400,8 +460,8 @@ def _build_here(cfg: TaskConfig, limit: int | None) -> list[Prompt]:
         train = secret_digit_split("train", train_n, cfg.train_seed, train_keep)
     else:
         train = _rg_split(cfg, "train", train_n, cfg.train_seed, train_keep)
-    seen = {normalize_question(p.text) for p in train}
-    val_keep = lambda t: normalize_question(t) not in seen and (share <= 0 or in_val_partition(t, share))  # noqa: E731
+    seen = {problem_key(p.text) for p in train}
+    val_keep = lambda t: problem_key(t) not in seen and (share <= 0 or in_val_partition(t, share))  # noqa: E731
     if cfg.family == "secret-digit":
         return train + secret_digit_split("val", val_n, cfg.val_seed, val_keep)
     return train + _rg_split(cfg, "val", val_n, cfg.val_seed, val_keep)

@@ -8,6 +8,8 @@ import sys
 import warnings
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from core.errors import MuskError
 from pipeline.rewards import SCORER_ERRORS, check_references, score
@@ -184,3 +186,145 @@ def test_old_cache_with_overlapping_splits_is_refused_for_training(tiny_cache, t
     with pytest.raises(MuskError, match="1 of its held-out prompts are also in its training split"):
         run_train(cfg, cache_path=old, out=tmp_path / "run", resume=False, progress=False, log=lambda *a: None)
     assert not (tmp_path / "run").exists()
+
+
+# -- held-out composition: problems, not texts; each dataset's share exact; GSM8K read once
+
+
+def _chain(terms: list[tuple[str, str]]) -> str:
+    expr = terms[0][1] + "".join(f" {op} {lit}" for op, lit in terms[1:])
+    return f"State the final answer to the following arithmetic problem: {expr} ="
+
+
+_term = st.tuples(st.sampled_from("+-"), st.integers(-99, 999).map(str))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(_term, min_size=2, max_size=6), st.randoms(use_true_random=False))
+def test_chain_sum_reorderings_are_one_problem(terms, rnd):
+    from core.heldout import problem_key
+
+    terms = [("+", terms[0][1])] + terms[1:]
+    other = list(terms)
+    rnd.shuffle(other)
+    if other[0][0] != "+":  # written as a chain, the first term carries no operator: swap a "+" term in front
+        i = next(k for k, t in enumerate(other) if t[0] == "+")
+        other[0], other[i] = other[i], other[0]
+    assert problem_key(_chain(terms)) == problem_key(_chain(other))
+    assert problem_key("  " + _chain(terms).replace(" ", "  ")) == problem_key(_chain(terms))
+
+
+def test_problem_key_keeps_different_problems_apart():
+    from core.heldout import problem_key
+
+    c = _chain
+    assert problem_key(c([("+", "5"), ("-", "9")])) != problem_key(c([("+", "9"), ("-", "5")]))  # 5 - 9, 9 - 5
+    assert problem_key(c([("+", "5"), ("-", "-3")])) != problem_key(c([("+", "5"), ("+", "3")]))  # 5 - -3, 5 + 3
+    assert problem_key(c([("+", "-3"), ("+", "8")])) != problem_key(c([("+", "8"), ("-", "3")]))  # -3 + 8, 8 - 3
+    assert problem_key(c([("+", "4"), ("-", "3"), ("+", "8")])) == problem_key(c([("+", "8"), ("+", "4"), ("-", "3")]))
+    # only a whole chain of + and - is reordered: precedence and other wordings are left alone
+    assert problem_key("Calculate 2 + 3 * 4.") == "Calculate 2 + 3 * 4."
+    assert problem_key("Compute: 3 * 8 + 1 =") == "Compute: 3 * 8 + 1 ="
+    assert problem_key("What is 3 + 8?") != problem_key("What is 8 + 3?")
+
+
+def test_commutative_twins_never_straddle_the_split():
+    """The embedded one-digit sums: `3 + 8` held out while `8 + 3` is trained on (11 of 64 before)."""
+    import re
+
+    ps = build_prompts(TaskConfig(family="easy-arithmetic", train_size=256, val_size=64))
+    train = {p.text for p in ps if p.split == "train"}
+    twins = []
+    for p in ps:
+        m = re.search(r": (\d+) \+ (\d+) =$", p.text)
+        if p.split == "val" and m and m[1] != m[2]:
+            twins += [p.text] if p.text.replace(f"{m[1]} + {m[2]}", f"{m[2]} + {m[1]}") in train else []
+    assert twins == []
+    assert sum(bool(re.search(r"\d \+ \d", p.text)) for p in ps if p.split == "val") >= 10  # sums to see
+
+
+def test_each_dataset_keeps_its_share_of_each_split():
+    """aiw has a small question space: it used to lose validation candidates to the overlap filter."""
+    datasets = {"aiw": {"weight": 1.0, "config": {}}, "syllogism": {"weight": 2.0, "config": {}},
+                "chain_sum": {"weight": 4.0, "config": {"min_terms": 2, "max_terms": 2, "max_digits": 1}}}
+    ps = build_prompts(TaskConfig(family="logic", train_size=140, val_size=70, datasets=datasets))
+    for split, n in (("train", 140), ("val", 70)):
+        got = {t: sum(p.task == t and p.split == split for p in ps) for t in datasets}
+        assert got == {"aiw": n // 7, "syllogism": 2 * n // 7, "chain_sum": 4 * n // 7}
+    assert split_overlap(ps) == 0
+    assert all(in_val_partition(p.text, 0.25) == (p.split == "val") for p in ps)
+    from pipeline.tasks import allocate
+
+    # largest remainder: within one of size x share, summing to size, ties to the first listed
+    assert allocate({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3}, 10) == {"a": 4, "b": 3, "c": 3}
+    assert allocate({"a": 0.5, "b": 0.25, "c": 0.25}, 7) == {"a": 3, "b": 2, "c": 2}  # remainders .5 .75 .75
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.floats(0.01, 10.0), min_size=1, max_size=12), st.integers(0, 5000))
+def test_allocate_is_within_one_of_the_mix(weights, size):
+    from pipeline.tasks import allocate
+
+    shares = {f"d{i}": w / sum(weights) for i, w in enumerate(weights)}
+    counts = allocate(shares, size)
+    assert sum(counts.values()) == size
+    assert all(abs(counts[k] - size * shares[k]) < 1 for k in shares)
+
+
+def test_every_reasoning_gym_family_partitions_by_default():
+    assert TaskConfig(family="logic").partition() == 0.25 and TaskConfig(family="arithmetic").partition() == 0.25
+    assert TaskConfig(family="gsm8k").partition() == 0.0 and TaskConfig(family="secret-digit").partition() == 0.0
+
+
+def test_cache_records_and_extract_prints_the_shares(tiny_cache, tmp_path):
+    from cache.reader import Cache
+    from pipeline.extract import format_shares, load_extract_config, run_extract
+
+    with Cache(tiny_cache) as c:
+        shares = c.split_shares()
+        tasks, splits = c.prompts()["task"], c.prompts()["split"]
+    assert shares["mix"] == {"chain_sum": 1.0}
+    assert shares["train"] == {"chain_sum": {"prompts": splits.count("train"), "share": 1.0}}
+    assert shares["val"]["chain_sum"]["prompts"] == splits.count("val") and set(tasks) == {"chain_sum"}
+    lines = []
+    cfg = load_extract_config(str(tiny_cache.parent / "extract.yaml"))
+    run_extract(cfg, progress=False, log=lines.append)  # up to date: says so, and shows the shares
+    assert "nothing to do" in lines[0] and lines[1] == format_shares(shares)
+    assert lines[1].splitlines()[1] == f"  chain_sum: 100.0% | 100.0% ({splits.count('train')}) | " \
+                                       f"100.0% ({splits.count('val')})"
+
+
+def test_older_cache_shares_are_counted_from_its_prompts(tiny_cache, tmp_path):
+    import shutil
+
+    import h5py
+
+    from cache.reader import Cache
+
+    old = tmp_path / "v3.h5"
+    shutil.copyfile(tiny_cache, old)
+    with h5py.File(old, "a") as f:
+        del f.attrs["split_shares"]
+        f.attrs["musk_schema"] = 3
+    with Cache(old) as c:
+        assert c.schema == 3 and "mix" not in c.split_shares()
+        assert c.split_shares()["train"]["chain_sum"]["share"] == 1.0
+
+
+def test_gsm8k_split_read_twice_is_refused(tmp_path):
+    import polars as pl
+
+    rows = [{"question": f"q{i}?", "answer": f"#### {i}"} for i in range(4)]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pl.DataFrame(rows).write_parquet(tmp_path / "train-00000-of-00001.parquet")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "t?", "answer": "#### 1"}))
+    with pytest.raises(MuskError, match=r"train split is in 2 formats: \['train-00000-of-00001.parquet', "
+                                        r"'train.jsonl'\]"):
+        build_prompts(TaskConfig(family="gsm8k", gsm8k_path=str(tmp_path)))
+    (tmp_path / "train-00000-of-00001.parquet").unlink()
+    (tmp_path / "train_copy.jsonl").write_text("\n".join(json.dumps(r) for r in reversed(rows)))
+    with pytest.raises(MuskError, match="'train.jsonl' and 'train_copy.jsonl' .* hold the same train questions"):
+        build_prompts(TaskConfig(family="gsm8k", gsm8k_path=str(tmp_path)))
+    (tmp_path / "train_copy.jsonl").write_text(json.dumps({"question": "other?", "answer": "#### 2"}))  # shards: fine
+    ps = build_prompts(TaskConfig(family="gsm8k", train_size=10, gsm8k_path=str(tmp_path)))
+    assert sum(p.split == "train" for p in ps) == 5
