@@ -61,6 +61,14 @@ def _threads(n: Optional[int]) -> None:
     torch.set_num_threads(n)
 
 
+def _finite(ctx: typer.Context, param: typer.CallbackParam, value):
+    """Every float flag's check: nan and inf are refused, the flag named (core.config.check_finite)."""
+    from core.config import check_finite
+
+    _run(check_finite, value, param.opts[0] if param.opts else param.name)
+    return value
+
+
 SET_HELP = ("KEY=VALUE for any config field (repeatable; dotted for nested fields, e.g. task.train_size=64); "
             "VALUE is read as YAML and typed by the config. Recorded in the saved config.")
 THREADS_HELP = "CPU threads for this job (default: torch's, one per core). Split the cores between parallel jobs."
@@ -109,14 +117,14 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run folder from its last checkpoint."),
     pooling: Optional[str] = typer.Option(None, "--pooling", help="Pooling variant read from the cache."),
     num_latents: Optional[int] = typer.Option(None, "--num-latents", help="m, the number of latent queries."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of the LoRA policy."),
-    router_lr: Optional[float] = typer.Option(None, "--router-lr", help="Learning rate of g_phi."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate of the LoRA policy.", callback=_finite),
+    router_lr: Optional[float] = typer.Option(None, "--router-lr", help="Learning rate of g_phi.", callback=_finite),
     train_batch_size: Optional[int] = typer.Option(None, "--train-batch-size", help="Prompts per micro-batch."),
     gradient_accumulation_steps: Optional[int] = typer.Option(None, "--gradient-accumulation-steps"),
     val_batch_size: Optional[int] = typer.Option(None, "--val-batch-size", help="Prompts per evaluation batch."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay."),
-    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="AdamW epsilon."),
-    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max global gradient norm."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay.", callback=_finite),
+    epsilon: Optional[float] = typer.Option(None, "--epsilon", help="AdamW epsilon.", callback=_finite),
+    grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="Max global gradient norm.", callback=_finite),
     warmup_steps: Optional[int] = typer.Option(None, "--warmup-steps", help="Linear LR warmup steps."),
     log_freq: Optional[int] = typer.Option(None, "--log-freq", help="Print a line every K steps."),
     save_freq: Optional[int] = typer.Option(None, "--save-freq", help="Checkpoint every K steps."),
@@ -172,7 +180,7 @@ def eval_(
     split: str = typer.Option("val", "--split", help="val | test | train."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N prompts of the split."),
     samples: int = typer.Option(1, "--samples", help="K samples per prompt (mean@K, pass@K); 1: greedy."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (with --samples)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (with --samples).", callback=_finite),
     context: str = typer.Option("with", "--context", help="Comma-separated: with, without (C removed), null "
                                                           "(C's information removed, slots kept)."),
     ablate: Optional[list[str]] = typer.Option(None, "--ablate", help="drop:NAME, shuffle:NAME or only:NAME "
@@ -208,13 +216,13 @@ def sweep(
     ray_address: Optional[str] = typer.Option(None, "--ray-address",
                                               help="ray: the cluster's head, HOST:PORT (default: $RAY_ADDRESS, else a local head)."),
     gpus_per_run: Optional[float] = typer.Option(None, "--gpus-per-run",
-                                                 help="ray: GPUs a run asks for (default: 1 where the cluster has GPUs)."),
+                                                 help="ray: GPUs a run asks for (default: 1 where the cluster has GPUs).", callback=_finite),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, what is done) and the estimated time."),
     step_seconds: Optional[float] = typer.Option(None, "--step-seconds",
-                                                 help="Seconds a training step for --dry-run's estimate (default: measured by this sweep's runs)."),
+                                                 help="Seconds a training step for --dry-run's estimate (default: measured by this sweep's runs).", callback=_finite),
     measure: bool = typer.Option(False, "--measure",
                                  help="With --dry-run: time a few steps of each method here for the estimate."),
-    quiet: float = typer.Option(120.0, "--quiet", help="Seconds a run may say nothing before a 'still running' line."),
+    quiet: float = typer.Option(120.0, "--quiet", help="Seconds a run may say nothing before a 'still running' line.", callback=_finite),
 ):
     """A grid of training runs: skips finished ones, resumes killed ones, retries failed ones."""
     from train.sweep import run_sweep

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,6 +21,21 @@ T = TypeVar("T")
 
 
 from core.errors import MuskError
+
+
+def check_finite(value: Any, where: str) -> Any:
+    """`value`, refused (MuskError naming `where`, the key or flag) when it is, or holds in nested
+    mappings and lists, a float that is not a number or is infinite: `temperature: .nan` would pass
+    every `<= 0` check and run to nonsense (a NaN temperature samples nothing valid)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise MuskError(f"{where}: expected a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for k, v in value.items():
+            check_finite(v, f"{where}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            check_finite(v, f"{where}[{i}]")
+    return value
 
 
 def _type_name(tp: Any) -> str:
@@ -42,7 +58,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
                 errors.append(str(e))
         raise MuskError(errors[0] if errors else f"{where}: bad value {value!r}")
     if tp is Any:
-        return value
+        return check_finite(value, where)
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -57,7 +73,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise MuskError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
+        return check_finite(dict(value), where)
     if origin is typing.Literal:
         if value not in args:
             raise MuskError(f"{where}: {value!r} is not one of {list(args)}")
@@ -66,9 +82,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise MuskError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)  # YAML reads 1e-4 as a string: accept it
+            number = float(value)  # YAML reads 1e-4 as a string: accept it
         except ValueError:
             raise MuskError(f"{where}: expected a number, got {value!r}") from None
+        return check_finite(number, where)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise MuskError(f"{where}: expected an integer, got {value!r}")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from cache.reader import Cache
 from cache.run_folder import EVAL_DIR, RunFolder, read_jsonl, write_jsonl
 from core.atomic import atomic_write_text
-from core.config import from_dict
+from core.config import check_finite, from_dict
 from core.errors import MuskError
 from pipeline.experts import resolve_device, resolve_dtype
 from train import checkpoint as ckpt
@@ -176,6 +176,7 @@ def _differs(old: dict, new: dict) -> list[str]:
 
 def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     """Evaluate; returns the folder holding records.jsonl and summary.json."""
+    check_finite(req.temperature, "--temperature")  # before anything is read: nan passes every `<= 0`
     run = RunFolder(req.run)
     cfg, resolved = run_config(run)
     # evaluation decodes with musk's own decoder, on whatever device this machine has

@@ -1,0 +1,80 @@
+"""Numbers that are numbers: a NaN or infinite float is refused in every config key and float flag,
+the key or flag named (a NaN passes every `<= 0` check and runs to nonsense)."""
+
+import dataclasses
+import math
+import typing
+
+import pytest
+from typer.testing import CliRunner
+
+from cli import app
+from core.config import from_dict, parse_sets
+from core.errors import MuskError
+from pipeline.extract import ExtractConfig
+from pipeline.probes import ProbeConfig
+from pipeline.tasks import TaskConfig
+from train.config import TrainConfig
+
+BAD = [math.nan, math.inf, -math.inf, "nan", "inf", "-Infinity"]
+
+
+def _float_fields(cls) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls)
+            if hints[f.name] is float or (float in typing.get_args(hints[f.name]) and hints[f.name] is not typing.Any)]
+
+
+@pytest.mark.parametrize("cls", [TrainConfig, TaskConfig, ExtractConfig, ProbeConfig])
+def test_every_float_key_refuses_non_finite(cls):
+    fields = _float_fields(cls)
+    assert fields  # the test has keys to see
+    for name in fields:
+        for bad in BAD:
+            with pytest.raises(MuskError, match=rf"^cfg\.{name}: expected a finite number, got "):
+                from_dict(cls, {name: bad}, "cfg")
+    assert len(_float_fields(TrainConfig)) >= 10
+
+
+def test_nested_and_mapping_values_are_checked():
+    from core.config import check_finite
+
+    with pytest.raises(MuskError, match=r"task\.datasets\.aiw\.weight: expected a finite number, got nan"):
+        from_dict(ExtractConfig, {"task": {"family": "logic", "datasets": {"aiw": {"weight": math.nan}}}})
+    with pytest.raises(MuskError, match=r"x\.a\[1\]\.b: expected a finite number, got inf"):
+        check_finite({"a": [1.0, {"b": math.inf}]}, "x")
+    assert check_finite({"a": [1.0, {"b": 2}], "s": "nan"}, "x") == {"a": [1.0, {"b": 2}], "s": "nan"}  # text stays
+    assert from_dict(TrainConfig, {"temperature": "0.7"}).temperature == 0.7  # numbers as text still read
+
+
+def test_set_names_the_key():
+    with pytest.raises(MuskError, match="--set temperature: expected a finite number, got nan"):
+        parse_sets(TrainConfig, ["temperature=nan"])
+    with pytest.raises(MuskError, match="--set beta: expected a finite number, got inf"):
+        parse_sets(TrainConfig, ["beta=.inf"])
+
+
+def _cli(args):
+    res = CliRunner().invoke(app, args)
+    return res.exit_code, res.output + (res.stderr if res.stderr_bytes is not None else "")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["eval", "RUN", "--samples", "4", "--temperature", "nan"], "--temperature"),
+    (["eval", "RUN", "--temperature", "inf"], "--temperature"),
+    (["train", "--cache", "c.h5", "--method", "single", "--lr", "nan"], "--lr"),
+    (["train", "--cache", "c.h5", "--method", "single", "--grad-clip", "-inf"], "--grad-clip"),
+    (["sweep", "grid.yaml", "--dry-run", "--step-seconds", "nan"], "--step-seconds"),
+])
+def test_float_flags_refuse_non_finite(args, flag, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(args)
+    assert code == 2 and f"musk: error: {flag}: expected a finite number" in out, out
+    assert "Traceback" not in out and list(tmp_path.iterdir()) == []
+
+
+def test_eval_request_refuses_nan_before_reading_anything(tmp_path):
+    from train.eval_command import EvalRequest, run_eval
+
+    with pytest.raises(MuskError, match="--temperature: expected a finite number, got nan"):
+        run_eval(EvalRequest(run=tmp_path / "no-run", samples=4, temperature=math.nan), progress=False)
