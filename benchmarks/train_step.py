@@ -13,6 +13,7 @@ a folder, or `shape:qwen2.5-3b` for a random-init model of that exact shape (pap
     python benchmarks/train_step.py --policy shape:qwen2.5-3b --device cuda --batch 4 --group 8 --tokens 128
     python benchmarks/train_step.py --watch --ns 3 --no-online    # what watching a run costs a step
     python benchmarks/train_step.py --merge-ab --tokens 48 --dtype float32   # decoding through merged LoRA
+    python benchmarks/train_step.py --beta-ab --dims 64 --steps 4 --tokens 16   # beta 0: no reference forward
     python benchmarks/train_step.py --policy shape:qwen2.5-3b --tokenizer <folder> --device cuda --batch 32 \
         --group 8 --tokens 128 --chunk 32 --dims 1536,3584,3072 --ns 3 --steps 3   # a paper step, one micro-batch
 
@@ -148,6 +149,21 @@ def print_merge_ab(args, results: dict) -> None:
     print(f"RATIO step time, merged / unmerged = {step['on'] / step['off']:.3f}")
 
 
+def print_beta_ab(args, results: dict) -> None:
+    print(f"policy {args.policy} ({args.dtype}), device {args.device}, {args.batch} prompts x {args.group} "
+          f"completions, {args.tokens} new tokens (fixed), medians of steps 2..{args.steps}, two interleaved runs each")
+    for k, v in results.items():
+        print(f"{k:24s}: {v['step_s']:6.3f} s/step (" + ", ".join(f"{p} {t:.3f}" for p, t in v["parts"].items()) + ")")
+
+    def best(b, get):  # the faster of the interleaved runs: the least disturbed by other load on the machine
+        return min(get(r) for k, r in results.items() if k.startswith(f"single, beta {b} #"))
+
+    step = {b: best(b, lambda r: r["step_s"]) for b in ("0.04", "0")}
+    ref = {b: best(b, lambda r: r["parts"]["reference"]) for b in ("0.04", "0")}
+    print(f"RATIO step time (faster run of each), beta 0 / beta 0.04 = {step['0'] / step['0.04']:.3f}  "
+          f"(reference forward {ref['0.04']:.3f} s/step at beta 0.04, {ref['0']:.3f} at beta 0)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--policy", default="smollm2-135m-instruct")
@@ -166,6 +182,8 @@ def main():
                     "completions logged every step) as a share of the step time")
     ap.add_argument("--merge-ab", action="store_true", help="only single, decoding with decode_merged off "
                     "and on, side by side (what merging LoRA for decoding saves)")
+    ap.add_argument("--beta-ab", action="store_true", help="only single, beta 0.04 and 0 side by side "
+                    "(beta 0 skips the reference forward)")
     ap.add_argument("--dtype", default="auto", help="policy dtype (decode_merged auto merges float32 only)")
     ap.add_argument("--dims", default="", help="instead of the team: cached random 2-layer experts of these "
                     "hidden sizes, e.g. the paper's 1536,3584,3072,2048,3072 (no online runs: toy forwards)")
@@ -200,9 +218,12 @@ def main():
         runs += [("perceiver", n, True, "auto") for n in ns]
     if args.merge_ab:  # interleaved off / on, so load on the machine hits both alike
         runs = [("single", None, False, v) for v in ("off", "on", "off", "on")]
+    if args.beta_ab:  # interleaved 0.04 / 0, so load on the machine hits both alike
+        runs = [("single", None, False, b) for b in ("0.04", "0", "0.04", "0")]
     results = {}
     for i, (method, n, online, merged) in enumerate(runs):
-        cfg = load_train_config(None, {**base, "method": method, "decode_merged": merged,
+        knob = {"beta": float(merged)} if args.beta_ab else {"decode_merged": merged}
+        cfg = load_train_config(None, {**base, "method": method, **knob,
                                        **({"experts": [e.name for e in team[:n]]} if n else {})})
         fn = None
         if online:
@@ -219,6 +240,8 @@ def main():
         key = method if n is None else f"perceiver n={n}" + (" online" if online else "")
         if args.merge_ab:
             key = f"single, decode_merged {merged} #{i // 2 + 1}"
+        if args.beta_ab:
+            key = f"single, beta {merged} #{i // 2 + 1}"
         results[key] = {"step_s": statistics.median(r["step_seconds"] for r in m),
                         "tokens": statistics.median(r["completion_tokens"] for r in m),
                         "parts": {k: statistics.median(r[f"time/{k}"] for r in m)
@@ -227,6 +250,8 @@ def main():
                         "watch_share": WATCH["seconds"] / sum(r["step_seconds"] for r in RunFolder(run).read(METRICS))}
     if args.merge_ab:
         return print_merge_ab(args, results)
+    if args.beta_ab:
+        return print_beta_ab(args, results)
     ref = results["single"]["step_s"]
     print(f"policy {args.policy}, device {args.device}, {args.batch} prompts x {args.group} completions, "
           f"{args.tokens} new tokens (fixed), {args.accum} micro-batch(es) a step, rollout_chunk {args.chunk}, "

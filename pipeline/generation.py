@@ -125,8 +125,9 @@ def prefill(backbone, embeds: torch.Tensor, mask: torch.Tensor, group: int = 1):
 class Decoded(NamedTuple):
     tokens: torch.Tensor  # [N, T] generated ids, pad_id after each row's EOS
     live: torch.Tensor  # [N, T] 1 through the first EOS (inclusive), 0 after
-    logprobs: torch.Tensor | None  # [N, T] float32 log-prob of each token under the distribution it was
-    #                                drawn from (softmax(logits / T), EOS masked while suppressed); 0 where not live
+    logprobs: torch.Tensor | None  # [N, T] float32 log-prob of each token under softmax(logits / T) over the
+    #                                whole vocabulary (before top_k/top_p/min_p and min_new_tokens' EOS
+    #                                suppression: the support of the training forward's log-probs); 0 where not live
     entropy: torch.Tensor | None = None  # [N, T] float32 nats: H of softmax(logits / entropy_temperature) at
     #                                      each generated position (raw logits: no filter, no EOS mask); 0 where not live
 
@@ -194,8 +195,11 @@ def sample(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int, t
     Tokens and live are the same whatever check_every is (trailing all-pad columns are cut); on a GPU
     the RNG may advance by a few more draws after the last row stops. static: the fixed-shape step
     (default on CUDA, where it is captured as a CUDA graph; on a CPU it runs eagerly, for tests).
-    filters: (top_k, top_p, min_p) of the sampling distribution; the log-probs are those of the
-    filtered distribution the tokens were drawn from. entropy_temperature: also return the policy's
+    filters: (top_k, top_p, min_p) of the sampling distribution. The log-probs are the policy's,
+    log softmax(logits / T) over the whole vocabulary, not renormalised over the tokens the filters
+    (and min_new_tokens' EOS suppression) keep: the quantity the training forward computes, so the
+    sampler/trainer gap compares one support (over the kept set every token would read higher by
+    minus the log of the kept mass). entropy_temperature: also return the policy's
     token entropy at that temperature from the decoder's own logits (what `completion_logprobs`'
     `entropy` gives from a second forward pass, equal up to the decoders' rounding)."""
     if step not in STEPS:
@@ -226,15 +230,18 @@ class _Picker:
     def __call__(self, t: int, logits: torch.Tensor) -> torch.Tensor:
         if self.ent_t is not None:  # of softmax(logits / T_H), as token_logprobs computes it
             self.ents.append(token_entropy(logits / self.ent_t).masked_fill(self.done, 0.0))  # [N]
+        raw = logits  # [N, V] before the EOS suppression and the filters: the log-probs' support
         if t < self.min_new:
             logits = logits.index_fill(-1, self.eos_t, float("-inf"))
+        filtered = any(f != off for f, off in zip(self.filters, (0, 1.0, 0.0)))
         scaled = logits / self.temp if self.greedy else sampling_logits(logits, self.temp, *self.filters)
         if self.greedy:
             nxt = logits.argmax(-1)
         else:
             nxt = sample_rows(torch.softmax(scaled, dim=-1))
-        if self.want:
-            lp = torch.log_softmax(scaled, -1).gather(1, nxt[:, None])[:, 0]
+        if self.want:  # over the whole vocabulary, as the training forward computes it (no renormalising)
+            full = scaled if not filtered and t >= self.min_new else raw / self.temp  # [N, V]
+            lp = torch.log_softmax(full, -1).gather(1, nxt[:, None])[:, 0]
             self.lps.append(lp.masked_fill(self.done, 0.0))
         nxt = torch.where(self.done, torch.full_like(nxt, self.pad), nxt)
         self.live.append(~self.done)

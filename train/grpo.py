@@ -16,13 +16,16 @@ as TRL names them so that a run states its estimator in the words its readers us
 Fixed choices, all deliberate:
 
 1. KL is the k3 estimator exp(ref - logp) - (ref - logp) - 1 per token (unbiased, >= 0), added to
-   the loss with coefficient beta (paper: 0.04), not folded into the reward (as TRL).
+   the loss with coefficient beta (paper: 0.04), not folded into the reward (as TRL). beta 0: the
+   reference is never run (grpo_loss takes ref_logp None).
 2. The reference policy is the frozen initial policy: LoRA disabled on the same weights (no second
    copy) and zero-valued context tokens at the same positions as C (paper, Sec. 4.1).
 3. The std is Bessel-corrected and floored (std_floor), so a group whose rewards are all equal gets
    advantage exactly 0 instead of 0/0 (TRL adds 1e-4 to the std instead of flooring it).
 4. Rollouts come from a sampler (the fused decode step, possibly bf16) that is not the training
-   forward: their per-token log-probs differ by rounding. The gap is measured every step
+   forward: their per-token log-probs differ by rounding. Both are log softmax(logits / T) over the
+   whole vocabulary (the sampler records that, not its filtered distribution's renormalised log-prob,
+   when top_k / top_p / min_p are on), so they compare one support. The gap is measured every step
    (`sampler_gap`); optionally each token's policy-gradient term is weighted by the truncated
    importance ratio min(pi_trainer / pi_sampler, C) (truncated importance sampling, TIS; Yao et al.
    2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training"). Off by default.
@@ -89,7 +92,7 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
 def grpo_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
-    ref_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     beta: float,
@@ -114,6 +117,7 @@ def grpo_loss(
                                                         optimizer step (TRL: num_items_in_batch)
     policy_loss is the same reduction of the surrogate alone; kl and clip_frac are token means over
     mask (clip_frac: tokens where the clip decides the value, TRL's clip_ratio/region_mean).
+    ref_logp None (beta 0: the reference is never run): no KL term, and kl is 0 (not measured).
     Raises ValueError on an unknown loss_type.
     is_weights: [N, T] detached weights on each token's policy-gradient term (truncated importance
     sampling, `sampler_gap`); None: 1.
@@ -129,8 +133,14 @@ def grpo_loss(
     pg = -torch.minimum(surr1, surr2)  # [N, T]
     if is_weights is not None:
         pg = pg * is_weights
-    kl = k3_kl(logp, ref_logp)  # [N, T]
-    per_token = pg + beta * kl
+    if ref_logp is None:
+        if beta != 0:
+            raise ValueError(f"beta {beta} needs the reference's log-probs (ref_logp is None)")
+        kl = torch.zeros_like(logp)  # [N, T]
+        per_token = pg
+    else:
+        kl = k3_kl(logp, ref_logp)  # [N, T]
+        per_token = pg + beta * kl
     reduce = _reduction(mask, loss_type, max_tokens, num_tokens)
     loss = reduce(per_token)
     with torch.no_grad():

@@ -298,7 +298,7 @@ class OldLogps(NamedTuple):
     """What passes 2..num_iterations over the same rollouts reuse."""
 
     logp: torch.Tensor  # [B*G, T] pi_old: the sampling policy's log-probs (first pass, detached)
-    ref: torch.Tensor  # [B*G, T] the reference's log-probs
+    ref: torch.Tensor | None  # [B*G, T] the reference's log-probs (None: beta 0, never computed)
 
 
 class StepOut(NamedTuple):
@@ -325,14 +325,14 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     share = G if cfg.share_prompt and chunk % G == 0 and not cfg.gradient_checkpointing else 1
     T = cfg.temperature
     t = time.perf_counter()
-    if old is not None:
-        ref_logp = old.ref
+    if old is not None or cfg.beta == 0:  # beta 0: the KL term is absent, so the reference never runs
+        ref_logp = old.ref if old is not None else None
     else:
         with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
             ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
                                                       ro.tokens[s:s + chunk], ro.live[s:s + chunk], share, T)
                                   for s in range(0, N, chunk)])  # [B*G, T]
-    timing["reference"] += time.perf_counter() - t
+        timing["reference"] += time.perf_counter() - t
 
     t = time.perf_counter()
     live = ro.live
@@ -357,7 +357,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
                     gaps[k] += getattr(sg, k) * chunk_tok
                 gaps["max_abs_gap"] = max(gaps["max_abs_gap"], sg.max_abs_gap)
             is_w = sg.weights if cfg.tis_cap > 0 else None
-        out = grpo_loss(logp, old_logp, ref_logp[sl], ro.advantages[sl], live[sl], cfg.beta, cfg.clip_eps,
+        out = grpo_loss(logp, old_logp, ref_logp[sl] if ref_logp is not None else None, ro.advantages[sl], live[sl],
+                        cfg.beta, cfg.clip_eps,
                         cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None,
                         is_weights=is_w)
         weight = 1.0 if token_mean else logp.shape[0] / N
@@ -443,8 +444,6 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
         "step_seconds": dt, "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
         "reward/scorer_errors": sum(st["scorer_errors"] for st in stats),
         **{f"time/{k}": v for k, v in timing.items()}, **cost,
-        "clip_frac": sum(st["clip"] for st in stats) / max(1, n_tokens),
-        "policy/entropy": sum(st["entropy"] for st in stats) / max(1, n_tokens),
         **rollout_diagnostics([x for st in stats for x in st["lengths"]], [x for st in stats for x in st["truncated"]],
                               r.tolist(), [x for st in stats for x in st["tasks"]]),
     }
@@ -495,20 +494,51 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     cursor += cfg.gradient_accumulation_steps * B
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
     step_tokens = sum(st["loss_tokens"] for st in stats)
-    grad_norm, group_norms = update(cfg, m, float(np.mean([st["loss"] for st in stats])), step_tokens)
+    norms = [update(cfg, m, float(np.mean([st["loss"] for st in stats])), step_tokens)]
+    updates = [stats]  # per update (pass over the rollouts): its micro-batches' statistics, every rank's
     for it in range(1, cfg.num_iterations):  # PPO-style passes 2..mu over the same rollouts
         m.optimizer.zero_grad(set_to_none=True)
-        losses = []
+        passed = []
         for g, ro, old in again:
             torch.manual_seed(micro_seed(cfg.seed, step, g))  # hard-routing's Gumbel draw as at sampling time
             ro = ro._replace(embeds=rollout_inputs(cfg, m, data, ro.idx, device).embeds)  # C from g_phi as it is now
-            losses.append(grpo_step(cfg, m, ro, timing, old).loss)
-        update(cfg, m, float(np.mean(dist.gather_all(losses))), step_tokens, it)
+            passed.append((g, _pass_stats(grpo_step(cfg, m, ro, timing, old), ro)))
+        updates.append([st for _, st in sorted(dist.gather_all(passed))])
+        norms.append(update(cfg, m, float(np.mean([st["loss"] for st in updates[-1]])), step_tokens, it))
     if m.vllm is not None:
         sync_weights(m.vllm, merged_lora_weights(m.peft))  # the next rollouts sample from the updated policy
-    rec = _step_record(cfg, m, step, stats, grad_norm, time.perf_counter() - t_step, timing, device)
-    rec.update({f"grad_norm/{k}": v for k, v in group_norms.items()})
+    rec = _step_record(cfg, m, step, stats, norms[0][0], time.perf_counter() - t_step, timing, device)
+    rec.update({f"grad_norm/{k}": v for k, v in norms[0][1].items()})
+    rec.update(_update_record(cfg, updates, norms))  # clip_frac, policy/entropy, kl over every update
+    if cfg.beta == 0:
+        rec.pop("kl")  # the reference never ran: no KL was measured
     return rec, cursor
+
+
+def _pass_stats(out: StepOut, ro: Rollouts) -> dict:
+    """A later pass's per-update statistics of one micro-batch (the keys _micro_stats gives the first)."""
+    return {"loss": out.loss, "kl": out.kl_token_sum / max(1.0, out.loss_tokens), "clip": out.clip_token_sum,
+            "loss_tokens": out.loss_tokens, "entropy": out.entropy_token_sum, "tokens": int(ro.live.sum())}
+
+
+def _update_record(cfg: TrainConfig, updates: list[list[dict]], norms: list[tuple[float, dict]]) -> dict:
+    """The per-update statistics over every update of the step (num_iterations of them): with one pass
+    the ratio pi / pi_old is exactly 1 and the clip cannot act, so a first-pass clip_frac reads 0.
+
+    clip_frac: clipped tokens / loss tokens (both the tokens the loss counts, mask_truncated_completions
+    applied), summed over updates; policy/entropy: token mean over every update's live tokens; kl: the
+    mean over updates of the micro-batch means. loss and grad_norm stay the first update's (what the
+    sampled rollouts gave, comparable across num_iterations); with several updates their means over
+    updates are added (updates/loss_mean, updates/grad_norm_mean).
+    updates: [num_iterations][micro-batches] of stats dicts; norms: `update`'s return, one per update."""
+    flat = [st for u in updates for st in u]
+    rec = {"clip_frac": sum(st["clip"] for st in flat) / max(1.0, sum(st["loss_tokens"] for st in flat)),
+           "policy/entropy": sum(st["entropy"] for st in flat) / max(1, sum(st["tokens"] for st in flat)),
+           "kl": float(np.mean([np.mean([st["kl"] for st in u]) for u in updates]))}
+    if len(updates) > 1:
+        rec["updates/loss_mean"] = float(np.mean([np.mean([st["loss"] for st in u]) for u in updates]))
+        rec["updates/grad_norm_mean"] = float(np.mean([n for n, _ in norms]))
+    return rec
 
 
 def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float, it: int = 0) -> tuple[float, dict]:
@@ -608,9 +638,9 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
         run.append(METRICS, rec)
         trackers.log(rec, step)
         bar.update(1)
-        bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec['kl']:.4f}")
+        bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec.get('kl', math.nan):.4f}")
         if not progress and step % cfg.log_freq == 0:
-            log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec['kl']:.4f} "
+            log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec.get('kl', math.nan):.4f} "
                 f"{rec['step_seconds']:.1f}s")
         evals = []
         if full:
