@@ -113,6 +113,15 @@ class TrainConfig:
     mask_truncated_completions: bool = False
     """Leave completions that hit max_new_tokens without EOS out of the loss (DAPO's overlong
     filtering; TRL: mask_truncated_completions, default false). They still count in the advantages."""
+    filter_groups: bool = False
+    """Dynamic sampling (DAPO; verl's algorithm.filter_groups): drop the groups whose G rewards are all
+    equal (advantage 0: no policy gradient) and draw further prompts until each micro-batch has
+    train_batch_size informative groups, at most filter_groups_max_rounds generation rounds (logged per
+    step: filter/groups_drawn, filter/groups_kept). Off: the paper's GRPO."""
+    filter_groups_max_rounds: int = 10
+    """Cap on generation rounds of train_batch_size prompts a micro-batch may take under filter_groups
+    (verl's max_num_gen_batches; DAPO's recipe 10). At the cap the micro-batch is filled with the
+    uninformative groups last drawn (they add only the KL term) and filter/groups_kept says so."""
     std_floor: float = 1e-4
     """Floor of the group std in the advantage denominator."""
     max_new_tokens: int = 128
@@ -253,7 +262,7 @@ class TrainConfig:
             raise MuskError("curve_freq and router_warmup_steps must be >= 0, curve_prompts >= 1")
         for k in ("group_size", "train_batch_size", "val_batch_size", "gradient_accumulation_steps",
                   "total_training_steps", "max_new_tokens", "num_latents", "num_heads", "d_latent", "lora_rank",
-                  "save_freq", "test_freq", "eval_batches", "log_freq", "num_iterations"):
+                  "save_freq", "test_freq", "eval_batches", "log_freq", "num_iterations", "filter_groups_max_rounds"):
             if getattr(self, k) < 1:
                 raise MuskError(f"{k} must be at least 1, got {getattr(self, k)}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
@@ -262,6 +271,10 @@ class TrainConfig:
             raise MuskError("rollout_chunk must be 0 (all) or positive")
         if self.group_size < 2:
             raise MuskError("group_size must be at least 2 (GRPO normalises within a group)")
+        if self.filter_groups and self.num_iterations > 1 and self.method == "hard-routing":
+            raise MuskError("filter_groups with num_iterations > 1 is not offered for hard-routing: passes 2.. redraw "
+                            "the Gumbel routing per micro-batch, and a micro-batch of kept groups from several rounds "
+                            "would not redraw the experts it sampled with")
 
 
 # Embedded default: SmolLM2-135M-Instruct policy, short budget, lenient answers (CPU in minutes).

@@ -76,6 +76,15 @@ def group_advantages(rewards: torch.Tensor, group_size: int, std_floor: float = 
     return AdvantageStats(adv.reshape(-1), mean, std, frac_zero)
 
 
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups carry a policy gradient: [B] bool, False where the group's G rewards are all equal
+    (every advantage is then exactly 0, whatever scale_rewards). rewards: [B*G], groups contiguous.
+    DAPO's dynamic sampling (Yu et al. 2025, Eq. 11's constraint 0 < |{correct}| < G; verl's
+    filter_groups on the reward) keeps only these."""
+    r = rewards.view(-1, group_size)  # [B, G]
+    return r.amax(dim=1) != r.amin(dim=1)
+
+
 class GRPOLoss(NamedTuple):
     loss: torch.Tensor  # scalar, differentiable
     policy_loss: torch.Tensor  # scalar, detached

@@ -38,7 +38,7 @@ from pipeline.rewards import SCORER_ERRORS, score
 from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
 from train.config import TrainConfig, advantage_scale
 from train.evaluate import evaluate, rollout_diagnostics, truncated
-from train.grpo import group_advantages, grpo_loss, routing_stats, sampler_gap, truncated_rows
+from train.grpo import group_advantages, grpo_loss, informative_groups, routing_stats, sampler_gap, truncated_rows
 from train.inputs import decode_merged, rollout_inputs
 from train.policy import (check_policy, completion_logprobs, load_policy, merged_lora, merged_lora_weights,
                           policy_spec, save_policy)
@@ -294,6 +294,67 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
                     int(m_in.sum()), sampler_logp)
 
 
+def cat_groups(parts: list[tuple[Rollouts, list[int]]], G: int, pad_id: int) -> Rollouts:
+    """One micro-batch of the groups `b` picked from each Rollouts, in order. Prompts are left padded
+    to the longest (pads are masked and positions skip them: the same log-probs), completions right
+    padded (pad id, live 0, sampler log-prob 0). Advantages are the caller's to recompute."""
+    L = max(ro.embeds.shape[1] for ro, _ in parts)
+    T = max(ro.tokens.shape[1] for ro, _ in parts)
+
+    def rows(groups):
+        return torch.tensor([b * G + j for b in groups for j in range(G)], dtype=torch.long)
+
+    def left(x, r):  # [n, l, ...] -> [n, L, ...], zeros in front
+        x = x[r.to(x.device)]
+        return torch.cat([x.new_zeros((x.shape[0], L - x.shape[1], *x.shape[2:])), x], 1)
+
+    def right(x, r, fill):  # [n, t] -> [n, T], `fill` behind
+        x = x[r.to(x.device)]
+        return torch.cat([x, x.new_full((x.shape[0], T - x.shape[1]), fill)], 1)
+
+    def cat(get):
+        got = [get(ro, g, rows(g)) for ro, g in parts]
+        return None if got[0] is None else torch.cat(got)
+
+    mask = cat(lambda ro, g, r: left(ro.mask, r))
+    return Rollouts(
+        idx=[ro.idx[b] for ro, g in parts for b in g],
+        embeds=cat(lambda ro, g, r: left(ro.embeds, r)), ref_embeds=cat(lambda ro, g, r: left(ro.ref_embeds, r)),
+        mask=mask, tokens=cat(lambda ro, g, r: right(ro.tokens, r, pad_id)), live=cat(lambda ro, g, r: right(ro.live, r, 0)),
+        texts=[ro.texts[i] for ro, g in parts for i in rows(g).tolist()], rewards=cat(lambda ro, g, r: ro.rewards[r]),
+        advantages=cat(lambda ro, g, r: ro.advantages[r.to(ro.advantages.device)]), frac_zero_std=0.0,
+        attention=cat(lambda ro, g, r: None if ro.attention is None else ro.attention[g]),
+        choice=cat(lambda ro, g, r: None if ro.choice is None else ro.choice[g]), policy_prompt_tokens=int(mask.sum()),
+        sampler_logp=cat(lambda ro, g, r: None if ro.sampler_logp is None else right(ro.sampler_logp, r, 0.0)))
+
+
+def draw_informative(cfg: TrainConfig, m: Models, data: RunData, first: Rollouts, more, device: str,
+                     timing: dict) -> tuple[Rollouts, dict]:
+    """filter_groups (DAPO's dynamic sampling, verl's filter_groups): keep the groups of `first` whose
+    rewards differ, and draw rounds of B more prompts (`more(r)`: the cache rows of round r) until B
+    informative groups are kept or filter_groups_max_rounds rounds are spent; at the cap, the last
+    round's uninformative groups fill the micro-batch. Advantages are recomputed over the kept batch
+    (scale_rewards batch: its std). Returns (the micro-batch, {rounds, drawn, kept, reward_sum})."""
+    B, G = len(first.idx), cfg.group_size
+    parts, kept, ro, rounds, reward_sum = [], 0, first, 1, 0.0
+    while True:
+        ok = informative_groups(ro.rewards, G).tolist()  # [B]
+        reward_sum += float(ro.rewards.sum())
+        take = [b for b in range(B) if ok[b]][: B - kept]
+        parts.append((ro, take))
+        kept += len(take)
+        if kept == B or rounds == cfg.filter_groups_max_rounds:
+            break
+        ro = generate_trajectory(cfg, m, data, more(rounds), device, timing)
+        rounds += 1
+    if kept < B:  # at the cap: the micro-batch keeps its size, its remaining groups have advantage 0
+        parts[-1] = (ro, sorted(parts[-1][1] + [b for b in range(B) if not ok[b]][: B - kept]))
+    out = cat_groups([(r, g) for r, g in parts if g], G, m.tok.pad_token_id)
+    adv = group_advantages(out.rewards, G, cfg.std_floor, advantage_scale(cfg))
+    out = out._replace(advantages=adv.advantages.to(device), frac_zero_std=adv.frac_zero_std)
+    return out, {"rounds": rounds, "drawn": rounds * B, "kept": kept, "reward_sum": reward_sum}
+
+
 class OldLogps(NamedTuple):
     """What passes 2..num_iterations over the same rollouts reuse."""
 
@@ -481,18 +542,28 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     again = []  # num_iterations > 1: (global micro index, rollouts without their graph, pi_old and ref log-probs)
     for micro in range(micro_batches_per_rank(cfg.gradient_accumulation_steps, W)):
         g = micro * W + dist.rank()  # global micro-batch index: whole groups per rank, no exchange for advantages
-        idx = [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor + g * B, B)]
+        A = cfg.gradient_accumulation_steps  # round r of micro-batch g reads the step's r-th block of A*B prompts
+
+        def prompts(r: int, g: int = g) -> list[int]:
+            return [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor + (r * A + g) * B, B)]
+
+        idx = prompts(0)
         torch.manual_seed(micro_seed(cfg.seed, step, g))
         ro = generate_trajectory(cfg, m, data, idx, device, timing)
+        drew = None
+        if cfg.filter_groups:  # dynamic sampling: informative groups only, further rounds drawn
+            ro, drew = draw_informative(cfg, m, data, ro, prompts, device, timing)
+            idx = ro.idx
         out = grpo_step(cfg, m, ro, timing)
         if out.old is not None:
             again.append((g, ro._replace(embeds=None, ref_embeds=None), out.old))
         if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
             for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
-        stats.append((g, _micro_stats(cfg, m, data, idx, ro, out, method)))
-    cursor += cfg.gradient_accumulation_steps * B
+        stats.append((g, {**_micro_stats(cfg, m, data, idx, ro, out, method), "filter": drew}))
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
+    rounds = max(st["filter"]["rounds"] for st in stats) if cfg.filter_groups else 1
+    cursor += cfg.gradient_accumulation_steps * B * rounds  # blocks a round of any micro-batch drew from
     step_tokens = sum(st["loss_tokens"] for st in stats)
     norms = [update(cfg, m, float(np.mean([st["loss"] for st in stats])), step_tokens)]
     updates = [stats]  # per update (pass over the rollouts): its micro-batches' statistics, every rank's
@@ -501,7 +572,8 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
         passed = []
         for g, ro, old in again:
             torch.manual_seed(micro_seed(cfg.seed, step, g))  # hard-routing's Gumbel draw as at sampling time
-            ro = ro._replace(embeds=rollout_inputs(cfg, m, data, ro.idx, device).embeds)  # C from g_phi as it is now
+            ri = rollout_inputs(cfg, m, data, ro.idx, device)  # C from g_phi as it is now
+            ro = ro._replace(embeds=ri.embeds, mask=ri.mask)  # the mask: filter_groups' rows were padded otherwise
             passed.append((g, _pass_stats(grpo_step(cfg, m, ro, timing, old), ro)))
         updates.append([st for _, st in sorted(dist.gather_all(passed))])
         norms.append(update(cfg, m, float(np.mean([st["loss"] for st in updates[-1]])), step_tokens, it))
@@ -509,6 +581,11 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
         sync_weights(m.vllm, merged_lora_weights(m.peft))  # the next rollouts sample from the updated policy
     rec = _step_record(cfg, m, step, stats, norms[0][0], time.perf_counter() - t_step, timing, device)
     rec.update({f"grad_norm/{k}": v for k, v in norms[0][1].items()})
+    if cfg.filter_groups:  # reward/* and accuracy describe the kept groups (what is trained on)
+        drew = [st["filter"] for st in stats]
+        rec.update({"filter/groups_drawn": sum(d["drawn"] for d in drew), "filter/groups_kept": sum(d["kept"] for d in drew),
+                    "filter/rounds_max": rounds,
+                    "filter/reward_mean_drawn": sum(d["reward_sum"] for d in drew) / (sum(d["drawn"] for d in drew) * cfg.group_size)})
     rec.update(_update_record(cfg, updates, norms))  # clip_frac, policy/entropy, kl over every update
     if cfg.beta == 0:
         rec.pop("kl")  # the reference never ran: no KL was measured
