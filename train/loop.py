@@ -418,8 +418,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
                     gaps[k] += getattr(sg, k) * chunk_tok
                 gaps["max_abs_gap"] = max(gaps["max_abs_gap"], sg.max_abs_gap)
             is_w = sg.weights if cfg.tis_cap > 0 else None
-        out = grpo_loss(logp, old_logp, ref_logp[sl] if ref_logp is not None else None, ro.advantages[sl], live[sl],
-                        cfg.beta, cfg.clip_eps,
+        ref_sl = ref_logp[sl] if ref_logp is not None else None
+        out = grpo_loss(logp, old_logp, ref_sl, ro.advantages[sl], live[sl], cfg.beta, cfg.clip_eps,
                         cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None,
                         is_weights=is_w)
         weight = 1.0 if token_mean else logp.shape[0] / N
