@@ -17,15 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from analyze.runs import SCHEDULE, Run
-from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, cell, paired_bootstrap
-from analyze.tables import FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, ablation_names
+from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, cell, two_level_bootstrap
+from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, _prompt_set,
+                            ablation_names)
 from cache.run_folder import EVAL_DIR, EVAL_RECORDS, read_jsonl
 
-CI_NOTE = (f"Paired bootstrap over prompts: {BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed "
-           f"{BOOTSTRAP_SEED}, 95% percentile interval, in accuracy points; seeds are averaged per prompt first. "
-           "An interval that excludes 0 is a difference these prompts can tell apart.")
-
-
+UNIT = "distinct questions"  # records pair on question_sha: n counts distinct questions, not prompts
+CI_NOTE = (f"Differences in accuracy points over {UNIT} (records pair on the question's digest). Between runs: a "
+           "two-level bootstrap (seeds resampled within each side, then questions, the same questions for both "
+           f"sides; {BOOTSTRAP_RESAMPLES} resamples, numpy default_rng([{BOOTSTRAP_SEED}, i]), 95% percentile interval "
+           "widened to Student's t over the seeds): an interval about the methods, seeds included. With C − without "
+           "C: the same runs under two conditions, seeds resampled together (per seed: a paired bootstrap over "
+           "questions). † one seed on a side: the interval is conditional on the trained weights (questions "
+           "resampled only), it says nothing about another training run.")
 def last_full_records(run: Run) -> list[dict]:
     """The records of the run's last full evaluation (greedy), [] when it kept none."""
     recs = [r for r in read_jsonl(run.path / EVAL_RECORDS) if r.get("kind", "full") == "full"]
@@ -65,67 +69,117 @@ def pooled(per_run: list[list[dict]], condition: str, task: str | None = None) -
 
 
 def paired_cell(a: dict, b: dict) -> tuple[str, dict]:
+    """One run (or seed-pooled scores) against another on the questions both have: paired over questions."""
     common = sorted(set(a) & set(b))
     if not common:
         return "—", {}
-    ci = paired_bootstrap([a[k] for k in common], [b[k] for k in common])
-    return ci.fmt(), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n}
+    ci = two_level_bootstrap([[a[k] for k in common]], [[b[k] for k in common]])
+    return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": UNIT}
+
+
+def seeds_cell(a: list[dict], b: list[dict], paired_seeds: bool = False) -> tuple[str, dict]:
+    """Two-level interval of mean(a) - mean(b): a, b are per-run {question: score} (one dict a seed), on
+    the questions every run of both sides has. paired_seeds: a[i] and b[i] are one run's two conditions."""
+    common = sorted(set.intersection(*(set(x) for x in a + b))) if a and b else []
+    if not common:
+        return "—", {}
+    ci = two_level_bootstrap([[x[k] for k in common] for x in a], [[x[k] for k in common] for x in b],
+                             paired_seeds=paired_seeds)
+    return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": UNIT,
+                               "seeds_a": ci.seeds_a, "seeds_b": ci.seeds_b, "conditional": ci.conditional}
 
 
 def _rows(runs: list[Run]) -> dict[tuple, list[Run]]:
-    """Finished main-setting runs that kept records, one row per method and settings (as Table 1)."""
+    """Finished main-setting runs, one row per method and condition as Table 1 keys them: the team and
+    every setting but the seed, the cache, the family and the prompt set (those are the columns)."""
     rows: dict[tuple, list[Run]] = defaultdict(list)
     ablations = ablation_names(runs)
     for r in runs:
         if r.finished and r.name not in ablations:
-            rows[(r.method, r.condition_without("cache_fingerprint", "task_family", "experts", *SCHEDULE,
+            rows[(r.method, r.condition_without("cache_fingerprint", "prompt_set", "task_family", *SCHEDULE,
                                                 steps=False))].append(r)
     return rows
 
 
+def _columns(rows: dict[tuple, list[Run]]) -> list[tuple[str, str]]:
+    """(family, prompt set) columns: runs evaluated on other prompts never share a cell."""
+    cols = {(r.family, _prompt_set(r)) for rs in rows.values() for r in rs}
+    return sorted(cols, key=lambda c: (_order(c[0], FAMILY_ORDER), c[1]))
+
+
+def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
+    return col[0] if sum(c[0] == col[0] for c in cols) == 1 else f"{col[0]} [prompts {col[1][:8]}]"
+
+
+def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str]) -> list[Run]:
+    """The family's own single runs on the column's prompt set (the single condition with most runs there)."""
+    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col] for k, rs in sorted(rows.items(), key=str)
+             if k[0] == "single"]
+    cands = [c for c in cands if c]
+    return max(cands, key=len) if cands else []
+
+
+def _row_label(rows: dict[tuple, list[Run]], key: tuple, rs: list[Run]) -> str:
+    others = [x[0].config for k, x in rows.items() if k[0] == key[0] and x is not rs]
+    return _label(key[0], rs[0].config, _differing([rs[0].config] + others, ROW_FREE | set(SCHEDULE)) if others else [])
+
+
 def paired_tables(runs: list[Run]) -> list[Table]:
-    """Method vs single and with C vs without C: per family, then per dataset."""
+    """Method vs the family's own single, and with C vs without C, per (family, prompt set) column:
+    two-level intervals (seeds, then questions); then the same per dataset."""
     recs = {r.name: last_full_records(r) for r in runs}
     rows = {k: [r for r in rs if recs[r.name]] for k, rs in _rows(runs).items()}
     rows = {k: rs for k, rs in rows.items() if rs}
-    families = sorted({r.family for rs in rows.values() for r in rs}, key=lambda f: _order(f, FAMILY_ORDER))
-    singles = [rs for k, rs in rows.items() if k[0] == "single"]
-    single = max(singles, key=len) if singles else []
-    comparisons = []  # (label, [(runs, condition)], [(runs, condition)])
-    keyed = sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1]))
-    for (method, _), rs in keyed:
-        others = [x[0].config for k, x in rows.items() if k[0] == method and x is not rs]
-        label = _label(method, rs[0].config, _differing([rs[0].config] + others, ROW_FREE | set(SCHEDULE))
-                       if others else [])
-        if method != "single" and single:
-            comparisons.append((f"{label} − single", rs, "with", single, "with"))
-        if any(r2["condition"] == "without" for r in rs for r2 in recs[r.name]):
-            comparisons.append((f"{label}: with C − without C", rs, "with", rs, "without"))
+    cols = _columns(rows)
+    heads = [_col_name(c, cols) for c in cols]
+    tasks = {c: sorted({x["task"] for rs in rows.values() for r in rs if (r.family, _prompt_set(r)) == c
+                        for x in recs[r.name]}) for c in cols}
+    comparisons = []  # (label, a runs, a condition, b runs per column or None (same runs), b condition)
+    for key, rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
+        label = _row_label(rows, key, rs)
+        if key[0] != "single":
+            comparisons.append((f"{label} − single", rs, "with", "single", "with"))
+        if any(x["condition"] == "without" for r in rs for x in recs[r.name]):
+            comparisons.append((f"{label}: with C − without C", rs, "with", None, "without"))
     fam_rows, task_rows, raw = [], defaultdict(list), []
-    tasks = {f: sorted({x["task"] for rs in rows.values() for r in rs if r.family == f for x in recs[r.name]})
-             for f in families}
-    for label, a_runs, a_cond, b_runs, b_cond in comparisons:
-        cells = []
-        for f in families:
-            a = [recs[r.name] for r in a_runs if r.family == f]
-            b = [recs[r.name] for r in b_runs if r.family == f]
-            txt, fields = paired_cell(pooled(a, a_cond), pooled(b, b_cond)) if a and b else ("—", {})
-            cells.append(txt)
-            raw.append({"comparison": label, "family": f, "task": "", **fields})
-            for t in tasks[f]:
-                txt_t, fields_t = paired_cell(pooled(a, a_cond, t), pooled(b, b_cond, t)) if a and b else ("—", {})
-                task_rows[(f, t)].append(txt_t)
-                raw.append({"comparison": label, "family": f, "task": t, **fields_t})
+    for label, a_runs, a_cond, b_which, b_cond in comparisons:
+        cells, seed_cells = [], []
+        for col, head in zip(cols, heads):
+            a = sorted((r for r in a_runs if (r.family, _prompt_set(r)) == col), key=lambda r: r.name)
+            b = _single_of(rows, col) if b_which == "single" else a
+            for t in [None] + tasks[col]:
+                pa = [per_prompt(recs[r.name], a_cond, t) for r in a]
+                pb = [per_prompt(recs[r.name], b_cond, t) for r in b]
+                txt, fields = seeds_cell(pa, pb, paired_seeds=b_which is None) if a and b else ("—", {})
+                raw.append({"comparison": label, "family": head, "task": t or "", "seed": "all", **fields})
+                if t is None:
+                    cells.append(txt)
+                else:
+                    task_rows[(head, t)].append(txt)
+            if b_which is None and len(a) > 1:  # with − without per seed, paired over questions
+                per = []
+                for r in a:
+                    txt, fields = paired_cell(per_prompt(recs[r.name], a_cond), per_prompt(recs[r.name], b_cond))
+                    per.append(f"seed {r.config.get('seed')}: {txt}")
+                    raw.append({"comparison": label, "family": head, "task": "", "seed": r.config.get("seed"),
+                                **fields})
+                seed_cells.append("; ".join(per))
+            else:
+                seed_cells.append("")
         fam_rows.append((label, cells))
+        if any(seed_cells):
+            fam_rows.append((f"{label}, per seed", [c or "—" for c in seed_cells]))
     used = [r for rs in rows.values() for r in rs]
-    note = CI_NOTE + " Read from each run's last full evaluation (eval_records.jsonl)."
+    note = CI_NOTE + " Read from each run's last full evaluation (eval_records.jsonl); each family's methods " \
+        "against that family's own single runs on the same prompt set."
     if not comparisons:
         note = "No finished run kept per-prompt evaluation records (eval_records.jsonl): nothing to pair."
-    t1 = Table("Paired differences in validation accuracy (points, 95% bootstrap interval)", families, fam_rows,
-               [x for x in raw if not x["task"]], used, note)
-    labels = [c[0] for c in comparisons]
-    t2 = Table("Paired differences per dataset (points, 95% bootstrap interval)", labels,
-               [(f"{f} / {t}", cells) for (f, t), cells in task_rows.items()], [x for x in raw if x["task"]], used,
+    title = f"Paired differences in validation accuracy (points over {UNIT}, 95% interval; † conditional on the " \
+        "trained weights)"
+    t1 = Table(title, heads, fam_rows, [x for x in raw if not x["task"]], used, note)
+    t2 = Table(f"Paired differences per dataset (points over {UNIT}, 95% interval; † conditional on the trained "
+               "weights)", [c[0] for c in comparisons],
+               [(f"{h} / {t}", cells) for (h, t), cells in task_rows.items()], [x for x in raw if x["task"]], used,
                note)
     return [t1, t2]
 

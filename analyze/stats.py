@@ -133,13 +133,14 @@ class TwoLevelCI(NamedTuple):
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
-    def fmt(self, scale: float = 100.0) -> str:
+    def fmt(self, scale: float = 100.0, unit: str = "prompts") -> str:
         """'+3.1 [-0.4, +5.9] (3 v 3 seeds, 500 prompts)' in points; '†' marks an interval conditional on
-        the trained weights (a side with one seed)."""
-        seeds = f"{self.seeds_a} seeds" if self.paired_seeds else f"{self.seeds_a} v {self.seeds_b} seeds"
+        the trained weights (a side with one seed). unit names what n counts (prompts, distinct questions)."""
+        s = lambda k: f"{k} seed" + ("s" if k > 1 else "")  # noqa: E731
+        seeds = s(self.seeds_a) if self.paired_seeds else f"{self.seeds_a} v {s(self.seeds_b)}"
         mark = "†" if self.conditional else ""
         return (f"{self.diff * scale:+.1f} [{self.lo * scale:+.1f}, {self.hi * scale:+.1f}]{mark} "
-                f"({seeds}, {self.n} prompts)")
+                f"({seeds}, {self.n} {unit})")
 
 
 def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTSTRAP_RESAMPLES,
@@ -168,6 +169,9 @@ def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTS
         raise ValueError(f"paired seeds need as many seeds on both sides, got {len(a)} and {len(b)}")
     n = a.shape[1]
     diff = float(a.mean() - b.mean())
+    if len(a) == 1 and len(b) == 1:  # nothing to draw at the seed level: the paired bootstrap over prompts
+        ci = paired_bootstrap(a[0], b[0], resamples, seed, level, chunk)
+        return TwoLevelCI(ci.diff, ci.lo, ci.hi, n, 1, 1, paired_seeds, resamples, seed)
     sides = [a - b] if paired_seeds else [a, b]
     sides = [_inflate(x) for x in sides]  # [S, n] each
     # one stream for the prompts and one per side, so the draws do not depend on the chunk size

@@ -463,12 +463,57 @@ def test_paired_tables_hand_worked(tmp_path):
     _records(s, [0, 1, 1, 0])
     fam, per_task = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
-    assert rows["perceiver − single"] == ["+25.0 [+0.0, +75.0] (n=4)"]
-    assert rows["perceiver: with C − without C"] == ["+50.0 [+0.0, +100.0] (n=4)"]
-    assert "10000 resamples" in fam.note and "seed 0" in fam.note
+    assert rows["perceiver − single"] == ["+25.0 [+0.0, +75.0]† (1 v 1 seed, 4 distinct questions)"]
+    assert rows["perceiver: with C − without C"] == ["+50.0 [+0.0, +100.0]† (1 seed, 4 distinct questions)"]
+    assert "10000 resamples" in fam.note and "default_rng([0, i])" in fam.note and "conditional on the trained" in fam.note
     tasks = dict(per_task.rows)
-    assert tasks["arithmetic / t1"][0] == "+50.0 [+0.0, +100.0] (n=2)"  # d = [1, 0] on t1
-    assert tasks["arithmetic / t2"][0] == "+0.0 [+0.0, +0.0] (n=2)"
+    assert tasks["arithmetic / t1"][0] == "+50.0 [+0.0, +100.0]† (1 v 1 seed, 2 distinct questions)"  # d = [1, 0] on t1
+    assert tasks["arithmetic / t2"][0] == "+0.0 [+0.0, +0.0]† (1 v 1 seed, 2 distinct questions)"
+
+
+def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
+    """Two perceiver teams on one family's prompts never share a row; a second family's methods are
+    compared with that family's own single runs (today only one family got a difference)."""
+    from analyze.records import paired_tables
+
+    root = tmp_path / "teams"
+    _records(_with(make_run(root, "p-a", acc=1.0), experts=["a", "b"]), [1, 1, 1, 1])
+    _records(_with(make_run(root, "p-b", acc=0.0), experts=["c", "d"]), [0, 0, 0, 0])
+    _records(make_run(root, "s", method="single", acc=0.5), [1, 0, 1, 0])
+    _records(make_run(root, "p-lo", family="logic", cache="c2", acc=1.0), [1, 1, 1, 1])
+    _records(make_run(root, "s-lo", method="single", family="logic", cache="c2", acc=0.0), [0, 0, 0, 0])
+    fam, _ = paired_tables(load_runs([root]))
+    assert fam.columns == ["arithmetic", "logic"]
+    rows = dict(fam.rows)
+    a = rows["perceiver [experts=['a', 'b']] − single"]
+    b = rows["perceiver [experts=['c', 'd']] − single"]
+    assert a[0].startswith("+50.0 ") and b[0].startswith("-50.0 ")  # not pooled into +0.0
+    main = rows["perceiver [experts=['math', 'code', 'general']] − single"]
+    assert main == ["—", "+100.0 [+100.0, +100.0]† (1 v 1 seed, 4 distinct questions)"]
+
+
+def test_paired_tables_carry_seed_variance(tmp_path):
+    """3 seeds a side whose accuracies spread: the interval is two-level (seeds counted, no †), and
+    with − without C is given per seed and pooled over the seeds."""
+    from analyze.records import paired_tables
+
+    root = tmp_path / "seeds"
+    rows_p = ([1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0])
+    rows_s = ([1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0])
+    for s in range(3):
+        p = make_run(root, f"p{s}", seed=s)
+        _records(p, rows_p[s], tasks=("t1",) * 8)
+        _records(p, [0] * 8, condition="without", tasks=("t1",) * 8)
+        _records(make_run(root, f"s{s}", method="single", seed=s), rows_s[s], tasks=("t1",) * 8)
+    fam, _ = paired_tables(load_runs([root]))
+    rows = dict(fam.rows)
+    cell_ = rows["perceiver − single"][0]
+    assert cell_.startswith("+33.3 [") and cell_.endswith("] (3 v 3 seeds, 8 distinct questions)")
+    lo, hi = (float(x) for x in cell_.split("[")[1].split("]")[0].split(", "))
+    assert hi - lo > 30  # seeds 25 points apart: wide
+    assert rows["perceiver: with C − without C"][0].endswith("(3 seeds, 8 distinct questions)")
+    per_seed = rows["perceiver: with C − without C, per seed"][0]
+    assert per_seed.startswith("seed 0: +75.0 [") and "seed 1: +50.0 [" in per_seed and "seed 2: +87.5 [" in per_seed
 
 
 def test_ablation_table_reads_musk_eval_folders(tmp_path):
