@@ -13,6 +13,7 @@ the condition in progress.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,16 +163,49 @@ def _load_weights(m, folder: Path, checkpoint: str) -> None:
         ckpt.load_checkpoint(folder, m.peft, m.adapter, m.optimizer)
 
 
-def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, dtype: torch.dtype) -> dict:
+def weights_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of the weight files in `folder` (final/ or a checkpoint)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# What makes two evaluation folders one setting (the report never pools folders that differ in one).
+SETTING_KEYS = ("checkpoint", "split", "n_prompts", "limit", "samples", "temperature", "decoding", "seed", "dtype")
+
+
+def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, dtype: torch.dtype,
+             weights_sha: str = "") -> dict:
+    """The evaluation's settings as summary.json records them: decoding is greedy only without a
+    temperature (--samples 1 at a temperature is one sampled completion); weights_sha the digest of
+    the weights evaluated."""
     return {"run": str(run.path.resolve()), "checkpoint": req.checkpoint, "cache_fingerprint": data.cache_fingerprint,
-            "split": req.split, "n_prompts": len(rows), "samples": req.samples, "temperature": req.temperature,
-            "seed": req.seed, "dtype": str(dtype).removeprefix("torch.")}
+            "split": req.split, "n_prompts": len(rows), "limit": req.limit, "samples": req.samples,
+            "temperature": req.temperature, "decoding": "greedy" if req.temperature is None else "sampled",
+            "seed": req.seed, "dtype": str(dtype).removeprefix("torch."), "weights_sha": weights_sha}
 
 
 def _differs(old: dict, new: dict) -> list[str]:
-    """Settings of an earlier evaluation in the folder that differ from these (summaries written before
-    dtype was recorded decoded in the run's dtype: compared only where present)."""
-    return sorted(k for k, v in new.items() if old.get(k) != v and (k != "dtype" or k in old))
+    """Settings of an earlier evaluation in the folder that differ from these; a summary that does not
+    record one (written by an older musk) differs in it."""
+    return sorted(k for k, v in new.items() if old.get(k) != v)
+
+
+def eval_dtype(req: EvalRequest, cfg: TrainConfig, resolved: dict, device: str, log=print) -> torch.dtype:
+    """--dtype run: the dtype the run trained in (config.yaml's dtype_resolved); a run made before it was
+    recorded resolves its `dtype` setting on this machine, and the log says so."""
+    if req.dtype != "run":
+        return resolve_dtype(req.dtype, device)
+    if resolved.get("dtype_resolved"):
+        return resolve_dtype(str(resolved["dtype_resolved"]), device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    log(f"musk eval: the run does not record the dtype it trained in; its dtype {cfg.dtype!r} resolves to "
+        f"{str(dtype).removeprefix('torch.')} on this machine")
+    return dtype
 
 
 def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
@@ -196,13 +230,13 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     has_c = method_info(cfg.method).needs_features  # g_phi with an output projection (and a null C)
     conds = [shuffled(c, rows, req.seed) for c in parse_conditions(req, cfg, data, has_c)]  # before the model loads
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype if req.dtype == "run" else req.dtype, device)
+    dtype = eval_dtype(req, cfg, resolved, device, log)
     out = Path(req.out) if req.out is not None else default_out(req)
-    here = settings(req, run, data, rows, dtype)
+    here = settings(req, run, data, rows, dtype, weights_digest(folder))
     old = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
     diff = _differs(old, here) if old is not None else []
     if diff:
-        raise MuskError(f"{str(out)!r} holds an evaluation with other settings ({diff}); use another --out")
+        raise MuskError(f"{str(out)!r} holds an evaluation with other settings or weights ({diff}); use another --out")
     m = build_models(cfg, data, device, dtype)
     _load_weights(m, folder, req.checkpoint)
     meta = {**here, "method": cfg.method, "team": data.experts}
@@ -218,7 +252,8 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
         records += condition_records(cfg, m, data, rows, cond, device, req.samples, req.temperature, req.seed)
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / RECORDS, records)
-        atomic_write_text(out / SUMMARY, json.dumps({**meta, "conditions": summarize(records)}, indent=2))
+        atomic_write_text(out / SUMMARY, json.dumps({**meta, "conditions": summarize(records, sampled=req.temperature is not None)},
+                                                        indent=2))
     if not (out / SUMMARY).is_file():  # nothing left to compute and nothing written yet cannot happen
         raise MuskError(f"no conditions to evaluate into {str(out)!r}")
     log(f"musk eval: {len(conds)} conditions x {len(rows)} prompts x {req.samples} samples -> {out}")
