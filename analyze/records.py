@@ -51,20 +51,11 @@ def _key(r: dict):
 
 
 def per_prompt(records: list[dict], condition: str, task: str | None = None) -> dict:
-    """{prompt key: mean correct over the records of `condition` (samples, then seeds pooled)}."""
+    """{distinct question: mean correct over the records of `condition` (its samples and repeats)}."""
     acc = defaultdict(list)
     for r in records:
         if r["condition"] == condition and (task is None or r["task"] == task):
             acc[_key(r)].append(float(r["correct"]))
-    return {k: float(np.mean(v)) for k, v in acc.items()}
-
-
-def pooled(per_run: list[list[dict]], condition: str, task: str | None = None) -> dict:
-    """Per-prompt scores of several runs (seeds) of one condition: the mean over the runs that have it."""
-    acc = defaultdict(list)
-    for recs in per_run:
-        for k, v in per_prompt(recs, condition, task).items():
-            acc[k].append(v)
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
@@ -211,53 +202,92 @@ def table1_per_task(runs: list[Run]) -> Table:
                  [f"{f} / {t}" for f, t in cols], out, raw, used, note)
 
 
-def ablation_table(runs: list[Run]) -> Table:
-    """Each expert dropped, shuffled or kept alone (`musk eval` folders beside the runs): accuracy
-    with all experts, under the ablation, and the paired change (and against single, where single
-    runs have records on the same prompts)."""
-    groups: dict[tuple, list[tuple[Run, list[dict]]]] = defaultdict(list)
+# What makes two `musk eval` folders one setting (train/eval_command.SETTING_KEYS, read from summary.json;
+# a folder made before a key was recorded has None there and is a setting of its own).
+EVAL_SETTING = ("split", "checkpoint", "n_prompts", "limit", "samples", "temperature", "decoding", "seed", "dtype")
+
+
+def _setting(summary: dict) -> tuple:
+    return tuple(summary.get(k) for k in EVAL_SETTING)
+
+
+def _setting_label(setting: tuple) -> str:
+    s = dict(zip(EVAL_SETTING, setting))
+    dec = "greedy" if s["decoding"] == "greedy" or (s["decoding"] is None and s["temperature"] is None) else \
+        f"T={s['temperature']} x{s['samples']}"
+    return f"{s['split']}, {s['checkpoint']}, {s['dtype'] or 'dtype unrecorded'}, {dec}, {s['n_prompts']} prompts"
+
+
+def _eval_runs(runs: list[Run]) -> dict[tuple, dict[str, dict[str, list[dict]]]]:
+    """{(family, method, team, condition, eval setting): {run name: {condition: records}}}: every folder of
+    one run and setting merged (a condition is read from the first folder that has it)."""
+    groups: dict[tuple, dict] = defaultdict(dict)
     for r in runs:
         for _, summary, recs in eval_folders(r):
-            settings = (summary.get("split"), summary.get("checkpoint"), summary.get("samples"))
-            groups[(r.family, r.method, r.team, r.condition_without(steps=False), settings)].append((r, recs))
-    single = defaultdict(list)  # the single runs' last full evaluation, per family
-    ablations = ablation_names(runs)
-    for r in runs:
-        if r.method == "single" and r.finished and r.name not in ablations:
-            single[r.family].append(last_full_records(r))
-    rows, raw, used = [], [], []
+            key = (r.family, r.method, r.team, r.condition_without(steps=False), _setting(summary))
+            by_cond = groups[key].setdefault(r.name, {})
+            for cond in dict.fromkeys(x["condition"] for x in recs):
+                by_cond.setdefault(cond, [x for x in recs if x["condition"] == cond])
+    return groups
+
+
+def ablation_table(runs: list[Run]) -> Table:
+    """Each expert dropped, shuffled or kept alone (`musk eval` folders beside the runs): accuracy with
+    all experts and under the ablation, the change (the same runs, seeds resampled together), and the
+    difference to the family's single runs evaluated by `musk eval` with the same settings. One row per
+    (family, method, team, condition, evaluation setting); folders of other settings are never pooled;
+    "seeds" counts runs."""
+    groups = _eval_runs(runs)
+    singles = {(k[0], k[4]): v for k, v in groups.items() if k[1] == "single"}  # (family, setting) -> runs
+    rows, raw, used, missing_single = [], [], [], False
     for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], str(k))):
-        family, method, team = key[:3]
+        family, method, team, _, setting = key
         members = groups[key]
-        per_run = [recs for _, recs in members]
-        conds = list(dict.fromkeys(x["condition"] for recs in per_run for x in recs if ":" in x["condition"]))
-        with_c = pooled(per_run, "with")
+        names = sorted(members)
+        conds = list(dict.fromkeys(c for n in names for c in members[n] if ":" in c))
+        single = singles.get((family, setting), {})
         for cond in conds:
-            ab = pooled(per_run, cond)
-            d_with, f_with = paired_cell(ab, with_c)
-            d_single, f_single = paired_cell(ab, pooled(single[family], "with")) if single[family] else ("—", {})
-            label = f"{family} / {method} / {', '.join(team)} / {cond}"
-            rows.append((label, [str(len(members)), _pct(with_c), _pct(ab), d_with, d_single]))
-            raw.append({"setting": label, "runs": ";".join(r.name for r, _ in members),
-                        "acc_with": _mean(with_c), "acc_ablated": _mean(ab),
+            have = [n for n in names if cond in members[n] and "with" in members[n]]
+            ab = [per_prompt(members[n][cond], cond) for n in have]
+            with_c = [per_prompt(members[n]["with"], "with") for n in have]
+            d_with, f_with = seeds_cell(ab, with_c, paired_seeds=True)
+            sg = [per_prompt(single[n]["with"], "with") for n in sorted(single) if "with" in single[n]]
+            d_single, f_single = seeds_cell(ab, sg) if sg else ("—", {})
+            missing_single |= not sg
+            label = f"{family} / {method} / {', '.join(team)} / {cond} [{_setting_label(setting)}]"
+            rows.append((label, [str(len(have)), _pct_runs(with_c), _pct_runs(ab), d_with, d_single]))
+            raw.append({"setting": label, "runs": ";".join(have), "seeds": len(have),
+                        **dict(zip(EVAL_SETTING, setting)), "acc_with": _mean_runs(with_c),
+                        "acc_ablated": _mean_runs(ab), "unit": UNIT,
                         **{f"vs_with_{k}": v for k, v in f_with.items()},
                         **{f"vs_single_{k}": v for k, v in f_single.items()}})
-        used += [r for r, _ in members]
+        used += [r for r in runs if r.name in names]
     note = (CI_NOTE + " From `musk eval --ablate` folders (RUN/eval/*): drop removes the expert's token before "
-            "g_phi mixes them, shuffle gives it another evaluated prompt's features, only keeps it alone.")
+            "g_phi mixes them, shuffle gives it another evaluated question's features, only keeps it alone. A row "
+            "is one evaluation setting (split, checkpoint, dtype, decoding, prompts); \"ablated − single\" reads "
+            "single runs' `musk eval` folders of the same setting.")
+    if missing_single:
+        note += " —: no single run of the family has a `musk eval` folder of that setting (run `musk eval SINGLE_RUN`)."
     if not rows:
         note = "No `musk eval --ablate` folder beside the runs: run `musk eval RUN --ablate drop:NAME` to fill this."
-    return Table("Expert ablations: accuracy (%) and paired change (points, 95% bootstrap interval)",
+    return Table(f"Expert ablations: accuracy (%, over {UNIT}) and paired change (points, 95% interval)",
                  ["seeds", "acc with all experts", "acc ablated", "ablated − with", "ablated − single"], rows, raw,
                  used, note)
 
 
+def _mean_runs(per_run: list[dict]) -> float | None:
+    """Mean over runs of each run's mean over its questions."""
+    means = [_mean(x) for x in per_run if x]
+    return float(np.mean(means)) if means else None
+
+
+def _pct_runs(per_run: list[dict]) -> str:
+    m = _mean_runs(per_run)
+    return "—" if m is None else f"{m * 100:.1f} ({len(per_run)} runs, {len(per_run[0])} {UNIT})"
+
+
 def _mean(scores: dict) -> float | None:
     return float(np.mean(list(scores.values()))) if scores else None
-
-
-def _pct(scores: dict) -> str:
-    return f"{_mean(scores) * 100:.1f} (n={len(scores)})" if scores else "—"
 
 
 def routing_table(runs: list[Run]) -> Table:

@@ -516,23 +516,58 @@ def test_paired_tables_carry_seed_variance(tmp_path):
     assert per_seed.startswith("seed 0: +75.0 [") and "seed 1: +50.0 [" in per_seed and "seed 2: +87.5 [" in per_seed
 
 
+def _eval_folder(run, name, **settings):
+    ev = run / "eval" / name
+    ev.mkdir(parents=True)
+    base = {"split": "val", "checkpoint": "final", "n_prompts": 4, "limit": None, "samples": 1, "temperature": None,
+            "decoding": "greedy", "seed": 0, "dtype": "float32"}
+    (ev / "summary.json").write_text(json.dumps({**base, **settings}))
+    return ev
+
+
+def test_ablation_rows_are_one_evaluation_setting_and_seeds_count_runs(tmp_path):
+    """A run's bf16 and float32 folders are two rows, never averaged; two folders of one run and setting
+    are one seed; without a single run evaluated in that setting, "ablated − single" is —."""
+    from analyze.records import ablation_table
+
+    root = tmp_path / "ab2"
+    p = make_run(root, "p", acc=0.75)
+    for name, dtype, rows in (("f32", "float32", [1, 1, 1, 1]), ("bf16", "bfloat16", [0, 0, 0, 0])):
+        ev = _eval_folder(p, name, dtype=dtype)
+        _records(ev, [1, 1, 1, 1], name="records.jsonl")
+        _records(ev, rows, condition="drop:math", name="records.jsonl")
+    ev = _eval_folder(p, "f32-again")  # the same setting again: the same run, not a second seed
+    _records(ev, [1, 1, 1, 1], name="records.jsonl")
+    _records(ev, [1, 1, 1, 1], condition="shuffle:math", name="records.jsonl")
+    s = make_run(root, "s", method="single", acc=0.5)
+    _records(_eval_folder(s, "final-val", dtype="bfloat16"), [0, 1, 1, 0], name="records.jsonl")
+    rows = dict(ablation_table(load_runs([root])).rows)
+    f32 = rows["arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"]
+    bf16 = rows["arithmetic / perceiver / math, code, general / drop:math [val, final, bfloat16, greedy, 4 prompts]"]
+    assert f32[0] == "1" and f32[2].startswith("100.0 ") and f32[4] == "—"
+    assert bf16[2].startswith("0.0 ") and bf16[4].startswith("-50.0 ")
+    sh = rows["arithmetic / perceiver / math, code, general / shuffle:math [val, final, float32, greedy, 4 prompts]"]
+    assert sh[0] == "1"
+
+
 def test_ablation_table_reads_musk_eval_folders(tmp_path):
     from analyze.records import ablation_table, routing_table
 
     root = tmp_path / "ab"
     p = make_run(root, "p", acc=0.75)
     _records(p, [1, 1, 1, 0], util=[[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.2, 0.2, 0.6], [0.2, 0.4, 0.4]])
-    ev = p / "eval" / "final-val-drop_math"
-    ev.mkdir(parents=True)
-    (ev / "summary.json").write_text(json.dumps({"split": "val", "checkpoint": "final", "samples": 1}))
+    ev = _eval_folder(p, "final-val-drop_math")
     _records(ev, [1, 1, 1, 0], name="records.jsonl")
     _records(ev, [0, 1, 1, 0], condition="drop:math", name="records.jsonl")
     s = make_run(root, "s", method="single", acc=0.5)
-    _records(s, [0, 1, 1, 0])
+    _records(s, [1, 1, 1, 1])  # single's training-time evaluation: not what the ablation is set against
+    _records(_eval_folder(s, "final-val"), [0, 1, 1, 0], name="records.jsonl")
     runs = load_runs([root])
     t = ablation_table(runs)
-    assert dict(t.rows)["arithmetic / perceiver / math, code, general / drop:math"] == [
-        "1", "75.0 (n=4)", "50.0 (n=4)", "-25.0 [-75.0, +0.0] (n=4)", "+0.0 [+0.0, +0.0] (n=4)"]
+    label = "arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"
+    assert dict(t.rows)[label] == [
+        "1", "75.0 (1 runs, 4 distinct questions)", "50.0 (1 runs, 4 distinct questions)",
+        "-25.0 [-75.0, +0.0]† (1 seed, 4 distinct questions)", "+0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)"]
     r = dict(routing_table(runs).rows)
     assert r["arithmetic / perceiver / all"] == ["1", "math: 0.350, code: 0.325, general: 0.325"]
     assert r["arithmetic / perceiver / t1"] == ["1", "math: 0.500, code: 0.350, general: 0.150"]
