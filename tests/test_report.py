@@ -428,10 +428,61 @@ def test_spearman_and_figure4_leave_out_ablations_and_give_the_mean_over_setting
     runs = load_runs([root])
     t, means = spearman_table(runs)
     assert {r.name for r in t.sources} == {"r1", "lo"} and len(t.rows) == 2
-    assert "Mean ρ over all 2 settings: -0.600 (paper: -0.48)" in t.note  # (-1 + -0.2) / 2
-    assert [x for x in t.raw if x["setting"] == "all settings"][0]["spearman"] == pytest.approx(-0.6)
+    assert "Mean ρ over all 2 runs: -0.600 (paper: -0.48;" in t.note  # (-1 + -0.2) / 2
+    assert "mean of the 2 setting means: -0.600" in t.note
+    assert [x for x in t.raw if x["setting"] == "all runs"][0]["spearman"] == pytest.approx(-0.6)
     used = figure4(runs, tmp_path / "f4.png", rho=means)
     assert {r.name for r in used} == {"r1", "lo"}
+
+
+def test_spearman_overall_is_the_mean_over_runs(tmp_path):
+    """Two arithmetic seeds at -1 and one logic run at -0.2: the paper's number is the mean over the
+    three runs; the mean of setting means weighs the one logic run as much as both arithmetic runs."""
+    root = tmp_path / "sp2"
+    for s_ in range(2):
+        make_run(root, f"a{s_}", seed=s_, rewards=(0.1, 0.2, 0.3, 0.4), entropy=(1.0, 0.9, 0.8, 0.7))
+    make_run(root, "lo", family="logic", cache="c2", rewards=(0.1, 0.2, 0.3, 0.4), entropy=(0.9, 0.6, 0.7, 0.8))
+    t, means = spearman_table(load_runs([root]))
+    lo = spearman([0.1, 0.2, 0.3, 0.4], [0.9, 0.6, 0.7, 0.8])
+    assert lo == pytest.approx(-0.2)
+    assert [x for x in t.raw if x["setting"] == "all runs"][0]["spearman"] == pytest.approx((-1 - 1 + lo) / 3)
+    assert f"Mean ρ over all 3 runs: {(-2 + lo) / 3:+.3f}" in t.note
+    assert f"mean of the 2 setting means: {(-1 + lo) / 2:+.3f}" in t.note
+
+
+def test_report_sets_aside_copies_and_keeps_names_unique(tmp_path):
+    """The main setting's run copied into two sweep folders is one run (named as set aside); two
+    folders of one name under parents of one name stay two runs with two names."""
+    from analyze.runs import distinct_runs
+
+    root = tmp_path / "sweeps"
+    make_run(root / "table1", "p-s0", acc=0.6)
+    make_run(root / "table2", "p-s0", acc=0.6)  # the same condition and seed: a copy
+    make_run(root / "x" / "deep", "s", method="single", acc=0.5)
+    make_run(root / "y" / "deep", "s", method="single", seed=1, acc=0.7)
+    runs = load_runs([root])
+    assert sorted(r.name for r in runs) == ["table1/p-s0", "table2/p-s0", "x/deep/s", "y/deep/s"]
+    kept, aside = distinct_runs(runs)
+    assert aside == [("table2/p-s0", "table1/p-s0")] and len(kept) == 3
+    code, out = _report(root, "--out", tmp_path / "rep")
+    assert code == 0, out
+    t1 = (tmp_path / "rep" / "table1.md").read_text()
+    assert "| perceiver | 60.00 (n=1) |" in t1 and "| single | 60.00 ± 14.14 (n=2) |" in t1  # copy: not n=2
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert "Copies set aside (the same condition and seed as a run kept): table2/p-s0 (= table1/p-s0)." in summary
+
+
+def test_runs_of_other_dtypes_never_share_a_cell_and_tables_name_their_dtype(tmp_path):
+    root = tmp_path / "dt"
+    _with(make_run(root, "p-bf", acc=0.8), dtype="auto", dtype_resolved="bfloat16")
+    _with(make_run(root, "p-f32", seed=1, acc=0.2), dtype="auto", dtype_resolved="float32")
+    rows = dict(table1(load_runs([root])).rows)
+    assert rows["perceiver [dtype_resolved=bfloat16]"] == ["80.00 (n=1)"]
+    assert rows["perceiver [dtype_resolved=float32]"] == ["20.00 (n=1)"]
+    code, out = _report(root, "--out", tmp_path / "rep")
+    assert code == 0, out
+    assert "Dtypes (never pooled in one cell): bfloat16 (p-bf); float32 (p-f32)." in \
+        (tmp_path / "rep" / "table1.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
