@@ -4,9 +4,13 @@ expert only, complete records that a rerun never duplicates, bad input that writ
 import json
 import math
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import train.evaluate
@@ -344,3 +348,39 @@ def test_output_collab_ablations_edit_the_hint_block(tiny_policy):
     assert "- b: B0" in text(ExpertView(keep=torch.tensor([False, True]))) and "- a:" not in text(
         ExpertView(keep=torch.tensor([False, True])))
     assert "- a: A0\n- b: B1" in text(ExpertView(source={1: {0: 1}}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=2, max_size=30), st.integers(0, 10_000))
+def test_shuffle_is_a_derangement_over_distinct_questions(qs, seed):
+    """No row reads features of its own question (repeated questions included) once there are two
+    distinct questions; sources are evaluated rows; the draw is fixed by the seed."""
+    from core.errors import MuskError
+    from train.eval_command import shuffled
+    from train.evaluate import Condition
+
+    rows = np.arange(100, 100 + len(qs))
+    cond = Condition("shuffle:b", "with", ExpertView(source={1: {}}))
+    if len(set(qs)) < 2:
+        with pytest.raises(MuskError, match="distinct question"):
+            shuffled(cond, rows, seed, qs)
+        return
+    src = shuffled(cond, rows, seed, qs).view.source[1]
+    q_of = dict(zip(rows.tolist(), qs))
+    assert set(src) == set(q_of) and set(src.values()) <= set(q_of)
+    assert all(q_of[r] != q_of[s] for r, s in src.items())
+    assert shuffled(cond, rows, seed, qs) == shuffled(cond, rows, seed, qs)
+
+
+def test_drop_of_the_only_expert_is_refused():
+    from types import SimpleNamespace
+
+    from core.errors import MuskError
+    from train.eval_command import EvalRequest, parse_conditions
+
+    req = EvalRequest(run=Path("r"), ablations=("drop:a",))
+    cfg, data = SimpleNamespace(method="perceiver"), SimpleNamespace(experts=["a"], features=object())
+    with pytest.raises(MuskError, match="only expert is 'a'; dropping it leaves no expert"):
+        parse_conditions(req, cfg, data, True)
+    data2 = SimpleNamespace(experts=["a", "b"], features=object())
+    assert [c.name for c in parse_conditions(req, cfg, data2, True)] == ["with", "drop:a"]

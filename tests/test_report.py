@@ -634,3 +634,13 @@ def test_table1_per_dataset_from_records(tmp_path):
     assert t.columns == ["arithmetic / t1", "arithmetic / t2"]
     # t1: seeds 1.0 and 0.5 -> 75 ± 35.36; t2: 0.5 and 0 -> 25 ± 35.36
     assert dict(t.rows)["perceiver"] == ["75.00 ± 35.36 (n=2)", "25.00 ± 35.36 (n=2)"]
+
+
+def test_figure4_baseline_is_the_mean_of_the_first_window():
+    """Step 1 alone is one noisy batch: the change is measured from the mean of the first w steps."""
+    from analyze.plots import change_from_start
+
+    u = [[0.9, 0.1], [0.5, 0.5], [0.4, 0.6], [0.6, 0.4]]
+    d = change_from_start(u, 2)  # baseline (0.7, 0.3)
+    assert d.ravel().tolist() == pytest.approx([0.2, -0.2, -0.2, 0.2, -0.3, 0.3, -0.1, 0.1])
+    assert change_from_start([1.0, 2.0, 3.0], 1).tolist() == [0.0, 1.0, 2.0]

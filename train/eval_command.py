@@ -128,6 +128,9 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
         if name not in data.experts:
             raise MuskError(f"--ablate {a}: unknown expert {name!r}; the run's experts are {data.experts}")
         e = data.experts.index(name)
+        if kind == "drop" and n == 1:
+            raise MuskError(f"--ablate {a}: the run's only expert is {name!r}; dropping it leaves no expert (use "
+                            "--context without to remove C)")
         if kind == "shuffle":
             if data.features is None and cfg.method != "output-collab":
                 raise MuskError(f"--ablate {a}: method {cfg.method!r} reads no expert features to shuffle")
@@ -142,14 +145,40 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
     return conds
 
 
-def shuffled(cond: Condition, rows: np.ndarray, seed: int) -> Condition:
-    """A shuffle condition with its permutation: expert e of prompt rows[j] reads rows[perm[j]],
-    perm = default_rng([seed, e]).permutation(len(rows)) (recorded in summary.json)."""
+def derangement(k: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly drawn permutation of range(k) with no fixed point (k >= 2), by rejection: about e
+    draws on average."""
+    while True:
+        perm = rng.permutation(k)
+        if not np.any(perm == np.arange(k)):
+            return perm
+
+
+def shuffled(cond: Condition, rows: np.ndarray, seed: int, questions: list | None = None) -> Condition:
+    """A shuffle condition with its source rows: expert e of every row of question q reads a row of
+    question perm[q], perm = derangement(distinct questions, default_rng([seed, e])), so no row keeps
+    its own question's features (a plain permutation leaves some rows in place, and a row of a repeated
+    question that lands on its twin keeps them too). Recorded in the records' condition name and
+    summary.json's seed. questions: the question of each row (default: each row its own). Raises
+    MuskError with fewer than two distinct questions."""
     if not cond.view.source:
         return cond
     (e,) = cond.view.source
-    perm = np.random.default_rng([seed, e]).permutation(len(rows))
-    return cond._replace(view=ExpertView(source={e: {int(rows[j]): int(rows[p]) for j, p in enumerate(perm)}}))
+    questions = list(rows) if questions is None else list(questions)
+    distinct = list(dict.fromkeys(questions))
+    if len(distinct) < 2:
+        raise MuskError(f"--ablate {cond.name}: the evaluated prompts hold {len(distinct)} distinct question; a "
+                        "shuffle needs two or more (raise --limit)")
+    members: dict = {q: [] for q in distinct}  # question -> its rows, in order
+    for j, q in enumerate(questions):
+        members[q].append(int(rows[j]))
+    perm = derangement(len(distinct), np.random.default_rng([seed, e]))
+    src = {}
+    for qi, q in enumerate(distinct):
+        other = members[distinct[perm[qi]]]
+        for k, row in enumerate(members[q]):
+            src[row] = other[k % len(other)]
+    return cond._replace(view=ExpertView(source={e: src}))
 
 
 def _load_weights(m, folder: Path, checkpoint: str) -> None:
@@ -228,7 +257,9 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     if len(rows) == 0:
         raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
     has_c = method_info(cfg.method).needs_features  # g_phi with an output projection (and a null C)
-    conds = [shuffled(c, rows, req.seed) for c in parse_conditions(req, cfg, data, has_c)]  # before the model loads
+    questions = [data.prompts["text"][r] for r in rows]
+    # before the model loads
+    conds = [shuffled(c, rows, req.seed, questions) for c in parse_conditions(req, cfg, data, has_c)]
     device = resolve_device(cfg.device)
     dtype = eval_dtype(req, cfg, resolved, device, log)
     out = Path(req.out) if req.out is not None else default_out(req)
