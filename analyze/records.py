@@ -181,25 +181,26 @@ def table1_per_task(runs: list[Run]) -> Table:
     recs = {r.name: last_full_records(r) for r in runs}
     rows = {k: [r for r in rs if recs[r.name]] for k, rs in _rows(runs).items()}
     rows = {k: rs for k, rs in rows.items() if rs}
-    cols = sorted({(r.family, x["task"]) for rs in rows.values() for r in rs for x in recs[r.name]},
-                  key=lambda c: (_order(c[0], FAMILY_ORDER), c[1]))
+    fam_cols = _columns(rows)  # (family, prompt set): runs on other prompts never share a cell
+    cols = [(fc, t) for fc in fam_cols for t in sorted({x["task"] for rs in rows.values() for r in rs
+                                                         if (r.family, _prompt_set(r)) == fc for x in recs[r.name]})]
     out, raw, used = [], [], []
-    for (method, _), rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
-        others = [x[0].config for k, x in rows.items() if k[0] == method and x is not rs]
-        label = _label(method, rs[0].config, _differing([rs[0].config] + others, ROW_FREE | set(SCHEDULE))
-                       if others else [])
+    for key, rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
+        label = _row_label(rows, key, rs)
         cells = []
-        for fam, task in cols:
-            accs = [_mean(per_prompt(recs[r.name], "with", task)) for r in rs if r.family == fam]
+        for fc, task in cols:
+            accs = [_mean(per_prompt(recs[r.name], "with", task)) for r in rs if (r.family, _prompt_set(r)) == fc]
             c = cell([a for a in accs if a is not None])
             cells.append(c.fmt())
-            raw.append({"row": label, "family": fam, "task": task, "mean": c.mean, "std": c.std, "n": c.n})
+            raw.append({"row": label, "family": _col_name(fc, fam_cols), "task": task, "mean": c.mean, "std": c.std,
+                        "n": c.n, "unit": UNIT})
         out.append((label, cells))
         used += rs
-    note = ("Greedy accuracy with C on each dataset's prompts of the last full evaluation (eval_records.jsonl)."
+    note = (f"Greedy accuracy with C on each dataset's {UNIT} of the last full evaluation (eval_records.jsonl; a "
+            "question asked twice counts once, so a cell can differ from Table 1, which counts prompts)."
             if out else "No finished run kept per-prompt evaluation records (eval_records.jsonl).")
-    return Table("Table 1 per dataset: final validation accuracy (%), mean ± std across seeds",
-                 [f"{f} / {t}" for f, t in cols], out, raw, used, note)
+    return Table(f"Table 1 per dataset: final validation accuracy (% of {UNIT}), mean ± std across seeds",
+                 [f"{_col_name(fc, fam_cols)} / {t}" for fc, t in cols], out, raw, used, note)
 
 
 # What makes two `musk eval` folders one setting (train/eval_command.SETTING_KEYS, read from summary.json;

@@ -106,8 +106,11 @@ def table1(runs: list[Run]) -> Table:
         note += " Prompt sets (validation prompts of the cache each column read): " + ", ".join(
             f"{head} {ps[:12] or 'unrecorded'}" for (_, ps), head in zip(columns, families)) + "."
     note += unfinished_note(runs)
-    return Table("Table 1: final validation accuracy (%), mean ± std across seeds", families, out_rows, raw, done,
-                 note)
+    if done:
+        n_eval = sorted({str(r.summary.get("eval_n", "?")) for r in done})
+        note += f" Accuracy over prompts: each run's final greedy evaluation of {'/'.join(n_eval)} validation prompts."
+    return Table("Table 1: final validation accuracy (% of prompts), mean ± std across seeds", families, out_rows, raw,
+                 done, note)
 
 
 def _prompt_set(r: Run) -> str:
@@ -286,7 +289,8 @@ def collaboration_table(runs: list[Run]) -> Table:
         used += rs
     cols = ["seeds", "val acc % (with C)", "val acc % (C removed)"] + \
         (["val acc % (C's information removed)"] if with_null else []) + ["H first → last step", f"u_i, mean of the last {WINDOW} steps"]
-    return Table("Collaboration: accuracy with and without C, routing entropy, utilisation (mean ± std over seeds)",
+    return Table("Collaboration: accuracy (% of prompts) with and without C, routing entropy, utilisation "
+                 "(mean ± std over seeds)",
                  cols, rows, raw, used,
                  note="Accuracy is the final greedy validation accuracy; 'C removed' evaluates the same trained "
                       "policy with no context tokens" + ("; \"C's information removed\" keeps the m context slots "

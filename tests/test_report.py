@@ -634,6 +634,8 @@ def test_table1_per_dataset_from_records(tmp_path):
     assert t.columns == ["arithmetic / t1", "arithmetic / t2"]
     # t1: seeds 1.0 and 0.5 -> 75 ± 35.36; t2: 0.5 and 0 -> 25 ± 35.36
     assert dict(t.rows)["perceiver"] == ["75.00 ± 35.36 (n=2)", "25.00 ± 35.36 (n=2)"]
+    assert "(% of distinct questions)" in t.title and "counts prompts" in t.note
+    assert "(% of prompts)" in table1(load_runs([root])).title
 
 
 def test_figure4_baseline_is_the_mean_of_the_first_window():
