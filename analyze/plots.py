@@ -54,9 +54,17 @@ def _span(ax, series: list[np.ndarray], least: float) -> None:
     ax.axhline(0, color="0.6", lw=0.8)
 
 
+def change_from_start(x: np.ndarray, w: int) -> np.ndarray:
+    """x [T, ...] minus the mean of its first w steps: the baseline of a change from initialisation
+    (one step is one training batch of a few prompts; its value alone is noise). -> [T, ...]"""
+    x = np.asarray(x, dtype=float)
+    return x - x[: max(1, w)].mean(axis=0)
+
+
 def figure4(runs: list[Run], out: Path, method: str = "perceiver", rho: dict | None = None) -> list[Run] | None:
-    """As the paper's Figure 1: the change from initialisation of each expert's utilisation u_i (top)
-    and of the routing entropy H (bottom, with the mean reward), trailing means over W steps, mean
+    """As the paper's Figure 1: the change from initialisation (the mean of the first W steps) of each
+    expert's utilisation u_i (top) and of the routing entropy H (bottom, with the mean reward), trailing
+    means over W steps, mean
     over seeds with ± one std shaded. Axes span at least ±0.1 for u_i and ±0.1 ln n for H, so that
     jitter between runs looks as small as it is. One column per setting of the method's main-setting
     runs (ablations left out), titled with the setting's mean Spearman rho(reward, H)."""
@@ -74,7 +82,7 @@ def figure4(runs: list[Run], out: Path, method: str = "perceiver", rho: dict | N
         T = min(len(u) for u in util)
         steps = rs[0].metrics["step"].to_numpy()[:T]
         w = min(10, max(1, T // 5))
-        du = [_smooth(u[:T] - u[0], w) for u in util]  # [T, n] change from the first step
+        du = [_smooth(change_from_start(u[:T], w), w) for u in util]  # [T, n] change from the first window
         ax = axes[0, col]
         for i in range(du[0].shape[1]):
             _band_line(ax, steps, [d[:, i] for d in du], label=names[i] if i < len(names) else f"expert {i}")
@@ -82,7 +90,7 @@ def figure4(runs: list[Run], out: Path, method: str = "perceiver", rho: dict | N
         r_txt = f"; mean ρ(reward, H) {rho[label]:+.2f}" if rho and label in rho else ""
         ax.set_title(textwrap.fill(f"{label} ({len(rs)} seed{'s' if len(rs) > 1 else ''}{r_txt})", 48), fontsize=9)
         ax.set_xlabel("training step")
-        ax.set_ylabel(f"Δ utilisation $u_i$ from step 1 ({w}-step mean)")
+        ax.set_ylabel(f"Δ utilisation $u_i$ from the first {w} steps' mean ({w}-step mean)")
         ax.legend(fontsize=8)
         ax = axes[1, col]
         _band_line(ax, steps, [_smooth(r.metrics["reward/mean"].to_numpy()[:T].astype(float), w) for r in rs],
@@ -90,10 +98,11 @@ def figure4(runs: list[Run], out: Path, method: str = "perceiver", rho: dict | N
         ax.set_xlabel("training step")
         ax.set_ylabel(f"mean reward ({w}-step mean)", color="tab:blue")
         ax2 = ax.twinx()
-        dh = [_smooth(h - h[0], w) for h in (r.metrics["routing/entropy"].to_numpy()[:T].astype(float) for r in rs)]
+        dh = [_smooth(change_from_start(h, w), w)
+              for h in (r.metrics["routing/entropy"].to_numpy()[:T].astype(float) for r in rs)]
         _band_line(ax2, steps, dh, color="tab:red", label="Δ routing entropy H")
         _span(ax2, dh, 0.1 * np.log(max(2, len(names))))
-        ax2.set_ylabel("Δ routing entropy H from step 1", color="tab:red")
+        ax2.set_ylabel(f"Δ routing entropy H from the first {w} steps' mean", color="tab:red")
         lines = ax.get_lines()[:1] + [x for x in ax2.get_lines() if x.get_label() == "Δ routing entropy H"][:1]
         ax.legend(lines, [x.get_label() for x in lines], fontsize=8, loc="upper left")
     _save(fig, f"Figure 4 ({method}): change from initialisation", out)

@@ -17,15 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from analyze.runs import SCHEDULE, Run
-from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, cell, paired_bootstrap
-from analyze.tables import FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, ablation_names
+from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, cell, two_level_bootstrap
+from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, _prompt_set,
+                            ablation_names)
 from cache.run_folder import EVAL_DIR, EVAL_RECORDS, read_jsonl
 
-CI_NOTE = (f"Paired bootstrap over prompts: {BOOTSTRAP_RESAMPLES} resamples, numpy default_rng seed "
-           f"{BOOTSTRAP_SEED}, 95% percentile interval, in accuracy points; seeds are averaged per prompt first. "
-           "An interval that excludes 0 is a difference these prompts can tell apart.")
-
-
+UNIT = "distinct questions"  # records pair on question_sha: n counts distinct questions, not prompts
+CI_NOTE = (f"Differences in accuracy points over {UNIT} (records pair on the question's digest). Between runs: a "
+           "two-level bootstrap (seeds resampled within each side, then questions, the same questions for both "
+           f"sides; {BOOTSTRAP_RESAMPLES} resamples, numpy default_rng([{BOOTSTRAP_SEED}, i]), 95% percentile interval "
+           "widened to Student's t over the seeds): an interval about the methods, seeds included. With C − without "
+           "C: the same runs under two conditions, seeds resampled together (per seed: a paired bootstrap over "
+           "questions). † one seed on a side: the interval is conditional on the trained weights (questions "
+           "resampled only), it says nothing about another training run.")
 def last_full_records(run: Run) -> list[dict]:
     """The records of the run's last full evaluation (greedy), [] when it kept none."""
     recs = [r for r in read_jsonl(run.path / EVAL_RECORDS) if r.get("kind", "full") == "full"]
@@ -47,7 +51,7 @@ def _key(r: dict):
 
 
 def per_prompt(records: list[dict], condition: str, task: str | None = None) -> dict:
-    """{prompt key: mean correct over the records of `condition` (samples, then seeds pooled)}."""
+    """{distinct question: mean correct over the records of `condition` (its samples and repeats)}."""
     acc = defaultdict(list)
     for r in records:
         if r["condition"] == condition and (task is None or r["task"] == task):
@@ -55,77 +59,118 @@ def per_prompt(records: list[dict], condition: str, task: str | None = None) -> 
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-def pooled(per_run: list[list[dict]], condition: str, task: str | None = None) -> dict:
-    """Per-prompt scores of several runs (seeds) of one condition: the mean over the runs that have it."""
-    acc = defaultdict(list)
-    for recs in per_run:
-        for k, v in per_prompt(recs, condition, task).items():
-            acc[k].append(v)
-    return {k: float(np.mean(v)) for k, v in acc.items()}
-
-
 def paired_cell(a: dict, b: dict) -> tuple[str, dict]:
+    """One run (or seed-pooled scores) against another on the questions both have: paired over questions."""
     common = sorted(set(a) & set(b))
     if not common:
         return "—", {}
-    ci = paired_bootstrap([a[k] for k in common], [b[k] for k in common])
-    return ci.fmt(), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n}
+    ci = two_level_bootstrap([[a[k] for k in common]], [[b[k] for k in common]])
+    return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": UNIT}
+
+
+def seeds_cell(a: list[dict], b: list[dict], paired_seeds: bool = False) -> tuple[str, dict]:
+    """Two-level interval of mean(a) - mean(b): a, b are per-run {question: score} (one dict a seed), on
+    the questions every run of both sides has. paired_seeds: a[i] and b[i] are one run's two conditions."""
+    common = sorted(set.intersection(*(set(x) for x in a + b))) if a and b else []
+    if not common:
+        return "—", {}
+    ci = two_level_bootstrap([[x[k] for k in common] for x in a], [[x[k] for k in common] for x in b],
+                             paired_seeds=paired_seeds)
+    return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": UNIT,
+                               "seeds_a": ci.seeds_a, "seeds_b": ci.seeds_b, "conditional": ci.conditional}
 
 
 def _rows(runs: list[Run]) -> dict[tuple, list[Run]]:
-    """Finished main-setting runs that kept records, one row per method and settings (as Table 1)."""
+    """Finished main-setting runs, one row per method and condition as Table 1 keys them: the team and
+    every setting but the seed, the cache, the family and the prompt set (those are the columns)."""
     rows: dict[tuple, list[Run]] = defaultdict(list)
     ablations = ablation_names(runs)
     for r in runs:
         if r.finished and r.name not in ablations:
-            rows[(r.method, r.condition_without("cache_fingerprint", "task_family", "experts", *SCHEDULE,
+            rows[(r.method, r.condition_without("cache_fingerprint", "prompt_set", "task_family", *SCHEDULE,
                                                 steps=False))].append(r)
     return rows
 
 
+def _columns(rows: dict[tuple, list[Run]]) -> list[tuple[str, str]]:
+    """(family, prompt set) columns: runs evaluated on other prompts never share a cell."""
+    cols = {(r.family, _prompt_set(r)) for rs in rows.values() for r in rs}
+    return sorted(cols, key=lambda c: (_order(c[0], FAMILY_ORDER), c[1]))
+
+
+def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
+    return col[0] if sum(c[0] == col[0] for c in cols) == 1 else f"{col[0]} [prompts {col[1][:8]}]"
+
+
+def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str]) -> list[Run]:
+    """The family's own single runs on the column's prompt set (the single condition with most runs there)."""
+    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col] for k, rs in sorted(rows.items(), key=str)
+             if k[0] == "single"]
+    cands = [c for c in cands if c]
+    return max(cands, key=len) if cands else []
+
+
+def _row_label(rows: dict[tuple, list[Run]], key: tuple, rs: list[Run]) -> str:
+    others = [x[0].config for k, x in rows.items() if k[0] == key[0] and x is not rs]
+    return _label(key[0], rs[0].config, _differing([rs[0].config] + others, ROW_FREE | set(SCHEDULE)) if others else [])
+
+
 def paired_tables(runs: list[Run]) -> list[Table]:
-    """Method vs single and with C vs without C: per family, then per dataset."""
+    """Method vs the family's own single, and with C vs without C, per (family, prompt set) column:
+    two-level intervals (seeds, then questions); then the same per dataset."""
     recs = {r.name: last_full_records(r) for r in runs}
     rows = {k: [r for r in rs if recs[r.name]] for k, rs in _rows(runs).items()}
     rows = {k: rs for k, rs in rows.items() if rs}
-    families = sorted({r.family for rs in rows.values() for r in rs}, key=lambda f: _order(f, FAMILY_ORDER))
-    singles = [rs for k, rs in rows.items() if k[0] == "single"]
-    single = max(singles, key=len) if singles else []
-    comparisons = []  # (label, [(runs, condition)], [(runs, condition)])
-    keyed = sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1]))
-    for (method, _), rs in keyed:
-        others = [x[0].config for k, x in rows.items() if k[0] == method and x is not rs]
-        label = _label(method, rs[0].config, _differing([rs[0].config] + others, ROW_FREE | set(SCHEDULE))
-                       if others else [])
-        if method != "single" and single:
-            comparisons.append((f"{label} − single", rs, "with", single, "with"))
-        if any(r2["condition"] == "without" for r in rs for r2 in recs[r.name]):
-            comparisons.append((f"{label}: with C − without C", rs, "with", rs, "without"))
+    cols = _columns(rows)
+    heads = [_col_name(c, cols) for c in cols]
+    tasks = {c: sorted({x["task"] for rs in rows.values() for r in rs if (r.family, _prompt_set(r)) == c
+                        for x in recs[r.name]}) for c in cols}
+    comparisons = []  # (label, a runs, a condition, b runs per column or None (same runs), b condition)
+    for key, rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
+        label = _row_label(rows, key, rs)
+        if key[0] != "single":
+            comparisons.append((f"{label} − single", rs, "with", "single", "with"))
+        if any(x["condition"] == "without" for r in rs for x in recs[r.name]):
+            comparisons.append((f"{label}: with C − without C", rs, "with", None, "without"))
     fam_rows, task_rows, raw = [], defaultdict(list), []
-    tasks = {f: sorted({x["task"] for rs in rows.values() for r in rs if r.family == f for x in recs[r.name]})
-             for f in families}
-    for label, a_runs, a_cond, b_runs, b_cond in comparisons:
-        cells = []
-        for f in families:
-            a = [recs[r.name] for r in a_runs if r.family == f]
-            b = [recs[r.name] for r in b_runs if r.family == f]
-            txt, fields = paired_cell(pooled(a, a_cond), pooled(b, b_cond)) if a and b else ("—", {})
-            cells.append(txt)
-            raw.append({"comparison": label, "family": f, "task": "", **fields})
-            for t in tasks[f]:
-                txt_t, fields_t = paired_cell(pooled(a, a_cond, t), pooled(b, b_cond, t)) if a and b else ("—", {})
-                task_rows[(f, t)].append(txt_t)
-                raw.append({"comparison": label, "family": f, "task": t, **fields_t})
+    for label, a_runs, a_cond, b_which, b_cond in comparisons:
+        cells, seed_cells = [], []
+        for col, head in zip(cols, heads):
+            a = sorted((r for r in a_runs if (r.family, _prompt_set(r)) == col), key=lambda r: r.name)
+            b = _single_of(rows, col) if b_which == "single" else a
+            for t in [None] + tasks[col]:
+                pa = [per_prompt(recs[r.name], a_cond, t) for r in a]
+                pb = [per_prompt(recs[r.name], b_cond, t) for r in b]
+                txt, fields = seeds_cell(pa, pb, paired_seeds=b_which is None) if a and b else ("—", {})
+                raw.append({"comparison": label, "family": head, "task": t or "", "seed": "all", **fields})
+                if t is None:
+                    cells.append(txt)
+                else:
+                    task_rows[(head, t)].append(txt)
+            if b_which is None and len(a) > 1:  # with − without per seed, paired over questions
+                per = []
+                for r in a:
+                    txt, fields = paired_cell(per_prompt(recs[r.name], a_cond), per_prompt(recs[r.name], b_cond))
+                    per.append(f"seed {r.config.get('seed')}: {txt}")
+                    raw.append({"comparison": label, "family": head, "task": "", "seed": r.config.get("seed"),
+                                **fields})
+                seed_cells.append("; ".join(per))
+            else:
+                seed_cells.append("")
         fam_rows.append((label, cells))
+        if any(seed_cells):
+            fam_rows.append((f"{label}, per seed", [c or "—" for c in seed_cells]))
     used = [r for rs in rows.values() for r in rs]
-    note = CI_NOTE + " Read from each run's last full evaluation (eval_records.jsonl)."
+    note = CI_NOTE + " Read from each run's last full evaluation (eval_records.jsonl); each family's methods " \
+        "against that family's own single runs on the same prompt set."
     if not comparisons:
         note = "No finished run kept per-prompt evaluation records (eval_records.jsonl): nothing to pair."
-    t1 = Table("Paired differences in validation accuracy (points, 95% bootstrap interval)", families, fam_rows,
-               [x for x in raw if not x["task"]], used, note)
-    labels = [c[0] for c in comparisons]
-    t2 = Table("Paired differences per dataset (points, 95% bootstrap interval)", labels,
-               [(f"{f} / {t}", cells) for (f, t), cells in task_rows.items()], [x for x in raw if x["task"]], used,
+    title = f"Paired differences in validation accuracy (points over {UNIT}, 95% interval; † conditional on the " \
+        "trained weights)"
+    t1 = Table(title, heads, fam_rows, [x for x in raw if not x["task"]], used, note)
+    t2 = Table(f"Paired differences per dataset (points over {UNIT}, 95% interval; † conditional on the trained "
+               "weights)", [c[0] for c in comparisons],
+               [(f"{h} / {t}", cells) for (h, t), cells in task_rows.items()], [x for x in raw if x["task"]], used,
                note)
     return [t1, t2]
 
@@ -136,74 +181,114 @@ def table1_per_task(runs: list[Run]) -> Table:
     recs = {r.name: last_full_records(r) for r in runs}
     rows = {k: [r for r in rs if recs[r.name]] for k, rs in _rows(runs).items()}
     rows = {k: rs for k, rs in rows.items() if rs}
-    cols = sorted({(r.family, x["task"]) for rs in rows.values() for r in rs for x in recs[r.name]},
-                  key=lambda c: (_order(c[0], FAMILY_ORDER), c[1]))
+    fam_cols = _columns(rows)  # (family, prompt set): runs on other prompts never share a cell
+    cols = [(fc, t) for fc in fam_cols for t in sorted({x["task"] for rs in rows.values() for r in rs
+                                                         if (r.family, _prompt_set(r)) == fc for x in recs[r.name]})]
     out, raw, used = [], [], []
-    for (method, _), rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
-        others = [x[0].config for k, x in rows.items() if k[0] == method and x is not rs]
-        label = _label(method, rs[0].config, _differing([rs[0].config] + others, ROW_FREE | set(SCHEDULE))
-                       if others else [])
+    for key, rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
+        label = _row_label(rows, key, rs)
         cells = []
-        for fam, task in cols:
-            accs = [_mean(per_prompt(recs[r.name], "with", task)) for r in rs if r.family == fam]
+        for fc, task in cols:
+            accs = [_mean(per_prompt(recs[r.name], "with", task)) for r in rs if (r.family, _prompt_set(r)) == fc]
             c = cell([a for a in accs if a is not None])
             cells.append(c.fmt())
-            raw.append({"row": label, "family": fam, "task": task, "mean": c.mean, "std": c.std, "n": c.n})
+            raw.append({"row": label, "family": _col_name(fc, fam_cols), "task": task, "mean": c.mean, "std": c.std,
+                        "n": c.n, "unit": UNIT})
         out.append((label, cells))
         used += rs
-    note = ("Greedy accuracy with C on each dataset's prompts of the last full evaluation (eval_records.jsonl)."
+    note = (f"Greedy accuracy with C on each dataset's {UNIT} of the last full evaluation (eval_records.jsonl; a "
+            "question asked twice counts once, so a cell can differ from Table 1, which counts prompts)."
             if out else "No finished run kept per-prompt evaluation records (eval_records.jsonl).")
-    return Table("Table 1 per dataset: final validation accuracy (%), mean ± std across seeds",
-                 [f"{f} / {t}" for f, t in cols], out, raw, used, note)
+    return Table(f"Table 1 per dataset: final validation accuracy (% of {UNIT}), mean ± std across seeds",
+                 [f"{_col_name(fc, fam_cols)} / {t}" for fc, t in cols], out, raw, used, note)
+
+
+# What makes two `musk eval` folders one setting (train/eval_command.SETTING_KEYS, read from summary.json;
+# a folder made before a key was recorded has None there and is a setting of its own).
+EVAL_SETTING = ("split", "checkpoint", "n_prompts", "limit", "samples", "temperature", "decoding", "seed", "dtype")
+
+
+def _setting(summary: dict) -> tuple:
+    return tuple(summary.get(k) for k in EVAL_SETTING)
+
+
+def _setting_label(setting: tuple) -> str:
+    s = dict(zip(EVAL_SETTING, setting))
+    dec = "greedy" if s["decoding"] == "greedy" or (s["decoding"] is None and s["temperature"] is None) else \
+        f"T={s['temperature']} x{s['samples']}"
+    return f"{s['split']}, {s['checkpoint']}, {s['dtype'] or 'dtype unrecorded'}, {dec}, {s['n_prompts']} prompts"
+
+
+def _eval_runs(runs: list[Run]) -> dict[tuple, dict[str, dict[str, list[dict]]]]:
+    """{(family, method, team, condition, eval setting): {run name: {condition: records}}}: every folder of
+    one run and setting merged (a condition is read from the first folder that has it)."""
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for r in runs:
+        for _, summary, recs in eval_folders(r):
+            key = (r.family, r.method, r.team, r.condition_without(steps=False), _setting(summary))
+            by_cond = groups[key].setdefault(r.name, {})
+            for cond in dict.fromkeys(x["condition"] for x in recs):
+                by_cond.setdefault(cond, [x for x in recs if x["condition"] == cond])
+    return groups
 
 
 def ablation_table(runs: list[Run]) -> Table:
-    """Each expert dropped, shuffled or kept alone (`musk eval` folders beside the runs): accuracy
-    with all experts, under the ablation, and the paired change (and against single, where single
-    runs have records on the same prompts)."""
-    groups: dict[tuple, list[tuple[Run, list[dict]]]] = defaultdict(list)
-    for r in runs:
-        for _, summary, recs in eval_folders(r):
-            settings = (summary.get("split"), summary.get("checkpoint"), summary.get("samples"))
-            groups[(r.family, r.method, r.team, r.condition_without(steps=False), settings)].append((r, recs))
-    single = defaultdict(list)  # the single runs' last full evaluation, per family
-    ablations = ablation_names(runs)
-    for r in runs:
-        if r.method == "single" and r.finished and r.name not in ablations:
-            single[r.family].append(last_full_records(r))
-    rows, raw, used = [], [], []
+    """Each expert dropped, shuffled or kept alone (`musk eval` folders beside the runs): accuracy with
+    all experts and under the ablation, the change (the same runs, seeds resampled together), and the
+    difference to the family's single runs evaluated by `musk eval` with the same settings. One row per
+    (family, method, team, condition, evaluation setting); folders of other settings are never pooled;
+    "seeds" counts runs."""
+    groups = _eval_runs(runs)
+    singles = {(k[0], k[4]): v for k, v in groups.items() if k[1] == "single"}  # (family, setting) -> runs
+    rows, raw, used, missing_single = [], [], [], False
     for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], str(k))):
-        family, method, team = key[:3]
+        family, method, team, _, setting = key
         members = groups[key]
-        per_run = [recs for _, recs in members]
-        conds = list(dict.fromkeys(x["condition"] for recs in per_run for x in recs if ":" in x["condition"]))
-        with_c = pooled(per_run, "with")
+        names = sorted(members)
+        conds = list(dict.fromkeys(c for n in names for c in members[n] if ":" in c))
+        single = singles.get((family, setting), {})
         for cond in conds:
-            ab = pooled(per_run, cond)
-            d_with, f_with = paired_cell(ab, with_c)
-            d_single, f_single = paired_cell(ab, pooled(single[family], "with")) if single[family] else ("—", {})
-            label = f"{family} / {method} / {', '.join(team)} / {cond}"
-            rows.append((label, [str(len(members)), _pct(with_c), _pct(ab), d_with, d_single]))
-            raw.append({"setting": label, "runs": ";".join(r.name for r, _ in members),
-                        "acc_with": _mean(with_c), "acc_ablated": _mean(ab),
+            have = [n for n in names if cond in members[n] and "with" in members[n]]
+            ab = [per_prompt(members[n][cond], cond) for n in have]
+            with_c = [per_prompt(members[n]["with"], "with") for n in have]
+            d_with, f_with = seeds_cell(ab, with_c, paired_seeds=True)
+            sg = [per_prompt(single[n]["with"], "with") for n in sorted(single) if "with" in single[n]]
+            d_single, f_single = seeds_cell(ab, sg) if sg else ("—", {})
+            missing_single |= not sg
+            label = f"{family} / {method} / {', '.join(team)} / {cond} [{_setting_label(setting)}]"
+            rows.append((label, [str(len(have)), _pct_runs(with_c), _pct_runs(ab), d_with, d_single]))
+            raw.append({"setting": label, "runs": ";".join(have), "seeds": len(have),
+                        **dict(zip(EVAL_SETTING, setting)), "acc_with": _mean_runs(with_c),
+                        "acc_ablated": _mean_runs(ab), "unit": UNIT,
                         **{f"vs_with_{k}": v for k, v in f_with.items()},
                         **{f"vs_single_{k}": v for k, v in f_single.items()}})
-        used += [r for r, _ in members]
+        used += [r for r in runs if r.name in names]
     note = (CI_NOTE + " From `musk eval --ablate` folders (RUN/eval/*): drop removes the expert's token before "
-            "g_phi mixes them, shuffle gives it another evaluated prompt's features, only keeps it alone.")
+            "g_phi mixes them, shuffle gives it another evaluated question's features, only keeps it alone. A row "
+            "is one evaluation setting (split, checkpoint, dtype, decoding, prompts); \"ablated − single\" reads "
+            "single runs' `musk eval` folders of the same setting.")
+    if missing_single:
+        note += " —: no single run of the family has a `musk eval` folder of that setting (run `musk eval SINGLE_RUN`)."
     if not rows:
         note = "No `musk eval --ablate` folder beside the runs: run `musk eval RUN --ablate drop:NAME` to fill this."
-    return Table("Expert ablations: accuracy (%) and paired change (points, 95% bootstrap interval)",
+    return Table(f"Expert ablations: accuracy (%, over {UNIT}) and paired change (points, 95% interval)",
                  ["seeds", "acc with all experts", "acc ablated", "ablated − with", "ablated − single"], rows, raw,
                  used, note)
 
 
+def _mean_runs(per_run: list[dict]) -> float | None:
+    """Mean over runs of each run's mean over its questions."""
+    means = [_mean(x) for x in per_run if x]
+    return float(np.mean(means)) if means else None
+
+
+def _pct_runs(per_run: list[dict]) -> str:
+    m = _mean_runs(per_run)
+    return "—" if m is None else f"{m * 100:.1f} ({len(per_run)} runs, {len(per_run[0])} {UNIT})"
+
+
 def _mean(scores: dict) -> float | None:
     return float(np.mean(list(scores.values()))) if scores else None
-
-
-def _pct(scores: dict) -> str:
-    return f"{_mean(scores) * 100:.1f} (n={len(scores)})" if scores else "—"
 
 
 def routing_table(runs: list[Run]) -> Table:

@@ -10,7 +10,7 @@ import polars as pl
 from analyze import plots
 from analyze.html import write_html
 from analyze.records import ablation_table, paired_tables, routing_table, table1_per_task
-from analyze.runs import load_runs
+from analyze.runs import distinct_runs, dtype_note, load_runs
 from analyze.tables import (Table, collaboration_table, cost_table, spearman_table, table1, table2, table_runs_md,
                             unfinished_note)
 
@@ -22,7 +22,7 @@ def _write_table(t: Table, out: Path, stem: str) -> None:
 
 
 def run_report(paths: list[Path], out: Path, log=print) -> Path:
-    every = load_runs([Path(p) for p in paths])
+    every, aside = distinct_runs(load_runs([Path(p) for p in paths]))
     # A run without summary.json (still training, killed, waiting for --resume) has no final evaluation
     # and stops at another step than its seeds: it is left out of every table and figure and named.
     runs = [r for r in every if r.finished]
@@ -38,6 +38,7 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
               (tk, "collaboration"), (routing_table(runs), "routing_per_task"), (t2, "table2"), (ts, "spearman"),
               (tc, "cost"))
     for t, stem in tables:
+        t.note += dtype_note(t.sources)
         _write_table(t, out, stem)
     figs = {
         "figure4.png": ("Figure 4: change in utilisation and routing entropy from initialisation",
@@ -46,7 +47,10 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
         "figure6.png": ("Figure 6: accuracy vs m", plots.figure6(runs, out / "figure6.png")),
     }
 
-    md = [f"# musk report\n\n{len(every)} runs from {', '.join(str(p) for p in paths)}.{unfinished_note(every)}\n"]
+    copies = (" Copies set aside (the same condition and seed as a run kept): " +
+              ", ".join(f"{c} (= {k})" for c, k in aside) + ".") if aside else ""
+    md = [f"# musk report\n\n{len(every)} runs from {', '.join(str(p) for p in paths)}.{unfinished_note(every)}"
+          f"{copies}\n"]
     for t, stem in tables:
         md.append(t.markdown())
         md.append(f"\n[{stem}.md]({stem}.md) · [{stem}.csv]({stem}.csv)\n\nComputed from:\n\n{table_runs_md(t)}\n")
@@ -60,7 +64,8 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
     write_html(out, every, [t for t, _ in tables],
                {name: (title, out / name if used is not None else None) for name, (title, used) in figs.items()})
     rho = "; ".join(f"{k}: {v:+.3f}" for k, v in rho_means.items()) or "undefined"
-    overall = f"{sum(rho_means.values()) / len(rho_means):+.3f}" if rho_means else "undefined"
-    log(f"report of {len(every)} runs ({len(every) - len(runs)} unfinished, left out) written to {out}/summary.md "
-        f"(mean Spearman rho per setting: {rho}; over all settings: {overall})")
+    overall = next((f"{x['spearman']:+.3f}" for x in ts.raw if x["setting"] == "all runs"), "undefined")
+    log(f"report of {len(every)} runs ({len(every) - len(runs)} unfinished, left out"
+        f"{f', {len(aside)} copies set aside' if aside else ''}) written to {out}/summary.md "
+        f"(mean Spearman rho per setting: {rho}; over all runs: {overall})")
     return out / "summary.md"

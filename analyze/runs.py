@@ -118,9 +118,49 @@ def load_run(path: Path) -> Run:
 
 
 def load_runs(paths: list[Path]) -> list[Run]:
+    """The runs under `paths`, each named by its folder, or by as many of its parent folders as make
+    the name unique in the report (records and tables key on the name)."""
     runs = [load_run(p) for p in discover(paths)]
-    names = [r.name for r in runs]
-    for r in runs:  # same folder name under different parents: use the relative path
-        if names.count(r.name) > 1:
-            r.name = f"{r.path.parent.name}/{r.path.name}"
+    depth = {r.path: 1 for r in runs}
+    while True:
+        names = {r.path: "/".join(r.path.parts[-depth[r.path]:]) for r in runs}
+        clash = {p for p in names if list(names.values()).count(names[p]) > 1 and depth[p] < len(p.parts)}
+        if not clash:
+            break
+        for p in clash:
+            depth[p] += 1
+    for r in runs:
+        r.name = names[r.path]
     return runs
+
+
+def distinct_runs(runs: list[Run]) -> tuple[list[Run], list[tuple[str, str]]]:
+    """Runs with the same condition and seed are one run (a sweep's main setting appears in several
+    sweep folders): the first of each (by name) is kept. Returns (kept, [(copy set aside, run kept)])."""
+    kept: dict[tuple, Run] = {}
+    aside = []
+    for r in sorted(runs, key=lambda r: r.name):
+        key = (r.condition, repr(r.config.get("seed")), r.finished)
+        if key in kept:
+            aside.append((r.name, kept[key].name))
+        else:
+            kept[key] = r
+    return [r for r in runs if r in kept.values()], aside
+
+
+def dtype_of(r: Run) -> str:
+    """The dtype the run trained in (config.yaml's dtype_resolved), or 'DTYPE, unresolved' for a run
+    made before it was recorded."""
+    return str(r.config.get("dtype_resolved") or r.summary.get("dtype") or f"{r.config.get('dtype', 'auto')}, "
+               "unresolved")
+
+
+def dtype_note(runs: list[Run]) -> str:
+    """' Dtype: bfloat16.' or ' Dtypes: bfloat16 (a, b), float32 (c).' ('' for no runs)."""
+    by: dict[str, list[str]] = {}
+    for r in sorted(runs, key=lambda r: r.name):
+        by.setdefault(dtype_of(r), []).append(r.name)
+    if len(by) == 1:
+        return f" Dtype: {next(iter(by))}."
+    return (" Dtypes (never pooled in one cell): " + "; ".join(f"{d} ({', '.join(n)})" for d, n in by.items()) + ".") \
+        if by else ""

@@ -4,9 +4,13 @@ expert only, complete records that a rerun never duplicates, bad input that writ
 import json
 import math
 import shutil
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import train.evaluate
@@ -178,14 +182,79 @@ def test_eval_dtype_is_chosen_recorded_and_never_mixed(tiny_run, tmp_path):
     s = json.loads((out / "summary.json").read_text())
     assert s["dtype"] == "float32"  # the tiny run's dtype
     code, msg = _eval(tiny_run, "--limit", "2", "--dtype", "bfloat16", "--out", out)
-    assert code == 2 and "other settings (['dtype'])" in msg
-    # a summary written before dtype was recorded decoded in the run's dtype: a rerun completes it
+    assert code == 2 and "other settings or weights (['dtype'])" in msg
+    # a summary written before dtype was recorded cannot show it matches: refused, naming dtype
     del s["dtype"]
     (out / "summary.json").write_text(json.dumps(s))
-    assert _eval(tiny_run, "--limit", "2", "--out", out)[0] == 0
+    code, msg = _eval(tiny_run, "--limit", "2", "--out", out)
+    assert code == 2 and "other settings or weights (['dtype'])" in msg
     code, msg = _eval(tiny_run, "--limit", "2", "--dtype", "bfloat16", "--out", tmp_path / "bf")
     assert code == 0, msg
     assert json.loads((tmp_path / "bf" / "summary.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_eval_records_its_setting_and_reuses_a_folder_only_for_the_same_weights(tiny_run, tmp_path):
+    """summary.json holds the resolved dtype, temperature, samples, limit, shuffle seed, decoding and a
+    digest of the weights; one sampled completion is mean@1, not a greedy accuracy; a folder whose
+    weights changed since (final/ rewritten) is refused."""
+    from train.eval_command import weights_digest
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    out = tmp_path / "ev"
+    assert _eval(run, "--limit", "2", "--seed", "3", "--out", out)[0] == 0
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["dtype"], s["temperature"], s["samples"], s["limit"], s["seed"], s["decoding"]) == \
+        ("float32", None, 1, 2, 3, "greedy")
+    assert s["weights_sha"] == weights_digest(run / "final") and len(s["weights_sha"]) == 64
+    with open(run / "final" / "context_adapter.pt", "ab") as f:  # a longer sweep rewrote final/
+        f.write(b"\0")
+    code, msg = _eval(run, "--limit", "2", "--seed", "3", "--out", out)
+    assert code == 2 and "(['weights_sha'])" in msg
+    code, msg = _eval(tiny_run, "--limit", "2", "--samples", "1", "--temperature", "0.7", "--out", tmp_path / "t")
+    assert code == 0, msg
+    s = json.loads((tmp_path / "t" / "summary.json").read_text())
+    assert s["decoding"] == "sampled" and s["temperature"] == 0.7
+    c = s["conditions"]["with"]
+    assert "accuracy" not in c and c["k"] == 1 and c["mean_at_k"] == pytest.approx(c["pass_at_k"])
+
+
+def test_dtype_is_recorded_resolved_and_used(tiny_run, tiny_policy, tiny_cache, tmp_path):
+    """config.yaml keeps `dtype` and the dtype it resolved to, summary.json too; musk eval --dtype run
+    decodes in the recorded one (an older run without it: resolved here, and said); --resume in
+    another resolved dtype is refused naming both."""
+    import yaml
+
+    from train.config import load_train_config
+
+    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert cfg["dtype"] == "float32" and cfg["dtype_resolved"] == "float32"
+    assert json.loads((tiny_run / "summary.json").read_text())["dtype"] == "float32"
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval"))
+    (run / "config.yaml").write_text(yaml.safe_dump({**cfg, "dtype_resolved": "bfloat16"}))
+    assert _eval(run, "--limit", "1", "--out", tmp_path / "a")[0] == 0
+    assert json.loads((tmp_path / "a" / "summary.json").read_text())["dtype"] == "bfloat16"
+    (run / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "dtype_resolved"}))
+    code, msg = _eval(run, "--limit", "1", "--out", tmp_path / "b")
+    assert code == 0 and "does not record the dtype it trained in" in msg and "float32" in msg
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    other = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2,
+                                                         save_freq=1, dtype="bfloat16"))
+    with pytest.raises(train.loop.MuskError, match="trained in float32.*resolves to bfloat16"):
+        train.loop.run_train(other, tiny_cache, run, resume=True, progress=False, log=lambda *a: None)
+
+
+def test_eval_works_on_single_runs(tiny_cache, tiny_policy, tmp_path):
+    from train.config import load_train_config
+
+    single = train.loop.run_train(load_train_config(None, tiny_train_overrides(tiny_policy, method="single",
+                                                                                total_training_steps=1)),
+                                  tiny_cache, tmp_path / "s", progress=False, log=lambda *a: None)
+    code, msg = _eval(single, "--limit", "2")
+    assert code == 0, msg
+    s = json.loads((single / "eval" / "final-val" / "summary.json").read_text())
+    assert s["method"] == "single" and list(s["conditions"]) == ["with"] and s["decoding"] == "greedy"
 
 
 def test_eval_samples_give_pass_at_k_and_checkpoints_load(tiny_run, tmp_path):
@@ -279,3 +348,39 @@ def test_output_collab_ablations_edit_the_hint_block(tiny_policy):
     assert "- b: B0" in text(ExpertView(keep=torch.tensor([False, True]))) and "- a:" not in text(
         ExpertView(keep=torch.tensor([False, True])))
     assert "- a: A0\n- b: B1" in text(ExpertView(source={1: {0: 1}}))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5), min_size=2, max_size=30), st.integers(0, 10_000))
+def test_shuffle_is_a_derangement_over_distinct_questions(qs, seed):
+    """No row reads features of its own question (repeated questions included) once there are two
+    distinct questions; sources are evaluated rows; the draw is fixed by the seed."""
+    from core.errors import MuskError
+    from train.eval_command import shuffled
+    from train.evaluate import Condition
+
+    rows = np.arange(100, 100 + len(qs))
+    cond = Condition("shuffle:b", "with", ExpertView(source={1: {}}))
+    if len(set(qs)) < 2:
+        with pytest.raises(MuskError, match="distinct question"):
+            shuffled(cond, rows, seed, qs)
+        return
+    src = shuffled(cond, rows, seed, qs).view.source[1]
+    q_of = dict(zip(rows.tolist(), qs))
+    assert set(src) == set(q_of) and set(src.values()) <= set(q_of)
+    assert all(q_of[r] != q_of[s] for r, s in src.items())
+    assert shuffled(cond, rows, seed, qs) == shuffled(cond, rows, seed, qs)
+
+
+def test_drop_of_the_only_expert_is_refused():
+    from types import SimpleNamespace
+
+    from core.errors import MuskError
+    from train.eval_command import EvalRequest, parse_conditions
+
+    req = EvalRequest(run=Path("r"), ablations=("drop:a",))
+    cfg, data = SimpleNamespace(method="perceiver"), SimpleNamespace(experts=["a"], features=object())
+    with pytest.raises(MuskError, match="only expert is 'a'; dropping it leaves no expert"):
+        parse_conditions(req, cfg, data, True)
+    data2 = SimpleNamespace(experts=["a", "b"], features=object())
+    assert [c.name for c in parse_conditions(req, cfg, data2, True)] == ["with", "drop:a"]

@@ -428,10 +428,61 @@ def test_spearman_and_figure4_leave_out_ablations_and_give_the_mean_over_setting
     runs = load_runs([root])
     t, means = spearman_table(runs)
     assert {r.name for r in t.sources} == {"r1", "lo"} and len(t.rows) == 2
-    assert "Mean ρ over all 2 settings: -0.600 (paper: -0.48)" in t.note  # (-1 + -0.2) / 2
-    assert [x for x in t.raw if x["setting"] == "all settings"][0]["spearman"] == pytest.approx(-0.6)
+    assert "Mean ρ over all 2 runs: -0.600 (paper: -0.48;" in t.note  # (-1 + -0.2) / 2
+    assert "mean of the 2 setting means: -0.600" in t.note
+    assert [x for x in t.raw if x["setting"] == "all runs"][0]["spearman"] == pytest.approx(-0.6)
     used = figure4(runs, tmp_path / "f4.png", rho=means)
     assert {r.name for r in used} == {"r1", "lo"}
+
+
+def test_spearman_overall_is_the_mean_over_runs(tmp_path):
+    """Two arithmetic seeds at -1 and one logic run at -0.2: the paper's number is the mean over the
+    three runs; the mean of setting means weighs the one logic run as much as both arithmetic runs."""
+    root = tmp_path / "sp2"
+    for s_ in range(2):
+        make_run(root, f"a{s_}", seed=s_, rewards=(0.1, 0.2, 0.3, 0.4), entropy=(1.0, 0.9, 0.8, 0.7))
+    make_run(root, "lo", family="logic", cache="c2", rewards=(0.1, 0.2, 0.3, 0.4), entropy=(0.9, 0.6, 0.7, 0.8))
+    t, means = spearman_table(load_runs([root]))
+    lo = spearman([0.1, 0.2, 0.3, 0.4], [0.9, 0.6, 0.7, 0.8])
+    assert lo == pytest.approx(-0.2)
+    assert [x for x in t.raw if x["setting"] == "all runs"][0]["spearman"] == pytest.approx((-1 - 1 + lo) / 3)
+    assert f"Mean ρ over all 3 runs: {(-2 + lo) / 3:+.3f}" in t.note
+    assert f"mean of the 2 setting means: {(-1 + lo) / 2:+.3f}" in t.note
+
+
+def test_report_sets_aside_copies_and_keeps_names_unique(tmp_path):
+    """The main setting's run copied into two sweep folders is one run (named as set aside); two
+    folders of one name under parents of one name stay two runs with two names."""
+    from analyze.runs import distinct_runs
+
+    root = tmp_path / "sweeps"
+    make_run(root / "table1", "p-s0", acc=0.6)
+    make_run(root / "table2", "p-s0", acc=0.6)  # the same condition and seed: a copy
+    make_run(root / "x" / "deep", "s", method="single", acc=0.5)
+    make_run(root / "y" / "deep", "s", method="single", seed=1, acc=0.7)
+    runs = load_runs([root])
+    assert sorted(r.name for r in runs) == ["table1/p-s0", "table2/p-s0", "x/deep/s", "y/deep/s"]
+    kept, aside = distinct_runs(runs)
+    assert aside == [("table2/p-s0", "table1/p-s0")] and len(kept) == 3
+    code, out = _report(root, "--out", tmp_path / "rep")
+    assert code == 0, out
+    t1 = (tmp_path / "rep" / "table1.md").read_text()
+    assert "| perceiver | 60.00 (n=1) |" in t1 and "| single | 60.00 ± 14.14 (n=2) |" in t1  # copy: not n=2
+    summary = (tmp_path / "rep" / "summary.md").read_text()
+    assert "Copies set aside (the same condition and seed as a run kept): table2/p-s0 (= table1/p-s0)." in summary
+
+
+def test_runs_of_other_dtypes_never_share_a_cell_and_tables_name_their_dtype(tmp_path):
+    root = tmp_path / "dt"
+    _with(make_run(root, "p-bf", acc=0.8), dtype="auto", dtype_resolved="bfloat16")
+    _with(make_run(root, "p-f32", seed=1, acc=0.2), dtype="auto", dtype_resolved="float32")
+    rows = dict(table1(load_runs([root])).rows)
+    assert rows["perceiver [dtype_resolved=bfloat16]"] == ["80.00 (n=1)"]
+    assert rows["perceiver [dtype_resolved=float32]"] == ["20.00 (n=1)"]
+    code, out = _report(root, "--out", tmp_path / "rep")
+    assert code == 0, out
+    assert "Dtypes (never pooled in one cell): bfloat16 (p-bf); float32 (p-f32)." in \
+        (tmp_path / "rep" / "table1.md").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -463,12 +514,91 @@ def test_paired_tables_hand_worked(tmp_path):
     _records(s, [0, 1, 1, 0])
     fam, per_task = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
-    assert rows["perceiver − single"] == ["+25.0 [+0.0, +75.0] (n=4)"]
-    assert rows["perceiver: with C − without C"] == ["+50.0 [+0.0, +100.0] (n=4)"]
-    assert "10000 resamples" in fam.note and "seed 0" in fam.note
+    assert rows["perceiver − single"] == ["+25.0 [+0.0, +75.0]† (1 v 1 seed, 4 distinct questions)"]
+    assert rows["perceiver: with C − without C"] == ["+50.0 [+0.0, +100.0]† (1 seed, 4 distinct questions)"]
+    assert "10000 resamples" in fam.note and "default_rng([0, i])" in fam.note and "conditional on the trained" in fam.note
     tasks = dict(per_task.rows)
-    assert tasks["arithmetic / t1"][0] == "+50.0 [+0.0, +100.0] (n=2)"  # d = [1, 0] on t1
-    assert tasks["arithmetic / t2"][0] == "+0.0 [+0.0, +0.0] (n=2)"
+    assert tasks["arithmetic / t1"][0] == "+50.0 [+0.0, +100.0]† (1 v 1 seed, 2 distinct questions)"  # d = [1, 0] on t1
+    assert tasks["arithmetic / t2"][0] == "+0.0 [+0.0, +0.0]† (1 v 1 seed, 2 distinct questions)"
+
+
+def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
+    """Two perceiver teams on one family's prompts never share a row; a second family's methods are
+    compared with that family's own single runs (today only one family got a difference)."""
+    from analyze.records import paired_tables
+
+    root = tmp_path / "teams"
+    _records(_with(make_run(root, "p-a", acc=1.0), experts=["a", "b"]), [1, 1, 1, 1])
+    _records(_with(make_run(root, "p-b", acc=0.0), experts=["c", "d"]), [0, 0, 0, 0])
+    _records(make_run(root, "s", method="single", acc=0.5), [1, 0, 1, 0])
+    _records(make_run(root, "p-lo", family="logic", cache="c2", acc=1.0), [1, 1, 1, 1])
+    _records(make_run(root, "s-lo", method="single", family="logic", cache="c2", acc=0.0), [0, 0, 0, 0])
+    fam, _ = paired_tables(load_runs([root]))
+    assert fam.columns == ["arithmetic", "logic"]
+    rows = dict(fam.rows)
+    a = rows["perceiver [experts=['a', 'b']] − single"]
+    b = rows["perceiver [experts=['c', 'd']] − single"]
+    assert a[0].startswith("+50.0 ") and b[0].startswith("-50.0 ")  # not pooled into +0.0
+    main = rows["perceiver [experts=['math', 'code', 'general']] − single"]
+    assert main == ["—", "+100.0 [+100.0, +100.0]† (1 v 1 seed, 4 distinct questions)"]
+
+
+def test_paired_tables_carry_seed_variance(tmp_path):
+    """3 seeds a side whose accuracies spread: the interval is two-level (seeds counted, no †), and
+    with − without C is given per seed and pooled over the seeds."""
+    from analyze.records import paired_tables
+
+    root = tmp_path / "seeds"
+    rows_p = ([1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1, 0])
+    rows_s = ([1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0])
+    for s in range(3):
+        p = make_run(root, f"p{s}", seed=s)
+        _records(p, rows_p[s], tasks=("t1",) * 8)
+        _records(p, [0] * 8, condition="without", tasks=("t1",) * 8)
+        _records(make_run(root, f"s{s}", method="single", seed=s), rows_s[s], tasks=("t1",) * 8)
+    fam, _ = paired_tables(load_runs([root]))
+    rows = dict(fam.rows)
+    cell_ = rows["perceiver − single"][0]
+    assert cell_.startswith("+33.3 [") and cell_.endswith("] (3 v 3 seeds, 8 distinct questions)")
+    lo, hi = (float(x) for x in cell_.split("[")[1].split("]")[0].split(", "))
+    assert hi - lo > 30  # seeds 25 points apart: wide
+    assert rows["perceiver: with C − without C"][0].endswith("(3 seeds, 8 distinct questions)")
+    per_seed = rows["perceiver: with C − without C, per seed"][0]
+    assert per_seed.startswith("seed 0: +75.0 [") and "seed 1: +50.0 [" in per_seed and "seed 2: +87.5 [" in per_seed
+
+
+def _eval_folder(run, name, **settings):
+    ev = run / "eval" / name
+    ev.mkdir(parents=True)
+    base = {"split": "val", "checkpoint": "final", "n_prompts": 4, "limit": None, "samples": 1, "temperature": None,
+            "decoding": "greedy", "seed": 0, "dtype": "float32"}
+    (ev / "summary.json").write_text(json.dumps({**base, **settings}))
+    return ev
+
+
+def test_ablation_rows_are_one_evaluation_setting_and_seeds_count_runs(tmp_path):
+    """A run's bf16 and float32 folders are two rows, never averaged; two folders of one run and setting
+    are one seed; without a single run evaluated in that setting, "ablated − single" is —."""
+    from analyze.records import ablation_table
+
+    root = tmp_path / "ab2"
+    p = make_run(root, "p", acc=0.75)
+    for name, dtype, rows in (("f32", "float32", [1, 1, 1, 1]), ("bf16", "bfloat16", [0, 0, 0, 0])):
+        ev = _eval_folder(p, name, dtype=dtype)
+        _records(ev, [1, 1, 1, 1], name="records.jsonl")
+        _records(ev, rows, condition="drop:math", name="records.jsonl")
+    ev = _eval_folder(p, "f32-again")  # the same setting again: the same run, not a second seed
+    _records(ev, [1, 1, 1, 1], name="records.jsonl")
+    _records(ev, [1, 1, 1, 1], condition="shuffle:math", name="records.jsonl")
+    s = make_run(root, "s", method="single", acc=0.5)
+    _records(_eval_folder(s, "final-val", dtype="bfloat16"), [0, 1, 1, 0], name="records.jsonl")
+    rows = dict(ablation_table(load_runs([root])).rows)
+    f32 = rows["arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"]
+    bf16 = rows["arithmetic / perceiver / math, code, general / drop:math [val, final, bfloat16, greedy, 4 prompts]"]
+    assert f32[0] == "1" and f32[2].startswith("100.0 ") and f32[4] == "—"
+    assert bf16[2].startswith("0.0 ") and bf16[4].startswith("-50.0 ")
+    sh = rows["arithmetic / perceiver / math, code, general / shuffle:math [val, final, float32, greedy, 4 prompts]"]
+    assert sh[0] == "1"
 
 
 def test_ablation_table_reads_musk_eval_folders(tmp_path):
@@ -477,17 +607,18 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
     root = tmp_path / "ab"
     p = make_run(root, "p", acc=0.75)
     _records(p, [1, 1, 1, 0], util=[[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.2, 0.2, 0.6], [0.2, 0.4, 0.4]])
-    ev = p / "eval" / "final-val-drop_math"
-    ev.mkdir(parents=True)
-    (ev / "summary.json").write_text(json.dumps({"split": "val", "checkpoint": "final", "samples": 1}))
+    ev = _eval_folder(p, "final-val-drop_math")
     _records(ev, [1, 1, 1, 0], name="records.jsonl")
     _records(ev, [0, 1, 1, 0], condition="drop:math", name="records.jsonl")
     s = make_run(root, "s", method="single", acc=0.5)
-    _records(s, [0, 1, 1, 0])
+    _records(s, [1, 1, 1, 1])  # single's training-time evaluation: not what the ablation is set against
+    _records(_eval_folder(s, "final-val"), [0, 1, 1, 0], name="records.jsonl")
     runs = load_runs([root])
     t = ablation_table(runs)
-    assert dict(t.rows)["arithmetic / perceiver / math, code, general / drop:math"] == [
-        "1", "75.0 (n=4)", "50.0 (n=4)", "-25.0 [-75.0, +0.0] (n=4)", "+0.0 [+0.0, +0.0] (n=4)"]
+    label = "arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"
+    assert dict(t.rows)[label] == [
+        "1", "75.0 (1 runs, 4 distinct questions)", "50.0 (1 runs, 4 distinct questions)",
+        "-25.0 [-75.0, +0.0]† (1 seed, 4 distinct questions)", "+0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)"]
     r = dict(routing_table(runs).rows)
     assert r["arithmetic / perceiver / all"] == ["1", "math: 0.350, code: 0.325, general: 0.325"]
     assert r["arithmetic / perceiver / t1"] == ["1", "math: 0.500, code: 0.350, general: 0.150"]
@@ -503,3 +634,15 @@ def test_table1_per_dataset_from_records(tmp_path):
     assert t.columns == ["arithmetic / t1", "arithmetic / t2"]
     # t1: seeds 1.0 and 0.5 -> 75 ± 35.36; t2: 0.5 and 0 -> 25 ± 35.36
     assert dict(t.rows)["perceiver"] == ["75.00 ± 35.36 (n=2)", "25.00 ± 35.36 (n=2)"]
+    assert "(% of distinct questions)" in t.title and "counts prompts" in t.note
+    assert "(% of prompts)" in table1(load_runs([root])).title
+
+
+def test_figure4_baseline_is_the_mean_of_the_first_window():
+    """Step 1 alone is one noisy batch: the change is measured from the mean of the first w steps."""
+    from analyze.plots import change_from_start
+
+    u = [[0.9, 0.1], [0.5, 0.5], [0.4, 0.6], [0.6, 0.4]]
+    d = change_from_start(u, 2)  # baseline (0.7, 0.3)
+    assert d.ravel().tolist() == pytest.approx([0.2, -0.2, -0.2, 0.2, -0.3, 0.3, -0.1, 0.1])
+    assert change_from_start([1.0, 2.0, 3.0], 1).tolist() == [0.0, 1.0, 2.0]

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, pass_at_k, paired_bootstrap
+from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, pass_at_k, paired_bootstrap, two_level_bootstrap
 
 
 def test_pass_at_k_hand_worked():
@@ -57,3 +57,82 @@ def test_paired_bootstrap_pairs_and_is_seeded():
     assert (ci.lo, ci.hi) == tuple(np.percentile(means, [2.5, 97.5]))
     with pytest.raises(ValueError):
         paired_bootstrap([1, 0], [1])
+
+
+def _null_draw(rng, n=500, seeds=3, spread=0.046):
+    """Two methods of equal expected accuracy: per-prompt difficulty shared, each seed shifts its run's
+    accuracy by N(0, spread) (training randomness), answers Bernoulli. -> ([seeds, n], [seeds, n])"""
+    p = rng.beta(2, 2, n)
+    run = lambda: np.stack([(rng.random(n) < np.clip(p + rng.normal(0, spread), 0, 1)).astype(float)  # noqa: E731
+                            for _ in range(seeds)])
+    return run(), run()
+
+
+def test_two_level_calibrated_under_the_null():
+    """3 seeds a side, seed spread 4.6 points, 500 prompts, equal expected accuracy: the two-level
+    interval excludes 0 in at most ~7% of draws (bound: 16 of 120, P(X >= 17 | p = 0.07) < 0.005);
+    the prompts-only interval over seed-averaged scores excludes it in about half (>= 40 of 120)."""
+    rng = np.random.default_rng(2024)
+    draws, old, new = 120, 0, 0
+    for i in range(draws):
+        a, b = _null_draw(rng)
+        old += paired_bootstrap(a.mean(0), b.mean(0), resamples=400, seed=i).excludes_zero()
+        new += two_level_bootstrap(a, b, resamples=400, seed=i).excludes_zero()
+    assert new <= 16, f"two-level interval excluded 0 in {new} of {draws} null draws"
+    assert old >= 40, f"prompts-only interval excluded 0 in only {old} of {draws} null draws"
+
+
+def test_two_level_hand_worked_and_flags():
+    # three identical seeds, and a is b + 0.1 on every prompt: the difference is 0.1 whatever is resampled
+    b = np.tile(np.random.default_rng(0).random(20), (3, 1))
+    ci = two_level_bootstrap(b + 0.1, b)
+    assert ci.diff == pytest.approx(0.1) and ci.lo == pytest.approx(0.1) and ci.hi == pytest.approx(0.1)
+    assert (ci.n, ci.seeds_a, ci.seeds_b, ci.conditional) == (20, 3, 3, False)
+    assert ci.fmt() == "+10.0 [+10.0, +10.0] (3 v 3 seeds, 20 prompts)"
+    one = two_level_bootstrap(b[:1] + 0.1, b)
+    assert one.conditional and one.fmt().startswith("+10.0 [+10.0, +10.0]† (1 v 3 seeds")
+    # paired seeds: seeds of equal shift on both sides cancel; a shift that varies by seed does not
+    shift = np.array([[0.0], [0.2], [0.4]])
+    p = two_level_bootstrap(b + shift + 0.05, b + shift, paired_seeds=True)
+    assert p.lo == pytest.approx(0.05) and p.hi == pytest.approx(0.05) and p.fmt().endswith("(3 seeds, 20 prompts)")
+    u = two_level_bootstrap(b + shift + 0.05, b + shift[::-1])
+    assert u.diff == pytest.approx(0.05) and u.hi - u.lo > 0.2
+    with pytest.raises(ValueError):
+        two_level_bootstrap(b, b[:2], paired_seeds=True)
+    with pytest.raises(ValueError):
+        two_level_bootstrap(b, b[:, :5])
+
+
+def test_two_level_seed_spread_widens_the_interval():
+    """Seeds 6 points apart on each side: the two-level interval is wider than the prompts-only one."""
+    rng = np.random.default_rng(5)
+    p = rng.random(400)
+    a = np.stack([(rng.random(400) < np.clip(p + s, 0, 1)) for s in (-0.06, 0.0, 0.06)]).astype(float)
+    b = np.stack([(rng.random(400) < np.clip(p + s, 0, 1)) for s in (-0.06, 0.0, 0.06)]).astype(float)
+    two, one = two_level_bootstrap(a, b, resamples=2000), paired_bootstrap(a.mean(0), b.mean(0), resamples=2000)
+    assert two.diff == pytest.approx(one.diff) and two.hi - two.lo > 1.5 * (one.hi - one.lo)
+
+
+def test_bootstrap_chunks_do_not_change_the_interval():
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 2, 97), rng.integers(0, 2, 97)
+    assert paired_bootstrap(x, y, resamples=1000, chunk=7) == paired_bootstrap(x, y, resamples=1000, chunk=1000)
+    a, b = rng.random((3, 97)), rng.random((2, 97))
+    assert two_level_bootstrap(a, b, resamples=1000, chunk=7) == two_level_bootstrap(a, b, resamples=1000)
+    assert two_level_bootstrap(a, a[::-1], paired_seeds=True, resamples=999, chunk=10) == \
+        two_level_bootstrap(a, a[::-1], paired_seeds=True, resamples=999)
+
+
+def test_bootstrap_memory_is_bounded():
+    """n = 4,000 prompts, 10,000 resamples: drawn at once, the [10,000 x 4,000] index array and the
+    gathered scores are 640 MB; in chunks of 250 resamples the peak stays under 100 MB."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2, (3, 4000)).astype(float), rng.integers(0, 2, (3, 4000)).astype(float)
+    for f in (lambda: paired_bootstrap(a[0], b[0]), lambda: two_level_bootstrap(a, b)):
+        tracemalloc.start()
+        f()
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 100e6, f"peak {peak / 1e6:.0f} MB"

@@ -13,6 +13,7 @@ the condition in progress.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,9 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
         if name not in data.experts:
             raise MuskError(f"--ablate {a}: unknown expert {name!r}; the run's experts are {data.experts}")
         e = data.experts.index(name)
+        if kind == "drop" and n == 1:
+            raise MuskError(f"--ablate {a}: the run's only expert is {name!r}; dropping it leaves no expert (use "
+                            "--context without to remove C)")
         if kind == "shuffle":
             if data.features is None and cfg.method != "output-collab":
                 raise MuskError(f"--ablate {a}: method {cfg.method!r} reads no expert features to shuffle")
@@ -141,14 +145,40 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
     return conds
 
 
-def shuffled(cond: Condition, rows: np.ndarray, seed: int) -> Condition:
-    """A shuffle condition with its permutation: expert e of prompt rows[j] reads rows[perm[j]],
-    perm = default_rng([seed, e]).permutation(len(rows)) (recorded in summary.json)."""
+def derangement(k: int, rng: np.random.Generator) -> np.ndarray:
+    """A uniformly drawn permutation of range(k) with no fixed point (k >= 2), by rejection: about e
+    draws on average."""
+    while True:
+        perm = rng.permutation(k)
+        if not np.any(perm == np.arange(k)):
+            return perm
+
+
+def shuffled(cond: Condition, rows: np.ndarray, seed: int, questions: list | None = None) -> Condition:
+    """A shuffle condition with its source rows: expert e of every row of question q reads a row of
+    question perm[q], perm = derangement(distinct questions, default_rng([seed, e])), so no row keeps
+    its own question's features (a plain permutation leaves some rows in place, and a row of a repeated
+    question that lands on its twin keeps them too). Recorded in the records' condition name and
+    summary.json's seed. questions: the question of each row (default: each row its own). Raises
+    MuskError with fewer than two distinct questions."""
     if not cond.view.source:
         return cond
     (e,) = cond.view.source
-    perm = np.random.default_rng([seed, e]).permutation(len(rows))
-    return cond._replace(view=ExpertView(source={e: {int(rows[j]): int(rows[p]) for j, p in enumerate(perm)}}))
+    questions = list(rows) if questions is None else list(questions)
+    distinct = list(dict.fromkeys(questions))
+    if len(distinct) < 2:
+        raise MuskError(f"--ablate {cond.name}: the evaluated prompts hold {len(distinct)} distinct question; a "
+                        "shuffle needs two or more (raise --limit)")
+    members: dict = {q: [] for q in distinct}  # question -> its rows, in order
+    for j, q in enumerate(questions):
+        members[q].append(int(rows[j]))
+    perm = derangement(len(distinct), np.random.default_rng([seed, e]))
+    src = {}
+    for qi, q in enumerate(distinct):
+        other = members[distinct[perm[qi]]]
+        for k, row in enumerate(members[q]):
+            src[row] = other[k % len(other)]
+    return cond._replace(view=ExpertView(source={e: src}))
 
 
 def _load_weights(m, folder: Path, checkpoint: str) -> None:
@@ -162,16 +192,49 @@ def _load_weights(m, folder: Path, checkpoint: str) -> None:
         ckpt.load_checkpoint(folder, m.peft, m.adapter, m.optimizer)
 
 
-def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, dtype: torch.dtype) -> dict:
+def weights_digest(folder: Path) -> str:
+    """sha256 over the names and bytes of the weight files in `folder` (final/ or a checkpoint)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+# What makes two evaluation folders one setting (the report never pools folders that differ in one).
+SETTING_KEYS = ("checkpoint", "split", "n_prompts", "limit", "samples", "temperature", "decoding", "seed", "dtype")
+
+
+def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, dtype: torch.dtype,
+             weights_sha: str = "") -> dict:
+    """The evaluation's settings as summary.json records them: decoding is greedy only without a
+    temperature (--samples 1 at a temperature is one sampled completion); weights_sha the digest of
+    the weights evaluated."""
     return {"run": str(run.path.resolve()), "checkpoint": req.checkpoint, "cache_fingerprint": data.cache_fingerprint,
-            "split": req.split, "n_prompts": len(rows), "samples": req.samples, "temperature": req.temperature,
-            "seed": req.seed, "dtype": str(dtype).removeprefix("torch.")}
+            "split": req.split, "n_prompts": len(rows), "limit": req.limit, "samples": req.samples,
+            "temperature": req.temperature, "decoding": "greedy" if req.temperature is None else "sampled",
+            "seed": req.seed, "dtype": str(dtype).removeprefix("torch."), "weights_sha": weights_sha}
 
 
 def _differs(old: dict, new: dict) -> list[str]:
-    """Settings of an earlier evaluation in the folder that differ from these (summaries written before
-    dtype was recorded decoded in the run's dtype: compared only where present)."""
-    return sorted(k for k, v in new.items() if old.get(k) != v and (k != "dtype" or k in old))
+    """Settings of an earlier evaluation in the folder that differ from these; a summary that does not
+    record one (written by an older musk) differs in it."""
+    return sorted(k for k, v in new.items() if old.get(k) != v)
+
+
+def eval_dtype(req: EvalRequest, cfg: TrainConfig, resolved: dict, device: str, log=print) -> torch.dtype:
+    """--dtype run: the dtype the run trained in (config.yaml's dtype_resolved); a run made before it was
+    recorded resolves its `dtype` setting on this machine, and the log says so."""
+    if req.dtype != "run":
+        return resolve_dtype(req.dtype, device)
+    if resolved.get("dtype_resolved"):
+        return resolve_dtype(str(resolved["dtype_resolved"]), device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    log(f"musk eval: the run does not record the dtype it trained in; its dtype {cfg.dtype!r} resolves to "
+        f"{str(dtype).removeprefix('torch.')} on this machine")
+    return dtype
 
 
 def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
@@ -195,15 +258,17 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     if len(rows) == 0:
         raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
     has_c = method_info(cfg.method).needs_features  # g_phi with an output projection (and a null C)
-    conds = [shuffled(c, rows, req.seed) for c in parse_conditions(req, cfg, data, has_c)]  # before the model loads
+    questions = [data.prompts["text"][r] for r in rows]
+    # before the model loads
+    conds = [shuffled(c, rows, req.seed, questions) for c in parse_conditions(req, cfg, data, has_c)]
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype if req.dtype == "run" else req.dtype, device)
+    dtype = eval_dtype(req, cfg, resolved, device, log)
     out = Path(req.out) if req.out is not None else default_out(req)
-    here = settings(req, run, data, rows, dtype)
+    here = settings(req, run, data, rows, dtype, weights_digest(folder))
     old = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
     diff = _differs(old, here) if old is not None else []
     if diff:
-        raise MuskError(f"{str(out)!r} holds an evaluation with other settings ({diff}); use another --out")
+        raise MuskError(f"{str(out)!r} holds an evaluation with other settings or weights ({diff}); use another --out")
     m = build_models(cfg, data, device, dtype)
     _load_weights(m, folder, req.checkpoint)
     meta = {**here, "method": cfg.method, "team": data.experts}
@@ -219,7 +284,8 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
         records += condition_records(cfg, m, data, rows, cond, device, req.samples, req.temperature, req.seed)
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / RECORDS, records)
-        atomic_write_text(out / SUMMARY, json.dumps({**meta, "conditions": summarize(records)}, indent=2))
+        atomic_write_text(out / SUMMARY, json.dumps({**meta, "conditions": summarize(records, sampled=req.temperature is not None)},
+                                                        indent=2))
     if not (out / SUMMARY).is_file():  # nothing left to compute and nothing written yet cannot happen
         raise MuskError(f"no conditions to evaluate into {str(out)!r}")
     log(f"musk eval: {len(conds)} conditions x {len(rows)} prompts x {req.samples} samples -> {out}")

@@ -131,15 +131,16 @@ def diagnostics(records: list[dict]) -> dict:
             "token_entropy_mean": float(np.mean([r["token_entropy"] for r in records])) if records else None}
 
 
-def _scores(records: list[dict]) -> dict:
-    """accuracy (one sample) or mean_at_k and pass_at_k (K samples), n prompts, and diagnostics."""
+def _scores(records: list[dict], sampled: bool = False) -> dict:
+    """accuracy (greedy: one sample) or mean_at_k and pass_at_k (sampled, K >= 1 samples at a
+    temperature), n prompts, and diagnostics."""
     by_prompt = defaultdict(list)
     for r in records:
         by_prompt[r["prompt"]].append(r["correct"])
     k = min(len(v) for v in by_prompt.values())
     mean = float(np.mean([np.mean(v) for v in by_prompt.values()]))
     out = {"n": len(by_prompt), "reward": float(np.mean([r["reward"] for r in records]))}
-    if k == 1:
+    if k == 1 and not sampled:
         out["accuracy"] = mean
     else:
         out.update({"mean_at_k": mean, "k": k,
@@ -163,14 +164,16 @@ def _routing(records: list[dict]) -> dict | None:
     return {**stats(rs), "per_task": {t: stats([r for r in rs if r["task"] == t]) for t in tasks}}
 
 
-def summarize(records: list[dict]) -> dict:
+def summarize(records: list[dict], sampled: bool = False) -> dict:
     """{condition: {accuracy | mean_at_k + pass_at_k, n, reward, diagnostics, per_task: {task: ...},
-    routing: {entropy, utilization, per_task} (methods with expert attention)}} (SPEC summary.json)."""
+    routing: {entropy, utilization, per_task} (methods with expert attention)}} (SPEC summary.json).
+    sampled: the completions were drawn at a temperature (scores are mean@k, pass@k even at k = 1)."""
     out = {}
     for cond in dict.fromkeys(r["condition"] for r in records):
         rs = [r for r in records if r["condition"] == cond]
         tasks = sorted({r["task"] for r in rs})
-        out[cond] = {**_scores(rs), "per_task": {t: _scores([r for r in rs if r["task"] == t]) for t in tasks}}
+        out[cond] = {**_scores(rs, sampled),
+                     "per_task": {t: _scores([r for r in rs if r["task"] == t], sampled) for t in tasks}}
         routing = _routing(rs)
         if routing is not None:
             out[cond]["routing"] = routing

@@ -141,18 +141,28 @@ def micro_batches_per_rank(accumulation: int, world: int) -> int:
     return accumulation // world
 
 
-def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData) -> tuple[RunFolder, dict]:
+def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData,
+             dtype: torch.dtype | None = None) -> tuple[RunFolder, dict]:
     """The run folder and its resolved config (written to config.yaml). Refuses to overwrite a run
-    and to resume one made with other settings."""
+    and to resume one made with other settings. dtype: the policy's dtype as resolved on this machine,
+    stored as dtype_resolved beside `dtype` (auto resolves per machine); --resume refuses another one."""
     run = RunFolder(Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}")
     resolved = {**to_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
                 "task_family": data.family, "prompt_set": data.prompt_set, "world_size": dist.world(),
                 "micro_batches_per_rank": micro_batches_per_rank(cfg.gradient_accumulation_steps, dist.world()),
                 "prompts_per_step": cfg.gradient_accumulation_steps * cfg.train_batch_size}
+    if dtype is not None:
+        resolved["dtype_resolved"] = str(dtype).removeprefix("torch.")
     if resume:
         if not run.config_path.exists():
             raise MuskError(f"--resume: {str(run)!r} holds no run (no config.yaml)")
         old = run.read_config()
+        if "dtype_resolved" in old and old["dtype_resolved"] != resolved.get("dtype_resolved", old["dtype_resolved"]):
+            raise MuskError(f"--resume: the run in {str(run)!r} trained in {old['dtype_resolved']}, and dtype "
+                            f"{cfg.dtype!r} resolves to {resolved['dtype_resolved']} here; set dtype: "
+                            f"{old['dtype_resolved']} to continue it in its own precision")
+        if "dtype_resolved" not in old:  # made before the resolved dtype was recorded: nothing to compare
+            resolved.pop("dtype_resolved", None)
         diff = sorted(k for k in resolved if k not in NOT_SETTINGS and old.get(k) != resolved[k])
         if diff:
             raise MuskError(f"--resume: the run in {str(run)!r} was made with other settings: {diff}")
@@ -671,7 +681,7 @@ def _summary(cfg: TrainConfig, data: RunData, resolved: dict, final_step: int, l
         "final_val_accuracy_null_context": last_eval.get("accuracy_null_context"),
         "eval_n": last_eval.get("n"), "pooling": cfg.pooling, "pooling_draw": data.pooling_draw,
         "num_latents": cfg.num_latents, "policy": cfg.policy, "cache_fingerprint": data.cache_fingerprint,
-        "prompt_set": data.prompt_set,
+        "prompt_set": data.prompt_set, "dtype": resolved.get("dtype_resolved"),
         "config_fingerprint": sha256_of(resolved), "group_size": cfg.group_size,
         "train_batch_size": cfg.train_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "max_new_tokens": cfg.max_new_tokens, "context_position": cfg.context_position,
@@ -750,7 +760,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
         data.features = features
     cfg = replace(cfg, experts=tuple(data.experts))
     check_policy(cfg, device)  # a policy that cannot train here stops before the run folder is made
-    run, resolved = open_run(cfg, cache_path, out, resume, data)
+    run, resolved = open_run(cfg, cache_path, out, resume, data, dtype)
     m = build_models(cfg, data, device, dtype)
 
     start_step, cursor = 0, 0
