@@ -1,6 +1,12 @@
 """Cache schema (see SPEC.md): names of groups, datasets and attributes.
 
-Schema 3 (this musk writes it): schema 2 with held-out splits by construction, the root attribute
+Schema 4 (this musk writes it): schema 3 plus, per expert when extracted with `solo: true`, its own
+scored answers (datasets solo, solo_score, solo_n_tokens; attrs solo_source, solo_fingerprint,
+solo_max_new_tokens, solo_answer_extraction, solo_seconds, solo_machine; pipeline/solo.py). Prompts
+and features are as in schema 3, so fingerprints keep schema 3's key (PROMPTS_SCHEMA) and a schema-3
+cache is completed in place: a rerun adds the solo answers and leaves every feature as it was.
+
+Schema 3: schema 2 with held-out splits by construction, the root attribute
 `split_overlap` (validation prompts whose text is in the training split: 0) and a data fingerprint
 that covers the prompts themselves. Schemas 1 and 2 are read; a run refuses one whose validation
 prompts appear in its training split.
@@ -15,14 +21,17 @@ from __future__ import annotations
 
 import json
 
-SCHEMA_VERSION = 3
-READABLE_SCHEMAS = (1, 2, 3)
+SCHEMA_VERSION = 4
+READABLE_SCHEMAS = (1, 2, 3, 4)
+APPENDABLE_SCHEMAS = (3, 4)  # caches `musk extract` adds experts or solo answers to
+PROMPTS_SCHEMA = 3  # the schema whose prompts and features this one keeps: the fingerprints' key
 MUSK_VERSION = "0.1.0"
 
 PROMPT_COLUMNS = ("text", "answer", "task", "split", "entry")
 POOLED = ("last_token", "first_token", "random_token", "first_layer", "first_block", "random_layer")
 RANDOM_VARIANTS = ("random_token", "random_layer")  # [N, D, d]: several seeded draws per prompt
 EXPERT_DATASETS = POOLED + ("random_token_index", "random_layer_index", "n_tokens")
+SOLO_DATASETS = ("solo", "solo_score", "solo_n_tokens")  # optional per expert (schema 4)
 EXPERT_ATTRS = ("source", "weights_sha256", "hidden_size", "num_layers", "dtype", "prompt_format")
 ROOT_ATTRS = ("musk_schema", "fingerprint", "config", "complete", "versions")
 SCHEMA_1_VARIANTS = ("last_token", "first_token", "random_token", "first_layer", "random_layer")

@@ -49,7 +49,7 @@ def _assert_same(a: dict, b: dict):
 
 def test_spec_layout(tiny_cache):
     with h5py.File(tiny_cache, "r") as f:
-        assert f.attrs["musk_schema"] == 3 and bool(f.attrs["complete"]) is True
+        assert f.attrs["musk_schema"] == 4 and bool(f.attrs["complete"]) is True
         assert int(f.attrs["split_overlap"]) == 0
         assert len(f.attrs["fingerprint"]) == 64
         assert "task:" in f.attrs["config"] and '"transformers"' in f.attrs["versions"]
@@ -272,7 +272,7 @@ def test_schema_1_cache_reads_as_one_draw(tiny_cache, tmp_path):
             c.features("first_block")
     cfg = tiny_extract_config(old)  # adding to it is refused with the reason, the file untouched
     before = _sha(old)
-    with pytest.raises(MuskError, match="schema 1; this musk writes schema 3"):
+    with pytest.raises(MuskError, match="schema 1; this musk writes schema 4"):
         run_extract(load_extract_config(None, cfg), **QUIET)
     assert _sha(old) == before
 
