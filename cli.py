@@ -245,6 +245,32 @@ def report(
     _run(run_report, runs, out)
 
 
+@app.command()
+def probe(
+    cache: Path = typer.Argument(..., help="A cache built by `musk extract`."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Whose tokenizer gives the labels (expert name, hub id or "
+                                         "folder); default: the train default's policy."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the table to OUT.md and OUT.csv."),
+    max_train: Optional[int] = typer.Option(None, "--max-train", help="Probe on the first N training prompts only."),
+    threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
+):
+    """Is the answer in the state? A linear probe per expert and pooling variant, from the cache alone."""
+    from analyze.probe import ProbeConfig, probe_cache, probe_markdown, write_probe
+    from pipeline.experts import load_tokenizer_from
+    from train.config import TrainConfig
+
+    _threads(threads)
+    if max_train is not None and max_train < 1:
+        _fail("--max-train must be at least 1")
+    name = policy or TrainConfig().policy
+    tok = _run(load_tokenizer_from, name)
+    rows = _run(probe_cache, cache, tok, ProbeConfig(max_train=max_train))
+    title = f"Decodability probe: {cache.name}, labels in {name}'s tokenizer"
+    typer.echo(probe_markdown(rows, title))
+    if out is not None:
+        _run(write_probe, rows, out, title)
+
+
 def main() -> None:
     try:
         app()

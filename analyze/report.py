@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from analyze import plots
+from analyze import baselines, plots
 from analyze.html import write_html
 from analyze.records import ablation_table, paired_tables, routing_table, table1_per_task
 from analyze.runs import distinct_runs, dtype_note, load_runs
@@ -28,15 +28,16 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
     runs = [r for r in every if r.finished]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t1 = table1(every)
+    t1 = baselines.extend_table1(table1(every), runs)  # + each expert alone, best, oracle, vote
     t2 = table2(runs)
     ts, rho_means = spearman_table(runs)
     tc = cost_table(runs)
     tk = collaboration_table(runs)
     tp, tpt = paired_tables(runs)
-    tables = ((t1, "table1"), (table1_per_task(runs), "table1_per_task"), (tp, "paired"), (tpt, "paired_per_task"), (ablation_table(runs), "ablations"),
+    tables = ((t1, "table1"), (table1_per_task(runs), "table1_per_task"), (tp, "paired"),
+              (baselines.paired_best_expert(runs), "paired_best_expert"), (tpt, "paired_per_task"), (ablation_table(runs), "ablations"),
               (tk, "collaboration"), (routing_table(runs), "routing_per_task"), (t2, "table2"), (ts, "spearman"),
-              (tc, "cost"))
+              (tc, "cost"), (baselines.solo_cost_table(runs), "cost_solo"))
     for t, stem in tables:
         t.note += dtype_note(t.sources)
         _write_table(t, out, stem)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from cache.schema import PROMPT_COLUMNS, SCHEMA_VERSION
+from cache.schema import PROMPT_COLUMNS, PROMPTS_SCHEMA
 from core.hashing import sha256_of
 
 
@@ -23,7 +23,7 @@ def prompt_config_fingerprint(task_cfg, limit: int | None) -> str:
     import reasoning_gym
 
     return sha256_of(
-        {"schema": SCHEMA_VERSION, "task": task_cfg, "limit": limit,
+        {"schema": PROMPTS_SCHEMA, "task": task_cfg, "limit": limit,
          "reasoning_gym": getattr(reasoning_gym, "__version__", "?")}
     )
 

@@ -163,6 +163,25 @@ class Cache:
             raise MuskError(f"cache {str(self.path)!r}: expert {name!r} has no hints (extract with hints: true)")
         return _str_list(self._expert(name)["hint"])
 
+    def has_solo(self, name: str) -> bool:
+        """Whether the expert's own scored answers are stored (schema 5, extracted with solo: true)."""
+        return "solo_score" in self._expert(name)
+
+    def solo_answers(self, name: str) -> list[str]:
+        """The expert's own greedy completions [N] (pipeline/solo.py)."""
+        self._need_solo(name)
+        return _str_list(self._expert(name)["solo"])
+
+    def solo_scores(self, name: str) -> np.ndarray:
+        """[N] float32: the expert's own answers scored by the task's scorer, in [0, 1]."""
+        self._need_solo(name)
+        return self._expert(name)["solo_score"][()]
+
+    def _need_solo(self, name: str) -> None:
+        if not self.has_solo(name):
+            raise MuskError(f"cache {str(self.path)!r}: expert {name!r} has no solo answers (extract with "
+                            "solo: true; a rerun of `musk extract` adds them without recomputing features)")
+
     def router_embedding(self, encoder: str | None = None) -> np.ndarray:
         if not self.routers:
             raise MuskError(f"cache {str(self.path)!r} has no router embedding (extract with a router)")

@@ -1,6 +1,12 @@
 """Cache schema (see SPEC.md): names of groups, datasets and attributes.
 
-Schema 4 (this musk writes it): schema 3 with every Reasoning Gym family split by a hash partition of
+Schema 5 (this musk writes it): schema 4 plus, per expert when extracted with `solo: true`, its own
+scored answers (datasets solo, solo_score, solo_n_tokens; attrs solo_source, solo_fingerprint,
+solo_max_new_tokens, solo_answer_extraction, solo_seconds, solo_machine; pipeline/solo.py). Prompts
+and features are as in schema 4, so fingerprints keep schema 4's key (PROMPTS_SCHEMA) and a schema-4
+cache is completed in place: a rerun adds the solo answers and leaves every feature as it was.
+
+Schema 4: schema 3 with every Reasoning Gym family split by a hash partition of
 its problem (commutative rewordings of a chain sum are one problem), each dataset's configured share
 of each split exact, and the root attribute `split_shares` (JSON: {"mix": {dataset: configured
 share}, "train"/"val"/"test": {dataset: {"prompts": n, "share": s}}}). Schemas 1-3 are read; their
@@ -21,14 +27,17 @@ from __future__ import annotations
 
 import json
 
-SCHEMA_VERSION = 4
-READABLE_SCHEMAS = (1, 2, 3, 4)
+SCHEMA_VERSION = 5
+READABLE_SCHEMAS = (1, 2, 3, 4, 5)
+APPENDABLE_SCHEMAS = (4, 5)  # caches `musk extract` adds experts or solo answers to
+PROMPTS_SCHEMA = 4  # the schema whose prompts and features this one keeps: the fingerprints' key
 MUSK_VERSION = "0.1.0"
 
 PROMPT_COLUMNS = ("text", "answer", "task", "split", "entry")
 POOLED = ("last_token", "first_token", "random_token", "first_layer", "first_block", "random_layer")
 RANDOM_VARIANTS = ("random_token", "random_layer")  # [N, D, d]: several seeded draws per prompt
 EXPERT_DATASETS = POOLED + ("random_token_index", "random_layer_index", "n_tokens")
+SOLO_DATASETS = ("solo", "solo_score", "solo_n_tokens")  # optional per expert (schema 5)
 EXPERT_ATTRS = ("source", "weights_sha256", "hidden_size", "num_layers", "dtype", "prompt_format")
 ROOT_ATTRS = ("musk_schema", "fingerprint", "config", "complete", "versions")
 SCHEMA_1_VARIANTS = ("last_token", "first_token", "random_token", "first_layer", "random_layer")

@@ -99,11 +99,14 @@ def assemble(
     experts: list[tuple[str, dict, dict[str, np.ndarray]]],
     routers: list[tuple[str, dict, np.ndarray]],
     root_attrs: dict,
+    updates: list[tuple[str, dict, dict[str, np.ndarray]]] = (),
 ) -> None:
     """Write `out` atomically: the existing cache (if any) plus new expert and router groups.
 
     prompts: column -> list of str, only when creating a new cache.
     experts: (name, attrs, datasets) per new expert; routers: (encoder, attrs, embedding).
+    updates: (name, attrs, datasets) added to an expert the cache holds (its solo answers); a dataset
+    of that name is replaced, every other dataset of the group is copied as it was.
     """
     out = Path(out)
     with atomic_path(out) as tmp:
@@ -112,6 +115,7 @@ def assemble(
         with h5py.File(tmp, "a") as f:
             f.attrs["complete"] = False
             _write_groups(f, prompts, experts, routers)
+            _update_groups(f, updates)
             f.attrs["musk_schema"] = SCHEMA_VERSION
             f.attrs["versions"] = versions()
             for k, v in root_attrs.items():
@@ -138,3 +142,17 @@ def _write_groups(f: h5py.File, prompts, experts, routers) -> None:
         for k, v in attrs.items():
             g.attrs[k] = v
         g.create_dataset("embedding", data=emb.astype(np.float32))
+
+
+def _update_groups(f: h5py.File, updates) -> None:
+    for name, attrs, arrays in updates:
+        g = f["experts"][name]
+        for k, v in attrs.items():
+            g.attrs[k] = v
+        for k, v in arrays.items():
+            if k in g:
+                del g[k]
+            if v.dtype.kind in ("U", "O"):
+                g.create_dataset(k, data=_h5_strings(v), dtype=STR)
+            else:
+                g.create_dataset(k, data=v)

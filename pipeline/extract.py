@@ -20,7 +20,7 @@ import torch
 
 from cache import fingerprint as fp
 from cache.reader import Cache
-from cache.schema import PROMPT_COLUMNS, SCHEMA_VERSION
+from cache.schema import APPENDABLE_SCHEMAS, PROMPT_COLUMNS, SCHEMA_VERSION
 from cache.writer import PartsStore, assemble
 from core import dist
 from core.errors import MuskError
@@ -45,7 +45,8 @@ from pipeline.generation import decode, eos_ids, generate, positions
 from pipeline.pooling import mean_pool_normalized, pool_hidden_states, seeded_indices
 from pipeline.probes import PROBE_KINDS, noise_features, oracle_features, probe_arrays, probe_config
 from pipeline.vllm_engine import ENGINES, greedy_texts, make_llm, release, require_vllm
-from pipeline.rewards import check_references
+from pipeline.rewards import MODES, check_references
+from pipeline import solo as solo_mod
 from pipeline.tasks import Prompt, TaskConfig, build_prompts, mix, split_overlap
 
 
@@ -102,6 +103,14 @@ class ExtractConfig:
     code have no folder for vLLM and keep musk's decoder). In the fingerprint when not musk."""
     vllm_memory: float = 0.5
     """hint_engine vllm: the share of GPU memory vLLM may take (the expert's own copy runs the features)."""
+    solo: bool = False
+    """Store each expert's own greedy answer to every prompt (the policy's prompt without hints, in the
+    task's answer format) and its score by the task's scorer (pipeline/solo.py); probe experts answer
+    nothing and are skipped. Not in the expert fingerprint: a rerun adds it without touching features."""
+    solo_max_new_tokens: int = 128
+    """Budget of a solo answer in tokens (paper presets: 128, the policy's budget)."""
+    solo_answer_extraction: str = "strict"
+    """How the solo answer is read: strict (the paper's) or lenient, as train's answer_extraction."""
 
     def validate(self) -> None:
         if not self.experts:
@@ -117,6 +126,10 @@ class ExtractConfig:
             raise MuskError("pooling_draws must be at least 1")
         if self.limit is not None and self.limit < 1:
             raise MuskError("--limit must be at least 1")
+        if self.solo_max_new_tokens < 1:
+            raise MuskError("solo_max_new_tokens must be at least 1")
+        if self.solo_answer_extraction not in MODES:
+            raise MuskError(f"unknown solo_answer_extraction {self.solo_answer_extraction!r}; choices: {list(MODES)}")
         if self.hint_engine not in ENGINES:
             raise MuskError(f"unknown hint_engine {self.hint_engine!r}; choices: {list(ENGINES)}")
 
@@ -147,6 +160,9 @@ EMBEDDED_DEFAULT = {
     "hint_batch_size": 32,
     "hints": True,
     "hint_max_new_tokens": 48,
+    "solo": True,
+    "solo_max_new_tokens": 48,
+    "solo_answer_extraction": "lenient",
 }
 
 
@@ -358,6 +374,7 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
         _hint_batches_vllm(cfg, spec, model, tok, ids, n_tokens, parts, group, bar)
     elif cfg.hints:
         _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar)
+    solo = _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar)
     dist.barrier()
     feats = gather_parts(parts, group, "feat", _batches(n_tokens, cfg.batch_size), N, spec.name)
     check_finite(feats, spec.name, prompts)
@@ -380,8 +397,55 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
         "prompt_format": fmt,
         "spec": json.dumps(to_dict(spec), sort_keys=True),
     }
+    if solo is not None:
+        s_attrs, s_arrays = _solo_gather(cfg, spec, prompts, solo, parts, group, device,
+                                         {"text": hints, "n_tokens": hint_tokens} if hints is not None else None)
+        attrs, arrays = {**attrs, **s_attrs}, {**arrays, **s_arrays}
     del model
     return attrs, arrays
+
+
+def _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar) -> tuple | None:
+    """This rank's share of the expert's solo decodes (pipeline/solo.py) into the parts folder; None
+    when solo is off or the expert is a probe. Returns (source, batches): source "hint" when the hint
+    decode already is the solo decode (nothing decoded twice), else "decode"."""
+    if not cfg.solo or spec.kind in PROBE_KINDS:
+        return None
+    sids = solo_mod.solo_ids(tok, cfg.task.system_prompt(), prompts)
+    batches = _batches(np.array([len(x) for x in sids], dtype=np.int64), cfg.hint_batch_size)
+    if solo_mod.reuses_hint(ids if cfg.hints else None, sids, cfg.hint_max_new_tokens, cfg.solo_max_new_tokens,
+                            cfg.hint_engine):
+        return "hint", batches
+    solo_mod.solo_batches(model, tok, sids, batches, cfg.solo_max_new_tokens, parts, group, device, greedy_hints, bar)
+    return "decode", batches
+
+
+def _solo_gather(cfg, spec, prompts, solo: tuple, parts, group, device, hints: dict | None) -> tuple[dict, dict]:
+    """(attrs, arrays) of the expert's scored solo answers, from the parts folder or the hints reused."""
+    source, batches = solo
+    if source == "hint":
+        texts, n_tok, seconds = hints["text"], hints["n_tokens"], float("nan")  # the hint decode's time is not kept
+    else:
+        got = gather_parts(parts, group, "solo", batches, len(prompts), spec.name)
+        texts, n_tok, seconds = got["text"], got["n_tokens"], float(got["seconds"].sum())
+    return solo_mod.solo_result(prompts, texts, n_tok, seconds, source=source, max_new_tokens=cfg.solo_max_new_tokens,
+                                mode=cfg.solo_answer_extraction, device=device)
+
+
+def _complete_solo(cfg, spec, prompts, out: Path, parts, group, device, dtype, bar) -> tuple[dict, dict]:
+    """The solo answers of an expert the cache already holds: its model is loaded for the decode
+    only; its stored features are neither read nor recomputed."""
+    model, tok = load_expert(spec, dtype, device)
+    ids, _ = tokenize_prompts(tok, prompts)
+    solo = _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar)
+    dist.barrier()
+    hints = None
+    if solo[0] == "hint":
+        with Cache(out) as c:
+            hints = {"text": np.array(c.hints(spec.name), dtype=object), "n_tokens": c.column(spec.name, "hint_n_tokens")}
+    result = _solo_gather(cfg, spec, prompts, solo, parts, group, device, hints)
+    del model
+    return result
 
 
 def gather_parts(parts: PartsStore, group: str, kind: str, batches: list[np.ndarray], N: int,
@@ -492,6 +556,8 @@ class ExtractPlan:
     todo: list[ExpertSpec]  # experts the cache lacks
     todo_router: RouterSpec | None
     root_fp: str
+    solo_fps: dict[str, str] = field(default_factory=dict)  # expert -> solo fingerprint (solo on, no probes)
+    todo_solo: list[ExpertSpec] = field(default_factory=list)  # experts the cache holds, lacking solo answers
 
 
 def _existing_groups(out: Path, data_fp: str, expert_fps: dict, router_fps: dict) -> tuple[dict, dict]:
@@ -500,7 +566,7 @@ def _existing_groups(out: Path, data_fp: str, expert_fps: dict, router_fps: dict
     if not out.exists():
         return {}, {}
     with Cache(out, allow_incomplete=True) as c:
-        if c.schema != SCHEMA_VERSION:
+        if c.schema not in APPENDABLE_SCHEMAS:
             raise MuskError(
                 f"cache {str(out)!r} was written with schema {c.schema}; this musk writes schema "
                 f"{SCHEMA_VERSION} (held-out splits by a partition of the problems, each dataset's share of "
@@ -540,9 +606,24 @@ def plan_extract(cfg: ExtractConfig, out: Path, dtype: torch.dtype, data_fp: str
         router_fps[cfg.router.name] = fp.router_fingerprint(data_fp, cfg.router, _router_sha(cfg.router))
     have_experts, have_routers = _existing_groups(out, data_fp, expert_fps, router_fps)
     todo_router = cfg.router if (cfg.router is not None and cfg.router.name not in have_routers) else None
+    system = cfg.task.system_prompt()
+    solo_fps = {s.name: solo_mod.solo_fingerprint(expert_fps[s.name], system, cfg.solo_max_new_tokens,
+                                                  cfg.solo_answer_extraction)
+                for s in cfg.experts if cfg.solo and s.kind not in PROBE_KINDS}
+    have_solo = _existing_solo(out)
     return ExtractPlan(data_fp, weights, expert_fps, router_fps,
                        [s for s in cfg.experts if s.name not in have_experts], todo_router,
-                       fp.root_fingerprint(data_fp, expert_fps, {**have_routers, **router_fps}))
+                       fp.root_fingerprint(data_fp, expert_fps, {**have_routers, **router_fps}), solo_fps,
+                       [s for s in cfg.experts if s.name in have_experts and s.name in solo_fps
+                        and have_solo.get(s.name) != solo_fps[s.name]])
+
+
+def _existing_solo(out: Path) -> dict[str, str]:
+    """Solo fingerprint of every expert of `out` that holds solo answers."""
+    if not out.exists():
+        return {}
+    with Cache(out, allow_incomplete=True) as c:
+        return {n: str(c.expert_attrs(n).get("solo_fingerprint", "")) for n in c.experts if c.has_column(n, "solo")}
 
 
 def _cache_prompts(out: Path) -> list[Prompt] | None:
@@ -577,25 +658,35 @@ def _columns(prompts: list[Prompt]) -> dict[str, list[str]]:
 
 
 def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt], parts: PartsStore,
-                    device: str, dtype: torch.dtype, progress: bool) -> tuple[list, list]:
-    """(new expert groups, new router groups) for `assemble`: every missing expert once over every prompt."""
+                    device: str, dtype: torch.dtype, progress: bool) -> tuple[list, list, list]:
+    """(new expert groups, new router groups, solo answers for experts the cache holds) for `assemble`:
+    every missing expert once over every prompt."""
     N = len(prompts)
-    total = N * sum(1 + int(cfg.hints) for _ in plan.todo) + (N if plan.todo_router else 0)
+    total = N * sum(1 + int(cfg.hints) + int(s.name in plan.solo_fps) for s in plan.todo) + (N if plan.todo_router else 0)
+    total += N * len(plan.todo_solo)
     total = -(-total // dist.world())  # this rank's share, about
-    new_experts, new_routers = [], []
+    new_experts, new_routers, solo_updates = [], [], []
+    out = cfg.out_path()
     with progress_bar(total, "extract", "prompt", disable=not progress) as bar:  # plain lines when not a terminal
         for spec in plan.todo:
             bar.set_postfix_str(spec.name)
             fpr = plan.expert_fps[spec.name]
             attrs, arrays = _extract_expert(cfg, spec, prompts, parts, f"expert-{fpr[:16]}", device, dtype, bar)
+            if spec.name in plan.solo_fps:
+                attrs["solo_fingerprint"] = plan.solo_fps[spec.name]
             new_experts.append((spec.name, {**attrs, "weights_sha256": plan.weights[spec.name], "fingerprint": fpr},
                                 arrays))
+        for spec in plan.todo_solo:  # experts the cache holds: their solo answers only
+            bar.set_postfix_str(f"{spec.name} solo")
+            group = f"expert-{plan.expert_fps[spec.name][:16]}"
+            attrs, arrays = _complete_solo(cfg, spec, prompts, out, parts, group, device, dtype, bar)
+            solo_updates.append((spec.name, {**attrs, "solo_fingerprint": plan.solo_fps[spec.name]}, arrays))
         if (r := plan.todo_router) is not None:
             bar.set_postfix_str(r.name)
             emb = _extract_router(cfg, r, prompts, parts, f"router-{plan.router_fps[r.name][:16]}", device, bar)
             attrs = {"source": r.source, "weights_sha256": _router_sha(r), "fingerprint": plan.router_fps[r.name]}
             new_routers.append((r.name, attrs, emb))
-    return new_experts, new_routers
+    return new_experts, new_routers, solo_updates
 
 
 def _parts_store(out: Path, cfg: ExtractConfig, dtype: torch.dtype) -> PartsStore:
@@ -623,7 +714,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
         prompts = _new_prompts(cfg, parts)
     data_fp = fp.data_fingerprint(fp.prompt_config_fingerprint(cfg.task, cfg.limit), _columns(prompts))
     plan = plan_extract(cfg, out, dtype, data_fp)
-    if not plan.todo and plan.todo_router is None:
+    if not plan.todo and plan.todo_router is None and not plan.todo_solo:
         if dist.is_main():
             log(f"cache {out} is complete and up to date (fingerprint {plan.root_fp[:12]}); nothing to do")
             with Cache(out) as c:
@@ -634,7 +725,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
         require_vllm("hint_engine vllm")  # before any work
     t0 = time.time()
     parts = parts or _parts_store(out, cfg, dtype)
-    new_experts, new_routers = _compute_groups(cfg, plan, prompts, parts, device, dtype,
+    new_experts, new_routers, solo_updates = _compute_groups(cfg, plan, prompts, parts, device, dtype,
                                                progress and dist.is_main())
     if not dist.is_main():  # rank 0 writes the cache; the others wait for it and are done
         dist.barrier()
@@ -648,12 +739,13 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
         "expert_order": json.dumps([s.name for s in cfg.experts]),
     }
     assemble(out, prompts=None if out.exists() else _columns(prompts), experts=new_experts, routers=new_routers,
-             root_attrs=root_attrs)
+             root_attrs=root_attrs, updates=solo_updates)
     parts.remove()
     dist.barrier()
     log(format_shares(split_shares(cfg.task, prompts)))
     log(f"wrote {out}: {len(prompts)} prompts, experts {[s.name for s in cfg.experts]}, "
-        f"computed {[s.name for s in plan.todo]}{' + router' if plan.todo_router else ''} in "
+        f"computed {[s.name for s in plan.todo]}{' + router' if plan.todo_router else ''}"
+        f"{f' + solo answers of {[s.name for s in plan.todo_solo]}' if plan.todo_solo else ''} in "
         f"{time.time() - t0:.1f}s (fingerprint {plan.root_fp[:12]})")
     return out
 

@@ -32,6 +32,7 @@ def tiny_extract_config(out: Path, *, experts=None, train_size=12, val_size=4, h
         "hint_batch_size": 8,
         "hints": hints,
         "hint_max_new_tokens": 6,
+        "solo": False,  # explicit: the embedded default, which some tests merge into, turns it on
         "dtype": dtype,
         "device": "cpu",
     }

@@ -272,7 +272,7 @@ def test_schema_1_cache_reads_as_one_draw(tiny_cache, tmp_path):
             c.features("first_block")
     cfg = tiny_extract_config(old)  # adding to it is refused with the reason, the file untouched
     before = _sha(old)
-    with pytest.raises(MuskError, match="schema 1; this musk writes schema 4"):
+    with pytest.raises(MuskError, match="schema 1; this musk writes schema 5"):
         run_extract(load_extract_config(None, cfg), **QUIET)
     assert _sha(old) == before
 
