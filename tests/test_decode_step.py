@@ -437,3 +437,75 @@ def test_base_weights_are_reused_where_packing_is_unavailable(monkeypatch):
     W2 = decode_step._CACHE[lm][-1]
     assert W2 is not W1 and W2.layers[0].qkv.packed is None
     assert W2.layers[0].qkv.weight is W1.layers[0].qkv.weight  # the concatenated q/k/v, not made again
+
+
+# On a GPU: the CUDA-graph capture itself (the fixed-shape step above runs without a graph on a CPU).
+# Marked `gpu` (benchmarks/gpu.sh runs them); skipped without CUDA.
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda(model, emb, mask):
+    return model.to("cuda"), emb.to("cuda"), mask.to("cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral-window", "gemma3"])
+def test_cuda_graph_replays_give_the_eager_steps_and_the_loops_tokens(family):
+    """float32, greedy, rows stopping at an EOS: the step replayed as a CUDA graph (the default on
+    CUDA, all-done checked every 8 tokens) gives the eager fused step's and the loop's tokens."""
+    model = _tiny(family)
+    emb, mask = _prompts(model, context=2)
+    with torch.no_grad():
+        model, emb, mask = _cuda(model, emb, mask)
+    ref = sample(model, emb, mask, 14, [7], 0, greedy=True, step="loop")
+    eager = sample(model, emb, mask, 14, [7], 0, greedy=True, step="fused", static=False)
+    graph = sample(model, emb, mask, 14, [7], 0, greedy=True, step="fused")
+    assert graph.tokens.device.type == "cuda"
+    for out in (eager, graph):
+        assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.live, ref.live)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_sampling_with_lora_groups_and_eos_equals_the_eager_step():
+    """Sampled under one seed with the LoRA branch fused, G=3 rollouts sharing a prefill, EOS stops
+    and min_new_tokens: the graph's tokens and log-probs are the eager step's; a second call (a new
+    capture) leaves the first call's results untouched (they are not the graph's own tensors)."""
+    peft = _peft(_tiny("llama"))
+    lm = peft.get_base_model()
+    emb, mask = _prompts(lm, context=2)
+    emb, mask = emb.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    with torch.no_grad():
+        peft, emb, mask = _cuda(peft, emb, mask)
+    out = {}
+    for name, static in (("eager", False), ("graph", True)):
+        torch.manual_seed(4)
+        out[name] = sample(lm, emb, mask, 20, [5, 17], 0, temperature=1.3, min_new_tokens=2, group=3, step="fused",
+                           static=static, logprobs=True)
+    kept = out["graph"].tokens.clone()
+    sample(lm, emb, mask, 20, [5, 17], 0, temperature=1.3, group=3, step="fused")
+    assert torch.equal(out["graph"].tokens, kept)
+    assert torch.equal(out["graph"].tokens, out["eager"].tokens) and torch.equal(out["graph"].live, out["eager"].live)
+    assert torch.allclose(out["graph"].logprobs, out["eager"].logprobs, atol=1e-5)
+    assert out["eager"].live.sum() < out["eager"].live.numel()  # some row stopped at an EOS
+
+
+@pytest.mark.gpu
+@gpu
+def test_bfloat16_cuda_graph_logprobs_agree_with_the_trainer_within_rounding():
+    """bf16 on CUDA (what `dtype: auto` picks there): the graph sampler's log-probs against the
+    training forward's under its own tokens, the CPU test's bound."""
+    from train.policy import completion_logprobs
+
+    model = _tiny("llama", torch.bfloat16)
+    emb, mask = _prompts(model, context=2)
+    with torch.no_grad():
+        model, emb, mask = _cuda(model, emb, mask)
+    torch.manual_seed(2)
+    new = sample(model, emb, mask, 10, [], 0, logprobs=True, step="fused")
+    with torch.no_grad():
+        ref = completion_logprobs(model, emb, mask, new.tokens, new.live)
+    gap = (new.logprobs - ref).abs()
+    assert torch.isfinite(new.logprobs).all()
+    assert gap.mean() < 0.05 and gap.max() < 0.3
