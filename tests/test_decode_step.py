@@ -509,3 +509,60 @@ def test_bfloat16_cuda_graph_logprobs_agree_with_the_trainer_within_rounding():
     gap = (new.logprobs - ref).abs()
     assert torch.isfinite(new.logprobs).all()
     assert gap.mean() < 0.05 and gap.max() < 0.3
+
+
+def test_compiled_layers_give_the_loops_tokens_and_are_off_by_default(monkeypatch):
+    """MUSK_DECODE_COMPILE=1: every decode-step layer through one torch.compile'd function (float32:
+    the loop's tokens, eager and fixed-shape paths, LoRA branch and q/k/v biases, the cache rounded
+    up to 64 columns). Unset, nothing is compiled and the cache has exactly P + T columns."""
+    from pipeline import decode_step
+
+    calls = []
+    monkeypatch.setattr(decode_step, "_compiled_layers",
+                        lambda *a, _f=decode_step._compiled_layers: calls.append(1) or _f(*a))
+    model = _tiny("qwen2")
+    emb, mask = _prompts(model, context=2)
+    ref = sample(model, emb, mask, 10, [], 0, greedy=True, step="loop")
+    sample(model, emb, mask, 10, [], 0, greedy=True, step="fused")
+    assert not calls and decode_step.KVCache(decode_step.fused_weights(model, 32), 2, 21, torch.float32,
+                                             "cpu").k[0].shape[2] == 21
+    monkeypatch.setenv("MUSK_DECODE_COMPILE", "1")
+    assert decode_step.KVCache(decode_step.fused_weights(model, 32), 2, 21, torch.float32, "cpu").k[0].shape[2] == 64
+    for static in (False, True):
+        new = sample(model, emb, mask, 10, [], 0, greedy=True, step="fused", static=static)
+        assert torch.equal(new.tokens, ref.tokens)
+    assert len(calls) == 2 * 9 and "failed" not in decode_step._COMPILED  # 9 decode steps a call, compiled
+    peft = _peft(_tiny("llama"))
+    for m in peft.modules():  # a LoRA branch large enough to change the tokens
+        if hasattr(m, "lora_B"):
+            for p in m.lora_B.values():
+                p.weight.data *= 5
+    lm = peft.get_base_model()
+    emb, mask = _prompts(lm, context=2)
+    ref = sample(lm, emb, mask, 10, [], 0, greedy=True, step="loop")
+    assert torch.equal(sample(lm, emb, mask, 10, [], 0, greedy=True, step="fused").tokens, ref.tokens)
+    monkeypatch.delenv("MUSK_DECODE_COMPILE")
+    assert not torch.equal(sample(peft.get_base_model(), emb, mask, 10, [], 0, greedy=True, step="loop").tokens,
+                           sample(_tiny("llama"), emb, mask, 10, [], 0, greedy=True, step="loop").tokens)
+
+
+def test_compiled_layers_fall_back_to_the_eager_layer_where_compiling_fails(monkeypatch, caplog):
+    """No C++ compiler (or any compile error): the eager layer runs, the tokens are the same, it is said once."""
+    from pipeline import decode_step
+
+    def broken(fn, **kw):
+        def f(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return f
+    monkeypatch.setattr(decode_step, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setenv("MUSK_DECODE_COMPILE", "1")
+    model = _tiny("llama")
+    emb, mask = _prompts(model)
+    ref = sample(model, emb, mask, 8, [], 0, greedy=True, step="loop")
+    with caplog.at_level(logging.WARNING):
+        out = sample(model, emb, mask, 8, [], 0, greedy=True, step="fused")
+        sample(model, emb, mask, 8, [], 0, greedy=True, step="fused")
+    assert torch.equal(out.tokens, ref.tokens)
+    assert "no C++ compiler" in decode_step._COMPILED["failed"]
+    assert sum("torch.compile failed" in r.message for r in caplog.records) == 1
