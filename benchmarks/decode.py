@@ -17,6 +17,7 @@ Random-init models of the exact shapes (speed depends on shape and dtype only).
 Prints ms per token step per decoder and
     RATIO decode new / old = X               (fused step / musk's loop)
     RATIO decode new / weight-read floor = Y
+    RATIO decode compiled layers / new = Z   (MUSK_DECODE_COMPILE=1: one compiled function per layer)
 for the first shape (the embedded default's), and the same with a shape suffix for the paper shape.
 """
 
@@ -112,14 +113,16 @@ def matmuls_alone(model, batch: int, device) -> callable:
 
 
 def decoders(model, emb, mask, T: int, compile_hf: bool):
-    def musk(step, pack="1"):
+    def musk(step, pack="1", compiled="0"):
         def run(n):
-            before = os.environ.get("MUSK_DECODE_PACK")
-            os.environ["MUSK_DECODE_PACK"] = pack
+            env = {"MUSK_DECODE_PACK": pack, "MUSK_DECODE_COMPILE": compiled}
+            before = {k: os.environ.get(k) for k in env}
+            os.environ.update(env)
             try:
                 return sample(model, emb, mask, n, [], 0, greedy=True, min_new_tokens=n, step=step)
             finally:
-                os.environ.pop("MUSK_DECODE_PACK") if before is None else os.environ.update(MUSK_DECODE_PACK=before)
+                for k, v in before.items():
+                    os.environ.pop(k) if v is None else os.environ.update({k: v})
         return run
 
     def hf_static(n):
@@ -130,7 +133,8 @@ def decoders(model, emb, mask, T: int, compile_hf: bool):
     return {"musk loop (transformers modules, dynamic cache)": musk("loop"),
             "transformers generate, static cache" + (" + torch.compile" if compile_hf else ""): hf_static,
             "fused step, plain F.linear (MUSK_DECODE_PACK=0)": musk("fused", "0"),
-            "fused step (new)": musk("fused")}
+            "fused step (new)": musk("fused"),
+            "fused step, compiled layers (MUSK_DECODE_COMPILE=1)": musk("fused", compiled="1")}
 
 
 def run_shape(shape: str, batch: int, T: int, prompt: int, dtype, device: str, repeats: int, real: bool,
@@ -151,7 +155,11 @@ def run_shape(shape: str, batch: int, T: int, prompt: int, dtype, device: str, r
     fns = {}
     for name, fn in decoders(model, emb, mask, T, compile_hf).items():
         try:
-            fn(1)  # warm-up: fused weights, allocator, compilation where asked
+            t = time.perf_counter()
+            fn(2)  # warm-up (two tokens: one decode step): fused weights, allocator, compilation where asked
+            if "compile" in name:  # the timed lengths' shapes too (the compiled layers: one per cache size)
+                fn(T)
+                print(f"  {name}: warm-up with compilation {time.perf_counter() - t:.1f} s")
             fns[name] = fn
         except (RuntimeError, ValueError, TypeError) as e:  # a path this transformers does not take: say so
             print(f"  {name}: not run ({type(e).__name__}: {str(e)[:120]})")
@@ -181,6 +189,10 @@ def run_shape(shape: str, batch: int, T: int, prompt: int, dtype, device: str, r
     old, new = step["musk loop (transformers modules, dynamic cache)"], step["fused step (new)"]
     print(f"RATIO decode new / old{suffix} = {new / old:.3f}")
     print(f"RATIO decode new / weight-read floor{suffix} = {new / floor:.3f}")
+    comp = step.get("fused step, compiled layers (MUSK_DECODE_COMPILE=1)")
+    if comp is not None:
+        print(f"RATIO decode compiled layers / new{suffix} = {comp / new:.3f}")
+        print(f"RATIO decode compiled layers / weight-read floor{suffix} = {comp / floor:.3f}")
 
 
 def main():

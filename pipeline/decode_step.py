@@ -23,6 +23,12 @@ the last bits (another summation order), like any fused matmul. MUSK_DECODE_PACK
 The KV cache is float32 on a CPU (`cache_dtype`), so one bf16 query attends in float32 without
 casting the cache every token.
 
+MUSK_DECODE_COMPILE=1 (off by default; docs/performance.md gives the figures): on a CPU each decode
+step's layer (norms, rotary, cache write, attention, residuals, activation; the matmuls as opaque
+calls) runs as one torch.compile'd function with fixed shapes, shared by the layers: one kernel per
+layer for the elementwise work instead of ~40 eager operations. The cache's columns are then
+rounded up to a multiple of 64 (masked), so prompts of different lengths reuse one compilation.
+
 The static path (`static=True`) attends over the whole cache under a mask, with the column as a
 tensor, so one step has fixed shapes and no host sync: that is what a CUDA graph captures
 (pipeline/generation.py replays it once a token). On a CPU the eager path attends over the filled
@@ -195,6 +201,23 @@ def pack_default() -> bool:
     return os.environ.get("MUSK_DECODE_PACK", "1") != "0"
 
 
+def compile_default() -> bool:
+    """One compiled function per decode-step layer on a CPU when MUSK_DECODE_COMPILE=1 (default off)."""
+    return os.environ.get("MUSK_DECODE_COMPILE", "0") == "1"
+
+
+@torch.library.custom_op("musk::packed_linear", mutates_args=())
+def _packed_linear_op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: int) -> torch.Tensor:
+    """packed_linear as one opaque operation for torch.compile (inductor cannot lower oneDNN's linear
+    on a packed weight that is an input rather than a frozen constant). x [..., in] -> [..., out]."""
+    return packed_linear(x, w, b)
+
+
+@_packed_linear_op.register_fake
+def _(x, w, b, out):
+    return x.new_empty(*x.shape[:-1], out)
+
+
 def build_weights(lm, max_pos: int, packed: bool | None = None) -> Weights:
     """Read (and fuse) the weights of a covered model; packed (default `pack_default`): also in
     oneDNN's layout on a CPU. Raises Unsupported otherwise."""
@@ -292,6 +315,8 @@ class KVCache:
     cache's dtype: see `cache_dtype`)."""
 
     def __init__(self, W: Weights, N: int, S: int, dtype, device):
+        if compile_default() and torch.device(device).type == "cpu":  # see `_compiled_layers`
+            S = -(-S // COMPILE_COLUMNS) * COMPILE_COLUMNS
         self.k = [torch.zeros(N, W.hk, S, W.hd, dtype=dtype, device=device) for _ in W.layers]
         self.v = [torch.zeros(N, W.hk, S, W.hd, dtype=dtype, device=device) for _ in W.layers]
 
@@ -339,6 +364,8 @@ def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, col0
     gemma = W.family == "gemma3_text"
     hq, hk, hd = W.hq, W.hk, W.hd
     rope = {k: (W.cos[k][pos][:, :, None], W.sin[k][pos][:, :, None]) for k in W.cos}  # [n, T, 1, hd] per kind
+    if T == 1 and group == 1 and x.device.type == "cpu" and compile_default() and _compilable(W):
+        return _compiled_layers(W, cache, x, rope, col0, masks)
     h = x
     for i, la in enumerate(W.layers):
         r = _norm(h, la.norms[0], W.eps, gemma)
@@ -374,6 +401,81 @@ def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, col0
         m = la.down(la.act(g) * u)
         h = h + (_norm(m, la.norms[3], W.eps, True) if gemma else m)
     return _norm(h, W.final_norm, W.eps, gemma)
+
+
+COMPILE_COLUMNS = 64  # the cache's columns are a multiple of this under MUSK_DECODE_COMPILE=1
+_ACTS = {"SiLUActivation": F.silu, "SiLU": F.silu}
+_COMPILED: dict = {}  # "fn": the compiled layer; "failed": why compiling is off for this process
+
+
+def _compilable(W: Weights) -> bool:
+    """Families the compiled layer covers: no Gemma (sandwich and q/k norms), a SiLU gate."""
+    return W.family != "gemma3_text" and all(type(la.act).__name__ in _ACTS for la in W.layers) \
+        and "failed" not in _COMPILED
+
+
+def _lin_args(f: Fused) -> tuple:
+    """A Fused as plain arguments for the compiled layer (tensors, then constants)."""
+    return (f.packed if f.packed is not None else f.weight, f.bias, f.lora_a, f.lora_b, f.packed is not None,
+            f.weight.shape[0])
+
+
+def _lin(x, w, bias, lora_a, lora_b, packed: bool, out: int):
+    """Fused.__call__ on _lin_args (the packed matmul through the opaque op)."""
+    y = _packed_linear_op(x, w, bias, out) if packed else F.linear(x, w, bias)
+    if lora_a is None:
+        return y
+    return (y.float() + F.linear(F.linear(x.float(), lora_a), lora_b)).to(x.dtype)
+
+
+def _layer_t1(h, norms, qkv, o, gate_up, down, K, V, cos, sin, mask, col, hq: int, hk: int, hd: int, eps: float,
+              scaling: float, act: str):
+    """One Llama/Qwen2/Mistral layer for one token: `forward`'s loop body with T = 1 and the static
+    path's fixed shapes (h [n, 1, d], K/V [n, Hk, S, hd] written at col (0-d), mask [n, 1, 1, S])."""
+    n = h.shape[0]
+    r = _norm(h, norms[0], eps, False)
+    qkv_ = _lin(r, *qkv).view(n, 1, hq + 2 * hk, hd)
+    qk, v = qkv_[:, :, :hq + hk], qkv_[:, :, hq + hk:]
+    qk = qk * cos + qk.view(n, 1, hq + hk, 2, hd // 2).flip(3).view(n, 1, hq + hk, hd) * sin
+    q = qk[:, :, :hq].transpose(1, 2)  # [n, Hq, 1, hd]
+    k, v = qk[:, :, hq:].transpose(1, 2), v.transpose(1, 2)  # [n, Hk, 1, hd]
+    K.index_copy_(2, col.view(1), k.to(K.dtype))
+    V.index_copy_(2, col.view(1), v.to(V.dtype))
+    a = _lin(attend(q, K, V, mask, scaling).transpose(1, 2).reshape(n, 1, hq * hd), *o)
+    h = h + a
+    g, u = _lin(_norm(h, norms[1], eps, False), *gate_up).chunk(2, -1)
+    return h + _lin(_ACTS[act](g) * u, *down)
+
+
+def _compiled_layers(W: Weights, cache: KVCache, x: torch.Tensor, rope: dict, col0, masks: dict) -> torch.Tensor:
+    """`forward` for one token on a CPU with each layer through one torch.compile'd `_layer_t1`
+    (fixed shapes: all cache columns under the mask, so a step's shapes do not change with the
+    column). Falls back to the eager layer, for the rest of the process, where compiling fails
+    (no C++ compiler) and says so once."""
+    S = cache.k[0].shape[2]
+    col = col0 if isinstance(col0, torch.Tensor) else torch.tensor(col0, device=x.device)
+    full = {w: F.pad(m, (0, S - m.shape[-1])) for w, m in masks.items()}  # [n, 1, 1, S]: False past the filled
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(_layer_t1, dynamic=False)
+    h = x
+    for i, la in enumerate(W.layers):
+        cos, sin = rope[la.rope]
+        args = (la.norms, _lin_args(la.qkv), _lin_args(la.o), _lin_args(la.gate_up), _lin_args(la.down),
+                cache.k[i], cache.v[i], cos, sin, full[la.window], col, W.hq, W.hk, W.hd, W.eps, W.scaling,
+                type(la.act).__name__)
+        if "failed" in _COMPILED:
+            h = _layer_t1(h, *args)
+            continue
+        try:
+            h = _COMPILED["fn"](h, *args)
+        except Exception as e:  # the eager layer below writes the same cache column again
+            _COMPILED["failed"] = f"{type(e).__name__}: {str(e)[:200]}"
+            import logging
+
+            logging.getLogger(__name__).warning("MUSK_DECODE_COMPILE=1: torch.compile failed (%s); decoding "
+                                                "with the eager step", _COMPILED["failed"])
+            h = _layer_t1(h, *args)
+    return _norm(h, W.final_norm, W.eps, False)
 
 
 def embed(W: Weights, ids: torch.Tensor) -> torch.Tensor:

@@ -437,3 +437,132 @@ def test_base_weights_are_reused_where_packing_is_unavailable(monkeypatch):
     W2 = decode_step._CACHE[lm][-1]
     assert W2 is not W1 and W2.layers[0].qkv.packed is None
     assert W2.layers[0].qkv.weight is W1.layers[0].qkv.weight  # the concatenated q/k/v, not made again
+
+
+# On a GPU: the CUDA-graph capture itself (the fixed-shape step above runs without a graph on a CPU).
+# Marked `gpu` (benchmarks/gpu.sh runs them); skipped without CUDA.
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cuda(model, emb, mask):
+    return model.to("cuda"), emb.to("cuda"), mask.to("cuda")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral-window", "gemma3"])
+def test_cuda_graph_replays_give_the_eager_steps_and_the_loops_tokens(family):
+    """float32, greedy, rows stopping at an EOS: the step replayed as a CUDA graph (the default on
+    CUDA, all-done checked every 8 tokens) gives the eager fused step's and the loop's tokens."""
+    model = _tiny(family)
+    emb, mask = _prompts(model, context=2)
+    with torch.no_grad():
+        model, emb, mask = _cuda(model, emb, mask)
+    ref = sample(model, emb, mask, 14, [7], 0, greedy=True, step="loop")
+    eager = sample(model, emb, mask, 14, [7], 0, greedy=True, step="fused", static=False)
+    graph = sample(model, emb, mask, 14, [7], 0, greedy=True, step="fused")
+    assert graph.tokens.device.type == "cuda"
+    for out in (eager, graph):
+        assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.live, ref.live)
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_graph_sampling_with_lora_groups_and_eos_equals_the_eager_step():
+    """Sampled under one seed with the LoRA branch fused, G=3 rollouts sharing a prefill, EOS stops
+    and min_new_tokens: the graph's tokens and log-probs are the eager step's; a second call (a new
+    capture) leaves the first call's results untouched (they are not the graph's own tensors)."""
+    peft = _peft(_tiny("llama"))
+    lm = peft.get_base_model()
+    emb, mask = _prompts(lm, context=2)
+    emb, mask = emb.repeat_interleave(3, 0), mask.repeat_interleave(3, 0)
+    with torch.no_grad():
+        peft, emb, mask = _cuda(peft, emb, mask)
+    out = {}
+    for name, static in (("eager", False), ("graph", True)):
+        torch.manual_seed(4)
+        out[name] = sample(lm, emb, mask, 20, [5, 17], 0, temperature=1.3, min_new_tokens=2, group=3, step="fused",
+                           static=static, logprobs=True)
+    kept = out["graph"].tokens.clone()
+    sample(lm, emb, mask, 20, [5, 17], 0, temperature=1.3, group=3, step="fused")
+    assert torch.equal(out["graph"].tokens, kept)
+    assert torch.equal(out["graph"].tokens, out["eager"].tokens) and torch.equal(out["graph"].live, out["eager"].live)
+    assert torch.allclose(out["graph"].logprobs, out["eager"].logprobs, atol=1e-5)
+    assert out["eager"].live.sum() < out["eager"].live.numel()  # some row stopped at an EOS
+
+
+@pytest.mark.gpu
+@gpu
+def test_bfloat16_cuda_graph_logprobs_agree_with_the_trainer_within_rounding():
+    """bf16 on CUDA (what `dtype: auto` picks there): the graph sampler's log-probs against the
+    training forward's under its own tokens, the CPU test's bound."""
+    from train.policy import completion_logprobs
+
+    model = _tiny("llama", torch.bfloat16)
+    emb, mask = _prompts(model, context=2)
+    with torch.no_grad():
+        model, emb, mask = _cuda(model, emb, mask)
+    torch.manual_seed(2)
+    new = sample(model, emb, mask, 10, [], 0, logprobs=True, step="fused")
+    with torch.no_grad():
+        ref = completion_logprobs(model, emb, mask, new.tokens, new.live)
+    gap = (new.logprobs - ref).abs()
+    assert torch.isfinite(new.logprobs).all()
+    assert gap.mean() < 0.05 and gap.max() < 0.3
+
+
+def test_compiled_layers_give_the_loops_tokens_and_are_off_by_default(monkeypatch):
+    """MUSK_DECODE_COMPILE=1: every decode-step layer through one torch.compile'd function (float32:
+    the loop's tokens, eager and fixed-shape paths, LoRA branch and q/k/v biases, the cache rounded
+    up to 64 columns). Unset, nothing is compiled and the cache has exactly P + T columns."""
+    from pipeline import decode_step
+
+    calls = []
+    monkeypatch.setattr(decode_step, "_compiled_layers",
+                        lambda *a, _f=decode_step._compiled_layers: calls.append(1) or _f(*a))
+    model = _tiny("qwen2")
+    emb, mask = _prompts(model, context=2)
+    ref = sample(model, emb, mask, 10, [], 0, greedy=True, step="loop")
+    sample(model, emb, mask, 10, [], 0, greedy=True, step="fused")
+    assert not calls and decode_step.KVCache(decode_step.fused_weights(model, 32), 2, 21, torch.float32,
+                                             "cpu").k[0].shape[2] == 21
+    monkeypatch.setenv("MUSK_DECODE_COMPILE", "1")
+    assert decode_step.KVCache(decode_step.fused_weights(model, 32), 2, 21, torch.float32, "cpu").k[0].shape[2] == 64
+    for static in (False, True):
+        new = sample(model, emb, mask, 10, [], 0, greedy=True, step="fused", static=static)
+        assert torch.equal(new.tokens, ref.tokens)
+    assert len(calls) == 2 * 9 and "failed" not in decode_step._COMPILED  # 9 decode steps a call, compiled
+    peft = _peft(_tiny("llama"))
+    for m in peft.modules():  # a LoRA branch large enough to change the tokens
+        if hasattr(m, "lora_B"):
+            for p in m.lora_B.values():
+                p.weight.data *= 5
+    lm = peft.get_base_model()
+    emb, mask = _prompts(lm, context=2)
+    ref = sample(lm, emb, mask, 10, [], 0, greedy=True, step="loop")
+    assert torch.equal(sample(lm, emb, mask, 10, [], 0, greedy=True, step="fused").tokens, ref.tokens)
+    monkeypatch.delenv("MUSK_DECODE_COMPILE")
+    assert not torch.equal(sample(peft.get_base_model(), emb, mask, 10, [], 0, greedy=True, step="loop").tokens,
+                           sample(_tiny("llama"), emb, mask, 10, [], 0, greedy=True, step="loop").tokens)
+
+
+def test_compiled_layers_fall_back_to_the_eager_layer_where_compiling_fails(monkeypatch, caplog):
+    """No C++ compiler (or any compile error): the eager layer runs, the tokens are the same, it is said once."""
+    from pipeline import decode_step
+
+    def broken(fn, **kw):
+        def f(*a, **k):
+            raise RuntimeError("no C++ compiler")
+        return f
+    monkeypatch.setattr(decode_step, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setenv("MUSK_DECODE_COMPILE", "1")
+    model = _tiny("llama")
+    emb, mask = _prompts(model)
+    ref = sample(model, emb, mask, 8, [], 0, greedy=True, step="loop")
+    with caplog.at_level(logging.WARNING):
+        out = sample(model, emb, mask, 8, [], 0, greedy=True, step="fused")
+        sample(model, emb, mask, 8, [], 0, greedy=True, step="fused")
+    assert torch.equal(out.tokens, ref.tokens)
+    assert "no C++ compiler" in decode_step._COMPILED["failed"]
+    assert sum("torch.compile failed" in r.message for r in caplog.records) == 1

@@ -1,0 +1,323 @@
+"""The paper's scale on one GPU, proved and timed in minutes (benchmarks/gpu.sh drives it).
+
+On one GPU (default) it builds, with no hub:
+  - experts of the default team's exact shapes (Qwen2.5-Math-1.5B, Qwen2.5-Coder-7B, Llama-3.2-3B;
+    random bf16 weights, saved as model folders) and a cache of `arithmetic` prompts from them
+    through `musk extract`'s run_extract;
+  - a policy of Qwen2.5-3B's exact shape (random bf16 weights);
+and trains `single` and `perceiver` (n=3) for a few steps at the paper's step shape (paper-h100.yaml:
+32 prompts x 8 rollouts x 128 tokens, forced to full length, one micro-batch, rollout_chunk 32)
+through the CUDA-graph decoder, on the stable context path (the embedded default's: gate closed at
+step 0), so the first step's KL must be exactly 0 and no metric may be non-finite. It then times
+decoding at batch 32 x 8 (ms a token: the fused step replayed as a CUDA graph, the same step
+eager, the transformers loop, against the weight-read floor) and reads the paper step's time from
+the perceiver run. The tokenizer is musk's byte-level one (built in code; a prompt is ~690
+tokens against ~136 with a BPE tokenizer: the figures give the prompt lengths), or a folder's (--tokenizer).
+
+--tiny runs the same path on a CPU with tiny shapes (about a minute): the static step there runs
+without a graph. Writes OUT/figures.json (see FIGURE_KEYS) and prints RATIO lines; exits 1 when a
+check fails (the JSON is written first).
+
+    python benchmarks/gpu_check.py --out gpu-check            # one GPU
+    python benchmarks/gpu_check.py --tiny --out /tmp/check    # CPU, tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.decode import timed, weight_read_floor  # noqa: E402
+from cache.run_folder import METRICS, RunFolder  # noqa: E402
+from pipeline.experts import byte_tokenizer, resolve_dtype  # noqa: E402
+from pipeline.extract import load_extract_config, run_extract  # noqa: E402
+from pipeline.generation import sample  # noqa: E402
+from train.config import load_train_config  # noqa: E402
+from train.loop import run_train  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The default team's exact architectures (their config.json values), and the paper's policy.
+TEAM = {
+    "qwen2.5-math-1.5b-shape": ("Qwen2Config", dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True)),
+    "qwen2.5-coder-7b-shape": ("Qwen2Config", dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+        tie_word_embeddings=False)),
+    "llama-3.2-3b-shape": ("LlamaConfig", dict(
+        vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, rope_scaling={"rope_type": "llama3", "factor": 32.0, "high_freq_factor": 4.0,
+                                               "low_freq_factor": 1.0, "original_max_position_embeddings": 8192})),
+}
+POLICY = ("Qwen2Config", dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+    num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
+    tie_word_embeddings=True))
+
+
+def _tiny_shape(cls: str, d: int, heads: int, kv: int) -> tuple[str, dict]:
+    return cls, dict(vocab_size=512, hidden_size=d, intermediate_size=2 * d, num_hidden_layers=2,
+                     num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=2048,
+                     tie_word_embeddings=True)
+
+
+TINY_TEAM = {"qwen2.5-math-1.5b-shape": _tiny_shape("Qwen2Config", 48, 4, 2),
+             "qwen2.5-coder-7b-shape": _tiny_shape("Qwen2Config", 64, 4, 2),
+             "llama-3.2-3b-shape": _tiny_shape("LlamaConfig", 40, 4, 4)}
+TINY_POLICY = _tiny_shape("Qwen2Config", 64, 4, 2)
+
+# The step shape: (prompts, rollouts per prompt, tokens, training steps, train / val prompts in the cache).
+PAPER = dict(prompts=32, group=8, tokens=128, steps=3, train_size=96, val_size=8, decode_repeats=2)
+TINY = dict(prompts=2, group=2, tokens=8, steps=2, train_size=8, val_size=2, decode_repeats=1)
+
+# The stable context path (the embedded default's): the gate is closed at step 0 and the reference
+# reads the same anchor, LoRA B = 0, so the first step's KL is exactly 0.
+STABLE = dict(context_position="after-question", context_gate="rms", context_rms=3.0, gate_lr=3e-3,
+              feature_norm="standardize", context_anchor="mean-embedding", grad_clip_scope="per-group")
+
+FIGURE_KEYS = ("machine", "mode", "seconds", "tests", "cache", "runs", "decode", "paper_step_seconds", "checks", "ok")
+
+
+def machine(device: str) -> dict:
+    """What the figures were measured on."""
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+           "cpu": cpu, "cpu_isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+           "torch": torch.__version__, "transformers": transformers.__version__, "device": device}
+    if device.startswith("cuda"):
+        p = torch.cuda.get_device_properties(0)
+        out.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda,
+                   capability=f"{p.major}.{p.minor}")
+    return out
+
+
+def tokenizer(folder: str = ""):
+    """The tokenizer in `folder` (real prompt lengths), or musk's byte-level one (a prompt ~5x as many
+    tokens as with a BPE tokenizer), with a chat template where it has none."""
+    if folder:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(folder)
+        tok.pad_token = tok.pad_token or tok.eos_token
+        if tok.chat_template:
+            return tok
+    else:
+        tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                         "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+    return tok
+
+
+def shaped_model(shape: tuple[str, dict], folder: Path, device: str, seed: int, tok_dir: str = "") -> int:
+    """A random-init model of that architecture, in bf16 (float32 where bf16 is slow: dtype auto),
+    built on `device` and saved with the tokenizer as a transformers folder. Returns its parameters."""
+    import transformers
+
+    cls, kw = shape
+    tok = tokenizer(tok_dir)
+    kw = {**kw, "vocab_size": max(kw["vocab_size"], len(tok))}
+    cfg = getattr(transformers, cls)(**kw, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                     pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=resolve_dtype("auto", device))
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    del model
+    return n
+
+
+def build_cache(team: dict, size: dict, work: Path, device: str, tok_dir: str, log) -> tuple[Path, dict]:
+    """Expert folders of the team's shapes, then a cache of `arithmetic` prompts (the paper preset's
+    task, arithmetic-default.yaml) through run_extract (features only: no hints, no router).
+    Returns (cache path, per-expert figures)."""
+    experts, info = [], {}
+    for i, (name, shape) in enumerate(team.items()):
+        t = time.perf_counter()
+        n = shaped_model(shape, work / name, device, 10 + i, tok_dir)
+        info[name] = {"architecture": shape[0], "hidden_size": shape[1]["hidden_size"],
+                      "layers": shape[1]["num_hidden_layers"], "parameters": n,
+                      "build_seconds": round(time.perf_counter() - t, 2)}
+        log(f"  expert {name}: {n / 1e9:.2f}B parameters, built and saved in {info[name]['build_seconds']} s")
+        experts.append({"name": name, "kind": "hf", "model": str(work / name)})
+    cfg = load_extract_config(str(ROOT / "configs/extract/arithmetic-default.yaml"), {  # the paper's task and prompt
+        "task": {"train_size": size["train_size"], "val_size": size["val_size"]},
+        "experts": experts, "router": None, "hints": False, "out": str(work / "cache.h5"), "device": device,
+        "dtype": "auto", "batch_size": 32})
+    return run_extract(cfg, progress=False, log=log), info
+
+
+def train_run(method: str, policy: Path, cache: Path, size: dict, work: Path, device: str, log) -> dict:
+    """A few GRPO steps at the step shape from paper-h100.yaml; the figures of its metrics."""
+    over = {"method": method, "policy": str(policy), "train_batch_size": size["prompts"], "group_size": size["group"],
+            "max_new_tokens": size["tokens"], "min_new_tokens": size["tokens"], "gradient_accumulation_steps": 1,
+            "rollout_chunk": size["prompts"], "total_training_steps": size["steps"], "test_freq": 10_000,
+            "save_freq": 10_000, "curve_freq": 0, "eval_batches": 1, "val_batch_size": size["val_size"],
+            "eval_without_context": False, "report_to": ["none"], "device": device, "dtype": "auto",
+            "log_completions_freq": 0, "experts": None, **STABLE}
+    if size is TINY:
+        over.update(d_latent=16, num_latents=4, num_heads=2)
+    cfg = load_train_config(str(ROOT / "configs/train/paper-h100.yaml"), over)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    run = run_train(cfg, cache, work / f"run-{method}", progress=False, log=log)
+    recs = RunFolder(run).read(METRICS)
+    later = recs[1:] or recs  # step 1 warms up (fused weights, graph capture, allocator)
+    bad = sorted({k for r in recs for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)})
+    return {"steps": len(recs), "first_step": recs[0]["step"], "kl_first_step": recs[0]["kl"],
+            "kl": [r["kl"] for r in recs], "loss": [r["loss"] for r in recs],
+            "step_seconds": [r["step_seconds"] for r in recs],
+            "step_seconds_median_after_first": statistics.median(r["step_seconds"] for r in later),
+            "parts_median_after_first": {k: statistics.median(r[f"time/{k}"] for r in later)
+                                         for k in ("generate", "reference", "policy", "reward")},
+            "completion_tokens": recs[-1]["completion_tokens"],
+            "policy_prompt_tokens": recs[-1].get("cost/policy_prompt_tokens"),
+            "peak_gib": max((r.get("mem/peak_gb", 0.0) for r in recs), default=0.0), "non_finite": bad}
+
+
+def decode_figures(policy: Path, size: dict, device: str, log) -> dict:
+    """ms a token at batch prompts x group, sampled, every row decoding all `tokens`: the fused step
+    (static shapes: replayed as a CUDA graph on CUDA, eager elsewhere), the fused step eager, the
+    transformers loop; the weight-read floor in the same run. A token's time is (t(T) - t(2)) / (T - 2):
+    prefill and the graph's capture (on the first step) excluded."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = resolve_dtype("auto", device)
+    model = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(device).eval().requires_grad_(False)
+    B, G, T = size["prompts"], size["group"], size["tokens"]
+    g = torch.Generator().manual_seed(1)
+    P = 96 if size is PAPER else 12
+    ids = torch.randint(1, model.config.vocab_size, (B, P), generator=g).repeat_interleave(G, 0)  # [B*G, P]
+    mask = torch.ones_like(ids)
+    for i in range(B):  # left padding: prompts of different lengths, each shared by its G rollouts
+        mask[i * G:(i + 1) * G, : (i * 7) % (P // 3)] = 0
+    ids, mask = (ids * mask).to(device), mask.to(device)
+    with torch.inference_mode():
+        emb = model.get_input_embeddings()(ids)
+    graph = device.startswith("cuda")
+    decoders = {"fused_graph" if graph else "fused_static": dict(step="fused", static=True),
+                "fused_eager": dict(step="fused", static=False), "loop": dict(step="loop")}
+
+    def run(kw, n):
+        return lambda: sample(model, emb, mask, n, [], 0, temperature=1.0, min_new_tokens=n, group=G, **kw)
+    for kw in decoders.values():
+        run(kw, 3)()  # warm-up: fused weights, allocator
+    floor, nbytes = weight_read_floor(model, device, size["decode_repeats"])
+    ms = {}
+    for name, kw in decoders.items():
+        full, two = timed(run(kw, T), device, size["decode_repeats"]), timed(run(kw, 2), device, size["decode_repeats"])
+        ms[name] = (full - two) / (T - 2) * 1e3
+        log(f"  decode {name}: {ms[name]:.2f} ms/token ({full:.2f} s for {T} tokens)")
+    return {"rows": B * G, "prompt_tokens": P, "tokens": T, "dtype": str(dtype).removeprefix("torch."),
+            "ms_per_token": ms, "floor_ms": floor * 1e3, "weight_gib": nbytes / 2**30,
+            "floor_gb_s": nbytes / floor / 1e9}
+
+
+def tests_figures(rc: int | None, log_path: str) -> dict:
+    """The GPU-marked tests' result as gpu.sh ran them (exit status and pytest's summary line)."""
+    if rc is None:
+        return {"ran": False}
+    lines = Path(log_path).read_text().splitlines() if log_path and Path(log_path).exists() else []
+    summary = next((ln.strip("= ") for ln in reversed(lines) if " in " in ln and ("passed" in ln or "skipped" in ln
+                                                                              or "deselected" in ln)), "")
+    return {"ran": True, "rc": rc, "summary": summary}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", required=True, help="folder for figures.json (made if missing)")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on a CPU (the path, not the figures)")
+    ap.add_argument("--device", default="", help="default: cuda, or cpu with --tiny")
+    ap.add_argument("--work", default="", help="scratch folder for models and runs (default: a temporary one; "
+                    "~32 GB at the paper's shapes), removed at the end")
+    ap.add_argument("--tokenizer", default="", help="a tokenizer folder for experts and policy (default: musk's "
+                    "byte-level tokenizer: prompts ~5x longer than a BPE tokenizer's)")
+    ap.add_argument("--tests-rc", type=int, default=None, help="exit status of the GPU-marked tests (gpu.sh)")
+    ap.add_argument("--tests-log", default="", help="their pytest output (gpu.sh)")
+    args = ap.parse_args()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    device = args.device or ("cpu" if args.tiny else "cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device (use --tiny on a CPU)")
+    size, team, pshape = (TINY, TINY_TEAM, TINY_POLICY) if args.tiny else (PAPER, TEAM, POLICY)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="musk-gpu-check-", dir=args.work or None))
+
+    def log(*a):
+        print(*a, flush=True)
+    fig = {"machine": machine(device), "mode": "tiny" if args.tiny else "paper", "shape": size,
+           "tokenizer": args.tokenizer or "bytes",
+           "tests": tests_figures(args.tests_rc, args.tests_log), "seconds": {}}
+    log(f"gpu_check ({fig['mode']}): {json.dumps(fig['machine'])}")
+    try:
+        t = time.perf_counter()
+        cache, experts = build_cache(team, size, work, device, args.tokenizer, log)
+        fig["seconds"]["cache"] = time.perf_counter() - t
+        fig["cache"] = {"experts": experts, "train_prompts": size["train_size"], "val_prompts": size["val_size"]}
+        t = time.perf_counter()
+        n = shaped_model(pshape, work / "policy", device, 0, args.tokenizer)
+        fig["policy"] = {"architecture": pshape[0], "parameters": n}
+        fig["seconds"]["policy"] = time.perf_counter() - t
+        fig["runs"] = {}
+        for method in ("single", "perceiver"):
+            t = time.perf_counter()
+            fig["runs"][method] = train_run(method, work / "policy", cache, size, work, device, log)
+            fig["seconds"][f"train_{method}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fig["decode"] = decode_figures(work / "policy", size, device, log)
+        fig["seconds"]["decode"] = time.perf_counter() - t
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # the paper's method (perceiver, n = 3) at the paper's step shape: what `musk sweep --dry-run` scales
+    fig["paper_step_seconds"] = fig["runs"]["perceiver"]["step_seconds_median_after_first"]
+    fig["checks"] = {
+        "kl_zero_first_step": all(r["kl_first_step"] == 0.0 for r in fig["runs"].values()),
+        "all_finite": not any(r["non_finite"] for r in fig["runs"].values())
+        and all(math.isfinite(v) for v in fig["decode"]["ms_per_token"].values()),
+        "tests_passed": fig["tests"].get("rc", 0) == 0}
+    fig["ok"] = all(fig["checks"].values())
+    d = fig["decode"]
+    fast = d["ms_per_token"]["fused_graph" if "fused_graph" in d["ms_per_token"] else "fused_static"]
+    tag = f" (batch {d['rows']}, {d['dtype']}, {fig['mode']})"
+    log(f"RATIO decode graph / loop{tag} = {fast / d['ms_per_token']['loop']:.3f}")
+    log(f"RATIO decode graph / weight-read floor{tag} = {fast / d['floor_ms']:.3f}")
+    log(f"RATIO decode eager / graph{tag} = {d['ms_per_token']['fused_eager'] / fast:.3f}")
+    log(f"RATIO paper step / 7 s target{tag} = {fig['paper_step_seconds'] / 7.0:.3f}")
+    log(f"RATIO decode graph ms a token / 12 ms target{tag} = {fast / 12.0:.3f}")
+    tmp = out / "figures.json.tmp"
+    tmp.write_text(json.dumps(fig, indent=1))
+    tmp.replace(out / "figures.json")
+    log(f"checks: {fig['checks']} -> {'OK' if fig['ok'] else 'FAILED'}; figures in {out / 'figures.json'}")
+    sys.exit(0 if fig["ok"] else 1)
+
+
+if __name__ == "__main__":
+    main()
