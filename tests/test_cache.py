@@ -49,7 +49,7 @@ def _assert_same(a: dict, b: dict):
 
 def test_spec_layout(tiny_cache):
     with h5py.File(tiny_cache, "r") as f:
-        assert f.attrs["musk_schema"] == 4 and bool(f.attrs["complete"]) is True
+        assert f.attrs["musk_schema"] == 5 and bool(f.attrs["complete"]) is True
         assert int(f.attrs["split_overlap"]) == 0
         assert len(f.attrs["fingerprint"]) == 64
         assert "task:" in f.attrs["config"] and '"transformers"' in f.attrs["versions"]
