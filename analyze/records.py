@@ -284,7 +284,8 @@ def _mean_runs(per_run: list[dict]) -> float | None:
 
 def _pct_runs(per_run: list[dict]) -> str:
     m = _mean_runs(per_run)
-    return "—" if m is None else f"{m * 100:.1f} ({len(per_run)} runs, {len(per_run[0])} {UNIT})"
+    runs = f"{len(per_run)} run" + ("s" if len(per_run) > 1 else "")
+    return "—" if m is None else f"{m * 100:.1f} ({runs}, {len(per_run[0])} {UNIT})"
 
 
 def _mean(scores: dict) -> float | None:

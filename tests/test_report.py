@@ -617,7 +617,7 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
     t = ablation_table(runs)
     label = "arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"
     assert dict(t.rows)[label] == [
-        "1", "75.0 (1 runs, 4 distinct questions)", "50.0 (1 runs, 4 distinct questions)",
+        "1", "75.0 (1 run, 4 distinct questions)", "50.0 (1 run, 4 distinct questions)",
         "-25.0 [-75.0, +0.0]† (1 seed, 4 distinct questions)", "+0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)"]
     r = dict(routing_table(runs).rows)
     assert r["arithmetic / perceiver / all"] == ["1", "math: 0.350, code: 0.325, general: 0.325"]
