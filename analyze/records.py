@@ -216,20 +216,24 @@ def _setting_label(setting: tuple) -> str:
     s = dict(zip(EVAL_SETTING, setting))
     dec = "greedy" if s["decoding"] == "greedy" or (s["decoding"] is None and s["temperature"] is None) else \
         f"T={s['temperature']} x{s['samples']}"
-    return f"{s['split']}, {s['checkpoint']}, {s['dtype'] or 'dtype unrecorded'}, {dec}, {s['n_prompts']} prompts"
+    extra = (f", limit {s['limit']}" if s["limit"] is not None else "") + (f", seed {s['seed']}" if s["seed"] else "")
+    return f"{s['split']}, {s['checkpoint']}, {s['dtype'] or 'dtype unrecorded'}, {dec}, {s['n_prompts']} prompts{extra}"
 
 
-def _eval_runs(runs: list[Run]) -> dict[tuple, dict[str, dict[str, list[dict]]]]:
-    """{(family, method, team, condition, eval setting): {run name: {condition: records}}}: every folder of
-    one run and setting merged (a condition is read from the first folder that has it)."""
+def _eval_runs(runs: list[Run]) -> tuple[dict[tuple, dict[str, dict[str, list[dict]]]], dict[tuple, list[str]]]:
+    """({(family, method, team, condition, eval setting): {run name: {condition: records}}}, {same key:
+    folders}): every folder of one run and setting merged (a condition is read from the first folder
+    that has it)."""
     groups: dict[tuple, dict] = defaultdict(dict)
+    folders: dict[tuple, list[str]] = defaultdict(list)
     for r in runs:
-        for _, summary, recs in eval_folders(r):
+        for d, summary, recs in eval_folders(r):
             key = (r.family, r.method, r.team, r.condition_without(steps=False), _setting(summary))
+            folders[key].append(f"{r.name}/{d.parent.name}/{d.name}")
             by_cond = groups[key].setdefault(r.name, {})
             for cond in dict.fromkeys(x["condition"] for x in recs):
                 by_cond.setdefault(cond, [x for x in recs if x["condition"] == cond])
-    return groups
+    return groups, folders
 
 
 def ablation_table(runs: list[Run]) -> Table:
@@ -238,7 +242,7 @@ def ablation_table(runs: list[Run]) -> Table:
     difference to the family's single runs evaluated by `musk eval` with the same settings. One row per
     (family, method, team, condition, evaluation setting); folders of other settings are never pooled;
     "seeds" counts runs."""
-    groups = _eval_runs(runs)
+    groups, folders = _eval_runs(runs)
     singles = {(k[0], k[4]): v for k, v in groups.items() if k[1] == "single"}  # (family, setting) -> runs
     rows, raw, used, missing_single = [], [], [], False
     for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], str(k))):
@@ -256,8 +260,10 @@ def ablation_table(runs: list[Run]) -> Table:
             d_single, f_single = seeds_cell(ab, sg) if sg else ("—", {})
             missing_single |= not sg
             label = f"{family} / {method} / {', '.join(team)} / {cond} [{_setting_label(setting)}]"
+            if any(lbl == label for lbl, _ in rows):  # settings that print alike (e.g. unrecorded): name folders
+                label += f" ({', '.join(folders[key])})"
             rows.append((label, [str(len(have)), _pct_runs(with_c), _pct_runs(ab), d_with, d_single]))
-            raw.append({"setting": label, "runs": ";".join(have), "seeds": len(have),
+            raw.append({"setting": label, "runs": ";".join(have), "seeds": len(have), "folders": ";".join(folders[key]),
                         **dict(zip(EVAL_SETTING, setting)), "acc_with": _mean_runs(with_c),
                         "acc_ablated": _mean_runs(ab), "unit": UNIT,
                         **{f"vs_with_{k}": v for k, v in f_with.items()},
