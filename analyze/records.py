@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyze.runs import SCHEDULE, Run
+from analyze.runs import SCHEDULE, Run, dtype_of
 from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, cell, two_level_bootstrap
 from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, _prompt_set,
                             ablation_names)
@@ -102,10 +102,11 @@ def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
     return col[0] if sum(c[0] == col[0] for c in cols) == 1 else f"{col[0]} [prompts {col[1][:8]}]"
 
 
-def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str]) -> list[Run]:
-    """The family's own single runs on the column's prompt set (the single condition with most runs there)."""
-    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col] for k, rs in sorted(rows.items(), key=str)
-             if k[0] == "single"]
+def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str], dtype: str) -> list[Run]:
+    """The family's own single runs on the column's prompt set, trained in `dtype` (the single condition
+    with most runs there)."""
+    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col and dtype_of(r) == dtype]
+             for k, rs in sorted(rows.items(), key=str) if k[0] == "single"]
     cands = [c for c in cands if c]
     return max(cands, key=len) if cands else []
 
@@ -137,7 +138,7 @@ def paired_tables(runs: list[Run]) -> list[Table]:
         cells, seed_cells = [], []
         for col, head in zip(cols, heads):
             a = sorted((r for r in a_runs if (r.family, _prompt_set(r)) == col), key=lambda r: r.name)
-            b = _single_of(rows, col) if b_which == "single" else a
+            b = (_single_of(rows, col, dtype_of(a[0])) if a else []) if b_which == "single" else a
             for t in [None] + tasks[col]:
                 pa = [per_prompt(recs[r.name], a_cond, t) for r in a]
                 pb = [per_prompt(recs[r.name], b_cond, t) for r in b]
@@ -162,7 +163,7 @@ def paired_tables(runs: list[Run]) -> list[Table]:
             fam_rows.append((f"{label}, per seed", [c or "—" for c in seed_cells]))
     used = [r for rs in rows.values() for r in rs]
     note = CI_NOTE + " Read from each run's last full evaluation (eval_records.jsonl); each family's methods " \
-        "against that family's own single runs on the same prompt set."
+        "against that family's own single runs on the same prompt set, trained in the same dtype."
     if not comparisons:
         note = "No finished run kept per-prompt evaluation records (eval_records.jsonl): nothing to pair."
     title = f"Paired differences in validation accuracy (points over {UNIT}, 95% interval; † conditional on the " \

@@ -541,6 +541,13 @@ def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
     assert a[0].startswith("+50.0 ") and b[0].startswith("-50.0 ")  # not pooled into +0.0
     main = rows["perceiver [experts=['math', 'code', 'general']] − single"]
     assert main == ["—", "+100.0 [+100.0, +100.0]† (1 v 1 seed, 4 distinct questions)"]
+    # a single run of another dtype is no comparison for a bf16 perceiver: the cell stays empty
+    _with(root / "p-lo", dtype_resolved="bfloat16")
+    _with(root / "s-lo", dtype_resolved="float32")
+    fam, _ = paired_tables(load_runs([root]))
+    rows = dict(fam.rows)
+    bf = [k for k in rows if "dtype_resolved=bfloat16" in k and k.endswith("− single")]
+    assert len(bf) == 1 and rows[bf[0]] == ["—", "—"], rows
 
 
 def test_paired_tables_carry_seed_variance(tmp_path):
