@@ -483,6 +483,10 @@ def test_runs_of_other_dtypes_never_share_a_cell_and_tables_name_their_dtype(tmp
     assert code == 0, out
     assert "Dtypes (never pooled in one cell): bfloat16 (p-bf); float32 (p-f32)." in \
         (tmp_path / "rep" / "table1.md").read_text()
+    # `auto` that resolved to float32 and float32 asked by name trained alike: one cell
+    _with(make_run(root, "p-f32-named", seed=2, acc=0.4), dtype="float32", dtype_resolved="float32")
+    rows = dict(table1(load_runs([root])).rows)
+    assert rows["perceiver [dtype_resolved=float32]"] == ["30.00 ± 14.14 (n=2)"]
 
 
 # ---------------------------------------------------------------------------------------------
