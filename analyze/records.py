@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyze.runs import SCHEDULE, Run
+from analyze.runs import SCHEDULE, Run, dtype_of
 from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, cell, two_level_bootstrap
 from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, _prompt_set,
                             ablation_names)
@@ -102,10 +102,11 @@ def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
     return col[0] if sum(c[0] == col[0] for c in cols) == 1 else f"{col[0]} [prompts {col[1][:8]}]"
 
 
-def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str]) -> list[Run]:
-    """The family's own single runs on the column's prompt set (the single condition with most runs there)."""
-    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col] for k, rs in sorted(rows.items(), key=str)
-             if k[0] == "single"]
+def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str], dtype: str) -> list[Run]:
+    """The family's own single runs on the column's prompt set, trained in `dtype` (the single condition
+    with most runs there)."""
+    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col and dtype_of(r) == dtype]
+             for k, rs in sorted(rows.items(), key=str) if k[0] == "single"]
     cands = [c for c in cands if c]
     return max(cands, key=len) if cands else []
 
@@ -137,7 +138,7 @@ def paired_tables(runs: list[Run]) -> list[Table]:
         cells, seed_cells = [], []
         for col, head in zip(cols, heads):
             a = sorted((r for r in a_runs if (r.family, _prompt_set(r)) == col), key=lambda r: r.name)
-            b = _single_of(rows, col) if b_which == "single" else a
+            b = (_single_of(rows, col, dtype_of(a[0])) if a else []) if b_which == "single" else a
             for t in [None] + tasks[col]:
                 pa = [per_prompt(recs[r.name], a_cond, t) for r in a]
                 pb = [per_prompt(recs[r.name], b_cond, t) for r in b]
@@ -162,7 +163,7 @@ def paired_tables(runs: list[Run]) -> list[Table]:
             fam_rows.append((f"{label}, per seed", [c or "—" for c in seed_cells]))
     used = [r for rs in rows.values() for r in rs]
     note = CI_NOTE + " Read from each run's last full evaluation (eval_records.jsonl); each family's methods " \
-        "against that family's own single runs on the same prompt set."
+        "against that family's own single runs on the same prompt set, trained in the same dtype."
     if not comparisons:
         note = "No finished run kept per-prompt evaluation records (eval_records.jsonl): nothing to pair."
     title = f"Paired differences in validation accuracy (points over {UNIT}, 95% interval; † conditional on the " \
@@ -216,20 +217,24 @@ def _setting_label(setting: tuple) -> str:
     s = dict(zip(EVAL_SETTING, setting))
     dec = "greedy" if s["decoding"] == "greedy" or (s["decoding"] is None and s["temperature"] is None) else \
         f"T={s['temperature']} x{s['samples']}"
-    return f"{s['split']}, {s['checkpoint']}, {s['dtype'] or 'dtype unrecorded'}, {dec}, {s['n_prompts']} prompts"
+    extra = (f", limit {s['limit']}" if s["limit"] is not None else "") + (f", seed {s['seed']}" if s["seed"] else "")
+    return f"{s['split']}, {s['checkpoint']}, {s['dtype'] or 'dtype unrecorded'}, {dec}, {s['n_prompts']} prompts{extra}"
 
 
-def _eval_runs(runs: list[Run]) -> dict[tuple, dict[str, dict[str, list[dict]]]]:
-    """{(family, method, team, condition, eval setting): {run name: {condition: records}}}: every folder of
-    one run and setting merged (a condition is read from the first folder that has it)."""
+def _eval_runs(runs: list[Run]) -> tuple[dict[tuple, dict[str, dict[str, list[dict]]]], dict[tuple, list[str]]]:
+    """({(family, method, team, condition, eval setting): {run name: {condition: records}}}, {same key:
+    folders}): every folder of one run and setting merged (a condition is read from the first folder
+    that has it)."""
     groups: dict[tuple, dict] = defaultdict(dict)
+    folders: dict[tuple, list[str]] = defaultdict(list)
     for r in runs:
-        for _, summary, recs in eval_folders(r):
+        for d, summary, recs in eval_folders(r):
             key = (r.family, r.method, r.team, r.condition_without(steps=False), _setting(summary))
+            folders[key].append(f"{r.name}/{d.parent.name}/{d.name}")
             by_cond = groups[key].setdefault(r.name, {})
             for cond in dict.fromkeys(x["condition"] for x in recs):
                 by_cond.setdefault(cond, [x for x in recs if x["condition"] == cond])
-    return groups
+    return groups, folders
 
 
 def ablation_table(runs: list[Run]) -> Table:
@@ -238,7 +243,7 @@ def ablation_table(runs: list[Run]) -> Table:
     difference to the family's single runs evaluated by `musk eval` with the same settings. One row per
     (family, method, team, condition, evaluation setting); folders of other settings are never pooled;
     "seeds" counts runs."""
-    groups = _eval_runs(runs)
+    groups, folders = _eval_runs(runs)
     singles = {(k[0], k[4]): v for k, v in groups.items() if k[1] == "single"}  # (family, setting) -> runs
     rows, raw, used, missing_single = [], [], [], False
     for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], str(k))):
@@ -256,8 +261,10 @@ def ablation_table(runs: list[Run]) -> Table:
             d_single, f_single = seeds_cell(ab, sg) if sg else ("—", {})
             missing_single |= not sg
             label = f"{family} / {method} / {', '.join(team)} / {cond} [{_setting_label(setting)}]"
+            if any(lbl == label for lbl, _ in rows):  # settings that print alike (e.g. unrecorded): name folders
+                label += f" ({', '.join(folders[key])})"
             rows.append((label, [str(len(have)), _pct_runs(with_c), _pct_runs(ab), d_with, d_single]))
-            raw.append({"setting": label, "runs": ";".join(have), "seeds": len(have),
+            raw.append({"setting": label, "runs": ";".join(have), "seeds": len(have), "folders": ";".join(folders[key]),
                         **dict(zip(EVAL_SETTING, setting)), "acc_with": _mean_runs(with_c),
                         "acc_ablated": _mean_runs(ab), "unit": UNIT,
                         **{f"vs_with_{k}": v for k, v in f_with.items()},
@@ -284,7 +291,8 @@ def _mean_runs(per_run: list[dict]) -> float | None:
 
 def _pct_runs(per_run: list[dict]) -> str:
     m = _mean_runs(per_run)
-    return "—" if m is None else f"{m * 100:.1f} ({len(per_run)} runs, {len(per_run[0])} {UNIT})"
+    runs = f"{len(per_run)} run" + ("s" if len(per_run) > 1 else "")
+    return "—" if m is None else f"{m * 100:.1f} ({runs}, {len(per_run[0])} {UNIT})"
 
 
 def _mean(scores: dict) -> float | None:

@@ -58,6 +58,8 @@ class Run:
     def condition_without(self, *keys: str, steps: bool = True) -> str:
         """The condition without config `keys` (and without the step reached when steps=False)."""
         skip = set(NOT_A_CONDITION) | set(keys)
+        if self.config.get("dtype_resolved"):  # the dtype trained in is the fact; `auto` or its name is a wish
+            skip.add("dtype")
         cfg = {k: v for k, v in self.config.items() if k not in skip}
         return sha256_of({**cfg, "steps reached": self.steps} if steps else cfg)[:10]
 

@@ -32,7 +32,7 @@ def test_evidence_script_on_a_tiny_run(tiny_cache, tiny_policy, tmp_path):
     ablations = (rep / "ablations.md").read_text()
     for cond in ("drop:tiny-llama", "shuffle:tiny-gpt2"):
         assert f"tiny / perceiver / tiny-llama, tiny-gpt2 / {cond}" in ablations.replace("easy-arithmetic", "tiny")
-    assert "perceiver − single" in (rep / "paired.md").read_text() and "(n=3)" in ablations
+    assert "perceiver − single" in (rep / "paired.md").read_text() and "3 distinct questions)" in ablations
     assert "Expert ablations" in res.stdout and "Paired differences" in res.stdout
     # a rerun trains nothing and evaluates nothing again
     before = (runs / "perceiver-0" / "eval" / "final-val-ablations" / "records.jsonl").read_text()

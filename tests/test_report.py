@@ -483,6 +483,10 @@ def test_runs_of_other_dtypes_never_share_a_cell_and_tables_name_their_dtype(tmp
     assert code == 0, out
     assert "Dtypes (never pooled in one cell): bfloat16 (p-bf); float32 (p-f32)." in \
         (tmp_path / "rep" / "table1.md").read_text()
+    # `auto` that resolved to float32 and float32 asked by name trained alike: one cell
+    _with(make_run(root, "p-f32-named", seed=2, acc=0.4), dtype="float32", dtype_resolved="float32")
+    rows = dict(table1(load_runs([root])).rows)
+    assert rows["perceiver [dtype_resolved=float32]"] == ["30.00 ± 14.14 (n=2)"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,6 +545,13 @@ def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
     assert a[0].startswith("+50.0 ") and b[0].startswith("-50.0 ")  # not pooled into +0.0
     main = rows["perceiver [experts=['math', 'code', 'general']] − single"]
     assert main == ["—", "+100.0 [+100.0, +100.0]† (1 v 1 seed, 4 distinct questions)"]
+    # a single run of another dtype is no comparison for a bf16 perceiver: the cell stays empty
+    _with(root / "p-lo", dtype_resolved="bfloat16")
+    _with(root / "s-lo", dtype_resolved="float32")
+    fam, _ = paired_tables(load_runs([root]))
+    rows = dict(fam.rows)
+    bf = [k for k in rows if "dtype_resolved=bfloat16" in k and k.endswith("− single")]
+    assert len(bf) == 1 and rows[bf[0]] == ["—", "—"], rows
 
 
 def test_paired_tables_carry_seed_variance(tmp_path):
@@ -617,7 +628,7 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
     t = ablation_table(runs)
     label = "arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"
     assert dict(t.rows)[label] == [
-        "1", "75.0 (1 runs, 4 distinct questions)", "50.0 (1 runs, 4 distinct questions)",
+        "1", "75.0 (1 run, 4 distinct questions)", "50.0 (1 run, 4 distinct questions)",
         "-25.0 [-75.0, +0.0]† (1 seed, 4 distinct questions)", "+0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)"]
     r = dict(routing_table(runs).rows)
     assert r["arithmetic / perceiver / all"] == ["1", "math: 0.350, code: 0.325, general: 0.325"]

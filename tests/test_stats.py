@@ -136,3 +136,21 @@ def test_bootstrap_memory_is_bounded():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert peak < 100e6, f"peak {peak / 1e6:.0f} MB"
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 30), st.integers(1, 50), st.floats(-0.5, 0.5),
+       st.integers(0, 2**31))
+def test_two_level_shift_and_chunks(sa, sb, n, chunk, c, seed):
+    """Adding c to every score of a moves the difference and both ends by c; the chunk size never
+    changes the interval; with one seed a side it is the paired bootstrap's interval."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, 2, (sa, n)).astype(float), rng.integers(0, 2, (sb, n)).astype(float)
+    ci = two_level_bootstrap(a, b, resamples=300, seed=seed % 1000)
+    moved = two_level_bootstrap(a + c, b, resamples=300, seed=seed % 1000, chunk=chunk)
+    assert moved.diff == pytest.approx(ci.diff + c, abs=1e-9)
+    assert moved.lo == pytest.approx(ci.lo + c, abs=1e-9) and moved.hi == pytest.approx(ci.hi + c, abs=1e-9)
+    assert ci.lo <= ci.hi and ci.conditional == (min(sa, sb) == 1)
+    if sa == sb == 1:
+        p = paired_bootstrap(a[0], b[0], resamples=300, seed=seed % 1000)
+        assert (ci.lo, ci.hi) == (p.lo, p.hi)
