@@ -23,11 +23,12 @@ the last bits (another summation order), like any fused matmul. MUSK_DECODE_PACK
 The KV cache is float32 on a CPU (`cache_dtype`), so one bf16 query attends in float32 without
 casting the cache every token.
 
-MUSK_DECODE_COMPILE=1 (off by default; docs/performance.md gives the figures): on a CPU each decode
-step's layer (norms, rotary, cache write, attention, residuals, activation; the matmuls as opaque
-calls) runs as one torch.compile'd function with fixed shapes, shared by the layers: one kernel per
-layer for the elementwise work instead of ~40 eager operations. The cache's columns are then
-rounded up to a multiple of 64 (masked), so prompts of different lengths reuse one compilation.
+MUSK_DECODE_COMPILE=1: on a CPU each decode step's layer (norms, rotary, cache write, attention,
+residuals, activation; the matmuls as opaque calls) runs as one torch.compile'd function with fixed
+shapes, shared by the layers: one kernel per layer for the elementwise work instead of ~40 eager
+operations. The cache's columns are then rounded up to a multiple of 64 (masked), so prompts of
+different lengths reuse one compilation. Off by default: at 8 rows on a 2-core AVX-512 CPU it did
+not win and compiles for tens of seconds a process (docs/performance.md).
 
 The static path (`static=True`) attends over the whole cache under a mask, with the column as a
 tensor, so one step has fixed shapes and no host sync: that is what a CUDA graph captures
