@@ -103,9 +103,10 @@ class Cache:
         return {c: _str_list(self.f["prompts"][c]) for c in PROMPT_COLUMNS}
 
     def split_overlap(self) -> int:
-        """Held-out prompts whose question is in the training split: the stored count (schema 3),
-        else counted from the prompts (older caches, whose validation split may be training data)."""
-        if "split_overlap" in self.f.attrs:
+        """Held-out prompts whose problem (`core.heldout.problem_key`) is in the training split: the
+        stored count from schema 4 on; counted from the prompts for older caches, whose stored count
+        (schema 3) compared texts only and missed commutative twins (`3 + 8` held out, `8 + 3` trained)."""
+        if "split_overlap" in self.f.attrs and self.schema >= 4:
             return int(self.f.attrs["split_overlap"])
         return count_overlap(_str_list(self.f["prompts/text"]), _str_list(self.f["prompts/split"]))
 

@@ -188,6 +188,39 @@ def test_old_cache_with_overlapping_splits_is_refused_for_training(tiny_cache, t
     assert not (tmp_path / "run").exists()
 
 
+
+def test_schema_3_cache_with_a_commutative_twin_is_refused_for_training(tiny_cache, tiny_policy, tmp_path):
+    """Schema 3 stored an overlap of 0 counted on texts alone: the twin `b + a` of a training `a + b`
+    passed. The count is redone by problem for caches older than schema 4."""
+    import re
+    import shutil
+
+    import h5py
+
+    from tests.helpers import tiny_train_overrides
+    from train.config import load_train_config
+    from train.loop import run_train
+
+    old = tmp_path / "v3.h5"
+    shutil.copyfile(tiny_cache, old)
+    with h5py.File(old, "a") as f:
+        f.attrs["musk_schema"] = 3
+        f.attrs["split_overlap"] = 0  # what schema 3 stored: texts compared, twins missed
+        text = f["prompts/text"].asstr()[()]
+        split = f["prompts/split"].asstr()[()]
+        first_train, last_val = list(split).index("train"), len(split) - 1 - list(split)[::-1].index("val")
+        m = re.search(r"(-?\d+) \+ (-?\d+) =$", text[first_train])
+        assert m, text[first_train]
+        text[last_val] = text[first_train][: m.start()] + f"{m[2]} + {m[1]} ="  # the commutative twin
+        assert text[last_val] != text[first_train]
+        del f["prompts/text"]
+        f.create_dataset("prompts/text", data=text.astype(object), dtype=h5py.string_dtype("utf-8"))
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single"))
+    with pytest.raises(MuskError, match="1 of its held-out prompts are also in its training split"):
+        run_train(cfg, cache_path=old, out=tmp_path / "run", resume=False, progress=False, log=lambda *a: None)
+    assert not (tmp_path / "run").exists()
+
+
 # -- held-out composition: problems, not texts; each dataset's share exact; GSM8K read once
 
 
