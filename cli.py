@@ -100,7 +100,7 @@ def extract(
 @app.command()
 def train(
     cache: Path = typer.Option(..., "--cache", help="Cache file written by `musk extract`."),
-    method: str = typer.Option(..., "--method", help="single | hard-routing | output-collab | perceiver | ffn"),
+    method: str = typer.Option(..., "--method", help="single | hard-routing | output-collab | perceiver | ffn | prefix"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML train config; default: the embedded default."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (overrides the config)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds: one run each."),

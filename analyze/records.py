@@ -91,6 +91,8 @@ def paired_tables(runs: list[Run]) -> list[Table]:
     families = sorted({r.family for rs in rows.values() for r in rs}, key=lambda f: _order(f, FAMILY_ORDER))
     singles = [rs for k, rs in rows.items() if k[0] == "single"]
     single = max(singles, key=len) if singles else []
+    prefixes = [rs for k, rs in rows.items() if k[0] == "prefix"]  # m trainable tokens, no experts
+    prefix = max(prefixes, key=len) if prefixes else []
     comparisons = []  # (label, [(runs, condition)], [(runs, condition)])
     keyed = sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1]))
     for (method, _), rs in keyed:
@@ -99,6 +101,8 @@ def paired_tables(runs: list[Run]) -> list[Table]:
                        if others else [])
         if method != "single" and single:
             comparisons.append((f"{label} − single", rs, "with", single, "with"))
+        if method in ("perceiver", "ffn", "hard-routing") and prefix:  # what the experts add beyond a soft prompt
+            comparisons.append((f"{label} − prefix", rs, "with", prefix, "with"))
         if any(r2["condition"] == "without" for r in rs for r2 in recs[r.name]):
             comparisons.append((f"{label}: with C − without C", rs, "with", rs, "without"))
     fam_rows, task_rows, raw = [], defaultdict(list), []

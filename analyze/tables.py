@@ -12,7 +12,7 @@ from analyze.runs import NOT_A_CONDITION, SCHEDULE, Run
 from analyze.stats import Cell, cell, spearman
 from pipeline.pooling import VARIANTS
 
-METHOD_ORDER = ["single", "hard-routing", "output-collab", "ffn", "perceiver"]
+METHOD_ORDER = ["single", "prefix", "hard-routing", "output-collab", "ffn", "perceiver"]
 FAMILY_ORDER = ["algorithmic", "arithmetic", "logic", "gsm8k", "easy-arithmetic"]
 ROW_FREE = set(NOT_A_CONDITION) | {"cache_fingerprint", "task_family"}
 

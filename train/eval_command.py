@@ -193,7 +193,7 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     rows = np.nonzero(np.array(data.prompts["split"]) == req.split)[0][: req.limit]
     if len(rows) == 0:
         raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
-    has_c = method_info(cfg.method).needs_features  # g_phi with an output projection (and a null C)
+    has_c = method_info(cfg.method).has_context  # g_phi with an output projection (and a null C)
     conds = [shuffled(c, rows, req.seed) for c in parse_conditions(req, cfg, data, has_c)]  # before the model loads
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype if req.dtype == "run" else req.dtype, device)
