@@ -51,8 +51,10 @@ class EvalRequest:
     limit: int | None = None
     samples: int = 1
     temperature: float | None = None
-    contexts: tuple[str, ...] = ("with",)
-    ablations: tuple[str, ...] = ()
+    # None for both: the default conditions (default_conditions); otherwise exactly what is asked
+    # (contexts default ("with",), ablations ())
+    contexts: tuple[str, ...] | None = None
+    ablations: tuple[str, ...] | None = None
     out: Path | None = None
     seed: int = 0  # seeds the shuffle permutations and the sampling; recorded in summary.json
     # the policy's dtype while decoding: "run" (the run's own `dtype` setting, as its training-time
@@ -61,7 +63,7 @@ class EvalRequest:
 
 
 def default_out(req: EvalRequest) -> Path:
-    tail = "".join("-" + a.replace(":", "_") for a in req.ablations)
+    tail = "".join("-" + a.replace(":", "_") for a in req.ablations or ())
     return Path(req.run) / EVAL_DIR / f"{req.checkpoint}-{req.split}{tail}"
 
 
@@ -106,10 +108,25 @@ def check_cache(cache_path: Path, resolved: dict, data: RunData) -> None:
                         "the run's weights and its features do not belong together")
 
 
+def default_conditions(cfg: TrainConfig, data: RunData, has_gate: bool) -> EvalRequest:
+    """What `musk eval` evaluates when neither --context nor --ablate is given: with C; C removed and
+    null (its information removed, slots kept) where the method has a C; and the content controls for
+    a method that reads experts: each expert's features (or hint) read from another prompt
+    (shuffle:NAME) and every expert's at once (shuffle:all, what C adds beyond a prompt-independent
+    context). Returned as the request's contexts and ablations."""
+    contexts = ("with", "without", "null") if has_gate else ("with",)
+    reads = method_info(cfg.method).needs_features or method_info(cfg.method).needs_hints
+    ablations = tuple(f"shuffle:{n}" for n in data.experts) + ("shuffle:all",) if reads and data.experts else ()
+    return EvalRequest(run=Path("."), contexts=contexts, ablations=ablations)
+
+
 def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate: bool) -> list[Condition]:
-    """Conditions in order: the contexts asked, then each ablation (of "with")."""
+    """Conditions in order: the contexts asked, then each ablation (of "with"). shuffle:all reads every
+    expert from another prompt (one permutation for all of them)."""
+    if req.contexts is None and req.ablations is None:
+        req = default_conditions(cfg, data, has_gate)
     conds = []
-    for c in req.contexts:
+    for c in req.contexts or ("with",):
         if c not in CONTEXTS:
             raise MuskError(f"unknown --context {c!r}; choices: {list(CONTEXTS)}")
         if c != "with" and cfg.method in ("single", "output-collab"):
@@ -118,12 +135,17 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
             raise MuskError(f"--context null: method {cfg.method!r} has no C whose information can be removed")
         conds.append(Condition(c, c))
     n = len(data.experts)
-    for i_a, a in enumerate(req.ablations):
+    for i_a, a in enumerate(req.ablations or ()):
         kind, _, name = a.partition(":")
         if kind not in ABLATIONS or not name:
             raise MuskError(f"--ablate takes drop:NAME, shuffle:NAME or only:NAME, got {a!r}")
         if n == 0:
             raise MuskError(f"--ablate {a}: method {cfg.method!r} reads no experts, so there is none to {kind}")
+        if kind == "shuffle" and name == "all":
+            if data.features is None and cfg.method != "output-collab":
+                raise MuskError(f"--ablate {a}: method {cfg.method!r} reads no expert features to shuffle")
+            conds.append(Condition(a, "with", ExpertView(source={e: {} for e in range(n)})))
+            continue
         if name not in data.experts:
             raise MuskError(f"--ablate {a}: unknown expert {name!r}; the run's experts are {data.experts}")
         e = data.experts.index(name)
@@ -143,12 +165,14 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
 
 def shuffled(cond: Condition, rows: np.ndarray, seed: int) -> Condition:
     """A shuffle condition with its permutation: expert e of prompt rows[j] reads rows[perm[j]],
-    perm = default_rng([seed, e]).permutation(len(rows)) (recorded in summary.json)."""
+    perm = default_rng([seed, e]).permutation(len(rows)) (recorded in summary.json); shuffle:all: every
+    expert reads rows[perm[j]], perm = default_rng([seed, n]) (n experts: no single expert's key)."""
     if not cond.view.source:
         return cond
-    (e,) = cond.view.source
-    perm = np.random.default_rng([seed, e]).permutation(len(rows))
-    return cond._replace(view=ExpertView(source={e: {int(rows[j]): int(rows[p]) for j, p in enumerate(perm)}}))
+    es = list(cond.view.source)
+    perm = np.random.default_rng([seed, es[0] if len(es) == 1 else len(es)]).permutation(len(rows))
+    src = {int(rows[j]): int(rows[p]) for j, p in enumerate(perm)}
+    return cond._replace(view=ExpertView(source={e: src for e in es}))
 
 
 def _load_weights(m, folder: Path, checkpoint: str) -> None:
