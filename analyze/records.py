@@ -72,6 +72,16 @@ def paired_cell(a: dict, b: dict) -> tuple[str, dict]:
     return ci.fmt(), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n}
 
 
+def shuffled_all_cell(rs: list[Run]) -> tuple[str, dict]:
+    """"with C − all experts shuffled" for runs (seeds) of one setting: paired by prompt, seeds pooled,
+    from each run's first `musk eval` folder holding both conditions ("—" where none does)."""
+    per_run = []
+    for r in rs:
+        folders = [recs for _, _, recs in eval_folders(r) if {"with", "shuffle:all"} <= {x["condition"] for x in recs}]
+        per_run += folders[:1]
+    return paired_cell(pooled(per_run, "with"), pooled(per_run, "shuffle:all")) if per_run else ("—", {})
+
+
 def _rows(runs: list[Run]) -> dict[tuple, list[Run]]:
     """Finished main-setting runs that kept records, one row per method and settings (as Table 1)."""
     rows: dict[tuple, list[Run]] = defaultdict(list)

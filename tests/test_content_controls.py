@@ -82,3 +82,27 @@ def test_musk_eval_defaults_end_to_end(tiny_cache, tiny_policy, tmp_path, monkey
     assert list(s["conditions"]) == ["with", "without", "null", "shuffle:tiny-llama", "shuffle:tiny-gpt2",
                                      "shuffle:all"]
     assert all(c["n"] == 3 for c in s["conditions"].values())
+
+
+def test_collaboration_table_leads_with_the_shuffled_control(tmp_path):
+    """with [1,1,1,0] vs shuffle:all [0,1,0,0] on the same prompts: d = [1,0,1,0], the interval of
+    "with C − without C" in test_report ([+0, +100]); the note says what each control removes."""
+    from analyze.records import shuffled_all_cell
+    from analyze.runs import load_runs
+    from analyze.tables import collaboration_table
+    from tests.test_report import _records, make_run
+
+    root = tmp_path / "r"
+    p = make_run(root, "p", acc=0.75)
+    ev = p / "eval" / "final-val"
+    ev.mkdir(parents=True)
+    (ev / "summary.json").write_text(json.dumps({"split": "val", "checkpoint": "final", "samples": 1}))
+    _records(ev, [1, 1, 1, 0], name="records.jsonl")
+    _records(ev, [0, 1, 0, 0], condition="shuffle:all", name="records.jsonl")
+    t = collaboration_table(load_runs([root]), content=shuffled_all_cell)
+    assert t.columns[:3] == ["seeds", "with C − all experts shuffled (points)", "val acc % (with C)"]
+    assert t.rows[0][1][:2] == ["1", "+50.0 [+0.0, +100.0] (n=4)"]
+    assert t.raw[0]["with_minus_shuffled_all_diff"] == pytest.approx(0.5)
+    assert t.note.startswith("What each control removes: all experts shuffled")
+    bare = collaboration_table(load_runs([root]))  # no musk eval reader: the table as before
+    assert bare.columns[1] == "val acc % (with C)"
