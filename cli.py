@@ -108,7 +108,7 @@ def extract(
 @app.command()
 def train(
     cache: Path = typer.Option(..., "--cache", help="Cache file written by `musk extract`."),
-    method: str = typer.Option(..., "--method", help="single | hard-routing | output-collab | perceiver | ffn"),
+    method: str = typer.Option(..., "--method", help="single | hard-routing | output-collab | perceiver | ffn | prefix"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML train config; default: the embedded default."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (overrides the config)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds: one run each."),
@@ -181,11 +181,14 @@ def eval_(
     limit: Optional[int] = typer.Option(None, "--limit", help="Evaluate the first N prompts of the split."),
     samples: int = typer.Option(1, "--samples", help="K samples per prompt (mean@K, pass@K); 1: greedy."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="Sampling temperature (with --samples).", callback=_finite),
-    context: str = typer.Option("with", "--context", help="Comma-separated: with, without (C removed), null "
-                                                          "(C's information removed, slots kept)."),
-    ablate: Optional[list[str]] = typer.Option(None, "--ablate", help="drop:NAME, shuffle:NAME or only:NAME "
-                                                                      "(repeatable): an expert taken out, its "
-                                                                      "features shuffled across prompts, or kept alone."),
+    context: Optional[str] = typer.Option(None, "--context", help="Comma-separated: with, without (C removed), null "
+                                          "(C's information removed, slots kept). Neither --context nor --ablate: "
+                                          "with, without, null (where the method has C) and the content controls "
+                                          "shuffle:NAME for each expert and shuffle:all (where it reads experts)."),
+    ablate: Optional[list[str]] = typer.Option(None, "--ablate", help="drop:NAME, shuffle:NAME, shuffle:all or "
+                                                                      "only:NAME (repeatable): an expert taken out, its "
+                                                                      "features shuffled across prompts (all: every "
+                                                                      "expert's at once), or kept alone."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder (default RUN/eval/<checkpoint>-<split>[-<ablations>])."),
     seed: int = typer.Option(0, "--seed", help="Seed of the shuffle permutations and of sampling."),
     dtype: str = typer.Option("run", "--dtype", help="Policy dtype while decoding: run (the run's own), auto, "
@@ -200,8 +203,9 @@ def eval_(
     if limit is not None and limit < 1:
         _fail(f"--limit must be at least 1, got {limit}")
     req = EvalRequest(run=run, checkpoint=checkpoint, cache=cache, split=split, limit=limit, samples=samples,
-                      temperature=temperature, contexts=tuple(c.strip() for c in context.split(",") if c.strip()),
-                      ablations=tuple(ablate or ()), out=out, seed=seed, dtype=dtype)
+                      temperature=temperature,
+                      contexts=tuple(c.strip() for c in context.split(",") if c.strip()) if context is not None else None,
+                      ablations=tuple(ablate) if ablate else None, out=out, seed=seed, dtype=dtype)
     _run(run_eval, req, progress=not no_progress)
 
 

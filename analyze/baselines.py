@@ -27,8 +27,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from analyze.records import last_full_records, paired_cell, pooled
-from analyze.runs import Run
+from analyze.records import last_full_records, per_prompt, seeds_cell
+from analyze.runs import Run, dtype_of
 from analyze.tables import Table
 from cache.reader import Cache
 from core.errors import MuskError
@@ -192,30 +192,31 @@ def _mark_below(t1: Table, best_of: dict[str, float]) -> None:
 
 
 def paired_best_expert(runs: list[Run]) -> Table:
-    """Each method (its runs' last full evaluation, seeds averaged per prompt) minus the best expert
-    alone, per prompt, paired by question digest: a paired bootstrap interval per family."""
+    """Each method (its runs' last full evaluation) minus the best expert alone, paired by question digest:
+    a two-level interval per family (the method's seeds, then questions; the expert's greedy answers
+    are fixed), one row per method and training dtype."""
     found, notes = run_baselines(runs)
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         if r.finished and r.config.get("cache"):
-            groups[(r.method, r.family, str(r.config["cache"]), r.team)].append(r)
+            groups[(r.method, r.family, str(r.config["cache"]), r.team, dtype_of(r))].append(r)
     families = sorted({k[0] for k in found})
     rows: dict[str, list[str]] = {}
     raw, used = [], []
-    for (method, family, cache, team), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (method, family, cache, team, dtype), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
         b = found.get((family, cache, team))
         recs = [x for x in (last_full_records(r) for r in rs) if x]
         if b is None or not recs:
             continue
-        a = pooled(recs, "with")
-        best = dict(zip(b.question_sha, b.solo[b.best].tolist()))
-        txt, fields = paired_cell(a, best)
-        label = f"{method} − best expert ({b.best})"
+        best = dict(zip(b.question_sha, b.solo[b.best].tolist()))  # the expert's greedy answer: no seed
+        txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best])
+        label = f"{method} ({dtype}) − best expert ({b.best})"
         rows.setdefault(label, ["—"] * len(families))[families.index(family)] = txt
         raw.append({"comparison": label, "family": family, **fields})
         used += rs
     note = ("Paired over the held-out prompts both scored (question digest): a method's greedy accuracy minus the "
-            "best expert's own answer (chosen on the training split), in points, 95% paired bootstrap interval.")
+            "best expert's own answer (chosen on the training split), in points over distinct questions, 95% "
+            "two-level interval (the method's seeds, then questions; † one seed: conditional on its weights).")
     if not rows:
         note = "No finished run with evaluation records and a cache holding solo answers: nothing to pair."
     if notes:

@@ -80,6 +80,20 @@ def seeds_cell(a: list[dict], b: list[dict], paired_seeds: bool = False) -> tupl
                                "seeds_a": ci.seeds_a, "seeds_b": ci.seeds_b, "conditional": ci.conditional}
 
 
+def shuffled_all_cell(rs: list[Run]) -> tuple[str, dict]:
+    """"with C − all experts shuffled" for runs (seeds) of one setting: paired by question within each
+    run, seeds resampled by the two-level bootstrap, from each run's first `musk eval` folder holding
+    both conditions ("—" where none does)."""
+    per_run = []
+    for r in rs:
+        folders = [recs for _, _, recs in eval_folders(r) if {"with", "shuffle:all"} <= {x["condition"] for x in recs}]
+        per_run += folders[:1]
+    if not per_run:
+        return "—", {}
+    return seeds_cell([per_prompt(x, "with") for x in per_run], [per_prompt(x, "shuffle:all") for x in per_run],
+                      paired_seeds=True)
+
+
 def _rows(runs: list[Run]) -> dict[tuple, list[Run]]:
     """Finished main-setting runs, one row per method and condition as Table 1 keys them: the team and
     every setting but the seed, the cache, the family and the prompt set (those are the columns)."""
@@ -102,11 +116,11 @@ def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
     return col[0] if sum(c[0] == col[0] for c in cols) == 1 else f"{col[0]} [prompts {col[1][:8]}]"
 
 
-def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str], dtype: str) -> list[Run]:
-    """The family's own single runs on the column's prompt set, trained in `dtype` (the single condition
-    with most runs there)."""
+def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str], dtype: str, method: str = "single") -> list[Run]:
+    """The family's own `method` runs (single, or prefix: m trainable tokens and no experts) on the
+    column's prompt set, trained in `dtype` (the condition with most runs there)."""
     cands = [[r for r in rs if (r.family, _prompt_set(r)) == col and dtype_of(r) == dtype]
-             for k, rs in sorted(rows.items(), key=str) if k[0] == "single"]
+             for k, rs in sorted(rows.items(), key=str) if k[0] == method]
     cands = [c for c in cands if c]
     return max(cands, key=len) if cands else []
 
@@ -131,6 +145,8 @@ def paired_tables(runs: list[Run]) -> list[Table]:
         label = _row_label(rows, key, rs)
         if key[0] != "single":
             comparisons.append((f"{label} − single", rs, "with", "single", "with"))
+        if key[0] in ("perceiver", "ffn", "hard-routing"):  # what the experts add beyond a soft prompt
+            comparisons.append((f"{label} − prefix", rs, "with", "prefix", "with"))
         if any(x["condition"] == "without" for r in rs for x in recs[r.name]):
             comparisons.append((f"{label}: with C − without C", rs, "with", None, "without"))
     fam_rows, task_rows, raw = [], defaultdict(list), []
@@ -138,7 +154,7 @@ def paired_tables(runs: list[Run]) -> list[Table]:
         cells, seed_cells = [], []
         for col, head in zip(cols, heads):
             a = sorted((r for r in a_runs if (r.family, _prompt_set(r)) == col), key=lambda r: r.name)
-            b = (_single_of(rows, col, dtype_of(a[0])) if a else []) if b_which == "single" else a
+            b = (_single_of(rows, col, dtype_of(a[0]), b_which) if a else []) if b_which else a
             for t in [None] + tasks[col]:
                 pa = [per_prompt(recs[r.name], a_cond, t) for r in a]
                 pb = [per_prompt(recs[r.name], b_cond, t) for r in b]

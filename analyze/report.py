@@ -9,7 +9,7 @@ import polars as pl
 
 from analyze import baselines, plots
 from analyze.html import write_html
-from analyze.records import ablation_table, paired_tables, routing_table, table1_per_task
+from analyze.records import ablation_table, paired_tables, routing_table, shuffled_all_cell, table1_per_task
 from analyze.runs import distinct_runs, dtype_note, load_runs
 from analyze.tables import (Table, collaboration_table, cost_table, spearman_table, table1, table2, table_runs_md,
                             unfinished_note)
@@ -32,7 +32,7 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
     t2 = table2(runs)
     ts, rho_means = spearman_table(runs)
     tc = cost_table(runs)
-    tk = collaboration_table(runs)
+    tk = collaboration_table(runs, content=shuffled_all_cell)
     tp, tpt = paired_tables(runs)
     tables = ((t1, "table1"), (table1_per_task(runs), "table1_per_task"), (tp, "paired"),
               (baselines.paired_best_expert(runs), "paired_best_expert"), (tpt, "paired_per_task"), (ablation_table(runs), "ablations"),

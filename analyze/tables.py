@@ -12,7 +12,7 @@ from analyze.runs import NOT_A_CONDITION, SCHEDULE, Run
 from analyze.stats import Cell, cell, spearman
 from pipeline.pooling import VARIANTS
 
-METHOD_ORDER = ["single", "hard-routing", "output-collab", "ffn", "perceiver"]
+METHOD_ORDER = ["single", "prefix", "hard-routing", "output-collab", "ffn", "perceiver"]
 FAMILY_ORDER = ["algorithmic", "arithmetic", "logic", "gsm8k", "easy-arithmetic"]
 ROW_FREE = set(NOT_A_CONDITION) | {"cache_fingerprint", "task_family"}
 
@@ -266,11 +266,13 @@ def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[lis
     return cells, raw
 
 
-def collaboration_table(runs: list[Run]) -> Table:
+def collaboration_table(runs: list[Run], content=None) -> Table:
     """Does C carry information the policy uses? Per condition (family, team, method, settings):
-    final validation accuracy with C and with C removed (the same policy), with C's information
-    removed but its slots kept where runs evaluated it (eval_null_context), routing entropy H at the
-    first and last step, and each expert's utilisation u_i over the last WINDOW steps; mean ± std over seeds."""
+    first, where `content` (runs -> (cell, fields)) gives it, "with C − all experts shuffled" (the
+    experts' information, paired by prompt from `musk eval` folders); final validation accuracy with
+    C and with C removed (the same policy), with C's information removed but its slots kept where runs
+    evaluated it (eval_null_context), routing entropy H at the first and last step, and each expert's
+    utilisation u_i over the last WINDOW steps; mean ± std over seeds."""
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.family, r.team, r.method, r.condition)].append(r)
@@ -283,16 +285,25 @@ def collaboration_table(runs: list[Run]) -> Table:
         others = [groups[k] for k in keys if k[:3] == key[:3] and k != key]
         label = setting_label(family, team, rs, others).replace(" / ", f" / {method} / ", 1)
         cells, fields = _collaboration_row(rs, team, with_null)
+        if content is not None:
+            txt, f = content(rs)
+            cells = cells[:1] + [txt] + cells[1:]
+            fields = {**{f"with_minus_shuffled_all_{k}": v for k, v in f.items()}, **fields}
         rows.append((label, cells))
         raw.append({"condition": label, "family": family, "method": method, "runs": ";".join(r.name for r in rs),
                     **fields})
         used += rs
-    cols = ["seeds", "val acc % (with C)", "val acc % (C removed)"] + \
+    cols = ["seeds"] + (["with C − all experts shuffled (points)"] if content is not None else []) + \
+        ["val acc % (with C)", "val acc % (C removed)"] + \
         (["val acc % (C's information removed)"] if with_null else []) + ["H first → last step", f"u_i, mean of the last {WINDOW} steps"]
     return Table("Collaboration: accuracy (% of prompts) with and without C, routing entropy, utilisation "
                  "(mean ± std over seeds)",
                  cols, rows, raw, used,
-                 note="Accuracy is the final greedy validation accuracy; 'C removed' evaluates the same trained "
+                 note=("What each control removes: all experts shuffled (`musk eval`, shuffle:all), what the experts say "
+                       "about this prompt (g_phi's prompt-independent part stays); C's information removed (null), "
+                       "everything g_phi computed (slots stay); C removed, C and its slots. " if content is not None
+                       else "") +
+                      "Accuracy is the final greedy validation accuracy; 'C removed' evaluates the same trained "
                       "policy with no context tokens" + ("; \"C's information removed\" keeps the m context slots "
                       "with the gate closed (C = its anchor)" if with_null else "") +
                       f". H = ln n is a uniform attention over the n experts. u_i is each run's mean over its last "

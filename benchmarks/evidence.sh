@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The evidence tables of docs/evaluation.md, made with `musk eval` and `musk report` on the final code:
 # train each method on a cache for each seed (skipping finished runs, resuming unfinished ones), evaluate
-# every run that reads experts with C, with C removed, and each expert dropped and shuffled, then report
-# (paired intervals against single, the expert-ablation table, routing per dataset).
+# every run that has C with C, with C removed and null (C's information removed, slots kept), and every
+# run that reads experts under the content controls: each expert dropped, each expert's features shuffled
+# across prompts, and all experts shuffled together (shuffle:all); then report (paired intervals against
+# single and prefix, the expert-ablation table, routing per dataset). Default methods: single, prefix
+# (m trainable context tokens, no experts) and perceiver.
 #
 #   benchmarks/evidence.sh NAME CACHE TRAIN_CONFIG OUT [SEEDS] [METHODS]
 #
@@ -21,7 +24,7 @@ if [ $# -lt 4 ]; then
 fi
 name=$1 cache=$2 config=$3 out=$4
 seeds=${5:-"0 1 2"}
-methods=${6:-"single perceiver"}
+methods=${6:-"single prefix perceiver"}
 musk=${MUSK:-musk}
 threads=${THREADS:+--threads $THREADS}
 runs=$out/$name-runs
@@ -41,10 +44,12 @@ for run in "$runs"/*/; do
   # method and team from the run's own config.yaml
   read -r method experts < <(python -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))
 print(c["method"], " ".join(c.get("experts") or []))' "$run/config.yaml")
-  case $method in single|output-collab) continue ;; esac
+  contexts=with,without,null
+  case $method in single) continue ;; output-collab) contexts=with ;; esac
   ablate=()
   for e in $experts; do ablate+=(--ablate "drop:$e" --ablate "shuffle:$e"); done
-  $musk eval "$run" --context with,without "${ablate[@]}" --out "$run/eval/final-val-ablations" $threads \
+  [ -n "$experts" ] && ablate+=(--ablate shuffle:all)
+  $musk eval "$run" --context $contexts "${ablate[@]}" --out "$run/eval/final-val-ablations" $threads \
     --no-progress ${EVAL_ARGS:-}
 done
 

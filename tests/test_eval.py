@@ -260,7 +260,7 @@ def test_eval_works_on_single_runs(tiny_cache, tiny_policy, tmp_path):
 def test_eval_samples_give_pass_at_k_and_checkpoints_load(tiny_run, tmp_path):
     out = tmp_path / "k"
     code, msg = _eval(tiny_run, "--checkpoint", "step_1", "--samples", "3", "--temperature", "1.0", "--limit", "2",
-                      "--out", out)
+                      "--context", "with", "--out", out)
     assert code == 0, msg
     recs = _records(out)
     assert sorted((r["prompt"], r["sample"]) for r in recs) == sorted((p, s) for p in {r["prompt"] for r in recs}

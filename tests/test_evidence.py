@@ -22,17 +22,20 @@ def test_evidence_script_on_a_tiny_run(tiny_cache, tiny_policy, tmp_path):
                           str(tmp_path / "ev"), "0"], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     runs = tmp_path / "ev" / "tiny-runs"
-    assert sorted(p.name for p in runs.iterdir()) == ["perceiver-0", "single-0"]
+    assert sorted(p.name for p in runs.iterdir()) == ["perceiver-0", "prefix-0", "single-0"]
     summary = json.loads((runs / "perceiver-0" / "eval" / "final-val-ablations" / "summary.json").read_text())
-    assert list(summary["conditions"]) == ["with", "without", "drop:tiny-llama", "shuffle:tiny-llama",
-                                           "drop:tiny-gpt2", "shuffle:tiny-gpt2"]
+    assert list(summary["conditions"]) == ["with", "without", "null", "drop:tiny-llama", "shuffle:tiny-llama",
+                                           "drop:tiny-gpt2", "shuffle:tiny-gpt2", "shuffle:all"]
+    prefix = json.loads((runs / "prefix-0" / "eval" / "final-val-ablations" / "summary.json").read_text())
+    assert list(prefix["conditions"]) == ["with", "without", "null"]
     assert summary["n_prompts"] == 3
     assert not (runs / "single-0" / "eval").exists()
     rep = tmp_path / "ev" / "tiny-report"
     ablations = (rep / "ablations.md").read_text()
     for cond in ("drop:tiny-llama", "shuffle:tiny-gpt2"):
         assert f"tiny / perceiver / tiny-llama, tiny-gpt2 / {cond}" in ablations.replace("easy-arithmetic", "tiny")
-    assert "perceiver − single" in (rep / "paired.md").read_text() and "3 distinct questions)" in ablations
+    paired = (rep / "paired.md").read_text()
+    assert "perceiver − single" in paired and "perceiver − prefix" in paired and "3 distinct questions)" in ablations
     assert "Expert ablations" in res.stdout and "Paired differences" in res.stdout
     # a rerun trains nothing and evaluates nothing again
     before = (runs / "perceiver-0" / "eval" / "final-val-ablations" / "records.jsonl").read_text()

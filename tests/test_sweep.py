@@ -232,24 +232,25 @@ def test_presets_plan_the_paper_grids():
     """The paper's grids and the README's embedded evidence, as presets: the number of runs and their
     settings (caches that are not built yet are listed, not an error, in a plan)."""
     sweeps = ROOT / "configs" / "sweeps"
-    counts = {"table1.yaml": 72, "table2.yaml": 15, "figure6.yaml": 21, "embedded-evidence.yaml": 9, "main-job.yaml": 5}
+    counts = {"table1.yaml": 84, "table2.yaml": 15, "figure6.yaml": 21, "embedded-evidence.yaml": 12, "main-job.yaml": 6}
     for name, n in counts.items():
         folder, cells = plan_sweep(sweeps / name)
         assert len(cells) == n, name
+        assert name in ("table2.yaml", "figure6.yaml") or "prefix" in {c.method for c in cells}, name
         assert len({c.seed for c in cells}) == (1 if name == "main-job.yaml" else 3)
     folder, t1 = plan_sweep(sweeps / "table1.yaml")
-    # 54 runs x 500 steps + 18 GSM8K runs x 233 = 31194 steps; x 13.7 s = 427357.8 s = 118h 42m
+    # 63 runs x 500 steps + 21 GSM8K runs x 233 = 36393 steps; x 13.7 s = 498584.1 s = 138h 29m
     # (caches not built yet count: the plan is for before extraction too)
-    assert plan_lines(folder, t1, 8, 13.7)[-1].startswith("estimated: 31194 steps from 13.7 s a step (given) = 118h 42m")
+    assert plan_lines(folder, t1, 8, 13.7)[-1].startswith("estimated: 36393 steps from 13.7 s a step (given) = 138h 29m")
     gsm = [c for c in t1 if "gsm8k" in c.name]
-    assert len(gsm) == 18 and {c.steps for c in gsm} == {233} and {c.steps for c in t1 if c not in gsm} == {500}
+    assert len(gsm) == 21 and {c.steps for c in gsm} == {233} and {c.steps for c in t1 if c not in gsm} == {500}
     assert sorted({c.method for c in t1 if "generalist" in c.cache}) == ["perceiver"]
     _, t2 = plan_sweep(sweeps / "table2.yaml")
     assert {c.train.pooling for c in t2} == {"first_token", "first_layer", "random_token", "random_layer", "last_token"}
     _, f6 = plan_sweep(sweeps / "figure6.yaml")
     assert sorted({c.train.num_latents for c in f6}) == [2, 4, 8, 16, 32, 64, 128]
     folder, ev = plan_sweep(sweeps / "embedded-evidence.yaml")
-    assert sorted({c.method for c in ev}) == ["ffn", "perceiver", "single"]
+    assert sorted({c.method for c in ev}) == ["ffn", "perceiver", "prefix", "single"]
     assert all(c.train.total_training_steps == 20 and c.config is None for c in ev)  # the README's embedded runs
 
 

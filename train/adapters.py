@@ -44,7 +44,7 @@ class TanhFFN(nn.Module):
         return torch.tanh(self.w2(torch.tanh(self.w1(x))))
 
 
-CONTEXT_GATES = ("none", "rms")
+CONTEXT_GATES = ("none", "rms", "ramp")
 CONTEXT_ANCHORS = ("zero", "mean-embedding")
 FEATURE_NORMS = ("none", "standardize")
 
@@ -58,6 +58,15 @@ class OutputProjection(nn.Module):
     at init. Then C is exactly 0 at step 0 (policy == reference: KL exactly 0), its RMS never exceeds
     k * s (it cannot outgrow the tokens it sits among by more than k), and Adam's first steps, which
     move every entry of W_out by about the learning rate, change only where C points, not how loud it is.
+
+    gate "ramp" keeps the rms form with a size that cannot change sign or close by chance:
+    C = r_t * sigmoid(gamma) * k * s * C_raw / rms(C_raw), r_t = min(1, t / gate_warmup_steps) a fixed
+    schedule over the training step t (0 at the first step, set by `set_step`; 1 once warmed up and in
+    a saved final/), gamma = 0 at init. Why: under "rms" the gate tanh(gamma) starts at 0, where Adam
+    moves a lone scalar by about its learning rate a step whatever the gradient, so it random-walks
+    across 0 and each crossing flips the sign of the C the LoRA has adapted to. sigmoid(gamma) is
+    positive for every gamma, and the schedule, not gamma, holds C at 0 for the first step (KL exactly 0
+    at step 0); the RMS bound k * s holds as for "rms".
 
     anchor "zero": C is the above. anchor "mean-embedding": the policy's mean token embedding is added
     to every context token (a fixed buffer, set by `set_anchor`). Why: C ~ 0 at step 0 is not "no C";
@@ -74,8 +83,10 @@ class OutputProjection(nn.Module):
         nn.init.zeros_(self.proj.bias)
         self.gate_kind = gate
         self.bound = embed_rms * context_rms  # the largest RMS C can have
-        if gate == "rms":
-            self.gate = nn.Parameter(torch.zeros(()))  # gamma: tanh(gamma) = 0 at init
+        if gate in ("rms", "ramp"):
+            self.gate = nn.Parameter(torch.zeros(()))  # gamma: tanh(gamma) = 0, sigmoid(gamma) = 1/2 at init
+        if gate == "ramp":
+            self.register_buffer("ramp", torch.zeros(()))  # r_t: 0 until `set_step` says otherwise
         if anchor != "zero":
             self.register_buffer("anchor", torch.zeros(d_out))
 
@@ -85,15 +96,33 @@ class OutputProjection(nn.Module):
         if hasattr(self, "anchor"):
             self.anchor.copy_(embedding_weight.float().mean(dim=0))
 
+    @torch.no_grad()
+    def set_step(self, step: int, warmup: int) -> None:
+        """gate "ramp": r_t = min(1, (step - 1) / warmup) for training step `step` (1-based), so the
+        first step's rollouts read C = anchor (policy == reference). No-op for the other gates."""
+        if hasattr(self, "ramp"):
+            self.ramp.fill_(min(1.0, max(0, step - 1) / max(1, warmup)))
+
+    def gate_value(self) -> float | None:
+        """The factor in front of k * s * C_raw / rms(C_raw) (None for gate "none")."""
+        if self.gate_kind == "none":
+            return None
+        return float(self._gate().detach())
+
+    def _gate(self) -> torch.Tensor:
+        if self.gate_kind == "ramp":
+            return self.ramp * torch.sigmoid(self.gate)
+        return torch.tanh(self.gate)
+
     def null_context(self, like: torch.Tensor) -> torch.Tensor:
         """The C that carries no information (gate closed): what the reference reads. [.., m, d_out]"""
         return self.anchor.expand_as(like).to(like.dtype) if hasattr(self, "anchor") else torch.zeros_like(like)
 
     def forward(self, x):
         c = self.proj(x)  # [B, m, d_out]
-        if self.gate_kind == "rms":
+        if self.gate_kind != "none":
             rms = c.pow(2).mean(dim=(-2, -1), keepdim=True).add(1e-12).sqrt()  # [B, 1, 1]
-            c = torch.tanh(self.gate) * self.bound * c / rms
+            c = self._gate() * self.bound * c / rms
         return c + self.anchor if hasattr(self, "anchor") else c
 
 
@@ -222,6 +251,28 @@ class HardRouter(nn.Module):
         return AdapterOut(c, torch.softmax(logits, dim=-1)[:, None, :], r.detach().argmax(dim=-1))
 
 
+class Prefix(nn.Module):
+    """C = FFN(Q_lat) W_out + b_out: m trainable context tokens and no experts (prompt tuning, Lester et
+    al. 2021). It is the perceiver with its read of the experts removed (Eq. 10 without the attention
+    term): the same latents, FFN, output projection, gate and anchor, so "perceiver - prefix" measures
+    what the experts' features add beyond m learned, prompt-independent tokens.
+
+    The context does not depend on the prompt: forward returns C [1, m, d_out], which the caller
+    broadcasts over its batch."""
+
+    def __init__(self, d, d_out, num_latents, init_std, gate="none", embed_rms=1.0, norm="none", context_rms=1.0,
+                 anchor="zero"):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(num_latents, d) / math.sqrt(d))  # Q_lat [m, d]
+        self.ffn = TanhFFN(d)
+        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
+
+    def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
+        if keep is not None:
+            raise MuskError("method prefix reads no experts, so there is none to drop or keep")
+        return AdapterOut(self.out(self.ffn(self.latents))[None], None)  # [1, m, d_out]
+
+
 class NoContext(nn.Module):
     def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
         return AdapterOut(None, None)
@@ -295,6 +346,8 @@ class MethodInfo:
     build: Callable[[AdapterSpec], nn.Module] = field(repr=False)
     cost: Callable[..., dict] = field(repr=False)
     """(prompt_tokens [n, b], hint_tokens [n, b] | None, choice [b] | None) -> cost/* counts."""
+    has_context: bool = False
+    """g_phi makes context tokens C behind an output projection (so C can be removed or nulled)."""
 
 
 METHODS = registry([
@@ -302,13 +355,16 @@ METHODS = registry([
                lambda s: NoContext(), _no_cost),
     MethodInfo("perceiver", True, False, False, "the method: Perceiver cross-attention, m latent queries (Eqs. 5-11)",
                lambda s: Perceiver(list(s.expert_dims), s.d_latent, s.d_out, s.num_latents, s.num_heads,
-                                   s.init_std, **s.out_kwargs), _every_expert),
+                                   s.init_std, **s.out_kwargs), _every_expert, has_context=True),
     MethodInfo("ffn", True, False, False, "the method without cross-attention: FFN(V) (Eq. 14)",
                lambda s: FFNOnly(list(s.expert_dims), s.d_latent, s.d_out, s.init_std, **s.out_kwargs),
-               _every_expert),
+               _every_expert, has_context=True),
     MethodInfo("hard-routing", True, True, False, "top-1 router over a sentence embedding, one memory token (Eq. 13)",
                lambda s: HardRouter(list(s.expert_dims), s.d_latent, s.d_out, s.router_dim, s.init_std,
-                                    s.gumbel_tau, **s.out_kwargs), _chosen_expert),
+                                    s.gumbel_tau, **s.out_kwargs), _chosen_expert, has_context=True),
+    MethodInfo("prefix", False, False, False, "m trainable context tokens, no experts (prompt tuning): the perceiver "
+               "without its read of the experts", lambda s: Prefix(s.d_latent, s.d_out, s.num_latents, s.init_std,
+                                                                  **s.out_kwargs), _no_cost, has_context=True),
     MethodInfo("output-collab", False, False, True, "expert hints as text in an [Expert Hints] block (Eq. 12)",
                lambda s: NoContext(), _every_expert_decodes),
 ], "method")

@@ -23,7 +23,7 @@ CLIP_SCOPES = ("global", "per-group")
 @dataclass(frozen=True)
 class TrainConfig:
     method: str = "perceiver"
-    """single | perceiver | ffn | hard-routing | output-collab."""
+    """single | perceiver | ffn | hard-routing | output-collab | prefix (m trainable context tokens, no experts)."""
     policy: str = "smollm2-135m-instruct"
     """The policy LM: an expert-registry name, a hub id or a local folder."""
     seed: int = 0
@@ -52,11 +52,15 @@ class TrainConfig:
     context_gate: str = "none"
     """none: C = C' W_out + b_out (Eq. 11 as printed). rms: C = tanh(gamma) * s * C_raw / rms(C_raw),
     s the RMS of the policy's token embeddings, gamma = 0 at init (C = 0 and KL = 0 at step 0, C never
-    louder than a token)."""
+    louder than a token). ramp: C = r_t * sigmoid(gamma) * s * C_raw / rms(C_raw), r_t = min(1, (t - 1) /
+    gate_warmup_steps) at training step t: positive for every gamma, so C can neither flip its sign nor
+    close by chance; r_1 = 0 keeps KL = 0 at step 0 (docs/context-path.md)."""
+    gate_warmup_steps: int = 10
+    """context_gate ramp: steps over which r_t rises linearly from 0 to 1."""
     context_rms: float = 1.0
     """context_gate rms: the largest RMS of C, in units of the RMS of the policy's token embeddings."""
     gate_lr: float = 1e-2
-    """AdamW learning rate of the gate gamma (context_gate: rms)."""
+    """AdamW learning rate of the gate gamma (context_gate: rms or ramp)."""
     context_anchor: str = "zero"
     """zero: C as above (the paper). mean-embedding: the policy's mean token embedding is added to every
     context token, so a closed gate leaves m neutral tokens rather than m zero vectors (which cost a
@@ -262,7 +266,8 @@ class TrainConfig:
             raise MuskError("curve_freq and router_warmup_steps must be >= 0, curve_prompts >= 1")
         for k in ("group_size", "train_batch_size", "val_batch_size", "gradient_accumulation_steps",
                   "total_training_steps", "max_new_tokens", "num_latents", "num_heads", "d_latent", "lora_rank",
-                  "save_freq", "test_freq", "eval_batches", "log_freq", "num_iterations", "filter_groups_max_rounds"):
+                  "save_freq", "test_freq", "eval_batches", "log_freq", "num_iterations", "filter_groups_max_rounds",
+                  "gate_warmup_steps"):
             if getattr(self, k) < 1:
                 raise MuskError(f"{k} must be at least 1, got {getattr(self, k)}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:

@@ -52,8 +52,10 @@ class EvalRequest:
     limit: int | None = None
     samples: int = 1
     temperature: float | None = None
-    contexts: tuple[str, ...] = ("with",)
-    ablations: tuple[str, ...] = ()
+    # None for both: the default conditions (default_conditions); otherwise exactly what is asked
+    # (contexts default ("with",), ablations ())
+    contexts: tuple[str, ...] | None = None
+    ablations: tuple[str, ...] | None = None
     out: Path | None = None
     seed: int = 0  # seeds the shuffle permutations and the sampling; recorded in summary.json
     # the policy's dtype while decoding: "run" (the run's own `dtype` setting, as its training-time
@@ -62,7 +64,7 @@ class EvalRequest:
 
 
 def default_out(req: EvalRequest) -> Path:
-    tail = "".join("-" + a.replace(":", "_") for a in req.ablations)
+    tail = "".join("-" + a.replace(":", "_") for a in req.ablations or ())
     return Path(req.run) / EVAL_DIR / f"{req.checkpoint}-{req.split}{tail}"
 
 
@@ -107,10 +109,25 @@ def check_cache(cache_path: Path, resolved: dict, data: RunData) -> None:
                         "the run's weights and its features do not belong together")
 
 
+def default_conditions(cfg: TrainConfig, data: RunData, has_gate: bool) -> EvalRequest:
+    """What `musk eval` evaluates when neither --context nor --ablate is given: with C; C removed and
+    null (its information removed, slots kept) where the method has a C; and the content controls for
+    a method that reads experts: each expert's features (or hint) read from another prompt
+    (shuffle:NAME) and every expert's at once (shuffle:all, what C adds beyond a prompt-independent
+    context). Returned as the request's contexts and ablations."""
+    contexts = ("with", "without", "null") if has_gate else ("with",)
+    reads = method_info(cfg.method).needs_features or method_info(cfg.method).needs_hints
+    ablations = tuple(f"shuffle:{n}" for n in data.experts) + ("shuffle:all",) if reads and data.experts else ()
+    return EvalRequest(run=Path("."), contexts=contexts, ablations=ablations)
+
+
 def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate: bool) -> list[Condition]:
-    """Conditions in order: the contexts asked, then each ablation (of "with")."""
+    """Conditions in order: the contexts asked, then each ablation (of "with"). shuffle:all reads every
+    expert from another prompt (one permutation for all of them)."""
+    if req.contexts is None and req.ablations is None:
+        req = default_conditions(cfg, data, has_gate)
     conds = []
-    for c in req.contexts:
+    for c in req.contexts or ("with",):
         if c not in CONTEXTS:
             raise MuskError(f"unknown --context {c!r}; choices: {list(CONTEXTS)}")
         if c != "with" and cfg.method in ("single", "output-collab"):
@@ -119,12 +136,17 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
             raise MuskError(f"--context null: method {cfg.method!r} has no C whose information can be removed")
         conds.append(Condition(c, c))
     n = len(data.experts)
-    for i_a, a in enumerate(req.ablations):
+    for i_a, a in enumerate(req.ablations or ()):
         kind, _, name = a.partition(":")
         if kind not in ABLATIONS or not name:
             raise MuskError(f"--ablate takes drop:NAME, shuffle:NAME or only:NAME, got {a!r}")
         if n == 0:
             raise MuskError(f"--ablate {a}: method {cfg.method!r} reads no experts, so there is none to {kind}")
+        if kind == "shuffle" and name == "all":
+            if data.features is None and cfg.method != "output-collab":
+                raise MuskError(f"--ablate {a}: method {cfg.method!r} reads no expert features to shuffle")
+            conds.append(Condition(a, "with", ExpertView(source={e: {} for e in range(n)})))
+            continue
         if name not in data.experts:
             raise MuskError(f"--ablate {a}: unknown expert {name!r}; the run's experts are {data.experts}")
         e = data.experts.index(name)
@@ -155,15 +177,16 @@ def derangement(k: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def shuffled(cond: Condition, rows: np.ndarray, seed: int, questions: list | None = None) -> Condition:
-    """A shuffle condition with its source rows: expert e of every row of question q reads a row of
-    question perm[q], perm = derangement(distinct questions, default_rng([seed, e])), so no row keeps
-    its own question's features (a plain permutation leaves some rows in place, and a row of a repeated
-    question that lands on its twin keeps them too). Recorded in the records' condition name and
-    summary.json's seed. questions: the question of each row (default: each row its own). Raises
-    MuskError with fewer than two distinct questions."""
+    """A shuffle condition with its source rows: the shuffled experts of every row of question q read a
+    row of question perm[q], perm = derangement(distinct questions, default_rng([seed, key])), key the
+    expert's index for shuffle:NAME and the team size n for shuffle:all (every expert moved together,
+    no single expert's key), so no row keeps its own question's features (a plain permutation leaves
+    some rows in place, and a row of a repeated question that lands on its twin keeps them too).
+    Recorded in the records' condition name and summary.json's seed. questions: the question of each
+    row (default: each row its own). Raises MuskError with fewer than two distinct questions."""
     if not cond.view.source:
         return cond
-    (e,) = cond.view.source
+    es = list(cond.view.source)
     questions = list(rows) if questions is None else list(questions)
     distinct = list(dict.fromkeys(questions))
     if len(distinct) < 2:
@@ -172,13 +195,13 @@ def shuffled(cond: Condition, rows: np.ndarray, seed: int, questions: list | Non
     members: dict = {q: [] for q in distinct}  # question -> its rows, in order
     for j, q in enumerate(questions):
         members[q].append(int(rows[j]))
-    perm = derangement(len(distinct), np.random.default_rng([seed, e]))
+    perm = derangement(len(distinct), np.random.default_rng([seed, es[0] if len(es) == 1 else len(es)]))
     src = {}
     for qi, q in enumerate(distinct):
         other = members[distinct[perm[qi]]]
         for k, row in enumerate(members[q]):
             src[row] = other[k % len(other)]
-    return cond._replace(view=ExpertView(source={e: src}))
+    return cond._replace(view=ExpertView(source={e: src for e in es}))
 
 
 def _load_weights(m, folder: Path, checkpoint: str) -> None:
@@ -257,7 +280,7 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     rows = np.nonzero(np.array(data.prompts["split"]) == req.split)[0][: req.limit]
     if len(rows) == 0:
         raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
-    has_c = method_info(cfg.method).needs_features  # g_phi with an output projection (and a null C)
+    has_c = method_info(cfg.method).has_context  # g_phi with an output projection (and a null C)
     questions = [data.prompts["text"][r] for r in rows]
     # before the model loads
     conds = [shuffled(c, rows, req.seed, questions) for c in parse_conditions(req, cfg, data, has_c)]

@@ -54,6 +54,8 @@ def context_tokens(m: Models, data: RunData, idx: list[int], device: str, view: 
     feats = [f.to(device) for f in expert_features(data, idx, view)] if data.features is not None else []
     rb = data.router_emb[idx].to(device) if data.router_emb is not None else None
     o = m.adapter(feats, rb, keep=view.keep) if view.keep is not None else m.adapter(feats, rb)
+    if o.context is not None and o.context.shape[0] != len(idx):  # prefix: one C [1, m, d] for every prompt
+        o = o._replace(context=o.context.expand(len(idx), -1, -1))
     return o._replace(context=o.context * m.scale if o.context is not None else None)
 
 

@@ -525,9 +525,9 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
         rec["sampler/logprob_max_abs_gap"] = max(g["max_abs_gap"] for g in gaps)
     if len(m.optimizer.param_groups) > 1:
         rec["router_lr"] = m.optimizer.param_groups[1]["lr"]
-    gate = getattr(getattr(m.adapter, "out", None), "gate", None)
-    if gate is not None:
-        rec["context/gate"] = float(torch.tanh(gate.detach()))
+    out = getattr(m.adapter, "out", None)
+    if out is not None and out.gate_value() is not None:
+        rec["context/gate"] = out.gate_value()
     if device.startswith("cuda"):
         rec["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     attn = [torch.tensor(st["attention"]) for st in stats if st["attention"] is not None]
@@ -546,6 +546,8 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     t_step = time.perf_counter()
     timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
     _set_lr(m.optimizer, step, cfg.warmup_steps)
+    if hasattr(m.adapter, "out"):  # context_gate ramp: this step's r_t (0 on the first step: KL = 0)
+        m.adapter.out.set_step(step, cfg.gate_warmup_steps)
     m.optimizer.zero_grad(set_to_none=True)
     method, W, B = method_info(cfg.method), dist.world(), cfg.train_batch_size
     stats = []  # [(global micro index, stats)]

@@ -34,7 +34,7 @@ class SweepConfig:
     """A train preset (YAML), a list of them (then the name carries the preset's stem), or null for the
     embedded default (what `musk train` uses with no --config)."""
     methods: tuple[str, ...] = ("perceiver",)
-    """Methods, one run each (single | hard-routing | output-collab | perceiver | ffn)."""
+    """Methods, one run each (single | hard-routing | output-collab | perceiver | ffn | prefix)."""
     seeds: tuple[int, ...] = (0,)
     """Seeds, one run each (the paper: 3)."""
     grid: dict = field(default_factory=dict)
