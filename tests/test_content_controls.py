@@ -43,21 +43,25 @@ def test_default_conditions_per_method():
 
 
 def test_shuffle_all_reads_every_expert_from_one_other_prompt():
-    """rows 2..7, seed 3: every expert of prompt rows[j] reads rows[perm[j]], perm =
-    default_rng([3, n = 3]).permutation(6), the same for all experts; shuffle:b alone keeps its own key."""
+    """rows 2..7 (each its own question), seed 3: every expert of prompt rows[j] reads rows[perm[j]],
+    perm = derangement(6, default_rng([3, n = 3])), the same for all experts and with no fixed point;
+    shuffle:b alone keeps its own key."""
+    from train.eval_command import derangement
+
     cfg, data = SimpleNamespace(method="perceiver"), _data()
     rows = np.arange(2, 8)
     all_ = parse_conditions(EvalRequest(run=".", ablations=("shuffle:all",)), cfg, data, True)[-1]
     cond = shuffled(all_, rows, 3)
-    perm = np.random.default_rng([3, 3]).permutation(6)
+    perm = derangement(6, np.random.default_rng([3, 3]))
     want = {int(rows[j]): int(rows[p]) for j, p in enumerate(perm)}
     assert cond.view.source == {0: want, 1: want, 2: want}
+    assert all(want[r] != r for r in want)
     idx = [int(r) for r in rows]
     feats = expert_features(data, idx, cond.view)  # expert e of row r holds 10 r + e
     for e in range(3):
         assert feats[e][:, 0].tolist() == [10.0 * want[r] + e for r in idx]
     one = parse_conditions(EvalRequest(run=".", ablations=("shuffle:b",)), cfg, data, True)[-1]
-    perm_b = np.random.default_rng([3, 1]).permutation(6)
+    perm_b = derangement(6, np.random.default_rng([3, 1]))
     assert shuffled(one, rows, 3).view.source == {1: {int(rows[j]): int(rows[p]) for j, p in enumerate(perm_b)}}
 
 

@@ -156,9 +156,9 @@ def test_report_pairs_perceiver_against_prefix(tmp_path):
     _records(make_run(root, "s", method="single", acc=0.5), [0, 1, 1, 0])
     fam, _ = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
-    assert rows["perceiver − prefix"] == ["+25.0 [+0.0, +75.0] (n=4)"]
+    assert rows["perceiver − prefix"] == ["+25.0 [+0.0, +75.0]† (1 v 1 seed, 4 distinct questions)"]
     # d = [1,-1,0,0]: 4 draws sum to S, P(S <= -3) = 1/256 + 4 (1/4)^3 (1/2) = .035 > .025: [-75, +75]
-    assert rows["prefix − single"] == ["+0.0 [-75.0, +75.0] (n=4)"]
-    assert rows["prefix: with C − without C"] == ["+25.0 [+0.0, +75.0] (n=4)"]
+    assert rows["prefix − single"] == ["+0.0 [-75.0, +75.0]† (1 v 1 seed, 4 distinct questions)"]
+    assert rows["prefix: with C − without C"] == ["+25.0 [+0.0, +75.0]† (1 seed, 4 distinct questions)"]
     assert [r[0] for r in fam.rows] == ["prefix − single", "prefix: with C − without C", "perceiver − single",
                                         "perceiver − prefix"]

@@ -282,8 +282,12 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
         raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
     has_c = method_info(cfg.method).has_context  # g_phi with an output projection (and a null C)
     questions = [data.prompts["text"][r] for r in rows]
-    # before the model loads
-    conds = [shuffled(c, rows, req.seed, questions) for c in parse_conditions(req, cfg, data, has_c)]
+    conds = parse_conditions(req, cfg, data, has_c)  # before the model loads
+    if req.contexts is None and req.ablations is None and len(set(questions)) < 2:  # defaults: nothing to shuffle
+        log(f"content controls left out: the evaluated prompts hold {len(set(questions))} distinct question; a "
+            "shuffle needs two or more")
+        conds = [c for c in conds if not c.name.startswith("shuffle:")]
+    conds = [shuffled(c, rows, req.seed, questions) for c in conds]
     device = resolve_device(cfg.device)
     dtype = eval_dtype(req, cfg, resolved, device, log)
     out = Path(req.out) if req.out is not None else default_out(req)
