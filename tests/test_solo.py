@@ -122,3 +122,16 @@ def test_solo_config_checked():
     with pytest.raises(MuskError, match="solo_answer_extraction"):
         load_extract_config(None, {"solo_answer_extraction": "loose"}).validate()
     assert load_extract_config(None).solo is True  # the embedded default scores its experts alone
+
+
+def test_hint_decode_reused_when_it_is_the_solo_decode(tmp_path, monkeypatch):
+    """Where the hint decode is the solo decode, its text is stored and scored, not decoded twice."""
+    monkeypatch.setattr(solo, "reuses_hint", lambda *a: True)
+    monkeypatch.setattr(solo, "solo_batches", lambda *a, **k: (_ for _ in ()).throw(AssertionError("decoded twice")))
+    out, _ = _extract(tmp_path, "r.h5", solo=True, solo_max_new_tokens=6)
+    with Cache(out) as c:
+        for n in c.experts:
+            a = c.expert_attrs(n)
+            assert a["solo_source"] == "hint" and np.isnan(a["solo_seconds"])
+            assert c.solo_answers(n) == c.hints(n)
+            np.testing.assert_array_equal(c.column(n, "solo_n_tokens"), c.column(n, "hint_n_tokens"))
