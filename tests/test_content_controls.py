@@ -105,7 +105,7 @@ def test_collaboration_table_leads_with_the_shuffled_control(tmp_path):
     _records(ev, [0, 1, 0, 0], condition="shuffle:all", name="records.jsonl")
     t = collaboration_table(load_runs([root]), content=shuffled_all_cell)
     assert t.columns[:3] == ["seeds", "with C − all experts shuffled (points)", "val acc % (with C)"]
-    assert t.rows[0][1][:2] == ["1", "+50.0 [+0.0, +100.0] (n=4)"]
+    assert t.rows[0][1][:2] == ["1", "+50.0 [+0.0, +100.0]† (1 seed, 4 distinct questions)"]
     assert t.raw[0]["with_minus_shuffled_all_diff"] == pytest.approx(0.5)
     assert t.note.startswith("What each control removes: all experts shuffled")
     bare = collaboration_table(load_runs([root]))  # no musk eval reader: the table as before
