@@ -108,7 +108,7 @@ def test_table1_gains_baselines_and_marks_below(tiny_cache, tmp_path):
     assert "prompts" in t.note and "chosen on the training split" in t.note
     p = paired_best_expert(runs)
     # perceiver right on val prompt 1 only, best expert (llama) on prompt 0 only: mean difference 0
-    assert p.rows[0][0] == "perceiver − best expert (tiny-llama)" and p.rows[0][1][0].startswith("+0.0")
+    assert p.rows[0][0] == "perceiver (auto, unresolved) − best expert (tiny-llama)" and p.rows[0][1][0].startswith("+0.0")
     assert p.raw[0]["n"] == 4
     cost = solo_cost_table(runs)
     assert [r[1][:4] for r in cost.rows] == [["3.0", "48", "1.5", "decode"]] * 2
