@@ -441,6 +441,9 @@ def test_a_run_of_an_older_musk_resumes_when_its_missing_keys_take_their_old_def
     _, [blocked] = plan_sweep(grid)
     assert blocked.state == "blocked" and "without the keys ['lr']" in blocked.note
     assert keys_missing_from_old_run({"a": 1}, {"a": 1, "tis_cap": 2.0, "top_k": 0}) == ({"top_k": 0}, ["tis_cap"])
+    (cell.folder / "config.yaml").write_text("a: [\n")  # not musk's: a message, not a traceback
+    _, [bad] = plan_sweep(grid)
+    assert bad.state == "blocked" and "config.yaml or summary.json that cannot be read" in bad.note
 
 
 def yaml_dump(d):
@@ -495,3 +498,31 @@ def test_a_sweep_folder_that_cannot_be_written_is_a_message(tiny_cache, tiny_pol
     grid = _grid(tmp_path, tiny_cache, tiny_policy, out=str(tmp_path / "file" / "sweep"), methods=["single"], seeds=[0])
     code, out = _cli(["sweep", str(grid)])
     assert code == 2 and "cannot write the sweep folder" in out and "Traceback" not in out, out
+
+
+def test_train_resume_of_an_older_run_folder_takes_old_defaults_or_names_the_keys(tmp_path, capsys):
+    """open_run (what `musk train --resume` and every resumed sweep run go through) on a config.yaml
+    written before some keys existed."""
+    from types import SimpleNamespace
+
+    from cache.run_folder import RunFolder
+    from core.config import dump_yaml
+    from train.config import load_train_config
+    from train.loop import open_run
+
+    cfg = load_train_config(None, {"method": "single"})
+    data = SimpleNamespace(cache_fingerprint="fp", family="arithmetic", prompt_set="p")
+    run, resolved = open_run(cfg, Path("c.h5"), tmp_path / "r", False, data)
+    (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "tis_cap"}))
+    capsys.readouterr()
+    open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)
+    assert "lacks ['tis_cap'] (made by an older musk); taken as their defaults from before they existed: " \
+           "{'tis_cap': 0.0}" in capsys.readouterr().out
+    assert RunFolder(tmp_path / "r").read_config()["tis_cap"] == 0.0  # whole again
+    (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "lr"}))
+    with pytest.raises(MuskError, match=r"older musk without the keys \['lr'\]"):
+        open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)
+    changed = load_train_config(None, {"method": "single", "tis_cap": 2.0})  # not the old behaviour: refused
+    (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "tis_cap"}))
+    with pytest.raises(MuskError, match=r"older musk without the keys \['tis_cap'\]"):
+        open_run(changed, Path("c.h5"), tmp_path / "r", True, data)

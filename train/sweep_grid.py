@@ -18,6 +18,8 @@ import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import yaml
+
 from cache.reader import Cache
 from cache.run_folder import NOT_SETTINGS, RunFolder
 from core.config import _is_text, dump_yaml, from_dict, load_yaml, merge, parse_sets, to_dict
@@ -105,8 +107,6 @@ def load_sweep_config(path: Path, out: Path | None = None) -> tuple[SweepConfig,
 def _text_as_written(data: dict, path: Path) -> dict:
     """grid and set values of a text field as written: YAML reads `off` as false and `1e-3` as a string
     (YAML 1.1); a text field (context_gate, decode_merged) takes the text typed, as `--set` does."""
-    import yaml
-
     try:
         raw = yaml.load(Path(path).read_text(), Loader=yaml.BaseLoader)  # every scalar as its text
     except (OSError, yaml.YAMLError):
@@ -294,7 +294,15 @@ def with_state(cell: Cell, fingerprints: dict) -> Cell:
     run = RunFolder(cell.folder)
     if not run.config_path.exists():
         return replace(cell, state="todo")
-    old = run.read_config()
+    try:
+        old = run.read_config()
+        summary = run.read_summary()
+    except (OSError, ValueError, yaml.YAMLError) as e:  # written whole by musk train: another program's folder
+        return replace(cell, state="blocked", note=f"{cell.folder} holds a config.yaml or summary.json that "
+                       f"cannot be read ({type(e).__name__}); remove it or use another out")
+    if not isinstance(old, dict) or not isinstance(summary, dict):
+        return replace(cell, state="blocked", note=f"{cell.folder}/config.yaml holds no run config; remove it "
+                       "or use another out")
     new = {**to_dict(cell.train), "cache_fingerprint": fp}
     taken, lacking = keys_missing_from_old_run(old, new, NOT_SETTINGS)
     if lacking:
@@ -307,7 +315,7 @@ def with_state(cell: Cell, fingerprints: dict) -> Cell:
         shown = ", ".join(f"{k}: {old.get(k)!r} there, {new[k]!r} here" for k in diff[:4])
         return replace(cell, state="blocked",
                        note=f"{cell.folder} holds a run with other settings ({shown}); remove it or use another out")
-    done = run.read_summary().get("steps", -1) >= cell.steps
+    done = summary.get("steps", -1) >= cell.steps
     note = f"made by an older musk: {sorted(taken)} taken as their defaults from before they existed" if taken else ""
     return replace(cell, state="done" if done else "resume", note=note)
 
