@@ -224,6 +224,8 @@ def sweep(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (runs, what is done) and the estimated time."),
     step_seconds: Optional[float] = typer.Option(None, "--step-seconds",
                                                  help="Seconds a training step for --dry-run's estimate (default: measured by this sweep's runs).", callback=_finite),
+    step_figures: Optional[Path] = typer.Option(None, "--step-figures",
+                                                help="With --dry-run: a figures JSON with paper_step_seconds (benchmarks/gpu.sh) for the estimate."),
     measure: bool = typer.Option(False, "--measure",
                                  help="With --dry-run: time a few steps of each method here for the estimate."),
     quiet: float = typer.Option(120.0, "--quiet", help="Seconds a run may say nothing before a 'still running' line.", callback=_finite),
@@ -233,7 +235,8 @@ def sweep(
 
     res = _run(run_sweep, grid, out=out, executor=executor, lanes=lanes, threads=threads,
                address=ray_address or os.environ.get("RAY_ADDRESS"), gpus_per_run=gpus_per_run,
-               dry_run=dry_run, step_seconds=step_seconds, measure=measure, quiet=quiet, log=typer.echo)
+               dry_run=dry_run, step_seconds=step_seconds, measure=measure, quiet=quiet, log=typer.echo,
+               figures=step_figures)
     if res.failed or res.remaining:
         raise typer.Exit(1)
 

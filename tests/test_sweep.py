@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -313,3 +314,216 @@ def test_measure_times_steps_here_without_touching_the_sweep(tiny_cache, tiny_po
     assert line.startswith(f"estimated: 4 steps from step times measured just now, {MEASURE_STEPS} steps of each "
                            f"method one run at a time (single {now['single']:.1f} s)")
     assert not folder.exists()  # measured in a temporary folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Lanes sized from the CPUs this process may use; cells named from typed values; the plan's checks.
+
+
+def test_usable_cpus_is_the_fewest_of_affinity_and_cgroup_quota(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # SLURM: 8 of 128
+    monkeypatch.setattr(sweep_exec, "CGROUP", tmp_path)  # no quota files: affinity alone
+    assert sweep_exec.usable_cpus() == 8
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # v2, no quota
+    assert sweep_exec.usable_cpus() == 8
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # v2: 2.5 CPUs -> 2 threads
+    assert sweep_exec.usable_cpus() == 2
+    (tmp_path / "cpu.max").unlink()
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("400000\n")  # v1: 4 CPUs
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert sweep_exec.usable_cpus() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # taskset -c 0
+    assert sweep_exec.usable_cpus() == 1
+    # the executor's lanes split these, not os.cpu_count()
+    from train.sweep import make_executor
+    monkeypatch.setattr(sweep_exec, "visible_gpus", lambda: [])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert [ln.threads for ln in make_executor("local", 2, None, None, None).lanes] == [2, 2]
+
+
+def _raw_grid(tmp_path, cache, policy, body: str, name="grid.yaml"):
+    """A grid file with `body` written as is (YAML spellings matter), after out/cache/set."""
+    import yaml
+    head = {"out": str(tmp_path / "sweep"), "cache": str(cache), "seeds": [0],
+            "set": tiny_train_overrides(policy)}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(head, sort_keys=False) + body)
+    return path
+
+
+def test_cells_are_named_from_the_typed_value(tiny_cache, tiny_policy, tmp_path):
+    # YAML 1.1 reads 1e-3 as a string and `off` as false; the cell is named from what the config holds
+    _, cells = plan_sweep(_raw_grid(tmp_path, tiny_cache, tiny_policy,
+                                    "methods: [single]\ngrid:\n  lr: [1e-3, 2_000e-7]\n  decode_merged: [off]\n"))
+    assert [c.name for c in cells] == ["single-lr-0.001-decode_merged-off-s0", "single-lr-0.0002-decode_merged-off-s0"]
+    assert [c.train.lr for c in cells] == [0.001, 0.0002] and cells[0].train.decode_merged == "off"
+    # two spellings of one value: one configuration, refused before anything starts, naming both
+    grid = _raw_grid(tmp_path, tiny_cache, tiny_policy, "methods: [single]\ngrid:\n  lr: [1e-3, 0.001]\n", "two.yaml")
+    with pytest.raises(MuskError, match=r"two cells are named 'single-lr-0.001-s0'.*one value as the train config"):
+        plan_sweep(grid)
+
+
+def test_two_cells_of_one_resolved_configuration_are_refused(tiny_cache, tiny_policy, tmp_path):
+    a = write_yaml(tmp_path / "a.yaml", tiny_train_overrides(tiny_policy))
+    b = write_yaml(tmp_path / "b.yaml", tiny_train_overrides(tiny_policy))  # the same settings, another file
+    grid = _grid(tmp_path, tiny_cache, tiny_policy, config=[str(a), str(b)], methods=["single"], seeds=[0])
+    with pytest.raises(MuskError, match=r"cell single-b-s0 .* and cell single-a-s0 are one configuration"):
+        plan_sweep(grid)
+    code, out = _cli(["sweep", str(grid), "--dry-run"])
+    assert code == 2 and "one configuration" in out and "Traceback" not in out
+
+
+def test_keys_a_method_does_not_read_do_not_multiply_its_runs(tiny_cache, tiny_policy, tmp_path):
+    grid = _grid(tmp_path, tiny_cache, tiny_policy, seeds=[0], grid={"router_lr": [0.001, 0.01], "lr": [0.1, 0.2]})
+    folder, cells = plan_sweep(grid)
+    assert sorted(c.name for c in cells) == sorted(
+        ["single-lr-0.1-s0", "single-lr-0.2-s0"] +
+        [f"perceiver-router_lr-{r}-lr-{lr}-s0" for r in (0.001, 0.01) for lr in (0.1, 0.2)])
+    single = [c for c in cells if c.method == "single"]
+    assert all(c.train.router_lr == 1e-2 for c in single)  # the set value, not a grid one
+    lines = plan_lines(folder, cells, 1, 1.0)
+    assert "  note: router_lr is not read by single: one single run where the grid lists 2 values of it" in lines
+
+
+def test_long_names_are_shortened_deterministically_at_plan_time(tiny_cache, tiny_policy, tmp_path, monkeypatch):
+    from train import sweep_grid
+    from train.sweep_grid import shorten
+
+    long = "perceiver-" + "-".join(f"key{i}-{i}" for i in range(40)) + "-s2"
+    short = shorten(long, 60)
+    assert len(short.encode()) <= 60 and short.startswith("perceiver-key0-0-") and short.endswith("-s2")
+    assert short == shorten(long, 60) and short != shorten(long.replace("key39", "key40"), 60)
+    assert shorten("single-s0", 60) == "single-s0"
+    monkeypatch.setattr(sweep_grid, "name_max", lambda folder: 40)
+    grid = _grid(tmp_path, tiny_cache, tiny_policy, methods=["perceiver"], seeds=[0],
+                 grid={"num_latents": [2, 4], "router_warmup_steps": [0], "gate_lr": [0.001]})
+    _, cells = plan_sweep(grid)
+    assert len({c.name for c in cells}) == 2 and all(len(c.name.encode()) <= 40 - len(".yaml") for c in cells)
+    assert all(c.name.startswith("perceiver-num_latents-") and c.name.endswith("-s0") for c in cells)
+    assert sweep_grid.name_max(tmp_path / "not" / "yet") >= 40  # read from the nearest existing folder
+
+
+def test_each_run_reads_the_config_the_plan_typed(tiny_cache, tiny_policy, tmp_path):
+    from core.config import load_yaml as read
+    from train.config import load_train_config
+    from train.sweep_grid import train_command, write_resolved
+
+    preset = write_yaml(tmp_path / "preset.yaml", tiny_train_overrides(tiny_policy))
+    grid = _grid(tmp_path, tiny_cache, tiny_policy, config=str(preset), methods=["single"], seeds=[0])
+    folder, [cell] = plan_sweep(grid)
+    path = write_resolved(cell, folder)
+    preset.write_text(preset.read_text().replace("lr: 0.01", "lr: 0.5"))  # edited while the sweep runs
+    assert load_train_config(str(path)) == cell.train and read(path)["lr"] == 0.01
+    cmd = train_command(cell, False, 1, ENTRY, path)
+    assert cmd[cmd.index("--config") + 1] == str(path) and "--set" not in cmd
+
+
+def test_a_run_of_an_older_musk_resumes_when_its_missing_keys_take_their_old_defaults(tiny_cache, tiny_policy,
+                                                                                        tmp_path):
+    from cache.reader import Cache
+    from core.config import to_dict
+    from train.config import keys_missing_from_old_run
+
+    grid = _grid(tmp_path, tiny_cache, tiny_policy, methods=["single"], seeds=[0])
+    folder, [cell] = plan_sweep(grid)
+    with Cache(str(tiny_cache)) as c:
+        fp = c.fingerprint
+    full = {**to_dict(cell.train), "cache_fingerprint": fp}
+    cell.folder.mkdir(parents=True)
+    old = {k: v for k, v in full.items() if k not in ("tis_cap", "min_p")}  # keys added later, old defaults now
+    (cell.folder / "config.yaml").write_text(yaml_dump(old))
+    _, [again] = plan_sweep(grid)
+    assert again.state == "resume" and "['min_p', 'tis_cap'] taken as their defaults" in again.note
+    assert "['min_p', 'tis_cap'] taken as their defaults" in "\n".join(plan_lines(folder, [again], 1, 1.0))
+    old = {k: v for k, v in full.items() if k not in ("tis_cap", "lr")}  # lr has no "before it existed"
+    (cell.folder / "config.yaml").write_text(yaml_dump(old))
+    _, [blocked] = plan_sweep(grid)
+    assert blocked.state == "blocked" and "without the keys ['lr']" in blocked.note
+    assert keys_missing_from_old_run({"a": 1}, {"a": 1, "tis_cap": 2.0, "top_k": 0}) == ({"top_k": 0}, ["tis_cap"])
+    (cell.folder / "config.yaml").write_text("a: [\n")  # not musk's: a message, not a traceback
+    _, [bad] = plan_sweep(grid)
+    assert bad.state == "blocked" and "config.yaml or summary.json that cannot be read" in bad.note
+
+
+def yaml_dump(d):
+    from core.config import dump_yaml
+    return dump_yaml(d)
+
+
+def test_the_docs_grids_plan_as_written():
+    """Every fenced yaml grid of docs/sweeps.md, planned as written (caches not built: listed, not errors)."""
+    import re
+
+    from train.sweep_grid import expand, load_sweep_config
+
+    text = (ROOT / "docs" / "sweeps.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
+    assert blocks
+    for i, block in enumerate(blocks):
+        path = ROOT / "docs" / "sweeps.md"  # paths in the docs are read from the project's root
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            f.write(block)
+        try:
+            top, grids = load_sweep_config(f.name)
+            cells = expand(grids, Path(top.out))
+        finally:
+            os.unlink(f.name)
+        assert cells, (path, i)
+    # the example: 2 caches x 2 methods x 3 seeds, perceiver x 6 grid values, single x 2 (num_latents unread)
+    assert len(cells) == 2 * 3 * (6 + 2) and {c.steps for c in cells} == {200, 233}
+
+
+def test_step_figures_give_the_compute_of_table1(tmp_path):
+    figures = tmp_path / "gpu.json"
+    figures.write_text(json.dumps({"paper_step_seconds": 13.7, "machine": "H200", "date": "2026-12-03"}))
+    lines = []
+    run_sweep(ROOT / "configs" / "sweeps" / "table1.yaml", dry_run=True, figures=figures, lanes=8, log=lines.append)
+    # 63 x 500 + 21 x 233 = 36393 steps x 13.7 s = 498584.1 s = 138.50 h (the prefix baseline included)
+    assert "compute: 84 runs, 36393 steps x 13.7 s a step = 138.5 GPU-hours of steps (one device a run)" in lines
+    assert any(x.startswith(f"estimated: 36393 steps from 13.7 s a step (paper_step_seconds measured in {figures}: "
+                            "H200, 2026-12-03) = 138h 29m") for x in lines), lines
+    lines = []
+    run_sweep(ROOT / "configs" / "sweeps" / "table1.yaml", dry_run=True, log=lines.append)
+    assert "compute: 84 runs, 36393 steps; GPU-hours not measured (no step time)" in lines
+    figures.write_text(json.dumps({"decode_ms": 9.0}))
+    code, out = _cli(["sweep", str(ROOT / "configs" / "sweeps" / "table1.yaml"), "--dry-run", "--step-figures",
+                      str(figures)])
+    assert code == 2 and "no positive number 'paper_step_seconds'" in out and "Traceback" not in out
+
+
+def test_a_sweep_folder_that_cannot_be_written_is_a_message(tiny_cache, tiny_policy, tmp_path):
+    (tmp_path / "file").write_text("")
+    grid = _grid(tmp_path, tiny_cache, tiny_policy, out=str(tmp_path / "file" / "sweep"), methods=["single"], seeds=[0])
+    code, out = _cli(["sweep", str(grid)])
+    assert code == 2 and "cannot write the sweep folder" in out and "Traceback" not in out, out
+
+
+def test_train_resume_of_an_older_run_folder_takes_old_defaults_or_names_the_keys(tmp_path, capsys):
+    """open_run (what `musk train --resume` and every resumed sweep run go through) on a config.yaml
+    written before some keys existed."""
+    from types import SimpleNamespace
+
+    from cache.run_folder import RunFolder
+    from core.config import dump_yaml
+    from train.config import load_train_config
+    from train.loop import open_run
+
+    cfg = load_train_config(None, {"method": "single"})
+    data = SimpleNamespace(cache_fingerprint="fp", family="arithmetic", prompt_set="p")
+    run, resolved = open_run(cfg, Path("c.h5"), tmp_path / "r", False, data)
+    (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "tis_cap"}))
+    capsys.readouterr()
+    open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)
+    assert "lacks ['tis_cap'] (made by an older musk); taken as their defaults from before they existed: " \
+           "{'tis_cap': 0.0}" in capsys.readouterr().out
+    assert RunFolder(tmp_path / "r").read_config()["tis_cap"] == 0.0  # whole again
+    (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "lr"}))
+    with pytest.raises(MuskError, match=r"older musk without the keys \['lr'\]"):
+        open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)
+    changed = load_train_config(None, {"method": "single", "tis_cap": 2.0})  # not the old behaviour: refused
+    (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "tis_cap"}))
+    with pytest.raises(MuskError, match=r"older musk without the keys \['tis_cap'\]"):
+        open_run(changed, Path("c.h5"), tmp_path / "r", True, data)

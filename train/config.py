@@ -322,3 +322,43 @@ def load_train_config(path: str | None, overrides: dict | None = None) -> TrainC
     data = load_yaml(path) if path else dict(EMBEDDED_DEFAULT)
     data = merge(data, overrides or {})
     return from_dict(TrainConfig, data, "train config")
+
+
+# Keys a method does not read (the others ignore them): a sweep does not multiply that method's runs by
+# their values. Only keys no code path of the other methods reads; KEY -> the methods that read it.
+_FEATURE_METHODS = ("perceiver", "ffn", "hard-routing")
+_CONTEXT_METHODS = _FEATURE_METHODS + ("prefix",)  # g_phi with its gate and output projection
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "num_latents": ("perceiver", "prefix"), "num_heads": ("perceiver",),
+    "gumbel_tau": ("hard-routing",), "router": ("hard-routing",),
+    "d_latent": _CONTEXT_METHODS, "init_std": _CONTEXT_METHODS, "router_lr": _CONTEXT_METHODS,
+    "router_warmup_steps": _CONTEXT_METHODS, "pooling": _FEATURE_METHODS, "feature_norm": _FEATURE_METHODS,
+    "context_gate": _CONTEXT_METHODS, "context_rms": _CONTEXT_METHODS, "gate_lr": _CONTEXT_METHODS,
+    "gate_warmup_steps": _CONTEXT_METHODS, "context_anchor": _CONTEXT_METHODS,
+    "hint_format": ("output-collab",), "hint_position": ("output-collab",), "hint_reference": ("output-collab",),
+}
+
+
+def method_reads(method: str, key: str) -> bool:
+    """Whether a run of `method` reads the config key (a dotted key by its first part)."""
+    return method in METHOD_KEYS.get(key.split(".")[0], (method,))
+
+
+# A key added after runs were made: the default that reproduces what musk did before it existed. A run
+# folder whose config.yaml lacks such a key resumes when its value now is that default; a key missing
+# that is not here (or set otherwise) refuses the resume.
+DEFAULTS_BEFORE_KEY: dict = {
+    "tis_cap": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "num_iterations": 1, "rollout_chunk": 0,
+    "router_warmup_steps": 0, "clip_eps_high": None, "mask_truncated_completions": False, "loss_type": "grpo",
+    "scale_rewards": "auto", "context_gate": "none", "context_anchor": "zero", "feature_norm": "none",
+    "grad_clip_scope": "global", "curve_freq": 0, "eval_null_context": False, "min_new_tokens": 0,
+    "rollout_engine": "musk", "filter_groups": False, "filter_groups_max_rounds": 10, "gate_warmup_steps": 10,
+}
+
+
+def keys_missing_from_old_run(old: dict, new: dict, skip=()) -> tuple[dict, list[str]]:
+    """Keys of `new` (a resolved run config) that an older run's `old` config lacks: (those that take
+    their pre-existing default, {key: value}; those that cannot, sorted)."""
+    missing = sorted(k for k in new if k not in old and k not in skip)
+    ok = {k: new[k] for k in missing if k in DEFAULTS_BEFORE_KEY and DEFAULTS_BEFORE_KEY[k] == new[k]}
+    return ok, [k for k in missing if k not in ok]

@@ -36,7 +36,7 @@ from pipeline.tasks import TaskConfig
 from train import checkpoint as ckpt
 from pipeline.rewards import SCORER_ERRORS, score
 from train.adapters import AdapterSpec, build_adapter, method_info, save_adapter
-from train.config import TrainConfig, advantage_scale
+from train.config import TrainConfig, advantage_scale, keys_missing_from_old_run
 from train.evaluate import evaluate, rollout_diagnostics, truncated
 from train.grpo import group_advantages, grpo_loss, informative_groups, routing_stats, sampler_gap, truncated_rows
 from train.inputs import decode_merged, rollout_inputs
@@ -163,7 +163,14 @@ def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool,
                             f"{old['dtype_resolved']} to continue it in its own precision")
         if "dtype_resolved" not in old:  # made before the resolved dtype was recorded: nothing to compare
             resolved.pop("dtype_resolved", None)
-        diff = sorted(k for k in resolved if k not in NOT_SETTINGS and old.get(k) != resolved[k])
+        taken, lacking = keys_missing_from_old_run(old, resolved, NOT_SETTINGS)
+        if lacking:
+            raise MuskError(f"--resume: the run in {str(run)!r} was made by an older musk without the keys {lacking}, "
+                            "whose values here are not what it did before they existed; start a new run")
+        if taken:
+            print(f"resume: {run.config_path} lacks {sorted(taken)} (made by an older musk); "
+                  f"taken as their defaults from before they existed: {taken}", flush=True)
+        diff = sorted(k for k in resolved if k not in NOT_SETTINGS and k not in taken and old.get(k) != resolved[k])
         if diff:
             raise MuskError(f"--resume: the run in {str(run)!r} was made with other settings: {diff}")
     elif run.holds_anything():

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from cache.run_folder import METRICS, RunFolder
 from core.errors import MuskError
-from train.sweep_grid import LOGS, Cell, plan_sweep, train_command
+from train.sweep_grid import LOGS, Cell, plan_sweep, train_command, write_resolved
 
 LOCK = "sweep.lock"  # <sweep>/sweep.lock: held by the musk sweep that drives the folder
 
@@ -102,7 +102,7 @@ def measure_step_seconds(cells: list[Cell], threads: int, entry: list[str] | Non
 
 
 def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds: float | None,
-               measured_now: dict[str, float] | None = None) -> list[str]:
+               measured_now: dict[str, float] | None = None, step_source: str | None = None) -> list[str]:
     from train.sweep_watch import duration
 
     states = {s: [c for c in cells if c.state == s] for s in ("done", "resume", "todo", "no-cache", "blocked")}
@@ -112,16 +112,18 @@ def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds:
              (f", {len(states['blocked'])} blocked by a run of other settings" if states["blocked"] else "")]
     width = max(len(c.name) for c in cells)
     for c in cells:
-        what = {"done": f"{c.steps}/{c.steps} steps",
-                "resume": f"from step {_steps_done(c)} of {c.steps} (last checkpoint)",
+        older = f"; {c.note}" if c.note else ""
+        what = {"done": f"{c.steps}/{c.steps} steps{older}",
+                "resume": f"from step {_steps_done(c)} of {c.steps} (last checkpoint){older}",
                 "todo": f"{c.steps} steps", "no-cache": c.note, "blocked": c.note}[c.state]
         lines.append(f"  {c.state:<8} {c.name:<{width}}  {what}")
+    lines += [f"  note: {n}" for n in getattr(cells, "notes", [])]
     left = {c.name: c.steps - _steps_done(c) for c in states["resume"] + states["todo"] + states["no-cache"]}
     if not left:
         return lines + ["nothing to run"]
     measured = measured_step_seconds(cells)
     if step_seconds is not None:
-        per, source = (lambda c: step_seconds), f"{step_seconds:g} s a step (given)"
+        per, source = (lambda c: step_seconds), f"{step_seconds:g} s a step ({step_source or 'given'})"
     elif measured_now:
         per = lambda c: measured_now[c.method]  # noqa: E731
         source = (f"step times measured just now, {MEASURE_STEPS} steps of each method one run at a time (" +
@@ -131,15 +133,39 @@ def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds:
         source = "the median step time of this sweep's runs so far, per method (" + ", ".join(
             f"{m} {s:.1f} s" for m, s in measured.items() if m != "*") + ")"
     else:
-        return lines + [f"{sum(left.values())} steps to run; estimated time unknown: no run of this sweep has "
+        return lines + [f"compute: {len(left)} runs, {sum(left.values())} steps; GPU-hours not measured "
+                        "(no step time)",
+                        f"{sum(left.values())} steps to run; estimated time unknown: no run of this sweep has "
                         "logged a step yet. Measure it here with --measure (it needs the caches), give it "
-                        "with --step-seconds S, or start the sweep: its first steps measure it."]
+                        "with --step-seconds S or --step-figures FILE, or start the sweep: its first steps "
+                        "measure it."]
     secs = [left[c.name] * per(c) for c in cells if c.name in left]
     total = sum(secs)
+    per_step = f"{step_seconds:g} s a step" if step_seconds is not None else "the step times below"
+    lines.append(f"compute: {len(left)} runs, {sum(left.values())} steps x {per_step} = {total / 3600:.1f} "
+                 "GPU-hours of steps (one device a run)")
     lines.append(f"estimated: {sum(left.values())} steps from {source} = {duration(total)} of steps"
                  + (f", about {duration(makespan(secs, lanes))} on {lanes} lane(s)" if lanes else "")
                  + "; model loading and evaluations come on top")
     return lines
+
+
+def step_figures(path: Path, key: str = "paper_step_seconds") -> tuple[float, str]:
+    """(seconds a step, where it came from) from a figures JSON file (`{"paper_step_seconds": 6.2, ...}`,
+    as benchmarks/gpu.sh writes it; its `machine` and `date` are named when present). Raises MuskError
+    when the file is unreadable or has no positive finite `key`."""
+    import json
+    import math
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise MuskError(f"--step-figures {str(path)!r}: not a readable JSON file ({e})") from None
+    v = data.get(key) if isinstance(data, dict) else None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise MuskError(f"--step-figures {str(path)!r}: no positive number {key!r} in it (got {v!r})")
+    where = ", ".join(str(data[k]) for k in ("machine", "device", "date") if data.get(k))
+    return float(v), f"{key} measured in {path}" + (f": {where}" if where else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +192,7 @@ def make_executor(executor: str, lanes: int, threads: int | None, address: str |
     from train import sweep_exec
 
     if executor == "local":
-        return sweep_exec.LocalExecutor(sweep_exec.lane_plan(lanes, os.cpu_count() or 1, sweep_exec.visible_gpus(),
+        return sweep_exec.LocalExecutor(sweep_exec.lane_plan(lanes, sweep_exec.usable_cpus(), sweep_exec.visible_gpus(),
                                                              threads))
     if executor == "ray":
         return sweep_exec.RayExecutor(address, threads or 1, gpus_per_run)
@@ -176,22 +202,30 @@ def make_executor(executor: str, lanes: int, threads: int | None, address: str |
 def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lanes: int = 1,
               threads: int | None = None, address: str | None = None, gpus_per_run: float | None = None,
               dry_run: bool = False, step_seconds: float | None = None, measure: bool = False,
-              quiet: float = 120.0, poll: float = 1.0, entry: list[str] | None = None, log=print) -> SweepResult:
+              quiet: float = 120.0, poll: float = 1.0, entry: list[str] | None = None, log=print,
+              figures: Path | None = None) -> SweepResult:
     """Plan the grid, stop on a bad one before any run starts, run what is not finished, print each run's
     progress and a summary. `entry`: the child's command before `train` (default: this Python, -m cli).
     Raises MuskError on a bad grid, or while another `musk sweep` drives the same folder."""
     folder, cells = plan_sweep(grid, out)
     if measure and not dry_run:
         raise MuskError("--measure goes with --dry-run (it times steps for the plan's estimate)")
+    source = None
+    if figures is not None:
+        if step_seconds is not None:
+            raise MuskError("--step-seconds or --step-figures, not both")
+        step_seconds, source = step_figures(figures)
     if dry_run:
         now = None
         methods = {c.method for c in cells if c.state in ("todo", "resume")}
         if measure and step_seconds is None and methods:
-            n = threads or max(1, (os.cpu_count() or 1) // lanes)
+            from train.sweep_exec import usable_cpus
+
+            n = threads or max(1, usable_cpus() // lanes)
             log(f"measuring the step time of {len(methods)} method(s) here ({MEASURE_STEPS} steps each, "
                 f"{n} thread(s))...")
             now = measure_step_seconds(cells, n, entry)
-        for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds, now):
+        for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds, now, source):
             log(line)
         return SweepResult(folder, [], [c.name for c in cells if c.state == "done"], [], [])
     bad = [c for c in cells if c.state in ("no-cache", "blocked")]
@@ -203,11 +237,16 @@ def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lane
     finished: list[str] = []
     failed: list[tuple[str, object, Path]] = []
     with sweep_lock(folder):
+        try:
+            configs = {c.name: write_resolved(c, folder) for c in pending}
+        except OSError as e:
+            raise MuskError(f"could not write the runs' resolved configs under {folder}: {e}. No run was started.") \
+                from None
         ex = make_executor(executor, lanes, threads, address, gpus_per_run)
         log(f"sweep {folder}: {len(cells)} runs, {len(before)} finished before, {len(pending)} to run on "
             f"{ex.describe()}")
         try:
-            _drive(ex, folder, pending, finished, failed, quiet, poll, entry, log)
+            _drive(ex, folder, pending, finished, failed, quiet, poll, entry, log, configs)
         except KeyboardInterrupt:
             log("sweep: interrupted; stopping the running runs (a rerun resumes them)")
             ex.stop()
@@ -226,8 +265,12 @@ def sweep_lock(folder: Path):
     """One `musk sweep` at a time drives a sweep folder: two would start the same runs twice."""
     import fcntl
 
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / LOCK, "a+") as f:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / LOCK, "a+")
+    except OSError as e:
+        raise MuskError(f"cannot write the sweep folder {folder}: {e}. No run was started.") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -245,7 +288,7 @@ def sweep_lock(folder: Path):
 
 
 def _drive(ex, folder: Path, pending: list[Cell], finished: list, failed: list, quiet: float, poll: float,
-           entry: list[str] | None, log) -> None:
+           entry: list[str] | None, log, configs: dict) -> None:
     """Start cells while the executor has room, print their progress, record how each ended."""
     from train.sweep_exec import Job
     from train.sweep_watch import RunWatcher, duration
@@ -256,7 +299,8 @@ def _drive(ex, folder: Path, pending: list[Cell], finished: list, failed: list, 
         while pending and ex.capacity() > 0:
             c = pending.pop(0)
             logf = folder / LOGS / f"{c.name}.log"
-            where = ex.start(Job(c.name, train_command(c, c.state == "resume", None, entry), logf, os.getcwd()))
+            cmd = train_command(c, c.state == "resume", None, entry, configs[c.name])
+            where = ex.start(Job(c.name, cmd, logf, os.getcwd()))
             w = RunWatcher(c.name, c.folder, c.steps, c.train.log_freq, c.train.test_freq, logf, quiet)
             running[c.name] = (c, w, time.monotonic())
             log(f"{w.prefix()} {'resuming' if c.state == 'resume' else 'started'} on {where}; log: {logf}")

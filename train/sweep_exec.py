@@ -48,6 +48,53 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+CGROUP = Path("/sys/fs/cgroup")  # cgroup v2 (cpu.max) or v1 (cpu/cpu.cfs_quota_us, cpu.cfs_period_us)
+
+
+def _cgroup_cpus() -> float | None:
+    """The CPU quota of this process's cgroup in CPUs (quota / period), or None where there is none or
+    it is unreadable. v2: cpu.max of its own cgroup (/proc/self/cgroup "0::/path"), else the root's."""
+    root = CGROUP
+    try:
+        own = [ln[3:].strip() for ln in Path("/proc/self/cgroup").read_text().splitlines() if ln.startswith("0::")]
+    except OSError:
+        own = []
+    here = root / own[0].strip("/") if own and own[0].strip("/") else root
+    quotas = []  # the cgroup's and its ancestors' (each limits it), up to the mounted root
+    for where in [here, *here.parents]:
+        if where != root and root not in where.parents:
+            break
+        try:
+            quota, period = (where / "cpu.max").read_text().split()[:2]  # "max 100000" or "200000 100000"
+            if quota != "max":
+                quotas.append(int(quota) / int(period))
+        except (OSError, ValueError):
+            pass
+        if where == root:
+            break
+    if quotas:
+        return min(quotas)
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None  # v1 without a quota, or no cgroup files
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may use: the cores it may run on (affinity, cpusets: SLURM, taskset) and
+    the container's CPU quota, the fewer of them (os.cpu_count() counts every core of the node)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        n = min(n, max(1, int(quota)))
+    return max(1, n)
+
+
 def lane_plan(lanes: int, cpus: int, gpus: list[str], threads: int | None = None) -> list[Lane]:
     """K lanes over `cpus` cores and `gpus`: each lane threads = cpus // K (at least 1) unless given,
     and GPU k for lane k where there are GPUs. Raises MuskError for K < 1 or more lanes than GPUs."""
