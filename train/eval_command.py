@@ -33,7 +33,7 @@ from train.adapters import method_info
 from train.config import TrainConfig
 from train.evaluate import Condition, condition_records, summarize
 from train.inputs import ExpertView
-from train.loop import RunData, build_models, load_data
+from train.setup import RunData, build_models, load_data
 
 CONTEXTS = ("with", "without", "null")
 ABLATIONS = ("drop", "shuffle", "only")

@@ -29,7 +29,7 @@ from pipeline.rewards import score
 
 if TYPE_CHECKING:
     from train.config import TrainConfig
-    from train.loop import Models, RunData
+    from train.setup import Models, RunData
 
 
 class Condition(NamedTuple):

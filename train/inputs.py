@@ -18,7 +18,7 @@ from train.policy import PromptBatch, build_prompt_parts, encode_blocks, encode_
 
 if TYPE_CHECKING:
     from train.config import TrainConfig
-    from train.loop import Models, RunData
+    from train.setup import Models, RunData
 
 
 class ExpertView(NamedTuple):

@@ -1,0 +1,237 @@
+"""Run setup shared by the training loop and the evaluations: the data read from the cache
+(RunData, load_data), the run folder (open_run) and the models and optimizer (Models, build_models)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import yaml
+
+from cache.reader import Cache
+from cache.run_folder import NOT_SETTINGS, RunFolder
+from core import dist
+from core.errors import MuskError
+from core.config import from_dict, to_dict
+from pipeline.experts import KINDS
+from pipeline.generation import eos_ids
+from pipeline.vllm_engine import make_llm, require_vllm, sync_weights
+from pipeline.tasks import TaskConfig
+from train.adapters import AdapterSpec, build_adapter, method_info
+from train.config import TrainConfig, keys_missing_from_old_run
+from train.policy import load_policy, merged_lora_weights, policy_spec
+
+
+def _data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
+    """Prompts cursor..cursor+count of an endless stream of seeded per-epoch permutations."""
+    out = []
+    for c in range(cursor, cursor + count):
+        epoch, offset = divmod(c, n)
+        out.append(int(np.random.default_rng([seed, epoch]).permutation(n)[offset]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: everything a run needs, read from the cache once into memory (no per-row HDF5 reads on
+# the hot path).
+
+
+class FeatureSource(Protocol):
+    """Where the pooled expert vectors of a batch come from: n tensors [b, d_i] for cache rows idx."""
+
+    def __call__(self, idx: list[int]) -> list[torch.Tensor]: ...
+
+
+class CachedFeatures:
+    """The cache's features, held in memory: n tensors [N, d_i]."""
+
+    def __init__(self, feats: list[torch.Tensor]):
+        self.feats = feats
+
+    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
+        return [f[idx] for f in self.feats]
+
+
+@dataclass
+class RunData:
+    family: str
+    system: str  # the developer prompt (system turn of the policy)
+    cache_fingerprint: str
+    prompts: dict[str, list[str]]  # the cache's prompt columns
+    train_idx: np.ndarray  # cache rows of the train split
+    val_idx: np.ndarray  # cache rows of the validation (GSM8K: test) split
+    val_split: str
+    experts: list[str]  # the team, in order (empty for methods without experts)
+    features: CachedFeatures | None  # [N, d_i] per expert
+    router_emb: torch.Tensor | None  # [N, e]
+    hints: dict[str, list[str]]  # expert -> hint per row (output-collab)
+    prompt_tokens: np.ndarray | None  # [n, N] prompt length in each expert's tokenizer (cost)
+    hint_tokens: np.ndarray | None  # [n, N] generated hint tokens (cost)
+    pooling_draw: int  # which seeded draw of random_token / random_layer this run reads (seed % draws)
+    prompt_set: str = ""  # the cache's data fingerprint: runs with equal values saw the same prompts
+
+
+def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
+    info = method_info(cfg.method)
+    with Cache(cache_path) as cache:
+        cache_cfg = yaml.safe_load(cache.config_yaml)
+        if (overlap := cache.split_overlap()) > 0:
+            raise MuskError(f"cache {str(cache_path)!r}: {overlap} of its held-out prompts are also in its training "
+                            "split, so its validation numbers would be training accuracy. Rebuild it with this "
+                            "musk's `musk extract` (held-out splits by construction).")
+        prompts = cache.prompts()
+        train_idx, val_idx, val_split = cache.split_indices("train"), cache.split_indices("val"), "val"
+        if len(val_idx) == 0:
+            val_idx, val_split = cache.split_indices("test"), "test"  # GSM8K evaluates on its test split
+        experts = list(cfg.experts) if cfg.experts is not None else cache.experts
+        features, draw = None, 0
+        if info.needs_features or info.needs_hints:
+            if not experts:
+                raise MuskError(f"method {cfg.method!r} needs experts, but cache {str(cache_path)!r} has none")
+        else:
+            experts = []
+        if info.needs_features:
+            feats = cache.features(cfg.pooling, experts, draw=cfg.seed)  # raises on an unknown expert
+            features = CachedFeatures([torch.from_numpy(feats[n]).float() for n in experts])
+            draw = cfg.seed % cache.draws(cfg.pooling, experts[0])
+        router_emb = torch.from_numpy(cache.router_embedding(cfg.router)).float() if info.needs_router else None
+        hints = {n: cache.hints(n) for n in experts} if info.needs_hints else {}
+        prompt_tokens = np.stack([cache.column(n, "n_tokens") for n in experts]) if experts else None
+        hint_tokens = None
+        if info.needs_hints and all(cache.has_column(n, "hint_n_tokens") for n in experts):
+            hint_tokens = np.stack([cache.column(n, "hint_n_tokens") for n in experts])
+        fingerprint, prompt_set = cache.fingerprint, cache.data_fingerprint
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise MuskError(f"cache {str(cache_path)!r} needs a train and a val (or test) split")
+    system = from_dict(TaskConfig, cache_cfg["task"], "cache task config").system_prompt()
+    return RunData(cache_cfg["task"]["family"], system, fingerprint, prompts, train_idx, val_idx, val_split,
+                   experts, features, router_emb, hints, prompt_tokens, hint_tokens, draw, prompt_set)
+
+
+def micro_batches_per_rank(accumulation: int, world: int) -> int:
+    """A step's gradient_accumulation_steps micro-batches split over `world` ranks; raises MuskError
+    when they do not divide (a step would otherwise take more or fewer prompts than the config says)."""
+    if accumulation % world:
+        raise MuskError(f"gradient_accumulation_steps {accumulation} does not split over {world} ranks: a step takes "
+                        f"gradient_accumulation_steps x train_batch_size prompts whatever the rank count. Use a "
+                        f"multiple of {world} (--set gradient_accumulation_steps=...) or another rank count.")
+    return accumulation // world
+
+
+def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData,
+             dtype: torch.dtype | None = None) -> tuple[RunFolder, dict]:
+    """The run folder and its resolved config (written to config.yaml). Refuses to overwrite a run
+    and to resume one made with other settings. dtype: the policy's dtype as resolved on this machine,
+    stored as dtype_resolved beside `dtype` (auto resolves per machine); --resume refuses another one."""
+    run = RunFolder(Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}")
+    resolved = {**to_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
+                "task_family": data.family, "prompt_set": data.prompt_set, "world_size": dist.world(),
+                "micro_batches_per_rank": micro_batches_per_rank(cfg.gradient_accumulation_steps, dist.world()),
+                "prompts_per_step": cfg.gradient_accumulation_steps * cfg.train_batch_size}
+    if dtype is not None:
+        resolved["dtype_resolved"] = str(dtype).removeprefix("torch.")
+    if resume:
+        if not run.config_path.exists():
+            raise MuskError(f"--resume: {str(run)!r} holds no run (no config.yaml)")
+        old = run.read_config()
+        if "dtype_resolved" in old and old["dtype_resolved"] != resolved.get("dtype_resolved", old["dtype_resolved"]):
+            raise MuskError(f"--resume: the run in {str(run)!r} trained in {old['dtype_resolved']}, and dtype "
+                            f"{cfg.dtype!r} resolves to {resolved['dtype_resolved']} here; set dtype: "
+                            f"{old['dtype_resolved']} to continue it in its own precision")
+        if "dtype_resolved" not in old:  # made before the resolved dtype was recorded: nothing to compare
+            resolved.pop("dtype_resolved", None)
+        taken, lacking = keys_missing_from_old_run(old, resolved, NOT_SETTINGS)
+        if lacking:
+            raise MuskError(f"--resume: the run in {str(run)!r} was made by an older musk without the keys {lacking}, "
+                            "whose values here are not what it did before they existed; start a new run")
+        if taken:
+            print(f"resume: {run.config_path} lacks {sorted(taken)} (made by an older musk); "
+                  f"taken as their defaults from before they existed: {taken}", flush=True)
+        diff = sorted(k for k in resolved if k not in NOT_SETTINGS and k not in taken and old.get(k) != resolved[k])
+        if diff:
+            raise MuskError(f"--resume: the run in {str(run)!r} was made with other settings: {diff}")
+    elif run.holds_anything():
+        raise MuskError(f"run folder {str(run)!r} already holds a run; use --resume or another --out")
+    dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if dist.is_main():
+        run.write_config(resolved)
+    dist.barrier()
+    return run, resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: the policy with LoRA, g_phi, AdamW. The reference is the same weights with LoRA disabled.
+
+
+@dataclass
+class Models:
+    peft: object  # the PeftModel
+    lm: object  # the causal LM with LoRA layers injected
+    tok: object
+    adapter: torch.nn.Module  # g_phi
+    spec: AdapterSpec
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.Tensor]
+    scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
+    eos: list[int]
+    vllm: object | None = None  # rollout_engine vllm: the engine, its weights synced after each step
+
+
+def _param_groups(cfg: TrainConfig, lora: list, adapter: torch.nn.Module) -> list[dict]:
+    """LoRA at lr; g_phi at router_lr (warmed up over router_warmup_steps); the gate at gate_lr."""
+    gate = [p for n, p in adapter.named_parameters() if n.endswith("out.gate")]
+    rest = [p for n, p in adapter.named_parameters() if not n.endswith("out.gate")]
+    groups = [{"name": "lora", "params": lora, "lr": cfg.lr, "base_lr": cfg.lr, "warmup": 0}]
+    if rest:
+        groups.append({"name": "router", "params": rest, "lr": cfg.router_lr, "base_lr": cfg.router_lr,
+                       "warmup": cfg.router_warmup_steps})
+    if gate:
+        groups.append({"name": "gate", "params": gate, "lr": cfg.gate_lr, "base_lr": cfg.gate_lr, "warmup": 0})
+    return groups
+
+
+def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtype) -> Models:
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    peft_model, tok, scale = load_policy(cfg, dtype, device)
+    lm = peft_model.get_base_model()
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    emb = lm.get_input_embeddings().weight
+    feats = data.features.feats if data.features is not None else []
+    spec = AdapterSpec(
+        method=cfg.method, expert_dims=tuple(int(f.shape[1]) for f in feats), expert_names=tuple(data.experts),
+        d_latent=cfg.d_latent, d_out=int(emb.shape[1]), num_latents=cfg.num_latents, num_heads=cfg.num_heads,
+        router_dim=int(data.router_emb.shape[1]) if data.router_emb is not None else 0, init_std=cfg.init_std,
+        gumbel_tau=cfg.gumbel_tau, pooling=cfg.pooling, context_scale=scale, context_gate=cfg.context_gate,
+        embed_rms=float(emb.detach().float().pow(2).mean().sqrt()), feature_norm=cfg.feature_norm,
+        context_rms=cfg.context_rms, context_anchor=cfg.context_anchor,
+    )
+    adapter = build_adapter(spec).to(device)
+    if hasattr(adapter, "out"):
+        adapter.out.set_anchor(emb.detach())
+    if hasattr(adapter, "experts"):
+        adapter.experts.set_feature_stats([f[data.train_idx] for f in feats])
+    lora = [p for p in peft_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(_param_groups(cfg, lora, adapter), weight_decay=cfg.weight_decay, eps=cfg.epsilon)
+    return Models(peft_model, lm, tok, adapter, spec, optimizer, lora + list(adapter.parameters()), scale,
+                  eos_ids(lm, tok), _rollout_engine(cfg, peft_model, dtype))
+
+
+def _rollout_engine(cfg: TrainConfig, peft_model, dtype: torch.dtype):
+    """rollout_engine vllm: an engine over the policy's folder, holding the current merged weights."""
+    if cfg.rollout_engine != "vllm":
+        return None
+    require_vllm("rollout_engine vllm")
+    spec = policy_spec(cfg.policy)
+    if KINDS[spec.kind].folder is None:
+        raise MuskError(f"rollout_engine vllm needs a policy with a model folder; {cfg.policy!r} is built in code")
+    llm = make_llm(KINDS[spec.kind].folder(spec), dtype, cfg.vllm_memory, prompt_embeds=True, seed=cfg.seed)
+    sync_weights(llm, merged_lora_weights(peft_model))
+    return llm
+
