@@ -27,7 +27,6 @@ import argparse
 import datetime
 import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from core.machine import cpu_name  # noqa: E402
 
 from pipeline.experts import resolve_dtype
 from pipeline.generation import sample
@@ -211,12 +212,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = resolve_dtype(args.dtype, args.device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     import transformers
 
     print(f"{datetime.date.today()} | {cpu} | ISA {torch.backends.cpu.get_cpu_capability()} | "

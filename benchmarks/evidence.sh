@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The evidence tables of docs/evaluation.md, made with `musk eval` and `musk report` on the final code:
 # train each method on a cache for each seed (skipping finished runs, resuming unfinished ones), evaluate
-# every run that has C with C, with C removed and null (C's information removed, slots kept), and every
-# run that reads experts under the content controls: each expert dropped, each expert's features shuffled
-# across prompts, and all experts shuffled together (shuffle:all); then report (paired intervals against
+# every run with C (single too: "ablated - single" reads its folder of the same setting), every run that
+# has C also with C removed and null (C's information removed, slots kept), and every run that reads experts
+# under the content controls: each expert dropped, each expert's features shuffled across prompts, and all
+# experts shuffled together (shuffle:all); then report (paired intervals against
 # single and prefix, the expert-ablation table, routing per dataset). Default methods: single, prefix
 # (m trainable context tokens, no experts) and perceiver.
 #
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 if [ $# -lt 4 ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
   exit 2
 fi
 name=$1 cache=$2 config=$3 out=$4
@@ -45,7 +46,7 @@ for run in "$runs"/*/; do
   read -r method experts < <(python -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))
 print(c["method"], " ".join(c.get("experts") or []))' "$run/config.yaml")
   contexts=with,without,null
-  case $method in single) continue ;; output-collab) contexts=with ;; esac
+  case $method in single|output-collab) contexts=with ;; esac  # single too: "ablated − single" reads its folder
   ablate=()
   for e in $experts; do ablate+=(--ablate "drop:$e" --ablate "shuffle:$e"); done
   [ -n "$experts" ] && ablate+=(--ablate shuffle:all)

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode import timed, weight_read_floor  # noqa: E402
 from cache.run_folder import METRICS, RunFolder  # noqa: E402
+from core.machine import cpu_name  # noqa: E402
 from pipeline.experts import byte_tokenizer, resolve_dtype  # noqa: E402
 from pipeline.extract import load_extract_config, run_extract  # noqa: E402
 from pipeline.generation import sample  # noqa: E402
@@ -99,12 +100,7 @@ def machine(device: str) -> dict:
     """What the figures were measured on."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     out = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
            "cpu": cpu, "cpu_isa": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
            "torch": torch.__version__, "transformers": transformers.__version__, "device": device}

@@ -29,6 +29,7 @@ import torch
 
 from core import dist
 from core.hashing import sha256_of
+from core.machine import cpu_name
 from pipeline.chat import PLAIN_FORMAT, render_system_user
 from pipeline.generation import decode, eos_ids
 from pipeline.rewards import score
@@ -100,7 +101,7 @@ def machine(device) -> str:
     if d.startswith("cuda") and torch.cuda.is_available():
         what = torch.cuda.get_device_name(torch.device(d))
     else:
-        what = platform.processor() or platform.machine()
+        what = cpu_name()
     return f"{platform.node()}: {d} ({what}), {torch.get_num_threads()} threads"
 
 

@@ -29,11 +29,14 @@ def test_evidence_script_on_a_tiny_run(tiny_cache, tiny_policy, tmp_path):
     prefix = json.loads((runs / "prefix-0" / "eval" / "final-val-ablations" / "summary.json").read_text())
     assert list(prefix["conditions"]) == ["with", "without", "null"]
     assert summary["n_prompts"] == 3
-    assert not (runs / "single-0" / "eval").exists()
+    single = json.loads((runs / "single-0" / "eval" / "final-val-ablations" / "summary.json").read_text())
+    assert list(single["conditions"]) == ["with"]  # what "ablated − single" is computed against
     rep = tmp_path / "ev" / "tiny-report"
     ablations = (rep / "ablations.md").read_text()
     for cond in ("drop:tiny-llama", "shuffle:tiny-gpt2"):
         assert f"tiny / perceiver / tiny-llama, tiny-gpt2 / {cond}" in ablations.replace("easy-arithmetic", "tiny")
+    row = next(ln for ln in ablations.splitlines() if "/ shuffle:tiny-gpt2" in ln)
+    assert row.rstrip(" |").split("|")[-1].strip() not in ("", "—"), row  # ablated − single has single's folder
     paired = (rep / "paired.md").read_text()
     assert "perceiver − single" in paired and "perceiver − prefix" in paired and "3 distinct questions)" in ablations
     assert "Expert ablations" in res.stdout and "Paired differences" in res.stdout

@@ -164,7 +164,10 @@ def test_training_counts_scorer_errors_per_step(tiny_cache, tiny_policy, tmp_pat
     assert [r["reward/scorer_errors"] for r in steps] == [16, 16]  # 2 micro-batches x 2 prompts x 4 rollouts
 
 
-def test_old_cache_with_overlapping_splits_is_refused_for_training(tiny_cache, tiny_policy, tmp_path):
+def _old_cache_refused(tiny_cache, tiny_policy, tmp_path, schema: int, rewrite, attrs: dict) -> None:
+    """Copy the tiny cache as an older `schema`, set `attrs`, rewrite its prompt texts with
+    rewrite(texts, splits) -> texts, and check training refuses it with one overlapping prompt and
+    writes no run folder."""
     import shutil
 
     import h5py
@@ -173,13 +176,16 @@ def test_old_cache_with_overlapping_splits_is_refused_for_training(tiny_cache, t
     from train.config import load_train_config
     from train.loop import run_train
 
-    old = tmp_path / "old.h5"
+    old = tmp_path / f"v{schema}.h5"
     shutil.copyfile(tiny_cache, old)
-    with h5py.File(old, "a") as f:  # a schema-2 cache whose validation question is a training one
-        del f.attrs["split_overlap"]
-        f.attrs["musk_schema"] = 2
-        text = f["prompts/text"].asstr()[()]
-        text[-1] = text[0]
+    with h5py.File(old, "a") as f:
+        f.attrs["musk_schema"] = schema
+        for k, v in attrs.items():
+            if v is None:
+                del f.attrs[k]
+            else:
+                f.attrs[k] = v
+        text = rewrite(f["prompts/text"].asstr()[()], list(f["prompts/split"].asstr()[()]))
         del f["prompts/text"]
         f.create_dataset("prompts/text", data=text.astype(object), dtype=h5py.string_dtype("utf-8"))
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single"))
@@ -187,38 +193,30 @@ def test_old_cache_with_overlapping_splits_is_refused_for_training(tiny_cache, t
         run_train(cfg, cache_path=old, out=tmp_path / "run", resume=False, progress=False, log=lambda *a: None)
     assert not (tmp_path / "run").exists()
 
+
+def test_old_cache_with_overlapping_splits_is_refused_for_training(tiny_cache, tiny_policy, tmp_path):
+    def same_text(text, split):  # a schema-2 cache whose validation question is a training one
+        text[-1] = text[0]
+        return text
+
+    _old_cache_refused(tiny_cache, tiny_policy, tmp_path, 2, same_text, {"split_overlap": None})
 
 
 def test_schema_3_cache_with_a_commutative_twin_is_refused_for_training(tiny_cache, tiny_policy, tmp_path):
     """Schema 3 stored an overlap of 0 counted on texts alone: the twin `b + a` of a training `a + b`
     passed. The count is redone by problem for caches older than schema 4."""
     import re
-    import shutil
 
-    import h5py
-
-    from tests.helpers import tiny_train_overrides
-    from train.config import load_train_config
-    from train.loop import run_train
-
-    old = tmp_path / "v3.h5"
-    shutil.copyfile(tiny_cache, old)
-    with h5py.File(old, "a") as f:
-        f.attrs["musk_schema"] = 3
-        f.attrs["split_overlap"] = 0  # what schema 3 stored: texts compared, twins missed
-        text = f["prompts/text"].asstr()[()]
-        split = f["prompts/split"].asstr()[()]
-        first_train, last_val = list(split).index("train"), len(split) - 1 - list(split)[::-1].index("val")
+    def twin(text, split):
+        first_train, last_val = split.index("train"), len(split) - 1 - split[::-1].index("val")
         m = re.search(r"(-?\d+) \+ (-?\d+) =$", text[first_train])
         assert m, text[first_train]
         text[last_val] = text[first_train][: m.start()] + f"{m[2]} + {m[1]} ="  # the commutative twin
         assert text[last_val] != text[first_train]
-        del f["prompts/text"]
-        f.create_dataset("prompts/text", data=text.astype(object), dtype=h5py.string_dtype("utf-8"))
-    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single"))
-    with pytest.raises(MuskError, match="1 of its held-out prompts are also in its training split"):
-        run_train(cfg, cache_path=old, out=tmp_path / "run", resume=False, progress=False, log=lambda *a: None)
-    assert not (tmp_path / "run").exists()
+        return text
+
+    # what schema 3 stored: texts compared, twins missed
+    _old_cache_refused(tiny_cache, tiny_policy, tmp_path, 3, twin, {"split_overlap": 0})
 
 
 # -- held-out composition: problems, not texts; each dataset's share exact; GSM8K read once
