@@ -197,7 +197,7 @@ def eval_(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ):
     """Evaluate a saved run under conditions and expert ablations (records.jsonl, summary.json)."""
-    from train.eval_command import EvalRequest, run_eval
+    from train.evaluate_run import EvalRequest, run_eval
 
     _threads(threads)
     if limit is not None and limit < 1:

@@ -14,7 +14,7 @@ from cache.reader import Cache
 from core.errors import MuskError
 from train.adapters import OutputProjection, Perceiver, Prefix, load_adapter, method_info
 from train.config import load_train_config
-from train.eval_command import EvalRequest, run_eval
+from train.evaluate_run import EvalRequest, run_eval
 from train.loop import build_models, load_data, run_train
 from tests.helpers import parity_score, tiny_train_overrides
 
