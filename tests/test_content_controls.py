@@ -13,7 +13,7 @@ import train.loop
 from cli import app
 from train.evaluate_run import EvalRequest, parse_conditions, shuffled
 from train.inputs import expert_features
-from train.loop import CachedFeatures
+from train.setup import CachedFeatures
 from tests.helpers import parity_score, tiny_train_overrides
 
 TEAM = ["a", "b", "c"]

@@ -18,7 +18,7 @@ import train.loop
 from cli import app
 from train.adapters import AdapterSpec, build_adapter
 from train.inputs import ExpertView, expert_features
-from train.loop import CachedFeatures
+from train.setup import CachedFeatures
 from tests.helpers import parity_score, tiny_train_overrides
 
 DIMS = (5, 3, 4)

@@ -509,7 +509,7 @@ def test_train_resume_of_an_older_run_folder_takes_old_defaults_or_names_the_key
     from cache.run_folder import RunFolder
     from core.config import dump_yaml
     from train.config import load_train_config
-    from train.loop import open_run
+    from train.setup import open_run
 
     cfg = load_train_config(None, {"method": "single"})
     data = SimpleNamespace(cache_fingerprint="fp", family="arithmetic", prompt_set="p")
