@@ -197,7 +197,7 @@ def eval_(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ):
     """Evaluate a saved run under conditions and expert ablations (records.jsonl, summary.json)."""
-    from train.eval_command import EvalRequest, run_eval
+    from train.evaluate_run import EvalRequest, run_eval
 
     _threads(threads)
     if limit is not None and limit < 1:
@@ -231,7 +231,7 @@ def sweep(
     quiet: float = typer.Option(120.0, "--quiet", help="Seconds a run may say nothing before a 'still running' line.", callback=_finite),
 ):
     """A grid of training runs: skips finished ones, resumes killed ones, retries failed ones."""
-    from train.sweep import run_sweep
+    from sweep.runner import run_sweep
 
     res = _run(run_sweep, grid, out=out, executor=executor, lanes=lanes, threads=threads,
                address=ray_address or os.environ.get("RAY_ADDRESS"), gpus_per_run=gpus_per_run,

@@ -220,7 +220,7 @@ def table1_per_task(runs: list[Run]) -> Table:
                  [f"{_col_name(fc, fam_cols)} / {t}" for fc, t in cols], out, raw, used, note)
 
 
-# What makes two `musk eval` folders one setting (train/eval_command.SETTING_KEYS, read from summary.json;
+# What makes two `musk eval` folders one setting (train/evaluate_run.SETTING_KEYS, read from summary.json;
 # a folder made before a key was recorded has None there and is a setting of its own).
 EVAL_SETTING = ("split", "checkpoint", "n_prompts", "limit", "samples", "temperature", "decoding", "seed", "dtype")
 

@@ -309,7 +309,7 @@ def test_rerun_with_other_batch_layout_is_refused(tmp_path, monkeypatch):
 
 def test_assembly_proves_every_row_computed(tmp_path):
     from cache.writer import PartsStore
-    from pipeline.extract import gather_parts
+    from pipeline.parts import gather_parts
 
     parts = PartsStore(tmp_path / "x.h5", "fp", {"batch_size": 2})
     plan = [np.array([3, 1]), np.array([0, 2])]
@@ -328,7 +328,7 @@ def test_assembly_proves_every_row_computed(tmp_path):
 
 
 def test_non_finite_features_are_refused_naming_expert_and_prompt():
-    from pipeline.extract import check_finite
+    from pipeline.parts import check_finite
     from pipeline.tasks import Prompt
 
     prompts = [Prompt(f"q{i}", "1", "t", "train", "{}") for i in range(3)]

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 import train.evaluate
 import train.loop
 from cli import app
-from train.eval_command import EvalRequest, parse_conditions, shuffled
+from train.evaluate_run import EvalRequest, parse_conditions, shuffled
 from train.inputs import expert_features
-from train.loop import CachedFeatures
+from train.setup import CachedFeatures
 from tests.helpers import parity_score, tiny_train_overrides
 
 TEAM = ["a", "b", "c"]
@@ -46,7 +46,7 @@ def test_shuffle_all_reads_every_expert_from_one_other_prompt():
     """rows 2..7 (each its own question), seed 3: every expert of prompt rows[j] reads rows[perm[j]],
     perm = derangement(6, default_rng([3, n = 3])), the same for all experts and with no fixed point;
     shuffle:b alone keeps its own key."""
-    from train.eval_command import derangement
+    from train.evaluate_run import derangement
 
     cfg, data = SimpleNamespace(method="perceiver"), _data()
     rows = np.arange(2, 8)

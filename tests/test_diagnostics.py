@@ -25,7 +25,7 @@ def _train(tiny_cache, tiny_policy, tmp_path, monkeypatch, name="run", **extra) 
 def test_update_record_hand_worked():
     """Two updates of one micro-batch each; 12 live tokens, 10 in the loss (2 in a truncated row).
     The first pass clips nothing (ratio 1); the second clips 4 tokens: 4 / 20 over every update."""
-    from train.loop import _update_record
+    from train.records import _update_record
 
     cfg = type("Cfg", (), {"beta": 0.04})()
     u1 = [{"clip": 0.0, "loss_tokens": 10.0, "tokens": 12, "entropy": 6.0, "loss": 0.5, "kl": 0.0}]

@@ -150,7 +150,7 @@ def test_gguf_conversion_under_torchrun_from_a_fresh_home(tmp_path):
 
 def test_accumulation_must_split_over_ranks():
     from core.errors import MuskError
-    from train.loop import micro_batches_per_rank
+    from train.setup import micro_batches_per_rank
 
     assert micro_batches_per_rank(8, 1) == 8 and micro_batches_per_rank(8, 4) == 2 and micro_batches_per_rank(3, 3) == 1
     with pytest.raises(MuskError, match="gradient_accumulation_steps 3 does not split over 2 ranks"):

@@ -91,7 +91,7 @@ def test_cap_fills_with_uninformative_groups(tiny_cache, tiny_policy, tmp_path, 
         assert r["frac_reward_zero_std"] == 1.0
     assert all(len(idx) == 2 and (adv == 0).all() for idx, _, adv in seen)
     # round r of micro-batch g reads block r*A + g of B prompts; step 2 starts past step 1's 3 rounds
-    from train.loop import _data_order
+    from train.setup import _data_order
 
     def block(k):
         return [int(train_rows[i]) for i in _data_order(_run.seed, len(train_rows), k * 2, 2)]
@@ -121,7 +121,7 @@ def test_cat_groups_pads_without_changing_log_probs():
     completions give each row the log-probs it had in its own round."""
     import transformers
 
-    from train.loop import Rollouts, cat_groups
+    from train.rollouts import Rollouts, cat_groups
     from train.policy import completion_logprobs
 
     torch.manual_seed(0)

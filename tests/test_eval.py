@@ -18,7 +18,7 @@ import train.loop
 from cli import app
 from train.adapters import AdapterSpec, build_adapter
 from train.inputs import ExpertView, expert_features
-from train.loop import CachedFeatures
+from train.setup import CachedFeatures
 from tests.helpers import parity_score, tiny_train_overrides
 
 DIMS = (5, 3, 4)
@@ -197,7 +197,7 @@ def test_eval_records_its_setting_and_reuses_a_folder_only_for_the_same_weights(
     """summary.json holds the resolved dtype, temperature, samples, limit, shuffle seed, decoding and a
     digest of the weights; one sampled completion is mean@1, not a greedy accuracy; a folder whose
     weights changed since (final/ rewritten) is refused."""
-    from train.eval_command import weights_digest
+    from train.evaluate_run import weights_digest
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -356,7 +356,7 @@ def test_shuffle_is_a_derangement_over_distinct_questions(qs, seed):
     """No row reads features of its own question (repeated questions included) once there are two
     distinct questions; sources are evaluated rows; the draw is fixed by the seed."""
     from core.errors import MuskError
-    from train.eval_command import shuffled
+    from train.evaluate_run import shuffled
     from train.evaluate import Condition
 
     rows = np.arange(100, 100 + len(qs))
@@ -376,7 +376,7 @@ def test_drop_of_the_only_expert_is_refused():
     from types import SimpleNamespace
 
     from core.errors import MuskError
-    from train.eval_command import EvalRequest, parse_conditions
+    from train.evaluate_run import EvalRequest, parse_conditions
 
     req = EvalRequest(run=Path("r"), ablations=("drop:a",))
     cfg, data = SimpleNamespace(method="perceiver"), SimpleNamespace(experts=["a"], features=object())

@@ -47,7 +47,7 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
 def test_waiting_for_rank_zero_times_out_with_a_message(tmp_path):
     import threading
 
-    from pipeline.experts import _wait_for_conversion
+    from pipeline.model_files import _wait_for_conversion
 
     with pytest.raises(MuskError, match="rank 0"):
         _wait_for_conversion(tmp_path / "never", Path("m.gguf"), timeout=0.2, poll=0.05)

@@ -22,6 +22,7 @@ def tiny_gguf_package(tmp_path, monkeypatch):
     else (the file's hash, the converted folder under MUSK_HOME, the recorded origin) is musk's own path."""
     import shutil
 
+    import pipeline.model_files
     import train.loop
 
     llama = build_family("llama", tmp_path / "llama")
@@ -31,7 +32,7 @@ def tiny_gguf_package(tmp_path, monkeypatch):
     monkeypatch.setitem(ex.GGUF_PACKAGES, "tiny-gguf", lambda: gguf)
     monkeypatch.setitem(ex.GGUF_DISTRIBUTIONS, "tiny-gguf", "tiny-gguf-pkg")
     monkeypatch.setitem(ex.EXPERTS, "tiny-gguf", ex.ExpertSpec("tiny-gguf", "gguf-package", "tiny-gguf"))
-    monkeypatch.setattr(ex, "convert_gguf", lambda path, folder: shutil.copytree(llama, folder, dirs_exist_ok=True))
+    monkeypatch.setattr(pipeline.model_files, "convert_gguf", lambda path, folder: shutil.copytree(llama, folder, dirs_exist_ok=True))
     monkeypatch.setattr(train.loop, "score", parity_score)
     return gguf
 

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.experts import ExpertSpec, load_expert
-from pipeline.extract import pad_ids
+from pipeline.feature_pass import pad_ids
 from pipeline.generation import generate
 from tests.helpers import TINY_LLAMA
 

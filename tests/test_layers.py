@@ -1,6 +1,7 @@
 """The import graph, read from the source (ast, no imports executed): layers point one way
 (core < cache < pipeline < analyze < train < sweep < cli) and no two files import each other, even through
-a third, TYPE_CHECKING imports included (a circle there is still a circle for a reader)."""
+a third, TYPE_CHECKING imports included (a circle there is still a circle for a reader). Sweeps launch
+training as a command line: of train/ they read only the config types they check (train.config)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,21 @@ def _layer(module: str) -> int:
 def test_layers_point_one_way():
     bad = [f"{m} imports {d}" for m, deps in import_graph().items() for d in deps if _layer(d) > _layer(m)]
     assert not bad, "imports that run back up the layers:\n" + "\n".join(sorted(bad))
+
+
+# What sweep/ may read of train/: the config types a grid's cells are checked against.
+SWEEP_READS_OF_TRAIN = {"train", "train.config"}
+
+
+def _reaches_into(graph: dict[str, set[str]], pkg: str, target: str, allowed: set[str]) -> list[str]:
+    """'m imports d' for each module m of `pkg` that imports a module d of `target` outside `allowed`."""
+    return sorted(f"{m} imports {d}" for m, deps in graph.items() if m.split(".")[0] == pkg
+                  for d in deps if d.split(".")[0] == target and d not in allowed)
+
+
+def test_sweep_reads_only_the_train_config():
+    bad = _reaches_into(import_graph(), "sweep", "train", SWEEP_READS_OF_TRAIN)
+    assert not bad, "sweep/ launches `musk train` as a command; it may read only train.config:\n" + "\n".join(bad)
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -95,3 +111,5 @@ def graph_is_package(module: str) -> bool:
 def test_the_checks_can_fail():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+    graph = {"sweep.grid": {"train.config"}, "sweep.runner": {"train.loop", "core.errors"}, "train.loop": {"sweep.grid"}}
+    assert _reaches_into(graph, "sweep", "train", SWEEP_READS_OF_TRAIN) == ["sweep.runner imports train.loop"]

@@ -127,7 +127,7 @@ def test_merged_lora_decodes_the_same_and_puts_w_back(tiny_policy):
 def test_decode_merged_auto_is_float32_only():
     from types import SimpleNamespace
 
-    from train.loop import decode_merged
+    from train.inputs import decode_merged
 
     def m(dtype):
         return SimpleNamespace(lm=SimpleNamespace(dtype=dtype))

@@ -80,7 +80,7 @@ def test_batched_equals_single_unpadded_forward(arch, shared, padding_side, dtyp
     """Every variant, for every prompt, equals a single-prompt unpadded forward of the same model:
     with the batch padded either side, and with the prompts' shared prefix run once and cached."""
     from pipeline.experts import ExpertSpec, load_expert
-    from pipeline.extract import pad_ids, common_prefix_length, expert_forward_pool, run_prefix
+    from pipeline.feature_pass import pad_ids, common_prefix_length, expert_forward_pool, run_prefix
     from tests.helpers import TINY
 
     spec = ExpertSpec("t", "random", arch, config=TINY[arch], tokenizer="bytes")

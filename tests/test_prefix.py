@@ -14,8 +14,9 @@ from cache.reader import Cache
 from core.errors import MuskError
 from train.adapters import OutputProjection, Perceiver, Prefix, load_adapter, method_info
 from train.config import load_train_config
-from train.eval_command import EvalRequest, run_eval
-from train.loop import build_models, load_data, run_train
+from train.evaluate_run import EvalRequest, run_eval
+from train.loop import run_train
+from train.setup import build_models, load_data
 from tests.helpers import parity_score, tiny_train_overrides
 
 QUIET = dict(progress=False, log=lambda *a: None)

@@ -83,6 +83,7 @@ def test_extract_stores_scored_solo_answers(tmp_path):
 
 def test_older_cache_completed_without_recomputing_features(tmp_path, monkeypatch):
     import pipeline.extract as ex
+    import pipeline.extract_expert
 
     out, _ = _extract(tmp_path, "old.h5", solo=False)
     with h5py.File(out, "a") as f:  # what a schema-4 musk wrote: no solo answers, schema 4
@@ -98,7 +99,7 @@ def test_older_cache_completed_without_recomputing_features(tmp_path, monkeypatc
     def no_features(*a, **k):
         raise AssertionError("features recomputed")
 
-    monkeypatch.setattr(ex, "feature_batches", no_features)
+    monkeypatch.setattr(pipeline.extract_expert, "feature_batches", no_features)
     cfg = tiny_extract_config(out, router=False, solo=True, solo_max_new_tokens=4)
     cfg_path = write_yaml(tmp_path / "again.yaml", cfg)
     logs = []

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from cli import app
 from core.errors import MuskError
 from tests.helpers import ROOT, tiny_train_overrides, write_yaml
-from train import sweep_exec
-from train.sweep import makespan, plan_lines, plan_sweep, run_sweep
-from train.sweep_grid import cell_name
-from train.sweep_exec import lane_plan
-from train.sweep_watch import RunWatcher, duration
+from sweep import executors as sweep_exec
+from sweep.runner import makespan, plan_lines, plan_sweep, run_sweep
+from sweep.grid import cell_name
+from sweep.executors import lane_plan
+from sweep.watch import RunWatcher, duration
 
 ENTRY = [sys.executable, "-m", "tests.dp_entry"]  # `musk` with the parity reward: random policies get variance
 QUIET = dict(poll=0.1, entry=ENTRY)
@@ -288,7 +288,7 @@ def test_watcher_of_a_resumed_run_starts_at_its_checkpoint(tmp_path):
 
 
 def test_one_sweep_at_a_time_drives_a_folder(tiny_cache, tiny_policy, tmp_path):
-    from train.sweep import sweep_lock
+    from sweep.runner import sweep_lock
 
     grid = _grid(tmp_path, tiny_cache, tiny_policy)
     with sweep_lock(tmp_path / "sweep"):
@@ -305,7 +305,7 @@ def test_help_lists_sweep():
 
 
 def test_measure_times_steps_here_without_touching_the_sweep(tiny_cache, tiny_policy, tmp_path):
-    from train.sweep import MEASURE_STEPS, measure_step_seconds
+    from sweep.runner import MEASURE_STEPS, measure_step_seconds
 
     folder, cells = plan_sweep(_grid(tmp_path, tiny_cache, tiny_policy, methods=["single"]))
     now = measure_step_seconds(cells, 1, ENTRY)
@@ -337,7 +337,7 @@ def test_usable_cpus_is_the_fewest_of_affinity_and_cgroup_quota(tmp_path, monkey
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # taskset -c 0
     assert sweep_exec.usable_cpus() == 1
     # the executor's lanes split these, not os.cpu_count()
-    from train.sweep import make_executor
+    from sweep.runner import make_executor
     monkeypatch.setattr(sweep_exec, "visible_gpus", lambda: [])
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     assert [ln.threads for ln in make_executor("local", 2, None, None, None).lanes] == [2, 2]
@@ -388,8 +388,8 @@ def test_keys_a_method_does_not_read_do_not_multiply_its_runs(tiny_cache, tiny_p
 
 
 def test_long_names_are_shortened_deterministically_at_plan_time(tiny_cache, tiny_policy, tmp_path, monkeypatch):
-    from train import sweep_grid
-    from train.sweep_grid import shorten
+    from sweep import grid as sweep_grid
+    from sweep.grid import shorten
 
     long = "perceiver-" + "-".join(f"key{i}-{i}" for i in range(40)) + "-s2"
     short = shorten(long, 60)
@@ -408,7 +408,7 @@ def test_long_names_are_shortened_deterministically_at_plan_time(tiny_cache, tin
 def test_each_run_reads_the_config_the_plan_typed(tiny_cache, tiny_policy, tmp_path):
     from core.config import load_yaml as read
     from train.config import load_train_config
-    from train.sweep_grid import train_command, write_resolved
+    from sweep.grid import train_command, write_resolved
 
     preset = write_yaml(tmp_path / "preset.yaml", tiny_train_overrides(tiny_policy))
     grid = _grid(tmp_path, tiny_cache, tiny_policy, config=str(preset), methods=["single"], seeds=[0])
@@ -456,7 +456,7 @@ def test_the_docs_grids_plan_as_written():
     """Every fenced yaml grid of docs/sweeps.md, planned as written (caches not built: listed, not errors)."""
     import re
 
-    from train.sweep_grid import expand, load_sweep_config
+    from sweep.grid import expand, load_sweep_config
 
     text = (ROOT / "docs" / "sweeps.md").read_text()
     blocks = re.findall(r"```yaml\n(.*?)```", text, re.S)
@@ -509,7 +509,7 @@ def test_train_resume_of_an_older_run_folder_takes_old_defaults_or_names_the_key
     from cache.run_folder import RunFolder
     from core.config import dump_yaml
     from train.config import load_train_config
-    from train.loop import open_run
+    from train.setup import open_run
 
     cfg = load_train_config(None, {"method": "single"})
     data = SimpleNamespace(cache_fingerprint="fp", family="arithmetic", prompt_set="p")

@@ -9,6 +9,7 @@ import torch
 
 import train.loop
 import train.inputs
+import train.optim
 from core.errors import MuskError
 from train.config import load_train_config
 from train.loop import run_train
@@ -229,7 +230,7 @@ def _two_group_optimizer():
 def test_global_clip_lets_one_group_shrink_the_other():
     """Hand-worked: norms 5 and 0.05, total sqrt(25.0025); a global clip to 1 divides both by 5.00025."""
     opt, a, b = _two_group_optimizer()
-    total, norms = train.loop.clip_gradients(opt, 1.0, "global")
+    total, norms = train.optim.clip_gradients(opt, 1.0, "global")
     assert total == pytest.approx(25.0025 ** 0.5, rel=1e-6)
     assert norms == pytest.approx({"gate": 5.0, "lora": 0.05}, rel=1e-6)
     assert torch.allclose(b.grad, torch.tensor([0.03, 0.04]) / 25.0025 ** 0.5, rtol=1e-5)
@@ -238,7 +239,7 @@ def test_global_clip_lets_one_group_shrink_the_other():
 
 def test_per_group_clip_keeps_the_small_group_intact():
     opt, a, b = _two_group_optimizer()
-    total, _ = train.loop.clip_gradients(opt, 1.0, "per-group")
+    total, _ = train.optim.clip_gradients(opt, 1.0, "per-group")
     assert total == pytest.approx(25.0025 ** 0.5, rel=1e-6)
     assert torch.allclose(a.grad, torch.tensor([0.6, 0.8]), rtol=1e-5)  # clipped to norm 1
     assert torch.equal(b.grad, torch.tensor([0.03, 0.04]))  # under its own budget: untouched
@@ -257,7 +258,7 @@ def test_stable_path_starts_at_kl_zero_and_c_stays_bounded(tiny_cache, tiny_poli
     from transformers import AutoModelForCausalLM
 
     from train.adapters import load_adapter
-    from train.loop import load_data
+    from train.setup import load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method=method, total_training_steps=1, **STABLE))
     run = run_train(cfg, tiny_cache, tmp_path / "run", **QUIET)
@@ -302,7 +303,7 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     """The null variant's input: the prompt with m copies of the anchor (the mean token embedding) where
     C goes; with gamma = 0 it is exactly the "with C" input, and never the zero-slot input."""
     from train.evaluate import _eval_inputs
-    from train.loop import build_models, load_data
+    from train.setup import build_models, load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", **STABLE))
     data = load_data(cfg, tiny_cache)

@@ -77,12 +77,12 @@ class StubSamplingParams:
 @pytest.fixture
 def stub_vllm(monkeypatch):
     import pipeline.extract
-    import train.loop
+    import train.setup
 
     fake = types.ModuleType("vllm")
     fake.LLM, fake.SamplingParams = StubLLM, StubSamplingParams
     monkeypatch.setitem(sys.modules, "vllm", fake)
-    for mod in (pipeline.extract, train.loop):  # the GPU check: this CPU stands in for one
+    for mod in (pipeline.extract, train.setup):  # the GPU check: this CPU stands in for one
         monkeypatch.setattr(mod, "require_vllm", lambda what: None)
     StubLLM.instances = []
     return StubLLM

@@ -6,7 +6,7 @@ A condition is what the policy reads: "with" C, "without" C (no context slots, F
 paper's validation accuracy) or K samples at a temperature (mean@K, pass@K).
 
 `musk train` calls `evaluate` every test_freq / curve_freq steps (eval.jsonl gets the aggregate,
-eval_records.jsonl the records, completions.jsonl a few side by side); `musk eval` (train/eval_command.py)
+eval_records.jsonl the records, completions.jsonl a few side by side); `musk eval` (train/evaluate_run.py)
 calls `condition_records` on a saved run under any condition.
 """
 

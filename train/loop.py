@@ -1,11 +1,17 @@
 """`musk train`: GRPO over cached expert features. No expert is loaded.
 
+The file reads top to bottom as the paper's loop (GRPO on Eq. 4's KL-regularised objective):
+`generate_trajectory` samples G completions per prompt and scores them (rewards, group advantages ->
+a typed `Rollouts`), `grpo_step` takes the reference's and the policy's log-probs, the loss and its
+backward, `train_step` runs the micro-batches of one optimizer step and the AdamW update, `train_loop`
+evaluates and checkpoints between steps, and `run_train` at the bottom wires the parts.
+
 One optimizer step = gradient_accumulation_steps micro-batches of train_batch_size prompts, each
 prompt sampled group_size times (num_iterations > 1: that many AdamW updates on the same rollouts).
-A micro-batch is two named steps, as in torchtune's GRPO recipe:
-`generate_trajectory` (context tokens, rollouts, rewards, advantages -> a typed `Rollouts`) and
-`grpo_step` (reference and policy log-probs, loss, backward). The maths (advantages, loss, Eq. 15)
-live in train/grpo.py; `run_train` at the bottom wires the parts and reads top to bottom.
+The parts beside it: the maths (advantages, loss, Eq. 15) in train/grpo.py; the run's data, folder and
+models in train/setup.py; `Rollouts` and dynamic sampling in train/rollouts.py; the update (warmup,
+clipping, the non-finite guard) in train/optim.py; the metrics, completions and summary records in
+train/records.py; the evaluations in train/evaluate.py.
 """
 
 from __future__ import annotations
@@ -24,44 +30,27 @@ from cache.run_folder import COMPLETIONS, EVAL, METRICS, RunFolder
 from core import dist
 from core.atomic import atomic_path
 from core.errors import MuskError
-from core.hashing import sha256_of
 from pipeline.experts import resolve_device, resolve_dtype
 from pipeline.generation import decode, sample
 from pipeline.vllm_engine import sample_from_embeds, sync_weights
 from train import checkpoint as ckpt
-from pipeline.rewards import SCORER_ERRORS, score
+from pipeline.rewards import score
 from train.adapters import method_info, save_adapter
 from train.config import TrainConfig, advantage_scale
-from train.evaluate import evaluate, rollout_diagnostics, truncated
-from train.grpo import group_advantages, grpo_loss, informative_groups, routing_stats, sampler_gap, truncated_rows
+from train.evaluate import evaluate
+from train.grpo import group_advantages, grpo_loss, sampler_gap, truncated_rows
 from train.inputs import decode_merged, rollout_inputs
+from train.optim import _NonFinite, _set_lr, update
 from train.policy import (check_policy, completion_logprobs, merged_lora, merged_lora_weights,
                           policy_spec, save_policy)
-from train.setup import (CachedFeatures, FeatureSource, Models, RunData, _data_order,  # noqa: F401  (re-exported)
-                         build_models, load_data, micro_batches_per_rank, open_run)
+from train.records import _micro_stats, _step_record, _summary, _update_record, completion_records
+from train.rollouts import Rollouts, draw_informative, micro_seed
+from train.setup import (FeatureSource, Models, RunData, _data_order, build_models, load_data,
+                         micro_batches_per_rank, open_run)
 from train.trackers import Trackers
 
 # ---------------------------------------------------------------------------------------------
 # One micro-batch: generate_trajectory, then grpo_step.
-
-
-class Rollouts(NamedTuple):
-    """A micro-batch of B prompts x G completions, rows of one prompt contiguous."""
-
-    idx: list[int]  # [B] cache rows
-    embeds: torch.Tensor  # [B*G, P+m, d] the policy's input, C spliced in (differentiable into g_phi)
-    ref_embeds: torch.Tensor  # [B*G, P+m, d] the reference's input: C with its gate closed (null_context)
-    mask: torch.Tensor  # [B*G, P+m]
-    tokens: torch.Tensor  # [B*G, T] completions (pad after EOS)
-    live: torch.Tensor  # [B*G, T] 1 through the first EOS
-    texts: list[str]  # [B*G] decoded completions
-    rewards: torch.Tensor  # [B*G]
-    advantages: torch.Tensor  # [B*G]
-    frac_zero_std: float
-    attention: torch.Tensor | None  # [B, m, n]
-    choice: torch.Tensor | None  # [B] the expert hard-routing ran
-    policy_prompt_tokens: int  # prompt tokens the policy read, C included (cost accounting)
-    sampler_logp: torch.Tensor | None = None  # [B*G, T] the sampler's log-probs of its tokens (musk's decoder)
 
 
 def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
@@ -95,67 +84,6 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     return Rollouts(idx, e_in, ref_e, m_in, tokens, live, texts, rewards, adv.advantages.to(device), adv.frac_zero_std,
                     ctx.attention.detach() if ctx.attention is not None else None, ctx.choice,
                     int(m_in.sum()), sampler_logp)
-
-
-def cat_groups(parts: list[tuple[Rollouts, list[int]]], G: int, pad_id: int) -> Rollouts:
-    """One micro-batch of the groups `b` picked from each Rollouts, in order. Prompts are left padded
-    to the longest (pads are masked and positions skip them: the same log-probs), completions right
-    padded (pad id, live 0, sampler log-prob 0). Advantages are the caller's to recompute."""
-    L = max(ro.embeds.shape[1] for ro, _ in parts)
-    T = max(ro.tokens.shape[1] for ro, _ in parts)
-
-    def rows(groups):
-        return torch.tensor([b * G + j for b in groups for j in range(G)], dtype=torch.long)
-
-    def left(x, r):  # [n, l, ...] -> [n, L, ...], zeros in front
-        x = x[r.to(x.device)]
-        return torch.cat([x.new_zeros((x.shape[0], L - x.shape[1], *x.shape[2:])), x], 1)
-
-    def right(x, r, fill):  # [n, t] -> [n, T], `fill` behind
-        x = x[r.to(x.device)]
-        return torch.cat([x, x.new_full((x.shape[0], T - x.shape[1]), fill)], 1)
-
-    def cat(get):
-        got = [get(ro, g, rows(g)) for ro, g in parts]
-        return None if got[0] is None else torch.cat(got)
-
-    mask = cat(lambda ro, g, r: left(ro.mask, r))
-    return Rollouts(
-        idx=[ro.idx[b] for ro, g in parts for b in g],
-        embeds=cat(lambda ro, g, r: left(ro.embeds, r)), ref_embeds=cat(lambda ro, g, r: left(ro.ref_embeds, r)),
-        mask=mask, tokens=cat(lambda ro, g, r: right(ro.tokens, r, pad_id)), live=cat(lambda ro, g, r: right(ro.live, r, 0)),
-        texts=[ro.texts[i] for ro, g in parts for i in rows(g).tolist()], rewards=cat(lambda ro, g, r: ro.rewards[r]),
-        advantages=cat(lambda ro, g, r: ro.advantages[r.to(ro.advantages.device)]), frac_zero_std=0.0,
-        attention=cat(lambda ro, g, r: None if ro.attention is None else ro.attention[g]),
-        choice=cat(lambda ro, g, r: None if ro.choice is None else ro.choice[g]), policy_prompt_tokens=int(mask.sum()),
-        sampler_logp=cat(lambda ro, g, r: None if ro.sampler_logp is None else right(ro.sampler_logp, r, 0.0)))
-
-
-def draw_informative(cfg: TrainConfig, m: Models, data: RunData, first: Rollouts, more, device: str,
-                     timing: dict) -> tuple[Rollouts, dict]:
-    """filter_groups (DAPO's dynamic sampling, verl's filter_groups): keep the groups of `first` whose
-    rewards differ, and draw rounds of B more prompts (`more(r)`: the cache rows of round r) until B
-    informative groups are kept or filter_groups_max_rounds rounds are spent; at the cap, the last
-    round's uninformative groups fill the micro-batch. Advantages are recomputed over the kept batch
-    (scale_rewards batch: its std). Returns (the micro-batch, {rounds, drawn, kept, reward_sum})."""
-    B, G = len(first.idx), cfg.group_size
-    parts, kept, ro, rounds, reward_sum = [], 0, first, 1, 0.0
-    while True:
-        ok = informative_groups(ro.rewards, G).tolist()  # [B]
-        reward_sum += float(ro.rewards.sum())
-        take = [b for b in range(B) if ok[b]][: B - kept]
-        parts.append((ro, take))
-        kept += len(take)
-        if kept == B or rounds == cfg.filter_groups_max_rounds:
-            break
-        ro = generate_trajectory(cfg, m, data, more(rounds), device, timing)
-        rounds += 1
-    if kept < B:  # at the cap: the micro-batch keeps its size, its remaining groups have advantage 0
-        parts[-1] = (ro, sorted(parts[-1][1] + [b for b in range(B) if not ok[b]][: B - kept]))
-    out = cat_groups([(r, g) for r, g in parts if g], G, m.tok.pad_token_id)
-    adv = group_advantages(out.rewards, G, cfg.std_floor, advantage_scale(cfg))
-    out = out._replace(advantages=adv.advantages.to(device), frac_zero_std=adv.frac_zero_std)
-    return out, {"rounds": rounds, "drawn": rounds * B, "kept": kept, "reward_sum": reward_sum}
 
 
 class OldLogps(NamedTuple):
@@ -246,91 +174,6 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
 # One optimizer step and its metrics record.
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> None:
-    """Linear warmup: warmup_steps for the policy's group, each group's own `warmup` on top."""
-    for g in optimizer.param_groups:
-        w = max(warmup_steps, g.get("warmup", 0))
-        g["lr"] = g["base_lr"] * (min(1.0, step / w) if w else 1.0)
-
-
-def completion_records(cfg: TrainConfig, data: RunData, step: int, ro: Rollouts, prompts: int) -> list[dict]:
-    """The first `prompts` prompts of a micro-batch with their G completions, rewards, advantages and
-    (context methods) the prompt's expert attention row [m][n] (completions.jsonl)."""
-    G, out = cfg.group_size, []
-    for b, i in enumerate(ro.idx[:prompts]):
-        rows = range(b * G, (b + 1) * G)
-        rec = {"step": step, "kind": "train", "prompt": data.prompts["text"][i], "answer": data.prompts["answer"][i],
-               "completions": [ro.texts[r] for r in rows], "rewards": [float(ro.rewards[r]) for r in rows],
-               "advantages": [float(ro.advantages[r]) for r in rows]}
-        if ro.attention is not None:
-            rec["attention"] = ro.attention[b].float().cpu().tolist()
-        out.append(rec)
-    return out
-
-
-def micro_seed(seed: int, step: int, g: int) -> int:
-    """Seed of the global micro-batch g of `step`: sampling does not depend on which rank runs it, so
-    W ranks x k micro-batches draw what one process with W*k micro-batches draws (and resume is exact)."""
-    return (seed * 1_000_003 + step * 1009 + g) % 2**63
-
-
-def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
-    """What one micro-batch contributes to the step's metrics (plain numbers: ranks exchange them)."""
-    st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
-          "kl": out.kl_token_sum / max(1.0, out.loss_tokens), "tokens": int(ro.live.sum()),
-          "loss_tokens": out.loss_tokens,
-          "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
-          "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens},
-          "scorer_errors": SCORER_ERRORS.take(),  # verifier exceptions (scored 0) since the last micro-batch
-          "lengths": ro.live.sum(1).tolist(), "truncated": truncated(ro.tokens, ro.live, m.eos).tolist(),
-          "tasks": [data.prompts["task"][i] for i in idx for _ in range(cfg.group_size)],
-          "clip": out.clip_token_sum, "entropy": out.entropy_token_sum, "sampler": out.sampler}
-    if data.prompt_tokens is not None:
-        hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
-        choice = ro.choice.cpu().numpy() if ro.choice is not None else None
-        st["cost"].update(method.cost(data.prompt_tokens[:, idx], hint, choice))
-    return st
-
-
-def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad_norm: float, dt: float,
-                 timing: dict, device: str) -> dict:
-    r = torch.tensor([x for st in stats for x in st["rewards"]])
-    n_tokens = sum(st["tokens"] for st in stats)
-    cost: dict[str, float] = {}
-    for st in stats:
-        for k, v in st["cost"].items():
-            cost[k] = cost.get(k, 0) + v
-    rec = {
-        "step": step, "reward/mean": float(r.mean()), "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
-        "accuracy": float((r >= 1.0).float().mean()), "kl": float(np.mean([st["kl"] for st in stats])),
-        "loss": float(np.mean([st["loss"] for st in stats])), "grad_norm": grad_norm,
-        "lr": m.optimizer.param_groups[0]["lr"], "frac_reward_zero_std": float(np.mean([st["zero_std"] for st in stats])),
-        "step_seconds": dt, "tokens_per_second": n_tokens / dt, "completion_tokens": n_tokens,
-        "reward/scorer_errors": sum(st["scorer_errors"] for st in stats),
-        **{f"time/{k}": v for k, v in timing.items()}, **cost,
-        **rollout_diagnostics([x for st in stats for x in st["lengths"]], [x for st in stats for x in st["truncated"]],
-                              r.tolist(), [x for st in stats for x in st["tasks"]]),
-    }
-    gaps = [st["sampler"] for st in stats if st.get("sampler") is not None]
-    if gaps and n_tokens:  # token-weighted means over the step; the max over it
-        for k in ("gap", "abs_gap", "truncated"):
-            rec[f"sampler/logprob_{k}" if k != "truncated" else "sampler/tis_truncated"] = sum(g[k] for g in gaps) / n_tokens
-        rec["sampler/logprob_max_abs_gap"] = max(g["max_abs_gap"] for g in gaps)
-    if len(m.optimizer.param_groups) > 1:
-        rec["router_lr"] = m.optimizer.param_groups[1]["lr"]
-    out = getattr(m.adapter, "out", None)
-    if out is not None and out.gate_value() is not None:
-        rec["context/gate"] = out.gate_value()
-    if device.startswith("cuda"):
-        rec["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    attn = [torch.tensor(st["attention"]) for st in stats if st["attention"] is not None]
-    if attn:
-        rs = routing_stats(torch.cat(attn))
-        rec.update({"routing/entropy": rs.entropy, "routing/utilization": rs.utilization,
-                    "routing/attention": rs.attention})
-    return rec
-
-
 def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str,
                run: RunFolder | None = None) -> tuple[dict, int]:
     """gradient_accumulation_steps (A) micro-batches in all, A / W on each of the W ranks (W = 1 without
@@ -357,7 +200,8 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
         ro = generate_trajectory(cfg, m, data, idx, device, timing)
         drew = None
         if cfg.filter_groups:  # dynamic sampling: informative groups only, further rounds drawn
-            ro, drew = draw_informative(cfg, m, data, ro, prompts, device, timing)
+            ro, drew = draw_informative(cfg, ro, lambda r: generate_trajectory(cfg, m, data, prompts(r), device, timing),
+                                        m.tok.pad_token_id, device)
             idx = ro.idx
         out = grpo_step(cfg, m, ro, timing)
         if out.old is not None:
@@ -403,85 +247,8 @@ def _pass_stats(out: StepOut, ro: Rollouts) -> dict:
             "loss_tokens": out.loss_tokens, "entropy": out.entropy_token_sum, "tokens": int(ro.live.sum())}
 
 
-def _update_record(cfg: TrainConfig, updates: list[list[dict]], norms: list[tuple[float, dict]]) -> dict:
-    """The per-update statistics over every update of the step (num_iterations of them): with one pass
-    the ratio pi / pi_old is exactly 1 and the clip cannot act, so a first-pass clip_frac reads 0.
-
-    clip_frac: clipped tokens / loss tokens (both the tokens the loss counts, mask_truncated_completions
-    applied), summed over updates; policy/entropy: token mean over every update's live tokens; kl: the
-    mean over updates of the micro-batch means. loss and grad_norm stay the first update's (what the
-    sampled rollouts gave, comparable across num_iterations); with several updates their means over
-    updates are added (updates/loss_mean, updates/grad_norm_mean).
-    updates: [num_iterations][micro-batches] of stats dicts; norms: `update`'s return, one per update."""
-    flat = [st for u in updates for st in u]
-    rec = {"clip_frac": sum(st["clip"] for st in flat) / max(1.0, sum(st["loss_tokens"] for st in flat)),
-           "policy/entropy": sum(st["entropy"] for st in flat) / max(1, sum(st["tokens"] for st in flat)),
-           "kl": float(np.mean([np.mean([st["kl"] for st in u]) for u in updates]))}
-    if len(updates) > 1:
-        rec["updates/loss_mean"] = float(np.mean([np.mean([st["loss"] for st in u]) for u in updates]))
-        rec["updates/grad_norm_mean"] = float(np.mean([n for n, _ in norms]))
-    return rec
-
-
-def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float, it: int = 0) -> tuple[float, dict]:
-    """One AdamW update on the accumulated gradients: sum over ranks, dapo's token sums divided by the
-    step's loss tokens (all ranks), clip. A non-finite loss or norm raises _NonFinite before the update.
-    it: the pass over the step's rollouts (0 the first). Returns clip_gradients' (global norm, {group: norm})."""
-    dist.sum_grads(m.trainable)
-    if cfg.loss_type == "dapo":
-        for p in m.trainable:
-            if p.grad is not None:
-                p.grad.div_(max(step_tokens, 1.0))
-    grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
-    if not math.isfinite(loss) or not math.isfinite(grad_norm):
-        m.optimizer.zero_grad(set_to_none=True)
-        raise _NonFinite(loss, grad_norm, it)
-    m.optimizer.step()
-    return grad_norm, group_norms
-
-
-def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str) -> tuple[float, dict]:
-    """Clip to max_norm over all trainable tensors together (global: one norm, as verl and TRL clip) or
-    per optimizer group (per-group: LoRA, g_phi and the gate each get their own budget). Why per-group:
-    under the rms gate C = tanh(gamma) k s C_raw / rms(C_raw) divides by a small rms(C_raw) at init,
-    so g_phi's gradient norm reached 10^2-10^3 on the embedded default while the LoRA's was below 1;
-    a global clip then divides the LoRA's update by that much on those steps.
-    Returns (the global norm before clipping, {group name: its norm})."""
-    groups = [(g.get("name", str(i)), [p for p in g["params"] if p.grad is not None])
-              for i, g in enumerate(optimizer.param_groups)]
-    norms = {name: float(torch.nn.utils.get_total_norm([p.grad for p in ps])) if ps else 0.0 for name, ps in groups}
-    total = math.sqrt(sum(v * v for v in norms.values()))
-    if scope == "global":
-        torch.nn.utils.clip_grads_with_norm_([p for _, ps in groups for p in ps], max_norm, torch.tensor(total))
-    else:
-        for name, ps in groups:
-            if ps:
-                torch.nn.utils.clip_grads_with_norm_(ps, max_norm, torch.tensor(norms[name]))
-    return total, norms
-
-
-class _NonFinite(Exception):
-    def __init__(self, loss: float, grad_norm: float, it: int = 0):
-        self.loss, self.grad_norm, self.it = loss, grad_norm, it  # it > 0: earlier passes already updated
-
-
 # ---------------------------------------------------------------------------------------------
-
-
-def _summary(cfg: TrainConfig, data: RunData, resolved: dict, final_step: int, last_eval: dict, m: Models) -> dict:
-    return {
-        "method": cfg.method, "team": data.experts, "task_family": data.family, "seed": cfg.seed,
-        "steps": final_step, "final_val_accuracy": last_eval.get("accuracy"),
-        "final_val_accuracy_without_context": last_eval.get("accuracy_without_context"),
-        "final_val_accuracy_null_context": last_eval.get("accuracy_null_context"),
-        "eval_n": last_eval.get("n"), "pooling": cfg.pooling, "pooling_draw": data.pooling_draw,
-        "num_latents": cfg.num_latents, "policy": cfg.policy, "cache_fingerprint": data.cache_fingerprint,
-        "prompt_set": data.prompt_set, "dtype": resolved.get("dtype_resolved"),
-        "config_fingerprint": sha256_of(resolved), "group_size": cfg.group_size,
-        "train_batch_size": cfg.train_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "max_new_tokens": cfg.max_new_tokens, "context_position": cfg.context_position,
-        "context_gate": cfg.context_gate, "context_anchor": cfg.context_anchor, "context_scale": m.scale,
-    }
+# The run: steps, evaluations between them, checkpoints, final artefacts.
 
 
 def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start: tuple[int, int], device: str,

@@ -3,12 +3,12 @@ folder, that a rerun of the same command completes.
 
 A grid file (SPEC "musk sweep"; docs/sweeps.md) names caches, train presets, methods, seeds, a `grid`
 of KEY -> values (their product is taken) and `set` overrides for every run; `also` adds further grids
-made of the same keys. `plan_sweep` (train/sweep_grid.py) expands it into cells, types every cell
+made of the same keys. `plan_sweep` (sweep/grid.py) expands it into cells, types every cell
 against TrainConfig (the same check as `musk train --set`), checks its cache and what its folder
 already holds, all before any run starts. `run_sweep` then starts the cells that are not finished as child processes
-`musk train ... --set KEY=VALUE [--resume]` through an executor (train/sweep_exec.py: local lanes or a
+`musk train ... --set KEY=VALUE [--resume]` through an executor (sweep/executors.py: local lanes or a
 Ray cluster) and prints one line per step and evaluation of each run from its metrics.jsonl and
-eval.jsonl (train/sweep_watch.py).
+eval.jsonl (sweep/watch.py).
 
 Cell states: todo (nothing in its folder), resume (a config.yaml without a finished summary: killed
 or failed; restarted with --resume from its last checkpoint), done (summary.json at the cell's
@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 from cache.run_folder import METRICS, RunFolder
 from core.errors import MuskError
-from train.sweep_grid import LOGS, Cell, plan_sweep, train_command, write_resolved
+from sweep.grid import LOGS, Cell, plan_sweep, train_command, write_resolved
 
 LOCK = "sweep.lock"  # <sweep>/sweep.lock: held by the musk sweep that drives the folder
 
@@ -103,7 +103,7 @@ def measure_step_seconds(cells: list[Cell], threads: int, entry: list[str] | Non
 
 def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds: float | None,
                measured_now: dict[str, float] | None = None, step_source: str | None = None) -> list[str]:
-    from train.sweep_watch import duration
+    from sweep.watch import duration
 
     states = {s: [c for c in cells if c.state == s] for s in ("done", "resume", "todo", "no-cache", "blocked")}
     lines = [f"sweep {folder}: {len(cells)} runs: {len(states['done'])} finished, {len(states['resume'])} "
@@ -189,7 +189,7 @@ def _last_line(log: Path) -> str:
 
 
 def make_executor(executor: str, lanes: int, threads: int | None, address: str | None, gpus_per_run: float | None):
-    from train import sweep_exec
+    from sweep import executors as sweep_exec
 
     if executor == "local":
         return sweep_exec.LocalExecutor(sweep_exec.lane_plan(lanes, sweep_exec.usable_cpus(), sweep_exec.visible_gpus(),
@@ -219,7 +219,7 @@ def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lane
         now = None
         methods = {c.method for c in cells if c.state in ("todo", "resume")}
         if measure and step_seconds is None and methods:
-            from train.sweep_exec import usable_cpus
+            from sweep.executors import usable_cpus
 
             n = threads or max(1, usable_cpus() // lanes)
             log(f"measuring the step time of {len(methods)} method(s) here ({MEASURE_STEPS} steps each, "
@@ -290,8 +290,8 @@ def sweep_lock(folder: Path):
 def _drive(ex, folder: Path, pending: list[Cell], finished: list, failed: list, quiet: float, poll: float,
            entry: list[str] | None, log, configs: dict) -> None:
     """Start cells while the executor has room, print their progress, record how each ended."""
-    from train.sweep_exec import Job
-    from train.sweep_watch import RunWatcher, duration
+    from sweep.executors import Job
+    from sweep.watch import RunWatcher, duration
 
     (folder / LOGS).mkdir(parents=True, exist_ok=True)
     running: dict[str, tuple[Cell, RunWatcher, float]] = {}

@@ -2,7 +2,7 @@
 
 An executor starts jobs (one `musk train` child process each, its output appended to its log file),
 says how many more it can take now (`capacity`) and which have ended (`poll`, with exit codes). The
-sweep (train/sweep.py) decides what to run; an executor only places it.
+sweep (sweep/runner.py) decides what to run; an executor only places it.
 
 - LocalExecutor: K lanes. Each lane gets its share of the CPU threads (`--threads`, OMP_NUM_THREADS)
   and, where GPUs are visible, a GPU of its own (CUDA_VISIBLE_DEVICES), so two runs never share cores
