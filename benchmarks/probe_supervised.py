@@ -35,9 +35,9 @@ from core.machine import cpu_name  # noqa: E402
 from pipeline.experts import resolve_device, resolve_dtype  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 from train.evaluate import Condition, condition_records  # noqa: E402
-from train.eval_command import shuffled  # noqa: E402
+from train.evaluate_run import shuffled  # noqa: E402
 from train.inputs import ExpertView, policy_inputs  # noqa: E402
-from train.loop import _set_lr, clip_gradients  # noqa: E402
+from train.optim import _set_lr, clip_gradients  # noqa: E402
 from train.policy import completion_logprobs  # noqa: E402
 from train.setup import build_models, load_data  # noqa: E402
 
