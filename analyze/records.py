@@ -261,6 +261,7 @@ def ablation_table(runs: list[Run]) -> Table:
     "seeds" counts runs."""
     groups, folders = _eval_runs(runs)
     singles = {(k[0], k[4]): v for k, v in groups.items() if k[1] == "single"}  # (family, setting) -> runs
+    seed_of = {r.name: r.config.get("seed") for r in runs}
     rows, raw, used, missing_single = [], [], [], False
     for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], str(k))):
         family, method, team, _, setting = key
@@ -273,18 +274,20 @@ def ablation_table(runs: list[Run]) -> Table:
             ab = [per_prompt(members[n][cond], cond) for n in have]
             with_c = [per_prompt(members[n]["with"], "with") for n in have]
             d_with, f_with = seeds_cell(ab, with_c, paired_seeds=True)
+            per_seed = "; ".join(f"seed {seed_of.get(n)}: {paired_cell(a_, w_)[0]}"
+                                 for n, a_, w_ in zip(have, ab, with_c)) if len(have) > 1 else "—"
             sg = [per_prompt(single[n]["with"], "with") for n in sorted(single) if "with" in single[n]]
             d_single, f_single = seeds_cell(ab, sg) if sg else ("—", {})
             missing_single |= not sg
             label = f"{family} / {method} / {', '.join(team)} / {cond} [{_setting_label(setting)}]"
             if any(lbl == label for lbl, _ in rows):  # settings that print alike (e.g. unrecorded): name folders
                 label += f" ({', '.join(folders[key])})"
-            rows.append((label, [str(len(have)), _pct_runs(with_c), _pct_runs(ab), d_with, d_single]))
+            rows.append((label, [str(len(have)), _pct_runs(with_c), _pct_runs(ab), d_with, d_single, per_seed]))
             raw.append({"setting": label, "runs": ";".join(have), "seeds": len(have), "folders": ";".join(folders[key]),
                         **dict(zip(EVAL_SETTING, setting)), "acc_with": _mean_runs(with_c),
                         "acc_ablated": _mean_runs(ab), "unit": UNIT,
                         **{f"vs_with_{k}": v for k, v in f_with.items()},
-                        **{f"vs_single_{k}": v for k, v in f_single.items()}})
+                        **{f"vs_single_{k}": v for k, v in f_single.items()}, "vs_with_per_seed": per_seed})
         used += [r for r in runs if r.name in names]
     note = (CI_NOTE + " From `musk eval --ablate` folders (RUN/eval/*): drop removes the expert's token before "
             "g_phi mixes them, shuffle gives it another evaluated question's features, only keeps it alone. A row "
@@ -295,7 +298,8 @@ def ablation_table(runs: list[Run]) -> Table:
     if not rows:
         note = "No `musk eval --ablate` folder beside the runs: run `musk eval RUN --ablate drop:NAME` to fill this."
     return Table(f"Expert ablations: accuracy (%, over {UNIT}) and paired change (points, 95% interval)",
-                 ["seeds", "acc with all experts", "acc ablated", "ablated − with", "ablated − single"], rows, raw,
+                 ["seeds", "acc with all experts", "acc ablated", "ablated − with", "ablated − single",
+                  "ablated − with, per seed (paired over questions; † conditional on that seed's weights)"], rows, raw,
                  used, note)
 
 

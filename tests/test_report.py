@@ -629,10 +629,28 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
     label = "arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"
     assert dict(t.rows)[label] == [
         "1", "75.0 (1 run, 4 distinct questions)", "50.0 (1 run, 4 distinct questions)",
-        "-25.0 [-75.0, +0.0]† (1 seed, 4 distinct questions)", "+0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)"]
+        "-25.0 [-75.0, +0.0]† (1 seed, 4 distinct questions)", "+0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)",
+        "—"]  # one seed: its interval is the pooled one
     r = dict(routing_table(runs).rows)
     assert r["arithmetic / perceiver / all"] == ["1", "math: 0.350, code: 0.325, general: 0.325"]
     assert r["arithmetic / perceiver / t1"] == ["1", "math: 0.500, code: 0.350, general: 0.150"]
+
+
+def test_ablation_table_gives_each_seed_its_own_paired_change(tmp_path):
+    """Content controls per seed: seed 0 loses question 0 under the shuffle (-25 points), seed 1 loses
+    nothing (+0.0, a zero-width interval); the pooled cell resamples both seeds."""
+    from analyze.records import ablation_table
+
+    root = tmp_path / "ab3"
+    for s, (with_c, shuffled) in enumerate((([1, 1, 1, 0], [0, 1, 1, 0]), ([1, 1, 0, 0], [1, 1, 0, 0]))):
+        ev = _eval_folder(make_run(root, f"p{s}", seed=s), "final-val")
+        _records(ev, with_c, name="records.jsonl")
+        _records(ev, shuffled, condition="shuffle:math", name="records.jsonl")
+    row = dict(ablation_table(load_runs([root])).rows)[
+        "arithmetic / perceiver / math, code, general / shuffle:math [val, final, float32, greedy, 4 prompts]"]
+    assert row[0] == "2" and row[3].endswith("(2 seeds, 4 distinct questions)")
+    assert row[5] == ("seed 0: -25.0 [-75.0, +0.0]† (1 v 1 seed, 4 distinct questions); "
+                      "seed 1: +0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)")
 
 
 def test_table1_per_dataset_from_records(tmp_path):
