@@ -36,7 +36,8 @@ def test_evidence_script_on_a_tiny_run(tiny_cache, tiny_policy, tmp_path):
     for cond in ("drop:tiny-llama", "shuffle:tiny-gpt2"):
         assert f"tiny / perceiver / tiny-llama, tiny-gpt2 / {cond}" in ablations.replace("easy-arithmetic", "tiny")
     row = next(ln for ln in ablations.splitlines() if "/ shuffle:tiny-gpt2" in ln)
-    assert row.rstrip(" |").split("|")[-1].strip() not in ("", "—"), row  # ablated − single has single's folder
+    cells = [c.strip() for c in row.split("|")[1:-1]]  # label, seeds, acc with, acc ablated, − with, − single, ...
+    assert cells[5] not in ("", "—") and "1 v 1 seed" in cells[5], row  # ablated − single has single's folder
     paired = (rep / "paired.md").read_text()
     assert "perceiver − single" in paired and "perceiver − prefix" in paired and "3 distinct questions)" in ablations
     assert "Expert ablations" in res.stdout and "Paired differences" in res.stdout
