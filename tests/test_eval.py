@@ -276,6 +276,10 @@ def test_eval_samples_give_pass_at_k_and_checkpoints_load(tiny_run, tmp_path):
     assert "accuracy" not in c
     default = _eval(tiny_run, "--limit", "1")
     assert default[0] == 0 and (tiny_run / "eval" / "final-val" / "summary.json").exists()
+    # another dtype gets its own default folder instead of a refusal by the run's own one
+    other = _eval(tiny_run, "--limit", "1", "--dtype", "bfloat16", "--context", "with")
+    assert other[0] == 0, other[1]
+    assert json.loads((tiny_run / "eval" / "final-val-bfloat16" / "summary.json").read_text())["dtype"] == "bfloat16"
 
 
 @pytest.mark.parametrize("args,message", [

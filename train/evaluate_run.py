@@ -64,7 +64,15 @@ class EvalRequest:
 
 
 def default_out(req: EvalRequest) -> Path:
+    """RUN/eval/<checkpoint>-<split>[-<ablations>][-<dtype>][-samples<K>-t<T>]: a dtype or a sampled
+    decoding asked for names its own folder, so evaluating a run again in float32, or sampled, does not
+    collide with (and is not refused by) the default folder of the run's own dtype, greedy. (--limit
+    keeps the name: a folder with another limit is refused, naming the setting.)"""
     tail = "".join("-" + a.replace(":", "_") for a in req.ablations or ())
+    if req.dtype != "run":
+        tail += f"-{req.dtype}"
+    if req.samples != 1 or req.temperature is not None:
+        tail += f"-samples{req.samples}" + (f"-t{req.temperature:g}" if req.temperature is not None else "")
     return Path(req.run) / EVAL_DIR / f"{req.checkpoint}-{req.split}{tail}"
 
 
