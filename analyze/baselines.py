@@ -134,7 +134,11 @@ def run_baselines(runs: list[Run]) -> tuple[dict[tuple, TeamBaselines], list[str
                 fp_ok = c.fingerprint == r.config.get("cache_fingerprint", c.fingerprint)
             if not fp_ok:
                 raise MuskError(f"cache {path!r} was rebuilt after run {r.name} read it")
-            out[key] = team_baselines(Path(path), r.team or None, r.family)
+            b = team_baselines(Path(path), r.team or None, r.family)
+            # a run without experts (single, prefix) is compared with the cache's team: one object under
+            # both keys, so the team's rows are made once
+            out[key] = next((v for k, v in out.items() if k[:2] == key[:2] and v.team == b.team), b)
+            out.setdefault((r.family, str(path), b.team), out[key])
         except MuskError as e:
             notes.append(f"{r.family} ({r.name}): {e}")
     return out, sorted(set(notes))
@@ -150,13 +154,14 @@ def extend_table1(t1: Table, runs: list[Run]) -> Table:
     found, notes = run_baselines(runs)
     if not found and not notes:
         return t1
-    teams = sorted({(k[2], k[1]) for k in found})
-    several = len({k[2] for k in found}) > 1
+    teams = sorted({(b.team, b.cache) for b in found.values()})
+    several = len({b.team for b in found.values()}) > 1
     best_of: dict[str, float] = {}
     for (team, cache) in teams:
         per_col = []
         for head in t1.columns:
-            b = next((v for k, v in found.items() if k[0] == _column_family(head) and k[2] == team and k[1] == cache), None)
+            b = next((v for k, v in found.items() if k[0] == _column_family(head) and v.team == team and k[1] == cache),
+                     None)
             per_col.append({label: (acc, b) for label, acc in baseline_rows(b)} if b else {})
             if b:
                 best_of[head] = max(best_of.get(head, -1.0), float(b.solo[b.best].mean()))

@@ -77,7 +77,7 @@ def test_team_baselines_hand_built(tiny_cache, tmp_path):
         team_baselines(tiny_cache, ("tiny-llama",))
 
 
-def _run(tmp_path, name, cache, method, acc, records=None):
+def _run(tmp_path, name, cache, method, acc, records=None, experts=("tiny-llama", "tiny-gpt2")):
     d = tmp_path / name
     d.mkdir()
     if records is not None:
@@ -85,7 +85,7 @@ def _run(tmp_path, name, cache, method, acc, records=None):
     with Cache(cache) as c:
         fp = c.fingerprint
     cfg = {"method": method, "seed": 0, "cache": str(cache), "cache_fingerprint": fp, "task_family": "easy-arithmetic",
-           "experts": ["tiny-llama", "tiny-gpt2"]}
+           "experts": list(experts) if experts else None}
     return Run(name, d, cfg, {"final_val_accuracy": acc, "steps": 3}, pl.DataFrame(), pl.DataFrame())
 
 
@@ -112,6 +112,23 @@ def test_table1_gains_baselines_and_marks_below(tiny_cache, tmp_path):
     assert p.raw[0]["n"] == 4
     cost = solo_cost_table(runs)
     assert [r[1][:4] for r in cost.rows] == [["3.0", "48", "1.5", "decode"]] * 2
+
+
+def test_runs_without_experts_share_the_caches_team_rows(tiny_cache, tmp_path):
+    """single and prefix read no experts: their cache's team gives the baselines once (no second set of
+    rows under an empty team), and single is paired with that team's best expert."""
+    import hashlib
+
+    path, val = _hand_built(tiny_cache, tmp_path)
+    with Cache(path) as c:
+        texts = c.prompts()["text"]
+    recs = [{"step": 3, "kind": "full", "condition": "with", "task": "t", "prompt": int(i), "correct": 1.0,
+             "question_sha": hashlib.sha256(texts[i].encode()).hexdigest()[:16]} for i in val]
+    runs = [_run(tmp_path, "p", path, "perceiver", 0.10, recs), _run(tmp_path, "s", path, "single", 0.30, recs, None)]
+    labels = [label for label, _ in extend_table1(table1(runs), runs).rows]
+    assert sum(lbl.startswith("best expert alone") for lbl in labels) == 1 and not any("[team" in x for x in labels)
+    paired = [label for label, _ in paired_best_expert(runs).rows]
+    assert any(lbl.startswith("single (") and lbl.endswith("best expert (tiny-llama)") for lbl in paired), paired
 
 
 def test_missing_cache_is_missing_not_zero(tiny_cache, tmp_path):
