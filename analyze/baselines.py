@@ -214,14 +214,15 @@ def paired_best_expert(runs: list[Run]) -> Table:
         if b is None or not recs:
             continue
         best = dict(zip(b.question_sha, b.solo[b.best].tolist()))  # the expert's greedy answer: no seed
-        txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best])
+        txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best], fixed_b=True)
         label = f"{method} ({dtype}) − best expert ({b.best})"
         rows.setdefault(label, ["—"] * len(families))[families.index(family)] = txt
         raw.append({"comparison": label, "family": family, **fields})
         used += rs
     note = ("Paired over the held-out prompts both scored (question digest): a method's greedy accuracy minus the "
             "best expert's own answer (chosen on the training split), in points over distinct questions, 95% "
-            "two-level interval (the method's seeds, then questions; † one seed: conditional on its weights).")
+            "two-level interval (the method's seeds, then questions; the expert's answers are fixed, no seed; † one "
+            "seed: conditional on its weights).")
     if not rows:
         note = "No finished run with evaluation records and a cache holding solo answers: nothing to pair."
     if notes:

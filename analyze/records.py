@@ -68,14 +68,15 @@ def paired_cell(a: dict, b: dict) -> tuple[str, dict]:
     return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": UNIT}
 
 
-def seeds_cell(a: list[dict], b: list[dict], paired_seeds: bool = False) -> tuple[str, dict]:
+def seeds_cell(a: list[dict], b: list[dict], paired_seeds: bool = False, fixed_b: bool = False) -> tuple[str, dict]:
     """Two-level interval of mean(a) - mean(b): a, b are per-run {question: score} (one dict a seed), on
-    the questions every run of both sides has. paired_seeds: a[i] and b[i] are one run's two conditions."""
+    the questions every run of both sides has. paired_seeds: a[i] and b[i] are one run's two conditions;
+    fixed_b: b is one set of fixed answers (an expert's greedy ones), no seed."""
     common = sorted(set.intersection(*(set(x) for x in a + b))) if a and b else []
     if not common:
         return "—", {}
     ci = two_level_bootstrap([[x[k] for k in common] for x in a], [[x[k] for k in common] for x in b],
-                             paired_seeds=paired_seeds)
+                             paired_seeds=paired_seeds, fixed_b=fixed_b)
     return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": UNIT,
                                "seeds_a": ci.seeds_a, "seeds_b": ci.seeds_b, "conditional": ci.conditional}
 

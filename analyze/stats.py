@@ -124,11 +124,12 @@ class TwoLevelCI(NamedTuple):
     paired_seeds: bool  # a and b are two conditions of the same runs (seed s of a is seed s of b)
     resamples: int
     seed: int
+    fixed_b: bool = False  # b has no training randomness (an expert's greedy answers): only a's seeds vary
 
     @property
     def conditional(self) -> bool:
-        """True when a side has one seed: the interval then holds the trained weights fixed (prompts only)."""
-        return min(self.seeds_a, self.seeds_b) < 2
+        """True when a trained side has one seed: the interval then holds its weights fixed (prompts only)."""
+        return self.seeds_a < 2 if self.fixed_b else min(self.seeds_a, self.seeds_b) < 2
 
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
@@ -138,6 +139,8 @@ class TwoLevelCI(NamedTuple):
         the trained weights (a side with one seed). unit names what n counts (prompts, distinct questions)."""
         s = lambda k: f"{k} seed" + ("s" if k > 1 else "")  # noqa: E731
         seeds = s(self.seeds_a) if self.paired_seeds else f"{self.seeds_a} v {s(self.seeds_b)}"
+        if self.fixed_b:
+            seeds = f"{s(self.seeds_a)} v fixed answers"
         mark = "†" if self.conditional else ""
         return (f"{self.diff * scale:+.1f} [{self.lo * scale:+.1f}, {self.hi * scale:+.1f}]{mark} "
                 f"({seeds}, {self.n} {unit})")
@@ -145,7 +148,7 @@ class TwoLevelCI(NamedTuple):
 
 def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTSTRAP_RESAMPLES,
                         seed: int = BOOTSTRAP_SEED, level: float = 0.95,
-                        chunk: int = BOOTSTRAP_CHUNK) -> TwoLevelCI:
+                        chunk: int = BOOTSTRAP_CHUNK, fixed_b: bool = False) -> TwoLevelCI:
     """Interval of a between-run difference that carries training randomness (a hierarchical bootstrap,
     Davison & Hinkley 1997, sec. 3.8): each resample draws seeds with replacement within each side,
     then prompts with replacement, the same prompts for both sides (paired over prompts).
@@ -161,17 +164,23 @@ def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTS
     paired seeds: S seeds estimate their spread with few degrees of freedom). With one seed on a side
     nothing is widened and only prompts vary on that side: `conditional` is then True (the interval
     holds the trained weights fixed). Drawn `chunk` resamples at a time (memory [chunk, n]) from
-    default_rng([seed, i]) (i = 0 prompts, 1.. a side's seeds). Raises ValueError on shapes that do not fit."""
+    default_rng([seed, i]) (i = 0 prompts, 1.. a side's seeds).
+
+    fixed_b: b is one row with no training randomness (an expert's own greedy answers): a's seeds are
+    resampled, b's row is not, the widening uses df = S_a - 1, and the interval is conditional only
+    when a has one seed. Raises ValueError on shapes that do not fit."""
     a, b = np.atleast_2d(np.asarray(a, dtype=float)), np.atleast_2d(np.asarray(b, dtype=float))
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or a.shape[1] == 0 or 0 in (len(a), len(b)):
         raise ValueError(f"two_level_bootstrap needs [S_a, n] and [S_b, n] with n > 0, got {a.shape}, {b.shape}")
     if paired_seeds and len(a) != len(b):
         raise ValueError(f"paired seeds need as many seeds on both sides, got {len(a)} and {len(b)}")
+    if fixed_b and (len(b) != 1 or paired_seeds):
+        raise ValueError(f"fixed_b needs one row of b and unpaired seeds, got {len(b)} rows")
     n = a.shape[1]
     diff = float(a.mean() - b.mean())
     if len(a) == 1 and len(b) == 1:  # nothing to draw at the seed level: the paired bootstrap over prompts
         ci = paired_bootstrap(a[0], b[0], resamples, seed, level, chunk)
-        return TwoLevelCI(ci.diff, ci.lo, ci.hi, n, 1, 1, paired_seeds, resamples, seed)
+        return TwoLevelCI(ci.diff, ci.lo, ci.hi, n, 1, 1, paired_seeds, resamples, seed, fixed_b)
     sides = [a - b] if paired_seeds else [a, b]
     sides = [_inflate(x) for x in sides]  # [S, n] each
     # one stream for the prompts and one per side, so the draws do not depend on the chunk size
@@ -186,11 +195,11 @@ def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTS
         idx = rng.integers(0, n, size=(k, n))  # [k, n] the same prompts for both sides
         means[s:s + k] = np.take_along_axis(d, idx, axis=1).mean(axis=1)
     lo, hi = _percentiles(means, level)
-    df = len(a) - 1 if paired_seeds else len(a) + len(b) - 2
-    if min(len(a), len(b)) >= 2 and df >= 1:
+    df = len(a) - 1 if paired_seeds or fixed_b else len(a) + len(b) - 2
+    if (len(a) >= 2 if fixed_b else min(len(a), len(b)) >= 2) and df >= 1:
         widen = float(t.ppf(0.5 + level / 2, df) / norm.ppf(0.5 + level / 2))
         lo, hi = diff - (diff - lo) * widen, diff + (hi - diff) * widen
-    return TwoLevelCI(diff, float(lo), float(hi), n, len(a), len(b), paired_seeds, resamples, seed)
+    return TwoLevelCI(diff, float(lo), float(hi), n, len(a), len(b), paired_seeds, resamples, seed, fixed_b)
 
 
 def _inflate(x: np.ndarray) -> np.ndarray:

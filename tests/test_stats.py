@@ -154,3 +154,27 @@ def test_two_level_shift_and_chunks(sa, sb, n, chunk, c, seed):
     if sa == sb == 1:
         p = paired_bootstrap(a[0], b[0], resamples=300, seed=seed % 1000)
         assert (ci.lo, ci.hi) == (p.lo, p.hi)
+
+
+def test_two_level_against_fixed_answers_resamples_one_side_and_widens_by_its_seeds():
+    """A method's 3 seeds against an expert's fixed greedy answers: the same resampled means as the
+    plain call (b's single row draws nothing), widened about the difference by t_2 / z (df = S_a - 1),
+    and not conditional (only the method has training randomness)."""
+    from scipy.stats import norm, t
+
+    from analyze.stats import two_level_bootstrap
+
+    rng = np.random.default_rng(7)
+    a = (rng.random((3, 40)) < [[0.3], [0.5], [0.7]]).astype(float)  # three seeds far apart
+    b = (rng.random((1, 40)) < 0.5).astype(float)
+    plain = two_level_bootstrap(a, b, resamples=2000)
+    fixed = two_level_bootstrap(a, b, resamples=2000, fixed_b=True)
+    ratio = t.ppf(0.975, 2) / norm.ppf(0.975)
+    assert fixed.diff == plain.diff
+    assert fixed.diff - fixed.lo == pytest.approx((plain.diff - plain.lo) * ratio, rel=1e-12)
+    assert fixed.hi - fixed.diff == pytest.approx((plain.hi - plain.diff) * ratio, rel=1e-12)
+    assert plain.conditional and not fixed.conditional
+    assert "(3 seeds v fixed answers, 40 prompts)" in fixed.fmt() and "†" not in fixed.fmt()
+    assert two_level_bootstrap(a[:1], b, fixed_b=True).conditional  # one seed: conditional on its weights
+    with pytest.raises(ValueError, match="fixed_b needs one row"):
+        two_level_bootstrap(a, a, fixed_b=True)
