@@ -163,7 +163,8 @@ def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTS
     interval is widened about the observed difference by t_{df}/z (df = S_a + S_b - 2, or S - 1 with
     paired seeds: S seeds estimate their spread with few degrees of freedom). With one seed on a side
     nothing is widened and only prompts vary on that side: `conditional` is then True (the interval
-    holds the trained weights fixed). Drawn `chunk` resamples at a time (memory [chunk, n]) from
+    holds the trained weights fixed). The widened interval is clipped to the differences the scores
+    allow ([min a - max b, max a - min b]; [-1, 1] for 0/1 scores). Drawn `chunk` resamples at a time (memory [chunk, n]) from
     default_rng([seed, i]) (i = 0 prompts, 1.. a side's seeds).
 
     fixed_b: b is one row with no training randomness (an expert's own greedy answers): a's seeds are
@@ -199,6 +200,11 @@ def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTS
     if (len(a) >= 2 if fixed_b else min(len(a), len(b)) >= 2) and df >= 1:
         widen = float(t.ppf(0.5 + level / 2, df) / norm.ppf(0.5 + level / 2))
         lo, hi = diff - (diff - lo) * widen, diff + (hi - diff) * widen
+        # the widening knows no bounds; a mean difference cannot leave [min a - max b, max a - min b]
+        # (for 0/1 scores [-1, 1]): with 2 seeds a side t_1 / z is 6.5 and would print -130 points
+        span = (a - b) if paired_seeds else None
+        lo = max(lo, float(span.min() if span is not None else a.min() - b.max()))
+        hi = min(hi, float(span.max() if span is not None else a.max() - b.min()))
     return TwoLevelCI(diff, float(lo), float(hi), n, len(a), len(b), paired_seeds, resamples, seed, fixed_b)
 
 

@@ -178,3 +178,16 @@ def test_two_level_against_fixed_answers_resamples_one_side_and_widens_by_its_se
     assert two_level_bootstrap(a[:1], b, fixed_b=True).conditional  # one seed: conditional on its weights
     with pytest.raises(ValueError, match="fixed_b needs one row"):
         two_level_bootstrap(a, a, fixed_b=True)
+
+
+def test_two_level_interval_stays_inside_the_differences_scores_allow():
+    """2 seeds a side: t_2 / z widening (2.2x, df = 2) of a wide seed spread would reach past ±100
+    points; the interval is clipped to [min a - max b, max a - min b] = [-1, 1] for 0/1 scores."""
+    from analyze.stats import two_level_bootstrap
+
+    a = np.array([[1.0] * 20, [0.0] * 20])  # seeds at 100% and 0%
+    b = np.array([[0.0] * 20, [1.0] * 20])
+    ci = two_level_bootstrap(a, b, resamples=2000)
+    assert ci.diff == 0.0 and ci.lo == -1.0 and ci.hi == 1.0
+    paired = two_level_bootstrap(a, b, paired_seeds=True, resamples=2000)
+    assert -1.0 <= paired.lo <= paired.hi <= 1.0
