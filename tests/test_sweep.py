@@ -233,7 +233,7 @@ def test_presets_plan_the_paper_grids():
     """The paper's grids and the README's embedded evidence, as presets: the number of runs and their
     settings (caches that are not built yet are listed, not an error, in a plan)."""
     sweeps = ROOT / "configs" / "sweeps"
-    counts = {"table1.yaml": 84, "table2.yaml": 15, "figure6.yaml": 21, "embedded-evidence.yaml": 12, "main-job.yaml": 6}
+    counts = {"table1.yaml": 84, "table2.yaml": 15, "figure6.yaml": 21, "embedded-evidence.yaml": 18, "main-job.yaml": 6}
     for name, n in counts.items():
         folder, cells = plan_sweep(sweeps / name)
         assert len(cells) == n, name
@@ -251,7 +251,7 @@ def test_presets_plan_the_paper_grids():
     _, f6 = plan_sweep(sweeps / "figure6.yaml")
     assert sorted({c.train.num_latents for c in f6}) == [2, 4, 8, 16, 32, 64, 128]
     folder, ev = plan_sweep(sweeps / "embedded-evidence.yaml")
-    assert sorted({c.method for c in ev}) == ["ffn", "perceiver", "prefix", "single"]
+    assert sorted({c.method for c in ev}) == ["ffn", "hard-routing", "output-collab", "perceiver", "prefix", "single"]
     assert all(c.train.total_training_steps == 20 and c.config is None for c in ev)  # the README's embedded runs
 
 
