@@ -202,9 +202,9 @@ def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTS
         lo, hi = diff - (diff - lo) * widen, diff + (hi - diff) * widen
         # the widening knows no bounds; a mean difference cannot leave [min a - max b, max a - min b]
         # (for 0/1 scores [-1, 1]): with 2 seeds a side t_1 / z is 6.5 and would print -130 points
-        span = (a - b) if paired_seeds else None
-        lo = max(lo, float(span.min() if span is not None else a.min() - b.max()))
-        hi = min(hi, float(span.max() if span is not None else a.max() - b.min()))
+        d = a - b if paired_seeds else None  # [S, n] per-seed differences
+        lo = max(lo, float(d.min() if paired_seeds else a.min() - b.max()))
+        hi = min(hi, float(d.max() if paired_seeds else a.max() - b.min()))
     return TwoLevelCI(diff, float(lo), float(hi), n, len(a), len(b), paired_seeds, resamples, seed, fixed_b)
 
 

@@ -34,9 +34,9 @@ from analyze.stats import paired_bootstrap  # noqa: E402
 from core.machine import cpu_name  # noqa: E402
 from pipeline.experts import resolve_device, resolve_dtype  # noqa: E402
 from train.config import load_train_config  # noqa: E402
-from train.evaluate import Condition, condition_records  # noqa: E402
-from train.evaluate_run import shuffled  # noqa: E402
-from train.inputs import ExpertView, policy_inputs  # noqa: E402
+from train.evaluate import condition_records  # noqa: E402
+from train.evaluate_run import EvalRequest, parse_conditions, shuffled  # noqa: E402
+from train.inputs import policy_inputs  # noqa: E402
 from train.optim import _set_lr, clip_gradients  # noqa: E402
 from train.policy import completion_logprobs  # noqa: E402
 from train.setup import build_models, load_data  # noqa: E402
@@ -69,11 +69,10 @@ def supervised_step(cfg, m, data, idx: list[int], device: str) -> float:
 def evaluate_conditions(cfg, m, data, device: str, expert: str) -> dict[str, list[float]]:
     """Greedy correctness per held-out prompt under with C, the expert shuffled, and C removed."""
     rows = np.asarray(data.val_idx)
-    conds = [Condition("with", "with"), Condition("without", "without")]
-    if expert in data.experts:
-        e = data.experts.index(expert)
-        conds.append(shuffled(Condition(f"shuffle:{expert}", "with", ExpertView(source={e: {}})), rows, 0,
-                              [data.prompts["text"][r] for r in rows]))
+    req = EvalRequest(run=Path("."), contexts=("with", "without"),
+                      ablations=(f"shuffle:{expert}",) if expert in data.experts else ())
+    questions = [data.prompts["text"][r] for r in rows]  # as `musk eval`: a derangement over distinct questions
+    conds = [shuffled(c, rows, 0, questions) for c in parse_conditions(req, cfg, data, has_gate=True)]
     m.peft.eval()
     m.adapter.eval()
     out = {c.name: [float(r["correct"]) for r in condition_records(cfg, m, data, rows, c, device)] for c in conds}
