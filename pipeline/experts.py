@@ -26,6 +26,9 @@ from pipeline.model_files import _weight_files, hub_config, materialize_gguf
 from pipeline.probes import PROBE_KINDS, probe_config
 
 
+RESERVED_NAMES = ("all",)  # condition names that would read as an expert's: shuffle:all
+
+
 @dataclass(frozen=True)
 class ExpertSpec:
     name: str
@@ -49,6 +52,9 @@ class ExpertSpec:
     def validate(self) -> None:
         if not self.name or "/" in self.name:
             raise MuskError(f"expert name {self.name!r} must be non-empty and hold no '/'")
+        if self.name in RESERVED_NAMES:
+            raise MuskError(f"expert name {self.name!r} is reserved (`musk eval --ablate shuffle:all` shuffles every "
+                            f"expert together); reserved: {list(RESERVED_NAMES)}")
         if self.kind not in KINDS:
             raise MuskError(f"expert {self.name!r}: unknown kind {self.kind!r}; choices: {sorted(KINDS)}")
         KINDS[self.kind].check(self)

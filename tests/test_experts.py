@@ -56,3 +56,12 @@ def test_waiting_for_rank_zero_times_out_with_a_message(tmp_path):
     t.start()
     assert _wait_for_conversion(target, Path("m.gguf"), timeout=5, poll=0.05) == target
     t.join()
+
+
+def test_an_expert_named_all_is_refused_with_the_reason():
+    """'all' would read as the condition shuffle:all (every expert together), not as that expert."""
+    from pipeline.experts import ExpertSpec
+
+    with pytest.raises(MuskError, match="reserved.*shuffle:all"):
+        ExpertSpec(name="all", kind="random", model="llama").validate()
+    ExpertSpec(name="all-minilm", kind="probe-noise", model="x").validate()  # a longer name is fine
