@@ -13,7 +13,9 @@ What it prints, per batch and pooled over batches:
   rho = their mean. The mean of n draws has, in expectation, cosine sqrt(n rho / (1 + (n - 1) rho))
   with the draws' expected gradient: the rollouts per prompt a step would need to point where GRPO's
   expectation points with cosine 0.9 is printed as `n90 x group_size`.
-- cos(mean of the draws, supervised): where GRPO's expectation points, as far as `--draws` resolve it.
+- cos(mean of the draws, supervised): where GRPO's expectation points, as far as `--draws` resolve it;
+  divided by the mean's expected cosine with the expectation, sqrt(n rho / (1 + (n - 1) rho)), it
+  estimates cos(GRPO's expectation, supervised) (an attenuation correction; nan when rho <= 0).
 - the share of groups whose rewards all agree (advantage 0: no gradient from that prompt).
 
     python benchmarks/probe_gradient.py --cache caches/probe.h5 --run runs-probe/perceiver-0 --step 50
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import json
 import sys
 from collections import defaultdict
@@ -75,6 +78,12 @@ def n_for(rho: float, target: float = 0.9) -> float:
     if rho <= 0:
         return float("inf")
     return target**2 * (1 - rho) / (rho * (1 - target**2))
+
+
+def mean_cos(n: int, rho: float) -> float:
+    """Expected cosine of the mean of n draws with their expectation, given the mean pairwise cosine rho
+    (draws = expectation + independent isotropic noise of equal size)."""
+    return math.sqrt(n * rho / (1 + (n - 1) * rho)) if rho > 0 else float("nan")
 
 
 def main() -> None:
@@ -132,9 +141,11 @@ def main() -> None:
               f"supervised) {mean_sup:+.3f} | groups with one reward {np.mean(zero):.2f}", flush=True)
     rho = float(np.mean(pooled["cos_draw_draw"])) if pooled["cos_draw_draw"] else float("nan")
     res = {k: float(np.mean(v)) for k, v in pooled.items()}
+    res["cos_expectation_sup"] = res["cos_mean_sup"] / mean_cos(args.draws, rho)  # attenuation-corrected
     res.update(where=where, dtype=str(dtype), n90_draws=n_for(rho), group_size=cfg.group_size)
     print(f"RESULT {where}: cos(GRPO draw, supervised) = {res['cos_draw_sup']:+.3f}; cos(draw, draw') = {rho:+.3f}; "
-          f"cos(mean of {args.draws} draws, supervised) = {res['cos_mean_sup']:+.3f}; draws for cos 0.9 with GRPO's own "
+          f"cos(mean of {args.draws} draws, supervised) = {res['cos_mean_sup']:+.3f}, so cos(GRPO's expectation, supervised) "
+          f"~ {res['cos_expectation_sup']:+.2f}; draws for cos 0.9 with GRPO's own "
           f"expectation: {res['n90_draws']:.1f} x {cfg.group_size} rollouts per prompt")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))

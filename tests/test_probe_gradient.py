@@ -26,8 +26,21 @@ def test_draws_for_a_cosine_hand_worked():
 def test_the_mean_of_n_draws_reaches_the_cosine(rho):
     """Draws g_k = mu + e_k with independent noise: cos(g, g') = rho means |mu|^2 = rho (|mu|^2 + s^2), and
     the mean of n draws has cos^2 with mu of n rho / (1 + (n - 1) rho); at n = n_for(rho) that is 0.9^2."""
-    n = n_for(rho)
-    assert math.isclose(math.sqrt(n * rho / (1 + (n - 1) * rho)), 0.9, rel_tol=1e-9)
+    assert math.isclose(probe_gradient.mean_cos(n_for(rho), rho), 0.9, rel_tol=1e-9)
+    assert math.isclose(probe_gradient.mean_cos(1, rho), math.sqrt(rho))  # one draw: its own cosine with mu
+
+
+def test_mean_of_draws_cosine_by_simulation():
+    """Simulated draws mu + noise in 4000 dimensions: the mean of n draws' cosine with mu is mean_cos(n, rho)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    mu = rng.standard_normal(4000)
+    draws = mu + 2.0 * rng.standard_normal((6, 4000))  # |noise|^2 = 4 |mu|^2: rho = 1/5
+    rho = np.mean([d1 @ d2 / np.linalg.norm(d1) / np.linalg.norm(d2) for i, d1 in enumerate(draws) for d2 in draws[i + 1:]])
+    assert abs(rho - 0.2) < 0.03
+    m = draws.mean(0)
+    assert abs(m @ mu / np.linalg.norm(m) / np.linalg.norm(mu) - probe_gradient.mean_cos(6, 0.2)) < 0.03
 
 
 def test_benchmark_end_to_end_on_a_tiny_probe_cache(tmp_path, tiny_policy, monkeypatch, capsys):
