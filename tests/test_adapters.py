@@ -14,6 +14,7 @@ def _feats(B=3, dims=(32, 24, 40)):
     return [torch.randn(B, d) * 5 for d in dims]
 
 
+@pytest.mark.slow
 def test_perceiver_shapes_attention_and_near_zero_init():
     torch.manual_seed(0)
     p = Perceiver([32, 24, 40], d=64, d_out=48, num_latents=8, num_heads=8, init_std=1e-4)

@@ -47,6 +47,7 @@ def _assert_same(a: dict, b: dict):
             assert a[k] == b[k], k
 
 
+@pytest.mark.slow
 def test_spec_layout(tiny_cache):
     with h5py.File(tiny_cache, "r") as f:
         assert f.attrs["musk_schema"] == 5 and bool(f.attrs["complete"]) is True
@@ -88,6 +89,7 @@ def test_rerun_complete_cache_does_no_work(tiny_cache, tmp_path):
     assert _sha(tiny_cache) == before and tiny_cache.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_adding_an_expert_computes_only_it(tiny_cache, tmp_path):
     out = tmp_path / "c.h5"
     shutil.copyfile(tiny_cache, out)
@@ -151,6 +153,7 @@ def _extract_cmd(cfg_path: Path) -> list[str]:
     return [sys.executable, "-c", "import cli; cli.main()", "extract", "--config", str(cfg_path), "--no-progress"]
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_equals_uninterrupted(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cfg = tiny_extract_config(tmp_path / "killed.h5", train_size=60, val_size=20, router=False, batch_size=4,
@@ -190,6 +193,7 @@ def _no_regeneration(monkeypatch):
     monkeypatch.setattr(pipeline.extract, "build_prompts", boom)
 
 
+@pytest.mark.slow
 def test_resume_reads_saved_prompts_not_regenerated(tmp_path, monkeypatch):
     """Some reasoning-gym generators differ across processes for one seed: a resumed extraction
     must use the prompts its finished batches were computed on."""
@@ -291,6 +295,7 @@ def _kill_after(monkeypatch, n: int):
     monkeypatch.setattr(cache.writer.PartsStore, "save", dies)
 
 
+@pytest.mark.slow
 def test_rerun_with_other_batch_layout_is_refused(tmp_path, monkeypatch):
     """Reused batches stand for the rows of the run that made them: another batch_size is refused
     by name, the cache is never written, and the same settings complete it."""

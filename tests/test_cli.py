@@ -29,6 +29,7 @@ def test_help_lists_commands():
     (lambda c: c.update(batchsize=3), "unknown key(s) ['batchsize']"),
     (lambda c: c["task"].update(family="gsm8k", gsm8k_path="/no/such/gsm8k.jsonl"), "does not exist"),
 ])
+@pytest.mark.slow
 def test_extract_bad_input(tmp_path, mutate, message):
     cfg = tiny_extract_config(tmp_path / "c.h5")
     mutate(cfg)
@@ -51,6 +52,7 @@ def test_extract_refuses_cache_of_other_config(tiny_cache, tmp_path):
     assert code == 2 and "refusing to mix" in out
 
 
+@pytest.mark.slow
 def test_train_cli_and_bad_input(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     import train.loop
 
@@ -84,6 +86,7 @@ def test_threads_option(tiny_cache, tmp_path, monkeypatch):
 # --- --set KEY=VALUE --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_set_values_land_in_the_saved_config(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     import yaml
 
@@ -127,6 +130,7 @@ def test_train_bad_set_stops_before_writing(tiny_cache, tiny_policy, tmp_path, i
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_extract_set_values_land_in_the_cache_config(tmp_path):
     import h5py
     import yaml

@@ -72,6 +72,7 @@ def test_shuffle_all_refused_without_experts():
         _names("prefix", experts=[], ablations=("shuffle:all",))
 
 
+@pytest.mark.slow
 def test_musk_eval_defaults_end_to_end(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     """`musk eval RUN` with no --context and no --ablate evaluates the content controls too."""
     from train.config import load_train_config

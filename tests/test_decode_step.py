@@ -62,6 +62,7 @@ def _prompts(model, lengths=(9, 4, 7), context: int = 0, seed: int = 0):
 FAMILIES = ["llama", "qwen2", "mistral", "mistral-window", "gemma3"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("context", [0, 3])
 def test_greedy_tokens_equal_the_loop(family, context):
@@ -126,6 +127,7 @@ def _peft(model):
     return get_peft_model(model, cfg, autocast_adapter_dtype=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
 def test_lora_branch_fused_and_merged_give_the_loops_tokens(family):
     from train.policy import merged_lora
@@ -182,6 +184,7 @@ def test_bfloat16_logprobs_agree_within_rounding():
     assert gap.mean() < 0.05 and gap.max() < 0.3
 
 
+@pytest.mark.slow
 def test_uncovered_family_falls_back_to_the_loop_and_says_so(caplog, monkeypatch):
     import transformers
 
@@ -201,6 +204,7 @@ def test_uncovered_family_falls_back_to_the_loop_and_says_so(caplog, monkeypatch
         sample(model, emb, mask, 6, [], 0, greedy=True, step="fused")
 
 
+@pytest.mark.slow
 def test_fused_weights_are_reused_then_released_with_the_model():
     import gc
 
@@ -363,6 +367,7 @@ def _forced_logprobs(lm, emb, mask, toks, step: str) -> torch.Tensor:
     return torch.log_softmax(torch.stack(out, 1).float(), -1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_bfloat16_fused_step_is_as_close_to_float32_as_the_loop(family):
     """bf16 rounds differently in the fused step (fused matmuls, attention in float32) than in the
@@ -511,6 +516,7 @@ def test_bfloat16_cuda_graph_logprobs_agree_with_the_trainer_within_rounding():
     assert gap.mean() < 0.05 and gap.max() < 0.3
 
 
+@pytest.mark.slow
 def test_compiled_layers_give_the_loops_tokens_and_are_off_by_default(monkeypatch):
     """MUSK_DECODE_COMPILE=1: every decode-step layer through one torch.compile'd function (float32:
     the loop's tokens, eager and fixed-shape paths, LoRA branch and q/k/v biases, the cache rounded

@@ -40,6 +40,7 @@ def test_update_record_hand_worked():
     assert one == {"clip_frac": 0.0, "policy/entropy": 0.5, "kl": 0.0}
 
 
+@pytest.mark.slow
 def test_clip_frac_counts_the_later_passes(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     """num_iterations 2 with a clip range the first update's step leaves: the clip acts on pass 2.
     Taken from the first pass alone (ratio exactly 1) clip_frac read 0 on every step."""
@@ -89,6 +90,7 @@ def test_filtered_sampler_logprobs_are_the_trainers(step, filters, min_new):
     assert torch.allclose(g.weights[live], torch.ones(int(live.sum())), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_with_top_k_logs_no_gap(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     recs = _train(tiny_cache, tiny_policy, tmp_path, monkeypatch, top_k=3, tis_cap=2.0, total_training_steps=1)
     assert abs(recs[0]["sampler/logprob_gap"]) < 1e-4 and recs[0]["sampler/logprob_max_abs_gap"] < 1e-3
@@ -97,6 +99,7 @@ def test_training_with_top_k_logs_no_gap(tiny_cache, tiny_policy, tmp_path, monk
 # -- beta 0: no reference
 
 
+@pytest.mark.slow
 def test_beta_zero_never_runs_the_reference(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     import train.loop
 

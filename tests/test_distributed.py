@@ -40,6 +40,7 @@ def _same_cache(a, b):
                     assert list(x) == list(y), n
 
 
+@pytest.mark.slow
 def test_extract_under_torchrun_equals_one_process(tmp_path):
     one = run_extract(load_extract_config(str(write_yaml(tmp_path / "a.yaml", tiny_extract_config(tmp_path / "one.h5")))),
                       **QUIET)
@@ -52,6 +53,7 @@ def test_extract_under_torchrun_equals_one_process(tmp_path):
         assert c.experts == ["tiny-llama", "tiny-gpt2"] and len(c.hints("tiny-llama")) == 16
 
 
+@pytest.mark.slow
 def test_killed_extraction_is_completed_by_a_run_with_another_process_count(tmp_path, monkeypatch):
     """Batches finished before a kill are kept; a rerun under torchrun (2 ranks) completes the same cache."""
     import cache.writer
@@ -87,6 +89,7 @@ def _musk(args, nproc=None):
     return res
 
 
+@pytest.mark.slow
 def test_train_two_ranks_equal_one_rank_with_two_micro_batches(tiny_cache, tiny_policy, tmp_path):
     """Data parallel over whole groups: 2 ranks x 1 micro-batch == 1 process x 2 micro-batches of the
     same prompts (metrics, and the weights the summed gradients produced); rank 0 alone writes, and a
@@ -131,6 +134,7 @@ def test_train_two_ranks_equal_one_rank_with_two_micro_batches(tiny_cache, tiny_
     assert json.loads((two / "summary.json").read_text())["steps"] == 3
 
 
+@pytest.mark.slow
 def test_gguf_conversion_under_torchrun_from_a_fresh_home(tmp_path):
     """A first run under torchrun: both ranks need the converted GGUF folder. transformers' save_pretrained
     writes weights and config on rank 0 alone, so a folder converted by rank 1 held only the tokenizer and,
@@ -157,6 +161,7 @@ def test_accumulation_must_split_over_ranks():
         micro_batches_per_rank(3, 2)
 
 
+@pytest.mark.slow
 def test_dapo_and_several_passes_two_ranks_equal_one_rank(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     """loss_type dapo divides by the tokens of the whole step, all ranks together, and num_iterations 2
     reuses each rank's rollouts: 2 ranks x 1 micro-batch still equal 1 process x 2 micro-batches, with

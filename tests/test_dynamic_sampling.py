@@ -58,6 +58,7 @@ def _run(tiny_cache, tiny_policy, tmp_path, monkeypatch, constant: set, **extra)
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], seen
 
 
+@pytest.mark.slow
 def test_constant_prompts_are_dropped_and_replaced(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     from cache.reader import Cache
 
@@ -79,6 +80,7 @@ def test_constant_prompts_are_dropped_and_replaced(tiny_cache, tiny_policy, tmp_
     assert any(r["filter/reward_mean_drawn"] > r["reward/mean"] for r in recs)  # the constant 1.0s were drawn
 
 
+@pytest.mark.slow
 def test_cap_fills_with_uninformative_groups(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     from cache.reader import Cache
 
@@ -101,6 +103,7 @@ def test_cap_fills_with_uninformative_groups(tiny_cache, tiny_policy, tmp_path, 
     assert _run.drawn[6] == block(6) and len(_run.drawn) == 12
 
 
+@pytest.mark.slow
 def test_off_changes_nothing_and_presets_keep_it_off(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     import train.loop
     from train.config import load_train_config

@@ -131,6 +131,7 @@ def _records(folder):
     return [json.loads(x) for x in (folder / "records.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_eval_records_are_complete_and_a_rerun_adds_none(tiny_run, tmp_path):
     out = tmp_path / "ev"
     args = [tiny_run, "--context", "with,without", "--ablate", "drop:tiny-llama", "--ablate", "shuffle:tiny-gpt2",
@@ -172,6 +173,7 @@ def test_eval_records_are_complete_and_a_rerun_adds_none(tiny_run, tmp_path):
     assert code == 2 and "other settings" in msg and "n_prompts" in msg
 
 
+@pytest.mark.slow
 def test_eval_dtype_is_chosen_recorded_and_never_mixed(tiny_run, tmp_path):
     """--dtype run decodes in the run's own dtype; another dtype is recorded in summary.json, and a
     folder evaluated in one dtype refuses another. A bad name exits 2 with the choices, writing nothing."""
@@ -193,6 +195,7 @@ def test_eval_dtype_is_chosen_recorded_and_never_mixed(tiny_run, tmp_path):
     assert json.loads((tmp_path / "bf" / "summary.json").read_text())["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
 def test_eval_records_its_setting_and_reuses_a_folder_only_for_the_same_weights(tiny_run, tmp_path):
     """summary.json holds the resolved dtype, temperature, samples, limit, shuffle seed, decoding and a
     digest of the weights; one sampled completion is mean@1, not a greedy accuracy; a folder whose
@@ -245,6 +248,7 @@ def test_dtype_is_recorded_resolved_and_used(tiny_run, tiny_policy, tiny_cache, 
         train.loop.run_train(other, tiny_cache, run, resume=True, progress=False, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_eval_works_on_single_runs(tiny_cache, tiny_policy, tmp_path):
     from train.config import load_train_config
 
@@ -296,6 +300,7 @@ def test_eval_bad_input_writes_nothing(tiny_run, tmp_path, args, message):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_eval_refuses_a_method_without_experts_and_a_foreign_cache(tiny_run, tiny_cache, tiny_policy, tmp_path):
     import h5py
 

@@ -13,6 +13,7 @@ import pytest
 from tests.helpers import ROOT, tiny_train_overrides, write_yaml
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_evidence_script_on_a_tiny_run(tiny_cache, tiny_policy, tmp_path):
     cfg = write_yaml(tmp_path / "t.yaml", tiny_train_overrides(tiny_policy, total_training_steps=2, test_freq=1))

@@ -61,6 +61,7 @@ def _reference_ids(tok, question: str) -> list[int]:
     return tok(PLAIN_FORMAT.format(question=question))["input_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_expert_features_and_hints_equal_plain_transformers(family, family_cache, family_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -245,6 +246,7 @@ def test_lora_targets_follow_the_family(family_dirs):
         targets("gpt_oss", ("q_proj", "router"))
 
 
+@pytest.mark.slow
 def test_a_policy_that_cannot_train_stops_before_the_run_folder(family_dirs, policy_cache, tmp_path):
     """LoRA names the family lacks (GPT-2 has c_attn, not q_proj) or MXFP4 on a CPU: refused before any
     run folder, config.yaml or weights exist."""
@@ -291,6 +293,7 @@ def policy_cache(tmp_path_factory):
     return run_extract(load_extract_config(str(write_yaml(d / "e.yaml", cfg))), **QUIET)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("_parity_rewards")
 @pytest.mark.parametrize("family", POLICY_FAMILIES)
 def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path):

@@ -28,6 +28,7 @@ def _numbers(x):
             yield from _numbers(v)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_tiny_gpu_check_writes_finite_figures_with_kl_zero_at_the_first_step(tmp_path):
     out = tmp_path / "check"

@@ -36,17 +36,20 @@ def test_reasoning_gym_seeds_one_and_two_are_one_stream_shifted():
 @pytest.mark.parametrize("family,train,val", [("arithmetic", 120, 40), ("algorithmic", 80, 30), ("logic", 60, 25),
                                               ("easy-arithmetic", 256, 64), ("letter-counting", 120, 40),
                                               ("secret-digit", 200, 50)])
+@pytest.mark.slow
 def test_validation_never_in_training(family, train, val):
     ps = build_prompts(TaskConfig(family=family, train_size=train, val_size=val))
     assert sum(p.split == "train" for p in ps) == train and sum(p.split == "val" for p in ps) == val
     assert _overlap(ps) == 0 and split_overlap(ps) == 0
 
 
+@pytest.mark.slow
 def test_probe_preset_balanced_split_held_out():
     ps = build_prompts(TaskConfig(family="letter-counting", train_size=200, val_size=60, balance_answers=True))
     assert split_overlap(ps) == 0
 
 
+@pytest.mark.slow
 def test_small_family_partitions_the_question_space():
     """easy-arithmetic has ~200 distinct questions: validation draws only from its hashed share."""
     cfg = TaskConfig(family="easy-arithmetic", train_size=256, val_size=64)
@@ -76,10 +79,12 @@ def _texts_under_hashseed(seed: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_prompts_do_not_depend_on_pythonhashseed():
     assert _texts_under_hashseed("1") == _texts_under_hashseed("2") == _texts_under_hashseed("0")
 
 
+@pytest.mark.slow
 def test_raw_polynomial_multiplication_does_depend_on_it():
     """The generator itself orders terms through a set: the guard above is what makes prompts stable."""
     code = ("import reasoning_gym, json; print(json.dumps([e['question'] for e in "
@@ -89,6 +94,7 @@ def test_raw_polynomial_multiplication_does_depend_on_it():
     assert len(set(runs)) > 1
 
 
+@pytest.mark.slow
 def test_logic_family_references_score_one():
     """propositional_logic entries have answer None; its example_answer is the reference."""
     ps = build_prompts(TaskConfig(family="logic", train_size=40, val_size=10,
@@ -144,6 +150,7 @@ def test_scorer_exception_is_counted_and_shown(monkeypatch):
     assert SCORER_ERRORS is not rewards.SCORER_ERRORS  # the module's own tally was left alone
 
 
+@pytest.mark.slow
 def test_training_counts_scorer_errors_per_step(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     import train.loop
     from pipeline.rewards import SCORER_ERRORS as tally
@@ -259,6 +266,7 @@ def test_problem_key_keeps_different_problems_apart():
     assert problem_key("What is 3 + 8?") != problem_key("What is 8 + 3?")
 
 
+@pytest.mark.slow
 def test_commutative_twins_never_straddle_the_split():
     """The embedded one-digit sums: `3 + 8` held out while `8 + 3` is trained on (11 of 64 before)."""
     import re
@@ -274,6 +282,7 @@ def test_commutative_twins_never_straddle_the_split():
     assert sum(bool(re.search(r"\d \+ \d", p.text)) for p in ps if p.split == "val") >= 10  # sums to see
 
 
+@pytest.mark.slow
 def test_each_dataset_keeps_its_share_of_each_split():
     """aiw has a small question space: it used to lose validation candidates to the overlap filter."""
     datasets = {"aiw": {"weight": 1.0, "config": {}}, "syllogism": {"weight": 2.0, "config": {}},

@@ -103,6 +103,7 @@ def test_prefix_tokens_receive_gradient_once_the_gate_is_open():
         p([], keep=torch.ones(2, dtype=torch.bool))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gate", ["rms", "ramp"])
 def test_prefix_trains_without_expert_features_and_final_reloads(tiny_cache, tiny_policy, tmp_path, monkeypatch, gate):
     """KL exactly 0 at step 0; the cache's expert features are never read (a cache without experts

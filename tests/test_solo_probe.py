@@ -20,6 +20,7 @@ def _synthetic(seed: int, n_train=400, n_val=200, k=5, d=16):
     return y, informative, noise, n_train
 
 
+@pytest.mark.slow
 def test_probe_decodes_the_informative_variant_only():
     y, informative, noise, n = _synthetic(0)
     r = linear_probe(informative[:n], y[:n], informative[n:], y[n:])

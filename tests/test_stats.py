@@ -123,6 +123,7 @@ def test_bootstrap_chunks_do_not_change_the_interval():
         two_level_bootstrap(a, a[::-1], paired_seeds=True, resamples=999)
 
 
+@pytest.mark.slow
 def test_bootstrap_memory_is_bounded():
     """n = 4,000 prompts, 10,000 resamples: drawn at once, the [10,000 x 4,000] index array and the
     gathered scores are 640 MB; in chunks of 250 resamples the peak stays under 100 MB."""

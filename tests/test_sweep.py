@@ -45,6 +45,7 @@ def _metrics(run):
             for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_grid_with_two_lanes_completes_and_a_rerun_does_nothing(tiny_cache, tiny_policy, tmp_path):
     grid = _grid(tmp_path, tiny_cache, tiny_policy)
     lines = []
@@ -85,6 +86,7 @@ class _Recorded(subprocess.Popen):
         _Recorded.started.append(self)
 
 
+@pytest.mark.slow
 def test_killed_run_is_resumed_and_equals_an_uninterrupted_run(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     """Two runs of the same computation side by side (log_freq only changes what is printed); one child
     is killed (SIGKILL) after step 2 of 3 and reported failed, the other finishes. The rerun resumes the
@@ -131,6 +133,7 @@ def _cli(args):
     return res.exit_code, res.output + (res.stderr if res.stderr_bytes is not None else "")
 
 
+@pytest.mark.slow
 def test_failing_run_is_reported_and_the_others_finish(tiny_cache, tiny_policy, tmp_path):
     """One cell fails at run time (its team names an expert the cache lacks); the other finishes, the
     end says which failed with its log, and the exit code is 1."""
@@ -229,6 +232,7 @@ def test_watcher_prints_steps_evals_and_a_heartbeat(tmp_path):
                         "[perceiver-s0 4/4] eval at step 4 (val, 64 prompts): accuracy 45.3%, C removed 40.6%"]
 
 
+@pytest.mark.slow
 def test_presets_plan_the_paper_grids():
     """The paper's grids and the README's embedded evidence, as presets: the number of runs and their
     settings (caches that are not built yet are listed, not an error, in a plan)."""
@@ -255,6 +259,7 @@ def test_presets_plan_the_paper_grids():
     assert all(c.train.total_training_steps == 20 and c.config is None for c in ev)  # the README's embedded runs
 
 
+@pytest.mark.slow
 def test_ray_executor_runs_the_grid(tiny_cache, tiny_policy, tmp_path):
     """The Ray executor against a real Ray head started here (one node, 2 CPUs)."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
@@ -304,6 +309,7 @@ def test_help_lists_sweep():
     assert code == 0 and all(k in out for k in ("--lanes", "--executor", "--dry-run", "--step-seconds"))
 
 
+@pytest.mark.slow
 def test_measure_times_steps_here_without_touching_the_sweep(tiny_cache, tiny_policy, tmp_path):
     from sweep.runner import MEASURE_STEPS, measure_step_seconds
 
@@ -476,6 +482,7 @@ def test_the_docs_grids_plan_as_written():
     assert len(cells) == 2 * 3 * (6 + 2) and {c.steps for c in cells} == {200, 233}
 
 
+@pytest.mark.slow
 def test_step_figures_give_the_compute_of_table1(tmp_path):
     figures = tmp_path / "gpu.json"
     figures.write_text(json.dumps({"paper_step_seconds": 13.7, "machine": "H200", "date": "2026-12-03"}))

@@ -18,6 +18,7 @@ def test_paper_families_match_listings():
     assert FAMILIES["algorithmic"]["string_manipulation"]["config"] == {"max_string_length": 15, "max_num_rules": 6}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["arithmetic", "algorithmic", "logic"])
 def test_paper_families_generate_and_score(family):
     cfg = TaskConfig(family=family, train_size=6, val_size=3)
@@ -28,6 +29,7 @@ def test_paper_families_generate_and_score(family):
         assert score(p.entry, f"<think>x</think><answer>{p.answer}</answer>") == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_splits_are_seeded_and_distinct():
     a = build_prompts(TaskConfig(train_size=20, val_size=20))
     b = build_prompts(TaskConfig(train_size=20, val_size=20))
@@ -95,6 +97,7 @@ def test_balanced_answers_hand_worked():
     assert len(balanced(entries, 100)) == 8  # never more than the pool holds
 
 
+@pytest.mark.slow
 def test_balanced_split_is_flat_and_seeded():
     import collections
 

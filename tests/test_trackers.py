@@ -50,6 +50,7 @@ def _events(folder):
     return out, images
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_every_metrics_key(tiny_cache, tiny_policy, tmp_path):
     ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2, report_to=["tensorboard"])
     run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "tb", **QUIET)
@@ -74,6 +75,7 @@ def test_missing_tracker_stops_before_any_work(tiny_cache, tmp_path, monkeypatch
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_failing_tracker_is_reported_once_and_the_run_goes_on(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     calls, lines = [], []
 

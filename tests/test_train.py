@@ -43,6 +43,7 @@ def _metrics(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_perceiver_updates_lora_and_gphi_not_base(tiny_cache, tiny_policy, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -83,6 +84,7 @@ def test_perceiver_updates_lora_and_gphi_not_base(tiny_cache, tiny_policy, tmp_p
     assert "cache_fingerprint" in cfg_saved and "method: perceiver" in cfg_saved
 
 
+@pytest.mark.slow
 def test_completions_log_training_groups_and_eval_side_by_side(tiny_cache, tiny_policy, tmp_path):
     """completions.jsonl: every log_completions_freq steps a prompt's G completions with rewards,
     advantages and attention row; each full evaluation, its first prompts with C and with C removed."""
@@ -104,6 +106,7 @@ def test_completions_log_training_groups_and_eval_side_by_side(tiny_cache, tiny_
         assert r["reward_without_context"] == _fake_score(None, r["completion_without_context"], None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["single", "ffn", "hard-routing", "output-collab"])
 def test_every_method_trains(tiny_cache, tiny_policy, tmp_path, method):
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method=method, total_training_steps=2))
@@ -114,6 +117,7 @@ def test_every_method_trains(tiny_cache, tiny_policy, tmp_path, method):
     assert (run / "final" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted(tiny_cache, tiny_policy, tmp_path):
     ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=4, save_freq=2)
     full = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "full", **QUIET)
@@ -186,6 +190,7 @@ def test_unknown_keys_and_methods(tiny_policy):
         load_train_config(None, {"pooling": "mean"})
 
 
+@pytest.mark.slow
 def test_rollout_chunks_and_checkpointing_give_the_same_gradient(tiny_cache, tiny_policy, tmp_path):
     ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2)
     a = _metrics(run_train(load_train_config(None, ov), tiny_cache, tmp_path / "a", **QUIET))
@@ -197,6 +202,7 @@ def test_rollout_chunks_and_checkpointing_give_the_same_gradient(tiny_cache, tin
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-7), k
 
 
+@pytest.mark.slow
 def test_cache_file_is_not_read_after_loading(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     """Everything the loop needs is read once: with the HDF5 file gone right after loading, training
     and evaluation still run (no per-row HDF5 reads on the hot path)."""
@@ -324,6 +330,7 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
 # --- GRPO settings: loss types, several passes per batch, truncation masking --------------------
 
 
+@pytest.mark.slow
 def test_loss_types_agree_when_every_completion_has_the_same_length(tiny_cache, tiny_policy, tmp_path):
     """Known by construction: with EOS suppressed for the whole budget every completion has exactly
     max_new_tokens tokens, so the per-completion mean (grpo), the micro-batch token mean (bnpo), the
@@ -368,6 +375,7 @@ def _varied_lengths(monkeypatch):
     monkeypatch.setattr(train.loop, "sample", varied)
 
 
+@pytest.mark.slow
 def test_loss_types_differ_when_lengths_do(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     """With unequal lengths the estimators weight tokens differently (the probe above: they agree when
     lengths do); masking truncated completions changes the gradient only when some are truncated."""
@@ -383,6 +391,7 @@ def test_loss_types_differ_when_lengths_do(tiny_cache, tiny_policy, tmp_path, mo
     assert all(a != pytest.approx(b, rel=1e-3) for i, a in enumerate(norms) for b in norms[i + 1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["perceiver", "hard-routing"])
 def test_second_pass_starts_from_the_sampling_policy(tiny_cache, tiny_policy, tmp_path, monkeypatch, method):
     """num_iterations 2 with every learning rate 0: the second pass sees the same weights, rebuilds the
@@ -428,6 +437,7 @@ def test_second_pass_starts_from_the_sampling_policy(tiny_cache, tiny_policy, tm
         assert len({tuple(r) for _, r in contexts[:8]}) > 1
 
 
+@pytest.mark.slow
 def test_several_passes_reuse_the_rollouts_and_move_the_policy(tiny_cache, tiny_policy, tmp_path):
     ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2)
     one = _metrics(run_train(load_train_config(None, ov), tiny_cache, tmp_path / "one", **QUIET))
@@ -437,6 +447,7 @@ def test_several_passes_reuse_the_rollouts_and_move_the_policy(tiny_cache, tiny_
     assert two[1]["kl"] != pytest.approx(one[1]["kl"], rel=1e-3)  # the extra update moved the policy
 
 
+@pytest.mark.slow
 def test_masking_truncated_completions_leaves_nothing_when_all_hit_the_budget(tiny_cache, tiny_policy, tmp_path):
     """EOS suppressed for the whole budget: every completion is truncated, so with the mask on no token
     is in the loss (loss 0, gradient 0); without it the same rollouts give a gradient."""
@@ -494,6 +505,7 @@ def test_evaluations_keep_per_prompt_records_and_steps_log_diagnostics(tiny_cach
         assert any(k.startswith("reward/task/") for k in r)
 
 
+@pytest.mark.slow
 def test_resume_drops_a_torn_last_line_with_a_warning(tiny_cache, tiny_policy, tmp_path):
     """A kill mid-write leaves half a JSON line at the end of a log: --resume drops it (warning) and
     the next records start on a line of their own."""

@@ -93,6 +93,7 @@ def _hints(path):
         return list(f["experts/folder-llama/hint"].asstr()[()]), f["experts/folder-llama/hint_n_tokens"][()].tolist()
 
 
+@pytest.mark.slow
 def test_vllm_hints_equal_musk_hints(stub_vllm, tiny_policy, tmp_path):
     from pipeline.extract import load_extract_config, run_extract
 
@@ -108,6 +109,7 @@ def test_vllm_hints_equal_musk_hints(stub_vllm, tiny_policy, tmp_path):
     assert any(t for t in texts) and max(counts) > 0  # not vacuous: something was decoded
 
 
+@pytest.mark.slow
 def test_vllm_rollouts_and_weight_sync(stub_vllm, tiny_cache, tiny_policy, tmp_path):
     import json
 
