@@ -164,8 +164,9 @@ def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTS
     paired seeds: S seeds estimate their spread with few degrees of freedom). With one seed on a side
     nothing is widened and only prompts vary on that side: `conditional` is then True (the interval
     holds the trained weights fixed). The widened interval is clipped to the differences the scores
-    allow ([min a - max b, max a - min b]; [-1, 1] for 0/1 scores). Drawn `chunk` resamples at a time (memory [chunk, n]) from
-    default_rng([seed, i]) (i = 0 prompts, 1.. a side's seeds).
+    allow ([min a - max b, max a - min b], per-seed differences with paired seeds; [-1, 1] for 0/1
+    scores). Drawn `chunk` resamples at a time (memory [chunk, n]) from default_rng([seed, i]) (i = 0
+    prompts, 1.. a side's seeds).
 
     fixed_b: b is one row with no training randomness (an expert's own greedy answers): a's seeds are
     resampled, b's row is not, the widening uses df = S_a - 1, and the interval is conditional only
@@ -202,9 +203,11 @@ def two_level_bootstrap(a, b, paired_seeds: bool = False, resamples: int = BOOTS
         lo, hi = diff - (diff - lo) * widen, diff + (hi - diff) * widen
         # the widening knows no bounds; a mean difference cannot leave [min a - max b, max a - min b]
         # (for 0/1 scores [-1, 1]): with 2 seeds a side t_1 / z is 6.5 and would print -130 points
-        d = a - b if paired_seeds else None  # [S, n] per-seed differences
-        lo = max(lo, float(d.min() if paired_seeds else a.min() - b.max()))
-        hi = min(hi, float(d.max() if paired_seeds else a.max() - b.min()))
+        if paired_seeds:  # [S, n] per-seed differences bound the mean difference
+            floor, ceil = float((a - b).min()), float((a - b).max())
+        else:
+            floor, ceil = float(a.min() - b.max()), float(a.max() - b.min())
+        lo, hi = max(lo, floor), min(hi, ceil)
     return TwoLevelCI(diff, float(lo), float(hi), n, len(a), len(b), paired_seeds, resamples, seed, fixed_b)
 
 

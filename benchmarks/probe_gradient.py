@@ -38,14 +38,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.probe_supervised import answer_tokens  # noqa: E402
+from benchmarks.probe_supervised import answer_nll  # noqa: E402
 from core.machine import cpu_name  # noqa: E402
 from pipeline.experts import resolve_device, resolve_dtype  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train.config import load_train_config  # noqa: E402
-from train.inputs import policy_inputs  # noqa: E402
 from train.loop import generate_trajectory, grpo_step  # noqa: E402
-from train.policy import completion_logprobs  # noqa: E402
 from train.setup import build_models, load_data  # noqa: E402
 
 
@@ -56,10 +54,7 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def supervised_grad(cfg, m, data, idx: list[int], device: str, w: torch.Tensor) -> torch.Tensor:
     """d/dW of the mean NLL (nats/token) of the reference answers + EOS given the prompts with C."""
     m.optimizer.zero_grad(set_to_none=True)
-    pi = policy_inputs(cfg, m, data, idx, device)  # [b, L, d]
-    ids, mask = answer_tokens(m.tok, [data.prompts["answer"][i] for i in idx], m.eos[0], device)
-    logp = completion_logprobs(m.lm, pi.embeds, pi.mask, ids, mask)  # [b, T]
-    (-(logp * mask).sum() / mask.sum()).backward()
+    answer_nll(cfg, m, data, idx, device).backward()  # the loss benchmarks/probe_supervised.py trains on
     return w.grad.detach().float().clone()
 
 

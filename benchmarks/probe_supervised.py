@@ -53,12 +53,18 @@ def answer_tokens(tok, answers: list[str], eos: int, device: str) -> tuple[torch
     return out.to(device), mask.to(device)
 
 
-def supervised_step(cfg, m, data, idx: list[int], device: str) -> float:
-    """One update on prompts idx: mean negative log-likelihood of the reference answer tokens (nats/token)."""
+def answer_nll(cfg, m, data, idx: list[int], device: str) -> torch.Tensor:
+    """Mean negative log-likelihood (nats/token, a scalar with its graph) of the reference answers and EOS
+    of prompts idx, given each prompt with C spliced in (teacher-forced)."""
     pi = policy_inputs(cfg, m, data, idx, device)  # [b, L, d], C spliced in with its gate
     ids, mask = answer_tokens(m.tok, [data.prompts["answer"][i] for i in idx], m.eos[0], device)
     logp = completion_logprobs(m.lm, pi.embeds, pi.mask, ids, mask)  # [b, T]
-    loss = -(logp * mask).sum() / mask.sum()
+    return -(logp * mask).sum() / mask.sum()
+
+
+def supervised_step(cfg, m, data, idx: list[int], device: str) -> float:
+    """One update on prompts idx: mean negative log-likelihood of the reference answer tokens (nats/token)."""
+    loss = answer_nll(cfg, m, data, idx, device)
     m.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)  # as a GRPO step clips
