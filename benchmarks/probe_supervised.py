@@ -36,30 +36,9 @@ from pipeline.experts import resolve_device, resolve_dtype  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 from train.evaluate import condition_records  # noqa: E402
 from train.evaluate_run import EvalRequest, parse_conditions, shuffled  # noqa: E402
-from train.inputs import policy_inputs  # noqa: E402
-from train.optim import _set_lr, clip_gradients  # noqa: E402
-from train.policy import completion_logprobs  # noqa: E402
+from train.optim import set_lr, clip_gradients  # noqa: E402
+from train.recipes import answer_nll  # noqa: E402
 from train.setup import build_models, load_data  # noqa: E402
-
-
-def answer_tokens(tok, answers: list[str], eos: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference answers as completions: ids [b, T] right padded with EOS, mask [b, T] (answer + EOS)."""
-    ids = [tok(str(a), add_special_tokens=False)["input_ids"] + [eos] for a in answers]
-    T = max(len(x) for x in ids)
-    out = torch.full((len(ids), T), eos, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
-    return out.to(device), mask.to(device)
-
-
-def answer_nll(cfg, m, data, idx: list[int], device: str) -> torch.Tensor:
-    """Mean negative log-likelihood (nats/token, a scalar with its graph) of the reference answers and EOS
-    of prompts idx, given each prompt with C spliced in (teacher-forced)."""
-    pi = policy_inputs(cfg, m, data, idx, device)  # [b, L, d], C spliced in with its gate
-    ids, mask = answer_tokens(m.tok, [data.prompts["answer"][i] for i in idx], m.eos[0], device)
-    logp = completion_logprobs(m.lm, pi.embeds, pi.mask, ids, mask)  # [b, T]
-    return -(logp * mask).sum() / mask.sum()
 
 
 def supervised_step(cfg, m, data, idx: list[int], device: str) -> float:
@@ -114,7 +93,7 @@ def main() -> None:
           f"{torch.__version__}, {len(data.val_idx)} held-out prompts", flush=True)
     figures, t0 = {"method": args.method, "seed": cfg.seed, "dtype": str(dtype), "evals": []}, time.perf_counter()
     for step in range(1, args.steps + 1):
-        _set_lr(m.optimizer, step, cfg.warmup_steps)  # the same warmups as a GRPO run
+        set_lr(m.optimizer, step, cfg.warmup_steps)  # the same warmups as a GRPO run
         if hasattr(m.adapter, "out") and hasattr(m.adapter.out, "set_step"):
             m.adapter.out.set_step(step, cfg.gate_warmup_steps)
         idx = [int(i) for i in rng.choice(data.train_idx, B, replace=False)]

@@ -24,7 +24,7 @@ from core.errors import MuskError
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 MODES = ("strict", "lenient")
-NUMERIC_SOURCES = ("gsm8k", "secret-digit")  # scored by numeric equality, not by a reasoning-gym verifier
+NUMERIC_SOURCES = ("gsm8k", "secret-digit", "secret-label")  # scored by numeric equality, not by a reasoning-gym verifier
 
 
 def extract_answer(text: str, mode: str = "strict") -> str | None:

@@ -99,6 +99,7 @@ FAMILIES: dict[str, dict | None] = {
     "letter-counting": LETTER_COUNTING,
     "gsm8k": None,  # not a Reasoning Gym composite
     "secret-digit": None,  # built in code: the probe task (see secret_digit_split)
+    "secret-label": None,  # built in code: the probe only C can answer (see secret_label_split)
 }
 
 GSM8K_HUB_ID = "openai/gsm8k"
@@ -140,6 +141,11 @@ class TaskConfig:
     balance_answers: bool = False
     """Reasoning Gym only: draw each split from a pool 8x its size, taking the answers in turn, so every
     answer is about equally frequent (a probe's no-information baseline is then 1/K, not the mode's share)."""
+    labels: int = 4
+    """secret-label only: k, the options named in every question (the digits 0..k-1, one token each),
+    2 <= k <= 10. Chance is 1/k."""
+    label_seed: int = 0
+    """secret-label only: the salt of the hash that draws each prompt's label from its text."""
 
     def validate(self) -> None:
         if self.family not in FAMILIES:
@@ -149,6 +155,9 @@ class TaskConfig:
         if self.train_seed == self.val_seed:
             raise MuskError(f"task.train_seed and task.val_seed are both {self.train_seed}: the validation split "
                             "would be the training split; give them different seeds")
+        if self.family == "secret-label" and not 2 <= self.labels <= MAX_LABELS:
+            raise MuskError(f"task.labels must be in [2, {MAX_LABELS}] for secret-label (each label one digit, one "
+                            f"answer token), got {self.labels}")
         if self.val_partition is not None and not 0.0 <= self.val_partition < 1.0:
             raise MuskError(f"task.val_partition must be in [0, 1), got {self.val_partition}")
         from reasoning_gym.utils import SYSTEM_PROMPTS
@@ -439,6 +448,51 @@ def secret_digit_split(split: str, size: int, seed: int, keep: Callable[[str], b
     return [Prompt(e["question"], e["answer"], "secret-digit", split, json.dumps(e, sort_keys=True)) for e in entries]
 
 
+MAX_LABELS = 10  # the labels are the digits 0..k-1: one token each in every tokenizer musk ships
+SECRET_LABEL = "Card {card} hides one of the digits {options}. Which digit does it hide? Answer with the digit only."
+
+
+def secret_label(card: str, k: int, salt: int) -> str:
+    """The label of card `card`: SHA-256 of (salt, card) mod k, as a digit. A function of the prompt's text
+    alone, so a prompt has one label in every split and process; the text carries no clue to it."""
+    digest = hashlib.sha256(f"secret-label|{salt}|{card}".encode()).digest()
+    return str(int.from_bytes(digest[:8], "little") % k)
+
+
+def _secret_label_stream(seed: int, k: int, salt: int) -> Iterator[dict]:
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 104729])
+    letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+    options = ", ".join(str(d) for d in range(k - 1)) + f" or {k - 1}"
+    while True:
+        card = "".join(rng.choice(letters, 6))
+        text = SECRET_LABEL.format(card=card, options=options)
+        yield {"question": text, "answer": secret_label(card, k, salt),
+               "metadata": {"source_dataset": "secret-label", "labels": k}}
+
+
+def secret_label_split(split: str, size: int, seed: int, k: int, salt: int,
+                       keep: Callable[[str], bool] = lambda t: True) -> list[Prompt]:
+    """The probe only C can answer: every question names the same k options (digits 0..k-1) and a random
+    six-letter card; the answer is the card's label (`secret_label`, a seeded hash of the card). The
+    question carries no clue, so single, prefix and C removed sit at chance 1/k by construction (each
+split holds the k labels equally often, so even a constant answer scores 1/k); only an
+    expert that encodes the label (probe-oracle) can lift a policy above it, and only through C. The
+    answer format is one digit: a soft prompt can learn the format and nothing more. Scored as a number."""
+    quota = {str(d): size // k + (d < size % k) for d in range(k)}  # balanced: a constant answer scores 1/k
+
+    def wanted(e: dict) -> bool:
+        if not keep(e["question"]) or quota[e["answer"]] == 0:
+            return False
+        quota[e["answer"]] -= 1
+        return True
+
+    entries = _take(_secret_label_stream(seed, k, salt), wanted, size, SCAN_FACTOR * size + 1000,
+                    f"secret-label, {split} split")
+    return [Prompt(e["question"], e["answer"], "secret-label", split, json.dumps(e, sort_keys=True)) for e in entries]
+
+
 def split_overlap(prompts: list[Prompt]) -> int:
     """Held-out prompts (val/test) whose whitespace-normalised question is in the training split."""
     return count_overlap([p.text for p in prompts], [p.split for p in prompts])
@@ -458,12 +512,16 @@ def _build_here(cfg: TaskConfig, limit: int | None) -> list[Prompt]:
     train_keep = lambda t: not in_val_partition(t, share)  # noqa: E731
     if cfg.family == "secret-digit":
         train = secret_digit_split("train", train_n, cfg.train_seed, train_keep)
+    elif cfg.family == "secret-label":
+        train = secret_label_split("train", train_n, cfg.train_seed, cfg.labels, cfg.label_seed, train_keep)
     else:
         train = _rg_split(cfg, "train", train_n, cfg.train_seed, train_keep)
     seen = {problem_key(p.text) for p in train}
     val_keep = lambda t: problem_key(t) not in seen and (share <= 0 or in_val_partition(t, share))  # noqa: E731
     if cfg.family == "secret-digit":
         return train + secret_digit_split("val", val_n, cfg.val_seed, val_keep)
+    if cfg.family == "secret-label":
+        return train + secret_label_split("val", val_n, cfg.val_seed, cfg.labels, cfg.label_seed, val_keep)
     return train + _rg_split(cfg, "val", val_n, cfg.val_seed, val_keep)
 
 
@@ -474,7 +532,7 @@ def build_prompts(cfg: TaskConfig, limit: int | None = None) -> list[Prompt]:
     Generated with PYTHONHASHSEED=0 (a child process when this one runs with another hash seed), so
     every process gets the same prompts. Raises MuskError when a split cannot be filled.
     """
-    if os.environ.get("PYTHONHASHSEED") == "0" or cfg.family in ("gsm8k", "secret-digit"):
+    if os.environ.get("PYTHONHASHSEED") == "0" or cfg.family in ("gsm8k", "secret-digit", "secret-label"):
         return _build_here(cfg, limit)
     from core.config import to_dict
 

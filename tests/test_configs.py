@@ -13,7 +13,7 @@ from train.config import load_train_config
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-PAPER_EXTRACT = sorted(p for p in (CONFIGS / "extract").glob("*-*.yaml"))
+PAPER_EXTRACT = sorted(p for p in (CONFIGS / "extract").glob("*-*.yaml") if not p.stem.startswith("probe"))
 
 
 @pytest.mark.parametrize("path", PAPER_EXTRACT, ids=lambda p: p.stem)
@@ -68,6 +68,25 @@ def test_probe_presets():
     train = load_train_config(str(CONFIGS / "train" / "probe.yaml"))
     assert train.policy == "smollm2-135m-instruct" and train.total_training_steps >= 100
     assert train.answer_extraction == "lenient"
+
+
+def test_label_probe_presets():
+    """The probe only C can answer: secret-label with k = 4 options, one-slot oracle, no hints; its
+    train preset is the old probe's but for the answer budget, with no recipe."""
+    cfg = load_extract_config(str(CONFIGS / "extract" / "probe-label.yaml"))
+    assert cfg.task.family == "secret-label" and cfg.task.labels == 4 and not cfg.hints
+    assert [e.kind for e in cfg.experts] == ["probe-oracle", "probe-noise", "gguf-package"]
+    label = to_dict(load_train_config(str(CONFIGS / "train" / "probe-label.yaml")))
+    old = to_dict(load_train_config(str(CONFIGS / "train" / "probe.yaml")))
+    assert {k for k in label if label[k] != old[k]} == {"max_new_tokens"}
+    assert label["sft_warmup_steps"] == 0 and label["sft_mix_coef"] == 0.0
+
+
+def test_every_train_preset_is_recipe_free():
+    """Recipes are beyond the paper: off in every shipped train preset."""
+    for path in sorted((CONFIGS / "train").glob("*.yaml")):
+        cfg = load_train_config(str(path))
+        assert (cfg.sft_warmup_steps, cfg.sft_mix_coef) == (0, 0.0), path.name
 
 
 def test_paper_presets_keep_the_literal_recipe():

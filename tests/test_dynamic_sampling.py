@@ -93,10 +93,10 @@ def test_cap_fills_with_uninformative_groups(tiny_cache, tiny_policy, tmp_path, 
         assert r["frac_reward_zero_std"] == 1.0
     assert all(len(idx) == 2 and (adv == 0).all() for idx, _, adv in seen)
     # round r of micro-batch g reads block r*A + g of B prompts; step 2 starts past step 1's 3 rounds
-    from train.setup import _data_order
+    from train.setup import data_order
 
     def block(k):
-        return [int(train_rows[i]) for i in _data_order(_run.seed, len(train_rows), k * 2, 2)]
+        return [int(train_rows[i]) for i in data_order(_run.seed, len(train_rows), k * 2, 2)]
 
     train_rows = sorted(every)
     assert _run.drawn[:6] == [block(0), block(2), block(4), block(1), block(3), block(5)]

@@ -6,7 +6,7 @@ import pytest
 
 from core.errors import MuskError
 from core.config import from_dict
-from pipeline.tasks import FAMILIES, TaskConfig, build_prompts, gsm8k_answer
+from pipeline.tasks import FAMILIES, TaskConfig, build_prompts, gsm8k_answer, split_overlap
 from pipeline.rewards import extract_answer, score
 
 
@@ -136,3 +136,34 @@ def test_secret_digit_probe_task():
     p = ps[0]
     assert score(p.entry, f"The secret digit is {p.answer}.", "lenient") == 1.0
     assert score(p.entry, f"<answer>{(int(p.answer) + 1) % 10}</answer>", "strict") == 0.0
+
+
+# --- secret-label: the probe only C can answer
+
+
+@pytest.mark.parametrize("k", [1, 0, 11])
+def test_secret_label_refuses_k_outside_one_digit_labels(k):
+    with pytest.raises(MuskError, match="task.labels"):
+        from_dict(TaskConfig, {"family": "secret-label", "labels": k}, "task")
+
+
+@pytest.mark.parametrize("k", [2, 4, 10])
+def test_secret_label_is_balanced_held_out_and_a_function_of_the_text(k):
+    from collections import Counter
+
+    from pipeline.tasks import secret_label
+
+    cfg = TaskConfig(family="secret-label", labels=k, train_size=40, val_size=2 * k, developer_prompt="direct")
+    ps = build_prompts(cfg)
+    train, val = [p for p in ps if p.split == "train"], [p for p in ps if p.split == "val"]
+    # every label equally often (a constant answer scores exactly 1/k on the held-out split)
+    assert Counter(p.answer for p in val) == {str(d): 2 for d in range(k)}
+    assert set(Counter(p.answer for p in train).values()) <= {40 // k, 40 // k + 1}
+    assert split_overlap(ps) == 0 and not {p.text for p in train} & {p.text for p in val}
+    # the label is the card's hash: the same card has the same label, whatever the split; the options
+    # named in the text are the same for every prompt (no clue in the text but the card)
+    for p in ps:
+        card = p.text.split()[1]
+        assert p.answer == secret_label(card, k, 0)
+        assert p.text.replace(card, "CARD") == ps[0].text.replace(ps[0].text.split()[1], "CARD")
+    assert score(ps[0].entry, f"The digit is {ps[0].answer}", "lenient") == 1.0

@@ -228,6 +228,19 @@ class TrainConfig:
     off; the paper trains on-policy). Typical when on: 2. The gap itself is logged every step
     (sampler/logprob_gap, sampler/logprob_abs_gap, sampler/logprob_max_abs_gap) whenever musk's own
     decoder draws the rollouts."""
+    # --- recipes beyond the paper (train/recipes.py): off in every paper preset
+    sft_warmup_steps: int = 0
+    """Supervised warm-up: optimizer steps 1..K minimise the reference answer's NLL given the prompt with C
+    (training split only) instead of GRPO's loss; GRPO runs steps K+1..total_training_steps. 0: off (the
+    paper). At most total_training_steps."""
+    sft_warmup_train: str = "context"
+    """What the warm-up trains: context (g_phi and its gate; the LoRA frozen: LLaVA's projector-first
+    stage) or context+lora. single and output-collab have no g_phi: they take context+lora only."""
+    sft_mix_coef: float = 0.0
+    """Mixed objective: GRPO's loss plus sft_mix_coef * max(0, 1 - (t - 1) / sft_mix_steps) times the
+    answer NLL at GRPO step t (a supervised term that decays to 0; CHORD-style). 0: off (the paper)."""
+    sft_mix_steps: int = 1
+    """GRPO steps over which the mixed supervised term decays linearly to 0."""
     dtype: str = "auto"
     """Policy weights: auto (bf16 where fast), bfloat16, float32."""
     device: str = "auto"
@@ -276,11 +289,33 @@ class TrainConfig:
             raise MuskError("rollout_chunk must be 0 (all) or positive")
         if self.group_size < 2:
             raise MuskError("group_size must be at least 2 (GRPO normalises within a group)")
+        self._validate_recipes()
         if self.filter_groups and self.num_iterations > 1 and self.method == "hard-routing":
             raise MuskError("filter_groups with num_iterations > 1 is not offered for hard-routing: passes 2.. redraw "
                             "the Gumbel routing per micro-batch, and a micro-batch of kept groups from several rounds "
                             "would not redraw the experts it sampled with")
 
+
+    def _validate_recipes(self) -> None:
+        """Refuse recipe settings that cannot mean what they say, by key and with the reason."""
+        if self.sft_warmup_train not in SFT_TARGETS:
+            raise MuskError(f"unknown sft_warmup_train {self.sft_warmup_train!r}; choices: {list(SFT_TARGETS)}")
+        if self.sft_warmup_steps < 0 or self.sft_mix_coef < 0 or self.sft_mix_steps < 1:
+            raise MuskError(f"sft_warmup_steps and sft_mix_coef must be >= 0 and sft_mix_steps >= 1, got "
+                            f"{self.sft_warmup_steps}, {self.sft_mix_coef}, {self.sft_mix_steps}")
+        if self.sft_warmup_steps > self.total_training_steps:
+            raise MuskError(f"sft_warmup_steps {self.sft_warmup_steps} is more than the run's total_training_steps "
+                            f"{self.total_training_steps}: the warm-up counts within the run's steps")
+        if (self.sft_warmup_steps > 0 and self.sft_warmup_train == "context"
+                and self.method not in ("perceiver", "ffn", "hard-routing", "prefix")):
+            raise MuskError(f"sft_warmup_train context on method {self.method!r}: it has no g_phi, so a context-only "
+                            "warm-up would train nothing; use sft_warmup_train context+lora (the LoRA) or no warm-up")
+        if self.sft_mix_coef > 0 and self.loss_type == "dapo":
+            raise MuskError("sft_mix_coef with loss_type dapo: dapo divides the step's summed gradient by its "
+                            "completion tokens, which would rescale the supervised term too; use grpo, bnpo or dr_grpo")
+
+
+SFT_TARGETS = ("context", "context+lora")
 
 # Embedded default: SmolLM2-135M-Instruct policy, short budget, lenient answers (CPU in minutes).
 EMBEDDED_DEFAULT = {
@@ -353,6 +388,7 @@ DEFAULTS_BEFORE_KEY: dict = {
     "scale_rewards": "auto", "context_gate": "none", "context_anchor": "zero", "feature_norm": "none",
     "grad_clip_scope": "global", "curve_freq": 0, "eval_null_context": False, "min_new_tokens": 0,
     "rollout_engine": "musk", "filter_groups": False, "filter_groups_max_rounds": 10, "gate_warmup_steps": 10,
+    "sft_warmup_steps": 0, "sft_warmup_train": "context", "sft_mix_coef": 0.0, "sft_mix_steps": 1,
 }
 
 

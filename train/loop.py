@@ -40,12 +40,13 @@ from train.config import TrainConfig, advantage_scale
 from train.evaluate import evaluate
 from train.grpo import group_advantages, grpo_loss, sampler_gap, truncated_rows
 from train.inputs import decode_merged, rollout_inputs
-from train.optim import _NonFinite, _set_lr, update
+from train.optim import _NonFinite, set_lr, update
 from train.policy import (check_policy, completion_logprobs, merged_lora, merged_lora_weights,
                           policy_spec, save_policy)
+from train.recipes import answer_nll, in_warmup, mix_coef, warmup_step
 from train.records import _micro_stats, _step_record, _summary, _update_record, completion_records
 from train.rollouts import Rollouts, draw_informative, micro_seed
-from train.setup import (FeatureSource, Models, RunData, _data_order, build_models, load_data,
+from train.setup import (FeatureSource, Models, RunData, data_order, build_models, load_data,
                          micro_batches_per_rank, open_run)
 from train.trackers import Trackers
 
@@ -181,19 +182,20 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
     promises whatever the rank count. Returns (metrics, new cursor)."""
     t_step = time.perf_counter()
     timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
-    _set_lr(m.optimizer, step, cfg.warmup_steps)
+    set_lr(m.optimizer, step, cfg.warmup_steps)
     if hasattr(m.adapter, "out"):  # context_gate ramp: this step's r_t (0 on the first step: KL = 0)
         m.adapter.out.set_step(step, cfg.gate_warmup_steps)
     m.optimizer.zero_grad(set_to_none=True)
     method, W, B = method_info(cfg.method), dist.world(), cfg.train_batch_size
     stats = []  # [(global micro index, stats)]
+    sft_nll = []  # the mixed objective's answer NLL per micro-batch (sft_mix_coef > 0)
     again = []  # num_iterations > 1: (global micro index, rollouts without their graph, pi_old and ref log-probs)
     for micro in range(micro_batches_per_rank(cfg.gradient_accumulation_steps, W)):
         g = micro * W + dist.rank()  # global micro-batch index: whole groups per rank, no exchange for advantages
         A = cfg.gradient_accumulation_steps  # round r of micro-batch g reads the step's r-th block of A*B prompts
 
         def prompts(r: int, g: int = g) -> list[int]:
-            return [int(data.train_idx[i]) for i in _data_order(cfg.seed, len(data.train_idx), cursor + (r * A + g) * B, B)]
+            return [int(data.train_idx[i]) for i in data_order(cfg.seed, len(data.train_idx), cursor + (r * A + g) * B, B)]
 
         idx = prompts(0)
         torch.manual_seed(micro_seed(cfg.seed, step, g))
@@ -204,6 +206,11 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
                                         m.tok.pad_token_id, device)
             idx = ro.idx
         out = grpo_step(cfg, m, ro, timing)
+        coef = mix_coef(cfg, step)
+        if coef > 0:  # the mixed objective's supervised term, this micro-batch's share of the step
+            nll = answer_nll(cfg, m, data, idx, device)
+            (coef * nll / cfg.gradient_accumulation_steps).backward()
+            sft_nll.append(float(nll.detach()))
         if out.old is not None:
             again.append((g, ro._replace(embeds=None, ref_embeds=None), out.old))
         if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
@@ -236,6 +243,9 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
                     "filter/rounds_max": rounds,
                     "filter/reward_mean_drawn": sum(d["reward_sum"] for d in drew) / (sum(d["drawn"] for d in drew) * cfg.group_size)})
     rec.update(_update_record(cfg, updates, norms))  # clip_frac, policy/entropy, kl over every update
+    if cfg.sft_mix_coef > 0:
+        nll = dist.gather_all(sft_nll)
+        rec.update({"sft/coef": mix_coef(cfg, step), "sft/nll": sum(nll) / len(nll) if nll else None})
     if cfg.beta == 0:
         rec.pop("kl")  # the reference never ran: no KL was measured
     return rec, cursor
@@ -266,7 +276,10 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
     for step in range(start_step + 1, cfg.total_training_steps + 1):
         cursor_at_start = cursor  # the data position that goes with the weights before this step
         try:
-            rec, cursor = train_step(cfg, m, data, step, cursor, device, run if main else None)
+            if in_warmup(cfg, step):  # the supervised warm-up's steps (sft_warmup_steps): no rollouts
+                rec, cursor = warmup_step(cfg, m, data, step, cursor, device)
+            else:
+                rec, cursor = train_step(cfg, m, data, step, cursor, device, run if main else None)
         except _NonFinite as e:
             if main and e.it == 0:  # pass it > 0: the weights hold this step's first updates, not step-1's
                 ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
@@ -287,10 +300,15 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
         run.append(METRICS, rec)
         trackers.log(rec, step)
         bar.update(1)
-        bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec.get('kl', math.nan):.4f}")
-        if not progress and step % cfg.log_freq == 0:
-            log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec.get('kl', math.nan):.4f} "
-                f"{rec['step_seconds']:.1f}s")
+        if "sft/nll" in rec and "reward/mean" not in rec:  # a warm-up step: no rollouts, no reward
+            bar.set_postfix(sft_nll=f"{rec['sft/nll']:.3f}")
+            if not progress and step % cfg.log_freq == 0:
+                log(f"step {step}: sft warm-up nll {rec['sft/nll']:.3f} {rec['step_seconds']:.1f}s")
+        else:
+            bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec.get('kl', math.nan):.4f}")
+            if not progress and step % cfg.log_freq == 0:
+                log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec.get('kl', math.nan):.4f} "
+                    f"{rec['step_seconds']:.1f}s")
         evals = []
         if full:
             last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run, score)

@@ -12,7 +12,7 @@ from train.config import TrainConfig
 from train.setup import Models
 
 
-def _set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> None:
     """Linear warmup: warmup_steps for the policy's group, each group's own `warmup` on top."""
     for g in optimizer.param_groups:
         w = max(warmup_steps, g.get("warmup", 0))

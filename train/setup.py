@@ -26,7 +26,7 @@ from train.config import TrainConfig, keys_missing_from_old_run
 from train.policy import load_policy, merged_lora_weights, policy_spec
 
 
-def _data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
+def data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
     """Prompts cursor..cursor+count of an endless stream of seeded per-epoch permutations."""
     out = []
     for c in range(cursor, cursor + count):

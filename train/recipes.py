@@ -1,0 +1,121 @@
+"""Training recipes beyond the paper: a supervised warm-up before GRPO, and a decaying supervised term
+mixed into GRPO's loss. The paper trains g_phi with reward alone; every published connector between
+language models trains it with a dense supervised signal first or alongside (LLaVA's projector-first
+stage, Cache-to-Cache's next-token loss on its fuser, DeepSeek-R1's cold start, CHORD's decaying
+supervised term). Both recipes here minimise one loss, `answer_nll`: the negative log-likelihood of the
+reference answer's tokens and EOS given the prompt with C spliced in, teacher-forced, on prompts of the
+training split only (the same data order GRPO reads: the held-out split cannot be reached).
+
+- sft_warmup_steps W: steps 1..W are supervised (no rollouts, no reward); GRPO runs steps W+1..total.
+  sft_warmup_train says what the warm-up trains: `context` (g_phi and its gate, the LoRA frozen: the
+  projector-first stage) or `context+lora`.
+- sft_mix_coef c, sft_mix_steps D: at GRPO step t (t = 1 the first step after the warm-up) the loss is
+  GRPO's plus c * max(0, 1 - (t - 1) / D) * answer_nll, so the supervised term decays linearly to 0 over
+  D GRPO steps and the run ends as the paper's GRPO (docs/grpo.md says why this and not a reference
+  answer placed in each group).
+
+Both are off (0) in every paper preset; a run with either is a different method, and the report names
+its recipe (`recipe_name`). Refusals live in TrainConfig.validate.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import torch
+
+from core import dist
+from train.config import TrainConfig
+from train.inputs import policy_inputs
+from train.optim import set_lr, update
+from train.policy import completion_logprobs
+from train.setup import Models, RunData, data_order, micro_batches_per_rank
+
+
+def answer_tokens(tok, answers: list[str], eos: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference answers as completions: ids [b, T] right-padded with EOS, mask [b, T] (1 on the
+    answer's tokens and its EOS, 0 on padding)."""
+    ids = [tok(str(a), add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+    T = max(len(x) for x in ids)
+    out = torch.full((len(ids), T), eos, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+    return out.to(device), mask.to(device)
+
+
+def answer_nll(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str) -> torch.Tensor:
+    """Mean negative log-likelihood, nats per answer token (a scalar with its graph), of the reference
+    answers and EOS of prompts `idx`, each read after its prompt with C spliced in (teacher-forced, the
+    rollouts' temperature 1). Gradients reach the LoRA and g_phi (and the gate) like GRPO's do."""
+    pi = policy_inputs(cfg, m, data, idx, device)  # [b, L, d], C spliced in with its gate
+    ids, mask = answer_tokens(m.tok, [data.prompts["answer"][i] for i in idx], m.eos[0], device)  # [b, T]
+    logp = completion_logprobs(m.lm, pi.embeds, pi.mask, ids, mask)  # [b, T]
+    return -(logp * mask).sum() / mask.sum()
+
+
+def in_warmup(cfg: TrainConfig, step: int) -> bool:
+    """Whether optimizer step `step` (1-based) is a supervised warm-up step."""
+    return step <= cfg.sft_warmup_steps
+
+
+def mix_coef(cfg: TrainConfig, step: int) -> float:
+    """The mixed supervised term's weight at optimizer step `step`: c * max(0, 1 - (t - 1) / D), t the
+    GRPO step counted from the end of the warm-up; 0 when the recipe is off or has decayed."""
+    if cfg.sft_mix_coef == 0 or in_warmup(cfg, step):
+        return 0.0
+    t = step - cfg.sft_warmup_steps
+    return cfg.sft_mix_coef * max(0.0, 1.0 - (t - 1) / cfg.sft_mix_steps)
+
+
+def recipe_name(config: dict) -> str | None:
+    """A run's recipe in words from its config mapping ('sft-warmup 20 (context)', 'sft-mix 0.5/30'),
+    None for the paper's recipe (reward only). Keys absent from an older run's config read as off."""
+    parts = []
+    if int(config.get("sft_warmup_steps", 0) or 0) > 0:
+        parts.append(f"sft-warmup {config['sft_warmup_steps']} ({config.get('sft_warmup_train', 'context')})")
+    if float(config.get("sft_mix_coef", 0.0) or 0.0) > 0:
+        parts.append(f"sft-mix {config['sft_mix_coef']:g}/{config.get('sft_mix_steps')}")
+    return " + ".join(parts) or None
+
+
+class WarmupOut(NamedTuple):
+    record: dict  # the step's metrics.jsonl record (stage "sft-warmup")
+    cursor: int  # the data position after the step's prompts
+
+
+def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str) -> WarmupOut:
+    """One supervised warm-up step: the same prompts a GRPO step would read (gradient_accumulation_steps
+    micro-batches of train_batch_size prompts in the run's data order, split over ranks), the mean of
+    their answer NLLs backpropagated, and one AdamW update through `update` (clipping, the non-finite
+    guard). With sft_warmup_train `context` the LoRA's gradients are dropped before the update, so the
+    LoRA is untouched (AdamW skips a tensor without a gradient: no weight decay either)."""
+    t0 = time.perf_counter()
+    set_lr(m.optimizer, step, cfg.warmup_steps)
+    if hasattr(m.adapter, "out"):  # context_gate ramp: r_t rises over the warm-up as over GRPO steps
+        m.adapter.out.set_step(step, cfg.gate_warmup_steps)
+    m.optimizer.zero_grad(set_to_none=True)
+    W, B, A = dist.world(), cfg.train_batch_size, cfg.gradient_accumulation_steps
+    losses = []
+    for micro in range(micro_batches_per_rank(A, W)):
+        g = micro * W + dist.rank()
+        idx = [int(data.train_idx[i]) for i in data_order(cfg.seed, len(data.train_idx), cursor + g * B, B)]
+        loss = answer_nll(cfg, m, data, idx, device)
+        (loss / A).backward()  # the step's A micro-batches, over every rank, average
+        losses.append(float(loss.detach()))
+    losses = dist.gather_all(losses)  # every rank's micro-batches
+    if cfg.sft_warmup_train == "context":
+        for group in m.optimizer.param_groups:
+            if group.get("name") == "lora":
+                for p in group["params"]:
+                    p.grad = None
+    nll = sum(losses) / len(losses)
+    grad_norm, norms = update(cfg, m, nll, step_tokens=1.0)  # step_tokens 1: no token division (dapo)
+    rec = {"step": step, "stage": "sft-warmup", "sft/nll": nll, "grad_norm": grad_norm,
+           "lr": m.optimizer.param_groups[0]["lr"], "step_seconds": time.perf_counter() - t0,
+           **{f"grad_norm/{k}": v for k, v in norms.items()}}
+    out = getattr(m.adapter, "out", None)
+    if out is not None and out.gate_value() is not None:
+        rec["context/gate"] = out.gate_value()
+    return WarmupOut(rec, cursor + A * B)
