@@ -89,6 +89,17 @@ def test_musk_eval_defaults_end_to_end(tiny_cache, tiny_policy, tmp_path, monkey
     assert list(s["conditions"]) == ["with", "without", "null", "shuffle:tiny-llama", "shuffle:tiny-gpt2",
                                      "shuffle:all"]
     assert all(c["n"] == 3 for c in s["conditions"].values())
+    # each shuffle's partners: inside the task, and same-answer pairs only where none avoids them
+    from cache.reader import Cache
+
+    with Cache(tiny_cache) as c:
+        answers = [c.prompts()["answer"][int(r)].strip() for r in c.split_indices("val")[:3]]
+    m = max(answers.count(a) for a in answers)
+    fewest = 1.0 if m == 3 else max(0, 2 * m - 3) / 3
+    cc = s["content_controls"]
+    assert list(cc) == ["shuffle:tiny-llama", "shuffle:tiny-gpt2", "shuffle:all"]
+    assert all(x["cross_dataset_share"] == 0.0 and x["rows"] == 3 and x["left_out"] == 0 for x in cc.values())
+    assert all(x["same_answer_share"] == pytest.approx(fewest) for x in cc.values())
 
 
 def test_collaboration_table_leads_with_the_shuffled_control(tmp_path):
