@@ -255,24 +255,37 @@ def report(
 @app.command()
 def probe(
     cache: Path = typer.Argument(..., help="A cache built by `musk extract`."),
-    policy: Optional[str] = typer.Option(None, "--policy", help="Whose tokenizer gives the labels (expert name, hub id or "
-                                         "folder); default: the train default's policy."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Whose tokenizer encodes the question-only control "
+                                         "(and the first-token labels): expert name, hub id or folder; default: the "
+                                         "train default's policy."),
+    target: str = typer.Option("answer", "--target", help="What is predicted: answer (the whole reference answer) "
+                               "or first-token (the answer's first token in the policy's tokenizer: whether the "
+                               "state tells the answers' first tokens apart, which the question alone often does; "
+                               "not evidence that the answer is carried; refused when it has one class)."),
+    permutations: int = typer.Option(20, "--permutations", help="Shuffled-label fits per probe (at least 20); "
+                                     "their mean and 95th percentile are shown."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the table to OUT.md and OUT.csv."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Probe on the first N training prompts only."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ):
-    """Is the answer in the state? A linear probe per expert and pooling variant, from the cache alone."""
-    from analyze.probe import ProbeConfig, probe_cache, probe_markdown, write_probe
+    """Is the answer in the state beyond what the question shows? A linear probe per expert and pooling
+    variant, from the cache alone, beside a question-only control (expert minus control), the majority
+    class, chance 1/K and 20+ shuffled-label fits, with Wilson 95% intervals."""
+    from analyze.probe import MIN_PERMUTATIONS, TARGETS, ProbeConfig, probe_cache, probe_markdown, write_probe
     from pipeline.experts import load_tokenizer_from
     from train.config import TrainConfig
 
     _threads(threads)
     if max_train is not None and max_train < 1:
         _fail("--max-train must be at least 1")
+    if target not in TARGETS:
+        _fail(f"--target takes one of {list(TARGETS)}, got {target!r}")
+    if permutations < MIN_PERMUTATIONS:
+        _fail(f"--permutations must be at least {MIN_PERMUTATIONS}, got {permutations}")
     name = policy or TrainConfig().policy
     tok = _run(load_tokenizer_from, name)
-    rows = _run(probe_cache, cache, tok, ProbeConfig(max_train=max_train))
-    title = f"Decodability probe: {cache.name}, labels in {name}'s tokenizer"
+    rows = _run(probe_cache, cache, tok, ProbeConfig(max_train=max_train, target=target, permutations=permutations))
+    title = f"Decodability probe ({target}): {cache.name}, question-only control in {name}'s tokenizer"
     typer.echo(probe_markdown(rows, title))
     if out is not None:
         _run(write_probe, rows, out, title)

@@ -3,6 +3,7 @@ conditions and expert ablations. Nothing is retrained.
 
     RUN_DIR/eval/<checkpoint>-<split>[-<ablations>]/records.jsonl   one record per (prompt, condition, sample)
                                                     summary.json    settings + per condition and per task scores
+                                                                    + content_controls (each shuffle's partners)
 
 Every input is checked before anything is written. A rerun into the same folder with the same settings
 reuses the conditions whose records are complete and computes the rest (records never duplicated);
@@ -27,6 +28,7 @@ from cache.run_folder import EVAL_DIR, RunFolder, read_jsonl, write_jsonl
 from core.atomic import atomic_write_text
 from core.config import check_finite, from_dict
 from core.errors import MuskError
+from core.heldout import problem_key
 from pipeline.experts import resolve_device, resolve_dtype
 from train import checkpoint as ckpt
 from train.adapters import method_info
@@ -34,6 +36,7 @@ from train.config import TrainConfig
 from train.evaluate import Condition, condition_records, summarize
 from train.inputs import ExpertView
 from train.setup import RunData, build_models, load_data
+from train.shuffle import derangement, partnered, shuffle_stats, shuffled  # noqa: F401 (derangement: public here too)
 
 CONTEXTS = ("with", "without", "null")
 ABLATIONS = ("drop", "shuffle", "only")
@@ -175,43 +178,6 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
     return conds
 
 
-def derangement(k: int, rng: np.random.Generator) -> np.ndarray:
-    """A uniformly drawn permutation of range(k) with no fixed point (k >= 2), by rejection: about e
-    draws on average."""
-    while True:
-        perm = rng.permutation(k)
-        if not np.any(perm == np.arange(k)):
-            return perm
-
-
-def shuffled(cond: Condition, rows: np.ndarray, seed: int, questions: list | None = None) -> Condition:
-    """A shuffle condition with its source rows: the shuffled experts of every row of question q read a
-    row of question perm[q], perm = derangement(distinct questions, default_rng([seed, key])), key the
-    expert's index for shuffle:NAME and the team size n for shuffle:all (every expert moved together,
-    no single expert's key), so no row keeps its own question's features (a plain permutation leaves
-    some rows in place, and a row of a repeated question that lands on its twin keeps them too).
-    Recorded in the records' condition name and summary.json's seed. questions: the question of each
-    row (default: each row its own). Raises MuskError with fewer than two distinct questions."""
-    if not cond.view.source:
-        return cond
-    es = list(cond.view.source)
-    questions = list(rows) if questions is None else list(questions)
-    distinct = list(dict.fromkeys(questions))
-    if len(distinct) < 2:
-        raise MuskError(f"--ablate {cond.name}: the evaluated prompts hold {len(distinct)} distinct question; a "
-                        "shuffle needs two or more (raise --limit)")
-    members: dict = {q: [] for q in distinct}  # question -> its rows, in order
-    for j, q in enumerate(questions):
-        members[q].append(int(rows[j]))
-    perm = derangement(len(distinct), np.random.default_rng([seed, es[0] if len(es) == 1 else len(es)]))
-    src = {}
-    for qi, q in enumerate(distinct):
-        other = members[distinct[perm[qi]]]
-        for k, row in enumerate(members[q]):
-            src[row] = other[k % len(other)]
-    return cond._replace(view=ExpertView(source={e: src for e in es}))
-
-
 def _load_weights(m, folder: Path, checkpoint: str) -> None:
     if checkpoint == "final":
         from peft import set_peft_model_state_dict
@@ -289,13 +255,17 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     if len(rows) == 0:
         raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
     has_c = method_info(cfg.method).has_context  # g_phi with an output projection (and a null C)
-    questions = [data.prompts["text"][r] for r in rows]
+    # a shuffle's partner: same dataset, another problem, another reference answer (train/shuffle.py)
+    questions = [problem_key(data.prompts["text"][r]) for r in rows]
+    tasks, answers = [data.prompts["task"][r] for r in rows], [data.prompts["answer"][r] for r in rows]
     conds = parse_conditions(req, cfg, data, has_c)  # before the model loads
-    if req.contexts is None and req.ablations is None and len(set(questions)) < 2:  # defaults: nothing to shuffle
-        log(f"content controls left out: the evaluated prompts hold {len(set(questions))} distinct question; a "
-            "shuffle needs two or more")
+    if req.contexts is None and req.ablations is None and all(  # defaults: nothing to shuffle
+            len({q for q, t in zip(questions, tasks) if t == d}) < 2 for d in set(tasks)):
+        log(f"content controls left out: no dataset of the evaluated prompts holds two distinct questions "
+            f"({len(set(questions))} in {len(set(tasks))} dataset(s)); a shuffle within a dataset needs two or more")
         conds = [c for c in conds if not c.name.startswith("shuffle:")]
-    conds = [shuffled(c, rows, req.seed, questions) for c in conds]
+    conds = [shuffled(c, rows, req.seed, questions, tasks, answers, log) for c in conds]
+    controls = {c.name: shuffle_stats(c, rows, tasks, answers) for c in conds if c.view.source}
     device = resolve_device(cfg.device)
     dtype = eval_dtype(req, cfg, resolved, device, log)
     out = Path(req.out) if req.out is not None else default_out(req)
@@ -306,17 +276,18 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
         raise MuskError(f"{str(out)!r} holds an evaluation with other settings or weights ({diff}); use another --out")
     m = build_models(cfg, data, device, dtype)
     _load_weights(m, folder, req.checkpoint)
-    meta = {**here, "method": cfg.method, "team": data.experts}
+    meta = {**here, "method": cfg.method, "team": data.experts, "content_controls": controls}
     records = read_jsonl(out / RECORDS) if old is not None else []
-    want = {(int(r), s) for r in rows for s in range(req.samples)}
     m.peft.eval()
     m.adapter.eval()
     for cond in tqdm(conds, desc="musk eval", unit="condition", disable=not progress):
+        cond_rows = partnered(cond, rows)  # a shuffle leaves out the rows with no partner in their dataset
+        want = {(int(r), s) for r in cond_rows for s in range(req.samples)}
         have = {(r["prompt"], r["sample"]) for r in records if r["condition"] == cond.name}
         if have == want:
             continue  # complete from an earlier run into this folder
         records = [r for r in records if r["condition"] != cond.name]
-        records += condition_records(cfg, m, data, rows, cond, device, req.samples, req.temperature, req.seed)
+        records += condition_records(cfg, m, data, cond_rows, cond, device, req.samples, req.temperature, req.seed)
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / RECORDS, records)
         atomic_write_text(out / SUMMARY, json.dumps({**meta, "conditions": summarize(records, sampled=req.temperature is not None)},
