@@ -16,7 +16,8 @@
 # Writes OUT/NAME-runs/<method>-<seed>/ (each run's eval/final-val-ablations/ inside) and
 # OUT/NAME-report/ (summary.md, report.html, paired.md, ablations.md, ...), and prints the two tables.
 # Environment: MUSK (the command, default musk), THREADS (--threads for every job, default torch's),
-# EVAL_ARGS (extra `musk eval` options, e.g. "--limit 64" or "--samples 4 --temperature 1.0").
+# EVAL_ARGS (extra `musk eval` options, e.g. "--limit 64" or "--samples 4 --temperature 1.0"),
+# TRAIN_SET (space-separated KEY=VALUE for every `musk train`, e.g. a recipe: "sft_warmup_steps=30").
 set -euo pipefail
 
 if [ $# -lt 4 ]; then
@@ -29,6 +30,8 @@ methods=${6:-"single prefix perceiver"}
 musk=${MUSK:-musk}
 threads=${THREADS:+--threads $THREADS}
 runs=$out/$name-runs
+train_set=()
+for kv in ${TRAIN_SET:-}; do train_set+=(--set "$kv"); done
 
 for s in $seeds; do
   for m in $methods; do
@@ -36,7 +39,8 @@ for s in $seeds; do
     [ -f "$run/summary.json" ] && continue
     resume=""
     [ -f "$run/config.yaml" ] && resume=--resume
-    $musk train --cache "$cache" --method "$m" --config "$config" --seed "$s" --out "$run" $resume $threads --no-progress
+    $musk train --cache "$cache" --method "$m" --config "$config" --seed "$s" --out "$run" $resume $threads --no-progress \
+      "${train_set[@]}"
   done
 done
 
