@@ -12,6 +12,8 @@ import yaml
 from cache.run_folder import CONFIG, EVAL, METRICS, NOT_SETTINGS, RunFolder
 from core.errors import MuskError
 from core.hashing import sha256_of
+from train.config import DEFAULTS_BEFORE_KEY
+from train.recipes import recipe_name
 
 # Keys of the resolved config that never make two runs different conditions. total_training_steps
 # is replaced by the step the run reached (`Run.steps`): a run cut short with --max-steps is its own
@@ -60,8 +62,22 @@ class Run:
         skip = set(NOT_A_CONDITION) | set(keys)
         if self.config.get("dtype_resolved"):  # the dtype trained in is the fact; `auto` or its name is a wish
             skip.add("dtype")
-        cfg = {k: v for k, v in self.config.items() if k not in skip}
+        # a key added after some runs were made, at the value that reproduces what musk did before it
+        # existed, is no difference: an older run without it pools with a newer one at that value
+        cfg = {k: v for k, v in self.config.items()
+               if k not in skip and not (k in DEFAULTS_BEFORE_KEY and DEFAULTS_BEFORE_KEY[k] == v)}
         return sha256_of({**cfg, "steps reached": self.steps} if steps else cfg)[:10]
+
+    @property
+    def recipe(self) -> str | None:
+        """The training recipe beyond the paper ('sft-warmup 30 (context)'), None for reward alone."""
+        return recipe_name(self.config)
+
+    @property
+    def label(self) -> str:
+        """The method as the report names it: with its recipe when it has one ('perceiver + sft-warmup
+        30 (context)'), so a recipe run never reads as the paper's method."""
+        return f"{self.method} + {self.recipe}" if self.recipe else self.method
 
     @property
     def final_accuracy(self) -> float | None:
