@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from analyze.records import last_full_records, per_prompt, seeds_cell
+from analyze.records import last_full_records, per_prompt, question_clusters, seeds_cell
 from analyze.runs import Run, dtype_of
 from analyze.tables import Table
 from cache.reader import Cache
@@ -214,7 +214,8 @@ def paired_best_expert(runs: list[Run]) -> Table:
         if b is None or not recs:
             continue
         best = dict(zip(b.question_sha, b.solo[b.best].tolist()))  # the expert's greedy answer: no seed
-        txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best], fixed_b=True)
+        txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best], fixed_b=True,
+                                 clusters=question_clusters(rs))
         label = f"{method} ({dtype}) − best expert ({b.best})"
         rows.setdefault(label, ["—"] * len(families))[families.index(family)] = txt
         raw.append({"comparison": label, "family": family, **fields})

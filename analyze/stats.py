@@ -133,6 +133,7 @@ class SeedQuestionCI(NamedTuple):
     ceil: float
     clustered: bool = False  # n counts clusters of questions (one problem asked in several forms)
     per_seed: tuple = ()  # ((diff, lo, hi), ...) conditional per-seed intervals, filled with two seeds
+    questions: int = 0  # questions (n counts clusters when clustered)
 
     @property
     def conditional(self) -> bool:
@@ -163,12 +164,14 @@ class SeedQuestionCI(NamedTuple):
         """'+3.1 [-0.4, +5.9] (3 v 3 seeds, 500 questions)' in points. '†' marks an interval conditional
         on the trained weights (a side with one seed); two seeds print one interval per seed and no pooled
         one; 'n too small' replaces a zero-width or one-question interval; a bound past what the scores
-        allow is said, not clipped. unit names what n counts (clusters when clustered)."""
+        allow is said, not clipped. unit names what the questions are; with clusters that merge questions,
+        n counts problems beside them."""
         s = lambda k: f"{k} seed" + ("s" if k > 1 else "")  # noqa: E731
         seeds = s(self.seeds_a) if self.paired_seeds else f"{self.seeds_a} v {s(self.seeds_b)}"
         if self.fixed_b:
             seeds = f"{s(self.seeds_a)} v fixed answers"
-        what = f"{seeds}, {self.n} {'clusters of ' if self.clustered else ''}{unit}"
+        what = f"{seeds}, {self.n} problems, {self.questions} {unit}" if self.n < self.questions else \
+            f"{seeds}, {self.n} {unit}"
         iv = lambda d, lo, hi: f"{d * scale:+.1f} [{lo * scale:+.1f}, {hi * scale:+.1f}]"  # noqa: E731
         if self.too_small:
             return f"{self.diff * scale:+.1f}, n too small for an interval ({what})"
@@ -269,7 +272,7 @@ def seed_question_interval(a, b, paired_seeds: bool = False, fixed_b: bool = Fal
     floor, ceil = ((float((a - b).min()), float((a - b).max())) if paired_seeds
                    else (float(a.min() - b.max()), float(a.max() - b.min())))
     ci = SeedQuestionCI(float(diff), float(diff) - h, float(diff) + h, n, len(a), len(b), paired_seeds, fixed_b,
-                        float(v_seed), float(v_q), float(df), floor, ceil, clusters is not None)
+                        float(v_seed), float(v_q), float(df), floor, ceil, clusters is not None, (), a.shape[1])
     if ci.two_seeds:
         rest = b.mean(0, keepdims=True)
         per = [seed_question_interval(a[i:i + 1], b[i:i + 1] if paired_seeds else rest, clusters=clusters,

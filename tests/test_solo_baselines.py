@@ -135,3 +135,31 @@ def test_missing_cache_is_missing_not_zero(tiny_cache, tmp_path):
     runs = [_run(tmp_path, "p", tiny_cache, "perceiver", 0.10)]  # the tiny cache has no solo answers
     t = extend_table1(table1(runs), runs)
     assert "Baselines missing" in t.note and not any(label.startswith("best expert") for label, _ in t.rows)
+
+
+def test_report_counts_one_problem_once(tiny_cache, tmp_path):
+    """Two held-out questions that are one problem for the held-out split ("2 + 9" and "9 + 2") are one
+    cluster in the report's intervals: n counts 3 problems over 4 questions (cache texts, keyed by the
+    records' question digest)."""
+    import hashlib
+
+    from analyze.records import question_clusters, seeds_cell
+
+    path = tmp_path / "twins.h5"
+    shutil.copyfile(tiny_cache, path)
+    with Cache(path) as c:
+        val = c.split_indices("val")
+    texts = ["Calculate: 2 + 9 =", "Calculate: 9 + 2 =", "Calculate: 5 - 1 =", "Calculate: 1 - 5 ="]
+    with h5py.File(path, "a") as f:
+        d = f["prompts/text"]
+        for i, t in zip(val, texts):
+            d[i] = t
+    run = Run("r", tmp_path, {"cache": str(path), "method": "perceiver"}, {}, pl.DataFrame(), pl.DataFrame())
+    keys = question_clusters([run])
+    sha = [hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts]
+    assert keys[sha[0]] == keys[sha[1]] and len({keys[s] for s in sha}) == 3
+    a = [dict(zip(sha, x)) for x in ([1, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 0])]
+    b = [dict(zip(sha, [0, 0, 0, 1]))]
+    txt, fields = seeds_cell(a, b, fixed_b=True, clusters=keys)
+    assert fields["n"] == 3 and fields["questions"] == 4 and fields["unit"] == "problems"
+    assert "(3 seeds v fixed answers, 3 problems, 4 distinct questions" in txt, txt

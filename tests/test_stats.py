@@ -156,7 +156,7 @@ def test_interval_clusters_count_problems_once():
     ids = np.repeat(np.arange(40), 2)
     dup = seed_question_interval(np.repeat(a, 2, 1), np.repeat(b, 2, 1), clusters=ids)
     plain = seed_question_interval(np.repeat(a, 2, 1), np.repeat(b, 2, 1))
-    assert dup.n == 40 and dup.clustered and "40 clusters of questions" in dup.fmt()
+    assert dup.n == 40 and dup.clustered and "40 problems, 80 questions" in dup.fmt()
     assert dup.v_question > 1.5 * plain.v_question
     assert seed_question_interval(a, b, clusters=np.arange(40)) == seed_question_interval(a, b)._replace(clustered=True)
     with pytest.raises(ValueError, match="one id per question"):
