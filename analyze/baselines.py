@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from analyze.records import last_full_records, per_prompt, question_clusters, seeds_cell
+from analyze.records import _row_label, _rows, last_full_records, per_prompt, question_clusters, seeds_cell
 from analyze.runs import Run, dtype_of
 from analyze.tables import Table
 from cache.reader import Cache
@@ -229,37 +229,42 @@ def _mark_below(t1: Table, best_of: dict[str, float]) -> None:
 
 def paired_best_expert(runs: list[Run]) -> Table:
     """Each method (its runs' last full evaluation) minus the best expert alone, paired by question digest:
-    a two-level interval per family (the method's seeds, then questions; the expert's greedy answers
-    are fixed), one row per method and training dtype."""
+    a seed-and-question interval per family (the method's seeds, then questions; the expert's greedy
+    answers are fixed), one row per condition as Table 1 keys them (method and every setting but the
+    seed, ablation runs left out) and training dtype, so runs of other settings never pool as seeds."""
     found, notes = run_baselines(runs)
-    groups: dict[tuple, list[Run]] = defaultdict(list)
-    for r in runs:
-        if r.finished and r.config.get("cache"):
-            groups[(r.method, r.family, str(r.config["cache"]), r.team, dtype_of(r))].append(r)
+    rows_by_condition = _rows(runs)  # finished main-setting runs, by full condition
     families = sorted({k[0] for k in found})
     rows: dict[str, list[str]] = {}
     raw, used = [], []
-    for (method, family, cache, team, dtype), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        b = found.get((family, cache, team))
-        recs = [x for x in (last_full_records(r) for r in rs) if x]
-        if b is None or not recs:
-            continue
-        best = dict(zip(b.question_sha, b.solo[b.best].tolist()))  # the expert's greedy answer: no seed
-        txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best], fixed_b=True,
-                                 clusters=question_clusters(rs))
-        label = f"{method} ({dtype}) − best expert ({b.best})"
-        rows.setdefault(label, ["—"] * len(families))[families.index(family)] = txt
-        raw.append({"comparison": label, "family": family, **fields})
-        used += rs
+    for key, condition in sorted(rows_by_condition.items(), key=lambda kv: str(kv[0])):
+        label0 = _row_label(rows_by_condition, key, condition)
+        groups: dict[tuple, list[Run]] = defaultdict(list)
+        for r in condition:
+            if r.config.get("cache"):
+                groups[(r.family, str(r.config["cache"]), r.team, dtype_of(r))].append(r)
+        for (family, cache, team, dtype), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            b = found.get((family, cache, team))
+            recs = [x for x in (last_full_records(r) for r in rs) if x]
+            if b is None or not recs:
+                continue
+            best = dict(zip(b.question_sha, b.solo[b.best].tolist()))  # the expert's greedy answer: no seed
+            txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best], fixed_b=True,
+                                     clusters=question_clusters(rs))
+            label = f"{label0} ({dtype}) − best expert ({b.best})"
+            rows.setdefault(label, ["—"] * len(families))[families.index(family)] = txt
+            raw.append({"comparison": label, "family": family, "runs": ";".join(r.name for r in rs), **fields})
+            used += rs
     note = ("Paired over the held-out prompts both scored (question digest): a method's greedy accuracy minus the "
-            "best expert's own answer (chosen on the training split), in points over distinct questions, 95% "
-            "two-level interval (the method's seeds, then questions; the expert's answers are fixed, no seed; † one "
-            "seed: conditional on its weights).")
+            "best expert's own answer (chosen on the training split; correct at reward >= 1.0 as the method's), in "
+            "points over distinct questions, 95% seed-and-question interval (the method's seeds; the expert's "
+            "answers are fixed, no seed; † one seed: conditional on its weights). A row is one condition as in "
+            "Table 1; ablation runs (pooling variants, the m sweep) are left out.")
     if not rows:
         note = "No finished run with evaluation records and a cache holding solo answers: nothing to pair."
     if notes:
         note += " Missing: " + "; ".join(notes) + "."
-    return Table("Paired differences vs the best expert alone (points, 95% bootstrap interval)", families,
+    return Table("Paired differences vs the best expert alone (points, 95% interval)", families,
                  list(rows.items()), raw, used, note)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyze.runs import SCHEDULE, Run, dtype_of
+from analyze.runs import NOT_A_CONDITION, SCHEDULE, Run, dtype_of
 from analyze.stats import cell, seed_question_interval
 from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, _prompt_set,
                             ablation_names)
@@ -25,6 +25,7 @@ from cache.reader import Cache
 from cache.run_folder import EVAL_DIR, EVAL_RECORDS, read_jsonl
 from core.errors import MuskError
 from core.heldout import problem_key
+from train.config import method_reads
 
 UNIT = "distinct questions"  # records pair on question_sha: n counts distinct questions, not prompts
 CI_NOTE = (f"Differences in accuracy points over {UNIT} (records pair on the question's digest), 95% interval "
@@ -147,12 +148,29 @@ def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
     return col[0] if sum(c[0] == col[0] for c in cols) == 1 else f"{col[0]} [prompts {col[1][:8]}]"
 
 
-def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str], dtype: str, method: str = "single") -> list[Run]:
+# Config keys a control need not share with the method it is set against: the seed and what never makes a
+# condition (NOT_A_CONDITION), the method itself, the column (family, cache, prompt set), the evaluation
+# schedule, the experts (a control reads none) and the dtype (matched as trained, dtype_of).
+CONTROL_FREE = set(NOT_A_CONDITION) | {"method", "experts", "cache", "cache_fingerprint", "prompt_set", "task_family",
+                                       "dtype", "dtype_resolved", *SCHEDULE}
+
+
+def unmatched_keys(run: Run, control: Run) -> list[str]:
+    """Config keys both methods read (train.config.method_reads) on which control differs from run,
+    beyond CONTROL_FREE: a key added to the config later is matched without naming it here."""
+    keys = (set(run.config) | set(control.config)) - CONTROL_FREE
+    return sorted(k for k in keys if method_reads(run.method, k) and method_reads(control.method, k)
+                  and repr(run.config.get(k)) != repr(control.config.get(k)))
+
+
+def _control_of(rows: dict[tuple, list[Run]], col: tuple[str, str], like: Run, method: str = "single") -> list[Run]:
     """The family's own `method` runs (single, or prefix: m trainable tokens and no experts) on the
-    column's prompt set, trained in `dtype` (the condition with most runs there)."""
-    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col and dtype_of(r) == dtype]
+    column's prompt set, trained in like's dtype, whose settings match like's (unmatched_keys: m for
+    prefix, and every other key both read); [] when no condition matches. Two matching conditions (a
+    key only the control reads differs) are told apart by their run count, then by name."""
+    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col and dtype_of(r) == dtype_of(like)]
              for k, rs in sorted(rows.items(), key=str) if k[0] == method]
-    cands = [c for c in cands if c]
+    cands = [c for c in cands if c and not unmatched_keys(like, c[0])]
     return max(cands, key=len) if cands else []
 
 
@@ -186,11 +204,14 @@ def paired_tables(runs: list[Run]) -> list[Table]:
         cells, seed_cells = [], []
         for col, head in zip(cols, heads):
             a = sorted((r for r in a_runs if (r.family, _prompt_set(r)) == col), key=lambda r: r.name)
-            b = (_single_of(rows, col, dtype_of(a[0]), b_which) if a else []) if b_which else a
+            b = (_control_of(rows, col, a[0], b_which) if a else []) if b_which else a
             for t in [None] + tasks[col]:
                 pa = [per_prompt(recs[r.name], a_cond, t) for r in a]
                 pb = [per_prompt(recs[r.name], b_cond, t) for r in b]
                 txt, fields = seeds_cell(pa, pb, paired_seeds=b_which is None, clusters=clusters) if a and b else ("—", {})
+                if a and not b:  # a comparison with no control of the same settings says so
+                    txt = f"no {b_which} run with the same settings"
+                    fields = {"unmatched": True}
                 raw.append({"comparison": label, "family": head, "task": t or "", "seed": "all", **fields})
                 if t is None:
                     cells.append(txt)
@@ -212,7 +233,9 @@ def paired_tables(runs: list[Run]) -> list[Table]:
             fam_rows.append((f"{label}, per seed", [c or "—" for c in seed_cells]))
     used = [r for rs in rows.values() for r in rs]
     note = CI_NOTE + " Read from each run's last full evaluation (eval_records.jsonl); each family's methods " \
-        "against that family's own single runs on the same prompt set, trained in the same dtype."
+        "against that family's own single (and prefix) runs on the same prompt set, trained in the same dtype and " \
+        "with the same settings (every config key both methods read: m for prefix); a cell says when no control " \
+        "run has them. Ablation runs (pooling variants, the m sweep) are left out."
     if not comparisons:
         note = "No finished run kept per-prompt evaluation records (eval_records.jsonl): nothing to pair."
     title = f"Paired differences in validation accuracy (points over {UNIT}, 95% interval; † conditional on the " \

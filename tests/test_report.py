@@ -553,13 +553,13 @@ def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
     assert a[0].startswith("+50.0 ") and b[0].startswith("-50.0 ")  # not pooled into +0.0
     main = rows["perceiver [experts=['math', 'code', 'general']] − single"]
     assert main == ["—", "+100.0, n too small for an interval (1 v 1 seed, 4 distinct questions)"]
-    # a single run of another dtype is no comparison for a bf16 perceiver: the cell stays empty
+    # a single run of another dtype is no comparison for a bf16 perceiver: the cell says so
     _with(root / "p-lo", dtype_resolved="bfloat16")
     _with(root / "s-lo", dtype_resolved="float32")
     fam, _ = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
     bf = [k for k in rows if "dtype_resolved=bfloat16" in k and k.endswith("− single")]
-    assert len(bf) == 1 and rows[bf[0]] == ["—", "—"], rows
+    assert len(bf) == 1 and rows[bf[0]] == ["—", "no single run with the same settings"], rows
 
 
 def test_paired_tables_carry_seed_variance(tmp_path):
@@ -686,3 +686,25 @@ def test_figure4_baseline_is_the_mean_of_the_first_window():
     d = change_from_start(u, 2)  # baseline (0.7, 0.3)
     assert d.ravel().tolist() == pytest.approx([0.2, -0.2, -0.2, 0.2, -0.3, 0.3, -0.1, 0.1])
     assert change_from_start([1.0, 2.0, 3.0], 1).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_prefix_control_matches_m_not_the_most_runs(tmp_path):
+    """perceiver (m = 8, 3 seeds) − prefix: the prefix condition with m = 8 (1 run), not the one with
+    m = 4 (4 runs); without an m = 8 prefix the cell says that no control has the same settings."""
+    from analyze.records import paired_tables
+
+    root = tmp_path / "pm"
+    for s in range(3):
+        _records(make_run(root, f"p{s}", seed=s), [1, 1, 1, 0])
+    _records(make_run(root, "x8", method="prefix", m=8), [1, 0, 0, 0])
+    for s in range(4):
+        _records(make_run(root, f"x4-{s}", method="prefix", m=4, seed=s), [1, 1, 1, 1])
+    fam, _ = paired_tables(load_runs([root]))
+    raw = [x for x in fam.raw if x["comparison"] == "perceiver − prefix"]
+    assert raw[0]["seeds_b"] == 1 and raw[0]["diff"] == pytest.approx(0.5)  # 75% v the m = 8 prefix's 25%
+    import shutil
+
+    shutil.rmtree(root / "x8")
+    fam, _ = paired_tables(load_runs([root]))
+    assert dict(fam.rows)["perceiver − prefix"] == ["no prefix run with the same settings"]
+    assert "m for prefix" in fam.note

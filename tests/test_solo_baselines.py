@@ -203,3 +203,28 @@ def test_report_counts_one_problem_once(tiny_cache, tmp_path):
     txt, fields = seeds_cell(a, b, fixed_b=True, clusters=keys)
     assert fields["n"] == 3 and fields["questions"] == 4 and fields["unit"] == "problems"
     assert "(3 seeds v fixed answers, 3 problems, 4 distinct questions" in txt, txt
+
+
+def test_best_expert_rows_leave_ablation_runs_out(tiny_cache, tmp_path):
+    """Three main perceiver runs against the best expert give the same row whether an m sweep and a
+    pooling ablation sit in the same folder or not (they never pool as seeds)."""
+    import hashlib
+
+    path, val = _hand_built(tiny_cache, tmp_path)
+    with Cache(path) as c:
+        texts = c.prompts()["text"]
+
+    def run(name, seed, rows, **cfg):
+        recs = [{"step": 3, "kind": "full", "condition": "with", "task": "t", "prompt": int(i), "correct": float(c_),
+                 "question_sha": hashlib.sha256(texts[i].encode()).hexdigest()[:16]} for c_, i in zip(rows, val)]
+        r = _run(tmp_path, name, path, "perceiver", 0.5, recs)
+        r.config.update({"seed": seed, "num_latents": 8, "pooling": "last_token", **cfg})
+        return r
+
+    main = [run(f"p{s}", s, rows) for s, rows in enumerate(([1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]))]
+    sweep = [run(f"m4-{s}", s, [0, 0, 0, 0], num_latents=4) for s in range(3)]
+    pool = [run(f"ft-{s}", s, [0, 0, 0, 0], pooling="first_token") for s in range(3)]
+    alone, mixed = paired_best_expert(main), paired_best_expert(main + sweep + pool)
+    assert mixed.rows == alone.rows and len(alone.rows) == 1
+    assert alone.rows[0][1][0].startswith("+25.0 ") and "(3 seeds v fixed answers" in alone.rows[0][1][0]
+    assert [x["seeds_a"] for x in mixed.raw] == [3]
