@@ -563,7 +563,7 @@ def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
 
 
 def test_paired_tables_carry_seed_variance(tmp_path):
-    """3 seeds a side whose accuracies spread: the interval is two-level (seeds counted, no †), and
+    """3 seeds a side whose accuracies spread: the interval carries the seeds (counted, no †), and
     with − without C is given per seed and pooled over the seeds."""
     from analyze.records import paired_tables
 
