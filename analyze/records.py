@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analyze.runs import NOT_A_CONDITION, SCHEDULE, Run, dtype_of
+from analyze.runs import SCHEDULE, Run, dtype_of, unmatched_keys
 from analyze.stats import cell, seed_question_interval
 from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, _prompt_set,
                             ablation_names)
@@ -25,7 +25,6 @@ from cache.reader import Cache
 from cache.run_folder import EVAL_DIR, EVAL_RECORDS, read_jsonl
 from core.errors import MuskError
 from core.heldout import problem_key
-from train.config import method_reads
 
 UNIT = "distinct questions"  # records pair on question_sha: n counts distinct questions, not prompts
 CI_NOTE = (f"Differences in accuracy points over {UNIT} (records pair on the question's digest), 95% interval "
@@ -146,21 +145,6 @@ def _columns(rows: dict[tuple, list[Run]]) -> list[tuple[str, str]]:
 
 def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
     return col[0] if sum(c[0] == col[0] for c in cols) == 1 else f"{col[0]} [prompts {col[1][:8]}]"
-
-
-# Config keys a control need not share with the method it is set against: the seed and what never makes a
-# condition (NOT_A_CONDITION), the method itself, the column (family, cache, prompt set), the evaluation
-# schedule, the experts (a control reads none) and the dtype (matched as trained, dtype_of).
-CONTROL_FREE = set(NOT_A_CONDITION) | {"method", "experts", "cache", "cache_fingerprint", "prompt_set", "task_family",
-                                       "dtype", "dtype_resolved", *SCHEDULE}
-
-
-def unmatched_keys(run: Run, control: Run) -> list[str]:
-    """Config keys both methods read (train.config.method_reads) on which control differs from run,
-    beyond CONTROL_FREE: a key added to the config later is matched without naming it here."""
-    keys = (set(run.config) | set(control.config)) - CONTROL_FREE
-    return sorted(k for k in keys if method_reads(run.method, k) and method_reads(control.method, k)
-                  and repr(run.config.get(k)) != repr(control.config.get(k)))
 
 
 def _control_of(rows: dict[tuple, list[Run]], col: tuple[str, str], like: Run, method: str = "single") -> list[Run]:

@@ -708,3 +708,11 @@ def test_prefix_control_matches_m_not_the_most_runs(tmp_path):
     fam, _ = paired_tables(load_runs([root]))
     assert dict(fam.rows)["perceiver − prefix"] == ["no prefix run with the same settings"]
     assert "m for prefix" in fam.note
+
+
+def test_report_knows_which_keys_each_method_reads():
+    """The report's copy of the keys a method reads is train.config's (analyze sits below train/)."""
+    from analyze.runs import METHOD_KEYS
+    from train.config import METHOD_KEYS as TRAIN_KEYS
+
+    assert METHOD_KEYS == TRAIN_KEYS
