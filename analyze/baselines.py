@@ -3,14 +3,20 @@
 Per family and team (the cache a run read, path from its config.yaml, and the run's experts), on the
 cache's held-out prompts (val; GSM8K: test), the prompts the methods' final evaluation scores:
 
-- each expert alone: its mean solo score (pipeline/solo.py: greedy, the task's answer format);
-- best expert alone: the expert with the highest mean solo score on the *training* split (ties: the
-  first in team order), scored on the held-out prompts, so choosing it uses no held-out label;
-- any expert correct: per prompt the best score of any expert (the team's oracle upper bound: what a
+Every row is scored as the methods are: a solo answer is correct when its reward (pipeline/solo.py:
+greedy, the task's answer format, the task's verifier) is at least CORRECT = 1.0, as evaluation
+counts a method's answer (train/evaluate.py, `reward >= 1.0`); partial credit (chain_sum scores
+"111" for 11 at 0.667) counts as wrong.
+
+- each expert alone: its accuracy;
+- best expert alone: the expert with the highest accuracy on the *training* split (ties: the first
+  in team order), scored on the held-out prompts, so choosing it uses no held-out label;
+- any expert correct: per prompt whether any expert is correct (the team's oracle upper bound: what a
   perfect per-prompt chooser among the experts' own answers would reach);
-- majority vote: per prompt the answer (extracted as the solo scorer reads it, whitespace-stripped)
-  that most experts give; experts without a parseable answer abstain; a tie between answers scores
-  the mean of the tied answers' scores (a uniform random tie-break, in expectation); no answer: 0.
+- majority vote: per prompt the answer that most experts give, answers equal as the scorer compares
+  them (`canonical_answer`: "18", "18.00" and, for numeric datasets, "$18" are one vote); experts
+  without a parseable answer abstain; a tie between answers scores the mean of the tied answers'
+  correctness (a uniform random tie-break, in expectation); no answer: 0.
 
 The unit is prompts (not distinct questions). `extend_table1` adds these rows to Table 1 and marks
 a method cell below its best expert; `paired_best_expert` sets each method against the best expert
@@ -20,6 +26,7 @@ per prompt; `solo_cost_table` gives each expert's solo decode cost.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,14 +34,30 @@ from typing import NamedTuple
 
 import numpy as np
 
-from analyze.records import last_full_records, per_prompt, seeds_cell
+from analyze.records import _row_label, _rows, last_full_records, per_prompt, question_clusters, seeds_cell
 from analyze.runs import Run, dtype_of
 from analyze.tables import Table
 from cache.reader import Cache
 from core.errors import MuskError
-from pipeline.rewards import extract_answer
+from pipeline.rewards import NUMERIC_SOURCES, _to_number, extract_answer
 
 BELOW = "▼"  # marks a method cell below its best expert alone
+CORRECT = 1.0  # a reward counts as a correct answer from here on (train/evaluate.py: reward >= 1.0)
+
+
+def canonical_answer(answer: str, source: str = "") -> str:
+    """The answer as the scorer compares it, so that answers it scores alike are one vote: for the
+    numeric datasets (NUMERIC_SOURCES, scored by pipeline.rewards.gsm8k_score) the number it reads
+    ("$1,800.00" -> "1800"); for the others a whitespace-normalised text, or its number when the whole
+    text is one ("18.00" -> "18"; "$18" stays "$18": reasoning-gym's chain_sum gives it partial credit)."""
+    s = " ".join(answer.split())
+    x = _to_number(s) if source in NUMERIC_SOURCES else None
+    if x is None:
+        try:
+            x = float(s.replace(",", "")) if s else None
+        except ValueError:
+            x = None
+    return s if x is None else f"{x:.12g}"
 
 
 class VoteResult(NamedTuple):
@@ -44,21 +67,24 @@ class VoteResult(NamedTuple):
     """Prompts where two or more answers tied for the most votes."""
 
 
-def majority_vote(answers: list[list[str | None]], scores: np.ndarray) -> VoteResult:
-    """answers: [m experts][n prompts] extracted answers (None: abstains); scores [m, n] in [0, 1].
+def majority_vote(answers: list[list[str | None]], scores: np.ndarray,
+                  sources: list[str] | None = None) -> VoteResult:
+    """answers: [m experts][n prompts] extracted answers (None: abstains); scores [m, n] correct 0/1;
+    sources: [n] each prompt's dataset (how canonical_answer compares; None: not a numeric dataset).
+    Answers equal by canonical_answer are one vote, scored by the mean of their experts' scores.
     Returns the vote's per-prompt score [n] and the number of tied prompts."""
     m, n = scores.shape
     out, ties = np.zeros(n, dtype=np.float64), 0
     for j in range(n):
-        given = [(answers[i][j].strip(), scores[i, j]) for i in range(m) if answers[i][j] is not None]
+        src = sources[j] if sources else ""
+        given = [(canonical_answer(answers[i][j], src), scores[i, j]) for i in range(m) if answers[i][j] is not None]
         if not given:
             continue
         counts = Counter(a for a, _ in given)
         top = max(counts.values())
         tied = [a for a, c in counts.items() if c == top]
         ties += len(tied) > 1
-        score_of = {a: s for a, s in given}  # one answer string, one score (the same scorer, the same entry)
-        out[j] = float(np.mean([score_of[a] for a in tied]))
+        out[j] = float(np.mean([np.mean([s for a, s in given if a == t]) for t in tied]))
     return VoteResult(out, ties)
 
 
@@ -73,9 +99,9 @@ class TeamBaselines:
     question_sha: list[str]
     """[n] the held-out prompts' question digests (as eval records key them)."""
     solo: dict[str, np.ndarray]
-    """expert -> [n] solo scores on the held-out prompts."""
+    """expert -> [n] 0/1: its solo answer on each held-out prompt is correct (reward >= CORRECT)."""
     train_means: dict[str, float]
-    """expert -> mean solo score on the training split (what picks the best expert)."""
+    """expert -> accuracy on the training split (what picks the best expert)."""
     best: str
     oracle: np.ndarray
     vote: VoteResult
@@ -94,8 +120,11 @@ def team_baselines(cache_path: Path, team: tuple[str, ...] | None, family: str =
             raise MuskError(f"cache {str(cache_path)!r} holds no solo answers (extract with solo: true)")
         split = "val" if len(c.split_indices("val")) else "test"
         val, train = c.split_indices(split), c.split_indices("train")
-        texts = c.prompts()["text"]
-        scores = {n: c.solo_scores(n).astype(np.float64) for n in names}
+        prompts = c.prompts()
+        texts = prompts["text"]
+        sources = [json.loads(prompts["entry"][i]).get("metadata", {}).get("source_dataset", "") for i in val]
+        # correct as evaluation counts a method's answer: the full reward, not partial credit
+        scores = {n: (c.solo_scores(n) >= CORRECT).astype(np.float64) for n in names}
         modes = {n: str(c.expert_attrs(n).get("solo_answer_extraction", "strict")) for n in names}
         answers = [[extract_answer(t, modes[n]) for t in np.asarray(c.solo_answers(n), dtype=object)[val]]
                    for n in names]
@@ -105,7 +134,7 @@ def team_baselines(cache_path: Path, team: tuple[str, ...] | None, family: str =
     return TeamBaselines(family, str(cache_path), tuple(names), split,
                          [hashlib.sha256(texts[i].encode()).hexdigest()[:16] for i in val],
                          {n: mat[i] for i, n in enumerate(names)}, train_means, best, mat.max(0),
-                         majority_vote(answers, mat))
+                         majority_vote(answers, mat, sources))
 
 
 def baseline_rows(b: TeamBaselines) -> list[tuple[str, float]]:
@@ -177,7 +206,9 @@ def extend_table1(t1: Table, runs: list[Run]) -> Table:
                                    "n": col[label][1].n, "unit": "prompts", "cache": cache})
     _mark_below(t1, best_of)
     t1.note += (f" Baseline rows: the experts' own greedy answers from the cache (solo), on the held-out prompts "
-                f"the methods are scored on, in % of n prompts (not distinct questions), no seeds; best expert "
+                f"the methods are scored on, correct as a method's answer is (reward >= {CORRECT}: partial credit counts "
+                f"as wrong); the vote counts answers the scorer reads alike as one. They are "
+                f"in % of n prompts (not distinct questions), no seeds; best expert "
                 f"chosen on the training split; vote ties score the mean of the tied answers. {BELOW}: a method "
                 f"mean below the best expert alone in that column.")
     if notes:
@@ -198,36 +229,42 @@ def _mark_below(t1: Table, best_of: dict[str, float]) -> None:
 
 def paired_best_expert(runs: list[Run]) -> Table:
     """Each method (its runs' last full evaluation) minus the best expert alone, paired by question digest:
-    a two-level interval per family (the method's seeds, then questions; the expert's greedy answers
-    are fixed), one row per method and training dtype."""
+    a seed-and-question interval per family (the method's seeds, then questions; the expert's greedy
+    answers are fixed), one row per condition as Table 1 keys them (method and every setting but the
+    seed, ablation runs left out) and training dtype, so runs of other settings never pool as seeds."""
     found, notes = run_baselines(runs)
-    groups: dict[tuple, list[Run]] = defaultdict(list)
-    for r in runs:
-        if r.finished and r.config.get("cache"):
-            groups[(r.method, r.family, str(r.config["cache"]), r.team, dtype_of(r))].append(r)
+    rows_by_condition = _rows(runs)  # finished main-setting runs, by full condition
     families = sorted({k[0] for k in found})
     rows: dict[str, list[str]] = {}
     raw, used = [], []
-    for (method, family, cache, team, dtype), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        b = found.get((family, cache, team))
-        recs = [x for x in (last_full_records(r) for r in rs) if x]
-        if b is None or not recs:
-            continue
-        best = dict(zip(b.question_sha, b.solo[b.best].tolist()))  # the expert's greedy answer: no seed
-        txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best], fixed_b=True)
-        label = f"{method} ({dtype}) − best expert ({b.best})"
-        rows.setdefault(label, ["—"] * len(families))[families.index(family)] = txt
-        raw.append({"comparison": label, "family": family, **fields})
-        used += rs
+    for key, condition in sorted(rows_by_condition.items(), key=lambda kv: str(kv[0])):
+        label0 = _row_label(rows_by_condition, key, condition)
+        groups: dict[tuple, list[Run]] = defaultdict(list)
+        for r in condition:
+            if r.config.get("cache"):
+                groups[(r.family, str(r.config["cache"]), r.team, dtype_of(r))].append(r)
+        for (family, cache, team, dtype), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+            b = found.get((family, cache, team))
+            recs = [x for x in (last_full_records(r) for r in rs) if x]
+            if b is None or not recs:
+                continue
+            best = dict(zip(b.question_sha, b.solo[b.best].tolist()))  # the expert's greedy answer: no seed
+            txt, fields = seeds_cell([per_prompt(x, "with") for x in recs], [best], fixed_b=True,
+                                     clusters=question_clusters(rs))
+            label = f"{label0} ({dtype}) − best expert ({b.best})"
+            rows.setdefault(label, ["—"] * len(families))[families.index(family)] = txt
+            raw.append({"comparison": label, "family": family, "runs": ";".join(r.name for r in rs), **fields})
+            used += rs
     note = ("Paired over the held-out prompts both scored (question digest): a method's greedy accuracy minus the "
-            "best expert's own answer (chosen on the training split), in points over distinct questions, 95% "
-            "two-level interval (the method's seeds, then questions; the expert's answers are fixed, no seed; † one "
-            "seed: conditional on its weights).")
+            "best expert's own answer (chosen on the training split; correct at reward >= 1.0 as the method's), in "
+            "points over distinct questions, 95% seed-and-question interval (the method's seeds; the expert's "
+            "answers are fixed, no seed; † one seed: conditional on its weights). A row is one condition as in "
+            "Table 1; ablation runs (pooling variants, the m sweep) are left out.")
     if not rows:
         note = "No finished run with evaluation records and a cache holding solo answers: nothing to pair."
     if notes:
         note += " Missing: " + "; ".join(notes) + "."
-    return Table("Paired differences vs the best expert alone (points, 95% bootstrap interval)", families,
+    return Table("Paired differences vs the best expert alone (points, 95% interval)", families,
                  list(rows.items()), raw, used, note)
 
 

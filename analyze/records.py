@@ -10,26 +10,52 @@ their scores on it) before the bootstrap resamples prompts.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from analyze.runs import SCHEDULE, Run, dtype_of
-from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, cell, two_level_bootstrap
+from analyze.runs import SCHEDULE, Run, dtype_of, unmatched_keys
+from analyze.stats import cell, seed_question_interval
 from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, _prompt_set,
                             ablation_names)
+from cache.reader import Cache
 from cache.run_folder import EVAL_DIR, EVAL_RECORDS, read_jsonl
+from core.errors import MuskError
+from core.heldout import problem_key
 
 UNIT = "distinct questions"  # records pair on question_sha: n counts distinct questions, not prompts
-CI_NOTE = (f"Differences in accuracy points over {UNIT} (records pair on the question's digest). Between runs: a "
-           "two-level bootstrap (seeds resampled within each side, then questions, the same questions for both "
-           f"sides; {BOOTSTRAP_RESAMPLES} resamples, numpy default_rng([{BOOTSTRAP_SEED}, i]), 95% percentile interval "
-           "widened to Student's t over the seeds): an interval about the methods, seeds included. With C − without "
-           "C: the same runs under two conditions, seeds resampled together (per seed: a paired bootstrap over "
-           "questions). † one seed on a side: the interval is conditional on the trained weights (questions "
-           "resampled only), it says nothing about another training run.")
+CI_NOTE = (f"Differences in accuracy points over {UNIT} (records pair on the question's digest), 95% interval "
+           "diff ± sqrt(t² V_seed + z² V_question) from the seeds x questions tables (docs/evaluation.md): the seed "
+           "part is the spread of per-seed means (Student's t, Welch-Satterthwaite df), the question part the "
+           "spread over questions of the seed-averaged difference less the seed x question noise the seed part "
+           "already holds. Questions that are one problem (the held-out split's problem key, e.g. 2 + 9 and "
+           "9 + 2) are one cluster: the question part sums over clusters, and n counts them. With C − without "
+           "C: the same runs under two conditions, the per-seed differences. † one seed on a side: the interval is "
+           "conditional on the trained weights (questions only, z), it says nothing about another training run. "
+           "Two seeds: one conditional interval a seed, no pooled one (t with 1 df is useless). 'n too small': "
+           "one question (cluster) or nothing varies. Bounds are never clipped; a cell says when one is past "
+           "what the scores allow.")
+
+
+def question_clusters(runs: list[Run]) -> dict[str, str]:
+    """{question digest (question_sha): problem key (`core.heldout.problem_key` of its text)} over the
+    caches the runs read; a question of a cache that cannot be read is absent (its own cluster)."""
+    out: dict[str, str] = {}
+    for path in sorted({str(r.config["cache"]) for r in runs if r.config.get("cache")}):
+        if not Path(path).is_file():
+            continue
+        try:
+            with Cache(path) as c:
+                texts = c.prompts()["text"]
+        except (MuskError, OSError, KeyError):
+            continue
+        out.update({hashlib.sha256(t.encode()).hexdigest()[:16]: problem_key(t) for t in texts})
+    return out
+
+
 def last_full_records(run: Run) -> list[dict]:
     """The records of the run's last full evaluation (greedy), [] when it kept none."""
     recs = [r for r in read_jsonl(run.path / EVAL_RECORDS) if r.get("kind", "full") == "full"]
@@ -59,26 +85,30 @@ def per_prompt(records: list[dict], condition: str, task: str | None = None) -> 
     return {k: float(np.mean(v)) for k, v in acc.items()}
 
 
-def paired_cell(a: dict, b: dict) -> tuple[str, dict]:
-    """One run (or seed-pooled scores) against another on the questions both have: paired over questions."""
-    common = sorted(set(a) & set(b))
-    if not common:
-        return "—", {}
-    ci = two_level_bootstrap([[a[k] for k in common]], [[b[k] for k in common]])
-    return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": UNIT}
+def paired_cell(a: dict, b: dict, clusters: dict | None = None) -> tuple[str, dict]:
+    """One run (or seed-pooled scores) against another on the questions both have: paired over questions
+    (conditional on the weights); clusters: {question: problem key} (question_clusters)."""
+    return seeds_cell([a], [b], clusters=clusters)
 
 
-def seeds_cell(a: list[dict], b: list[dict], paired_seeds: bool = False, fixed_b: bool = False) -> tuple[str, dict]:
-    """Two-level interval of mean(a) - mean(b): a, b are per-run {question: score} (one dict a seed), on
-    the questions every run of both sides has. paired_seeds: a[i] and b[i] are one run's two conditions;
-    fixed_b: b is one set of fixed answers (an expert's greedy ones), no seed."""
+def seeds_cell(a: list[dict], b: list[dict], paired_seeds: bool = False, fixed_b: bool = False,
+               clusters: dict | None = None) -> tuple[str, dict]:
+    """Interval of mean(a) - mean(b) (analyze.stats.seed_question_interval): a, b are per-run {question:
+    score} (one dict a seed), on the questions every run of both sides has. paired_seeds: a[i] and b[i]
+    are one run's two conditions; fixed_b: b is one set of fixed answers (an expert's greedy ones), no
+    seed; clusters: {question: problem key}, questions of one key count as one cluster."""
     common = sorted(set.intersection(*(set(x) for x in a + b))) if a and b else []
     if not common:
         return "—", {}
-    ci = two_level_bootstrap([[x[k] for k in common] for x in a], [[x[k] for k in common] for x in b],
-                             paired_seeds=paired_seeds, fixed_b=fixed_b)
-    return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": UNIT,
-                               "seeds_a": ci.seeds_a, "seeds_b": ci.seeds_b, "conditional": ci.conditional}
+    ids = [(clusters or {}).get(k, k) for k in common] if clusters else None
+    ci = seed_question_interval([[x[k] for k in common] for x in a], [[x[k] for k in common] for x in b],
+                                paired_seeds=paired_seeds, fixed_b=fixed_b, clusters=ids)
+    unit = "problems" if ci.clustered else UNIT
+    return ci.fmt(unit=UNIT), {"diff": ci.diff, "lo": ci.lo, "hi": ci.hi, "n": ci.n, "unit": unit,
+                               "questions": len(common), "seeds_a": ci.seeds_a, "seeds_b": ci.seeds_b,
+                               "conditional": ci.conditional, "two_seeds": ci.two_seeds, "n_too_small": ci.too_small,
+                               "v_seed": ci.v_seed, "v_question": ci.v_question, "df": ci.df,
+                               "past_score_range": ci.beyond}
 
 
 def shuffled_all_cell(rs: list[Run]) -> tuple[str, dict]:
@@ -92,7 +122,7 @@ def shuffled_all_cell(rs: list[Run]) -> tuple[str, dict]:
     if not per_run:
         return "—", {}
     return seeds_cell([per_prompt(x, "with") for x in per_run], [per_prompt(x, "shuffle:all") for x in per_run],
-                      paired_seeds=True)
+                      paired_seeds=True, clusters=question_clusters(rs))
 
 
 def _rows(runs: list[Run]) -> dict[tuple, list[Run]]:
@@ -117,12 +147,14 @@ def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
     return col[0] if sum(c[0] == col[0] for c in cols) == 1 else f"{col[0]} [prompts {col[1][:8]}]"
 
 
-def _single_of(rows: dict[tuple, list[Run]], col: tuple[str, str], dtype: str, method: str = "single") -> list[Run]:
+def _control_of(rows: dict[tuple, list[Run]], col: tuple[str, str], like: Run, method: str = "single") -> list[Run]:
     """The family's own `method` runs (single, or prefix: m trainable tokens and no experts) on the
-    column's prompt set, trained in `dtype` (the condition with most runs there)."""
-    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col and dtype_of(r) == dtype]
+    column's prompt set, trained in like's dtype, whose settings match like's (unmatched_keys: m for
+    prefix, and every other key both read); [] when no condition matches. Two matching conditions (a
+    key only the control reads differs) are told apart by their run count, then by name."""
+    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col and dtype_of(r) == dtype_of(like)]
              for k, rs in sorted(rows.items(), key=str) if k[0] == method]
-    cands = [c for c in cands if c]
+    cands = [c for c in cands if c and not unmatched_keys(like, c[0])]
     return max(cands, key=len) if cands else []
 
 
@@ -137,6 +169,7 @@ def paired_tables(runs: list[Run]) -> list[Table]:
     recs = {r.name: last_full_records(r) for r in runs}
     rows = {k: [r for r in rs if recs[r.name]] for k, rs in _rows(runs).items()}
     rows = {k: rs for k, rs in rows.items() if rs}
+    clusters = question_clusters([r for rs in rows.values() for r in rs])
     cols = _columns(rows)
     heads = [_col_name(c, cols) for c in cols]
     tasks = {c: sorted({x["task"] for rs in rows.values() for r in rs if (r.family, _prompt_set(r)) == c
@@ -155,11 +188,14 @@ def paired_tables(runs: list[Run]) -> list[Table]:
         cells, seed_cells = [], []
         for col, head in zip(cols, heads):
             a = sorted((r for r in a_runs if (r.family, _prompt_set(r)) == col), key=lambda r: r.name)
-            b = (_single_of(rows, col, dtype_of(a[0]), b_which) if a else []) if b_which else a
+            b = (_control_of(rows, col, a[0], b_which) if a else []) if b_which else a
             for t in [None] + tasks[col]:
                 pa = [per_prompt(recs[r.name], a_cond, t) for r in a]
                 pb = [per_prompt(recs[r.name], b_cond, t) for r in b]
-                txt, fields = seeds_cell(pa, pb, paired_seeds=b_which is None) if a and b else ("—", {})
+                txt, fields = seeds_cell(pa, pb, paired_seeds=b_which is None, clusters=clusters) if a and b else ("—", {})
+                if a and not b:  # a comparison with no control of the same settings says so
+                    txt = f"no {b_which} run with the same settings"
+                    fields = {"unmatched": True}
                 raw.append({"comparison": label, "family": head, "task": t or "", "seed": "all", **fields})
                 if t is None:
                     cells.append(txt)
@@ -168,7 +204,8 @@ def paired_tables(runs: list[Run]) -> list[Table]:
             if b_which is None and len(a) > 1:  # with − without per seed, paired over questions
                 per = []
                 for r in a:
-                    txt, fields = paired_cell(per_prompt(recs[r.name], a_cond), per_prompt(recs[r.name], b_cond))
+                    txt, fields = paired_cell(per_prompt(recs[r.name], a_cond), per_prompt(recs[r.name], b_cond),
+                                               clusters)
                     per.append(f"seed {r.config.get('seed')}: {txt}")
                     raw.append({"comparison": label, "family": head, "task": "", "seed": r.config.get("seed"),
                                 **fields})
@@ -180,7 +217,9 @@ def paired_tables(runs: list[Run]) -> list[Table]:
             fam_rows.append((f"{label}, per seed", [c or "—" for c in seed_cells]))
     used = [r for rs in rows.values() for r in rs]
     note = CI_NOTE + " Read from each run's last full evaluation (eval_records.jsonl); each family's methods " \
-        "against that family's own single runs on the same prompt set, trained in the same dtype."
+        "against that family's own single (and prefix) runs on the same prompt set, trained in the same dtype and " \
+        "with the same settings (every config key both methods read: m for prefix); a cell says when no control " \
+        "run has them. Ablation runs (pooling variants, the m sweep) are left out."
     if not comparisons:
         note = "No finished run kept per-prompt evaluation records (eval_records.jsonl): nothing to pair."
     title = f"Paired differences in validation accuracy (points over {UNIT}, 95% interval; † conditional on the " \
@@ -261,6 +300,7 @@ def ablation_table(runs: list[Run]) -> Table:
     (family, method, team, condition, evaluation setting); folders of other settings are never pooled;
     "seeds" counts runs."""
     groups, folders = _eval_runs(runs)
+    clusters = question_clusters(runs)
     singles = {(k[0], k[4]): v for k, v in groups.items() if k[1] == "single"}  # (family, setting) -> runs
     seed_of = {r.name: r.config.get("seed") for r in runs}
     rows, raw, used, missing_single = [], [], [], False
@@ -274,11 +314,11 @@ def ablation_table(runs: list[Run]) -> Table:
             have = [n for n in names if cond in members[n] and "with" in members[n]]
             ab = [per_prompt(members[n][cond], cond) for n in have]
             with_c = [per_prompt(members[n]["with"], "with") for n in have]
-            d_with, f_with = seeds_cell(ab, with_c, paired_seeds=True)
-            per_seed = "; ".join(f"seed {seed_of.get(n)}: {paired_cell(a_, w_)[0]}"
+            d_with, f_with = seeds_cell(ab, with_c, paired_seeds=True, clusters=clusters)
+            per_seed = "; ".join(f"seed {seed_of.get(n)}: {paired_cell(a_, w_, clusters)[0]}"
                                  for n, a_, w_ in zip(have, ab, with_c)) if len(have) > 1 else "—"
             sg = [per_prompt(single[n]["with"], "with") for n in sorted(single) if "with" in single[n]]
-            d_single, f_single = seeds_cell(ab, sg) if sg else ("—", {})
+            d_single, f_single = seeds_cell(ab, sg, clusters=clusters) if sg else ("—", {})
             missing_single |= not sg
             label = f"{family} / {method} / {', '.join(team)} / {cond} [{_setting_label(setting)}]"
             if any(lbl == label for lbl, _ in rows):  # settings that print alike (e.g. unrecorded): name folders

@@ -182,3 +182,38 @@ def dtype_note(runs: list[Run]) -> str:
         return f" Dtype: {next(iter(by))}."
     return (" Dtypes (never pooled in one cell): " + "; ".join(f"{d} ({', '.join(n)})" for d, n in by.items()) + ".") \
         if by else ""
+
+
+# Config keys a control need not share with the method it is set against: the seed and what never makes a
+# condition (NOT_A_CONDITION), the method itself, the column (family, cache, prompt set), the evaluation
+# schedule, the experts (a control reads none) and the dtype (matched as trained, dtype_of).
+CONTROL_FREE = set(NOT_A_CONDITION) | {"method", "experts", "cache", "cache_fingerprint", "prompt_set", "task_family",
+                                       "dtype", "dtype_resolved", *SCHEDULE}
+
+
+# Keys a method does not read, KEY -> the methods that read it: a copy of train.config.METHOD_KEYS (the
+# report sits below train/ and may not import it; tests/test_report.py checks that the two are equal).
+_FEATURE_METHODS = ("perceiver", "ffn", "hard-routing")
+_CONTEXT_METHODS = _FEATURE_METHODS + ("prefix",)
+METHOD_KEYS: dict[str, tuple[str, ...]] = {
+    "num_latents": ("perceiver", "prefix"), "num_heads": ("perceiver",),
+    "gumbel_tau": ("hard-routing",), "router": ("hard-routing",),
+    "d_latent": _CONTEXT_METHODS, "init_std": _CONTEXT_METHODS, "router_lr": _CONTEXT_METHODS,
+    "router_warmup_steps": _CONTEXT_METHODS, "pooling": _FEATURE_METHODS, "feature_norm": _FEATURE_METHODS,
+    "context_gate": _CONTEXT_METHODS, "context_rms": _CONTEXT_METHODS, "gate_lr": _CONTEXT_METHODS,
+    "gate_warmup_steps": _CONTEXT_METHODS, "context_anchor": _CONTEXT_METHODS,
+    "hint_format": ("output-collab",), "hint_position": ("output-collab",), "hint_reference": ("output-collab",),
+}
+
+
+def method_reads(method: str, key: str) -> bool:
+    """Whether a run of `method` reads the config key (a dotted key by its first part)."""
+    return method in METHOD_KEYS.get(key.split(".")[0], (method,))
+
+
+def unmatched_keys(run: Run, control: Run) -> list[str]:
+    """Config keys both methods read (method_reads) on which control differs from run,
+    beyond CONTROL_FREE: a key added to the config later is matched without naming it here."""
+    keys = (set(run.config) | set(control.config)) - CONTROL_FREE
+    return sorted(k for k in keys if method_reads(run.method, k) and method_reads(control.method, k)
+                  and repr(run.config.get(k)) != repr(control.config.get(k)))

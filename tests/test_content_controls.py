@@ -104,7 +104,8 @@ def test_musk_eval_defaults_end_to_end(tiny_cache, tiny_policy, tmp_path, monkey
 
 def test_collaboration_table_leads_with_the_shuffled_control(tmp_path):
     """with [1,1,1,0] vs shuffle:all [0,1,0,0] on the same prompts: d = [1,0,1,0], the interval of
-    "with C − without C" in test_report ([+0, +100]); the note says what each control removes."""
+    "with C − without C" in test_report ([-6.6, +106.6], past the per-question differences' [0, 1], said);
+    the note says what each control removes."""
     from analyze.records import shuffled_all_cell
     from analyze.runs import load_runs
     from analyze.tables import collaboration_table
@@ -119,7 +120,8 @@ def test_collaboration_table_leads_with_the_shuffled_control(tmp_path):
     _records(ev, [0, 1, 0, 0], condition="shuffle:all", name="records.jsonl")
     t = collaboration_table(load_runs([root]), content=shuffled_all_cell)
     assert t.columns[:3] == ["seeds", "with C − all experts shuffled (points)", "val acc % (with C)"]
-    assert t.rows[0][1][:2] == ["1", "+50.0 [+0.0, +100.0]† (1 seed, 4 distinct questions)"]
+    assert t.rows[0][1][:2] == ["1", "+50.0 [-6.6, +106.6]† (1 seed, 4 distinct questions; a bound is past what the "
+                                     "scores allow, [+0.0, +100.0])"]
     assert t.raw[0]["with_minus_shuffled_all_diff"] == pytest.approx(0.5)
     assert t.note.startswith("What each control removes: all experts shuffled")
     bare = collaboration_table(load_runs([root]))  # no musk eval reader: the table as before

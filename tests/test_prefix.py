@@ -144,7 +144,7 @@ def test_prefix_trains_without_expert_features_and_final_reloads(tiny_cache, tin
 
 def test_report_pairs_perceiver_against_prefix(tmp_path):
     """A prefix run is a method row: perceiver [1,1,1,0] vs prefix [1,0,1,0] gives d = [0,1,0,0], +25
-    [+0, +75] (hand-worked as "perceiver − single" in test_report); prefix itself is compared with
+    [-24, +74] (hand-worked as "perceiver − single" in test_report); prefix itself is compared with
     single, and with C removed, but never with itself."""
     from analyze.records import paired_tables
     from analyze.runs import load_runs
@@ -158,9 +158,10 @@ def test_report_pairs_perceiver_against_prefix(tmp_path):
     _records(make_run(root, "s", method="single", acc=0.5), [0, 1, 1, 0])
     fam, _ = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
-    assert rows["perceiver − prefix"] == ["+25.0 [+0.0, +75.0]† (1 v 1 seed, 4 distinct questions)"]
-    # d = [1,-1,0,0]: 4 draws sum to S, P(S <= -3) = 1/256 + 4 (1/4)^3 (1/2) = .035 > .025: [-75, +75]
-    assert rows["prefix − single"] == ["+0.0 [-75.0, +75.0]† (1 v 1 seed, 4 distinct questions)"]
-    assert rows["prefix: with C − without C"] == ["+25.0 [+0.0, +75.0]† (1 seed, 4 distinct questions)"]
+    assert rows["perceiver − prefix"] == ["+25.0 [-24.0, +74.0]† (1 v 1 seed, 4 distinct questions)"]
+    # d = [1,-1,0,0]: var 2/3, half-width 1.96 sqrt(1/6) = 0.80
+    assert rows["prefix − single"] == ["+0.0 [-80.0, +80.0]† (1 v 1 seed, 4 distinct questions)"]
+    assert rows["prefix: with C − without C"] == ["+25.0 [-24.0, +74.0]† (1 seed, 4 distinct questions; a bound is "
+                                                  "past what the scores allow, [+0.0, +100.0])"]
     assert [r[0] for r in fam.rows] == ["prefix − single", "prefix: with C − without C", "perceiver − single",
                                         "perceiver − prefix"]

@@ -510,9 +510,10 @@ def _records(d, rows, condition="with", step=4, name="eval_records.jsonl", tasks
 
 
 def test_paired_tables_hand_worked(tmp_path):
-    """perceiver [1,1,1,0] vs single [0,1,1,0]: d = [1,0,0,0], interval [0, 75] (see test_stats);
-    with C [1,1,1,0] vs without [0,0,1,0]: d = [1,1,0,0], resampled means K/4, K ~ Bin(4, 1/2), CDF
-    .0625 .3125 .6875 .9375 1: interval [0, 100]."""
+    """One seed a side: diff ± z sd(d)/sqrt(n). perceiver [1,1,1,0] vs single [0,1,1,0]: d = [1,0,0,0],
+    var 1/4, half-width 1.96 * 0.25 = 0.49: [-24.0, +74.0] (inside [-1, 1], what unpaired seeds allow). With C [1,1,1,0] vs without [0,0,1,0]:
+    d = [1,1,0,0], var 1/3, half-width 1.96 * sqrt(1/12) = 0.566: [-6.6, +106.6], past both ends the
+    per-question differences allow ([0, 1]), which the cell says. t2: d = [0, 0], nothing varies."""
     from analyze.records import paired_tables
 
     root = tmp_path / "pr"
@@ -524,12 +525,13 @@ def test_paired_tables_hand_worked(tmp_path):
     _records(s, [0, 1, 1, 0])
     fam, per_task = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
-    assert rows["perceiver − single"] == ["+25.0 [+0.0, +75.0]† (1 v 1 seed, 4 distinct questions)"]
-    assert rows["perceiver: with C − without C"] == ["+50.0 [+0.0, +100.0]† (1 seed, 4 distinct questions)"]
-    assert "10000 resamples" in fam.note and "default_rng([0, i])" in fam.note and "conditional on the trained" in fam.note
+    assert rows["perceiver − single"] == ["+25.0 [-24.0, +74.0]† (1 v 1 seed, 4 distinct questions)"]
+    assert rows["perceiver: with C − without C"] == ["+50.0 [-6.6, +106.6]† (1 seed, 4 distinct questions; a bound is "
+                                                     "past what the scores allow, [+0.0, +100.0])"]
+    assert "t² V_seed" in fam.note and "one cluster" in fam.note and "conditional on the trained" in fam.note
     tasks = dict(per_task.rows)
-    assert tasks["arithmetic / t1"][0] == "+50.0 [+0.0, +100.0]† (1 v 1 seed, 2 distinct questions)"  # d = [1, 0] on t1
-    assert tasks["arithmetic / t2"][0] == "+0.0 [+0.0, +0.0]† (1 v 1 seed, 2 distinct questions)"
+    assert tasks["arithmetic / t1"][0].startswith("+50.0 [-48.0, +148.0]† (1 v 1 seed, 2 distinct questions")  # d = [1, 0]
+    assert tasks["arithmetic / t2"][0] == "+0.0, n too small for an interval (1 v 1 seed, 2 distinct questions)"
 
 
 def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
@@ -550,18 +552,18 @@ def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
     b = rows["perceiver [experts=['c', 'd']] − single"]
     assert a[0].startswith("+50.0 ") and b[0].startswith("-50.0 ")  # not pooled into +0.0
     main = rows["perceiver [experts=['math', 'code', 'general']] − single"]
-    assert main == ["—", "+100.0 [+100.0, +100.0]† (1 v 1 seed, 4 distinct questions)"]
-    # a single run of another dtype is no comparison for a bf16 perceiver: the cell stays empty
+    assert main == ["—", "+100.0, n too small for an interval (1 v 1 seed, 4 distinct questions)"]
+    # a single run of another dtype is no comparison for a bf16 perceiver: the cell says so
     _with(root / "p-lo", dtype_resolved="bfloat16")
     _with(root / "s-lo", dtype_resolved="float32")
     fam, _ = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
     bf = [k for k in rows if "dtype_resolved=bfloat16" in k and k.endswith("− single")]
-    assert len(bf) == 1 and rows[bf[0]] == ["—", "—"], rows
+    assert len(bf) == 1 and rows[bf[0]] == ["—", "no single run with the same settings"], rows
 
 
 def test_paired_tables_carry_seed_variance(tmp_path):
-    """3 seeds a side whose accuracies spread: the interval is two-level (seeds counted, no †), and
+    """3 seeds a side whose accuracies spread: the interval carries the seeds (counted, no †), and
     with − without C is given per seed and pooled over the seeds."""
     from analyze.records import paired_tables
 
@@ -579,7 +581,7 @@ def test_paired_tables_carry_seed_variance(tmp_path):
     assert cell_.startswith("+33.3 [") and cell_.endswith("] (3 v 3 seeds, 8 distinct questions)")
     lo, hi = (float(x) for x in cell_.split("[")[1].split("]")[0].split(", "))
     assert hi - lo > 30  # seeds 25 points apart: wide
-    assert rows["perceiver: with C − without C"][0].endswith("(3 seeds, 8 distinct questions)")
+    assert "(3 seeds, 8 distinct questions" in rows["perceiver: with C − without C"][0]
     per_seed = rows["perceiver: with C − without C, per seed"][0]
     assert per_seed.startswith("seed 0: +75.0 [") and "seed 1: +50.0 [" in per_seed and "seed 2: +87.5 [" in per_seed
 
@@ -635,7 +637,8 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
     label = "arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"
     assert dict(t.rows)[label] == [
         "1", "75.0 (1 run, 4 distinct questions)", "50.0 (1 run, 4 distinct questions)",
-        "-25.0 [-75.0, +0.0]† (1 seed, 4 distinct questions)", "+0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)",
+        "-25.0 [-74.0, +24.0]† (1 seed, 4 distinct questions; a bound is past what the scores allow, [-100.0, +0.0])",
+        "+0.0, n too small for an interval (1 v 1 seed, 4 distinct questions)",
         "—"]  # one seed: its interval is the pooled one
     r = dict(routing_table(runs).rows)
     assert r["arithmetic / perceiver / all"] == ["1", "math: 0.350, code: 0.325, general: 0.325"]
@@ -644,7 +647,8 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
 
 def test_ablation_table_gives_each_seed_its_own_paired_change(tmp_path):
     """Content controls per seed: seed 0 loses question 0 under the shuffle (-25 points), seed 1 loses
-    nothing (+0.0, a zero-width interval); the pooled cell resamples both seeds."""
+    nothing ('n too small': a zero-width interval); with two seeds the pooled cell gives one interval a
+    seed and no pooled one."""
     from analyze.records import ablation_table
 
     root = tmp_path / "ab3"
@@ -655,8 +659,9 @@ def test_ablation_table_gives_each_seed_its_own_paired_change(tmp_path):
     row = dict(ablation_table(load_runs([root])).rows)[
         "arithmetic / perceiver / math, code, general / shuffle:math [val, final, float32, greedy, 4 prompts]"]
     assert row[0] == "2" and row[3].endswith("(2 seeds, 4 distinct questions)")
-    assert row[5] == ("seed 0: -25.0 [-75.0, +0.0]† (1 v 1 seed, 4 distinct questions); "
-                      "seed 1: +0.0 [+0.0, +0.0]† (1 v 1 seed, 4 distinct questions)")
+    assert row[3].startswith("-12.5, two seeds: no pooled interval; seed 1: -25.0 [-74.0, +24.0]†; seed 2: +0.0 [+0.0, +0.0]†")
+    assert row[5] == ("seed 0: -25.0 [-74.0, +24.0]† (1 v 1 seed, 4 distinct questions); seed 1: +0.0, n too small "
+                      "for an interval (1 v 1 seed, 4 distinct questions)")
 
 
 def test_table1_per_dataset_from_records(tmp_path):
@@ -681,3 +686,33 @@ def test_figure4_baseline_is_the_mean_of_the_first_window():
     d = change_from_start(u, 2)  # baseline (0.7, 0.3)
     assert d.ravel().tolist() == pytest.approx([0.2, -0.2, -0.2, 0.2, -0.3, 0.3, -0.1, 0.1])
     assert change_from_start([1.0, 2.0, 3.0], 1).tolist() == [0.0, 1.0, 2.0]
+
+
+def test_prefix_control_matches_m_not_the_most_runs(tmp_path):
+    """perceiver (m = 8, 3 seeds) − prefix: the prefix condition with m = 8 (1 run), not the one with
+    m = 4 (4 runs); without an m = 8 prefix the cell says that no control has the same settings."""
+    from analyze.records import paired_tables
+
+    root = tmp_path / "pm"
+    for s in range(3):
+        _records(make_run(root, f"p{s}", seed=s), [1, 1, 1, 0])
+    _records(make_run(root, "x8", method="prefix", m=8), [1, 0, 0, 0])
+    for s in range(4):
+        _records(make_run(root, f"x4-{s}", method="prefix", m=4, seed=s), [1, 1, 1, 1])
+    fam, _ = paired_tables(load_runs([root]))
+    raw = [x for x in fam.raw if x["comparison"] == "perceiver − prefix"]
+    assert raw[0]["seeds_b"] == 1 and raw[0]["diff"] == pytest.approx(0.5)  # 75% v the m = 8 prefix's 25%
+    import shutil
+
+    shutil.rmtree(root / "x8")
+    fam, _ = paired_tables(load_runs([root]))
+    assert dict(fam.rows)["perceiver − prefix"] == ["no prefix run with the same settings"]
+    assert "m for prefix" in fam.note
+
+
+def test_report_knows_which_keys_each_method_reads():
+    """The report's copy of the keys a method reads is train.config's (analyze sits below train/)."""
+    from analyze.runs import METHOD_KEYS
+    from train.config import METHOD_KEYS as TRAIN_KEYS
+
+    assert METHOD_KEYS == TRAIN_KEYS

@@ -12,7 +12,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from analyze.baselines import BELOW, extend_table1, majority_vote, paired_best_expert, solo_cost_table, team_baselines
+from analyze.baselines import (BELOW, canonical_answer, extend_table1, majority_vote, paired_best_expert, solo_cost_table,
+                               team_baselines)
 from analyze.runs import Run
 from analyze.tables import table1
 from cache.reader import Cache
@@ -31,6 +32,45 @@ def test_majority_vote_hand_built():
     np.testing.assert_allclose(v.scores, [1.0, 1 / 3, 0.0, 0.0, 0.0, 1.0], rtol=0, atol=1e-12)
     assert v.ties == 1
     assert majority_vote([[None], [None]], np.zeros((2, 1))).scores.tolist() == [0.0]  # nobody answers: 0
+
+
+def test_vote_counts_answers_the_scorer_reads_alike_as_one():
+    """'18' and '18.00' are one answer wherever the scorer reads numbers; '$18' too on a numeric dataset
+    (gsm8k strips '$'), not on chain_sum (its verifier gives '$11' partial credit)."""
+    assert canonical_answer(" 18.00 ") == canonical_answer("18") == canonical_answer("18.0") == "18"
+    assert canonical_answer("$18", "gsm8k") == canonical_answer("18.00", "gsm8k") == "18"
+    assert canonical_answer("$18", "chain_sum") == "$18" and canonical_answer("111") != canonical_answer("11")
+    assert canonical_answer("a  b") == "a b"
+    answers = [["18"], ["18.00"], ["19"]]
+    scores = np.array([[1.0], [1.0], [0.0]])
+    v = majority_vote(answers, scores)
+    assert v.scores.tolist() == [1.0] and v.ties == 0  # two votes for 18 beat one for 19 (was a three-way tie)
+    v = majority_vote([["$18"], ["18"], ["19"], ["19"]], np.array([[1.0], [1.0], [0.0], [0.0]]), ["gsm8k"])
+    assert v.scores.tolist() == [0.5] and v.ties == 1  # 18 (2 votes) ties 19 (2 votes)
+
+
+def test_partial_credit_counts_as_wrong_in_every_baseline(tiny_cache, tmp_path):
+    """Solo rewards of 0.667 (chain_sum's score for "111" when the answer is 11) are wrong answers, as a
+    method's are (reward >= 1.0): they pick no best expert, make no oracle hit and win no vote."""
+    with Cache(tiny_cache) as c:
+        train, val = c.split_indices("train"), c.split_indices("val")
+        n = len(c)
+    sc = {"tiny-llama": np.zeros(n), "tiny-gpt2": np.zeros(n)}
+    sc["tiny-llama"][train[:3]] = 1.0  # train accuracy 3/12; reward mean 0.25
+    sc["tiny-gpt2"][train] = 0.667  # train accuracy 0; reward mean 0.667 (the partial-credit pick)
+    sc["tiny-llama"][val[[0, 1]]] = [1.0, 0.667]
+    sc["tiny-gpt2"][val[[0, 1, 2]]] = [1.0, 0.667, 0.667]
+    ans = {k: ["<answer>0</answer>"] * n for k in sc}
+    for k, row in (("tiny-llama", ["11", "111", "5", None]), ("tiny-gpt2", ["11.00", "111", "7", None])):
+        for i, a in zip(val, row):
+            ans[k][i] = f"<answer>{a}</answer>" if a else "no tags"
+    path = _with_solo(tiny_cache, tmp_path / "pc.h5", ans, {k: v.tolist() for k, v in sc.items()})
+    b = team_baselines(path, ("tiny-llama", "tiny-gpt2"))
+    assert b.best == "tiny-llama" and b.train_means == pytest.approx({"tiny-llama": 0.25, "tiny-gpt2": 0.0})
+    assert b.solo["tiny-llama"].tolist() == [1, 0, 0, 0] and b.solo["tiny-gpt2"].tolist() == [1, 0, 0, 0]
+    assert b.oracle.tolist() == [1, 0, 0, 0]
+    # val 0: "11" and "11.00" one vote (right); val 1: "111" twice, 0.667: wrong; val 2: a tie of wrongs
+    assert b.vote.scores.tolist() == [1.0, 0.0, 0.0, 0.0] and b.vote.ties == 1
 
 
 def _with_solo(src, dst, answers: dict[str, list[str]], scores: dict[str, list[float]]):
@@ -135,3 +175,56 @@ def test_missing_cache_is_missing_not_zero(tiny_cache, tmp_path):
     runs = [_run(tmp_path, "p", tiny_cache, "perceiver", 0.10)]  # the tiny cache has no solo answers
     t = extend_table1(table1(runs), runs)
     assert "Baselines missing" in t.note and not any(label.startswith("best expert") for label, _ in t.rows)
+
+
+def test_report_counts_one_problem_once(tiny_cache, tmp_path):
+    """Two held-out questions that are one problem for the held-out split ("2 + 9" and "9 + 2") are one
+    cluster in the report's intervals: n counts 3 problems over 4 questions (cache texts, keyed by the
+    records' question digest)."""
+    import hashlib
+
+    from analyze.records import question_clusters, seeds_cell
+
+    path = tmp_path / "twins.h5"
+    shutil.copyfile(tiny_cache, path)
+    with Cache(path) as c:
+        val = c.split_indices("val")
+    texts = ["Calculate: 2 + 9 =", "Calculate: 9 + 2 =", "Calculate: 5 - 1 =", "Calculate: 1 - 5 ="]
+    with h5py.File(path, "a") as f:
+        d = f["prompts/text"]
+        for i, t in zip(val, texts):
+            d[i] = t
+    run = Run("r", tmp_path, {"cache": str(path), "method": "perceiver"}, {}, pl.DataFrame(), pl.DataFrame())
+    keys = question_clusters([run])
+    sha = [hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts]
+    assert keys[sha[0]] == keys[sha[1]] and len({keys[s] for s in sha}) == 3
+    a = [dict(zip(sha, x)) for x in ([1, 1, 0, 1], [1, 0, 0, 1], [1, 1, 1, 0])]
+    b = [dict(zip(sha, [0, 0, 0, 1]))]
+    txt, fields = seeds_cell(a, b, fixed_b=True, clusters=keys)
+    assert fields["n"] == 3 and fields["questions"] == 4 and fields["unit"] == "problems"
+    assert "(3 seeds v fixed answers, 3 problems, 4 distinct questions" in txt, txt
+
+
+def test_best_expert_rows_leave_ablation_runs_out(tiny_cache, tmp_path):
+    """Three main perceiver runs against the best expert give the same row whether an m sweep and a
+    pooling ablation sit in the same folder or not (they never pool as seeds)."""
+    import hashlib
+
+    path, val = _hand_built(tiny_cache, tmp_path)
+    with Cache(path) as c:
+        texts = c.prompts()["text"]
+
+    def run(name, seed, rows, **cfg):
+        recs = [{"step": 3, "kind": "full", "condition": "with", "task": "t", "prompt": int(i), "correct": float(c_),
+                 "question_sha": hashlib.sha256(texts[i].encode()).hexdigest()[:16]} for c_, i in zip(rows, val)]
+        r = _run(tmp_path, name, path, "perceiver", 0.5, recs)
+        r.config.update({"seed": seed, "num_latents": 8, "pooling": "last_token", **cfg})
+        return r
+
+    main = [run(f"p{s}", s, rows) for s, rows in enumerate(([1, 1, 0, 0], [1, 1, 1, 0], [1, 0, 0, 0]))]
+    sweep = [run(f"m4-{s}", s, [0, 0, 0, 0], num_latents=4) for s in range(3)]
+    pool = [run(f"ft-{s}", s, [0, 0, 0, 0], pooling="first_token") for s in range(3)]
+    alone, mixed = paired_best_expert(main), paired_best_expert(main + sweep + pool)
+    assert mixed.rows == alone.rows and len(alone.rows) == 1
+    assert alone.rows[0][1][0].startswith("+25.0 ") and "(3 seeds v fixed answers" in alone.rows[0][1][0]
+    assert [x["seeds_a"] for x in mixed.raw] == [3]

@@ -1,4 +1,5 @@
-"""pass@k and the paired bootstrap against hand-worked numbers."""
+"""pass@k, the paired bootstrap and the seed-and-question interval against hand-worked numbers, and the
+interval's calibration by simulation."""
 
 import math
 
@@ -7,7 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from analyze.stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, pass_at_k, paired_bootstrap, two_level_bootstrap
+from scipy.stats import norm, t
+
+from analyze.stats import (BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, pass_at_k, paired_bootstrap, seed_question_interval,
+                           two_level_bootstrap)
 
 
 def test_pass_at_k_hand_worked():
@@ -59,68 +63,10 @@ def test_paired_bootstrap_pairs_and_is_seeded():
         paired_bootstrap([1, 0], [1])
 
 
-def _null_draw(rng, n=500, seeds=3, spread=0.046):
-    """Two methods of equal expected accuracy: per-prompt difficulty shared, each seed shifts its run's
-    accuracy by N(0, spread) (training randomness), answers Bernoulli. -> ([seeds, n], [seeds, n])"""
-    p = rng.beta(2, 2, n)
-    run = lambda: np.stack([(rng.random(n) < np.clip(p + rng.normal(0, spread), 0, 1)).astype(float)  # noqa: E731
-                            for _ in range(seeds)])
-    return run(), run()
-
-
-def test_two_level_calibrated_under_the_null():
-    """3 seeds a side, seed spread 4.6 points, 500 prompts, equal expected accuracy: the two-level
-    interval excludes 0 in at most ~7% of draws (bound: 16 of 120, P(X >= 17 | p = 0.07) < 0.005);
-    the prompts-only interval over seed-averaged scores excludes it in about half (>= 40 of 120)."""
-    rng = np.random.default_rng(2024)
-    draws, old, new = 120, 0, 0
-    for i in range(draws):
-        a, b = _null_draw(rng)
-        old += paired_bootstrap(a.mean(0), b.mean(0), resamples=400, seed=i).excludes_zero()
-        new += two_level_bootstrap(a, b, resamples=400, seed=i).excludes_zero()
-    assert new <= 16, f"two-level interval excluded 0 in {new} of {draws} null draws"
-    assert old >= 40, f"prompts-only interval excluded 0 in only {old} of {draws} null draws"
-
-
-def test_two_level_hand_worked_and_flags():
-    # three identical seeds, and a is b + 0.1 on every prompt: the difference is 0.1 whatever is resampled
-    b = np.tile(np.random.default_rng(0).random(20), (3, 1))
-    ci = two_level_bootstrap(b + 0.1, b)
-    assert ci.diff == pytest.approx(0.1) and ci.lo == pytest.approx(0.1) and ci.hi == pytest.approx(0.1)
-    assert (ci.n, ci.seeds_a, ci.seeds_b, ci.conditional) == (20, 3, 3, False)
-    assert ci.fmt() == "+10.0 [+10.0, +10.0] (3 v 3 seeds, 20 prompts)"
-    one = two_level_bootstrap(b[:1] + 0.1, b)
-    assert one.conditional and one.fmt().startswith("+10.0 [+10.0, +10.0]† (1 v 3 seeds")
-    # paired seeds: seeds of equal shift on both sides cancel; a shift that varies by seed does not
-    shift = np.array([[0.0], [0.2], [0.4]])
-    p = two_level_bootstrap(b + shift + 0.05, b + shift, paired_seeds=True)
-    assert p.lo == pytest.approx(0.05) and p.hi == pytest.approx(0.05) and p.fmt().endswith("(3 seeds, 20 prompts)")
-    u = two_level_bootstrap(b + shift + 0.05, b + shift[::-1])
-    assert u.diff == pytest.approx(0.05) and u.hi - u.lo > 0.2
-    with pytest.raises(ValueError):
-        two_level_bootstrap(b, b[:2], paired_seeds=True)
-    with pytest.raises(ValueError):
-        two_level_bootstrap(b, b[:, :5])
-
-
-def test_two_level_seed_spread_widens_the_interval():
-    """Seeds 6 points apart on each side: the two-level interval is wider than the prompts-only one."""
-    rng = np.random.default_rng(5)
-    p = rng.random(400)
-    a = np.stack([(rng.random(400) < np.clip(p + s, 0, 1)) for s in (-0.06, 0.0, 0.06)]).astype(float)
-    b = np.stack([(rng.random(400) < np.clip(p + s, 0, 1)) for s in (-0.06, 0.0, 0.06)]).astype(float)
-    two, one = two_level_bootstrap(a, b, resamples=2000), paired_bootstrap(a.mean(0), b.mean(0), resamples=2000)
-    assert two.diff == pytest.approx(one.diff) and two.hi - two.lo > 1.5 * (one.hi - one.lo)
-
-
 def test_bootstrap_chunks_do_not_change_the_interval():
     rng = np.random.default_rng(3)
     x, y = rng.integers(0, 2, 97), rng.integers(0, 2, 97)
     assert paired_bootstrap(x, y, resamples=1000, chunk=7) == paired_bootstrap(x, y, resamples=1000, chunk=1000)
-    a, b = rng.random((3, 97)), rng.random((2, 97))
-    assert two_level_bootstrap(a, b, resamples=1000, chunk=7) == two_level_bootstrap(a, b, resamples=1000)
-    assert two_level_bootstrap(a, a[::-1], paired_seeds=True, resamples=999, chunk=10) == \
-        two_level_bootstrap(a, a[::-1], paired_seeds=True, resamples=999)
 
 
 @pytest.mark.slow
@@ -130,65 +76,120 @@ def test_bootstrap_memory_is_bounded():
     import tracemalloc
 
     rng = np.random.default_rng(0)
-    a, b = rng.integers(0, 2, (3, 4000)).astype(float), rng.integers(0, 2, (3, 4000)).astype(float)
-    for f in (lambda: paired_bootstrap(a[0], b[0]), lambda: two_level_bootstrap(a, b)):
-        tracemalloc.start()
-        f()
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-        assert peak < 100e6, f"peak {peak / 1e6:.0f} MB"
+    a, b = rng.integers(0, 2, 4000).astype(float), rng.integers(0, 2, 4000).astype(float)
+    tracemalloc.start()
+    paired_bootstrap(a, b)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 100e6, f"peak {peak / 1e6:.0f} MB"
 
 
-@settings(max_examples=40, deadline=None)
-@given(st.integers(1, 4), st.integers(1, 4), st.integers(1, 30), st.integers(1, 50), st.floats(-0.5, 0.5),
-       st.integers(0, 2**31))
-def test_two_level_shift_and_chunks(sa, sb, n, chunk, c, seed):
-    """Adding c to every score of a moves the difference and both ends by c; the chunk size never
-    changes the interval; with one seed a side it is the paired bootstrap's interval."""
+Z, T2 = norm.ppf(0.975), t.ppf(0.975, 2)
+A = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=float)  # 3 seeds x 4 questions
+B = np.array([[0, 1, 0, 0]], dtype=float)  # one fixed row
+
+
+def test_interval_hand_worked_against_fixed_answers():
+    """Seed means .5, .25, .75: var 1/16, seed part 1/48 (df 2). Seed-averaged difference per question
+    [1, -1/3, 1/3, 0]: var 35/108, / 4 = 35/432. ANOVA residuals of A: sum of squares 5/6 over (2)(3)
+    df = 5/36; / S / n = 5/432. Question part 35/432 - 5/432 = 5/72."""
+    ci = seed_question_interval(A, B, fixed_b=True)
+    assert ci.diff == pytest.approx(0.25, abs=1e-12)
+    assert ci.v_seed == pytest.approx(1 / 48, abs=1e-12) and ci.df == pytest.approx(2.0)
+    assert ci.v_question == pytest.approx(5 / 72, abs=1e-12)
+    h = math.sqrt(T2 ** 2 / 48 + Z ** 2 * 5 / 72)
+    assert (ci.lo, ci.hi) == pytest.approx((0.25 - h, 0.25 + h), abs=1e-12)
+    assert not ci.conditional and not ci.two_seeds and ci.n == 4
+    assert ci.fmt() == f"+25.0 [{(0.25 - h) * 100:+.1f}, {(0.25 + h) * 100:+.1f}] (3 seeds v fixed answers, 4 questions" \
+        f"; a bound is past what the scores allow, [-100.0, +100.0])"  # hi = 1.16: said, not clipped
+    assert ci.hi > 1 and ci.beyond
+
+
+def test_interval_paired_unpaired_and_welch_df():
+    """Paired: the same formula on the per-seed difference table (df S - 1). Unpaired: Welch df."""
+    b3 = A[::-1].copy()
+    p = seed_question_interval(A, b3, paired_seeds=True)
+    d = A - b3
+    assert p.v_seed == pytest.approx(d.mean(1).var(ddof=1) / 3) and p.df == pytest.approx(2.0)
+    u = seed_question_interval(A, np.vstack([b3, b3[:1]]))
+    va, vb = A.mean(1).var(ddof=1) / 3, np.vstack([b3, b3[:1]]).mean(1).var(ddof=1) / 4
+    assert u.v_seed == pytest.approx(va + vb)
+    assert u.df == pytest.approx((va + vb) ** 2 / (va ** 2 / 2 + vb ** 2 / 3))
+    with pytest.raises(ValueError):
+        seed_question_interval(A, A[:2], paired_seeds=True)
+    with pytest.raises(ValueError):
+        seed_question_interval(A, A[:, :3])
+    with pytest.raises(ValueError, match="fixed_b needs one row"):
+        seed_question_interval(A, A, fixed_b=True)
+
+
+def test_interval_one_seed_is_conditional_on_questions_only():
+    """One seed a side: Var over questions of the difference / n, z, marked †."""
+    ci = seed_question_interval(A[:1], B)
+    d = A[0] - B[0]
+    h = Z * math.sqrt(d.var(ddof=1) / 4)
+    assert ci.conditional and (ci.lo, ci.hi) == pytest.approx((0.25 - h, 0.25 + h), abs=1e-12)
+    assert "]† (1 v 1 seed, 4 questions" in ci.fmt()
+
+
+def test_interval_n_too_small_and_two_seeds():
+    """A constant difference (zero width) or one question prints 'n too small'; two seeds print one
+    conditional interval a seed and no pooled one."""
+    b = np.tile(np.random.default_rng(0).random(20), (3, 1))
+    same = seed_question_interval(b + 0.1, b)
+    assert same.too_small and not same.excludes_zero()
+    assert same.fmt() == "+10.0, n too small for an interval (3 v 3 seeds, 20 questions)"
+    one = seed_question_interval(A[:, :1], B[:, :1], fixed_b=True)
+    assert one.fmt().startswith("+0.0, n too small") or one.fmt().startswith("+100.0, n too small")
+    two = seed_question_interval(A[:2], B, fixed_b=True)
+    assert two.two_seeds and not two.excludes_zero() and len(two.per_seed) == 2
+    s1 = seed_question_interval(A[:1], B)
+    assert two.per_seed[0] == (s1.diff, s1.lo, s1.hi)
+    assert "two seeds: no pooled interval; seed 1: " in two.fmt() and "seed 2: " in two.fmt()
+
+
+def test_interval_clusters_count_problems_once():
+    """Each question asked twice (one cluster each): n counts clusters, the question part stays near the
+    single copy's, where without clusters the copies halve it; one cluster per question changes nothing."""
+    rng = np.random.default_rng(4)
+    a, b = (rng.random((3, 40)) < 0.6).astype(float), (rng.random((3, 40)) < 0.4).astype(float)
+    ids = np.repeat(np.arange(40), 2)
+    dup = seed_question_interval(np.repeat(a, 2, 1), np.repeat(b, 2, 1), clusters=ids)
+    plain = seed_question_interval(np.repeat(a, 2, 1), np.repeat(b, 2, 1))
+    assert dup.n == 40 and dup.clustered and "40 problems, 80 questions" in dup.fmt()
+    assert dup.v_question > 1.5 * plain.v_question
+    assert seed_question_interval(a, b, clusters=np.arange(40)) == seed_question_interval(a, b)._replace(clustered=True)
+    with pytest.raises(ValueError, match="one id per question"):
+        seed_question_interval(a, b, clusters=[0, 1])
+
+
+@pytest.mark.slow
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 4), st.integers(2, 30), st.floats(-0.5, 0.5), st.integers(0, 2**31))
+def test_interval_moves_with_a_shift(sa, sb, n, c, seed):
+    """Adding c to every score of a moves the difference and both ends by c; the former name is the
+    same function."""
     rng = np.random.default_rng(seed)
     a, b = rng.integers(0, 2, (sa, n)).astype(float), rng.integers(0, 2, (sb, n)).astype(float)
-    ci = two_level_bootstrap(a, b, resamples=300, seed=seed % 1000)
-    moved = two_level_bootstrap(a + c, b, resamples=300, seed=seed % 1000, chunk=chunk)
+    ci, moved = seed_question_interval(a, b), two_level_bootstrap(a + c, b)
     assert moved.diff == pytest.approx(ci.diff + c, abs=1e-9)
     assert moved.lo == pytest.approx(ci.lo + c, abs=1e-9) and moved.hi == pytest.approx(ci.hi + c, abs=1e-9)
     assert ci.lo <= ci.hi and ci.conditional == (min(sa, sb) == 1)
-    if sa == sb == 1:
-        p = paired_bootstrap(a[0], b[0], resamples=300, seed=seed % 1000)
-        assert (ci.lo, ci.hi) == (p.lo, p.hi)
 
 
-def test_two_level_against_fixed_answers_resamples_one_side_and_widens_by_its_seeds():
-    """A method's 3 seeds against an expert's fixed greedy answers: the same resampled means as the
-    plain call (b's single row draws nothing), widened about the difference by t_2 / z (df = S_a - 1),
-    and not conditional (only the method has training randomness)."""
-    from scipy.stats import norm, t
+@pytest.mark.slow
+@pytest.mark.parametrize("sd", [0.04, 0.10])
+def test_interval_calibrated_both_ways(sd):
+    """Paired seeds (two conditions of the same runs), 3 seeds, 64 questions, seed shift sd 4 or 10
+    points (analyze/calibration.py): 4,000 null draws reject in [2%, 8%] (binomial sd of the rate 0.3
+    points), and 4,000 draws with a true +5 points reject at least 80% as often as the seed-level t
+    interval over per-seed differences. The per-table function agrees with the batched one."""
+    from analyze.calibration import calibrate, draw, seed_question
 
-    from analyze.stats import two_level_bootstrap
-
-    rng = np.random.default_rng(7)
-    a = (rng.random((3, 40)) < [[0.3], [0.5], [0.7]]).astype(float)  # three seeds far apart
-    b = (rng.random((1, 40)) < 0.5).astype(float)
-    plain = two_level_bootstrap(a, b, resamples=2000)
-    fixed = two_level_bootstrap(a, b, resamples=2000, fixed_b=True)
-    ratio = t.ppf(0.975, 2) / norm.ppf(0.975)
-    assert fixed.diff == plain.diff
-    assert fixed.diff - fixed.lo == pytest.approx((plain.diff - plain.lo) * ratio, rel=1e-12)
-    assert fixed.hi - fixed.diff == pytest.approx((plain.hi - plain.diff) * ratio, rel=1e-12)
-    assert plain.conditional and not fixed.conditional
-    assert "(3 seeds v fixed answers, 40 prompts)" in fixed.fmt() and "†" not in fixed.fmt()
-    assert two_level_bootstrap(a[:1], b, fixed_b=True).conditional  # one seed: conditional on its weights
-    with pytest.raises(ValueError, match="fixed_b needs one row"):
-        two_level_bootstrap(a, a, fixed_b=True)
-
-
-def test_two_level_interval_stays_inside_the_differences_scores_allow():
-    """2 seeds a side: t_2 / z widening (2.2x, df = 2) of a wide seed spread would reach past ±100
-    points; the interval is clipped to [min a - max b, max a - min b] = [-1, 1] for 0/1 scores."""
-    from analyze.stats import two_level_bootstrap
-
-    a = np.array([[1.0] * 20, [0.0] * 20])  # seeds at 100% and 0%
-    b = np.array([[0.0] * 20, [1.0] * 20])
-    ci = two_level_bootstrap(a, b, resamples=2000)
-    assert ci.diff == 0.0 and ci.lo == -1.0 and ci.hi == 1.0
-    paired = two_level_bootstrap(a, b, paired_seeds=True, resamples=2000)
-    assert -1.0 <= paired.lo <= paired.hi <= 1.0
+    r = calibrate("paired", seeds=3, n=64, sd=sd, draws=4000, kinds=("seed-question", "seed t"))
+    new, ref = r["seed-question"], r["seed t"]
+    assert 0.02 <= new["null"] <= 0.08, r
+    assert new["power"] >= 0.8 * ref["power"], r
+    a, b = draw(np.random.default_rng(9), "paired", 50, 3, 64, sd, 0.05)
+    batched = seed_question(a, b, "paired").reject
+    assert [two_level_bootstrap(x, y, paired_seeds=True).excludes_zero() for x, y in zip(a, b)] == batched.tolist()
