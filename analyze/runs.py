@@ -12,7 +12,7 @@ import yaml
 from cache.run_folder import CONFIG, EVAL, METRICS, NOT_SETTINGS, RunFolder
 from core.errors import MuskError
 from core.hashing import sha256_of
-from train.config import DEFAULTS_BEFORE_KEY
+from train.config import DEFAULTS_BEFORE_KEY, METHOD_KEYS, method_reads  # noqa: F401  (METHOD_KEYS: the report's reading)
 from train.recipes import recipe_name
 
 # Keys of the resolved config that never make two runs different conditions. total_training_steps
@@ -191,29 +191,13 @@ CONTROL_FREE = set(NOT_A_CONDITION) | {"method", "experts", "cache", "cache_fing
                                        "dtype", "dtype_resolved", *SCHEDULE}
 
 
-# Keys a method does not read, KEY -> the methods that read it: a copy of train.config.METHOD_KEYS (the
-# report sits below train/ and may not import it; tests/test_report.py checks that the two are equal).
-_FEATURE_METHODS = ("perceiver", "ffn", "hard-routing")
-_CONTEXT_METHODS = _FEATURE_METHODS + ("prefix",)
-METHOD_KEYS: dict[str, tuple[str, ...]] = {
-    "num_latents": ("perceiver", "prefix"), "num_heads": ("perceiver",),
-    "gumbel_tau": ("hard-routing",), "router": ("hard-routing",),
-    "d_latent": _CONTEXT_METHODS, "init_std": _CONTEXT_METHODS, "router_lr": _CONTEXT_METHODS,
-    "router_warmup_steps": _CONTEXT_METHODS, "pooling": _FEATURE_METHODS, "feature_norm": _FEATURE_METHODS,
-    "context_gate": _CONTEXT_METHODS, "context_rms": _CONTEXT_METHODS, "gate_lr": _CONTEXT_METHODS,
-    "gate_warmup_steps": _CONTEXT_METHODS, "context_anchor": _CONTEXT_METHODS,
-    "hint_format": ("output-collab",), "hint_position": ("output-collab",), "hint_reference": ("output-collab",),
-}
-
-
-def method_reads(method: str, key: str) -> bool:
-    """Whether a run of `method` reads the config key (a dotted key by its first part)."""
-    return method in METHOD_KEYS.get(key.split(".")[0], (method,))
-
-
 def unmatched_keys(run: Run, control: Run) -> list[str]:
     """Config keys both methods read (method_reads) on which control differs from run,
     beyond CONTROL_FREE: a key added to the config later is matched without naming it here."""
     keys = (set(run.config) | set(control.config)) - CONTROL_FREE
+
+    def value(config: dict, k: str):  # a key an older run lacks reads as its value from before it existed
+        return config.get(k, DEFAULTS_BEFORE_KEY.get(k))
+
     return sorted(k for k in keys if method_reads(run.method, k) and method_reads(control.method, k)
-                  and repr(run.config.get(k)) != repr(control.config.get(k)))
+                  and repr(value(run.config, k)) != repr(value(control.config, k)))

@@ -7,6 +7,7 @@ import math
 from typing import NamedTuple
 
 import numpy as np
+from core.metrics import pass_at_k  # noqa: F401  (re-exported: the report reads it here)
 from scipy.stats import norm, spearmanr, t
 
 
@@ -48,17 +49,6 @@ def band(series: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     n = min(len(s) for s in series)
     arr = np.stack([np.asarray(s[:n], dtype=float) for s in series])
     return arr.mean(0), arr.std(0, ddof=1) if len(series) > 1 else np.zeros(n)
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k of one prompt from n samples of which c are correct (Chen et al. 2021, Eq. 1):
-    1 - C(n-c, k) / C(n, k), computed as a product (no huge binomials). Raises ValueError unless
-    0 <= c <= n and 1 <= k <= n."""
-    if not (0 <= c <= n and 1 <= k <= n):
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
 BOOTSTRAP_RESAMPLES = 10_000

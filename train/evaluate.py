@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import torch
 
-from analyze.stats import pass_at_k
+from core.metrics import pass_at_k
 from cache.run_folder import COMPLETIONS, EVAL, EVAL_RECORDS, RunFolder
 from pipeline.generation import decode, sample
 from train.grpo import routing_stats
