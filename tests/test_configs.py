@@ -78,7 +78,7 @@ def test_label_probe_presets():
     assert [e.kind for e in cfg.experts] == ["probe-oracle", "probe-noise", "gguf-package"]
     label = to_dict(load_train_config(str(CONFIGS / "train" / "probe-label.yaml")))
     old = to_dict(load_train_config(str(CONFIGS / "train" / "probe.yaml")))
-    assert {k for k in label if label[k] != old[k]} == {"max_new_tokens", "curve_freq", "curve_prompts"}
+    assert {k for k in label if label[k] != old[k]} == {"max_new_tokens", "total_training_steps", "curve_freq", "curve_prompts"}
     assert label["sft_warmup_steps"] == 0 and label["sft_mix_coef"] == 0.0
 
 
