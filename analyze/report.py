@@ -9,6 +9,7 @@ import polars as pl
 
 from analyze import baselines, plots
 from analyze.html import write_html
+from analyze.curves import speed_table
 from analyze.records import ablation_table, paired_tables, routing_table, shuffled_all_cell, table1_per_task
 from analyze.runs import distinct_runs, dtype_note, load_runs
 from analyze.tables import (Table, collaboration_table, cost_table, spearman_table, table1, table2, table_runs_md,
@@ -37,7 +38,7 @@ def run_report(paths: list[Path], out: Path, log=print) -> Path:
     tables = ((t1, "table1"), (table1_per_task(runs), "table1_per_task"), (tp, "paired"),
               (baselines.paired_best_expert(runs), "paired_best_expert"), (tpt, "paired_per_task"), (ablation_table(runs), "ablations"),
               (tk, "collaboration"), (routing_table(runs), "routing_per_task"), (t2, "table2"), (ts, "spearman"),
-              (tc, "cost"), (baselines.solo_cost_table(runs), "cost_solo"))
+              (tc, "cost"), (baselines.solo_cost_table(runs), "cost_solo"), (speed_table(runs), "speed"))
     for t, stem in tables:
         t.note += dtype_note(t.sources)
         _write_table(t, out, stem)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from train.recipes import recipe_name
 from analyze.runs import NOT_A_CONDITION, SCHEDULE, Run
 from analyze.stats import Cell, cell, spearman
 from pipeline.pooling import VARIANTS
@@ -38,9 +39,14 @@ def _differing(configs: list[dict], skip: set[str]) -> list[str]:
 
 
 def _label(method: str, cfg: dict, keys: list[str]) -> str:
+    """A row's name: the method, its training recipe when it has one (a recipe run is another method and
+    never reads as the paper's), and the settings that set it apart from the method's other rows."""
+    recipe = recipe_name(cfg)
+    name = f"{method} + {recipe}" if recipe else method
+    keys = [k for k in keys if not k.startswith("sft_")] if recipe else keys
     if not keys:
-        return method
-    return method + " [" + ", ".join(f"{k}={cfg.get(k)}" for k in keys) + "]"
+        return name
+    return name + " [" + ", ".join(f"{k}={cfg.get(k)}" for k in keys) + "]"
 
 
 def _order(key: str, order: list[str]) -> tuple:
