@@ -1,5 +1,9 @@
 """Checkpoints that resume bit for bit: trainable weights (LoRA + g_phi), AdamW state, RNG state
-and the data position. Written through core.atomic (temporary folder, fsync, rename), so a kill never leaves half of one."""
+and the data position. Written through core.atomic (temporary folder, fsync, rename), so a kill never leaves half of one.
+
+Every file is read with torch.load(weights_only=True): tensors and plain containers only, so a run
+folder from someone else cannot run code on resume. The RNG states are stored as tensors and ints
+(rng_state); an rng.pt of an older musk (pickled numpy and Python objects) is refused, not unpickled."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 
 from cache.run_folder import RunFolder
 from core.atomic import atomic_path
+from core.errors import MuskError
 
 
 def trainable_state(named_params) -> dict[str, torch.Tensor]:
@@ -29,8 +34,7 @@ def _write_checkpoint(tmp: Path, step: int, model, adapter, optimizer, state: di
     torch.save(trainable_state(model.named_parameters()), tmp / "lora.pt")
     torch.save(adapter.state_dict(), tmp / "adapter.pt")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
 
 
@@ -42,10 +46,49 @@ def load_checkpoint(path: Path, model, adapter, optimizer) -> dict:
             params[n].copy_(v)
     adapter.load_state_dict(torch.load(path / "adapter.pt", weights_only=True))
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    rng = torch.load(path / "rng.pt", weights_only=False)
+    set_rng_state(load_rng(path / "rng.pt"))
+    return json.loads((path / "state.json").read_text())
+
+
+def rng_state() -> dict:
+    """The torch, numpy, Python and CUDA generators' states as tensors and ints (what
+    torch.load(weights_only=True) reads back): torch [5056] uint8; numpy MT19937 key [624] int64 with
+    pos, has_gauss, cached_gaussian; Python's Mersenne Twister [625] int64 with its gauss_next
+    (None or float); cuda: one uint8 tensor per device, or None."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    version, mt, gauss_next = random.getstate()
+    return {"format": 2, "torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)},
+            "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def load_rng(path: Path) -> dict:
+    """rng_state() as saved at `path`, read with weights_only=True. Raises MuskError naming the file
+    when it holds anything else: a crafted pickle, or an rng.pt of an older musk (pickled numpy and
+    Python objects), which is never unpickled."""
+    try:
+        rng = torch.load(path, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for objects outside the allowed set, RuntimeError, EOFError
+        raise MuskError(
+            f"{str(path)!r} holds objects other than tensors and plain data, so it is not loaded (loading it "
+            f"could run code; {type(e).__name__}). If it is an rng.pt of an older musk, the run resumes only "
+            "from a checkpoint of this version: start the run again, or evaluate the checkpoint's weights "
+            "(musk eval --checkpoint final) without resuming.") from None
+    if not isinstance(rng, dict) or rng.get("format") != 2:
+        raise MuskError(f"{str(path)!r} is not an RNG state this musk wrote (no format 2 record)")
+    return rng
+
+
+def set_rng_state(rng: dict) -> None:
+    """Restore the generators from rng_state()'s record."""
     torch.set_rng_state(rng["torch"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = rng["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
     if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((path / "state.json").read_text())
