@@ -50,9 +50,44 @@ def test_a_crafted_or_old_rng_pt_is_refused_by_name_and_never_unpickled(tmp_path
                     "cuda": None}, folder / "rng.pt")
     lin = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(lin.parameters())
-    torch.save({}, folder / "lora.pt"), torch.save(lin.state_dict(), folder / "adapter.pt")
+    torch.save(ckpt.trainable_state(lin.named_parameters()), folder / "lora.pt"), torch.save(lin.state_dict(), folder / "adapter.pt")
     torch.save(opt.state_dict(), folder / "optimizer.pt")
     with pytest.raises(MuskError, match="rng.pt") as e:
         ckpt.load_checkpoint(folder, lin, lin, opt)
     assert str(folder / "rng.pt") in str(e.value) and "start the run again" in str(e.value)
     assert not planted.exists()
+
+
+def _tiny_lora():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=2))
+    return get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+
+
+@pytest.mark.parametrize("rename", [False, True])
+def test_eval_refuses_an_adapter_that_loads_no_trained_key(tmp_path, rename):
+    from types import SimpleNamespace
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from train.evaluate_run import _load_weights
+
+    src, m = _tiny_lora(), SimpleNamespace(peft=_tiny_lora(), adapter=torch.nn.Linear(2, 2))
+    state = {k: v.contiguous() for k, v in get_peft_model_state_dict(src).items()}
+    if rename:  # another model's module names: nothing matches
+        state = {k.replace("layers.0", "blocks.0"): v for k, v in state.items()}
+    save_file(state, str(tmp_path / "adapter_model.safetensors"))
+    torch.save(m.adapter.state_dict(), tmp_path / "context_adapter.pt")
+    if not rename:
+        _load_weights(m, tmp_path, "final")
+        name = next(n for n, _ in m.peft.named_parameters() if "lora_B" in n)
+        assert torch.equal(dict(m.peft.named_parameters())[name], dict(src.named_parameters())[name])
+        return
+    with pytest.raises(MuskError, match="adapter_model.safetensors") as e:
+        _load_weights(m, tmp_path, "final")
+    assert "4 trained LoRA tensor(s) it does not set" in str(e.value)

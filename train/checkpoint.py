@@ -41,6 +41,8 @@ def _write_checkpoint(tmp: Path, step: int, model, adapter, optimizer, state: di
 def load_checkpoint(path: Path, model, adapter, optimizer) -> dict:
     lora = torch.load(path / "lora.pt", weights_only=True)
     params = dict(model.named_parameters())
+    trained = {n for n, p in params.items() if p.requires_grad}
+    check_lora_loaded(path / "lora.pt", missing=sorted(trained - set(lora)), unexpected=sorted(set(lora) - set(params)))
     with torch.no_grad():
         for n, v in lora.items():
             params[n].copy_(v)
@@ -48,6 +50,20 @@ def load_checkpoint(path: Path, model, adapter, optimizer) -> dict:
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
     set_rng_state(load_rng(path / "rng.pt"))
     return json.loads((path / "state.json").read_text())
+
+
+def check_lora_loaded(path: Path, missing: list[str], unexpected: list[str]) -> None:
+    """Refuse weights that leave a trained LoRA tensor untouched or name tensors the policy lacks
+    (another model's adapter, renamed keys): evaluating them would evaluate the untrained LoRA.
+    missing: the policy's LoRA (trained) tensor names the file lacks; unexpected: the file's names the
+    policy lacks (a load result's missing_keys filtered to LoRA names, and its unexpected_keys).
+    Raises MuskError naming the file and a few keys of each."""
+    if missing or unexpected:
+        few = lambda keys: ", ".join(keys[:3]) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")  # noqa: E731
+        raise MuskError(f"{str(path)!r} does not fit this policy: {len(missing)} trained LoRA tensor(s) it does not "
+                        f"set{': ' + few(missing) if missing else ''}; {len(unexpected)} tensor(s) the policy lacks"
+                        f"{': ' + few(unexpected) if unexpected else ''}. Was it saved from this run's policy and "
+                        "lora_target_modules?")
 
 
 def rng_state() -> dict:
