@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 
 from cache.schema import (EXPERT_ATTRS, POOLED, PROMPT_COLUMNS, RANDOM_VARIANTS, READABLE_SCHEMAS,
-                          SCHEMA_1_VARIANTS)
+                          SCHEMA_1_VARIANTS, open_failure)
 from core.errors import MuskError
 from core.heldout import composition, count_overlap
 
@@ -28,7 +28,7 @@ class Cache:
         try:
             self.f = h5py.File(self.path, "r")
         except OSError as e:
-            raise MuskError(f"cache {str(self.path)!r} is not a readable HDF5 file ({e})") from None
+            raise MuskError(open_failure(self.path, e)) from None
         a = self.f.attrs
         if "musk_schema" not in a:
             self.close()

@@ -48,3 +48,14 @@ def versions() -> str:
     import transformers
 
     return json.dumps({"musk": MUSK_VERSION, "torch": torch.__version__, "transformers": transformers.__version__})
+
+
+def open_failure(path, e: OSError) -> str:
+    """The message for an HDF5 file at `path` that h5py could not open (OSError `e`). A lock failure
+    (another process has the file open for writing, or a file system without locks such as some NFS
+    mounts) says so and names HDF5_USE_FILE_LOCKING; anything else reads as an unreadable file."""
+    if "lock" in str(e).lower():
+        return (f"cache {str(path)!r} could not be locked ({e}): another process may be writing it (wait for it "
+                "to finish), or its file system does not support HDF5's file locks; there, set "
+                "HDF5_USE_FILE_LOCKING=FALSE in the environment (only where no other process writes the file)")
+    return f"cache {str(path)!r} is not a readable HDF5 file ({e})"

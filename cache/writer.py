@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from cache.schema import SCHEMA_VERSION, versions
+from cache.schema import SCHEMA_VERSION, open_failure, versions
 from core.atomic import atomic_path, atomic_write_bytes
 from core.errors import MuskError
 
@@ -109,28 +109,63 @@ def assemble(
     of that name is replaced, every other dataset of the group is copied as it was.
     """
     out = Path(out)
+    now = versions()
     with atomic_path(out) as tmp:
         if out.exists():
             shutil.copyfile(out, tmp)
-        with h5py.File(tmp, "a") as f:
+        try:
+            f = h5py.File(tmp, "a")
+        except OSError as e:
+            raise MuskError(open_failure(out, e)) from None
+        with f:
             f.attrs["complete"] = False
-            _write_groups(f, prompts, experts, routers)
-            _update_groups(f, updates)
+            _keep_versions(f)
+            _write_groups(f, prompts, experts, routers, now)
+            replaced = _update_groups(f, updates, now)
             f.attrs["musk_schema"] = SCHEMA_VERSION
-            f.attrs["versions"] = versions()
+            f.attrs["versions"] = f.attrs.get("versions", now)  # the versions the cache was made with
             for k, v in root_attrs.items():
                 f.attrs[k] = v
             f.attrs["complete"] = True
+        if replaced:  # a deleted dataset's bytes stay in the file as dead space until it is rewritten
+            repack(tmp)
 
 
-def _write_groups(f: h5py.File, prompts, experts, routers) -> None:
+def _keep_versions(f: h5py.File) -> None:
+    """Groups of a cache written before parts carried their own versions get the root's (the
+    versions of the last write, which made them or came after them): stamped once, never overwritten."""
+    old = f.attrs.get("versions")
+    if old is None:
+        return
+    for kind in ("experts", "router"):
+        for g in f.get(kind, {}).values():
+            if "versions" not in g.attrs:
+                g.attrs["versions"] = old
+            if kind == "experts" and "solo" in g and "solo_versions" not in g.attrs:
+                g.attrs["solo_versions"] = old
+
+
+def repack(path: Path) -> None:
+    """Rewrite the HDF5 file at `path` with its live objects only (h5repack's effect: what deleted
+    datasets left behind is dropped). Every group, dataset and attribute is copied as it is."""
+    path = Path(path)
+    packed = path.with_name(path.name + ".repack")
+    with h5py.File(path, "r") as src, h5py.File(packed, "w") as dst:
+        for k, v in src.attrs.items():
+            dst.attrs[k] = v
+        for name in src:
+            src.copy(src[name], dst, name=name)
+    packed.replace(path)
+
+
+def _write_groups(f: h5py.File, prompts, experts, routers, now: str) -> None:
     if prompts is not None:
         g = f.require_group("prompts")
         for col, values in prompts.items():
             g.create_dataset(col, data=_h5_strings(values), dtype=STR)
     for name, attrs, arrays in experts:
         g = f.require_group("experts").create_group(name)
-        for k, v in attrs.items():
+        for k, v in {**attrs, "versions": now, **({"solo_versions": now} if "solo" in arrays else {})}.items():
             g.attrs[k] = v
         for k, v in arrays.items():
             if v.dtype.kind in ("U", "O"):
@@ -139,20 +174,25 @@ def _write_groups(f: h5py.File, prompts, experts, routers) -> None:
                 g.create_dataset(k, data=v)
     for name, attrs, emb in routers:
         g = f.require_group("router").create_group(name)
-        for k, v in attrs.items():
+        for k, v in {**attrs, "versions": now}.items():
             g.attrs[k] = v
         g.create_dataset("embedding", data=emb.astype(np.float32))
 
 
-def _update_groups(f: h5py.File, updates) -> None:
+def _update_groups(f: h5py.File, updates, now: str) -> bool:
+    """Add or replace datasets of existing expert groups (solo answers, stamped solo_versions: now).
+    Returns whether a dataset was replaced (the file then holds dead space)."""
+    replaced = False
     for name, attrs, arrays in updates:
         g = f["experts"][name]
-        for k, v in attrs.items():
+        for k, v in {**attrs, "solo_versions": now}.items():
             g.attrs[k] = v
         for k, v in arrays.items():
             if k in g:
                 del g[k]
+                replaced = True
             if v.dtype.kind in ("U", "O"):
                 g.create_dataset(k, data=_h5_strings(v), dtype=STR)
             else:
                 g.create_dataset(k, data=v)
+    return replaced

@@ -91,3 +91,66 @@ def test_eval_refuses_an_adapter_that_loads_no_trained_key(tmp_path, rename):
     with pytest.raises(MuskError, match="adapter_model.safetensors") as e:
         _load_weights(m, tmp_path, "final")
     assert "4 trained LoRA tensor(s) it does not set" in str(e.value)
+
+
+def _cache(path, n=400):
+    from cache.writer import assemble
+
+    arrays = {"last_token": np.zeros((n, 8), np.float32), "solo": np.array(["x" * 40] * n, dtype=object),
+              "solo_score": np.zeros(n)}
+    assemble(path, prompts={"text": ["q"] * n}, experts=[("e", {"source": "x"}, arrays)], routers=[], root_attrs={})
+
+
+def _recompute_solo(path, n=400):
+    from cache.writer import assemble
+
+    assemble(path, prompts=None, experts=[], routers=[], root_attrs={},
+             updates=[("e", {"solo_source": "y"}, {"solo": np.array(["y" * 40] * n, dtype=object),
+                                                   "solo_score": np.ones(n)})])
+
+
+def test_recomputed_solo_answers_leave_no_dead_space(tmp_path):
+    import h5py
+
+    _cache(tmp_path / "c.h5")
+    sizes = [(tmp_path / "c.h5").stat().st_size]
+    for _ in range(3):
+        _recompute_solo(tmp_path / "c.h5")
+        sizes.append((tmp_path / "c.h5").stat().st_size)
+    assert max(sizes) - min(sizes) < 4096, sizes  # old: grew by the solo datasets at each rewrite (~37 kB)
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert f["experts/e/solo"][0].decode() == "y" * 40 and f["experts/e"].attrs["solo_source"] == "y"
+        assert f["experts/e/last_token"].shape == (400, 8) and bool(f.attrs["complete"])
+
+
+def test_completing_a_cache_keeps_the_versions_its_parts_were_made_with(tmp_path, monkeypatch):
+    import json
+
+    import h5py
+
+    from cache import writer
+
+    monkeypatch.setattr(writer, "versions", lambda: json.dumps({"musk": "old"}))
+    _cache(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "a") as f:  # a cache of an older musk: versions at the root only
+        for k in ("versions", "solo_versions"):
+            f["experts/e"].attrs.pop(k, None)
+    monkeypatch.setattr(writer, "versions", lambda: json.dumps({"musk": "new"}))
+    _recompute_solo(tmp_path / "c.h5")
+    with h5py.File(tmp_path / "c.h5", "r") as f:
+        assert json.loads(f.attrs["versions"]) == {"musk": "old"}
+        assert json.loads(f["experts/e"].attrs["versions"]) == {"musk": "old"}  # the features'
+        assert json.loads(f["experts/e"].attrs["solo_versions"]) == {"musk": "new"}  # the recomputed answers'
+
+
+def test_a_cache_lock_failure_names_hdf5_use_file_locking(tmp_path, monkeypatch):
+    import fcntl
+
+    from cache.reader import Cache
+
+    monkeypatch.delenv("HDF5_USE_FILE_LOCKING", raising=False)
+    _cache(tmp_path / "c.h5")
+    with open(tmp_path / "c.h5", "rb+") as held:  # a writer holds the file
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(MuskError, match="HDF5_USE_FILE_LOCKING=FALSE"):
+            Cache(tmp_path / "c.h5")
