@@ -184,9 +184,23 @@ class LocalExecutor:
         pass
 
 
-def _ray_job(cmd: list[str], log: str, cwd: str) -> int:
-    """Runs on a Ray worker: the child with its output appended to the log; a cancelled task stops it."""
-    p, f = _start(cmd, Path(log), {}, cwd)
+# What a run reads from the sweep's environment: musk's own settings, the hub's and transformers'
+# (offline mode, caches, tokens), thread counts and the trackers'. A Ray worker starts with the
+# environment of the node's raylet, not the sweep's, so these travel with each task.
+FORWARDED_PREFIXES = ("MUSK_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "WANDB_", "TRACKIO_",
+                      "HDF5_", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG", "PYTORCH_")
+
+
+def sweep_env(environ=None) -> dict[str, str]:
+    """The variables of `environ` (default os.environ) that a run on another node must see."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(FORWARDED_PREFIXES)}
+
+
+def _ray_job(cmd: list[str], log: str, cwd: str, env: dict | None = None) -> int:
+    """Runs on a Ray worker: the child, with the sweep's `env` over the worker's environment and its
+    output appended to the log; a cancelled task stops it."""
+    p, f = _start(cmd, Path(log), env or {}, cwd)
     try:
         return p.wait()
     except BaseException:  # ray.cancel raises KeyboardInterrupt in the task
@@ -222,7 +236,9 @@ class RayExecutor:
         if gpus_per_run is None:  # one GPU a run where the cluster has GPUs
             gpus_per_run = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         self.cpus, self.gpus = cpus_per_run, gpus_per_run
-        self.task = ray.remote(_ray_job).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0)
+        self.env = sweep_env()  # also the task's runtime_env, so Ray's own worker process sees it
+        self.task = ray.remote(_ray_job).options(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0,
+                                                 runtime_env={"env_vars": self.env})
         self.running: dict[str, object] = {}  # name -> ObjectRef
 
     def describe(self) -> str:
@@ -234,7 +250,8 @@ class RayExecutor:
         return 1 << 30  # Ray queues tasks until a node has their resources
 
     def start(self, job: Job) -> str:
-        self.running[job.name] = self.task.remote(job.cmd + ["--threads", str(self.cpus)], str(job.log), job.cwd)
+        self.running[job.name] = self.task.remote(job.cmd + ["--threads", str(self.cpus)], str(job.log), job.cwd,
+                                                  self.env)
         return "the Ray cluster"
 
     def poll(self) -> list[tuple[str, int]]:

@@ -154,3 +154,45 @@ def test_a_cache_lock_failure_names_hdf5_use_file_locking(tmp_path, monkeypatch)
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(MuskError, match="HDF5_USE_FILE_LOCKING=FALSE"):
             Cache(tmp_path / "c.h5")
+
+
+class _FakeRay:
+    """Ray's calls as RayExecutor makes them; a task runs at once, here, in a 'worker' whose
+    environment is whatever os.environ is when it runs."""
+
+    def __init__(self):
+        self.options = {}
+
+    def is_initialized(self):
+        return True
+
+    def remote(self, fn):
+        fake = self
+
+        class Task:
+            def options(self, **kw):
+                fake.options = kw
+                return self
+
+            def remote(self, *args):
+                return fn(*args)
+        return Task()
+
+
+def test_ray_runs_receive_the_sweep_environment(tmp_path, monkeypatch):
+    import sys
+
+    from sweep.executors import Job, RayExecutor
+
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.setenv("MUSK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    ex = RayExecutor(address=None, cpus_per_run=1, gpus_per_run=0)
+    assert fake.options["runtime_env"]["env_vars"]["MUSK_HOME"] == str(tmp_path / "home")
+    monkeypatch.delenv("MUSK_HOME")  # the worker's own environment lacks them
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    code = "import os; print(os.environ.get('MUSK_HOME'), os.environ.get('HF_HUB_OFFLINE'))"
+    rc = ex.start(Job("r", [sys.executable, "-c", code], tmp_path / "r.log", str(tmp_path)))
+    assert ex.running["r"] == 0 and rc == "the Ray cluster"
+    assert f"{tmp_path / 'home'} 1" in (tmp_path / "r.log").read_text()
