@@ -196,3 +196,25 @@ def test_ray_runs_receive_the_sweep_environment(tmp_path, monkeypatch):
     rc = ex.start(Job("r", [sys.executable, "-c", code], tmp_path / "r.log", str(tmp_path)))
     assert ex.running["r"] == 0 and rc == "the Ray cluster"
     assert f"{tmp_path / 'home'} 1" in (tmp_path / "r.log").read_text()
+
+
+def test_typer_and_click_floors_are_versions_that_work_together():
+    """typer 0.12-0.15 with click >= 8.2 end `musk --help` in a TypeError (make_metavar); typer 0.16.0
+    ran the CLI tests with click 8.0.0 to 8.5.1. The floors say so."""
+    import re
+    from pathlib import Path
+
+    deps = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    floor = {m[0]: tuple(int(x) for x in m[1].split(".")) for m in re.findall(r'"(typer|click)>=([\d.]+)"', deps)}
+    assert floor["typer"] >= (0, 16) and floor["click"] >= (8, 0)
+
+
+@pytest.mark.slow
+def test_musk_help_exits_0_with_the_installed_typer_and_click():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['musk', '--help']; import cli; cli.main()"],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "extract" in p.stdout
