@@ -22,12 +22,39 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def set_head_fp32(lm, on: bool) -> None:
+    """Make lm_logits compute `lm`'s head in float32 (on) or in the weight's dtype (off): the flag
+    lives on the output embedding module, so every wrapper (PEFT, the fused step) sees it."""
+    head = lm.get_output_embeddings()
+    head.musk_fp32 = bool(on)
+    head.musk_fp32_weight = None
+    if on:
+        _fp32_weight(head)  # made now, outside any CUDA graph capture
+
+
+def _fp32_weight(head) -> torch.Tensor:
+    """A float32 copy of head.weight [V, d] (V x d x 4 bytes, e.g. 1.2 GB for Qwen2.5-3B's tied
+    head), remade when the weight changes place or version; detached (musk never trains the head)."""
+    w, c = head.weight, getattr(head, "musk_fp32_weight", None)
+    key = (w.device, w.data_ptr(), w._version)
+    if c is None or head.musk_fp32_key != key:
+        c = head.musk_fp32_weight = w.detach().float()
+        head.musk_fp32_key = key
+    return c
+
+
 def lm_logits(lm, hidden: torch.Tensor, head=None) -> torch.Tensor:
     """Logits in float32 for hidden states [..., d], through a 2-D matmul: lm's output embedding, or
-    `head` (the fused step's copy of it, decode_step.Fused) when given."""
+    `head` (the fused step's copy of it, decode_step.Fused) when given. Under set_head_fp32(lm, True)
+    the product itself is float32 (hidden states and weight cast up): no bf16 rounding of the logits."""
     shape = hidden.shape
     flat = hidden.reshape(-1, shape[-1]).contiguous()
-    logits = (lm.get_output_embeddings()(flat) if head is None else head(flat)).float()
+    out = lm.get_output_embeddings()
+    if getattr(out, "musk_fp32", False):
+        b = out.bias.float() if getattr(out, "bias", None) is not None else None
+        logits = torch.nn.functional.linear(flat.float(), _fp32_weight(out), b)
+    else:
+        logits = (out(flat) if head is None else head(flat)).float()
     softcap = getattr(lm.config.get_text_config(), "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap

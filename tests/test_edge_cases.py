@@ -218,3 +218,39 @@ def test_musk_help_exits_0_with_the_installed_typer_and_click():
     p = subprocess.run([sys.executable, "-c", "import sys; sys.argv = ['musk', '--help']; import cli; cli.main()"],
                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     assert p.returncode == 0 and "Traceback" not in p.stderr and "extract" in p.stdout
+
+
+def test_the_float32_head_computes_logits_from_float32_hidden_states_and_weight():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.generation import lm_logits, set_head_fp32
+
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2)).to(torch.bfloat16)
+    h = torch.randn(3, 5, 32).to(torch.bfloat16)
+    w = lm.get_output_embeddings().weight
+    off = lm_logits(lm, h)
+    assert torch.equal(off, (h @ w.T).float())  # the bf16 product, rounded to bf16, then widened
+    set_head_fp32(lm, True)
+    on = lm_logits(lm, h, head=lambda x: pytest.fail("the fused head is bypassed"))
+    assert on.dtype == torch.float32 and on.shape == (3, 5, 96)
+    torch.testing.assert_close(on, h.float() @ w.float().T, rtol=1e-6, atol=1e-6)
+    assert (on - off).abs().max() > 0  # bf16 rounding of the logits, gone
+    with torch.no_grad():
+        w.mul_(2)  # a changed weight is copied again
+    torch.testing.assert_close(lm_logits(lm, h), 2 * on, rtol=1e-6, atol=1e-6)
+    set_head_fp32(lm, False)
+    assert torch.equal(lm_logits(lm, h), (h @ w.T).float())
+
+
+def test_lm_head_fp32_is_a_config_key_old_runs_resume_without(tiny_policy):
+    from train.config import DEFAULTS_BEFORE_KEY, load_train_config
+    from train.policy import load_policy
+
+    assert load_train_config(None, {}).lm_head_fp32 is False and DEFAULTS_BEFORE_KEY["lm_head_fp32"] is False
+    with pytest.raises(MuskError, match="lm_head_fp32 needs rollout_engine musk"):
+        load_train_config(None, {"lm_head_fp32": True, "rollout_engine": "vllm"})
+    cfg = load_train_config(None, {"policy": str(tiny_policy), "lm_head_fp32": True})
+    peft_model, _, _ = load_policy(cfg, torch.bfloat16, "cpu")
+    assert peft_model.get_output_embeddings().musk_fp32 is True

@@ -243,12 +243,19 @@ class TrainConfig:
     """GRPO steps over which the mixed supervised term decays linearly to 0."""
     dtype: str = "auto"
     """Policy weights: auto (bf16 where fast), bfloat16, float32."""
+    lm_head_fp32: bool = False
+    """Compute the LM head (logits) in float32 from a float32 copy of its weight, in the sampler (musk's
+    decoder) and in the trainer's log-probs alike (pipeline/generation.py lm_logits). Off: the head runs
+    in the policy's dtype, so a bf16 policy's log-probs, and the KL, entropy and TIS weights built from
+    them, carry bf16 rounding (docs/performance.md measures both). Needs rollout_engine musk."""
     device: str = "auto"
     """auto, cpu, cuda."""
 
     def validate(self) -> None:
         method_info(self.method)
         check_trackers(self.report_to)
+        if self.lm_head_fp32 and self.rollout_engine != "musk":
+            raise MuskError("lm_head_fp32 needs rollout_engine musk (vLLM computes its own logits)")
         if self.pooling not in VARIANTS:
             raise MuskError(f"unknown pooling {self.pooling!r}; choices: {list(VARIANTS)}")
         if self.answer_extraction not in MODES:
@@ -389,6 +396,7 @@ DEFAULTS_BEFORE_KEY: dict = {
     "grad_clip_scope": "global", "curve_freq": 0, "eval_null_context": False, "min_new_tokens": 0,
     "rollout_engine": "musk", "filter_groups": False, "filter_groups_max_rounds": 10, "gate_warmup_steps": 10,
     "sft_warmup_steps": 0, "sft_warmup_train": "context", "sft_mix_coef": 0.0, "sft_mix_steps": 1,
+    "lm_head_fp32": False,
 }
 
 

@@ -23,7 +23,7 @@ from core.errors import MuskError
 from pipeline.chat import PLAIN_FORMAT, render_system_user
 from pipeline.experts import (EXPERTS, GGUF_DISTRIBUTIONS, ExpertSpec, check_device, gguf_path, load_expert,
                               resolve_expert, weights_sha256)
-from pipeline.generation import lm_logits, positions, prefill, token_entropy
+from pipeline.generation import lm_logits, positions, prefill, set_head_fp32, token_entropy
 
 
 def policy_spec(name: str) -> ExpertSpec:
@@ -148,6 +148,7 @@ def load_policy(cfg, dtype: torch.dtype, device: str):
     spec = policy_spec(cfg.policy)
     model, tok = load_expert(spec, dtype, device)
     disable_dropout(model)
+    set_head_fp32(model, getattr(cfg, "lm_head_fp32", False))
     targets = lora_targets(model, tuple(cfg.lora_target_modules), cfg.policy)
     conv1d = any(type(mod).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, mod in model.named_modules())
     lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
