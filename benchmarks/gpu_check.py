@@ -10,16 +10,26 @@ and trains `single` and `perceiver` (n=3) for a few steps at the paper's step sh
 through the CUDA-graph decoder, on the stable context path (the embedded default's: gate closed at
 step 0), so the first step's KL must be exactly 0 and no metric may be non-finite. It then times
 decoding at batch 32 x 8 (ms a token: the fused step replayed as a CUDA graph, the same step
-eager, the transformers loop, against the weight-read floor) and reads the paper step's time from
-the perceiver run. The tokenizer is musk's byte-level one (built in code; a prompt is ~690
-tokens against ~136 with a BPE tokenizer: the figures give the prompt lengths), or a folder's (--tokenizer).
+eager, the transformers loop, against the weight-read floor: one read of all the weights packed
+in one buffer, benchmarks/decode.py) and reads the paper step's time from the perceiver run.
+
+Prompts are of the paper's length: the tokenizer (paper_length_tokenizer, built in code) splits text
+as Qwen2's does (digits one by one, then GPT-2's byte-level pieces) and gives every piece of the
+task's prompts one token, as Qwen2.5's 152k vocabulary does for these words; the figures give the
+prompt lengths. --tokenizer DIR uses a real tokenizer folder instead.
+
+The work is a list of stages (STAGES: name, function), run in order, each building what it needs
+(cache, policy) on first use; --stage NAME runs one alone. figures.json is rewritten atomically after
+every stage, so a timeout or a crash keeps what was measured; a stage that fails is recorded under
+"errors" and the next one runs; --budget S skips the stages that would start after S seconds.
 
 --tiny runs the same path on a CPU with tiny shapes (about a minute): the static step there runs
 without a graph. Writes OUT/figures.json (see FIGURE_KEYS) and prints RATIO lines; exits 1 when a
-check fails (the JSON is written first).
+check fails or a stage failed.
 
-    python benchmarks/gpu_check.py --out gpu-check            # one GPU
-    python benchmarks/gpu_check.py --tiny --out /tmp/check    # CPU, tiny shapes
+    python benchmarks/gpu_check.py --out gpu-check                  # one GPU
+    python benchmarks/gpu_check.py --out gpu-check --stage decode   # one stage
+    python benchmarks/gpu_check.py --tiny --out /tmp/check          # CPU, tiny shapes
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -41,9 +52,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode import timed, weight_read_floor  # noqa: E402
+from benchmarks.paper_tokenizer import (EXTRACT_CONFIG, paper_length_tokenizer, prompt_batch,  # noqa: E402
+                                       task_texts, tokenizer)
 from cache.run_folder import METRICS, RunFolder  # noqa: E402
 from core.machine import cpu_name  # noqa: E402
-from pipeline.experts import byte_tokenizer, resolve_dtype  # noqa: E402
+from pipeline.experts import resolve_dtype  # noqa: E402
 from pipeline.extract import load_extract_config, run_extract  # noqa: E402
 from pipeline.generation import sample  # noqa: E402
 from train.config import load_train_config  # noqa: E402
@@ -93,7 +106,9 @@ TINY = dict(prompts=2, group=2, tokens=8, steps=2, train_size=8, val_size=2, dec
 STABLE = dict(context_position="after-question", context_gate="rms", context_rms=3.0, gate_lr=3e-3,
               feature_norm="standardize", context_anchor="mean-embedding", grad_clip_scope="per-group")
 
-FIGURE_KEYS = ("machine", "mode", "seconds", "tests", "cache", "runs", "decode", "paper_step_seconds", "checks", "ok")
+FIGURE_KEYS = ("machine", "mode", "seconds", "tests", "stages", "errors", "cache", "runs", "decode",
+               "paper_step_seconds", "checks", "ok")
+
 
 
 def machine(device: str) -> dict:
@@ -111,24 +126,7 @@ def machine(device: str) -> dict:
     return out
 
 
-def tokenizer(folder: str = ""):
-    """The tokenizer in `folder` (real prompt lengths), or musk's byte-level one (a prompt ~5x as many
-    tokens as with a BPE tokenizer), with a chat template where it has none."""
-    if folder:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(folder)
-        tok.pad_token = tok.pad_token or tok.eos_token
-        if tok.chat_template:
-            return tok
-    else:
-        tok = byte_tokenizer()
-    tok.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
-                         "{% if add_generation_prompt %}<s>assistant: {% endif %}")
-    return tok
-
-
-def shaped_model(shape: tuple[str, dict], folder: Path, device: str, seed: int, tok_dir: str = "") -> int:
+def shaped_model(shape: tuple[str, dict], folder: Path, device: str, seed: int, tok_dir: str) -> int:
     """A random-init model of that architecture, in bf16 (float32 where bf16 is slow: dtype auto),
     built on `device` and saved with the tokenizer as a transformers folder. Returns its parameters."""
     import transformers
@@ -161,7 +159,7 @@ def build_cache(team: dict, size: dict, work: Path, device: str, tok_dir: str, l
                       "build_seconds": round(time.perf_counter() - t, 2)}
         log(f"  expert {name}: {n / 1e9:.2f}B parameters, built and saved in {info[name]['build_seconds']} s")
         experts.append({"name": name, "kind": "hf", "model": str(work / name)})
-    cfg = load_extract_config(str(ROOT / "configs/extract/arithmetic-default.yaml"), {  # the paper's task and prompt
+    cfg = load_extract_config(str(EXTRACT_CONFIG), {
         "task": {"train_size": size["train_size"], "val_size": size["val_size"]},
         "experts": experts, "router": None, "hints": False, "out": str(work / "cache.h5"), "device": device,
         "dtype": "auto", "batch_size": 32})
@@ -197,22 +195,19 @@ def train_run(method: str, policy: Path, cache: Path, size: dict, work: Path, de
 
 
 def decode_figures(policy: Path, size: dict, device: str, log) -> dict:
-    """ms a token at batch prompts x group, sampled, every row decoding all `tokens`: the fused step
-    (static shapes: replayed as a CUDA graph on CUDA, eager elsewhere), the fused step eager, the
-    transformers loop; the weight-read floor in the same run. A token's time is (t(T) - t(2)) / (T - 2):
-    prefill and the graph's capture (on the first step) excluded."""
+    """ms a token at batch prompts x group, sampled, every row decoding all `tokens`, from the task's
+    prompts (prompt_batch: the paper's lengths, left-padded): the fused step (static shapes: replayed
+    as a CUDA graph on CUDA, eager elsewhere), the fused step eager, the transformers loop; the
+    weight-read floor in the same run. A token's time is (t(T) - t(2)) / (T - 2): prefill and the
+    graph's capture (on the first step) excluded."""
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype("auto", device)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=dtype).to(device).eval().requires_grad_(False)
     B, G, T = size["prompts"], size["group"], size["tokens"]
-    g = torch.Generator().manual_seed(1)
-    P = 96 if size is PAPER else 12
-    ids = torch.randint(1, model.config.vocab_size, (B, P), generator=g).repeat_interleave(G, 0)  # [B*G, P]
-    mask = torch.ones_like(ids)
-    for i in range(B):  # left padding: prompts of different lengths, each shared by its G rollouts
-        mask[i * G:(i + 1) * G, : (i * 7) % (P // 3)] = 0
-    ids, mask = (ids * mask).to(device), mask.to(device)
+    ids, mask, lengths = prompt_batch(str(policy), size)  # [B, P] each; the policy folder holds its tokenizer
+    P = ids.shape[1]
+    ids, mask = ids.repeat_interleave(G, 0).to(device), mask.repeat_interleave(G, 0).to(device)  # [B*G, P]
     with torch.inference_mode():
         emb = model.get_input_embeddings()(ids)
     graph = device.startswith("cuda")
@@ -229,7 +224,7 @@ def decode_figures(policy: Path, size: dict, device: str, log) -> dict:
         full, two = timed(run(kw, T), device, size["decode_repeats"]), timed(run(kw, 2), device, size["decode_repeats"])
         ms[name] = (full - two) / (T - 2) * 1e3
         log(f"  decode {name}: {ms[name]:.2f} ms/token ({full:.2f} s for {T} tokens)")
-    return {"rows": B * G, "prompt_tokens": P, "tokens": T, "dtype": str(dtype).removeprefix("torch."),
+    return {"rows": B * G, "prompt_tokens": P, "prompt_tokens_each": lengths, "tokens": T, "dtype": str(dtype).removeprefix("torch."),
             "ms_per_token": ms, "floor_ms": floor * 1e3, "weight_gib": nbytes / 2**30,
             "floor_gb_s": nbytes / floor / 1e9}
 
@@ -244,75 +239,163 @@ def tests_figures(rc: int | None, log_path: str) -> dict:
     return {"ran": True, "rc": rc, "summary": summary}
 
 
+class Check:
+    """What the stages share: shapes, device, scratch folder, the figures; the cache, the policy
+    and the tokenizer are built on first use (a stage run alone builds what it needs)."""
+
+    def __init__(self, args, log):
+        self.tiny, self.log, self.device = args.tiny, log, args.device or ("cpu" if args.tiny else "cuda")
+        self.size, self.team, self.pshape = (TINY, TINY_TEAM, TINY_POLICY) if args.tiny else (PAPER, TEAM, POLICY)
+        self.work = Path(tempfile.mkdtemp(prefix="musk-gpu-check-", dir=args.work or None))
+        self.tok_dir, self.made = args.tokenizer, {}
+        self.fig = {"machine": machine(self.device), "mode": "tiny" if args.tiny else "paper", "shape": self.size,
+                    "tokenizer": args.tokenizer or "paper-length (built in code)",
+                    "tests": tests_figures(args.tests_rc, args.tests_log), "seconds": {}, "stages": {}, "errors": {}}
+
+    def _once(self, key: str, build):
+        if key not in self.made:  # a failed build is not retried by the next stage: its error is kept
+            try:
+                self.made[key] = build()
+            except Exception as e:
+                self.made[key] = e
+        if isinstance(self.made[key], Exception):
+            raise RuntimeError(f"{key} could not be built: {self.made[key]}") from self.made[key]
+        return self.made[key]
+
+    def tokenizer(self) -> str:
+        def build():
+            folder = self.work / "tokenizer"
+            tok = paper_length_tokenizer(task_texts(self.size))
+            tok.save_pretrained(folder)
+            self.fig["tokenizer_vocab"] = len(tok)
+            return str(folder)
+        return self.tok_dir or self._once("tokenizer", build)
+
+    def cache(self) -> Path:
+        def build():
+            cache, experts = build_cache(self.team, self.size, self.work, self.device, self.tokenizer(), self.log)
+            self.fig["cache"] = {"experts": experts, "train_prompts": self.size["train_size"],
+                                 "val_prompts": self.size["val_size"]}
+            return cache
+        return self._once("cache", build)
+
+    def policy(self) -> Path:
+        def build():
+            n = shaped_model(self.pshape, self.work / "policy", self.device, 0, self.tokenizer())
+            self.fig["policy"] = {"architecture": self.pshape[0], "parameters": n}
+            return self.work / "policy"
+        return self._once("policy", build)
+
+
+def stage_cache(c: Check) -> None:
+    c.cache()
+
+
+def stage_train(method: str):
+    def run(c: Check) -> None:
+        c.fig.setdefault("runs", {})[method] = train_run(method, c.policy(), c.cache(), c.size, c.work, c.device, c.log)
+    return run
+
+
+def stage_decode(c: Check) -> None:
+    c.fig["decode"] = decode_figures(c.policy(), c.size, c.device, c.log)
+
+
+# The stages in the order they run: (name, function of the Check). A new stage is one more entry.
+STAGES = [("cache", stage_cache), ("train_single", stage_train("single")), ("train_perceiver", stage_train("perceiver")),
+          ("decode", stage_decode)]
+
+
+def write_figures(out: Path, fig: dict) -> None:
+    """figures.json, replaced in one step (a reader never sees half a file)."""
+    tmp = out / "figures.json.tmp"
+    tmp.write_text(json.dumps(fig, indent=1, default=str))
+    tmp.replace(out / "figures.json")
+
+
+def run_stages(stages: list, c: Check, out: Path, budget: float | None = None) -> None:
+    """Each stage in order; figures.json rewritten after each. A stage that raises is recorded in
+    fig["errors"] (the next still runs); one that would start after `budget` seconds is skipped."""
+    t0 = time.perf_counter()
+    for name, fn in stages:
+        if budget is not None and time.perf_counter() - t0 > budget:
+            c.fig["stages"][name] = "skipped: over the time budget"
+            c.log(f"stage {name}: skipped ({budget:.0f} s budget spent)")
+            continue
+        t = time.perf_counter()
+        try:
+            fn(c)
+            c.fig["stages"][name] = "done"
+        except Exception as e:
+            c.fig["stages"][name] = "failed"
+            c.fig["errors"][name] = f"{type(e).__name__}: {e}"
+            c.log(f"stage {name} failed:\n{traceback.format_exc()}")
+        c.fig["seconds"][name] = time.perf_counter() - t
+        c.log(f"stage {name}: {c.fig['stages'][name]} in {c.fig['seconds'][name]:.1f} s")
+        write_figures(out, c.fig)
+
+
+def conclude(fig: dict, log) -> None:
+    """Checks over what was measured, the RATIO lines, fig["ok"]."""
+    runs, d = fig.get("runs", {}), fig.get("decode")
+    fig["checks"] = {"tests_passed": fig["tests"].get("rc", 0) == 0}
+    if runs:
+        fig["checks"]["kl_zero_first_step"] = all(r["kl_first_step"] == 0.0 for r in runs.values())
+    if runs or d:
+        fig["checks"]["all_finite"] = (not any(r["non_finite"] for r in runs.values())
+                                       and all(math.isfinite(v) for v in (d or {}).get("ms_per_token", {}).values()))
+    if "perceiver" in runs:  # the paper's method (n = 3) at the paper's step shape: what `musk sweep --dry-run` scales
+        fig["paper_step_seconds"] = runs["perceiver"]["step_seconds_median_after_first"]
+    fig["ok"] = all(fig["checks"].values()) and not fig["errors"]
+    tag = f" ({fig['mode']})"
+    if d:
+        fast = d["ms_per_token"]["fused_graph" if "fused_graph" in d["ms_per_token"] else "fused_static"]
+        tag = f" (batch {d['rows']}, {d['dtype']}, prompt {d['prompt_tokens']} tokens, {fig['mode']})"
+        log(f"RATIO decode graph / loop{tag} = {fast / d['ms_per_token']['loop']:.3f}")
+        log(f"RATIO decode graph / weight-read floor{tag} = {fast / d['floor_ms']:.3f}")
+        log(f"RATIO decode eager / graph{tag} = {d['ms_per_token']['fused_eager'] / fast:.3f}")
+        log(f"RATIO decode graph ms a token / 12 ms target{tag} = {fast / 12.0:.3f}")
+    if "paper_step_seconds" in fig:
+        log(f"RATIO paper step / 7 s target{tag} = {fig['paper_step_seconds'] / 7.0:.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="folder for figures.json (made if missing)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on a CPU (the path, not the figures)")
     ap.add_argument("--device", default="", help="default: cuda, or cpu with --tiny")
+    ap.add_argument("--stage", action="append", choices=[n for n, _ in STAGES],
+                    help="run this stage alone (repeatable; default: all, in order)")
+    ap.add_argument("--budget", type=float, default=None, help="seconds after which no further stage starts")
     ap.add_argument("--work", default="", help="scratch folder for models and runs (default: a temporary one; "
                     "~32 GB at the paper's shapes), removed at the end")
-    ap.add_argument("--tokenizer", default="", help="a tokenizer folder for experts and policy (default: musk's "
-                    "byte-level tokenizer: prompts ~5x longer than a BPE tokenizer's)")
+    ap.add_argument("--tokenizer", default="", help="a tokenizer folder for experts and policy (default: "
+                    "paper_length_tokenizer, built in code: the paper's prompt lengths)")
     ap.add_argument("--tests-rc", type=int, default=None, help="exit status of the GPU-marked tests (gpu.sh)")
     ap.add_argument("--tests-log", default="", help="their pytest output (gpu.sh)")
     args = ap.parse_args()
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
-    device = args.device or ("cpu" if args.tiny else "cuda")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    if not args.tiny and (args.device or "cuda").startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("gpu_check: no CUDA device (use --tiny on a CPU)")
-    size, team, pshape = (TINY, TINY_TEAM, TINY_POLICY) if args.tiny else (PAPER, TEAM, POLICY)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="musk-gpu-check-", dir=args.work or None))
 
     def log(*a):
         print(*a, flush=True)
-    fig = {"machine": machine(device), "mode": "tiny" if args.tiny else "paper", "shape": size,
-           "tokenizer": args.tokenizer or "bytes",
-           "tests": tests_figures(args.tests_rc, args.tests_log), "seconds": {}}
-    log(f"gpu_check ({fig['mode']}): {json.dumps(fig['machine'])}")
+    c = Check(args, log)
+    log(f"gpu_check ({c.fig['mode']}): {json.dumps(c.fig['machine'])}")
+    stages = [(n, f) for n, f in STAGES if not args.stage or n in args.stage]
     try:
-        t = time.perf_counter()
-        cache, experts = build_cache(team, size, work, device, args.tokenizer, log)
-        fig["seconds"]["cache"] = time.perf_counter() - t
-        fig["cache"] = {"experts": experts, "train_prompts": size["train_size"], "val_prompts": size["val_size"]}
-        t = time.perf_counter()
-        n = shaped_model(pshape, work / "policy", device, 0, args.tokenizer)
-        fig["policy"] = {"architecture": pshape[0], "parameters": n}
-        fig["seconds"]["policy"] = time.perf_counter() - t
-        fig["runs"] = {}
-        for method in ("single", "perceiver"):
-            t = time.perf_counter()
-            fig["runs"][method] = train_run(method, work / "policy", cache, size, work, device, log)
-            fig["seconds"][f"train_{method}"] = time.perf_counter() - t
-        t = time.perf_counter()
-        fig["decode"] = decode_figures(work / "policy", size, device, log)
-        fig["seconds"]["decode"] = time.perf_counter() - t
+        run_stages(stages, c, out, args.budget)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
-    # the paper's method (perceiver, n = 3) at the paper's step shape: what `musk sweep --dry-run` scales
-    fig["paper_step_seconds"] = fig["runs"]["perceiver"]["step_seconds_median_after_first"]
-    fig["checks"] = {
-        "kl_zero_first_step": all(r["kl_first_step"] == 0.0 for r in fig["runs"].values()),
-        "all_finite": not any(r["non_finite"] for r in fig["runs"].values())
-        and all(math.isfinite(v) for v in fig["decode"]["ms_per_token"].values()),
-        "tests_passed": fig["tests"].get("rc", 0) == 0}
-    fig["ok"] = all(fig["checks"].values())
-    d = fig["decode"]
-    fast = d["ms_per_token"]["fused_graph" if "fused_graph" in d["ms_per_token"] else "fused_static"]
-    tag = f" (batch {d['rows']}, {d['dtype']}, {fig['mode']})"
-    log(f"RATIO decode graph / loop{tag} = {fast / d['ms_per_token']['loop']:.3f}")
-    log(f"RATIO decode graph / weight-read floor{tag} = {fast / d['floor_ms']:.3f}")
-    log(f"RATIO decode eager / graph{tag} = {d['ms_per_token']['fused_eager'] / fast:.3f}")
-    log(f"RATIO paper step / 7 s target{tag} = {fig['paper_step_seconds'] / 7.0:.3f}")
-    log(f"RATIO decode graph ms a token / 12 ms target{tag} = {fast / 12.0:.3f}")
-    tmp = out / "figures.json.tmp"
-    tmp.write_text(json.dumps(fig, indent=1))
-    tmp.replace(out / "figures.json")
-    log(f"checks: {fig['checks']} -> {'OK' if fig['ok'] else 'FAILED'}; figures in {out / 'figures.json'}")
-    sys.exit(0 if fig["ok"] else 1)
+        shutil.rmtree(c.work, ignore_errors=True)
+    conclude(c.fig, log)
+    write_figures(out, c.fig)
+    log(f"checks: {c.fig['checks']}, errors: {c.fig['errors'] or 'none'} -> {'OK' if c.fig['ok'] else 'FAILED'}; "
+        f"figures in {out / 'figures.json'}")
+    sys.exit(0 if c.fig["ok"] else 1)
 
 
 if __name__ == "__main__":
