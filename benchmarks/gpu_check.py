@@ -13,10 +13,10 @@ decoding at batch 32 x 8 (ms a token: the fused step replayed as a CUDA graph, t
 eager, the transformers loop, against the weight-read floor: one read of all the weights packed
 in one buffer, benchmarks/decode.py) and reads the paper step's time from the perceiver run.
 
-Prompts are of the paper's length: the tokenizer (paper_length_tokenizer, built in code) splits text
-as Qwen2's does (digits one by one, then GPT-2's byte-level pieces) and gives every piece of the
-task's prompts one token, as Qwen2.5's 152k vocabulary does for these words; the figures give the
-prompt lengths. --tokenizer DIR uses a real tokenizer folder instead.
+Prompts are of the paper's length: the tokenizer (benchmarks/paper_tokenizer.py, built in code)
+splits text as Qwen2's does and gives every piece of the task's prompts one token, as Qwen2.5's 152k
+vocabulary does for these words; the figures give the prompt lengths. --tokenizer DIR uses a real
+tokenizer folder instead.
 
 The work is a list of stages (STAGES: name, function), run in order, each building what it needs
 (cache, policy) on first use; --stage NAME runs one alone. figures.json is rewritten atomically after
@@ -108,7 +108,6 @@ STABLE = dict(context_position="after-question", context_gate="rms", context_rms
 
 FIGURE_KEYS = ("machine", "mode", "seconds", "tests", "stages", "errors", "cache", "runs", "decode",
                "paper_step_seconds", "checks", "ok")
-
 
 
 def machine(device: str) -> dict:
