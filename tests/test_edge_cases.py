@@ -254,3 +254,17 @@ def test_lm_head_fp32_is_a_config_key_old_runs_resume_without(tiny_policy):
     cfg = load_train_config(None, {"policy": str(tiny_policy), "lm_head_fp32": True})
     peft_model, _, _ = load_policy(cfg, torch.bfloat16, "cpu")
     assert peft_model.get_output_embeddings().musk_fp32 is True
+
+
+@pytest.mark.parametrize("name", ["lora.pt", "adapter.pt", "optimizer.pt"])
+def test_every_checkpoint_file_is_loaded_safely_and_refused_by_name(tmp_path, name):
+    lin = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(lin.parameters())
+    torch.save(ckpt.trainable_state(lin.named_parameters()), tmp_path / "lora.pt")
+    torch.save(lin.state_dict(), tmp_path / "adapter.pt"), torch.save(opt.state_dict(), tmp_path / "optimizer.pt")
+    torch.save(ckpt.rng_state(), tmp_path / "rng.pt")
+    with open(tmp_path / name, "wb") as f:
+        pickle.dump({"w": _Plant(str(tmp_path / "planted"))}, f)
+    with pytest.raises(MuskError, match=name):
+        ckpt.load_checkpoint(tmp_path, lin, lin, opt)
+    assert not (tmp_path / "planted").exists()

@@ -395,5 +395,7 @@ def load_adapter(folder: str | Path) -> tuple[nn.Module, AdapterSpec]:
     raw["expert_names"] = tuple(raw["expert_names"])
     spec = AdapterSpec(**raw)
     module = build_adapter(spec)
-    module.load_state_dict(torch.load(folder / "context_adapter.pt", weights_only=True))
+    from train.checkpoint import safe_load  # weights_only, a refusal that names the file
+
+    module.load_state_dict(safe_load(folder / "context_adapter.pt"))
     return module, spec

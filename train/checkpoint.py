@@ -39,15 +39,15 @@ def _write_checkpoint(tmp: Path, step: int, model, adapter, optimizer, state: di
 
 
 def load_checkpoint(path: Path, model, adapter, optimizer) -> dict:
-    lora = torch.load(path / "lora.pt", weights_only=True)
+    lora = safe_load(path / "lora.pt")
     params = dict(model.named_parameters())
     trained = {n for n, p in params.items() if p.requires_grad}
     check_lora_loaded(path / "lora.pt", missing=sorted(trained - set(lora)), unexpected=sorted(set(lora) - set(params)))
     with torch.no_grad():
         for n, v in lora.items():
             params[n].copy_(v)
-    adapter.load_state_dict(torch.load(path / "adapter.pt", weights_only=True))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    adapter.load_state_dict(safe_load(path / "adapter.pt"))
+    optimizer.load_state_dict(safe_load(path / "optimizer.pt"))
     set_rng_state(load_rng(path / "rng.pt"))
     return json.loads((path / "state.json").read_text())
 
@@ -81,18 +81,26 @@ def rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def load_rng(path: Path) -> dict:
-    """rng_state() as saved at `path`, read with weights_only=True. Raises MuskError naming the file
-    when it holds anything else: a crafted pickle, or an rng.pt of an older musk (pickled numpy and
-    Python objects), which is never unpickled."""
+def safe_load(path: Path):
+    """torch.load(path, weights_only=True): tensors and plain containers only, never code. Raises
+    MuskError naming the file when it holds anything else (a crafted pickle, an older musk's rng.pt
+    with pickled numpy and Python objects) or cannot be read."""
     try:
-        rng = torch.load(path, weights_only=True)
+        return torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise MuskError(f"{str(path)!r} is missing: the checkpoint is incomplete") from None
     except Exception as e:  # pickle.UnpicklingError for objects outside the allowed set, RuntimeError, EOFError
         raise MuskError(
             f"{str(path)!r} holds objects other than tensors and plain data, so it is not loaded (loading it "
             f"could run code; {type(e).__name__}). If it is an rng.pt of an older musk, the run resumes only "
             "from a checkpoint of this version: start the run again, or evaluate the checkpoint's weights "
             "(musk eval --checkpoint final) without resuming.") from None
+
+
+def load_rng(path: Path) -> dict:
+    """rng_state() as saved at `path` (safe_load). Raises MuskError naming the file when it is not
+    such a record."""
+    rng = safe_load(path)
     if not isinstance(rng, dict) or rng.get("format") != 2:
         raise MuskError(f"{str(path)!r} is not an RNG state this musk wrote (no format 2 record)")
     return rng

@@ -186,7 +186,7 @@ def _load_weights(m, folder: Path, checkpoint: str) -> None:
         res = set_peft_model_state_dict(m.peft, load_file(str(folder / "adapter_model.safetensors")))
         ckpt.check_lora_loaded(folder / "adapter_model.safetensors", [k for k in res.missing_keys if "lora_" in k],
                                list(res.unexpected_keys))
-        m.adapter.load_state_dict(torch.load(folder / "context_adapter.pt", weights_only=True))
+        m.adapter.load_state_dict(ckpt.safe_load(folder / "context_adapter.pt"))
     else:
         ckpt.load_checkpoint(folder, m.peft, m.adapter, m.optimizer)
 
