@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from core.errors import MuskError
 from core.registry import registry
+from train.checkpoint import safe_load
 
 
 class AdapterOut(NamedTuple):
@@ -395,7 +396,5 @@ def load_adapter(folder: str | Path) -> tuple[nn.Module, AdapterSpec]:
     raw["expert_names"] = tuple(raw["expert_names"])
     spec = AdapterSpec(**raw)
     module = build_adapter(spec)
-    from train.checkpoint import safe_load  # weights_only, a refusal that names the file
-
     module.load_state_dict(safe_load(folder / "context_adapter.pt"))
     return module, spec
