@@ -256,6 +256,7 @@ def test_lm_head_fp32_is_a_config_key_old_runs_resume_without(tiny_policy):
     assert peft_model.get_output_embeddings().musk_fp32 is True
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("name", ["lora.pt", "adapter.pt", "optimizer.pt"])
 def test_every_checkpoint_file_is_loaded_safely_and_refused_by_name(tmp_path, name):
     lin = torch.nn.Linear(2, 2)
