@@ -13,6 +13,7 @@ then the same tokens' log-probs and entropies are computed by the trainer's forw
 
     python benchmarks/lm_head_fp32.py                 # SmolLM2-135M-Instruct, bf16, 8 prompts x 64 tokens
     python benchmarks/lm_head_fp32.py --random        # a random model of the same shape
+    python benchmarks/lm_head_fp32.py --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -38,14 +39,14 @@ QUESTIONS = ["What is 17 + 25?", "Compute 63 - 48 + 9.", "What is 7 * 8 - 13?", 
 SYSTEM = "Solve the problem. Give the final answer inside <answer></answer> tags."
 
 
-def load(random: bool, dtype: torch.dtype):
+def load(random: bool, dtype: torch.dtype, device: str):
     spec = policy_spec("smollm2-135m-instruct")
-    lm, tok = load_expert(spec, dtype, "cpu")
+    lm, tok = load_expert(spec, dtype, device)
     if random:  # the same shape and tokenizer, random weights
         from transformers import AutoModelForCausalLM
 
         torch.manual_seed(0)
-        lm = AutoModelForCausalLM.from_config(lm.config, dtype=dtype)
+        lm = AutoModelForCausalLM.from_config(lm.config, dtype=dtype).to(device)
     return lm.eval(), tok
 
 
@@ -55,17 +56,22 @@ def prompts(lm, tok, n: int):
                                      tokenize=False, add_generation_prompt=True)
              for q in (QUESTIONS * n)[:n]]
     tok.padding_side = "left"
-    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(lm.device)
     with torch.no_grad():
         emb = lm.get_input_embeddings()(enc.input_ids)
     return emb, enc.attention_mask
 
 
-def timed(fn, repeats: int) -> float:
+def timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of fn() over `repeats` runs."""
     out = []
     for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         t = time.perf_counter()
         fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
         out.append(time.perf_counter() - t)
     return statistics.median(out)
 
@@ -77,9 +83,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="bfloat16", help="the policy's dtype (bf16: what the head rounds in)")
     ap.add_argument("--random", action="store_true", help="random weights of SmolLM2-135M's shape")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args()
     dtype = getattr(torch, args.dtype)
-    lm, tok = load(args.random, dtype)
+    lm, tok = load(args.random, dtype, args.device)
     emb, mask = prompts(lm, tok, args.prompts)
     T, N = args.tokens, args.prompts
     torch.manual_seed(0)
@@ -108,11 +115,12 @@ def main():
             return lambda: sample(lm, emb, mask, n, [], tok.pad_token_id, min_new_tokens=n)
         with torch.no_grad():
             decode(3)()
-            full, two = timed(decode(T), args.repeats), timed(decode(2), args.repeats)
+            full, two = timed(decode(T), args.repeats, args.device), timed(decode(2), args.repeats, args.device)
         ms[f"sample_{name}"] = (full - two) / (T - 2) / N * 1e3  # ms a sampled token (a row's)
         trainer(fp32, True)  # warm-up
-        ms[f"train_fwd_bwd_{name}"] = timed(lambda: trainer(fp32, True), args.repeats) / (N * T) * 1e3
-    print(f"# {datetime.date.today()} {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        ms[f"train_fwd_bwd_{name}"] = timed(lambda: trainer(fp32, True), args.repeats, args.device) / (N * T) * 1e3
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name()
+    print(f"# {datetime.date.today()} {where}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"{'random' if args.random else 'SmolLM2-135M-Instruct'} in {args.dtype}, {N} prompts x {T} tokens "
           f"({int(d.live.sum())} live)")
     print(f"log-prob bf16 head - fp32 head: mean |d| {diff.abs().mean():.4f} nats, max |d| {diff.abs().max():.4f}, "
