@@ -31,6 +31,9 @@ cd "$(dirname "$0")/.."
 tiny="" out="gpu-check-$(date -u +%Y%m%d-%H%M%S)" wheels=benchmarks/gpu_wheels tokenizer="" work="" budget=540
 stages=()
 while [ $# -gt 0 ]; do
+  case $1 in --stage|--budget|--out|--wheels|--tokenizer|--work)
+    [ $# -ge 2 ] || { echo "gpu.sh: $1 needs a value (see --help)" >&2; exit 2; } ;;
+  esac
   case $1 in
     --tiny) tiny=--tiny; shift ;;
     --stage) stages+=("$2"); shift 2 ;;
@@ -39,9 +42,13 @@ while [ $# -gt 0 ]; do
     --wheels) wheels=$2; shift 2 ;;
     --tokenizer) tokenizer=$2; shift 2 ;;
     --work) work=$2; shift 2 ;;
-    -h|--help) sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
+done
+for s in "${stages[@]}"; do  # gpu_check.py's STAGES entries read ("name", function)
+  [ "$s" = tests ] || grep -q "(\"$s\", stage_" benchmarks/gpu_check.py || {
+    echo "gpu.sh: unknown stage $s: tests, or one of gpu_check.py's STAGES" >&2; exit 2; }
 done
 # The files that hold GPU-marked tests (tests/test_gpu_script.py checks that none is missing); only
 # these are collected, so test files that import what the bare machine lacks are never imported.

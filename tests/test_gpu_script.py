@@ -202,3 +202,10 @@ def test_the_weight_read_floor_is_one_read(monkeypatch):
     seconds, nbytes = weight_read_floor(model, "cpu", repeats=1)
     assert nbytes == 50 * (16 + 4) * 4 and seconds > 0
     assert calls == [50 * 20] * 4  # a warm-up and 3 timed reads, each of all 1000 numbers at once
+
+
+def test_gpu_sh_refuses_an_unknown_stage_and_a_missing_value():
+    p = subprocess.run(["bash", "benchmarks/gpu.sh", "--stage", "bogus"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "unknown stage bogus" in p.stderr
+    p = subprocess.run(["bash", "benchmarks/gpu.sh", "--stage"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and "--stage needs a value" in p.stderr
