@@ -20,9 +20,9 @@ import torch
 
 from core.errors import MuskError
 from tests.families import FAMILIES, POLICY_FAMILIES, build_family
-from tests.helpers import tiny_extract_config, tiny_train_overrides
+from tests.helpers import quiet_train, tiny_extract_config, tiny_train_overrides
 
-QUIET = dict(progress=False, log=lambda *a: None)
+QUIET = quiet_train()
 LETTERS = {"family": "letter-counting", "train_size": 6, "val_size": 2}  # prompts of unequal length: padding
 HINT_TOKENS = 5
 
@@ -51,10 +51,10 @@ def family_cache(request, family_dirs, tmp_path_factory):
 
 def _reference_ids(tok, question: str) -> list[int]:
     """The prompt's token ids with plain transformers (the date-stamping templates read musk's fixed date)."""
-    from pipeline.chat import PLAIN_FORMAT, PROMPT_DATE, _clock
+    from pipeline.chat import PLAIN_FORMAT, PROMPT_DATE, fixed_clock
 
     if tok.chat_template:
-        with _clock(PROMPT_DATE):
+        with fixed_clock(PROMPT_DATE):
             text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                            add_generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
@@ -154,7 +154,7 @@ def test_date_stamping_templates_read_a_fixed_date(family, family_dirs, monkeypa
     from transformers.utils import chat_template_utils as ctu
 
     from pipeline.chat import format_prompt
-    from train.policy import build_prompt_text
+    from train.inputs import build_prompt_text
 
     tok = AutoTokenizer.from_pretrained(family_dirs[family])
     msgs = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -189,7 +189,7 @@ def test_a_template_that_refuses_a_system_turn_gets_it_in_the_user_turn(family_d
     from jinja2.exceptions import TemplateError
     from transformers import AutoTokenizer
 
-    from train.policy import build_prompt_parts
+    from train.inputs import build_prompt_parts
 
     tok = AutoTokenizer.from_pretrained(family_dirs["gemma2"])
     with pytest.raises(TemplateError, match="System role not supported"):
@@ -273,14 +273,6 @@ STABLE = dict(context_position="after-question", context_gate="rms", context_rms
 METHODS = ["single", "perceiver", "ffn", "hard-routing", "output-collab"]
 
 
-@pytest.fixture
-def _parity_rewards(monkeypatch):
-    import train.loop
-    from tests.helpers import parity_score
-
-    monkeypatch.setattr(train.loop, "score", parity_score)
-
-
 @pytest.fixture(scope="module")
 def policy_cache(tmp_path_factory):
     """Two tiny random experts with hints and the router, on letter-counting prompts of unequal
@@ -294,7 +286,6 @@ def policy_cache(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("_parity_rewards")
 @pytest.mark.parametrize("family", POLICY_FAMILIES)
 def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path):
     from peft import PeftModel
@@ -322,7 +313,6 @@ def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path)
     assert any(float(v.abs().max()) > 0 for k, v in peft.state_dict().items() if "lora_B" in k)
 
 
-@pytest.mark.usefixtures("_parity_rewards")
 def test_a_policy_with_dropout_starts_at_kl_zero(family_dirs, policy_cache, tmp_path):
     """GPT-2's config has dropout 0.1 (embeddings, residuals, attention); GRPO runs the policy in train
     mode, so musk turns dropout off: KL is exactly 0 at step 0 (LoRA on GPT-2's fused c_attn)."""

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.grpo import group_advantages, grpo_loss, k3_kl, routing_stats, truncated_rows
+from train.adapters import routing_stats
+from train.grpo import group_advantages, grpo_loss, k3_kl, truncated_rows
 
 
 def test_advantages_hand_worked():

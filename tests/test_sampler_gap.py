@@ -42,15 +42,13 @@ def test_tis_weights_scale_each_tokens_policy_gradient():
 def test_training_logs_the_sampler_gap(tiny_cache, tiny_policy, tmp_path, monkeypatch, tis_cap):
     """The tiny float32 Llama policy decodes through the fused step: its log-probs match the
     training forward's to float32 rounding, so the logged gap is tiny and TIS truncates nothing."""
-    import train.loop
-    from tests.helpers import tiny_train_overrides
+    from tests.helpers import quiet_train, tiny_train_overrides
     from train.config import load_train_config
     from train.loop import run_train
 
-    monkeypatch.setattr(train.loop, "score", lambda entry, text, mode: float(len(text) % 2))
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2,
                                                        tis_cap=tis_cap))
-    run = run_train(cfg, tiny_cache, tmp_path / "run", progress=False, log=lambda *a: None)
+    run = run_train(cfg, tiny_cache, tmp_path / "run", **quiet_train())
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     for r in recs:

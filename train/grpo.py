@@ -172,25 +172,6 @@ def _reduction(mask: torch.Tensor, loss_type: str, max_tokens: int | None, num_t
     return lambda x: (x * mask).sum() / denom
 
 
-class RoutingStats(NamedTuple):
-    entropy: float  # H of Eq. 15
-    utilization: list[float]  # u_i of Eq. 15, [n]
-    attention: list[list[float]]  # batch-mean A, [m][n]
-
-
-def routing_stats(attention: torch.Tensor) -> RoutingStats:
-    """Eq. 15 from expert attention A of shape [B, m, n] (rows sum to 1), averaged over the batch.
-
-    H = 1/m sum_j (-sum_i A_ji log A_ji); u_i = 1/m sum_j A_ji. Per-example values are computed
-    first and then averaged over the batch ("all statistics are averaged over the batch").
-    """
-    a = attention.detach().float()
-    plogp = torch.where(a > 0, a * torch.log(a.clamp_min(1e-30)), torch.zeros_like(a))
-    h = (-plogp.sum(dim=-1)).mean(dim=-1)  # [B]
-    u = a.mean(dim=1)  # [B, n]
-    return RoutingStats(float(h.mean()), u.mean(dim=0).tolist(), a.mean(dim=0).tolist())
-
-
 def truncated_rows(tokens: torch.Tensor, live: torch.Tensor, eos: list[int], max_new_tokens: int) -> torch.Tensor:
     """Which completions hit the budget without an EOS: [N] bool, from tokens and live [N, T] (live 1
     through the first EOS). A row is truncated when it has max_new_tokens live tokens and none is an

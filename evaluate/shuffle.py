@@ -26,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from core.errors import MuskError
-from train.evaluate import Condition
+from evaluate.records import Condition
 from train.inputs import ExpertView
 
 REJECTION_TRIES = 100  # uniform draws tried before the construction (a plain derangement: ~e needed)
