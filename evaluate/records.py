@@ -56,11 +56,11 @@ def training_conditions(cfg: TrainConfig, m: Policy) -> list[Condition]:
     return conds
 
 
-def eval_inputs(cfg: TrainConfig, m: Policy, data: RunData, idx: list[int], mode: str, device: str,
+def eval_inputs(cfg: TrainConfig, m: Policy, data: RunData, idx: list[int], mode: str, device: str, *,
                 view: ExpertView = ALL):
     """The policy's input under one mode (with | removed | null): (embeds [b, L, d], mask [b, L],
     expert attention [b, m, n] or None)."""
-    pi = policy_inputs(cfg, m, data, idx, device, mode, view)
+    pi = policy_inputs(cfg, m, data, idx, device, mode=mode, view=view)
     return pi.embeds, pi.mask, (pi.ctx.attention if pi.ctx is not None and mode == "with" else None)
 
 
@@ -84,7 +84,7 @@ def condition_records(cfg: TrainConfig, m: Policy, data: RunData, rows, cond: Co
         torch.manual_seed(seed)
         for s in range(0, len(rows), cfg.val_batch_size):
             idx = [int(i) for i in rows[s: s + cfg.val_batch_size]]
-            e, mk, att = eval_inputs(cfg, m, data, idx, _MODE[cond.context], device, cond.view)
+            e, mk, att = eval_inputs(cfg, m, data, idx, _MODE[cond.context], device, view=cond.view)
             if K > 1:
                 e, mk = e.repeat_interleave(K, 0), mk.repeat_interleave(K, 0)
             # the policy's token entropy at the sampling temperature comes from the decoder's own logits

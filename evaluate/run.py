@@ -271,7 +271,7 @@ def run_eval(req: EvalRequest, *, scorer=None, progress: bool = True, log=print)
         log(f"content controls left out: no dataset of the evaluated prompts holds two distinct questions "
             f"({len(set(questions))} in {len(set(tasks))} dataset(s)); a shuffle within a dataset needs two or more")
         conds = [c for c in conds if not c.name.startswith("shuffle:")]
-    conds = [shuffled(c, rows, req.seed, questions, tasks, answers, log) for c in conds]
+    conds = [shuffled(c, rows, req.seed, questions, datasets=tasks, answers=answers, log=log) for c in conds]
     controls = {c.name: shuffle_stats(c, rows, tasks, answers) for c in conds if c.view.source}
     device = resolve_device(cfg.device)
     dtype = eval_dtype(req, cfg, resolved, device, log)

@@ -159,7 +159,7 @@ def load_extract_config(path: str | None, overrides: dict | None = None) -> Extr
     return from_dict(ExtractConfig, data, "extract config")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractPlan:
     """What a run of `musk extract` has to do, decided from fingerprints alone (no model loaded)."""
 
@@ -225,11 +225,12 @@ def plan_extract(cfg: ExtractConfig, out: Path, dtype: torch.dtype, data_fp: str
                                                   cfg.solo_answer_extraction)
                 for s in cfg.experts if cfg.solo and s.kind not in PROBE_KINDS}
     have_solo = _existing_solo(out)
-    return ExtractPlan(data_fp, weights, expert_fps, router_fps,
-                       [s for s in cfg.experts if s.name not in have_experts], todo_router,
-                       fp.root_fingerprint(data_fp, expert_fps, {**have_routers, **router_fps}), solo_fps,
-                       [s for s in cfg.experts if s.name in have_experts and s.name in solo_fps
-                        and have_solo.get(s.name) != solo_fps[s.name]])
+    return ExtractPlan(data_fp=data_fp, weights=weights, expert_fps=expert_fps, router_fps=router_fps,
+                       todo=[s for s in cfg.experts if s.name not in have_experts], todo_router=todo_router,
+                       root_fp=fp.root_fingerprint(data_fp, expert_fps, {**have_routers, **router_fps}),
+                       solo_fps=solo_fps,
+                       todo_solo=[s for s in cfg.experts if s.name in have_experts and s.name in solo_fps
+                                  and have_solo.get(s.name) != solo_fps[s.name]])
 
 
 def _existing_solo(out: Path) -> dict[str, str]:

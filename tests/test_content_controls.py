@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import train.evaluate
 import train.loop
 from cli import app
 from evaluate.run import EvalRequest, parse_conditions, shuffled
@@ -48,7 +47,7 @@ def test_shuffle_all_reads_every_expert_from_one_other_prompt():
     """rows 2..7 (each its own question), seed 3: every expert of prompt rows[j] reads rows[perm[j]],
     perm = derangement(6, default_rng([3, n = 3])), the same for all experts and with no fixed point;
     shuffle:b alone keeps its own key."""
-    from evaluate.run import derangement
+    from evaluate.shuffle import derangement
 
     cfg, data = SimpleNamespace(method="perceiver"), _data()
     rows = np.arange(2, 8)
@@ -156,7 +155,7 @@ def test_shuffle_partner_comes_from_the_rows_own_dataset():
     ds = dict(zip(rows.tolist(), tasks))
     said = []
     for seed in range(30):
-        cond = shuffled(_all_cond(), rows, seed, qs, tasks, answers, log=said.append)
+        cond = shuffled(_all_cond(), rows, seed, qs, datasets=tasks, answers=answers, log=said.append)
         src = cond.view.source[0]
         assert all(ds[r] == ds[s] and r != s for r, s in src.items())
         assert 900 not in src and partnered(cond, rows).tolist() == rows[:-1].tolist()
@@ -170,7 +169,7 @@ def test_shuffle_refused_when_no_dataset_has_two_questions():
     from evaluate.shuffle import shuffled
 
     with pytest.raises(MuskError, match="no dataset of the evaluated prompts holds two distinct questions"):
-        shuffled(_all_cond(), np.arange(3), 0, ["a", "b", "c"], ["x", "y", "z"], ["1", "2", "3"])
+        shuffled(_all_cond(), np.arange(3), 0, ["a", "b", "c"], datasets=["x", "y", "z"], answers=["1", "2", "3"])
 
 
 def test_no_row_reads_its_own_answer_back_over_many_seeds():
@@ -186,7 +185,7 @@ def test_no_row_reads_its_own_answer_back_over_many_seeds():
     rows = np.arange(64)
     plain = 0
     for seed in range(200):
-        cond = shuffled(_all_cond(), rows, seed, qs, ["chain_sum"] * 64, answers)
+        cond = shuffled(_all_cond(), rows, seed, qs, datasets=["chain_sum"] * 64, answers=answers)
         src = cond.view.source[0]
         assert sorted(src) == list(range(64)) and all(answers[r] != answers[s] for r, s in src.items())
         assert shuffle_stats(cond, rows, ["chain_sum"] * 64, answers)["same_answer_share"] == 0.0
@@ -204,7 +203,7 @@ def test_same_answer_fallback_keeps_the_fewest_pairs_and_counts_them():
     qs = [f"q{i}" for i in range(8)]
     said = []
     for seed in range(20):
-        cond = shuffled(_all_cond(), np.arange(8), seed, qs, ["d"] * 8, answers, log=said.append)
+        cond = shuffled(_all_cond(), np.arange(8), seed, qs, datasets=["d"] * 8, answers=answers, log=said.append)
         st = shuffle_stats(cond, np.arange(8), ["d"] * 8, answers)
         assert st["same_answer_share"] == pytest.approx(4 / 8) and st["same_answer_datasets"] == ["d"]
         assert all(r != s for r, s in cond.view.source[0].items())

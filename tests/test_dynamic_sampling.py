@@ -136,9 +136,10 @@ def test_cat_groups_pads_without_changing_log_probs():
         mask[:G, :pad] = 0
         toks = torch.randint(1, 50, (2 * G, T))
         live = torch.ones(2 * G, T, dtype=torch.long)
-        return Rollouts([10 + P, 20 + P], emb, emb.clone(), mask, toks, live, ["a"] * (2 * G),
-                        torch.arange(2 * G, dtype=torch.float), torch.zeros(2 * G), 0.0, None, None, int(mask.sum()),
-                        torch.randn(2 * G, T))
+        return Rollouts(idx=[10 + P, 20 + P], embeds=emb, ref_embeds=emb.clone(), mask=mask, tokens=toks, live=live,
+                        texts=["a"] * (2 * G), rewards=torch.arange(2 * G, dtype=torch.float),
+                        advantages=torch.zeros(2 * G), frac_zero_std=0.0, attention=None, choice=None,
+                        policy_prompt_tokens=int(mask.sum()), sampler_logp=torch.randn(2 * G, T))
 
     a, b = ro(5, 3, 2), ro(8, 6, 0)
     out = cat_groups([(a, [1]), (b, [0, 1])], G, pad_id=0)

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import train.evaluate
 import train.loop
 from cli import app
 from train.adapters import AdapterSpec, build_adapter
@@ -276,6 +275,24 @@ def test_eval_samples_give_pass_at_k_and_checkpoints_load(tiny_run, tmp_path):
     assert json.loads((tiny_run / "eval" / "final-val-bfloat16" / "summary.json").read_text())["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
+def test_musk_eval_builds_no_optimizer(tiny_run, tmp_path, monkeypatch):
+    """Evaluation reads the policy alone (build_policy): AdamW is never constructed, whether final/ or a
+    checkpoint (whose optimizer state stays unread) is evaluated."""
+    import torch
+
+    from evaluate.run import EvalRequest, run_eval
+
+    def refuse(*a, **k):
+        raise AssertionError("musk eval built an optimizer")
+
+    monkeypatch.setattr(torch.optim, "AdamW", refuse)
+    for ck in ("final", "step_1"):
+        out = run_eval(EvalRequest(run=tiny_run, checkpoint=ck, contexts=("with",), limit=1, out=tmp_path / ck),
+                       scorer=parity_score, progress=False, log=lambda *a: None)
+        assert json.loads((out / "summary.json").read_text())["conditions"]["with"]["n"] == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ablate", "drop:nope"], "unknown expert 'nope'; the run's experts are ['tiny-llama', 'tiny-gpt2']"),
     (["--ablate", "mute:tiny-llama"], "--ablate takes drop:NAME, shuffle:NAME or only:NAME"),
@@ -340,7 +357,7 @@ def test_output_collab_ablations_edit_the_hint_block(tiny_policy):
     m = SimpleNamespace(tok=tok)
 
     def text(view):
-        pb = prompt_batch(m, data, [0], True, "cpu", view)
+        pb = prompt_batch(m, data, [0], True, "cpu", view=view)
         return tok.decode(pb.ids[0][pb.mask[0].bool()])
 
     assert "- a: A0\n- b: B0" in text(ExpertView())

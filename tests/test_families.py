@@ -22,7 +22,8 @@ from core.errors import MuskError
 from tests.families import FAMILIES, POLICY_FAMILIES, build_family
 from tests.helpers import quiet_train, tiny_extract_config, tiny_train_overrides
 
-QUIET = quiet_train()
+QUIET = dict(progress=False, log=lambda *a: None)
+TRAIN = quiet_train()  # run_train's: the training evaluation and the parity reward handed in
 LETTERS = {"family": "letter-counting", "train_size": 6, "val_size": 2}  # prompts of unequal length: padding
 HINT_TOKENS = 5
 
@@ -261,7 +262,7 @@ def test_a_policy_that_cannot_train_stops_before_the_run_folder(family_dirs, pol
     (q / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
     for policy, msg in ((family_dirs["gpt2"], r"\(gpt2\) has no linear modules named 'q_proj'"), (q, "MXFP4")):
         with pytest.raises(MuskError, match=msg):
-            run_train(load_train_config(None, tiny_train_overrides(policy)), policy_cache, tmp_path / "run", **QUIET)
+            run_train(load_train_config(None, tiny_train_overrides(policy)), policy_cache, tmp_path / "run", **TRAIN)
         assert not (tmp_path / "run").exists()
 
 
@@ -298,7 +299,7 @@ def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path)
     for method in METHODS:
         ov = tiny_train_overrides(folder, method=method, total_training_steps=2, gradient_accumulation_steps=1,
                                   eval_without_context=False, **STABLE)
-        run = run_train(load_train_config(None, ov), policy_cache, tmp_path / method, **QUIET)
+        run = run_train(load_train_config(None, ov), policy_cache, tmp_path / method, **TRAIN)
         m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in m] == [1, 2] and all(np.isfinite(r["loss"]) for r in m), (family, method)
         assert m[0]["kl"] == 0.0, (family, method)  # LoRA B = 0 and the gate shut: policy == reference
@@ -325,5 +326,5 @@ def test_a_policy_with_dropout_starts_at_kl_zero(family_dirs, policy_cache, tmp_
     ov = tiny_train_overrides(family_dirs["gpt2"], method="perceiver", total_training_steps=1,
                               gradient_accumulation_steps=1, eval_without_context=False,
                               lora_target_modules=["c_attn"], **STABLE)
-    run = run_train(load_train_config(None, ov), policy_cache, tmp_path / "gpt2", **QUIET)
+    run = run_train(load_train_config(None, ov), policy_cache, tmp_path / "gpt2", **TRAIN)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["kl"] == 0.0

@@ -42,7 +42,7 @@ def _inputs(tiny_cache, tiny_policy, **ov):
     idx = [0, 5]
     with torch.no_grad():
         return cfg, m, data, idx, policy_inputs(cfg, m, data, idx, "cpu"), policy_inputs(cfg, m, data, idx, "cpu",
-                                                                                         "removed")
+                                                                                         mode="removed")
 
 
 def test_literal_block_where_c_goes_and_zero_reference(tiny_cache, tiny_policy):

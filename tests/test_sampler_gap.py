@@ -30,7 +30,7 @@ def test_tis_weights_scale_each_tokens_policy_gradient():
     """N=1, T=2, advantage 1, beta 0, ratio 1: loss = -(w1 + w2) / 2; d loss / d logp_t = -w_t / 2."""
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     w = torch.tensor([[2.0, 0.5]])
-    out = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), 0.0, 0.2, is_weights=w)
+    out = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), 0.0, clip_eps=0.2, is_weights=w)
     assert float(out.loss.detach()) == pytest.approx(-1.25)
     out.loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-1.0, -0.25]]))

@@ -105,6 +105,7 @@ def grpo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     beta: float,
+    *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     loss_type: str = "grpo",

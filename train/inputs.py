@@ -178,7 +178,7 @@ def expert_hints(data: RunData, i: int, view: ExpertView = ALL) -> list[tuple[st
     return [(n, data.hints[n][view.row(e, i)]) for e, n in enumerate(data.experts) if view.kept(e)]
 
 
-def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str,
+def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str, *,
                  view: ExpertView = ALL, hint_format: str = "labelled") -> PromptBatch:
     """The prompts idx, left padded [b, P]; with_hints: each kept expert's hint in the user turn."""
     parts = [build_prompt_parts(m.tok, data.system, data.prompts["text"][i],
@@ -196,7 +196,7 @@ class PolicyInputs(NamedTuple):
     ctx: AdapterOut | None  # g_phi's output (None with C removed)
 
 
-def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str, mode: str = "with",
+def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str, *, mode: str = "with",
                   view: ExpertView = ALL) -> PolicyInputs:
     """The policy's input for prompts idx under `mode`: with (C, or output-collab's hints), removed
     (the bare prompt: Figure 5), null (C's information removed, its slots kept).
@@ -206,7 +206,7 @@ def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], de
     (hint_reference zeros) or the hints themselves (reads)."""
     hints = method_info(cfg.method).needs_hints and mode != "removed"
     block = hints and cfg.hint_position == "context"
-    pb = prompt_batch(m, data, idx, hints and not block, device, view, cfg.hint_format)  # [b, P]
+    pb = prompt_batch(m, data, idx, hints and not block, device, view=view, hint_format=cfg.hint_format)  # [b, P]
     emb = m.lm.get_input_embeddings()(pb.ids)  # [b, P, d]
     ctx = context_tokens(m, data, idx, device, view) if mode != "removed" else None
     extra, ref_extra, extra_mask = None, None, None

@@ -137,7 +137,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     else:
         with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
             ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
-                                                      ro.tokens[s:s + chunk], ro.live[s:s + chunk], share, T)
+                                                      ro.tokens[s:s + chunk], ro.live[s:s + chunk], group=share,
+                                                      temperature=T)
                                   for s in range(0, N, chunk)])  # [B*G, T]
         timing["reference"] += time.perf_counter() - t
 
@@ -153,7 +154,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
         ent = []  # [chunk, T] token entropy, filled by completion_logprobs
-        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T, ent)
+        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], group=share,
+                                   temperature=T, entropy=ent)
         old_logp = logp.detach() if old is None else old.logp[sl]
         is_w = None
         if gaps is not None:  # the sampler is not the training forward: measure, and correct if asked (TIS)
@@ -165,9 +167,9 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
                 gaps["max_abs_gap"] = max(gaps["max_abs_gap"], sg.max_abs_gap)
             is_w = sg.weights if cfg.tis_cap > 0 else None
         ref_sl = ref_logp[sl] if ref_logp is not None else None
-        out = grpo_loss(logp, old_logp, ref_sl, ro.advantages[sl], live[sl], cfg.beta, cfg.clip_eps,
-                        cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None,
-                        is_weights=is_w)
+        out = grpo_loss(logp, old_logp, ref_sl, ro.advantages[sl], live[sl], cfg.beta, clip_eps=cfg.clip_eps,
+                        clip_eps_high=cfg.clip_eps_high, loss_type=cfg.loss_type, max_tokens=cfg.max_new_tokens,
+                        num_tokens=n_tok if token_mean else None, is_weights=is_w)
         weight = 1.0 if token_mean else logp.shape[0] / N
         if cfg.loss_type == "dapo":
             share_of_step = weight * n_tok  # the token sum; `update` divides by the step's token count
@@ -232,7 +234,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
         if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
             for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
-        stats.append((g, {**micro_stats(cfg, m, data, idx, ro, out, method), "filter": drew}))
+        stats.append((g, {**micro_stats(cfg, m, data, idx=idx, ro=ro, out=out, method=method), "filter": drew}))
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
     rounds = max(st["filter"]["rounds"] for st in stats) if cfg.filter_groups else 1
     cursor += cfg.gradient_accumulation_steps * B * rounds  # blocks a round of any micro-batch drew from

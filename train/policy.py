@@ -157,7 +157,7 @@ def load_policy(cfg, dtype: torch.dtype, device: str):
 
 
 
-def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, group: int = 1, temperature: float = 1.0,
+def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, *, group: int = 1, temperature: float = 1.0,
                         entropy: list | None = None) -> torch.Tensor:
     """log pi(y_t | prefix) for each completion token: [N, T]. The LM head runs on completion
     positions only (the prompt's logits over the vocabulary are never formed).

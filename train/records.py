@@ -33,7 +33,7 @@ def completion_records(cfg: TrainConfig, data: RunData, step: int, ro: Rollouts,
     return out
 
 
-def micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
+def micro_stats(cfg, m, data, *, idx, ro, out, method) -> dict:
     """What one micro-batch contributes to the step's metrics (plain numbers: ranks exchange them)."""
     st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
           "kl": out.kl_token_sum / max(1.0, out.loss_tokens), "tokens": int(ro.live.sum()),

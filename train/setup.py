@@ -58,7 +58,7 @@ class CachedFeatures:
         return [f[idx] for f in self.feats]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunData:
     family: str
     system: str  # the developer prompt (system turn of the policy)
@@ -110,8 +110,10 @@ def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise MuskError(f"cache {str(cache_path)!r} needs a train and a val (or test) split")
     system = from_dict(TaskConfig, cache_cfg["task"], "cache task config").system_prompt()
-    return RunData(cache_cfg["task"]["family"], system, fingerprint, prompts, train_idx, val_idx, val_split,
-                   experts, features, router_emb, hints, prompt_tokens, hint_tokens, draw, prompt_set)
+    return RunData(family=cache_cfg["task"]["family"], system=system, cache_fingerprint=fingerprint, prompts=prompts,
+                   train_idx=train_idx, val_idx=val_idx, val_split=val_split, experts=experts, features=features,
+                   router_emb=router_emb, hints=hints, prompt_tokens=prompt_tokens, hint_tokens=hint_tokens,
+                   pooling_draw=draw, prompt_set=prompt_set)
 
 
 def micro_batches_per_rank(accumulation: int, world: int) -> int:
