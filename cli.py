@@ -107,6 +107,7 @@ def extract(
 
 @app.command()
 def train(
+    ctx: typer.Context,
     cache: Path = typer.Option(..., "--cache", help="Cache file written by `musk extract`."),
     method: str = typer.Option(..., "--method", help="single | hard-routing | output-collab | perceiver | ffn | prefix"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML train config; default: the embedded default."),
@@ -138,6 +139,8 @@ def train(
 ):
     """GRPO over cached expert features (no expert is loaded)."""
     from core.config import merge, parse_sets
+    from evaluate.records import evaluate
+    from pipeline.rewards import score
     from train.config import TrainConfig, load_train_config
     from train.loop import run_train
 
@@ -169,11 +172,13 @@ def train(
         run_out = out
         if out_root is not None:
             run_out = out_root / f"{cfg.method}-s{cfg.seed}"
-        _run(run_train, cfg, cache_path=cache, out=run_out, resume=resume, progress=not no_progress)
+        _run(run_train, cfg, cache_path=cache, out=run_out, evaluator=evaluate, scorer=_scorer(ctx) or score,
+             resume=resume, progress=not no_progress)
 
 
 @app.command("eval")
 def eval_(
+    ctx: typer.Context,
     run: Path = typer.Argument(..., help="A run folder written by `musk train`."),
     checkpoint: str = typer.Option("final", "--checkpoint", help="final, or step_K of the run's checkpoints."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache to read (default: the run's own)."),
@@ -197,7 +202,7 @@ def eval_(
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
 ):
     """Evaluate a saved run under conditions and expert ablations (records.jsonl, summary.json)."""
-    from train.evaluate_run import EvalRequest, run_eval
+    from evaluate.run import EvalRequest, run_eval
 
     _threads(threads)
     if limit is not None and limit < 1:
@@ -206,7 +211,7 @@ def eval_(
                       temperature=temperature,
                       contexts=tuple(c.strip() for c in context.split(",") if c.strip()) if context is not None else None,
                       ablations=tuple(ablate) if ablate else None, out=out, seed=seed, dtype=dtype)
-    _run(run_eval, req, progress=not no_progress)
+    _run(run_eval, req, scorer=_scorer(ctx), progress=not no_progress)
 
 
 @app.command()
@@ -291,9 +296,16 @@ def probe(
         _run(write_probe, rows, out, title)
 
 
-def main() -> None:
+def _scorer(ctx: typer.Context):
+    """The reward `main` was handed (None: the task's own, pipeline.rewards.score)."""
+    return (ctx.obj or {}).get("scorer")
+
+
+def main(scorer=None) -> None:
+    """The command line. scorer: (entry JSON, completion, mode) -> reward for `musk train` in place of
+    the task's own (tests hand in one with variance: a random policy never answers right)."""
     try:
-        app()
+        app(obj={"scorer": scorer})
     except MuskError as e:  # raised outside a command body
         typer.echo(f"musk: error: {e}", err=True)
         sys.exit(2)

@@ -5,7 +5,7 @@ cache's held-out prompts (val; GSM8K: test), the prompts the methods' final eval
 
 Every row is scored as the methods are: a solo answer is correct when its reward (pipeline/solo.py:
 greedy, the task's answer format, the task's verifier) is at least CORRECT = 1.0, as evaluation
-counts a method's answer (train/evaluate.py, `reward >= 1.0`); partial credit (chain_sum scores
+counts a method's answer (evaluate/records.py, `reward >= 1.0`); partial credit (chain_sum scores
 "111" for 11 at 0.667) counts as wrong.
 
 - each expert alone: its accuracy;
@@ -34,15 +34,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from analyze.records import _row_label, _rows, last_full_records, per_prompt, question_clusters, seeds_cell
+from analyze.records import row_label, setting_rows, last_full_records, per_prompt, question_clusters, seeds_cell
 from analyze.runs import Run, dtype_of
 from analyze.tables import Table
 from cache.reader import Cache
 from core.errors import MuskError
-from pipeline.rewards import NUMERIC_SOURCES, _to_number, extract_answer
+from pipeline.rewards import NUMERIC_SOURCES, to_number, extract_answer
 
 BELOW = "▼"  # marks a method cell below its best expert alone
-CORRECT = 1.0  # a reward counts as a correct answer from here on (train/evaluate.py: reward >= 1.0)
+CORRECT = 1.0  # a reward counts as a correct answer from here on (evaluate/records.py: reward >= 1.0)
 
 
 def canonical_answer(answer: str, source: str = "") -> str:
@@ -51,7 +51,7 @@ def canonical_answer(answer: str, source: str = "") -> str:
     ("$1,800.00" -> "1800"); for the others a whitespace-normalised text, or its number when the whole
     text is one ("18.00" -> "18"; "$18" stays "$18": reasoning-gym's chain_sum gives it partial credit)."""
     s = " ".join(answer.split())
-    x = _to_number(s) if source in NUMERIC_SOURCES else None
+    x = to_number(s) if source in NUMERIC_SOURCES else None
     if x is None:
         try:
             x = float(s.replace(",", "")) if s else None
@@ -233,12 +233,12 @@ def paired_best_expert(runs: list[Run]) -> Table:
     answers are fixed), one row per condition as Table 1 keys them (method and every setting but the
     seed, ablation runs left out) and training dtype, so runs of other settings never pool as seeds."""
     found, notes = run_baselines(runs)
-    rows_by_condition = _rows(runs)  # finished main-setting runs, by full condition
+    rows_by_condition = setting_rows(runs)  # finished main-setting runs, by full condition
     families = sorted({k[0] for k in found})
     rows: dict[str, list[str]] = {}
     raw, used = [], []
     for key, condition in sorted(rows_by_condition.items(), key=lambda kv: str(kv[0])):
-        label0 = _row_label(rows_by_condition, key, condition)
+        label0 = row_label(rows_by_condition, key, condition)
         groups: dict[tuple, list[Run]] = defaultdict(list)
         for r in condition:
             if r.config.get("cache"):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from analyze.runs import SCHEDULE, Run
-from analyze.tables import Table, _label
+from analyze.tables import Table, method_label
 
 LEVEL = 0.5
 
@@ -40,7 +40,7 @@ def speed_table(runs: list[Run], level: float = LEVEL) -> Table:
             cells.append(f"s{r.config.get('seed')}: {step if step is not None else '—'}")
             raw.append({"row": f"{key[0]} / {key[1]}", "seed": r.config.get("seed"), "first_step": step,
                         "steps_evaluated": ";".join(map(str, evaluated)), "run": r.name})
-        rows.append((f"{key[0]} / {_label(key[1], rs[0].config, [])}", ["; ".join(cells)]))
+        rows.append((f"{key[0]} / {method_label(key[1], rs[0].config, [])}", ["; ".join(cells)]))
     note = (f"The first optimizer step (warm-up steps included) at which held-out accuracy with C reached "
             f"{100 * level:.0f}%, per seed, among the steps the run evaluated (curve_freq and test_freq); '—': never.")
     return Table(f"Steps to {100 * level:.0f}% held-out accuracy", ["first step, per seed"], rows, raw,

@@ -19,7 +19,7 @@ import numpy as np
 
 from analyze.runs import SCHEDULE, Run, dtype_of, unmatched_keys
 from analyze.stats import cell, seed_question_interval
-from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, _differing, _label, _order, _prompt_set,
+from analyze.tables import (FAMILY_ORDER, METHOD_ORDER, ROW_FREE, Table, differing_keys, method_label, order_key, run_prompt_set,
                             ablation_names)
 from cache.reader import Cache
 from cache.run_folder import EVAL_DIR, EVAL_RECORDS, read_jsonl
@@ -125,7 +125,7 @@ def shuffled_all_cell(rs: list[Run]) -> tuple[str, dict]:
                       paired_seeds=True, clusters=question_clusters(rs))
 
 
-def _rows(runs: list[Run]) -> dict[tuple, list[Run]]:
+def setting_rows(runs: list[Run]) -> dict[tuple, list[Run]]:
     """Finished main-setting runs, one row per method and condition as Table 1 keys them: the team and
     every setting but the seed, the cache, the family and the prompt set (those are the columns)."""
     rows: dict[tuple, list[Run]] = defaultdict(list)
@@ -139,8 +139,8 @@ def _rows(runs: list[Run]) -> dict[tuple, list[Run]]:
 
 def _columns(rows: dict[tuple, list[Run]]) -> list[tuple[str, str]]:
     """(family, prompt set) columns: runs evaluated on other prompts never share a cell."""
-    cols = {(r.family, _prompt_set(r)) for rs in rows.values() for r in rs}
-    return sorted(cols, key=lambda c: (_order(c[0], FAMILY_ORDER), c[1]))
+    cols = {(r.family, run_prompt_set(r)) for rs in rows.values() for r in rs}
+    return sorted(cols, key=lambda c: (order_key(c[0], FAMILY_ORDER), c[1]))
 
 
 def _col_name(col: tuple[str, str], cols: list[tuple[str, str]]) -> str:
@@ -152,31 +152,31 @@ def _control_of(rows: dict[tuple, list[Run]], col: tuple[str, str], like: Run, m
     column's prompt set, trained in like's dtype, whose settings match like's (unmatched_keys: m for
     prefix, and every other key both read); [] when no condition matches. Two matching conditions (a
     key only the control reads differs) are told apart by their run count, then by name."""
-    cands = [[r for r in rs if (r.family, _prompt_set(r)) == col and dtype_of(r) == dtype_of(like)]
+    cands = [[r for r in rs if (r.family, run_prompt_set(r)) == col and dtype_of(r) == dtype_of(like)]
              for k, rs in sorted(rows.items(), key=str) if k[0] == method]
     cands = [c for c in cands if c and not unmatched_keys(like, c[0])]
     return max(cands, key=len) if cands else []
 
 
-def _row_label(rows: dict[tuple, list[Run]], key: tuple, rs: list[Run]) -> str:
+def row_label(rows: dict[tuple, list[Run]], key: tuple, rs: list[Run]) -> str:
     others = [x[0].config for k, x in rows.items() if k[0] == key[0] and x is not rs]
-    return _label(key[0], rs[0].config, _differing([rs[0].config] + others, ROW_FREE | set(SCHEDULE)) if others else [])
+    return method_label(key[0], rs[0].config, differing_keys([rs[0].config] + others, ROW_FREE | set(SCHEDULE)) if others else [])
 
 
 def paired_tables(runs: list[Run]) -> list[Table]:
     """Method vs the family's own single, and with C vs without C, per (family, prompt set) column:
     two-level intervals (seeds, then questions); then the same per dataset."""
     recs = {r.name: last_full_records(r) for r in runs}
-    rows = {k: [r for r in rs if recs[r.name]] for k, rs in _rows(runs).items()}
+    rows = {k: [r for r in rs if recs[r.name]] for k, rs in setting_rows(runs).items()}
     rows = {k: rs for k, rs in rows.items() if rs}
     clusters = question_clusters([r for rs in rows.values() for r in rs])
     cols = _columns(rows)
     heads = [_col_name(c, cols) for c in cols]
-    tasks = {c: sorted({x["task"] for rs in rows.values() for r in rs if (r.family, _prompt_set(r)) == c
+    tasks = {c: sorted({x["task"] for rs in rows.values() for r in rs if (r.family, run_prompt_set(r)) == c
                         for x in recs[r.name]}) for c in cols}
     comparisons = []  # (label, a runs, a condition, b runs per column or None (same runs), b condition)
-    for key, rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
-        label = _row_label(rows, key, rs)
+    for key, rs in sorted(rows.items(), key=lambda kv: (order_key(kv[0][0], METHOD_ORDER), kv[0][1])):
+        label = row_label(rows, key, rs)
         if key[0] != "single":
             comparisons.append((f"{label} − single", rs, "with", "single", "with"))
         if key[0] in ("perceiver", "ffn", "hard-routing"):  # what the experts add beyond a soft prompt
@@ -187,7 +187,7 @@ def paired_tables(runs: list[Run]) -> list[Table]:
     for label, a_runs, a_cond, b_which, b_cond in comparisons:
         cells, seed_cells = [], []
         for col, head in zip(cols, heads):
-            a = sorted((r for r in a_runs if (r.family, _prompt_set(r)) == col), key=lambda r: r.name)
+            a = sorted((r for r in a_runs if (r.family, run_prompt_set(r)) == col), key=lambda r: r.name)
             b = (_control_of(rows, col, a[0], b_which) if a else []) if b_which else a
             for t in [None] + tasks[col]:
                 pa = [per_prompt(recs[r.name], a_cond, t) for r in a]
@@ -236,17 +236,17 @@ def table1_per_task(runs: list[Run]) -> Table:
     """Table 1's rows broken down per dataset: greedy accuracy (%) of each run's last full evaluation on
     the prompts of one dataset, mean ± std over seeds; one column per family / dataset."""
     recs = {r.name: last_full_records(r) for r in runs}
-    rows = {k: [r for r in rs if recs[r.name]] for k, rs in _rows(runs).items()}
+    rows = {k: [r for r in rs if recs[r.name]] for k, rs in setting_rows(runs).items()}
     rows = {k: rs for k, rs in rows.items() if rs}
     fam_cols = _columns(rows)  # (family, prompt set): runs on other prompts never share a cell
     cols = [(fc, t) for fc in fam_cols for t in sorted({x["task"] for rs in rows.values() for r in rs
-                                                         if (r.family, _prompt_set(r)) == fc for x in recs[r.name]})]
+                                                         if (r.family, run_prompt_set(r)) == fc for x in recs[r.name]})]
     out, raw, used = [], [], []
-    for key, rs in sorted(rows.items(), key=lambda kv: (_order(kv[0][0], METHOD_ORDER), kv[0][1])):
-        label = _row_label(rows, key, rs)
+    for key, rs in sorted(rows.items(), key=lambda kv: (order_key(kv[0][0], METHOD_ORDER), kv[0][1])):
+        label = row_label(rows, key, rs)
         cells = []
         for fc, task in cols:
-            accs = [_mean(per_prompt(recs[r.name], "with", task)) for r in rs if (r.family, _prompt_set(r)) == fc]
+            accs = [_mean(per_prompt(recs[r.name], "with", task)) for r in rs if (r.family, run_prompt_set(r)) == fc]
             c = cell([a for a in accs if a is not None])
             cells.append(c.fmt())
             raw.append({"row": label, "family": _col_name(fc, fam_cols), "task": task, "mean": c.mean, "std": c.std,
@@ -260,7 +260,7 @@ def table1_per_task(runs: list[Run]) -> Table:
                  [f"{_col_name(fc, fam_cols)} / {t}" for fc, t in cols], out, raw, used, note)
 
 
-# What makes two `musk eval` folders one setting (train/evaluate_run.SETTING_KEYS, read from summary.json;
+# What makes two `musk eval` folders one setting (evaluate/run.SETTING_KEYS, read from summary.json;
 # a folder made before a key was recorded has None there and is a setting of its own).
 EVAL_SETTING = ("split", "checkpoint", "n_prompts", "limit", "samples", "temperature", "decoding", "seed", "dtype")
 
@@ -304,7 +304,7 @@ def ablation_table(runs: list[Run]) -> Table:
     singles = {(k[0], k[4]): v for k, v in groups.items() if k[1] == "single"}  # (family, setting) -> runs
     seed_of = {r.name: r.config.get("seed") for r in runs}
     rows, raw, used, missing_single = [], [], [], False
-    for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], str(k))):
+    for key in sorted(groups, key=lambda k: (order_key(k[0], FAMILY_ORDER), order_key(k[1], METHOD_ORDER), k[2], str(k))):
         family, method, team, _, setting = key
         members = groups[key]
         names = sorted(members)
@@ -369,7 +369,7 @@ def routing_table(runs: list[Run]) -> Table:
         if r.finished and r.name not in ablations:
             groups[(r.family, r.method, r.team, r.condition)].append(r)
     rows, raw, used = [], [], []
-    for key in sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), _order(k[1], METHOD_ORDER), k[2], k[3])):
+    for key in sorted(groups, key=lambda k: (order_key(k[0], FAMILY_ORDER), order_key(k[1], METHOD_ORDER), k[2], k[3])):
         family, method, team = key[:3]
         per_task = defaultdict(list)  # task -> [seeds x n]
         for r in groups[key]:

@@ -33,12 +33,12 @@ class Table:
         return f"### {self.title}\n\n{head}{body}" + (f"\n{self.note}\n" if self.note else "")
 
 
-def _differing(configs: list[dict], skip: set[str]) -> list[str]:
+def differing_keys(configs: list[dict], skip: set[str]) -> list[str]:
     keys = sorted({k for c in configs for k in c} - skip)
     return [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1]
 
 
-def _label(method: str, cfg: dict, keys: list[str]) -> str:
+def method_label(method: str, cfg: dict, keys: list[str]) -> str:
     """A row's name: the method, its training recipe when it has one (a recipe run is another method and
     never reads as the paper's), and the settings that set it apart from the method's other rows."""
     recipe = recipe_name(cfg)
@@ -49,7 +49,7 @@ def _label(method: str, cfg: dict, keys: list[str]) -> str:
     return name + " [" + ", ".join(f"{k}={cfg.get(k)}" for k in keys) + "]"
 
 
-def _order(key: str, order: list[str]) -> tuple:
+def order_key(key: str, order: list[str]) -> tuple:
     return (order.index(key) if key in order else len(order), key)
 
 
@@ -68,8 +68,8 @@ def table1(runs: list[Run]) -> Table:
     done = [r for r in runs if r.finished]
     sets = defaultdict(set)  # family -> its prompt sets
     for r in done:
-        sets[r.family].add(_prompt_set(r))
-    columns = [(f, p) for f in sorted(sets, key=lambda f: _order(f, FAMILY_ORDER)) for p in sorted(sets[f])]
+        sets[r.family].add(run_prompt_set(r))
+    columns = [(f, p) for f in sorted(sets, key=lambda f: order_key(f, FAMILY_ORDER)) for p in sorted(sets[f])]
     families = [f if len(sets[f]) == 1 else f"{f} [prompts {p[:8]}]" for f, p in columns]
     rows: dict[tuple, list[Run]] = defaultdict(list)
     for r in done:
@@ -79,7 +79,7 @@ def table1(runs: list[Run]) -> Table:
     for key, rs in rows.items():
         per_family = defaultdict(set)  # (family, prompt set): a column
         for r in rs:
-            per_family[(r.family, _prompt_set(r))].add((r.config.get("cache_fingerprint"), r.steps))
+            per_family[(r.family, run_prompt_set(r))].add((r.config.get("cache_fingerprint"), r.steps))
         if any(len(v) > 1 for v in per_family.values()):
             for r in rs:
                 split_rows.setdefault(key + ((r.config.get("cache_fingerprint"), r.steps),), []).append(r)
@@ -89,16 +89,16 @@ def table1(runs: list[Run]) -> Table:
     for key, rs in split_rows.items():
         by_method[key[0]].append((key, rs))
     out_rows, raw = [], []
-    for method in sorted(by_method, key=lambda m: _order(m, METHOD_ORDER)):
+    for method in sorted(by_method, key=lambda m: order_key(m, METHOD_ORDER)):
         entries = by_method[method]
-        keys = _differing([rs[0].config for _, rs in entries], ROW_FREE | set(SCHEDULE)) if len(entries) > 1 else []
+        keys = differing_keys([rs[0].config for _, rs in entries], ROW_FREE | set(SCHEDULE)) if len(entries) > 1 else []
         for key, rs in sorted(entries, key=lambda e: str(e[0])):
-            label = _label(method, rs[0].config, keys)
+            label = method_label(method, rs[0].config, keys)
             if len(key) == 3:
                 label += f" (cache {str(key[2][0])[:8]}, {key[2][1]} steps)"
             cells = []
             for (fam, ps), head in zip(columns, families):
-                here = [r for r in rs if r.family == fam and _prompt_set(r) == ps]
+                here = [r for r in rs if r.family == fam and run_prompt_set(r) == ps]
                 c = cell([r.final_accuracy for r in here])
                 cells.append(c.fmt())
                 raw.append({"row": label, "family": head, "prompt_set": ps, "mean": c.mean, "std": c.std, "n": c.n,
@@ -119,7 +119,7 @@ def table1(runs: list[Run]) -> Table:
                  done, note)
 
 
-def _prompt_set(r: Run) -> str:
+def run_prompt_set(r: Run) -> str:
     """The data fingerprint of the cache the run read ('' for runs made before it was recorded)."""
     return str(r.config.get("prompt_set") or r.summary.get("prompt_set") or "")
 
@@ -184,12 +184,12 @@ def method_runs(runs: list[Run], method: str = "perceiver") -> dict[tuple, list[
     for r in runs:
         if r.method == method and r.name not in ablations:
             groups[(r.family, r.team, r.condition)].append(r)
-    return dict(sorted(groups.items(), key=lambda kv: (_order(kv[0][0], FAMILY_ORDER), kv[0][1], kv[0][2])))
+    return dict(sorted(groups.items(), key=lambda kv: (order_key(kv[0][0], FAMILY_ORDER), kv[0][1], kv[0][2])))
 
 
 def setting_label(family: str, team: tuple, rs: list[Run], others: list[list[Run]]) -> str:
     """'family / team' plus the settings that tell this group apart from the other groups."""
-    keys = _differing([rs[0].config] + [o[0].config for o in others], ROW_FREE | {"experts"}) if others else []
+    keys = differing_keys([rs[0].config] + [o[0].config for o in others], ROW_FREE | {"experts"}) if others else []
     label = f"{family} / {', '.join(team) or 'no experts'}"
     return label + (" [" + ", ".join(f"{k}={rs[0].config.get(k)}" for k in keys) + "]" if keys else "")
 
@@ -282,7 +282,7 @@ def collaboration_table(runs: list[Run], content=None) -> Table:
     groups: dict[tuple, list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.family, r.team, r.method, r.condition)].append(r)
-    keys = sorted(groups, key=lambda k: (_order(k[0], FAMILY_ORDER), k[1], _order(k[2], METHOD_ORDER), k[3]))
+    keys = sorted(groups, key=lambda k: (order_key(k[0], FAMILY_ORDER), k[1], order_key(k[2], METHOD_ORDER), k[3]))
     with_null = any(r.summary.get("final_val_accuracy_null_context") is not None for r in runs)
     rows, raw, used = [], [], []
     for key in keys:
@@ -326,7 +326,7 @@ def cost_table(runs: list[Run]) -> Table:
     for r in runs:
         by_method[r.method].append(r)
     rows, raw, used = [], [], []
-    for method in sorted(by_method, key=lambda m: _order(m, METHOD_ORDER)):
+    for method in sorted(by_method, key=lambda m: order_key(m, METHOD_ORDER)):
         per_run = []
         for r in by_method[method]:
             m = r.metrics

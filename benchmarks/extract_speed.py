@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.experts import EXPERTS, ExpertSpec, load_expert, resolve_dtype  # noqa: E402
-from pipeline.extract import (_batches, common_prefix_length, feature_batches, greedy_hints,  # noqa: E402
+from pipeline.extract import (length_batches, common_prefix_length, feature_batches, greedy_hints,  # noqa: E402
                               tokenize_prompts)
 from pipeline.generation import eos_ids  # noqa: E402
 from pipeline.pooling import seeded_indices  # noqa: E402
@@ -67,7 +67,7 @@ def time_hints(model, tok, ids, sizes, budget, device, sync) -> dict[int, float]
     eos, n_tok, out = eos_ids(model, tok), np.array([len(x) for x in ids]), {}
     for size in sizes:
         t = time.perf_counter()
-        for rows in _batches(n_tok, size):
+        for rows in length_batches(n_tok, size):
             greedy_hints(model, tok, [ids[i] for i in rows], budget, eos, device, min_new_tokens=budget)
         sync()
         out[size] = time.perf_counter() - t

@@ -60,6 +60,7 @@ from pipeline.experts import resolve_dtype  # noqa: E402
 from pipeline.extract import load_extract_config, run_extract  # noqa: E402
 from pipeline.generation import sample  # noqa: E402
 from train.config import load_train_config  # noqa: E402
+from evaluate.records import evaluate  # noqa: E402
 from train.loop import run_train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def train_run(method: str, policy: Path, cache: Path, size: dict, work: Path, de
     cfg = load_train_config(str(ROOT / "configs/train/paper-h100.yaml"), over)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    run = run_train(cfg, cache, work / f"run-{method}", progress=False, log=log)
+    run = run_train(cfg, cache, work / f"run-{method}", evaluator=evaluate, progress=False, log=log)
     recs = RunFolder(run).read(METRICS)
     later = recs[1:] or recs  # step 1 warms up (fused weights, graph capture, allocator)
     bad = sorted({k for r in recs for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)})

@@ -88,7 +88,7 @@ def evaluate(run: Path, step: int, method: str) -> dict:
     """The run's final weights on the held-out split: accuracies and the oracle control's paired interval
     (prefix reads no expert: its control is with C against C removed)."""
     from analyze.stats import paired_bootstrap
-    from train.evaluate_run import EvalRequest, run_eval
+    from evaluate.run import EvalRequest, run_eval
 
     ablate = ("shuffle:probe-oracle",) if method != "prefix" else ()
     out = run_eval(EvalRequest(run=run, contexts=("with", "without"), ablations=ablate,
@@ -110,6 +110,7 @@ def train_run(cache: Path, probe: str, method: str, budget_s: float, work: Path,
               record) -> None:
     """Train in chunks until `budget_s` is spent; evaluate and record after each chunk."""
     from train.config import load_train_config
+    from evaluate.records import evaluate as training_evaluation
     from train.loop import run_train
 
     _, train_yaml = PROBES[probe]
@@ -117,7 +118,7 @@ def train_run(cache: Path, probe: str, method: str, budget_s: float, work: Path,
     while True:
         t = time.perf_counter()
         cfg = load_train_config(str(ROOT / train_yaml), {**over, "method": method, "total_training_steps": step + chunk})
-        run_train(cfg, cache, run, resume=step > 0, progress=False, log=lambda *a: None)
+        run_train(cfg, cache, run, evaluator=training_evaluation, resume=step > 0, progress=False, log=lambda *a: None)
         step += chunk
         seconds_a_step = (time.perf_counter() - t) / chunk
         ev = evaluate(run, step, method)

@@ -43,6 +43,7 @@ from core.machine import cpu_name  # noqa: E402
 from pipeline.experts import resolve_device, resolve_dtype  # noqa: E402
 from train import checkpoint as ckpt  # noqa: E402
 from train.config import load_train_config  # noqa: E402
+from pipeline.rewards import score  # noqa: E402
 from train.loop import generate_trajectory, grpo_step  # noqa: E402
 from train.setup import build_models, load_data  # noqa: E402
 
@@ -62,7 +63,7 @@ def grpo_grad(cfg, m, data, idx: list[int], device: str, w: torch.Tensor) -> tup
     """d/dW of one GRPO micro-batch on prompts idx (fresh rollouts); None when every group agrees."""
     m.optimizer.zero_grad(set_to_none=True)
     timing = defaultdict(float)
-    ro = generate_trajectory(cfg, m, data, idx, device, timing)
+    ro = generate_trajectory(cfg, m, data, idx, device=device, timing=timing, scorer=score)
     grpo_step(cfg, m, ro, timing)
     g = None if w.grad is None or not bool(ro.advantages.abs().sum() > 0) else w.grad.detach().float().clone()
     return g, ro.frac_zero_std

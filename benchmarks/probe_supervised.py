@@ -34,8 +34,8 @@ from analyze.stats import paired_bootstrap  # noqa: E402
 from core.machine import cpu_name  # noqa: E402
 from pipeline.experts import resolve_device, resolve_dtype  # noqa: E402
 from train.config import load_train_config  # noqa: E402
-from train.evaluate import condition_records  # noqa: E402
-from train.evaluate_run import EvalRequest, parse_conditions, shuffled  # noqa: E402
+from evaluate.records import condition_records  # noqa: E402
+from evaluate.run import EvalRequest, parse_conditions, shuffled  # noqa: E402
 from train.optim import set_lr, clip_gradients  # noqa: E402
 from train.recipes import answer_nll  # noqa: E402
 from train.setup import build_models, load_data  # noqa: E402
@@ -60,7 +60,7 @@ def evaluate_conditions(cfg, m, data, device: str, expert: str) -> dict[str, lis
     conds = [shuffled(c, rows, 0, questions) for c in parse_conditions(req, cfg, data, has_gate=True)]
     m.peft.eval()
     m.adapter.eval()
-    out = {c.name: [float(r["correct"]) for r in condition_records(cfg, m, data, rows, c, device)] for c in conds}
+    out = {c.name: [float(r["correct"]) for r in condition_records(cfg, m, data, rows, c, device=device)] for c in conds}
     m.peft.train()
     m.adapter.train()
     return out

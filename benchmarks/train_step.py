@@ -44,6 +44,7 @@ from pipeline.extract import pad_ids, expert_forward_pool, load_extract_config, 
 from pipeline.pooling import seeded_indices  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 import train.loop  # noqa: E402
+from evaluate.records import evaluate  # noqa: E402
 from train.loop import run_train  # noqa: E402
 from train.trackers import Trackers  # noqa: E402
 
@@ -232,7 +233,7 @@ def main():
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         WATCH["seconds"] = 0.0
-        run = run_train(cfg, cache, root / f"{method}-{n}-{online}-{i}", progress=False, log=lambda *a: None,
+        run = run_train(cfg, cache, root / f"{method}-{n}-{online}-{i}", evaluator=evaluate, progress=False, log=lambda *a: None,
                         features=fn)
         held = fn.gib if fn else 0.0
         del fn

@@ -32,13 +32,15 @@ from pipeline.experts import load_expert, resolve_dtype  # noqa: E402
 from pipeline.extract import load_extract_config, run_extract  # noqa: E402
 from pipeline.tasks import TaskConfig  # noqa: E402
 from train.config import load_train_config  # noqa: E402
+from evaluate.records import evaluate  # noqa: E402
 from train.loop import run_train  # noqa: E402
-from train.policy import build_prompt_text, policy_spec  # noqa: E402
+from train.inputs import build_prompt_text  # noqa: E402
+from train.policy import policy_spec  # noqa: E402
 from pipeline.rewards import score  # noqa: E402
 
 
 def musk_steps(cfg, cache: Path, out: Path) -> list[dict]:
-    run = run_train(cfg, cache, out, progress=False, log=lambda *a: None)
+    run = run_train(cfg, cache, out, evaluator=evaluate, scorer=score, progress=False, log=lambda *a: None)
     return RunFolder(run).read(METRICS)
 
 

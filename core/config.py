@@ -169,7 +169,7 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _is_text(tp: Any) -> bool:
+def is_text(tp: Any) -> bool:
     """Whether field type tp is str or str | None (VALUE then stays the text typed, not YAML's reading)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and args == [str])
@@ -207,7 +207,7 @@ def parse_sets(cls: type, items: list[str] | tuple[str, ...], where: str = "--se
                                 f"{' for ' + prefix if prefix else ''}; nearest valid keys: {near or valid[:10]}")
             sub = typing.get_type_hints(tp)[part]
             if depth == len(parts) - 1:
-                if _is_text(sub) and value is not None and not isinstance(value, str):
+                if is_text(sub) and value is not None and not isinstance(value, str):
                     value = raw.strip()  # YAML read it as a bool, number or date; the field wants the text
                 try:
                     _convert(sub, value, f"{where} {key}")  # typed now, so the message names --set

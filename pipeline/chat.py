@@ -27,7 +27,7 @@ _OTHER_DAY = datetime(2001, 2, 3, 4, 5, 6)  # a second clock: a template whose t
 
 
 @contextmanager
-def _clock(when: datetime):
+def fixed_clock(when: datetime):
     """transformers' `strftime_now` reads `when` inside (its template globals call datetime.now() of
     its chat-template module; a function passed as a template variable would be turned into a string)."""
     from transformers.utils import chat_template_utils as ctu
@@ -47,7 +47,7 @@ def _clock(when: datetime):
 def render_chat(tok, messages: list[dict], when: datetime = PROMPT_DATE) -> str:
     """The chat template's text for `messages` plus the generation prompt, with `strftime_now`
     reading `when` instead of the clock. Raises jinja2.TemplateError where the template does."""
-    with _clock(when):
+    with fixed_clock(when):
         return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 

@@ -22,7 +22,7 @@ from core.config import from_dict
 from core.hashing import musk_home, sha256_file, sha256_of
 from core.registry import registry
 from pipeline.chat import PLAIN_FORMAT, format_prompt  # noqa: F401  (re-exported: where experts read prompts)
-from pipeline.model_files import _weight_files, hub_config, materialize_gguf
+from pipeline.model_files import weight_files, hub_config, materialize_gguf
 from pipeline.probes import PROBE_KINDS, probe_config
 
 
@@ -167,7 +167,7 @@ def resolve_expert(item: Any, where: str = "experts") -> ExpertSpec:
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py", "tokenizer*"]
 
 
-def _hf_folder(spec: ExpertSpec) -> Path:
+def hf_folder(spec: ExpertSpec) -> Path:
     p = Path(spec.model).expanduser()
     if p.is_dir():
         return p
@@ -230,7 +230,7 @@ def _gguf_sha(spec: ExpertSpec) -> str:
 
 def _hf_sha(spec: ExpertSpec) -> str:
     h = hashlib.sha256()
-    for f in _weight_files(_hf_folder(spec)):
+    for f in weight_files(hf_folder(spec)):
         h.update(f.name.encode())
         h.update(sha256_file(f).encode())
     return h.hexdigest()
@@ -314,7 +314,7 @@ class ExpertKind:
 
 
 KINDS: dict[str, ExpertKind] = {
-    "hf": ExpertKind(_check_none, _hf_sha, _hf_folder),
+    "hf": ExpertKind(_check_none, _hf_sha, hf_folder),
     "gguf": ExpertKind(_check_none, _gguf_sha, _gguf_folder),
     "gguf-package": ExpertKind(_check_package, _gguf_sha, _gguf_folder),
     "random": ExpertKind(_check_random, _random_sha, None, _build_random),

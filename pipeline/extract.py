@@ -30,13 +30,13 @@ from core.heldout import composition
 from core.progress import bar as progress_bar
 from pipeline.chat import PROMPT_DATE_ISO
 from pipeline.experts import ExpertSpec, check_device, resolve_device, resolve_dtype, resolve_expert, weights_sha256
-from pipeline.extract_expert import _complete_solo, _extract_expert
+from pipeline.extract_expert import complete_solo, extract_one_expert
 # benchmarks/ time the feature pass and the hints through these names, imported from here:
-from pipeline.feature_pass import _batches, common_prefix_length, expert_forward_pool  # noqa: F401
+from pipeline.feature_pass import length_batches, common_prefix_length, expert_forward_pool  # noqa: F401
 from pipeline.feature_pass import feature_batches, pad_ids, tokenize_prompts  # noqa: F401
 from pipeline.hints import greedy_hints  # noqa: F401
 from pipeline.probes import PROBE_KINDS
-from pipeline.router import RouterSpec, _extract_router, _router_sha
+from pipeline.router import RouterSpec, extract_router, router_sha
 from pipeline.vllm_engine import ENGINES, require_vllm
 from pipeline.rewards import MODES, check_references
 from pipeline import solo as solo_mod
@@ -159,7 +159,7 @@ def load_extract_config(path: str | None, overrides: dict | None = None) -> Extr
     return from_dict(ExtractConfig, data, "extract config")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ExtractPlan:
     """What a run of `musk extract` has to do, decided from fingerprints alone (no model loaded)."""
 
@@ -217,7 +217,7 @@ def plan_extract(cfg: ExtractConfig, out: Path, dtype: torch.dtype, data_fp: str
     expert_fps = {s.name: fp.expert_fingerprint(data_fp, s, weights[s.name], settings) for s in cfg.experts}
     router_fps = {}
     if cfg.router is not None:
-        router_fps[cfg.router.name] = fp.router_fingerprint(data_fp, cfg.router, _router_sha(cfg.router))
+        router_fps[cfg.router.name] = fp.router_fingerprint(data_fp, cfg.router, router_sha(cfg.router))
     have_experts, have_routers = _existing_groups(out, data_fp, expert_fps, router_fps)
     todo_router = cfg.router if (cfg.router is not None and cfg.router.name not in have_routers) else None
     system = cfg.task.system_prompt()
@@ -225,11 +225,12 @@ def plan_extract(cfg: ExtractConfig, out: Path, dtype: torch.dtype, data_fp: str
                                                   cfg.solo_answer_extraction)
                 for s in cfg.experts if cfg.solo and s.kind not in PROBE_KINDS}
     have_solo = _existing_solo(out)
-    return ExtractPlan(data_fp, weights, expert_fps, router_fps,
-                       [s for s in cfg.experts if s.name not in have_experts], todo_router,
-                       fp.root_fingerprint(data_fp, expert_fps, {**have_routers, **router_fps}), solo_fps,
-                       [s for s in cfg.experts if s.name in have_experts and s.name in solo_fps
-                        and have_solo.get(s.name) != solo_fps[s.name]])
+    return ExtractPlan(data_fp=data_fp, weights=weights, expert_fps=expert_fps, router_fps=router_fps,
+                       todo=[s for s in cfg.experts if s.name not in have_experts], todo_router=todo_router,
+                       root_fp=fp.root_fingerprint(data_fp, expert_fps, {**have_routers, **router_fps}),
+                       solo_fps=solo_fps,
+                       todo_solo=[s for s in cfg.experts if s.name in have_experts and s.name in solo_fps
+                                  and have_solo.get(s.name) != solo_fps[s.name]])
 
 
 def _existing_solo(out: Path) -> dict[str, str]:
@@ -285,7 +286,7 @@ def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt]
         for spec in plan.todo:
             bar.set_postfix_str(spec.name)
             fpr = plan.expert_fps[spec.name]
-            attrs, arrays = _extract_expert(cfg, spec, prompts, parts, f"expert-{fpr[:16]}", device, dtype, bar)
+            attrs, arrays = extract_one_expert(cfg, spec, prompts, parts, f"expert-{fpr[:16]}", device, dtype, bar)
             if spec.name in plan.solo_fps:
                 attrs["solo_fingerprint"] = plan.solo_fps[spec.name]
             new_experts.append((spec.name, {**attrs, "weights_sha256": plan.weights[spec.name], "fingerprint": fpr},
@@ -293,12 +294,12 @@ def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt]
         for spec in plan.todo_solo:  # experts the cache holds: their solo answers only
             bar.set_postfix_str(f"{spec.name} solo")
             group = f"expert-{plan.expert_fps[spec.name][:16]}"
-            attrs, arrays = _complete_solo(cfg, spec, prompts, out, parts, group, device, dtype, bar)
+            attrs, arrays = complete_solo(cfg, spec, prompts, out, parts, group, device, dtype, bar)
             solo_updates.append((spec.name, {**attrs, "solo_fingerprint": plan.solo_fps[spec.name]}, arrays))
         if (r := plan.todo_router) is not None:
             bar.set_postfix_str(r.name)
-            emb = _extract_router(cfg, r, prompts, parts, f"router-{plan.router_fps[r.name][:16]}", device, bar)
-            attrs = {"source": r.source, "weights_sha256": _router_sha(r), "fingerprint": plan.router_fps[r.name]}
+            emb = extract_router(cfg, r, prompts, parts, f"router-{plan.router_fps[r.name][:16]}", device, bar)
+            attrs = {"source": r.source, "weights_sha256": router_sha(r), "fingerprint": plan.router_fps[r.name]}
             new_routers.append((r.name, attrs, emb))
     return new_experts, new_routers, solo_updates
 

@@ -17,8 +17,8 @@ from core import dist
 from core.config import to_dict
 from pipeline import solo as solo_mod
 from pipeline.experts import KINDS, load_expert, reference_spec
-from pipeline.feature_pass import _batches, feature_batches, tokenize_prompts
-from pipeline.hints import _hint_batches, _hint_batches_vllm, greedy_hints
+from pipeline.feature_pass import length_batches, feature_batches, tokenize_prompts
+from pipeline.hints import hint_batches, hint_batches_vllm, greedy_hints
 from pipeline.parts import check_finite, gather_parts
 from pipeline.pooling import seeded_indices
 from pipeline.probes import PROBE_KINDS, noise_features, oracle_features, probe_arrays, probe_config
@@ -47,7 +47,7 @@ def _extract_probe(cfg, spec, prompts, bar) -> tuple[dict, dict]:
     return attrs, arrays
 
 
-def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tuple[dict, dict]:
+def extract_one_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tuple[dict, dict]:
     if spec.kind in PROBE_KINDS:
         return _extract_probe(cfg, spec, prompts, bar)
     model, tok = load_expert(spec, dtype, device)
@@ -69,16 +69,16 @@ def _extract_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tup
             parts.save(group, "feat", b, rows=rows, **{k: v.cpu().numpy() for k, v in pooled.items()})
         bar.update(len(rows) if dist.mine(b) else 0)
     if cfg.hints and cfg.hint_engine == "vllm" and KINDS[spec.kind].folder is not None:
-        _hint_batches_vllm(cfg, spec, model, tok, ids, n_tokens, parts, group, bar)
+        hint_batches_vllm(cfg, spec, model, tok, ids, n_tokens, parts, group, bar)
     elif cfg.hints:
-        _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar)
+        hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar)
     solo = _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar)
     dist.barrier()
-    feats = gather_parts(parts, group, "feat", _batches(n_tokens, cfg.batch_size), N, spec.name)
+    feats = gather_parts(parts, group, "feat", length_batches(n_tokens, cfg.batch_size), N, spec.name)
     check_finite(feats, spec.name, prompts)
     hints = None
     if cfg.hints:
-        h = gather_parts(parts, group, "hint", _batches(n_tokens, cfg.hint_batch_size), N, spec.name)
+        h = gather_parts(parts, group, "hint", length_batches(n_tokens, cfg.hint_batch_size), N, spec.name)
         hints, hint_tokens = np.array([str(t) for t in h["text"]], dtype=object), h["n_tokens"].astype(np.int64)  # tokens: cost accounting
     arrays = dict(feats)
     arrays["random_token_index"] = rti
@@ -110,7 +110,7 @@ def _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar)
     if not cfg.solo or spec.kind in PROBE_KINDS:
         return None
     sids = solo_mod.solo_ids(tok, cfg.task.system_prompt(), prompts)
-    batches = _batches(np.array([len(x) for x in sids], dtype=np.int64), cfg.hint_batch_size)
+    batches = length_batches(np.array([len(x) for x in sids], dtype=np.int64), cfg.hint_batch_size)
     if solo_mod.reuses_hint(ids if cfg.hints else None, sids, cfg.hint_max_new_tokens, cfg.solo_max_new_tokens,
                             cfg.hint_engine):
         return "hint", batches
@@ -130,7 +130,7 @@ def _solo_gather(cfg, spec, prompts, solo: tuple, parts, group, device, hints: d
                                 mode=cfg.solo_answer_extraction, device=device)
 
 
-def _complete_solo(cfg, spec, prompts, out: Path, parts, group, device, dtype, bar) -> tuple[dict, dict]:
+def complete_solo(cfg, spec, prompts, out: Path, parts, group, device, dtype, bar) -> tuple[dict, dict]:
     """The solo answers of an expert the cache already holds: its model is loaded for the decode
     only; its stored features are neither read nor recomputed."""
     model, tok = load_expert(spec, dtype, device)

@@ -32,7 +32,7 @@ def pad_ids(batch_ids: list[list[int]], pad_id: int, side: str) -> tuple[torch.T
     return ids, mask
 
 
-def _batches(n_tokens: np.ndarray, size: int) -> list[np.ndarray]:
+def length_batches(n_tokens: np.ndarray, size: int) -> list[np.ndarray]:
     order = np.argsort(-n_tokens, kind="stable")  # longest first; ties by index: deterministic
     return [order[i: i + size] for i in range(0, len(order), size)]
 
@@ -106,7 +106,7 @@ def feature_batches(backbone, ids: list[list[int]], pad_id: int, rti: np.ndarray
     n_tokens = np.array([len(x) for x in ids], dtype=np.int64)
     P = common_prefix_length(ids) if share_prefix else 0
     prefix = None
-    for b, rows in enumerate(_batches(n_tokens, batch_size)):
+    for b, rows in enumerate(length_batches(n_tokens, batch_size)):
         if done(b):
             yield b, rows, None
             continue

@@ -163,7 +163,7 @@ STEPS = ("auto", "fused", "loop")
 _said: set = set()
 
 
-def _fused_weights(lm, max_pos: int, step: str):
+def fused_step_weights(lm, max_pos: int, step: str):
     """The fused step's weights for lm, or None (today's loop) where the family or a module is not
     covered: said once per model type in the log. step 'loop' (or 'auto' under MUSK_DECODE_STEP=loop)
     returns None.
@@ -234,7 +234,7 @@ def sample(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int, t
     if check_every is None:
         check_every = 8 if embeds.device.type == "cuda" else 1
     with torch.inference_mode():  # ~5% faster decode steps than no_grad on a CPU
-        W = _fused_weights(lm, mask.shape[1] + max_new_tokens + 1, step)
+        W = fused_step_weights(lm, mask.shape[1] + max_new_tokens + 1, step)
         args = (lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
                 (logprobs, filters, entropy_temperature))
         out = _decode(*args) if W is None else _decode_fused(W, *args, check_every=check_every, static=static)

@@ -9,7 +9,7 @@ import torch
 
 from core import dist
 from pipeline.experts import KINDS
-from pipeline.feature_pass import _batches, pad_ids
+from pipeline.feature_pass import length_batches, pad_ids
 from pipeline.generation import decode, eos_ids, generate
 from pipeline.vllm_engine import greedy_texts, make_llm, release
 
@@ -24,10 +24,10 @@ def greedy_hints(model, tok, batch_ids: list[list[int]], max_new_tokens: int, eo
                         min_new_tokens=min_new_tokens)
 
 
-def _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar) -> None:
+def hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar) -> None:
     """This rank's share of the greedy hints, stored batch by batch in the parts folder."""
     eos = eos_ids(model, tok)
-    for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size)):
+    for b, rows in enumerate(length_batches(n_tokens, cfg.hint_batch_size)):
         if not dist.mine(b):
             continue
         if not parts.has(group, "hint", b):
@@ -37,10 +37,10 @@ def _hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar) -> 
         bar.update(len(rows))
 
 
-def _hint_batches_vllm(cfg, spec, model, tok, ids, n_tokens, parts, group, bar) -> None:
+def hint_batches_vllm(cfg, spec, model, tok, ids, n_tokens, parts, group, bar) -> None:
     """The same hints through vLLM (greedy, same token ids in, same budget and EOS), stored in the same
     parts, so a run killed half way can be completed by either engine."""
-    todo = [(b, rows) for b, rows in enumerate(_batches(n_tokens, cfg.hint_batch_size))
+    todo = [(b, rows) for b, rows in enumerate(length_batches(n_tokens, cfg.hint_batch_size))
             if dist.mine(b) and not parts.has(group, "hint", b)]
     if todo:
         llm = make_llm(KINDS[spec.kind].folder(spec), model.dtype, cfg.vllm_memory)

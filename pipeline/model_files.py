@@ -15,7 +15,7 @@ from core.errors import MuskError
 from core.hashing import musk_home
 
 
-def _weight_files(folder: Path) -> list[Path]:
+def weight_files(folder: Path) -> list[Path]:
     files = sorted(
         f for f in folder.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf", ".pt") and f.is_file()
     )
@@ -62,11 +62,11 @@ def materialize_gguf(path: Path, sha: str) -> Path:
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         # Under torchrun transformers' save_pretrained writes weights and config on rank 0 alone (a
         # folder from another rank would hold only the tokenizer), so rank 0 converts, the others wait.
-        return _wait_for_conversion(target, path)
+        return wait_for_conversion(target, path)
     with atomic_path(target, directory=True, replace=False) as tmp:  # another process may win the race
         convert_gguf(path, tmp)
         (tmp / "musk_source.json").write_text(json.dumps({"gguf": str(path), "sha256": sha}))
-        if not (tmp / "config.json").exists() or not _weight_files(tmp):  # never commit a folder without a model
+        if not (tmp / "config.json").exists() or not weight_files(tmp):  # never commit a folder without a model
             raise MuskError(f"GGUF conversion of {path.name}: save_pretrained wrote no config or weights")
     return target
 
@@ -90,7 +90,7 @@ def convert_gguf(path: Path, folder: Path) -> None:
     tok.save_pretrained(folder)
 
 
-def _wait_for_conversion(target: Path, path: Path, timeout: float = 1800.0, poll: float = 0.5) -> Path:
+def wait_for_conversion(target: Path, path: Path, timeout: float = 1800.0, poll: float = 0.5) -> Path:
     """Wait until another process (rank 0) has committed the converted folder `target`."""
     deadline = time.monotonic() + timeout
     while not (target / "config.json").exists():

@@ -43,7 +43,7 @@ def extract_answer(text: str, mode: str = "strict") -> str | None:
     return nums[-1].replace(",", "") if nums else None
 
 
-def _to_number(s: str) -> float | None:
+def to_number(s: str) -> float | None:
     s = s.strip().replace(",", "").replace("$", "").rstrip(".")
     try:
         return float(s)
@@ -55,7 +55,7 @@ def _to_number(s: str) -> float | None:
 def gsm8k_score(answer: str | None, reference: str) -> float:
     if answer is None:
         return 0.0
-    a, r = _to_number(answer), _to_number(reference)
+    a, r = to_number(answer), to_number(reference)
     return float(a is not None and r is not None and abs(a - r) < 1e-6)
 
 

@@ -47,7 +47,7 @@ def _router_folder(spec: RouterSpec) -> Path:
         raise MuskError(f"router {spec.source!r} is neither a folder nor in the local Hugging Face cache") from None
 
 
-def _router_sha(spec: RouterSpec) -> str:
+def router_sha(spec: RouterSpec) -> str:
     folder = _router_folder(spec)
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
     if not files:
@@ -55,7 +55,7 @@ def _router_sha(spec: RouterSpec) -> str:
     return sha256_of([sha256_file(f) for f in files])
 
 
-def _extract_router(cfg, spec: RouterSpec, prompts, parts, group, device, bar) -> np.ndarray:
+def extract_router(cfg, spec: RouterSpec, prompts, parts, group, device, bar) -> np.ndarray:
     from transformers import AutoModel, AutoTokenizer
 
     folder = _router_folder(spec)

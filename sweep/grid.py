@@ -22,7 +22,7 @@ import yaml
 
 from cache.reader import Cache
 from cache.run_folder import NOT_SETTINGS, RunFolder
-from core.config import _is_text, dump_yaml, from_dict, load_yaml, merge, parse_sets, to_dict
+from core.config import is_text, dump_yaml, from_dict, load_yaml, merge, parse_sets, to_dict
 from core.errors import MuskError
 from train.config import TrainConfig, keys_missing_from_old_run, load_train_config, method_reads
 
@@ -117,7 +117,7 @@ def _text_as_written(data: dict, path: Path) -> dict:
         if not isinstance(node, dict) or not isinstance(raw_node, dict):
             return
         for k, v in node.items():
-            if k in hints and _is_text(hints[k]) and k in raw_node:
+            if k in hints and is_text(hints[k]) and k in raw_node:
                 r = raw_node[k]
                 if is_grid and isinstance(v, list) and isinstance(r, list) and len(r) == len(v):
                     node[k] = [x if isinstance(x, str) or x is None else rx for x, rx in zip(v, r)]

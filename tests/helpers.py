@@ -45,7 +45,6 @@ def write_yaml(path: Path, data: dict) -> Path:
     return path
 
 
-
 def tiny_train_overrides(policy: Path, **extra) -> dict:
     ov = {
         "policy": str(policy), "group_size": 4, "train_batch_size": 2, "val_batch_size": 4,
@@ -60,3 +59,11 @@ def tiny_train_overrides(policy: Path, **extra) -> dict:
 def parity_score(entry, text, mode) -> float:
     """A reward with variance for random-init policies (they never answer right): length parity."""
     return float(len(text) % 2)
+
+
+def quiet_train(scorer=parity_score, **extra) -> dict:
+    """run_train's keyword arguments in tests: no progress bar or log, the training evaluation handed
+    in (as cli.py does) and `scorer` as the task's reward (default: length parity)."""
+    from evaluate.records import evaluate
+
+    return {"evaluator": evaluate, "scorer": scorer, "progress": False, "log": lambda *a: None, **extra}

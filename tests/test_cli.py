@@ -7,13 +7,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from tests.helpers import tiny_extract_config, tiny_train_overrides, write_yaml
+from tests.helpers import parity_score, tiny_extract_config, tiny_train_overrides, write_yaml
 
 runner = CliRunner()
 
 
 def _run(args):
-    res = runner.invoke(app, args)
+    res = runner.invoke(app, args, obj={"scorer": parity_score})  # random policies: a reward with variance
     return res.exit_code, res.output + (res.stderr if res.stderr_bytes is not None else "")
 
 
@@ -54,9 +54,6 @@ def test_extract_refuses_cache_of_other_config(tiny_cache, tmp_path):
 
 @pytest.mark.slow
 def test_train_cli_and_bad_input(tiny_cache, tiny_policy, tmp_path, monkeypatch):
-    import train.loop
-
-    monkeypatch.setattr(train.loop, "score", lambda e, t, m: float(len(t) % 2))
     ov = tiny_train_overrides(tiny_policy, total_training_steps=1)
     ov.pop("method", None)
     cfg_path = write_yaml(tmp_path / "t.yaml", ov)
@@ -90,9 +87,6 @@ def test_threads_option(tiny_cache, tmp_path, monkeypatch):
 def test_train_set_values_land_in_the_saved_config(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     import yaml
 
-    import train.loop
-
-    monkeypatch.setattr(train.loop, "score", lambda e, t, m: float(len(t) % 2))
     cfg_path = write_yaml(tmp_path / "t.yaml", tiny_train_overrides(tiny_policy, total_training_steps=1))
     code, out = _run(["train", "--cache", str(tiny_cache), "--method", "single", "--config", str(cfg_path),
                       "--out", str(tmp_path / "run"), "--no-progress", "--lr", "0.5",

@@ -10,13 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import train.evaluate
 import train.loop
 from cli import app
-from train.evaluate_run import EvalRequest, parse_conditions, shuffled
+from evaluate.run import EvalRequest, parse_conditions, shuffled
 from train.inputs import expert_features
 from train.setup import CachedFeatures
-from tests.helpers import parity_score, tiny_train_overrides
+from tests.helpers import parity_score, quiet_train, tiny_train_overrides
 
 TEAM = ["a", "b", "c"]
 
@@ -48,7 +47,7 @@ def test_shuffle_all_reads_every_expert_from_one_other_prompt():
     """rows 2..7 (each its own question), seed 3: every expert of prompt rows[j] reads rows[perm[j]],
     perm = derangement(6, default_rng([3, n = 3])), the same for all experts and with no fixed point;
     shuffle:b alone keeps its own key."""
-    from train.evaluate_run import derangement
+    from evaluate.shuffle import derangement
 
     cfg, data = SimpleNamespace(method="perceiver"), _data()
     rows = np.arange(2, 8)
@@ -79,11 +78,9 @@ def test_musk_eval_defaults_end_to_end(tiny_cache, tiny_policy, tmp_path, monkey
     """`musk eval RUN` with no --context and no --ablate evaluates the content controls too."""
     from train.config import load_train_config
 
-    monkeypatch.setattr(train.loop, "score", parity_score)
-    monkeypatch.setattr(train.evaluate, "score", parity_score)
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=1))
-    run = train.loop.run_train(cfg, tiny_cache, tmp_path / "p", progress=False, log=lambda *a: None)
-    res = CliRunner().invoke(app, ["eval", str(run), "--limit", "3", "--no-progress"])
+    run = train.loop.run_train(cfg, tiny_cache, tmp_path / "p", **quiet_train())
+    res = CliRunner().invoke(app, ["eval", str(run), "--limit", "3", "--no-progress"], obj={"scorer": parity_score})
     assert res.exit_code == 0, res.output
     s = json.loads((run / "eval" / "final-val" / "summary.json").read_text())
     assert list(s["conditions"]) == ["with", "without", "null", "shuffle:tiny-llama", "shuffle:tiny-gpt2",
@@ -109,15 +106,15 @@ def test_collaboration_table_leads_with_the_shuffled_control(tmp_path):
     from analyze.records import shuffled_all_cell
     from analyze.runs import load_runs
     from analyze.tables import collaboration_table
-    from tests.test_report import _records, make_run
+    from tests.test_report import write_eval_records, make_run
 
     root = tmp_path / "r"
     p = make_run(root, "p", acc=0.75)
     ev = p / "eval" / "final-val"
     ev.mkdir(parents=True)
     (ev / "summary.json").write_text(json.dumps({"split": "val", "checkpoint": "final", "samples": 1}))
-    _records(ev, [1, 1, 1, 0], name="records.jsonl")
-    _records(ev, [0, 1, 0, 0], condition="shuffle:all", name="records.jsonl")
+    write_eval_records(ev, [1, 1, 1, 0], name="records.jsonl")
+    write_eval_records(ev, [0, 1, 0, 0], condition="shuffle:all", name="records.jsonl")
     t = collaboration_table(load_runs([root]), content=shuffled_all_cell)
     assert t.columns[:3] == ["seeds", "with C − all experts shuffled (points)", "val acc % (with C)"]
     assert t.rows[0][1][:2] == ["1", "+50.0 [-6.6, +106.6]† (1 seed, 4 distinct questions; a bound is past what the "
@@ -131,7 +128,7 @@ def test_collaboration_table_leads_with_the_shuffled_control(tmp_path):
 # -- partners inside the task ------------------------------------------------------------------------
 
 def _all_cond(n=3):
-    from train.evaluate import Condition
+    from evaluate.records import Condition
     from train.inputs import ExpertView
 
     return Condition("shuffle:all", "with", ExpertView(source={e: {} for e in range(n)}))
@@ -151,14 +148,14 @@ def test_shuffle_partner_comes_from_the_rows_own_dataset():
     """On a 9-dataset mixture every partner's dataset is the row's own (a shuffle across the whole
     split sends 8 in 9 rows to another dataset), for every seed; a dataset with a single question is
     left out of the condition and counted, and its rows are not evaluated."""
-    from train.shuffle import partnered, shuffle_stats, shuffled
+    from evaluate.shuffle import partnered, shuffle_stats, shuffled
 
     rows, qs, tasks, answers = _mixture()
     rows, qs, tasks, answers = (np.append(rows, 900), qs + ["lonely"], tasks + ["solo_ds"], answers + ["1"])
     ds = dict(zip(rows.tolist(), tasks))
     said = []
     for seed in range(30):
-        cond = shuffled(_all_cond(), rows, seed, qs, tasks, answers, log=said.append)
+        cond = shuffled(_all_cond(), rows, seed, qs, datasets=tasks, answers=answers, log=said.append)
         src = cond.view.source[0]
         assert all(ds[r] == ds[s] and r != s for r, s in src.items())
         assert 900 not in src and partnered(cond, rows).tolist() == rows[:-1].tolist()
@@ -169,17 +166,17 @@ def test_shuffle_partner_comes_from_the_rows_own_dataset():
 
 def test_shuffle_refused_when_no_dataset_has_two_questions():
     from core.errors import MuskError
-    from train.shuffle import shuffled
+    from evaluate.shuffle import shuffled
 
     with pytest.raises(MuskError, match="no dataset of the evaluated prompts holds two distinct questions"):
-        shuffled(_all_cond(), np.arange(3), 0, ["a", "b", "c"], ["x", "y", "z"], ["1", "2", "3"])
+        shuffled(_all_cond(), np.arange(3), 0, ["a", "b", "c"], datasets=["x", "y", "z"], answers=["1", "2", "3"])
 
 
 def test_no_row_reads_its_own_answer_back_over_many_seeds():
     """A probe-like split: 64 one-digit sums whose answers repeat (an oracle expert's state depends on
     the answer alone). Over 200 seeds no partner's reference answer equals the row's own; the
     summary share is 0. A plain derangement of questions leaves such pairs at most seeds."""
-    from train.shuffle import derangement, shuffle_stats, shuffled
+    from evaluate.shuffle import derangement, shuffle_stats, shuffled
 
     rng = np.random.default_rng(7)
     terms = rng.integers(0, 10, size=(64, 2))
@@ -188,7 +185,7 @@ def test_no_row_reads_its_own_answer_back_over_many_seeds():
     rows = np.arange(64)
     plain = 0
     for seed in range(200):
-        cond = shuffled(_all_cond(), rows, seed, qs, ["chain_sum"] * 64, answers)
+        cond = shuffled(_all_cond(), rows, seed, qs, datasets=["chain_sum"] * 64, answers=answers)
         src = cond.view.source[0]
         assert sorted(src) == list(range(64)) and all(answers[r] != answers[s] for r, s in src.items())
         assert shuffle_stats(cond, rows, ["chain_sum"] * 64, answers)["same_answer_share"] == 0.0
@@ -200,13 +197,13 @@ def test_no_row_reads_its_own_answer_back_over_many_seeds():
 def test_same_answer_fallback_keeps_the_fewest_pairs_and_counts_them():
     """6 questions of answer "7" among 8: no derangement avoids every same-answer partner (Hall), the
     fewest possible remain: 2 * 6 − 8 = 4 rows, share 4/8, the dataset named in the log and the stats."""
-    from train.shuffle import shuffle_stats, shuffled
+    from evaluate.shuffle import shuffle_stats, shuffled
 
     answers = ["7"] * 6 + ["1", "2"]
     qs = [f"q{i}" for i in range(8)]
     said = []
     for seed in range(20):
-        cond = shuffled(_all_cond(), np.arange(8), seed, qs, ["d"] * 8, answers, log=said.append)
+        cond = shuffled(_all_cond(), np.arange(8), seed, qs, datasets=["d"] * 8, answers=answers, log=said.append)
         st = shuffle_stats(cond, np.arange(8), ["d"] * 8, answers)
         assert st["same_answer_share"] == pytest.approx(4 / 8) and st["same_answer_datasets"] == ["d"]
         assert all(r != s for r, s in cond.view.source[0].items())
@@ -221,7 +218,7 @@ def test_avoiding_permutation_reaches_the_minimum(classes, seed):
     every element), m the largest class's size."""
     from collections import Counter
 
-    from train.shuffle import avoiding_permutation
+    from evaluate.shuffle import avoiding_permutation
 
     c = np.array(classes)
     perm = avoiding_permutation(c, np.random.default_rng(seed))

@@ -6,7 +6,7 @@ import polars as pl
 
 from analyze.curves import first_step_reaching, speed_table
 from analyze.runs import Run
-from analyze.tables import _label
+from analyze.tables import method_label
 
 
 def _run(name, seed, evals, **config):
@@ -33,7 +33,7 @@ def test_speed_table_one_cell_per_seed_and_recipe_rows_apart():
 
 
 def test_a_recipe_row_is_never_labelled_as_the_paper_method():
-    assert _label("perceiver", {"sft_warmup_steps": 0, "sft_mix_coef": 0.0}, []) == "perceiver"
-    assert _label("prefix", {"sft_mix_coef": 0.5, "sft_mix_steps": 30}, ["sft_mix_coef"]) == "prefix + sft-mix 0.5/30"
-    assert _label("prefix", {"sft_warmup_steps": 5, "num_latents": 4}, ["num_latents"]) == \
+    assert method_label("perceiver", {"sft_warmup_steps": 0, "sft_mix_coef": 0.0}, []) == "perceiver"
+    assert method_label("prefix", {"sft_mix_coef": 0.5, "sft_mix_steps": 30}, ["sft_mix_coef"]) == "prefix + sft-mix 0.5/30"
+    assert method_label("prefix", {"sft_warmup_steps": 5, "num_latents": 4}, ["num_latents"]) == \
         "prefix + sft-warmup 5 (context) [num_latents=4]"

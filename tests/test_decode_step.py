@@ -45,7 +45,7 @@ def _tiny(family: str, dtype=torch.float32):
 def _prompts(model, lengths=(9, 4, 7), context: int = 0, seed: int = 0):
     """Left-padded random prompts [N, P, d] with their mask; context > 0 appends that many rows of C
     (continuous vectors, not token embeddings) after each prompt, as splice(..., 'suffix') does."""
-    from train.policy import splice
+    from train.inputs import splice
 
     g = torch.Generator().manual_seed(seed)
     P = max(lengths)
@@ -238,13 +238,13 @@ def test_environment_switch_forces_the_loop(monkeypatch):
 def test_auto_decodes_every_covered_dtype_through_the_fused_step(monkeypatch):
     """step auto takes the fused step in float32 and in bf16 (it is as close to float32 as the loop:
     test_bfloat16_fused_step_is_as_close_to_float32_as_the_loop); MUSK_DECODE_STEP=loop opts out."""
-    from pipeline.generation import _fused_weights
+    from pipeline.generation import fused_step_weights
 
     for dtype in (torch.float32, torch.bfloat16):
-        assert _fused_weights(_tiny("llama", dtype), 32, "auto") is not None
+        assert fused_step_weights(_tiny("llama", dtype), 32, "auto") is not None
     monkeypatch.setenv("MUSK_DECODE_STEP", "loop")
-    assert _fused_weights(_tiny("llama", torch.bfloat16), 32, "auto") is None
-    assert _fused_weights(_tiny("llama", torch.bfloat16), 32, "fused") is not None
+    assert fused_step_weights(_tiny("llama", torch.bfloat16), 32, "auto") is None
+    assert fused_step_weights(_tiny("llama", torch.bfloat16), 32, "fused") is not None
 
 
 def _packs(dtype) -> bool:
@@ -374,7 +374,7 @@ def test_bfloat16_fused_step_is_as_close_to_float32_as_the_loop(family):
     loop, so greedy tokens may part ways; what matters is that it is no further from the float32
     model than the loop is. Along the float32 model's greedy tokens, the KL from float32's next-token
     distribution to the fused step's is at most the loop's (x 1.25) at every prompt and on average."""
-    from train.policy import splice
+    from train.inputs import splice
 
     peft = _peft(_tiny(family))
     for m in peft.modules():  # a LoRA branch that matters, as after training

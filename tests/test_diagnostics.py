@@ -8,35 +8,33 @@ import math
 import pytest
 import torch
 
-from tests.helpers import parity_score, tiny_train_overrides
+from tests.helpers import quiet_train, tiny_train_overrides
 
 
 def _train(tiny_cache, tiny_policy, tmp_path, monkeypatch, name="run", **extra) -> list[dict]:
-    import train.loop
     from train.config import load_train_config
     from train.loop import run_train
 
-    monkeypatch.setattr(train.loop, "score", parity_score)
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single", **extra))
-    run = run_train(cfg, tiny_cache, tmp_path / name, progress=False, log=lambda *a: None)
+    run = run_train(cfg, tiny_cache, tmp_path / name, **quiet_train())
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_update_record_hand_worked():
     """Two updates of one micro-batch each; 12 live tokens, 10 in the loss (2 in a truncated row).
     The first pass clips nothing (ratio 1); the second clips 4 tokens: 4 / 20 over every update."""
-    from train.records import _update_record
+    from train.records import update_record
 
     cfg = type("Cfg", (), {"beta": 0.04})()
     u1 = [{"clip": 0.0, "loss_tokens": 10.0, "tokens": 12, "entropy": 6.0, "loss": 0.5, "kl": 0.0}]
     u2 = [{"clip": 4.0, "loss_tokens": 10.0, "tokens": 12, "entropy": 12.0, "loss": 0.3, "kl": 0.02}]
-    rec = _update_record(cfg, [u1, u2], [(1.0, {"lora": 1.0}), (3.0, {"lora": 3.0})])
+    rec = update_record(cfg, [u1, u2], [(1.0, {"lora": 1.0}), (3.0, {"lora": 3.0})])
     assert rec["clip_frac"] == pytest.approx(0.2)  # not 4 / 12 (live tokens) nor 0 (first pass alone)
     assert rec["policy/entropy"] == pytest.approx(18.0 / 24)
     assert rec["kl"] == pytest.approx(0.01)
     assert rec["updates/loss_mean"] == pytest.approx(0.4) and rec["updates/grad_norm_mean"] == 2.0
     assert "loss" not in rec and "grad_norm" not in rec  # the first update's, as one pass reports them
-    one = _update_record(cfg, [u1], [(1.0, {"lora": 1.0})])
+    one = update_record(cfg, [u1], [(1.0, {"lora": 1.0})])
     assert one == {"clip_frac": 0.0, "policy/entropy": 0.5, "kl": 0.0}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import tiny_train_overrides
+from tests.helpers import quiet_train, tiny_train_overrides
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -33,8 +33,6 @@ def _run(tiny_cache, tiny_policy, tmp_path, monkeypatch, constant: set, **extra)
     with Cache(tiny_cache) as c:
         entries = c.prompts()["entry"]
     const_entries = {entries[i] for i in constant}
-    monkeypatch.setattr(train.loop, "score",
-                        lambda entry, text, mode: 1.0 if entry in const_entries else float(len(text) % 2))
     seen = []
     real = train.loop.grpo_step
 
@@ -46,14 +44,15 @@ def _run(tiny_cache, tiny_policy, tmp_path, monkeypatch, constant: set, **extra)
     monkeypatch.setattr(train.loop, "grpo_step", spy)
     real_gen = train.loop.generate_trajectory
 
-    def gen_spy(cfg, m, data, idx, device, timing):
+    def gen_spy(cfg, m, data, idx, **kw):
         drawn.append(list(idx))
-        return real_gen(cfg, m, data, idx, device, timing)
+        return real_gen(cfg, m, data, idx, **kw)
 
     drawn = []
     monkeypatch.setattr(train.loop, "generate_trajectory", gen_spy)
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", filter_groups=True, **extra))
-    run = run_train(cfg, tiny_cache, tmp_path / "run", progress=False, log=lambda *a: None)
+    run = run_train(cfg, tiny_cache, tmp_path / "run",
+                    **quiet_train(lambda entry, text, mode: 1.0 if entry in const_entries else float(len(text) % 2)))
     _run.drawn, _run.seed = drawn, cfg.seed
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()], seen
 
@@ -105,14 +104,12 @@ def test_cap_fills_with_uninformative_groups(tiny_cache, tiny_policy, tmp_path, 
 
 @pytest.mark.slow
 def test_off_changes_nothing_and_presets_keep_it_off(tiny_cache, tiny_policy, tmp_path, monkeypatch):
-    import train.loop
     from train.config import load_train_config
     from train.loop import run_train
 
-    monkeypatch.setattr(train.loop, "score", lambda entry, text, mode: float(len(text) % 2))
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single", total_training_steps=1))
     assert cfg.filter_groups is False
-    run = run_train(cfg, tiny_cache, tmp_path / "off", progress=False, log=lambda *a: None)
+    run = run_train(cfg, tiny_cache, tmp_path / "off", **quiet_train())
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert not any(k.startswith("filter/") for k in rec)
     for path in sorted((CONFIGS / "train").glob("*.yaml")):
@@ -139,9 +136,10 @@ def test_cat_groups_pads_without_changing_log_probs():
         mask[:G, :pad] = 0
         toks = torch.randint(1, 50, (2 * G, T))
         live = torch.ones(2 * G, T, dtype=torch.long)
-        return Rollouts([10 + P, 20 + P], emb, emb.clone(), mask, toks, live, ["a"] * (2 * G),
-                        torch.arange(2 * G, dtype=torch.float), torch.zeros(2 * G), 0.0, None, None, int(mask.sum()),
-                        torch.randn(2 * G, T))
+        return Rollouts(idx=[10 + P, 20 + P], embeds=emb, ref_embeds=emb.clone(), mask=mask, tokens=toks, live=live,
+                        texts=["a"] * (2 * G), rewards=torch.arange(2 * G, dtype=torch.float),
+                        advantages=torch.zeros(2 * G), frac_zero_std=0.0, attention=None, choice=None,
+                        policy_prompt_tokens=int(mask.sum()), sampler_logp=torch.randn(2 * G, T))
 
     a, b = ro(5, 3, 2), ro(8, 6, 0)
     out = cat_groups([(a, [1]), (b, [0, 1])], G, pad_id=0)

@@ -75,7 +75,7 @@ def test_eval_refuses_an_adapter_that_loads_no_trained_key(tmp_path, rename):
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from train.evaluate_run import _load_weights
+    from evaluate.run import load_weights
 
     src, m = _tiny_lora(), SimpleNamespace(peft=_tiny_lora(), adapter=torch.nn.Linear(2, 2))
     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(src).items()}
@@ -84,12 +84,12 @@ def test_eval_refuses_an_adapter_that_loads_no_trained_key(tmp_path, rename):
     save_file(state, str(tmp_path / "adapter_model.safetensors"))
     torch.save(m.adapter.state_dict(), tmp_path / "context_adapter.pt")
     if not rename:
-        _load_weights(m, tmp_path, "final")
+        load_weights(m, tmp_path, "final")
         name = next(n for n, _ in m.peft.named_parameters() if "lora_B" in n)
         assert torch.equal(dict(m.peft.named_parameters())[name], dict(src.named_parameters())[name])
         return
     with pytest.raises(MuskError, match="adapter_model.safetensors") as e:
-        _load_weights(m, tmp_path, "final")
+        load_weights(m, tmp_path, "final")
     assert "4 trained LoRA tensor(s) it does not set" in str(e.value)
 
 

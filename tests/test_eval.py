@@ -13,13 +13,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-import train.evaluate
 import train.loop
 from cli import app
 from train.adapters import AdapterSpec, build_adapter
 from train.inputs import ExpertView, expert_features
 from train.setup import CachedFeatures
-from tests.helpers import parity_score, tiny_train_overrides
+from pipeline.rewards import score
+from tests.helpers import parity_score, quiet_train, tiny_train_overrides
 
 DIMS = (5, 3, 4)
 
@@ -106,24 +106,13 @@ def test_shuffle_changes_only_that_experts_column():
 def tiny_run(tiny_cache, tiny_policy, tmp_path_factory):
     from train.config import load_train_config
 
-    mp = pytest.MonkeyPatch()
-    mp.setattr(train.loop, "score", parity_score)
-    try:
-        cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2,
-                                                           save_freq=1))
-        return train.loop.run_train(cfg, tiny_cache, tmp_path_factory.mktemp("runs") / "p", progress=False,
-                                    log=lambda *a: None)
-    finally:
-        mp.undo()
-
-
-@pytest.fixture(autouse=True)
-def _parity(monkeypatch):
-    monkeypatch.setattr(train.evaluate, "score", parity_score)
+    cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2,
+                                                       save_freq=1))
+    return train.loop.run_train(cfg, tiny_cache, tmp_path_factory.mktemp("runs") / "p", **quiet_train())
 
 
 def _eval(*args):
-    res = CliRunner().invoke(app, ["eval", *map(str, args), "--no-progress"])
+    res = CliRunner().invoke(app, ["eval", *map(str, args), "--no-progress"], obj={"scorer": parity_score})
     return res.exit_code, res.output + (res.stderr if res.stderr_bytes is not None else "")
 
 
@@ -200,7 +189,7 @@ def test_eval_records_its_setting_and_reuses_a_folder_only_for_the_same_weights(
     """summary.json holds the resolved dtype, temperature, samples, limit, shuffle seed, decoding and a
     digest of the weights; one sampled completion is mean@1, not a greedy accuracy; a folder whose
     weights changed since (final/ rewritten) is refused."""
-    from train.evaluate_run import weights_digest
+    from evaluate.run import weights_digest
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
@@ -245,7 +234,7 @@ def test_dtype_is_recorded_resolved_and_used(tiny_run, tiny_policy, tiny_cache, 
     other = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2,
                                                          save_freq=1, dtype="bfloat16"))
     with pytest.raises(train.loop.MuskError, match="trained in float32.*resolves to bfloat16"):
-        train.loop.run_train(other, tiny_cache, run, resume=True, progress=False, log=lambda *a: None)
+        train.loop.run_train(other, tiny_cache, run, resume=True, **quiet_train(score))
 
 
 @pytest.mark.slow
@@ -254,7 +243,7 @@ def test_eval_works_on_single_runs(tiny_cache, tiny_policy, tmp_path):
 
     single = train.loop.run_train(load_train_config(None, tiny_train_overrides(tiny_policy, method="single",
                                                                                 total_training_steps=1)),
-                                  tiny_cache, tmp_path / "s", progress=False, log=lambda *a: None)
+                                  tiny_cache, tmp_path / "s", **quiet_train(score))
     code, msg = _eval(single, "--limit", "2")
     assert code == 0, msg
     s = json.loads((single / "eval" / "final-val" / "summary.json").read_text())
@@ -286,6 +275,24 @@ def test_eval_samples_give_pass_at_k_and_checkpoints_load(tiny_run, tmp_path):
     assert json.loads((tiny_run / "eval" / "final-val-bfloat16" / "summary.json").read_text())["dtype"] == "bfloat16"
 
 
+@pytest.mark.slow
+def test_musk_eval_builds_no_optimizer(tiny_run, tmp_path, monkeypatch):
+    """Evaluation reads the policy alone (build_policy): AdamW is never constructed, whether final/ or a
+    checkpoint (whose optimizer state stays unread) is evaluated."""
+    import torch
+
+    from evaluate.run import EvalRequest, run_eval
+
+    def refuse(*a, **k):
+        raise AssertionError("musk eval built an optimizer")
+
+    monkeypatch.setattr(torch.optim, "AdamW", refuse)
+    for ck in ("final", "step_1"):
+        out = run_eval(EvalRequest(run=tiny_run, checkpoint=ck, contexts=("with",), limit=1, out=tmp_path / ck),
+                       scorer=parity_score, progress=False, log=lambda *a: None)
+        assert json.loads((out / "summary.json").read_text())["conditions"]["with"]["n"] == 1
+
+
 @pytest.mark.parametrize("args,message", [
     (["--ablate", "drop:nope"], "unknown expert 'nope'; the run's experts are ['tiny-llama', 'tiny-gpt2']"),
     (["--ablate", "mute:tiny-llama"], "--ablate takes drop:NAME, shuffle:NAME or only:NAME"),
@@ -308,7 +315,7 @@ def test_eval_refuses_a_method_without_experts_and_a_foreign_cache(tiny_run, tin
 
     single = train.loop.run_train(load_train_config(None, tiny_train_overrides(tiny_policy, method="single",
                                                                                 total_training_steps=1)),
-                                  tiny_cache, tmp_path / "s", progress=False, log=lambda *a: None)
+                                  tiny_cache, tmp_path / "s", **quiet_train(score))
     code, msg = _eval(single, "--ablate", "drop:tiny-llama", "--out", tmp_path / "x")
     assert code == 2 and "method 'single' reads no experts" in msg and not (tmp_path / "x").exists()
     other = tmp_path / "other.h5"
@@ -350,7 +357,7 @@ def test_output_collab_ablations_edit_the_hint_block(tiny_policy):
     m = SimpleNamespace(tok=tok)
 
     def text(view):
-        pb = prompt_batch(m, data, [0], True, "cpu", view)
+        pb = prompt_batch(m, data, [0], True, "cpu", view=view)
         return tok.decode(pb.ids[0][pb.mask[0].bool()])
 
     assert "- a: A0\n- b: B0" in text(ExpertView())
@@ -365,8 +372,8 @@ def test_shuffle_is_a_derangement_over_distinct_questions(qs, seed):
     """No row reads features of its own question (repeated questions included) once there are two
     distinct questions; sources are evaluated rows; the draw is fixed by the seed."""
     from core.errors import MuskError
-    from train.evaluate_run import shuffled
-    from train.evaluate import Condition
+    from evaluate.run import shuffled
+    from evaluate.records import Condition
 
     rows = np.arange(100, 100 + len(qs))
     cond = Condition("shuffle:b", "with", ExpertView(source={1: {}}))
@@ -385,7 +392,7 @@ def test_drop_of_the_only_expert_is_refused():
     from types import SimpleNamespace
 
     from core.errors import MuskError
-    from train.evaluate_run import EvalRequest, parse_conditions
+    from evaluate.run import EvalRequest, parse_conditions
 
     req = EvalRequest(run=Path("r"), ablations=("drop:a",))
     cfg, data = SimpleNamespace(method="perceiver"), SimpleNamespace(experts=["a"], features=object())

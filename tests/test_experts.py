@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from core.errors import MuskError
-from pipeline.experts import ExpertSpec, _hf_folder
+from pipeline.experts import ExpertSpec, hf_folder
 
 
 def test_hub_download_fetches_chat_templates_and_tokenizers(monkeypatch, tmp_path):
@@ -23,7 +23,7 @@ def test_hub_download_fetches_chat_templates_and_tokenizers(monkeypatch, tmp_pat
         return str(tmp_path)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    assert _hf_folder(ExpertSpec("e", "hf", "org/some-model")) == tmp_path
+    assert hf_folder(ExpertSpec("e", "hf", "org/some-model")) == tmp_path
     patterns = calls[-1][1]
     repo = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
             "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -41,20 +41,20 @@ def test_unreachable_hub_is_a_clear_error(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(MuskError, match="neither a local folder nor in the local Hugging Face cache"):
-        _hf_folder(ExpertSpec("e", "hf", "org/some-model"))
+        hf_folder(ExpertSpec("e", "hf", "org/some-model"))
 
 
 def test_waiting_for_rank_zero_times_out_with_a_message(tmp_path):
     import threading
 
-    from pipeline.model_files import _wait_for_conversion
+    from pipeline.model_files import wait_for_conversion
 
     with pytest.raises(MuskError, match="rank 0"):
-        _wait_for_conversion(tmp_path / "never", Path("m.gguf"), timeout=0.2, poll=0.05)
+        wait_for_conversion(tmp_path / "never", Path("m.gguf"), timeout=0.2, poll=0.05)
     target = tmp_path / "late"
     t = threading.Timer(0.2, lambda: (target.mkdir(), (target / "config.json").write_text("{}")))
     t.start()
-    assert _wait_for_conversion(target, Path("m.gguf"), timeout=5, poll=0.05) == target
+    assert wait_for_conversion(target, Path("m.gguf"), timeout=5, poll=0.05) == target
     t.join()
 
 

@@ -20,9 +20,10 @@ import torch
 
 from core.errors import MuskError
 from tests.families import FAMILIES, POLICY_FAMILIES, build_family
-from tests.helpers import tiny_extract_config, tiny_train_overrides
+from tests.helpers import quiet_train, tiny_extract_config, tiny_train_overrides
 
 QUIET = dict(progress=False, log=lambda *a: None)
+TRAIN = quiet_train()  # run_train's: the training evaluation and the parity reward handed in
 LETTERS = {"family": "letter-counting", "train_size": 6, "val_size": 2}  # prompts of unequal length: padding
 HINT_TOKENS = 5
 
@@ -51,10 +52,10 @@ def family_cache(request, family_dirs, tmp_path_factory):
 
 def _reference_ids(tok, question: str) -> list[int]:
     """The prompt's token ids with plain transformers (the date-stamping templates read musk's fixed date)."""
-    from pipeline.chat import PLAIN_FORMAT, PROMPT_DATE, _clock
+    from pipeline.chat import PLAIN_FORMAT, PROMPT_DATE, fixed_clock
 
     if tok.chat_template:
-        with _clock(PROMPT_DATE):
+        with fixed_clock(PROMPT_DATE):
             text = tok.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
                                            add_generation_prompt=True)
         return tok(text, add_special_tokens=False)["input_ids"]
@@ -154,7 +155,7 @@ def test_date_stamping_templates_read_a_fixed_date(family, family_dirs, monkeypa
     from transformers.utils import chat_template_utils as ctu
 
     from pipeline.chat import format_prompt
-    from train.policy import build_prompt_text
+    from train.inputs import build_prompt_text
 
     tok = AutoTokenizer.from_pretrained(family_dirs[family])
     msgs = [{"role": "user", "content": "What is 2 + 3?"}]
@@ -189,7 +190,7 @@ def test_a_template_that_refuses_a_system_turn_gets_it_in_the_user_turn(family_d
     from jinja2.exceptions import TemplateError
     from transformers import AutoTokenizer
 
-    from train.policy import build_prompt_parts
+    from train.inputs import build_prompt_parts
 
     tok = AutoTokenizer.from_pretrained(family_dirs["gemma2"])
     with pytest.raises(TemplateError, match="System role not supported"):
@@ -261,7 +262,7 @@ def test_a_policy_that_cannot_train_stops_before_the_run_folder(family_dirs, pol
     (q / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4"}}))
     for policy, msg in ((family_dirs["gpt2"], r"\(gpt2\) has no linear modules named 'q_proj'"), (q, "MXFP4")):
         with pytest.raises(MuskError, match=msg):
-            run_train(load_train_config(None, tiny_train_overrides(policy)), policy_cache, tmp_path / "run", **QUIET)
+            run_train(load_train_config(None, tiny_train_overrides(policy)), policy_cache, tmp_path / "run", **TRAIN)
         assert not (tmp_path / "run").exists()
 
 
@@ -271,14 +272,6 @@ def test_a_policy_that_cannot_train_stops_before_the_run_folder(family_dirs, pol
 STABLE = dict(context_position="after-question", context_gate="rms", context_rms=3.0, gate_lr=3e-3,
               feature_norm="standardize", context_anchor="mean-embedding", grad_clip_scope="per-group")
 METHODS = ["single", "perceiver", "ffn", "hard-routing", "output-collab"]
-
-
-@pytest.fixture
-def _parity_rewards(monkeypatch):
-    import train.loop
-    from tests.helpers import parity_score
-
-    monkeypatch.setattr(train.loop, "score", parity_score)
 
 
 @pytest.fixture(scope="module")
@@ -294,7 +287,6 @@ def policy_cache(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("_parity_rewards")
 @pytest.mark.parametrize("family", POLICY_FAMILIES)
 def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path):
     from peft import PeftModel
@@ -307,7 +299,7 @@ def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path)
     for method in METHODS:
         ov = tiny_train_overrides(folder, method=method, total_training_steps=2, gradient_accumulation_steps=1,
                                   eval_without_context=False, **STABLE)
-        run = run_train(load_train_config(None, ov), policy_cache, tmp_path / method, **QUIET)
+        run = run_train(load_train_config(None, ov), policy_cache, tmp_path / method, **TRAIN)
         m = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in m] == [1, 2] and all(np.isfinite(r["loss"]) for r in m), (family, method)
         assert m[0]["kl"] == 0.0, (family, method)  # LoRA B = 0 and the gate shut: policy == reference
@@ -322,7 +314,6 @@ def test_policy_trains_every_method(family, family_dirs, policy_cache, tmp_path)
     assert any(float(v.abs().max()) > 0 for k, v in peft.state_dict().items() if "lora_B" in k)
 
 
-@pytest.mark.usefixtures("_parity_rewards")
 def test_a_policy_with_dropout_starts_at_kl_zero(family_dirs, policy_cache, tmp_path):
     """GPT-2's config has dropout 0.1 (embeddings, residuals, attention); GRPO runs the policy in train
     mode, so musk turns dropout off: KL is exactly 0 at step 0 (LoRA on GPT-2's fused c_attn)."""
@@ -335,5 +326,5 @@ def test_a_policy_with_dropout_starts_at_kl_zero(family_dirs, policy_cache, tmp_
     ov = tiny_train_overrides(family_dirs["gpt2"], method="perceiver", total_training_steps=1,
                               gradient_accumulation_steps=1, eval_without_context=False,
                               lora_target_modules=["c_attn"], **STABLE)
-    run = run_train(load_train_config(None, ov), policy_cache, tmp_path / "gpt2", **QUIET)
+    run = run_train(load_train_config(None, ov), policy_cache, tmp_path / "gpt2", **TRAIN)
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["kl"] == 0.0

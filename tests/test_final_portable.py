@@ -12,7 +12,7 @@ import torch
 import pipeline.experts as ex
 from core.errors import MuskError
 from tests.families import build_family
-from tests.helpers import parity_score, tiny_train_overrides
+from tests.helpers import quiet_train, tiny_train_overrides
 
 
 @pytest.fixture
@@ -23,7 +23,6 @@ def tiny_gguf_package(tmp_path, monkeypatch):
     import shutil
 
     import pipeline.model_files
-    import train.loop
 
     llama = build_family("llama", tmp_path / "llama")
     gguf = tmp_path / "site-packages" / "tiny_gguf" / "tiny.Q8_0.gguf"
@@ -33,7 +32,6 @@ def tiny_gguf_package(tmp_path, monkeypatch):
     monkeypatch.setitem(ex.GGUF_DISTRIBUTIONS, "tiny-gguf", "tiny-gguf-pkg")
     monkeypatch.setitem(ex.EXPERTS, "tiny-gguf", ex.ExpertSpec("tiny-gguf", "gguf-package", "tiny-gguf"))
     monkeypatch.setattr(pipeline.model_files, "convert_gguf", lambda path, folder: shutil.copytree(llama, folder, dirs_exist_ok=True))
-    monkeypatch.setattr(train.loop, "score", parity_score)
     return gguf
 
 
@@ -48,7 +46,7 @@ def test_final_loads_with_another_musk_home(tiny_gguf_package, tiny_cache, tmp_p
     monkeypatch.setenv("MUSK_HOME", str(home_a))
     cfg = load_train_config(None, tiny_train_overrides("tiny-gguf", method="single", total_training_steps=1,
                                                        gradient_accumulation_steps=1, eval_without_context=False))
-    run = run_train(cfg, tiny_cache, tmp_path / "run", progress=False, log=lambda *a: None)
+    run = run_train(cfg, tiny_cache, tmp_path / "run", **quiet_train())
     final = run / "final"
     adapter_cfg = json.loads((final / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == "pypi:tiny-gguf-pkg/tiny.Q8_0.gguf"

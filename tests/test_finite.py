@@ -74,7 +74,7 @@ def test_float_flags_refuse_non_finite(args, flag, tmp_path, monkeypatch):
 
 
 def test_eval_request_refuses_nan_before_reading_anything(tmp_path):
-    from train.evaluate_run import EvalRequest, run_eval
+    from evaluate.run import EvalRequest, run_eval
 
     with pytest.raises(MuskError, match="--temperature: expected a finite number, got nan"):
         run_eval(EvalRequest(run=tmp_path / "no-run", samples=4, temperature=math.nan), progress=False)

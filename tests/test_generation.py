@@ -70,7 +70,7 @@ def test_group_shared_prompt_gives_the_same_logprobs_and_gradients(arch):
     for group in (1, G):
         model.zero_grad()
         emb = lm.get_input_embeddings()(ids)
-        logp = completion_logprobs(lm, emb, mask, comp, cmask, group)  # [6, 9]
+        logp = completion_logprobs(lm, emb, mask, comp, cmask, group=group)  # [6, 9]
         (logp * cmask).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
         out[group] = (logp.detach(), grads)

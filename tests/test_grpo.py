@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from train.grpo import group_advantages, grpo_loss, k3_kl, routing_stats, truncated_rows
+from train.adapters import routing_stats
+from train.grpo import group_advantages, grpo_loss, k3_kl, truncated_rows
 
 
 def test_advantages_hand_worked():
@@ -266,7 +267,8 @@ def test_loss_matches_trl(loss_type, beta, eps_high):
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0],
                          [1, 1, 1, 1, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])
     ours_lp, trl_lp = base.clone().requires_grad_(), base.clone().requires_grad_()
-    ours = grpo_loss(ours_lp, old, ref, adv, mask, beta, 0.2, eps_high, loss_type, max_tokens=max_len)
+    ours = grpo_loss(ours_lp, old, ref, adv, mask, beta, clip_eps=0.2, clip_eps_high=eps_high, loss_type=loss_type,
+                     max_tokens=max_len)
     theirs, metrics = _trl_loss(GRPOTrainer, trl_lp, old, ref, adv, mask, loss_type=loss_type, beta=beta, eps=0.2,
                                 eps_high=eps_high, max_len=max_len)
     ours.loss.backward()

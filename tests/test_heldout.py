@@ -15,7 +15,7 @@ from core.errors import MuskError
 from pipeline.rewards import SCORER_ERRORS, check_references, score
 from core.heldout import normalize_question
 from pipeline.tasks import TaskConfig, build_prompts, in_val_partition, split_overlap
-from tests.helpers import ROOT
+from tests.helpers import ROOT, quiet_train
 
 
 def _overlap(ps) -> int:
@@ -152,7 +152,6 @@ def test_scorer_exception_is_counted_and_shown(monkeypatch):
 
 @pytest.mark.slow
 def test_training_counts_scorer_errors_per_step(tiny_cache, tiny_policy, tmp_path, monkeypatch):
-    import train.loop
     from pipeline.rewards import SCORER_ERRORS as tally
     from tests.helpers import tiny_train_overrides
     from train.config import load_train_config
@@ -162,11 +161,10 @@ def test_training_counts_scorer_errors_per_step(tiny_cache, tiny_policy, tmp_pat
         tally.record("chain_sum", text, "q", ValueError("bad entry"))
         return 0.0
 
-    monkeypatch.setattr(train.loop, "score", failing)
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single", total_training_steps=2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run_train(cfg, cache_path=tiny_cache, out=tmp_path / "run", resume=False, progress=False, log=lambda *a: None)
+        run_train(cfg, cache_path=tiny_cache, out=tmp_path / "run", resume=False, **quiet_train(failing))
     steps = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["reward/scorer_errors"] for r in steps] == [16, 16]  # 2 micro-batches x 2 prompts x 4 rollouts
 
@@ -197,7 +195,7 @@ def _old_cache_refused(tiny_cache, tiny_policy, tmp_path, schema: int, rewrite, 
         f.create_dataset("prompts/text", data=text.astype(object), dtype=h5py.string_dtype("utf-8"))
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single"))
     with pytest.raises(MuskError, match="1 of its held-out prompts are also in its training split"):
-        run_train(cfg, cache_path=old, out=tmp_path / "run", resume=False, progress=False, log=lambda *a: None)
+        run_train(cfg, cache_path=old, out=tmp_path / "run", resume=False, **quiet_train(score))
     assert not (tmp_path / "run").exists()
 
 

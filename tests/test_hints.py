@@ -7,7 +7,7 @@ import torch
 from core.errors import MuskError
 from tests.helpers import ROOT, tiny_train_overrides
 from train.config import load_train_config
-from train.policy import hint_block_text
+from train.inputs import hint_block_text
 
 HINTS = [("a", "  x = 3\n"), ("b", "so 4 ")]
 
@@ -42,11 +42,11 @@ def _inputs(tiny_cache, tiny_policy, **ov):
     idx = [0, 5]
     with torch.no_grad():
         return cfg, m, data, idx, policy_inputs(cfg, m, data, idx, "cpu"), policy_inputs(cfg, m, data, idx, "cpu",
-                                                                                         "removed")
+                                                                                         mode="removed")
 
 
 def test_literal_block_where_c_goes_and_zero_reference(tiny_cache, tiny_policy):
-    from train.policy import encode_blocks
+    from train.inputs import encode_blocks
 
     cfg, m, data, idx, pi, bare = _inputs(tiny_cache, tiny_policy, hint_format="literal", hint_position="context",
                                           hint_reference="zeros", context_position="suffix")

@@ -1,7 +1,9 @@
 """The import graph, read from the source (ast, no imports executed): layers point one way
-(core < cache < pipeline < train < analyze < sweep < cli) and no two files import each other, even through
-a third, TYPE_CHECKING imports included (a circle there is still a circle for a reader). Sweeps launch
-training as a command line: of train/ they read only the config types they check (train.config)."""
+(core < cache < pipeline < train < {analyze, evaluate} < sweep < cli; analyze and evaluate share a floor
+and do not import each other) and no two files import each other, even through a third, TYPE_CHECKING
+imports included (a circle there is still a circle for a reader). Training is handed its evaluator and
+reward, so train/ reads neither analyze/ nor evaluate/. Sweeps launch training as a command line: of
+train/ they read only the config types they check (train.config)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ from pathlib import Path
 
 from tests.helpers import ROOT
 
-# A package may import itself and the packages before it.
-LAYERS = ["core", "cache", "pipeline", "train", "analyze", "sweep", "cli"]
+# Floors, lowest first: a package may import itself and the packages on floors below its own.
+FLOORS = [["core"], ["cache"], ["pipeline"], ["train"], ["analyze", "evaluate"], ["sweep"], ["cli"]]
+LAYERS = [pkg for floor in FLOORS for pkg in floor]
 
 
 def _module_name(path: Path) -> str:
@@ -41,12 +44,26 @@ def import_graph() -> dict[str, set[str]]:
 
 
 def _layer(module: str) -> int:
-    return LAYERS.index(module.split(".")[0])
+    pkg = module.split(".")[0]
+    return next(i for i, floor in enumerate(FLOORS) if pkg in floor)
+
+
+def _sideways_or_up(graph: dict[str, set[str]]) -> list[str]:
+    """'m imports d' for each import into a higher floor, or into another package of the same floor."""
+    return sorted(f"{m} imports {d}" for m, deps in graph.items() for d in deps
+                  if _layer(d) > _layer(m) or (_layer(d) == _layer(m) and d.split(".")[0] != m.split(".")[0]))
 
 
 def test_layers_point_one_way():
-    bad = [f"{m} imports {d}" for m, deps in import_graph().items() for d in deps if _layer(d) > _layer(m)]
-    assert not bad, "imports that run back up the layers:\n" + "\n".join(sorted(bad))
+    bad = _sideways_or_up(import_graph())
+    assert not bad, "imports that run back up the layers (or across a floor):\n" + "\n".join(bad)
+
+
+def test_training_reads_neither_the_report_nor_the_evaluation():
+    graph = import_graph()
+    bad = _reaches_into(graph, "train", "analyze", set()) + _reaches_into(graph, "train", "evaluate", set())
+    assert not bad, "train/ is handed its evaluator and reward; it imports no analyze/ or evaluate/ module:\n" + \
+        "\n".join(bad)
 
 
 # What sweep/ may read of train/: the config types a grid's cells are checked against.
@@ -113,3 +130,8 @@ def test_the_checks_can_fail():
     assert _cycles({"a": {"b"}, "b": set()}) == []
     graph = {"sweep.grid": {"train.config"}, "sweep.runner": {"train.loop", "core.errors"}, "train.loop": {"sweep.grid"}}
     assert _reaches_into(graph, "sweep", "train", SWEEP_READS_OF_TRAIN) == ["sweep.runner imports train.loop"]
+    assert _reaches_into({"train.loop": {"evaluate.records", "train.grpo"}}, "train", "evaluate", set()) == \
+        ["train.loop imports evaluate.records"]
+    assert _sideways_or_up({"analyze.tables": {"evaluate.run", "analyze.stats", "train.config"},
+                            "train.loop": {"cli"}, "evaluate.run": {"train.setup"}}) == \
+        ["analyze.tables imports evaluate.run", "train.loop imports cli"]

@@ -4,7 +4,7 @@ format, and log-probs under a sampling temperature."""
 import pytest
 import torch
 
-from train.policy import build_prompt_parts, build_prompt_text, encode_prompts, splice
+from train.inputs import build_prompt_parts, build_prompt_text, encode_prompts, splice
 
 
 def test_splice_positions_hand_worked():

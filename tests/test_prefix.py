@@ -8,25 +8,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import train.evaluate
-import train.loop
 from cache.reader import Cache
 from core.errors import MuskError
 from train.adapters import OutputProjection, Perceiver, Prefix, load_adapter, method_info
 from train.config import load_train_config
-from train.evaluate_run import EvalRequest, run_eval
+from evaluate.run import EvalRequest, run_eval
 from train.loop import run_train
 from train.setup import build_models, load_data
-from tests.helpers import parity_score, tiny_train_overrides
+from tests.helpers import parity_score, quiet_train, tiny_train_overrides
 
-QUIET = dict(progress=False, log=lambda *a: None)
+QUIET = quiet_train(parity_score)
 STABLE = dict(context_position="after-question", context_rms=3.0, gate_lr=3e-3, feature_norm="standardize",
               context_anchor="mean-embedding", grad_clip_scope="per-group")
-
-
-@pytest.fixture(autouse=True)
-def _rewards(monkeypatch):
-    monkeypatch.setattr(train.loop, "score", parity_score)
 
 
 def _metrics(run):
@@ -133,8 +126,7 @@ def test_prefix_trains_without_expert_features_and_final_reloads(tiny_cache, tin
     assert float((c - adapter.out.anchor).abs().max()) > 0  # the gate is open: C is not its anchor
 
     # musk eval reloads final/: C removed and null are conditions of a prefix run, an expert ablation is refused
-    monkeypatch.setattr(train.evaluate, "score", parity_score)
-    run_eval(EvalRequest(run=run, contexts=("with", "without", "null"), out=tmp_path / "ev"), progress=False,
+    run_eval(EvalRequest(run=run, contexts=("with", "without", "null"), out=tmp_path / "ev"), scorer=parity_score, progress=False,
              log=lambda *a: None)
     conds = json.loads((tmp_path / "ev" / "summary.json").read_text())["conditions"]
     assert list(conds) == ["with", "without", "null"] and all(v["n"] == 4 for v in conds.values())
@@ -148,14 +140,14 @@ def test_report_pairs_perceiver_against_prefix(tmp_path):
     single, and with C removed, but never with itself."""
     from analyze.records import paired_tables
     from analyze.runs import load_runs
-    from tests.test_report import _records, make_run
+    from tests.test_report import write_eval_records, make_run
 
     root = tmp_path / "pr"
-    _records(make_run(root, "p", acc=0.75), [1, 1, 1, 0])
+    write_eval_records(make_run(root, "p", acc=0.75), [1, 1, 1, 0])
     x = make_run(root, "x", method="prefix", acc=0.5)
-    _records(x, [1, 0, 1, 0])
-    _records(x, [0, 0, 1, 0], condition="without")
-    _records(make_run(root, "s", method="single", acc=0.5), [0, 1, 1, 0])
+    write_eval_records(x, [1, 0, 1, 0])
+    write_eval_records(x, [0, 0, 1, 0], condition="without")
+    write_eval_records(make_run(root, "s", method="single", acc=0.5), [0, 1, 1, 0])
     fam, _ = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
     assert rows["perceiver − prefix"] == ["+25.0 [-24.0, +74.0]† (1 v 1 seed, 4 distinct questions)"]

@@ -18,14 +18,9 @@ from train.config import load_train_config
 from train.loop import run_train
 from train.recipes import answer_nll, mix_coef, recipe_name, warmup_step
 from train.setup import build_models, load_data
-from tests.helpers import tiny_train_overrides
+from tests.helpers import quiet_train, tiny_train_overrides
 
-QUIET = dict(progress=False, log=lambda *a: None)
-
-
-@pytest.fixture(autouse=True)
-def _rewards(monkeypatch):
-    monkeypatch.setattr(train.loop, "score", lambda entry, text, mode: float(len(text) % 2))
+QUIET = quiet_train()
 
 
 def _metrics(run) -> list[dict]:

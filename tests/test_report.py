@@ -499,7 +499,7 @@ def test_runs_of_other_dtypes_never_share_a_cell_and_tables_name_their_dtype(tmp
 # Per-prompt records: paired intervals, expert ablations, routing per dataset (hand-worked).
 
 
-def _records(d, rows, condition="with", step=4, name="eval_records.jsonl", tasks=("t1", "t1", "t2", "t2"),
+def write_eval_records(d, rows, condition="with", step=4, name="eval_records.jsonl", tasks=("t1", "t1", "t2", "t2"),
              util=None):
     recs = [{"step": step, "kind": "full", "prompt": i, "question_sha": f"q{i}", "task": tasks[i], "split": "val",
              "condition": condition, "sample": 0, "correct": bool(c), "reward": float(c), "completion_tokens": 3,
@@ -518,11 +518,11 @@ def test_paired_tables_hand_worked(tmp_path):
 
     root = tmp_path / "pr"
     p = make_run(root, "p", acc=0.75)
-    _records(p, [1, 1, 1, 0])
-    _records(p, [0, 0, 1, 0], condition="without")
-    _records(p, [0, 0, 0, 0], step=2)  # an earlier evaluation: not read
+    write_eval_records(p, [1, 1, 1, 0])
+    write_eval_records(p, [0, 0, 1, 0], condition="without")
+    write_eval_records(p, [0, 0, 0, 0], step=2)  # an earlier evaluation: not read
     s = make_run(root, "s", method="single", acc=0.5)
-    _records(s, [0, 1, 1, 0])
+    write_eval_records(s, [0, 1, 1, 0])
     fam, per_task = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
     assert rows["perceiver − single"] == ["+25.0 [-24.0, +74.0]† (1 v 1 seed, 4 distinct questions)"]
@@ -540,11 +540,11 @@ def test_paired_rows_are_one_setting_and_each_family_has_its_single(tmp_path):
     from analyze.records import paired_tables
 
     root = tmp_path / "teams"
-    _records(_with(make_run(root, "p-a", acc=1.0), experts=["a", "b"]), [1, 1, 1, 1])
-    _records(_with(make_run(root, "p-b", acc=0.0), experts=["c", "d"]), [0, 0, 0, 0])
-    _records(make_run(root, "s", method="single", acc=0.5), [1, 0, 1, 0])
-    _records(make_run(root, "p-lo", family="logic", cache="c2", acc=1.0), [1, 1, 1, 1])
-    _records(make_run(root, "s-lo", method="single", family="logic", cache="c2", acc=0.0), [0, 0, 0, 0])
+    write_eval_records(_with(make_run(root, "p-a", acc=1.0), experts=["a", "b"]), [1, 1, 1, 1])
+    write_eval_records(_with(make_run(root, "p-b", acc=0.0), experts=["c", "d"]), [0, 0, 0, 0])
+    write_eval_records(make_run(root, "s", method="single", acc=0.5), [1, 0, 1, 0])
+    write_eval_records(make_run(root, "p-lo", family="logic", cache="c2", acc=1.0), [1, 1, 1, 1])
+    write_eval_records(make_run(root, "s-lo", method="single", family="logic", cache="c2", acc=0.0), [0, 0, 0, 0])
     fam, _ = paired_tables(load_runs([root]))
     assert fam.columns == ["arithmetic", "logic"]
     rows = dict(fam.rows)
@@ -572,9 +572,9 @@ def test_paired_tables_carry_seed_variance(tmp_path):
     rows_s = ([1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0])
     for s in range(3):
         p = make_run(root, f"p{s}", seed=s)
-        _records(p, rows_p[s], tasks=("t1",) * 8)
-        _records(p, [0] * 8, condition="without", tasks=("t1",) * 8)
-        _records(make_run(root, f"s{s}", method="single", seed=s), rows_s[s], tasks=("t1",) * 8)
+        write_eval_records(p, rows_p[s], tasks=("t1",) * 8)
+        write_eval_records(p, [0] * 8, condition="without", tasks=("t1",) * 8)
+        write_eval_records(make_run(root, f"s{s}", method="single", seed=s), rows_s[s], tasks=("t1",) * 8)
     fam, _ = paired_tables(load_runs([root]))
     rows = dict(fam.rows)
     cell_ = rows["perceiver − single"][0]
@@ -604,13 +604,13 @@ def test_ablation_rows_are_one_evaluation_setting_and_seeds_count_runs(tmp_path)
     p = make_run(root, "p", acc=0.75)
     for name, dtype, rows in (("f32", "float32", [1, 1, 1, 1]), ("bf16", "bfloat16", [0, 0, 0, 0])):
         ev = _eval_folder(p, name, dtype=dtype)
-        _records(ev, [1, 1, 1, 1], name="records.jsonl")
-        _records(ev, rows, condition="drop:math", name="records.jsonl")
+        write_eval_records(ev, [1, 1, 1, 1], name="records.jsonl")
+        write_eval_records(ev, rows, condition="drop:math", name="records.jsonl")
     ev = _eval_folder(p, "f32-again")  # the same setting again: the same run, not a second seed
-    _records(ev, [1, 1, 1, 1], name="records.jsonl")
-    _records(ev, [1, 1, 1, 1], condition="shuffle:math", name="records.jsonl")
+    write_eval_records(ev, [1, 1, 1, 1], name="records.jsonl")
+    write_eval_records(ev, [1, 1, 1, 1], condition="shuffle:math", name="records.jsonl")
     s = make_run(root, "s", method="single", acc=0.5)
-    _records(_eval_folder(s, "final-val", dtype="bfloat16"), [0, 1, 1, 0], name="records.jsonl")
+    write_eval_records(_eval_folder(s, "final-val", dtype="bfloat16"), [0, 1, 1, 0], name="records.jsonl")
     rows = dict(ablation_table(load_runs([root])).rows)
     f32 = rows["arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"]
     bf16 = rows["arithmetic / perceiver / math, code, general / drop:math [val, final, bfloat16, greedy, 4 prompts]"]
@@ -625,13 +625,13 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
 
     root = tmp_path / "ab"
     p = make_run(root, "p", acc=0.75)
-    _records(p, [1, 1, 1, 0], util=[[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.2, 0.2, 0.6], [0.2, 0.4, 0.4]])
+    write_eval_records(p, [1, 1, 1, 0], util=[[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.2, 0.2, 0.6], [0.2, 0.4, 0.4]])
     ev = _eval_folder(p, "final-val-drop_math")
-    _records(ev, [1, 1, 1, 0], name="records.jsonl")
-    _records(ev, [0, 1, 1, 0], condition="drop:math", name="records.jsonl")
+    write_eval_records(ev, [1, 1, 1, 0], name="records.jsonl")
+    write_eval_records(ev, [0, 1, 1, 0], condition="drop:math", name="records.jsonl")
     s = make_run(root, "s", method="single", acc=0.5)
-    _records(s, [1, 1, 1, 1])  # single's training-time evaluation: not what the ablation is set against
-    _records(_eval_folder(s, "final-val"), [0, 1, 1, 0], name="records.jsonl")
+    write_eval_records(s, [1, 1, 1, 1])  # single's training-time evaluation: not what the ablation is set against
+    write_eval_records(_eval_folder(s, "final-val"), [0, 1, 1, 0], name="records.jsonl")
     runs = load_runs([root])
     t = ablation_table(runs)
     label = "arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"
@@ -654,8 +654,8 @@ def test_ablation_table_gives_each_seed_its_own_paired_change(tmp_path):
     root = tmp_path / "ab3"
     for s, (with_c, shuffled) in enumerate((([1, 1, 1, 0], [0, 1, 1, 0]), ([1, 1, 0, 0], [1, 1, 0, 0]))):
         ev = _eval_folder(make_run(root, f"p{s}", seed=s), "final-val")
-        _records(ev, with_c, name="records.jsonl")
-        _records(ev, shuffled, condition="shuffle:math", name="records.jsonl")
+        write_eval_records(ev, with_c, name="records.jsonl")
+        write_eval_records(ev, shuffled, condition="shuffle:math", name="records.jsonl")
     row = dict(ablation_table(load_runs([root])).rows)[
         "arithmetic / perceiver / math, code, general / shuffle:math [val, final, float32, greedy, 4 prompts]"]
     assert row[0] == "2" and row[3].endswith("(2 seeds, 4 distinct questions)")
@@ -669,7 +669,7 @@ def test_table1_per_dataset_from_records(tmp_path):
 
     root = tmp_path / "pt"
     for s, rows in enumerate(([1, 1, 1, 0], [1, 0, 0, 0])):
-        _records(make_run(root, f"p{s}", seed=s), rows)
+        write_eval_records(make_run(root, f"p{s}", seed=s), rows)
     t = table1_per_task(load_runs([root]))
     assert t.columns == ["arithmetic / t1", "arithmetic / t2"]
     # t1: seeds 1.0 and 0.5 -> 75 ± 35.36; t2: 0.5 and 0 -> 25 ± 35.36
@@ -695,10 +695,10 @@ def test_prefix_control_matches_m_not_the_most_runs(tmp_path):
 
     root = tmp_path / "pm"
     for s in range(3):
-        _records(make_run(root, f"p{s}", seed=s), [1, 1, 1, 0])
-    _records(make_run(root, "x8", method="prefix", m=8), [1, 0, 0, 0])
+        write_eval_records(make_run(root, f"p{s}", seed=s), [1, 1, 1, 0])
+    write_eval_records(make_run(root, "x8", method="prefix", m=8), [1, 0, 0, 0])
     for s in range(4):
-        _records(make_run(root, f"x4-{s}", method="prefix", m=4, seed=s), [1, 1, 1, 1])
+        write_eval_records(make_run(root, f"x4-{s}", method="prefix", m=4, seed=s), [1, 1, 1, 1])
     fam, _ = paired_tables(load_runs([root]))
     raw = [x for x in fam.raw if x["comparison"] == "perceiver − prefix"]
     assert raw[0]["seeds_b"] == 1 and raw[0]["diff"] == pytest.approx(0.5)  # 75% v the m = 8 prefix's 25%

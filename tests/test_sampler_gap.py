@@ -30,7 +30,7 @@ def test_tis_weights_scale_each_tokens_policy_gradient():
     """N=1, T=2, advantage 1, beta 0, ratio 1: loss = -(w1 + w2) / 2; d loss / d logp_t = -w_t / 2."""
     logp = torch.tensor([[-1.0, -2.0]], requires_grad=True)
     w = torch.tensor([[2.0, 0.5]])
-    out = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), 0.0, 0.2, is_weights=w)
+    out = grpo_loss(logp, logp.detach(), logp.detach(), torch.tensor([1.0]), torch.ones(1, 2), 0.0, clip_eps=0.2, is_weights=w)
     assert float(out.loss.detach()) == pytest.approx(-1.25)
     out.loss.backward()
     assert torch.allclose(logp.grad, torch.tensor([[-1.0, -0.25]]))
@@ -42,15 +42,13 @@ def test_tis_weights_scale_each_tokens_policy_gradient():
 def test_training_logs_the_sampler_gap(tiny_cache, tiny_policy, tmp_path, monkeypatch, tis_cap):
     """The tiny float32 Llama policy decodes through the fused step: its log-probs match the
     training forward's to float32 rounding, so the logged gap is tiny and TIS truncates nothing."""
-    import train.loop
-    from tests.helpers import tiny_train_overrides
+    from tests.helpers import quiet_train, tiny_train_overrides
     from train.config import load_train_config
     from train.loop import run_train
 
-    monkeypatch.setattr(train.loop, "score", lambda entry, text, mode: float(len(text) % 2))
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2,
                                                        tis_cap=tis_cap))
-    run = run_train(cfg, tiny_cache, tmp_path / "run", progress=False, log=lambda *a: None)
+    run = run_train(cfg, tiny_cache, tmp_path / "run", **quiet_train())
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert len(recs) == 2
     for r in recs:

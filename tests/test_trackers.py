@@ -11,14 +11,9 @@ from cli import app
 from train.config import load_train_config
 from train.loop import run_train
 from train.trackers import matrices, scalars
-from tests.helpers import tiny_train_overrides
+from tests.helpers import quiet_train, tiny_train_overrides
 
-QUIET = dict(progress=False, log=lambda *a: None)
-
-
-@pytest.fixture(autouse=True)
-def _rewards(monkeypatch):
-    monkeypatch.setattr(train.loop, "score", lambda entry, text, mode: float(len(text) % 2))
+QUIET = quiet_train()
 
 
 def test_scalars_and_matrices_by_hand():
@@ -85,7 +80,7 @@ def test_failing_tracker_is_reported_once_and_the_run_goes_on(tiny_cache, tiny_p
 
     monkeypatch.setattr(train.trackers.TensorBoard, "log", broken)
     ov = tiny_train_overrides(tiny_policy, method="single", total_training_steps=3, report_to=["tensorboard"])
-    run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "f", progress=False, log=lines.append)
+    run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "f", **quiet_train(log=lines.append))
     assert calls == [1]  # dropped after its first failure
     assert sum("tracker tensorboard failed" in x for x in lines) == 1
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3

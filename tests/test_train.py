@@ -13,9 +13,8 @@ import train.optim
 from core.errors import MuskError
 from train.config import load_train_config
 from train.loop import run_train
-from tests.helpers import tiny_train_overrides
+from tests.helpers import quiet_train, tiny_train_overrides
 
-QUIET = dict(progress=False, log=lambda *a: None)
 
 
 def _fake_score(entry, text, mode):
@@ -23,9 +22,7 @@ def _fake_score(entry, text, mode):
     return float(len(text) % 2)
 
 
-@pytest.fixture(autouse=True)
-def _rewards(monkeypatch):
-    monkeypatch.setattr(train.loop, "score", _fake_score)
+QUIET = quiet_train(_fake_score)
 
 
 @pytest.fixture(autouse=True)
@@ -308,7 +305,7 @@ def test_null_context_eval_equals_with_c_while_the_gate_is_shut(tiny_cache, tiny
 def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     """The null variant's input: the prompt with m copies of the anchor (the mean token embedding) where
     C goes; with gamma = 0 it is exactly the "with C" input, and never the zero-slot input."""
-    from train.evaluate import _eval_inputs
+    from evaluate.records import eval_inputs
     from train.setup import build_models, load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", **STABLE))
@@ -317,9 +314,9 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     m.adapter.eval()
     idx = [int(i) for i in data.val_idx[:2]]
     with torch.no_grad():
-        e_with, mk_with, _ = _eval_inputs(cfg, m, data, idx, "with", "cpu")
-        e_null, mk_null, _ = _eval_inputs(cfg, m, data, idx, "null", "cpu")
-        e_none, mk_none, _ = _eval_inputs(cfg, m, data, idx, "removed", "cpu")
+        e_with, mk_with, _ = eval_inputs(cfg, m, data, idx, "with", "cpu")
+        e_null, mk_null, _ = eval_inputs(cfg, m, data, idx, "null", "cpu")
+        e_none, mk_none, _ = eval_inputs(cfg, m, data, idx, "removed", "cpu")
     assert torch.equal(e_with, e_null) and torch.equal(mk_with, mk_null)
     assert e_null.shape[1] == e_none.shape[1] + cfg.num_latents
     anchor = m.lm.get_input_embeddings().weight.mean(0)

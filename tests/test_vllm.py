@@ -40,7 +40,8 @@ def test_vllm_greedy_tokens_match_musk_decoder_from_prompt_embeds(tiny_policy):
     from pipeline.generation import eos_ids, generate
     from pipeline.vllm_engine import make_llm, release, sample_from_embeds, sync_weights
     from train.policy import merged_lora_weights
-    from train.policy import build_prompt_parts, encode_prompts, load_policy
+    from train.inputs import build_prompt_parts, encode_prompts
+    from train.policy import load_policy
 
     cfg = load_train_config(None, {"policy": str(tiny_policy), "dtype": "float32", "device": "cuda"})
     peft_model, tok, _ = load_policy(cfg, torch.float32, "cuda")

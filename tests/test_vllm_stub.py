@@ -13,7 +13,8 @@ import h5py
 import pytest
 import torch
 
-from tests.helpers import tiny_extract_config, tiny_train_overrides
+from pipeline.rewards import score
+from tests.helpers import quiet_train, tiny_extract_config, tiny_train_overrides
 
 
 class StubLLM:
@@ -119,7 +120,7 @@ def test_vllm_rollouts_and_weight_sync(stub_vllm, tiny_cache, tiny_policy, tmp_p
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=2,
                                                        rollout_engine="vllm"))
     out = tmp_path / "run"
-    run_train(cfg, cache_path=tiny_cache, out=out, resume=False, progress=False, log=lambda *a: None)
+    run_train(cfg, cache_path=tiny_cache, out=out, resume=False, **quiet_train(score))
     llm = stub_vllm.instances[-1]
     names = {n for n, _ in llm.loaded}
     base = set(llm.lm.state_dict())

@@ -33,6 +33,25 @@ class AdapterOut(NamedTuple):
     choice: torch.Tensor | None = None  # [B] the one expert hard-routing would run (cost accounting)
 
 
+class RoutingStats(NamedTuple):
+    entropy: float  # H of Eq. 15
+    utilization: list[float]  # u_i of Eq. 15, [n]
+    attention: list[list[float]]  # batch-mean A, [m][n]
+
+
+def routing_stats(attention: torch.Tensor) -> RoutingStats:
+    """Eq. 15 from expert attention A of shape [B, m, n] (rows sum to 1), averaged over the batch.
+
+    H = 1/m sum_j (-sum_i A_ji log A_ji); u_i = 1/m sum_j A_ji. Per-example values are computed
+    first and then averaged over the batch ("all statistics are averaged over the batch").
+    """
+    a = attention.detach().float()
+    plogp = torch.where(a > 0, a * torch.log(a.clamp_min(1e-30)), torch.zeros_like(a))
+    h = (-plogp.sum(dim=-1)).mean(dim=-1)  # [B]
+    u = a.mean(dim=1)  # [B, n]
+    return RoutingStats(float(h.mean()), u.mean(dim=0).tolist(), a.mean(dim=0).tolist())
+
+
 class TanhFFN(nn.Module):
     """FFN(x) = tanh(W2 tanh(W1 x)), W1: d -> d/2, W2: d/2 -> d (appendix 7.1, Eq. 16)."""
 

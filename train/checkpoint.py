@@ -38,7 +38,9 @@ def _write_checkpoint(tmp: Path, step: int, model, adapter, optimizer, state: di
     (tmp / "state.json").write_text(json.dumps({"step": step, **state}))
 
 
-def load_checkpoint(path: Path, model, adapter, optimizer) -> dict:
+def load_checkpoint(path: Path, model, adapter, optimizer=None) -> dict:
+    """LoRA, g_phi, the optimizer (when given: evaluation has none) and the RNG states of a checkpoint
+    folder; returns its state.json ({step, cursor})."""
     lora = safe_load(path / "lora.pt")
     params = dict(model.named_parameters())
     trained = {n for n, p in params.items() if p.requires_grad}
@@ -47,7 +49,8 @@ def load_checkpoint(path: Path, model, adapter, optimizer) -> dict:
         for n, v in lora.items():
             params[n].copy_(v)
     adapter.load_state_dict(safe_load(path / "adapter.pt"))
-    optimizer.load_state_dict(safe_load(path / "optimizer.pt"))
+    if optimizer is not None:
+        optimizer.load_state_dict(safe_load(path / "optimizer.pt"))
     set_rng_state(load_rng(path / "rng.pt"))
     return json.loads((path / "state.json").read_text())
 

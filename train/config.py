@@ -11,13 +11,14 @@ from pipeline.vllm_engine import ENGINES
 from train.adapters import CONTEXT_ANCHORS, CONTEXT_GATES, FEATURE_NORMS, method_info
 from pipeline.rewards import MODES
 from train.grpo import LOSS_TYPES, SCALE_REWARDS
-from train.policy import CONTEXT_POSITIONS, HINT_FORMATS
 from train.trackers import check_trackers
 
 DECODE_MERGED = ("auto", "on", "off")
 HINT_POSITIONS = ("context", "user-turn")
 HINT_REFERENCES = ("zeros", "reads")
 CLIP_SCOPES = ("global", "per-group")
+CONTEXT_POSITIONS = ("suffix", "prefix", "after-question")  # where C goes in the prompt (train/inputs.splice)
+HINT_FORMATS = ("literal", "labelled")  # the [Expert Hints] block (train/inputs.hint_block_text)
 
 
 @dataclass(frozen=True)

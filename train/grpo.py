@@ -105,6 +105,7 @@ def grpo_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     beta: float,
+    *,
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     loss_type: str = "grpo",
@@ -170,25 +171,6 @@ def _reduction(mask: torch.Tensor, loss_type: str, max_tokens: int | None, num_t
         return lambda x: (x * mask).sum() / denom
     denom = mask.sum().clamp_min(1.0) if num_tokens is None else max(float(num_tokens), 1.0)
     return lambda x: (x * mask).sum() / denom
-
-
-class RoutingStats(NamedTuple):
-    entropy: float  # H of Eq. 15
-    utilization: list[float]  # u_i of Eq. 15, [n]
-    attention: list[list[float]]  # batch-mean A, [m][n]
-
-
-def routing_stats(attention: torch.Tensor) -> RoutingStats:
-    """Eq. 15 from expert attention A of shape [B, m, n] (rows sum to 1), averaged over the batch.
-
-    H = 1/m sum_j (-sum_i A_ji log A_ji); u_i = 1/m sum_j A_ji. Per-example values are computed
-    first and then averaged over the batch ("all statistics are averaged over the batch").
-    """
-    a = attention.detach().float()
-    plogp = torch.where(a > 0, a * torch.log(a.clamp_min(1e-30)), torch.zeros_like(a))
-    h = (-plogp.sum(dim=-1)).mean(dim=-1)  # [B]
-    u = a.mean(dim=1)  # [B, n]
-    return RoutingStats(float(h.mean()), u.mean(dim=0).tolist(), a.mean(dim=0).tolist())
 
 
 def truncated_rows(tokens: torch.Tensor, live: torch.Tensor, eos: list[int], max_new_tokens: int) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""The policy's input for a batch of cache rows: prompt tokens (with the experts' hints for
-output-collab), context tokens C from g_phi, and C with its information removed. Shared by the
-rollouts (train/loop.py) and the evaluations (train/evaluate.py).
+"""The policy's input, assembled in one place: the prompt's text (system turn, question, the experts'
+hints for output-collab), its tokens, context tokens C from g_phi and C with its information removed,
+spliced into the policy's input embeddings. Shared by the rollouts (train/loop.py) and the
+evaluations (evaluate/records.py).
 
 An `ExpertView` says which experts are read and from which prompt: evaluation-time ablations
 (`musk eval --ablate`) take an expert out (keep False) or feed it another prompt's features (source).
@@ -13,12 +14,119 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
+from core.errors import MuskError
+from pipeline.chat import PLAIN_FORMAT, render_system_user
 from train.adapters import AdapterOut, method_info
-from train.policy import PromptBatch, build_prompt_parts, encode_blocks, encode_prompts, hint_block_text, splice
+from train.config import HINT_FORMATS, TrainConfig
 
 if TYPE_CHECKING:
-    from train.config import TrainConfig
     from train.setup import Models, RunData
+
+
+# ---------------------------------------------------------------------------------------------
+# The prompt as text and tokens (no C yet): the [Expert Hints] block, the chat or plain format
+# split where C may go, tokenization with left padding, and the splice of C (Eq. 3).
+#
+# Sequence layout of a batch (left padding, so every prompt ends at the same column):
+#   suffix:         [pad.. | prompt x | C (m) | completion y]          ([x || C], Eq. 3)
+#   prefix:         [C (m) | pad.. | prompt x | completion y]          (pads are masked; positions skip them)
+#   after-question: [pad.. | system, question | C | end of turn, "assistant:" | completion y]
+# Position ids are the running count of real tokens, so padding never shifts a sequence.
+
+_SENTINEL = "\x00musk-question\x00"
+
+
+def hint_block_text(hints: list[tuple[str, str]], fmt: str = "literal") -> str:
+    """The [Expert Hints] block. literal (Eq. 12 as written): each expert's decoded text verbatim, one
+    after the other, unlabelled. labelled: one "- <expert name>: <stripped text>" line per expert."""
+    if fmt == "literal":
+        return "[Expert Hints]\n" + "\n".join(text for _, text in hints)
+    if fmt == "labelled":
+        return "[Expert Hints]\n" + "\n".join(f"- {name}: {text.strip()}" for name, text in hints)
+    raise MuskError(f"unknown hint_format {fmt!r}; choices: {list(HINT_FORMATS)}")
+
+
+def build_prompt_parts(tok, system: str, question: str, hints: list[tuple[str, str]] | None = None,
+                       hint_format: str = "labelled") -> tuple[str, str]:
+    """The policy's prompt as (head, tail): head runs through the end of the user's content (the
+    question and, when given, an [Expert Hints] block in the user turn), tail is what the format adds
+    after it (the chat template's end of turn and generation prompt, or the plain format's "Answer:")."""
+    user = question
+    if hints:
+        user = f"{question}\n\n{hint_block_text(hints, hint_format)}"
+    if getattr(tok, "chat_template", None):  # the date fixed; a refused system turn opens the user turn
+        full = render_system_user(tok, system, _SENTINEL)
+    else:
+        full = system + "\n\n" + PLAIN_FORMAT.format(question=_SENTINEL)
+    before, after = full.split(_SENTINEL)
+    return before + user, after
+
+
+def build_prompt_text(tok, system: str, question: str, hints: list[tuple[str, str]] | None = None,
+                      hint_format: str = "labelled") -> str:
+    """The policy's prompt: developer prompt as system turn, question (+ [Expert Hints]) as user."""
+    return "".join(build_prompt_parts(tok, system, question, hints, hint_format))
+
+
+def encode_blocks(tok, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [N, H] of free-standing text blocks (no special tokens), padded on the right, and
+    their mask [N, H]: the hint blocks that go where C would (Eq. 12)."""
+    ids = [tok(t, add_special_tokens=False)["input_ids"] or [tok.pad_token_id] for t in texts]
+    H = max(len(x) for x in ids)
+    out = torch.full((len(ids), H), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), H), dtype=torch.long)
+    for i, x in enumerate(ids):
+        out[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
+    return out.to(device), mask.to(device)
+
+
+class PromptBatch(NamedTuple):
+    ids: torch.Tensor  # [N, P] left padded
+    mask: torch.Tensor  # [N, P]
+    tail: int  # tokens after the user's content, the same in every row (C goes before them: after-question)
+
+
+def encode_prompts(tok, parts: list[tuple[str, str]], device) -> PromptBatch:
+    """Tokenize (head, tail) prompts, head and tail separately, so the boundary where C may go is a
+    token boundary in every row; left padding puts it in one column for the whole batch."""
+    tails = {t for _, t in parts}
+    if len(tails) != 1:
+        raise ValueError("prompts of one batch must share their tail (the format after the question)")
+    add_special = not getattr(tok, "chat_template", None)
+    enc = tok([h for h, _ in parts], padding=True, add_special_tokens=add_special, return_tensors="pt")
+    tail_ids = tok(tails.pop(), add_special_tokens=False, return_tensors="pt")["input_ids"]  # [1, Pt]
+    n = enc["input_ids"].shape[0]
+    ids = torch.cat([enc["input_ids"], tail_ids.expand(n, -1)], 1)
+    mask = torch.cat([enc["attention_mask"], torch.ones(n, tail_ids.shape[1], dtype=enc["attention_mask"].dtype)], 1)
+    return PromptBatch(ids.to(device), mask.to(device), int(tail_ids.shape[1]))
+
+
+def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, position: str, tail: int = 0,
+           context_mask: torch.Tensor | None = None):
+    """Insert C [N, m, d] into left-padded prompt embeddings [N, P, d] -> ([N, P+m, d], [N, P+m]).
+
+    suffix: after the whole prompt ([x || C], Eq. 3, right before the answer); prefix: before it
+    (and before the padding); after-question: after the user's content, before the last `tail`
+    tokens (the end of turn and generation prompt), where an LM reads a hint.
+    context_mask [N, m]: some of C's slots are padding (hint blocks of different lengths); the
+    result is then left-aligned again (every row's padding moved to its front, real tokens in
+    order), so decoding sees the usual left-padded layout.
+    """
+    if context is None:
+        return embeds, mask
+    at = {"suffix": embeds.shape[1], "prefix": 0, "after-question": embeds.shape[1] - tail}[position]
+    context = context.to(embeds.dtype)
+    ones = torch.ones(context.shape[:2], dtype=mask.dtype, device=mask.device)
+    cm = ones if context_mask is None else context_mask.to(mask.dtype)
+    e = torch.cat([embeds[:, :at], context, embeds[:, at:]], 1)
+    mk = torch.cat([mask[:, :at], cm, mask[:, at:]], 1)
+    if context_mask is None:
+        return e, mk
+    order = torch.sort(mk, dim=1, stable=True).indices  # [N, L]: padding (0) first, each group in order
+    return torch.gather(e, 1, order[..., None].expand_as(e)), torch.gather(mk, 1, order)
+
+# ---------------------------------------------------------------------------------------------
+# A batch of cache rows: which experts are read (ExpertView), C from g_phi, the policy's input.
 
 
 class ExpertView(NamedTuple):
@@ -70,7 +178,7 @@ def expert_hints(data: RunData, i: int, view: ExpertView = ALL) -> list[tuple[st
     return [(n, data.hints[n][view.row(e, i)]) for e, n in enumerate(data.experts) if view.kept(e)]
 
 
-def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str,
+def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str, *,
                  view: ExpertView = ALL, hint_format: str = "labelled") -> PromptBatch:
     """The prompts idx, left padded [b, P]; with_hints: each kept expert's hint in the user turn."""
     parts = [build_prompt_parts(m.tok, data.system, data.prompts["text"][i],
@@ -88,7 +196,7 @@ class PolicyInputs(NamedTuple):
     ctx: AdapterOut | None  # g_phi's output (None with C removed)
 
 
-def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str, mode: str = "with",
+def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str, *, mode: str = "with",
                   view: ExpertView = ALL) -> PolicyInputs:
     """The policy's input for prompts idx under `mode`: with (C, or output-collab's hints), removed
     (the bare prompt: Figure 5), null (C's information removed, its slots kept).
@@ -98,7 +206,7 @@ def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], de
     (hint_reference zeros) or the hints themselves (reads)."""
     hints = method_info(cfg.method).needs_hints and mode != "removed"
     block = hints and cfg.hint_position == "context"
-    pb = prompt_batch(m, data, idx, hints and not block, device, view, cfg.hint_format)  # [b, P]
+    pb = prompt_batch(m, data, idx, hints and not block, device, view=view, hint_format=cfg.hint_format)  # [b, P]
     emb = m.lm.get_input_embeddings()(pb.ids)  # [b, P, d]
     ctx = context_tokens(m, data, idx, device, view) if mode != "removed" else None
     extra, ref_extra, extra_mask = None, None, None

@@ -11,7 +11,8 @@ prompt sampled group_size times (num_iterations > 1: that many AdamW updates on 
 The parts beside it: the maths (advantages, loss, Eq. 15) in train/grpo.py; the run's data, folder and
 models in train/setup.py; `Rollouts` and dynamic sampling in train/rollouts.py; the update (warmup,
 clipping, the non-finite guard) in train/optim.py; the metrics, completions and summary records in
-train/records.py; the evaluations in train/evaluate.py.
+train/records.py. Two parts are handed in, not imported: the task's `scorer` (the reward) and the
+`evaluator` (evaluate/records.evaluate, passed by cli.py), so training never reads the evaluation's room.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -33,29 +34,41 @@ from core.errors import MuskError
 from pipeline.experts import resolve_device, resolve_dtype
 from pipeline.generation import decode, sample
 from pipeline.vllm_engine import sample_from_embeds, sync_weights
-from train import checkpoint as ckpt
 from pipeline.rewards import score
+from train import checkpoint as ckpt
 from train.adapters import method_info, save_adapter
 from train.config import TrainConfig, advantage_scale
-from train.evaluate import evaluate
 from train.grpo import group_advantages, grpo_loss, sampler_gap, truncated_rows
 from train.inputs import decode_merged, rollout_inputs
-from train.optim import _NonFinite, set_lr, update
+from train.optim import NonFinite, set_lr, update
 from train.policy import (check_policy, completion_logprobs, merged_lora, merged_lora_weights,
                           policy_spec, save_policy)
 from train.recipes import answer_nll, in_warmup, mix_coef, warmup_step
-from train.records import _micro_stats, _step_record, _summary, _update_record, completion_records
+from train.records import completion_records, micro_stats, step_record, summary_record, update_record
 from train.rollouts import Rollouts, draw_informative, micro_seed
 from train.setup import (FeatureSource, Models, RunData, data_order, build_models, load_data,
                          micro_batches_per_rank, open_run)
 from train.trackers import Trackers
 
+# The task's reward: (entry JSON, completion, answer_extraction mode) -> reward (pipeline.rewards.score).
+Scorer = Callable[[str, str, str], float]
+
+
+class Evaluator(Protocol):
+    """A training evaluation (evaluate/records.evaluate): greedy decoding of cache rows `rows` under the
+    run's conditions, written to the run folder; returns the aggregate record (step, split, n, kind,
+    accuracy, ...)."""
+
+    def __call__(self, cfg: TrainConfig, m: Models, data: RunData, *, step: int, rows: np.ndarray, kind: str,
+                 device: str, run: RunFolder, scorer: Scorer) -> dict: ...
+
 # ---------------------------------------------------------------------------------------------
 # One micro-batch: generate_trajectory, then grpo_step.
 
 
-def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str,
-                        timing: dict) -> Rollouts:
+def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], *, device: str,
+                        timing: dict, scorer: Scorer) -> Rollouts:
+    """G completions for each prompt of idx, scored by `scorer`, with their group advantages."""
     G = cfg.group_size
     ctx, e_in, ref_e, m_in = rollout_inputs(cfg, m, data, idx, device)
 
@@ -78,13 +91,14 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
 
     t = time.perf_counter()
     texts = decode(m.tok, tokens, live)
-    rewards = torch.tensor([score(data.prompts["entry"][i], s, cfg.answer_extraction)
+    rewards = torch.tensor([scorer(data.prompts["entry"][i], s, cfg.answer_extraction)
                             for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
     adv = group_advantages(rewards, G, cfg.std_floor, advantage_scale(cfg))
     timing["reward"] += time.perf_counter() - t
-    return Rollouts(idx, e_in, ref_e, m_in, tokens, live, texts, rewards, adv.advantages.to(device), adv.frac_zero_std,
-                    ctx.attention.detach() if ctx.attention is not None else None, ctx.choice,
-                    int(m_in.sum()), sampler_logp)
+    return Rollouts(idx=idx, embeds=e_in, ref_embeds=ref_e, mask=m_in, tokens=tokens, live=live, texts=texts,
+                    rewards=rewards, advantages=adv.advantages.to(device), frac_zero_std=adv.frac_zero_std,
+                    attention=ctx.attention.detach() if ctx.attention is not None else None, choice=ctx.choice,
+                    policy_prompt_tokens=int(m_in.sum()), sampler_logp=sampler_logp)
 
 
 class OldLogps(NamedTuple):
@@ -123,7 +137,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     else:
         with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
             ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
-                                                      ro.tokens[s:s + chunk], ro.live[s:s + chunk], share, T)
+                                                      ro.tokens[s:s + chunk], ro.live[s:s + chunk], group=share,
+                                                      temperature=T)
                                   for s in range(0, N, chunk)])  # [B*G, T]
         timing["reference"] += time.perf_counter() - t
 
@@ -139,7 +154,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
         ent = []  # [chunk, T] token entropy, filled by completion_logprobs
-        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], share, T, ent)
+        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], group=share,
+                                   temperature=T, entropy=ent)
         old_logp = logp.detach() if old is None else old.logp[sl]
         is_w = None
         if gaps is not None:  # the sampler is not the training forward: measure, and correct if asked (TIS)
@@ -151,9 +167,9 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
                 gaps["max_abs_gap"] = max(gaps["max_abs_gap"], sg.max_abs_gap)
             is_w = sg.weights if cfg.tis_cap > 0 else None
         ref_sl = ref_logp[sl] if ref_logp is not None else None
-        out = grpo_loss(logp, old_logp, ref_sl, ro.advantages[sl], live[sl], cfg.beta, cfg.clip_eps,
-                        cfg.clip_eps_high, cfg.loss_type, cfg.max_new_tokens, n_tok if token_mean else None,
-                        is_weights=is_w)
+        out = grpo_loss(logp, old_logp, ref_sl, ro.advantages[sl], live[sl], cfg.beta, clip_eps=cfg.clip_eps,
+                        clip_eps_high=cfg.clip_eps_high, loss_type=cfg.loss_type, max_tokens=cfg.max_new_tokens,
+                        num_tokens=n_tok if token_mean else None, is_weights=is_w)
         weight = 1.0 if token_mean else logp.shape[0] / N
         if cfg.loss_type == "dapo":
             share_of_step = weight * n_tok  # the token sum; `update` divides by the step's token count
@@ -175,7 +191,7 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
 # One optimizer step and its metrics record.
 
 
-def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str,
+def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor: int, device: str, scorer: Scorer,
                run: RunFolder | None = None) -> tuple[dict, int]:
     """gradient_accumulation_steps (A) micro-batches in all, A / W on each of the W ranks (W = 1 without
     torchrun), and one AdamW update on gradients summed over ranks: a step takes the prompts the config
@@ -199,11 +215,13 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
 
         idx = prompts(0)
         torch.manual_seed(micro_seed(cfg.seed, step, g))
-        ro = generate_trajectory(cfg, m, data, idx, device, timing)
+        ro = generate_trajectory(cfg, m, data, idx, device=device, timing=timing, scorer=scorer)
         drew = None
         if cfg.filter_groups:  # dynamic sampling: informative groups only, further rounds drawn
-            ro, drew = draw_informative(cfg, ro, lambda r: generate_trajectory(cfg, m, data, prompts(r), device, timing),
-                                        m.tok.pad_token_id, device)
+            def more(r: int) -> Rollouts:
+                return generate_trajectory(cfg, m, data, prompts(r), device=device, timing=timing, scorer=scorer)
+
+            ro, drew = draw_informative(cfg, ro, more, m.tok.pad_token_id, device)
             idx = ro.idx
         out = grpo_step(cfg, m, ro, timing)
         coef = mix_coef(cfg, step)
@@ -216,7 +234,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
         if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
             for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
-        stats.append((g, {**_micro_stats(cfg, m, data, idx, ro, out, method), "filter": drew}))
+        stats.append((g, {**micro_stats(cfg, m, data, idx=idx, ro=ro, out=out, method=method), "filter": drew}))
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
     rounds = max(st["filter"]["rounds"] for st in stats) if cfg.filter_groups else 1
     cursor += cfg.gradient_accumulation_steps * B * rounds  # blocks a round of any micro-batch drew from
@@ -235,14 +253,15 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
         norms.append(update(cfg, m, float(np.mean([st["loss"] for st in updates[-1]])), step_tokens, it))
     if m.vllm is not None:
         sync_weights(m.vllm, merged_lora_weights(m.peft))  # the next rollouts sample from the updated policy
-    rec = _step_record(cfg, m, step, stats, norms[0][0], time.perf_counter() - t_step, timing, device)
+    rec = step_record(cfg, m, step=step, stats=stats, grad_norm=norms[0][0], dt=time.perf_counter() - t_step,
+                      timing=timing, device=device)
     rec.update({f"grad_norm/{k}": v for k, v in norms[0][1].items()})
     if cfg.filter_groups:  # reward/* and accuracy describe the kept groups (what is trained on)
         drew = [st["filter"] for st in stats]
         rec.update({"filter/groups_drawn": sum(d["drawn"] for d in drew), "filter/groups_kept": sum(d["kept"] for d in drew),
                     "filter/rounds_max": rounds,
                     "filter/reward_mean_drawn": sum(d["reward_sum"] for d in drew) / (sum(d["drawn"] for d in drew) * cfg.group_size)})
-    rec.update(_update_record(cfg, updates, norms))  # clip_frac, policy/entropy, kl over every update
+    rec.update(update_record(cfg, updates, norms))  # clip_frac, policy/entropy, kl over every update
     if cfg.sft_mix_coef > 0:
         nll = dist.gather_all(sft_nll)
         rec.update({"sft/coef": mix_coef(cfg, step), "sft/nll": sum(nll) / len(nll) if nll else None})
@@ -252,7 +271,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: in
 
 
 def _pass_stats(out: StepOut, ro: Rollouts) -> dict:
-    """A later pass's per-update statistics of one micro-batch (the keys _micro_stats gives the first)."""
+    """A later pass's per-update statistics of one micro-batch (the keys micro_stats gives the first)."""
     return {"loss": out.loss, "kl": out.kl_token_sum / max(1.0, out.loss_tokens), "clip": out.clip_token_sum,
             "loss_tokens": out.loss_tokens, "entropy": out.entropy_token_sum, "tokens": int(ro.live.sum())}
 
@@ -261,9 +280,11 @@ def _pass_stats(out: StepOut, ro: Rollouts) -> dict:
 # The run: steps, evaluations between them, checkpoints, final artefacts.
 
 
-def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start: tuple[int, int], device: str,
-               trackers: Trackers, progress: bool, log) -> dict | None:
-    """Steps start+1..total: train, log, evaluate, checkpoint. Returns the last full evaluation (or None)."""
+def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, start: tuple[int, int], device: str,
+               trackers: Trackers, evaluator: Evaluator, scorer: Scorer, progress: bool = True,
+               log=print) -> dict | None:
+    """Steps start+1..total: train, log, evaluate (`evaluator`, rank 0), checkpoint. Returns the last full
+    evaluation (or None)."""
     start_step, cursor = start
     full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
     curve_rows = data.val_idx[: min(len(data.val_idx), cfg.curve_prompts)]
@@ -279,8 +300,9 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
             if in_warmup(cfg, step):  # the supervised warm-up's steps (sft_warmup_steps): no rollouts
                 rec, cursor = warmup_step(cfg, m, data, step, cursor, device)
             else:
-                rec, cursor = train_step(cfg, m, data, step, cursor, device, run if main else None)
-        except _NonFinite as e:
+                rec, cursor = train_step(cfg, m, data, step=step, cursor=cursor, device=device, scorer=scorer,
+                                         run=run if main else None)
+        except NonFinite as e:
             if main and e.it == 0:  # pass it > 0: the weights hold this step's first updates, not step-1's
                 ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
             bar.close()
@@ -311,10 +333,12 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
                     f"{rec['step_seconds']:.1f}s")
         evals = []
         if full:
-            last_eval = evaluate(cfg, m, data, step, full_rows, "full", device, run, score)
+            last_eval = evaluator(cfg, m, data, step=step, rows=full_rows, kind="full", device=device, run=run,
+                                  scorer=scorer)
             evals.append(last_eval)
         if curve:
-            evals.append(evaluate(cfg, m, data, step, curve_rows, "curve", device, run, score))
+            evals.append(evaluator(cfg, m, data, step=step, rows=curve_rows, kind="curve", device=device, run=run,
+                                   scorer=scorer))
         for ev in evals:
             trackers.log({f"eval/{ev['kind']}/{k}": v for k, v in ev.items() if k not in ("step", "split", "kind")}, step)
         if evals:
@@ -325,9 +349,13 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, run: RunFolder, start
     return last_eval
 
 
-def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resume: bool = False,
-              progress: bool = True, log=print, features: FeatureSource | None = None) -> Path:
+def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, evaluator: Evaluator,
+              scorer: Scorer = score, resume: bool = False, progress: bool = True, log=print,
+              features: FeatureSource | None = None) -> Path:
     """Train one run into `out` (default runs/<method>-<family>-s<seed>); returns the run folder.
+
+    evaluator: the training evaluation (evaluate/records.evaluate; cli.py hands it in). scorer: the
+    task's reward (default pipeline.rewards.score), used by the rollouts and handed to the evaluator.
 
     features: where expert vectors come from (default: the cache, in memory). benchmarks/train_step.py
     passes experts run online on each batch's prompts, to time what the cache saves.
@@ -354,7 +382,8 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
             log(f"resuming {run} at step {start_step}")
     trackers = Trackers(cfg.report_to if dist.is_main() else ("none",), run.path, resolved, log)
     try:
-        last_eval = train_loop(cfg, m, data, run, (start_step, cursor), device, trackers, progress, log)
+        last_eval = train_loop(cfg, m, data, run=run, start=(start_step, cursor), device=device, trackers=trackers,
+                               evaluator=evaluator, scorer=scorer, progress=progress, log=log)
     finally:
         trackers.close()
 
@@ -366,11 +395,12 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, resum
     if last_eval is None:
         evals = [e for e in run.read(EVAL) if e.get("kind", "full") == "full"]
         full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
-        last_eval = evals[-1] if evals else evaluate(cfg, m, data, final_step, full_rows, "full", device, run, score)
+        last_eval = evals[-1] if evals else evaluator(cfg, m, data, step=final_step, rows=full_rows, kind="full",
+                                                      device=device, run=run, scorer=scorer)
     with atomic_path(run.final, directory=True) as tmp:
         save_policy(m.peft, tmp, policy_spec(cfg.policy))  # PEFT's files + where the base model comes from
         save_adapter(m.adapter, m.spec, tmp)
-    summary = _summary(cfg, data, resolved, final_step, last_eval, m)
+    summary = summary_record(cfg, data, resolved=resolved, final_step=final_step, last_eval=last_eval, m=m)
     run.write_summary(summary)
     dist.barrier()
     log(f"run {run}: final val accuracy {summary['final_val_accuracy']}")

@@ -21,7 +21,7 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> No
 
 def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float, it: int = 0) -> tuple[float, dict]:
     """One AdamW update on the accumulated gradients: sum over ranks, dapo's token sums divided by the
-    step's loss tokens (all ranks), clip. A non-finite loss or norm raises _NonFinite before the update.
+    step's loss tokens (all ranks), clip. A non-finite loss or norm raises NonFinite before the update.
     it: the pass over the step's rollouts (0 the first). Returns clip_gradients' (global norm, {group: norm})."""
     dist.sum_grads(m.trainable)
     if cfg.loss_type == "dapo":
@@ -31,7 +31,7 @@ def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float, it: int
     grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         m.optimizer.zero_grad(set_to_none=True)
-        raise _NonFinite(loss, grad_norm, it)
+        raise NonFinite(loss, grad_norm, it)
     m.optimizer.step()
     return grad_norm, group_norms
 
@@ -56,6 +56,6 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str
     return total, norms
 
 
-class _NonFinite(Exception):
+class NonFinite(Exception):
     def __init__(self, loss: float, grad_norm: float, it: int = 0):
         self.loss, self.grad_norm, self.it = loss, grad_norm, it  # it > 0: earlier passes already updated

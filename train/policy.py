@@ -1,12 +1,6 @@
 """The policy: a causal LM with LoRA, conditioned on context tokens spliced into its input
-embeddings (Eq. 3), with a sampler (pipeline/generation.py) and completion log-probs that skip the LM head on
-prompt positions.
-
-Sequence layout of a batch (left padding, so every prompt ends at the same column):
-  suffix:         [pad.. | prompt x | C (m) | completion y]          ([x || C], Eq. 3)
-  prefix:         [C (m) | pad.. | prompt x | completion y]          (pads are masked; positions skip them)
-  after-question: [pad.. | system, question | C | end of turn, "assistant:" | completion y]
-Position ids are the running count of real tokens, so padding never shifts a sequence.
+embeddings (Eq. 3; the input is assembled in train/inputs.py), with a sampler (pipeline/generation.py)
+and completion log-probs that skip the LM head on prompt positions.
 """
 
 from __future__ import annotations
@@ -15,12 +9,10 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
 from core.errors import MuskError
-from pipeline.chat import PLAIN_FORMAT, render_system_user
 from pipeline.experts import (EXPERTS, GGUF_DISTRIBUTIONS, ExpertSpec, check_device, gguf_path, load_expert,
                               resolve_expert, weights_sha256)
 from pipeline.generation import lm_logits, positions, prefill, set_head_fp32, token_entropy
@@ -164,104 +156,8 @@ def load_policy(cfg, dtype: torch.dtype, device: str):
     return peft_model, tok, scale
 
 
-CONTEXT_POSITIONS = ("suffix", "prefix", "after-question")
-_SENTINEL = "\x00musk-question\x00"
 
-
-HINT_FORMATS = ("literal", "labelled")
-
-
-def hint_block_text(hints: list[tuple[str, str]], fmt: str = "literal") -> str:
-    """The [Expert Hints] block. literal (Eq. 12 as written): each expert's decoded text verbatim, one
-    after the other, unlabelled. labelled: one "- <expert name>: <stripped text>" line per expert."""
-    if fmt == "literal":
-        return "[Expert Hints]\n" + "\n".join(text for _, text in hints)
-    if fmt == "labelled":
-        return "[Expert Hints]\n" + "\n".join(f"- {name}: {text.strip()}" for name, text in hints)
-    raise MuskError(f"unknown hint_format {fmt!r}; choices: {list(HINT_FORMATS)}")
-
-
-def build_prompt_parts(tok, system: str, question: str, hints: list[tuple[str, str]] | None = None,
-                       hint_format: str = "labelled") -> tuple[str, str]:
-    """The policy's prompt as (head, tail): head runs through the end of the user's content (the
-    question and, when given, an [Expert Hints] block in the user turn), tail is what the format adds
-    after it (the chat template's end of turn and generation prompt, or the plain format's "Answer:")."""
-    user = question
-    if hints:
-        user = f"{question}\n\n{hint_block_text(hints, hint_format)}"
-    if getattr(tok, "chat_template", None):  # the date fixed; a refused system turn opens the user turn
-        full = render_system_user(tok, system, _SENTINEL)
-    else:
-        full = system + "\n\n" + PLAIN_FORMAT.format(question=_SENTINEL)
-    before, after = full.split(_SENTINEL)
-    return before + user, after
-
-
-def build_prompt_text(tok, system: str, question: str, hints: list[tuple[str, str]] | None = None,
-                      hint_format: str = "labelled") -> str:
-    """The policy's prompt: developer prompt as system turn, question (+ [Expert Hints]) as user."""
-    return "".join(build_prompt_parts(tok, system, question, hints, hint_format))
-
-
-def encode_blocks(tok, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids [N, H] of free-standing text blocks (no special tokens), padded on the right, and
-    their mask [N, H]: the hint blocks that go where C would (Eq. 12)."""
-    ids = [tok(t, add_special_tokens=False)["input_ids"] or [tok.pad_token_id] for t in texts]
-    H = max(len(x) for x in ids)
-    out = torch.full((len(ids), H), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), H), dtype=torch.long)
-    for i, x in enumerate(ids):
-        out[i, :len(x)], mask[i, :len(x)] = torch.tensor(x), 1
-    return out.to(device), mask.to(device)
-
-
-class PromptBatch(NamedTuple):
-    ids: torch.Tensor  # [N, P] left padded
-    mask: torch.Tensor  # [N, P]
-    tail: int  # tokens after the user's content, the same in every row (C goes before them: after-question)
-
-
-def encode_prompts(tok, parts: list[tuple[str, str]], device) -> PromptBatch:
-    """Tokenize (head, tail) prompts, head and tail separately, so the boundary where C may go is a
-    token boundary in every row; left padding puts it in one column for the whole batch."""
-    tails = {t for _, t in parts}
-    if len(tails) != 1:
-        raise ValueError("prompts of one batch must share their tail (the format after the question)")
-    add_special = not getattr(tok, "chat_template", None)
-    enc = tok([h for h, _ in parts], padding=True, add_special_tokens=add_special, return_tensors="pt")
-    tail_ids = tok(tails.pop(), add_special_tokens=False, return_tensors="pt")["input_ids"]  # [1, Pt]
-    n = enc["input_ids"].shape[0]
-    ids = torch.cat([enc["input_ids"], tail_ids.expand(n, -1)], 1)
-    mask = torch.cat([enc["attention_mask"], torch.ones(n, tail_ids.shape[1], dtype=enc["attention_mask"].dtype)], 1)
-    return PromptBatch(ids.to(device), mask.to(device), int(tail_ids.shape[1]))
-
-
-def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, position: str, tail: int = 0,
-           context_mask: torch.Tensor | None = None):
-    """Insert C [N, m, d] into left-padded prompt embeddings [N, P, d] -> ([N, P+m, d], [N, P+m]).
-
-    suffix: after the whole prompt ([x || C], Eq. 3, right before the answer); prefix: before it
-    (and before the padding); after-question: after the user's content, before the last `tail`
-    tokens (the end of turn and generation prompt), where an LM reads a hint.
-    context_mask [N, m]: some of C's slots are padding (hint blocks of different lengths); the
-    result is then left-aligned again (every row's padding moved to its front, real tokens in
-    order), so decoding sees the usual left-padded layout.
-    """
-    if context is None:
-        return embeds, mask
-    at = {"suffix": embeds.shape[1], "prefix": 0, "after-question": embeds.shape[1] - tail}[position]
-    context = context.to(embeds.dtype)
-    ones = torch.ones(context.shape[:2], dtype=mask.dtype, device=mask.device)
-    cm = ones if context_mask is None else context_mask.to(mask.dtype)
-    e = torch.cat([embeds[:, :at], context, embeds[:, at:]], 1)
-    mk = torch.cat([mask[:, :at], cm, mask[:, at:]], 1)
-    if context_mask is None:
-        return e, mk
-    order = torch.sort(mk, dim=1, stable=True).indices  # [N, L]: padding (0) first, each group in order
-    return torch.gather(e, 1, order[..., None].expand_as(e)), torch.gather(mk, 1, order)
-
-
-def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, group: int = 1, temperature: float = 1.0,
+def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, *, group: int = 1, temperature: float = 1.0,
                         entropy: list | None = None) -> torch.Tensor:
     """log pi(y_t | prefix) for each completion token: [N, T]. The LM head runs on completion
     positions only (the prompt's logits over the vocabulary are never formed).

@@ -4,14 +4,16 @@ micro-batch's statistics (plain numbers, exchanged between ranks), the step's me
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import numpy as np
 import torch
 
 from core.hashing import sha256_of
 from pipeline.rewards import SCORER_ERRORS
 from train.config import TrainConfig
-from train.evaluate import rollout_diagnostics, truncated
-from train.grpo import routing_stats
+from train.adapters import routing_stats
+from train.grpo import truncated_rows
 from train.rollouts import Rollouts
 from train.setup import Models, RunData
 
@@ -31,7 +33,7 @@ def completion_records(cfg: TrainConfig, data: RunData, step: int, ro: Rollouts,
     return out
 
 
-def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
+def micro_stats(cfg, m, data, *, idx, ro, out, method) -> dict:
     """What one micro-batch contributes to the step's metrics (plain numbers: ranks exchange them)."""
     st = {"rewards": ro.rewards.tolist(), "zero_std": ro.frac_zero_std, "loss": out.loss,
           "kl": out.kl_token_sum / max(1.0, out.loss_tokens), "tokens": int(ro.live.sum()),
@@ -39,7 +41,7 @@ def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
           "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens},
           "scorer_errors": SCORER_ERRORS.take(),  # verifier exceptions (scored 0) since the last micro-batch
-          "lengths": ro.live.sum(1).tolist(), "truncated": truncated(ro.tokens, ro.live, m.eos).tolist(),
+          "lengths": ro.live.sum(1).tolist(), "truncated": truncated_rows(ro.tokens, ro.live, m.eos, cfg.max_new_tokens).tolist(),
           "tasks": [data.prompts["task"][i] for i in idx for _ in range(cfg.group_size)],
           "clip": out.clip_token_sum, "entropy": out.entropy_token_sum, "sampler": out.sampler}
     if data.prompt_tokens is not None:
@@ -49,8 +51,20 @@ def _micro_stats(cfg, m, data, idx, ro, out, method) -> dict:
     return st
 
 
-def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad_norm: float, dt: float,
-                 timing: dict, device: str) -> dict:
+def rollout_diagnostics(lengths: list[int], truncated: list[bool], rewards: list[float], tasks: list[str]) -> dict:
+    """A training step's completion length (mean, max, in tokens), the fraction truncated at the budget,
+    and the mean reward per dataset (reward/task/<name>), over its rollouts (one entry each)."""
+    by_task = defaultdict(list)
+    for t, r in zip(tasks, rewards):
+        by_task[t].append(r)
+    return {"completion/length_mean": float(np.mean(lengths)), "completion/length_max": int(max(lengths)),
+            "completion/truncated_frac": float(np.mean(truncated)),
+            **{f"reward/task/{t}": float(np.mean(v)) for t, v in sorted(by_task.items())}}
+
+
+def step_record(cfg: TrainConfig, m: Models, *, step: int, stats: list[dict], grad_norm: float, dt: float,
+                timing: dict, device: str) -> dict:
+    """The step's metrics.jsonl record from its micro-batches' statistics (every rank's); dt in seconds."""
     r = torch.tensor([x for st in stats for x in st["rewards"]])
     n_tokens = sum(st["tokens"] for st in stats)
     cost: dict[str, float] = {}
@@ -88,7 +102,7 @@ def _step_record(cfg: TrainConfig, m: Models, step: int, stats: list[dict], grad
     return rec
 
 
-def _update_record(cfg: TrainConfig, updates: list[list[dict]], norms: list[tuple[float, dict]]) -> dict:
+def update_record(cfg: TrainConfig, updates: list[list[dict]], norms: list[tuple[float, dict]]) -> dict:
     """The per-update statistics over every update of the step (num_iterations of them): with one pass
     the ratio pi / pi_old is exactly 1 and the clip cannot act, so a first-pass clip_frac reads 0.
 
@@ -108,7 +122,8 @@ def _update_record(cfg: TrainConfig, updates: list[list[dict]], norms: list[tupl
     return rec
 
 
-def _summary(cfg: TrainConfig, data: RunData, resolved: dict, final_step: int, last_eval: dict, m: Models) -> dict:
+def summary_record(cfg: TrainConfig, data: RunData, *, resolved: dict, final_step: int, last_eval: dict, m: Models) -> dict:
+    """summary.json: the run's settings and its last full evaluation (SPEC)."""
     return {
         "method": cfg.method, "team": data.experts, "task_family": data.family, "seed": cfg.seed,
         "steps": final_step, "final_val_accuracy": last_eval.get("accuracy"),

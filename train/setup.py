@@ -1,5 +1,7 @@
 """Run setup shared by the training loop and the evaluations: the data read from the cache
-(RunData, load_data), the run folder (open_run) and the models and optimizer (Models, build_models)."""
+(RunData, load_data), the run folder (open_run), the policy (Policy, build_policy: what evaluation
+reads) and the training state around it (Models, build_models: the optimizer, the trainable tensors
+and the vLLM engine)."""
 
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ class CachedFeatures:
         return [f[idx] for f in self.feats]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunData:
     family: str
     system: str  # the developer prompt (system turn of the policy)
@@ -108,8 +110,10 @@ def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise MuskError(f"cache {str(cache_path)!r} needs a train and a val (or test) split")
     system = from_dict(TaskConfig, cache_cfg["task"], "cache task config").system_prompt()
-    return RunData(cache_cfg["task"]["family"], system, fingerprint, prompts, train_idx, val_idx, val_split,
-                   experts, features, router_emb, hints, prompt_tokens, hint_tokens, draw, prompt_set)
+    return RunData(family=cache_cfg["task"]["family"], system=system, cache_fingerprint=fingerprint, prompts=prompts,
+                   train_idx=train_idx, val_idx=val_idx, val_split=val_split, experts=experts, features=features,
+                   router_emb=router_emb, hints=hints, prompt_tokens=prompt_tokens, hint_tokens=hint_tokens,
+                   pooling_draw=draw, prompt_set=prompt_set)
 
 
 def micro_batches_per_rank(accumulation: int, world: int) -> int:
@@ -164,20 +168,29 @@ def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool,
 
 
 # ---------------------------------------------------------------------------------------------
-# Models: the policy with LoRA, g_phi, AdamW. The reference is the same weights with LoRA disabled.
+# The policy (LM with LoRA, g_phi, tokenizer) and the training state around it (AdamW, the trainable
+# tensors, the vLLM engine). The reference is the same weights with LoRA disabled.
 
 
-@dataclass
-class Models:
+@dataclass(kw_only=True)
+class Policy:
+    """What decoding and evaluation read: no optimizer (`musk eval` builds none)."""
+
     peft: object  # the PeftModel
     lm: object  # the causal LM with LoRA layers injected
     tok: object
     adapter: torch.nn.Module  # g_phi
     spec: AdapterSpec
-    optimizer: torch.optim.Optimizer
-    trainable: list[torch.Tensor]
     scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
     eos: list[int]
+
+
+@dataclass(kw_only=True)
+class Models(Policy):
+    """The policy and its training state."""
+
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.Tensor]
     vllm: object | None = None  # rollout_engine vllm: the engine, its weights synced after each step
 
 
@@ -194,7 +207,9 @@ def _param_groups(cfg: TrainConfig, lora: list, adapter: torch.nn.Module) -> lis
     return groups
 
 
-def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtype) -> Models:
+def build_policy(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtype) -> Policy:
+    """The policy LM with fresh LoRA (load_policy) and g_phi built for the run's experts, every RNG
+    seeded with cfg.seed first (the initial weights are the seed's)."""
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -217,10 +232,17 @@ def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtyp
         adapter.out.set_anchor(emb.detach())
     if hasattr(adapter, "experts"):
         adapter.experts.set_feature_stats([f[data.train_idx] for f in feats])
-    lora = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(cfg, lora, adapter), weight_decay=cfg.weight_decay, eps=cfg.epsilon)
-    return Models(peft_model, lm, tok, adapter, spec, optimizer, lora + list(adapter.parameters()), scale,
-                  eos_ids(lm, tok), _rollout_engine(cfg, peft_model, dtype))
+    return Policy(peft=peft_model, lm=lm, tok=tok, adapter=adapter, spec=spec, scale=scale, eos=eos_ids(lm, tok))
+
+
+def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtype) -> Models:
+    """The policy (build_policy) with AdamW over LoRA and g_phi (param_groups) and, for rollout_engine
+    vllm, the engine holding the merged weights."""
+    p = build_policy(cfg, data, device, dtype)
+    lora = [t for t in p.peft.parameters() if t.requires_grad]
+    optimizer = torch.optim.AdamW(_param_groups(cfg, lora, p.adapter), weight_decay=cfg.weight_decay, eps=cfg.epsilon)
+    return Models(**{f: getattr(p, f) for f in p.__dataclass_fields__}, optimizer=optimizer,
+                  trainable=lora + list(p.adapter.parameters()), vllm=_rollout_engine(cfg, p.peft, dtype))
 
 
 def _rollout_engine(cfg: TrainConfig, peft_model, dtype: torch.dtype):

@@ -5,9 +5,10 @@ A condition is what the policy reads: "with" C, "without" C (no context slots, F
 ("drop:NAME", "shuffle:NAME", "only:NAME", see train/inputs.ExpertView). Decoding is greedy (the
 paper's validation accuracy) or K samples at a temperature (mean@K, pass@K).
 
-`musk train` calls `evaluate` every test_freq / curve_freq steps (eval.jsonl gets the aggregate,
-eval_records.jsonl the records, completions.jsonl a few side by side); `musk eval` (train/evaluate_run.py)
-calls `condition_records` on a saved run under any condition.
+`musk train` is handed `evaluate` (cli.py passes it to train.loop.run_train) and calls it every
+test_freq / curve_freq steps (eval.jsonl gets the aggregate, eval_records.jsonl the records,
+completions.jsonl a few side by side); `musk eval` (evaluate/run.py) calls `condition_records` on a
+saved run under any condition.
 """
 
 from __future__ import annotations
@@ -22,14 +23,15 @@ import torch
 from core.metrics import pass_at_k
 from cache.run_folder import COMPLETIONS, EVAL, EVAL_RECORDS, RunFolder
 from pipeline.generation import decode, sample
-from train.grpo import routing_stats
+from train.adapters import routing_stats
+from train.grpo import truncated_rows
 from train.inputs import ALL, ExpertView, decode_merged, policy_inputs
 from train.policy import merged_lora
 from pipeline.rewards import score
 
 if TYPE_CHECKING:
     from train.config import TrainConfig
-    from train.setup import Models, RunData
+    from train.setup import Policy, RunData
 
 
 class Condition(NamedTuple):
@@ -43,7 +45,7 @@ SUFFIX = {"with": "", "without": "_without_context", "null": "_null_context"}
 _MODE = {"with": "with", "without": "removed", "null": "null"}
 
 
-def training_conditions(cfg: TrainConfig, m: Models) -> list[Condition]:
+def training_conditions(cfg: TrainConfig, m: Policy) -> list[Condition]:
     """With C; with C removed (Figure 5, eval_without_context); with C's information removed but its m
     slots kept (eval_null_context), for methods that have a C."""
     conds = [Condition("with", "with")]
@@ -54,15 +56,15 @@ def training_conditions(cfg: TrainConfig, m: Models) -> list[Condition]:
     return conds
 
 
-def _eval_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], mode: str, device: str,
-                 view: ExpertView = ALL):
+def eval_inputs(cfg: TrainConfig, m: Policy, data: RunData, idx: list[int], mode: str, device: str, *,
+                view: ExpertView = ALL):
     """The policy's input under one mode (with | removed | null): (embeds [b, L, d], mask [b, L],
     expert attention [b, m, n] or None)."""
-    pi = policy_inputs(cfg, m, data, idx, device, mode, view)
+    pi = policy_inputs(cfg, m, data, idx, device, mode=mode, view=view)
     return pi.embeds, pi.mask, (pi.ctx.attention if pi.ctx is not None and mode == "with" else None)
 
 
-def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Condition, device: str,
+def condition_records(cfg: TrainConfig, m: Policy, data: RunData, rows, cond: Condition, *, device: str,
                       samples: int = 1, temperature: float | None = None, seed: int = 0, scorer=None) -> list[dict]:
     """Decode every prompt of `rows` (cache rows) under `cond`, val_batch_size prompts at a time.
 
@@ -82,7 +84,7 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
         torch.manual_seed(seed)
         for s in range(0, len(rows), cfg.val_batch_size):
             idx = [int(i) for i in rows[s: s + cfg.val_batch_size]]
-            e, mk, att = _eval_inputs(cfg, m, data, idx, _MODE[cond.context], device, cond.view)
+            e, mk, att = eval_inputs(cfg, m, data, idx, _MODE[cond.context], device, view=cond.view)
             if K > 1:
                 e, mk = e.repeat_interleave(K, 0), mk.repeat_interleave(K, 0)
             # the policy's token entropy at the sampling temperature comes from the decoder's own logits
@@ -90,7 +92,7 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
                          group=K, entropy_temperature=temperature or cfg.temperature)
             toks, live = dec.tokens, dec.live
             texts = decode(m.tok, toks, live)
-            cut = truncated(toks, live, m.eos)  # [b*K]
+            cut = truncated_rows(toks, live, m.eos, cfg.max_new_tokens)  # [b*K]
             tok_h = (dec.entropy * live).sum(1) / live.sum(1).clamp_min(1)  # [b*K] mean over each completion
             for j, (row, text) in enumerate(zip([i for i in idx for _ in range(K)], texts)):
                 r = scorer(data.prompts["entry"][row], text, cfg.answer_extraction)
@@ -104,22 +106,6 @@ def condition_records(cfg: TrainConfig, m: Models, data: RunData, rows, cond: Co
                     rec.update({"utilization": rs.utilization, "entropy": rs.entropy})
                 out.append(rec)
     return out
-
-
-def truncated(tokens: torch.Tensor, live: torch.Tensor, eos: list[int]) -> torch.Tensor:
-    """[N] bool: the completion hit the budget without an EOS. tokens, live: [N, T]."""
-    return ~(torch.isin(tokens, torch.tensor(eos, device=tokens.device)) & live.bool()).any(1)
-
-
-def rollout_diagnostics(lengths: list[int], truncated: list[bool], rewards: list[float], tasks: list[str]) -> dict:
-    """A training step's completion length (mean, max, in tokens), the fraction truncated at the budget,
-    and the mean reward per dataset (reward/task/<name>), over its rollouts (one entry each)."""
-    by_task = defaultdict(list)
-    for t, r in zip(tasks, rewards):
-        by_task[t].append(r)
-    return {"completion/length_mean": float(np.mean(lengths)), "completion/length_max": int(max(lengths)),
-            "completion/truncated_frac": float(np.mean(truncated)),
-            **{f"reward/task/{t}": float(np.mean(v)) for t, v in sorted(by_task.items())}}
 
 
 def diagnostics(records: list[dict]) -> dict:
@@ -180,7 +166,7 @@ def summarize(records: list[dict], sampled: bool = False) -> dict:
     return out
 
 
-def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.ndarray, kind: str, device: str,
+def evaluate(cfg: TrainConfig, m: Policy, data: RunData, *, step: int, rows: np.ndarray, kind: str, device: str,
              run: RunFolder, scorer=None) -> dict:
     """A training evaluation (greedy) on cache rows `rows`: eval.jsonl gets one aggregate record
     (accuracy, reward and diagnostics per condition, keys suffixed as SUFFIX), eval_records.jsonl the
@@ -191,7 +177,7 @@ def evaluate(cfg: TrainConfig, m: Models, data: RunData, step: int, rows: np.nda
     result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
     by_cond = {}
     for cond in training_conditions(cfg, m):
-        recs = condition_records(cfg, m, data, rows, cond, device, scorer=scorer)
+        recs = condition_records(cfg, m, data, rows, cond, device=device, scorer=scorer)
         s = _scores(recs)
         result.update({k + SUFFIX[cond.name]: s[k] for k in ("accuracy", "reward", "completion_tokens_mean",
                                                                "completion_tokens_max", "truncated_frac",

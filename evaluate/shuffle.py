@@ -26,7 +26,7 @@ from collections import Counter
 import numpy as np
 
 from core.errors import MuskError
-from train.evaluate import Condition
+from evaluate.records import Condition
 from train.inputs import ExpertView
 
 REJECTION_TRIES = 100  # uniform draws tried before the construction (a plain derangement: ~e needed)
@@ -79,7 +79,7 @@ def avoiding_permutation(classes: np.ndarray, rng: np.random.Generator) -> np.nd
     return perm
 
 
-def shuffled(cond: Condition, rows: np.ndarray, seed: int, questions: list | None = None,
+def shuffled(cond: Condition, rows: np.ndarray, seed: int, questions: list | None = None, *,
              datasets: list | None = None, answers: list | None = None, log=None) -> Condition:
     """A shuffle condition with its source rows (module docstring): within each dataset, the shuffled
     experts of every row of question q read a row of question perm[q], perm = avoiding_permutation over

@@ -33,10 +33,10 @@ from pipeline.experts import resolve_device, resolve_dtype
 from train import checkpoint as ckpt
 from train.adapters import method_info
 from train.config import TrainConfig
-from train.evaluate import Condition, condition_records, summarize
+from evaluate.records import Condition, condition_records, summarize
 from train.inputs import ExpertView
-from train.setup import RunData, build_models, load_data
-from train.shuffle import derangement, partnered, shuffle_stats, shuffled  # noqa: F401 (derangement: public here too)
+from train.setup import Policy, RunData, build_policy, load_data
+from evaluate.shuffle import partnered, shuffle_stats, shuffled
 
 CONTEXTS = ("with", "without", "null")
 ABLATIONS = ("drop", "shuffle", "only")
@@ -178,7 +178,10 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
     return conds
 
 
-def _load_weights(m, folder: Path, checkpoint: str) -> None:
+def load_weights(m: Policy, folder: Path, checkpoint: str) -> None:
+    """The trained LoRA and g_phi of final/ or a checkpoint folder into the policy m (a checkpoint's
+    optimizer state is not read: evaluation has no optimizer). Raises MuskError on LoRA tensors that
+    do not match the policy's."""
     if checkpoint == "final":
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
@@ -188,7 +191,7 @@ def _load_weights(m, folder: Path, checkpoint: str) -> None:
                                list(res.unexpected_keys))
         m.adapter.load_state_dict(ckpt.safe_load(folder / "context_adapter.pt"))
     else:
-        ckpt.load_checkpoint(folder, m.peft, m.adapter, m.optimizer)
+        ckpt.load_checkpoint(folder, m.peft, m.adapter)
 
 
 def weights_digest(folder: Path) -> str:
@@ -236,8 +239,10 @@ def eval_dtype(req: EvalRequest, cfg: TrainConfig, resolved: dict, device: str, 
     return dtype
 
 
-def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
-    """Evaluate; returns the folder holding records.jsonl and summary.json."""
+def run_eval(req: EvalRequest, *, scorer=None, progress: bool = True, log=print) -> Path:
+    """Evaluate; returns the folder holding records.jsonl and summary.json. scorer: (entry JSON,
+    completion, mode) -> reward (default: the task's own, pipeline.rewards.score). Builds the policy
+    alone (build_policy): no optimizer."""
     check_finite(req.temperature, "--temperature")  # before anything is read: nan passes every `<= 0`
     run = RunFolder(req.run)
     cfg, resolved = run_config(run)
@@ -257,7 +262,7 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     if len(rows) == 0:
         raise MuskError(f"cache {str(cache_path)!r} has no {req.split!r} prompts")
     has_c = method_info(cfg.method).has_context  # g_phi with an output projection (and a null C)
-    # a shuffle's partner: same dataset, another problem, another reference answer (train/shuffle.py)
+    # a shuffle's partner: same dataset, another problem, another reference answer (evaluate/shuffle.py)
     questions = [problem_key(data.prompts["text"][r]) for r in rows]
     tasks, answers = [data.prompts["task"][r] for r in rows], [data.prompts["answer"][r] for r in rows]
     conds = parse_conditions(req, cfg, data, has_c)  # before the model loads
@@ -266,7 +271,7 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
         log(f"content controls left out: no dataset of the evaluated prompts holds two distinct questions "
             f"({len(set(questions))} in {len(set(tasks))} dataset(s)); a shuffle within a dataset needs two or more")
         conds = [c for c in conds if not c.name.startswith("shuffle:")]
-    conds = [shuffled(c, rows, req.seed, questions, tasks, answers, log) for c in conds]
+    conds = [shuffled(c, rows, req.seed, questions, datasets=tasks, answers=answers, log=log) for c in conds]
     controls = {c.name: shuffle_stats(c, rows, tasks, answers) for c in conds if c.view.source}
     device = resolve_device(cfg.device)
     dtype = eval_dtype(req, cfg, resolved, device, log)
@@ -276,8 +281,8 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
     diff = _differs(old, here) if old is not None else []
     if diff:
         raise MuskError(f"{str(out)!r} holds an evaluation with other settings or weights ({diff}); use another --out")
-    m = build_models(cfg, data, device, dtype)
-    _load_weights(m, folder, req.checkpoint)
+    m = build_policy(cfg, data, device, dtype)  # no optimizer: nothing is trained
+    load_weights(m, folder, req.checkpoint)
     meta = {**here, "method": cfg.method, "team": data.experts, "content_controls": controls}
     records = read_jsonl(out / RECORDS) if old is not None else []
     m.peft.eval()
@@ -289,7 +294,8 @@ def run_eval(req: EvalRequest, progress: bool = True, log=print) -> Path:
         if have == want:
             continue  # complete from an earlier run into this folder
         records = [r for r in records if r["condition"] != cond.name]
-        records += condition_records(cfg, m, data, cond_rows, cond, device, req.samples, req.temperature, req.seed)
+        records += condition_records(cfg, m, data, cond_rows, cond, device=device, samples=req.samples,
+                                     temperature=req.temperature, seed=req.seed, scorer=scorer)
         out.mkdir(parents=True, exist_ok=True)
         write_jsonl(out / RECORDS, records)
         atomic_write_text(out / SUMMARY, json.dumps({**meta, "conditions": summarize(records, sampled=req.temperature is not None)},
