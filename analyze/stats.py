@@ -166,7 +166,8 @@ class SeedQuestionCI(NamedTuple):
         if self.too_small:
             return f"{self.diff * scale:+.1f}, n too small for an interval ({what})"
         if self.two_seeds:
-            per = "; ".join(f"seed {i + 1}: {iv(*x)}†" for i, x in enumerate(self.per_seed))
+            per = "; ".join(f"seed {i + 1}: {iv(*x)}†" if x[2] > x[1] else f"seed {i + 1}: {x[0] * scale:+.1f}, n too small"
+                            for i, x in enumerate(self.per_seed))  # a zero-width seed says so, as a pooled one does
             return f"{self.diff * scale:+.1f}, two seeds: no pooled interval; {per} ({what})"
         out = iv(self.diff, self.lo, self.hi) + ("†" if self.conditional else "") + f" ({what}"
         if self.beyond:

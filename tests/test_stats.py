@@ -193,3 +193,13 @@ def test_interval_calibrated_both_ways(sd):
     a, b = draw(np.random.default_rng(9), "paired", 50, 3, 64, sd, 0.05)
     batched = seed_question(a, b, "paired").reject
     assert [two_level_bootstrap(x, y, paired_seeds=True).excludes_zero() for x, y in zip(a, b)] == batched.tolist()
+
+
+def test_a_zero_width_seed_of_two_says_n_too_small():
+    """Two seeds print one interval a seed; a seed whose differences are all equal has no interval."""
+    from analyze.stats import seed_question_interval
+
+    a = [[0.0] * 8, [1, 0, 1, 0, 0, 1, 0, 0]]
+    ci = seed_question_interval(a, [[0.25] * 8], fixed_b=True)
+    text = ci.fmt()
+    assert "seed 1: -25.0, n too small" in text and "seed 2: +12.5 [" in text
