@@ -59,11 +59,12 @@ def supervised_grad(cfg, m, data, idx: list[int], device: str, w: torch.Tensor) 
     return w.grad.detach().float().clone()
 
 
-def grpo_grad(cfg, m, data, idx: list[int], device: str, w: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """d/dW of one GRPO micro-batch on prompts idx (fresh rollouts); None when every group agrees."""
+def grpo_grad(cfg, m, data, idx: list[int], device: str, w: torch.Tensor, scorer=score) -> tuple[torch.Tensor | None, float]:
+    """d/dW of one GRPO micro-batch on prompts idx (fresh rollouts, rewarded by `scorer`); None when every
+    group agrees."""
     m.optimizer.zero_grad(set_to_none=True)
     timing = defaultdict(float)
-    ro = generate_trajectory(cfg, m, data, idx, device=device, timing=timing, scorer=score)
+    ro = generate_trajectory(cfg, m, data, idx, device=device, timing=timing, scorer=scorer)
     grpo_step(cfg, m, ro, timing)
     g = None if w.grad is None or not bool(ro.advantages.abs().sum() > 0) else w.grad.detach().float().clone()
     return g, ro.frac_zero_std
@@ -82,7 +83,8 @@ def mean_cos(n: int, rho: float) -> float:
     return math.sqrt(n * rho / (1 + (n - 1) * rho)) if rho > 0 else float("nan")
 
 
-def main() -> None:
+def main(scorer=score) -> None:
+    """The command; scorer: the task's reward (tests hand in one with variance for a random policy)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, required=True)
     ap.add_argument("--config", default="configs/train/probe.yaml")
@@ -122,7 +124,7 @@ def main() -> None:
         sup = supervised_grad(cfg, m, data, idx, device, w)
         draws, zero = [], []
         for _ in range(args.draws):
-            g, fz = grpo_grad(cfg, m, data, idx, device, w)
+            g, fz = grpo_grad(cfg, m, data, idx, device, w, scorer)
             zero.append(fz)
             if g is not None:
                 draws.append(g)

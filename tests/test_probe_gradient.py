@@ -57,10 +57,9 @@ def test_benchmark_end_to_end_on_a_tiny_probe_cache(tmp_path, tiny_policy, monke
                                                                context_position="after-question"))
     out = tmp_path / "g.json"
     # a tiny random policy is never right: score each completion by its text's parity, so groups disagree
-    monkeypatch.setattr("train.loop.score", lambda entry, text, mode: float(len(text) % 2))
     monkeypatch.setattr(sys, "argv", ["probe_gradient.py", "--cache", str(cache), "--config", str(cfg), "--batches", "1",
                                       "--draws", "3", "--threads", "1", "--json", str(out)])
-    probe_gradient.main()
+    probe_gradient.main(scorer=lambda entry, text, mode: float(len(text) % 2))
     assert "RESULT initial weights" in capsys.readouterr().out
     res = json.loads(out.read_text())
     for k in ("cos_draw_sup", "cos_draw_draw", "cos_mean_sup"):  # every draw had signal: no NaN
