@@ -78,9 +78,11 @@ def figure4(runs: list[Run], out: Path, method: str = "perceiver", rho: dict | N
     for col, (key, rs) in enumerate(groups.items()):
         label = setting_label(key[0], key[1], rs, [g for k, g in all_groups.items() if k != key])
         names = list(rs[0].team)
-        util = [np.array(r.metrics["routing/utilization"].to_list(), dtype=float) for r in rs]  # [T, n] each
+        # the GRPO steps: a recipe's warm-up steps measure no routing and earn no reward
+        ms = [r.metrics.filter(r.metrics["routing/utilization"].is_not_null()) for r in rs]
+        util = [np.array(m["routing/utilization"].to_list(), dtype=float) for m in ms]  # [T, n] each
         T = min(len(u) for u in util)
-        steps = rs[0].metrics["step"].to_numpy()[:T]
+        steps = ms[0]["step"].to_numpy()[:T]
         w = min(10, max(1, T // 5))
         du = [_smooth(change_from_start(u[:T], w), w) for u in util]  # [T, n] change from the first window
         ax = axes[0, col]
@@ -93,13 +95,13 @@ def figure4(runs: list[Run], out: Path, method: str = "perceiver", rho: dict | N
         ax.set_ylabel(f"Δ utilisation $u_i$ from the first {w} steps' mean ({w}-step mean)")
         ax.legend(fontsize=8)
         ax = axes[1, col]
-        _band_line(ax, steps, [_smooth(r.metrics["reward/mean"].to_numpy()[:T].astype(float), w) for r in rs],
+        _band_line(ax, steps, [_smooth(m["reward/mean"].to_numpy()[:T].astype(float), w) for m in ms],
                    color="tab:blue", label="reward")
         ax.set_xlabel("training step")
         ax.set_ylabel(f"mean reward ({w}-step mean)", color="tab:blue")
         ax2 = ax.twinx()
         dh = [_smooth(change_from_start(h, w), w)
-              for h in (r.metrics["routing/entropy"].to_numpy()[:T].astype(float) for r in rs)]
+              for h in (m["routing/entropy"].to_numpy()[:T].astype(float) for m in ms)]
         _band_line(ax2, steps, dh, color="tab:red", label="Δ routing entropy H")
         _span(ax2, dh, 0.1 * np.log(max(2, len(names))))
         ax2.set_ylabel(f"Δ routing entropy H from the first {w} steps' mean", color="tab:red")

@@ -251,11 +251,13 @@ def _collaboration_row(rs: list[Run], team: tuple, with_null: bool) -> tuple[lis
     with_c = [r.final_accuracy for r in rs]
     without = [r.summary.get("final_val_accuracy_without_context") for r in rs]
     null = [r.summary.get("final_val_accuracy_null_context") for r in rs]
-    first = [r.metrics["routing/entropy"][0] for r in rs if "routing/entropy" in r.metrics.columns]
-    last = [r.metrics["routing/entropy"][-1] for r in rs if "routing/entropy" in r.metrics.columns]
+    # the first and last GRPO steps that measured routing (a recipe's warm-up steps measure none)
+    measured = [r.metrics["routing/entropy"].drop_nulls() for r in rs if "routing/entropy" in r.metrics.columns]
+    first = [h[0] for h in measured if len(h)]
+    last = [h[-1] for h in measured if len(h)]
     # u_i of a run: the mean over its last WINDOW steps (one step is one training batch: a few prompts)
-    util = [np.mean(r.metrics["routing/utilization"].to_list()[-WINDOW:], axis=0).tolist() for r in rs
-            if "routing/utilization" in r.metrics.columns]
+    util = [np.mean(r.metrics["routing/utilization"].drop_nulls().to_list()[-WINDOW:], axis=0).tolist() for r in rs
+            if "routing/utilization" in r.metrics.columns and r.metrics["routing/utilization"].drop_nulls().len()]
     u = np.array(util, dtype=float) if util and all(len(x) == len(team) for x in util) else None  # [seeds, n]
     u_txt = ", ".join(f"{n}: {u[:, i].mean():.3f}" + (f" ± {u[:, i].std(ddof=1):.3f}" if len(u) > 1 else "")
                       for i, n in enumerate(team)) if u is not None else "—"

@@ -37,3 +37,21 @@ def test_a_recipe_row_is_never_labelled_as_the_paper_method():
     assert method_label("prefix", {"sft_mix_coef": 0.5, "sft_mix_steps": 30}, ["sft_mix_coef"]) == "prefix + sft-mix 0.5/30"
     assert method_label("prefix", {"sft_warmup_steps": 5, "num_latents": 4}, ["num_latents"]) == \
         "prefix + sft-warmup 5 (context) [num_latents=4]"
+
+
+def test_the_report_reads_a_recipe_run_whose_first_steps_are_warm_up(tmp_path):
+    """Warm-up steps log no reward and no routing: the collaboration table and Figure 4 read the GRPO
+    steps only (a report on recipe runs used to stop on the warm-up's missing values)."""
+    from analyze.plots import figure4
+    from analyze.tables import collaboration_table
+
+    warm = [{"step": s, "stage": "sft-warmup", "sft/nll": 1.0} for s in (1, 2)]
+    grpo = [{"step": s, "reward/mean": 0.5, "routing/entropy": 1.0 - 0.1 * s,
+             "routing/utilization": [0.5, 0.5]} for s in (3, 4, 5, 6)]
+    metrics = pl.DataFrame(warm + grpo, infer_schema_length=None)
+    run = Run("w0", tmp_path, {"method": "perceiver", "seed": 0, "task_family": "secret-label",
+                               "experts": ["a", "b"], "sft_warmup_steps": 2}, {"final_val_accuracy": 0.5},
+              metrics, pl.DataFrame())
+    t = collaboration_table([run])
+    assert any("0.700 → 0.400" in c for _, cells in t.rows for c in cells)
+    assert figure4([run], tmp_path / "f4.png", "perceiver") is not None
