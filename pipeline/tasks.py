@@ -427,13 +427,18 @@ def _gsm8k_split(rows: list[dict], split: str, size: int) -> list[Prompt]:
 SECRET_DIGIT = "Card {card} hides a digit from 0 to 9. What is the digit?"
 
 
-def _secret_digit_stream(seed: int) -> Iterator[dict]:
+def _cards(seed: int, salt: int) -> Iterator[tuple]:
+    """Endless (random six-letter card name, the generator that drew it) from default_rng([seed, salt])."""
     import numpy as np
 
-    rng = np.random.default_rng([seed, 7919])
+    rng = np.random.default_rng([seed, salt])
     letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
     while True:
-        card = "".join(rng.choice(letters, 6))
+        yield "".join(rng.choice(letters, 6)), rng
+
+
+def _secret_digit_stream(seed: int) -> Iterator[dict]:
+    for card, rng in _cards(seed, 7919):
         digit = str(int(rng.integers(0, 10)))
         text = SECRET_DIGIT.format(card=card)
         yield {"question": text, "answer": digit, "metadata": {"source_dataset": "secret-digit"}}
@@ -460,13 +465,8 @@ def secret_label(card: str, k: int, salt: int) -> str:
 
 
 def _secret_label_stream(seed: int, k: int, salt: int) -> Iterator[dict]:
-    import numpy as np
-
-    rng = np.random.default_rng([seed, 104729])
-    letters = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
     options = ", ".join(str(d) for d in range(k - 1)) + f" or {k - 1}"
-    while True:
-        card = "".join(rng.choice(letters, 6))
+    for card, _ in _cards(seed, 104729):
         text = SECRET_LABEL.format(card=card, options=options)
         yield {"question": text, "answer": secret_label(card, k, salt),
                "metadata": {"source_dataset": "secret-label", "labels": k}}
@@ -477,7 +477,7 @@ def secret_label_split(split: str, size: int, seed: int, k: int, salt: int,
     """The probe only C can answer: every question names the same k options (digits 0..k-1) and a random
     six-letter card; the answer is the card's label (`secret_label`, a seeded hash of the card). The
     question carries no clue, so single, prefix and C removed sit at chance 1/k by construction (each
-split holds the k labels equally often, so even a constant answer scores 1/k); only an
+    split holds the k labels equally often, so even a constant answer scores 1/k); only an
     expert that encodes the label (probe-oracle) can lift a policy above it, and only through C. The
     answer format is one digit: a soft prompt can learn the format and nothing more. Scored as a number."""
     quota = {str(d): size // k + (d < size % k) for d in range(k)}  # balanced: a constant answer scores 1/k

@@ -40,13 +40,13 @@ from train.adapters import method_info, save_adapter
 from train.config import TrainConfig, advantage_scale
 from train.grpo import group_advantages, grpo_loss, sampler_gap, truncated_rows
 from train.inputs import decode_merged, rollout_inputs
-from train.optim import NonFinite, set_lr, update
+from train.optim import NonFinite, begin_step, update
 from train.policy import (check_policy, completion_logprobs, merged_lora, merged_lora_weights,
                           policy_spec, save_policy)
 from train.recipes import answer_nll, in_warmup, mix_coef, warmup_step
 from train.records import completion_records, micro_stats, step_record, summary_record, update_record
 from train.rollouts import Rollouts, draw_informative, micro_seed
-from train.setup import (FeatureSource, Models, RunData, data_order, build_models, load_data,
+from train.setup import (FeatureSource, Models, RunData, build_models, load_data, step_prompts,
                          micro_batches_per_rank, open_run)
 from train.trackers import Trackers
 
@@ -198,10 +198,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
     promises whatever the rank count. Returns (metrics, new cursor)."""
     t_step = time.perf_counter()
     timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
-    set_lr(m.optimizer, step, cfg.warmup_steps)
-    if hasattr(m.adapter, "out"):  # context_gate ramp: this step's r_t (0 on the first step: KL = 0)
-        m.adapter.out.set_step(step, cfg.gate_warmup_steps)
-    m.optimizer.zero_grad(set_to_none=True)
+    begin_step(cfg, m, step)
     method, W, B = method_info(cfg.method), dist.world(), cfg.train_batch_size
     stats = []  # [(global micro index, stats)]
     sft_nll = []  # the mixed objective's answer NLL per micro-batch (sft_mix_coef > 0)
@@ -211,7 +208,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
         A = cfg.gradient_accumulation_steps  # round r of micro-batch g reads the step's r-th block of A*B prompts
 
         def prompts(r: int, g: int = g) -> list[int]:
-            return [int(data.train_idx[i]) for i in data_order(cfg.seed, len(data.train_idx), cursor + (r * A + g) * B, B)]
+            return step_prompts(cfg, data.train_idx, cursor, r * A + g)
 
         idx = prompts(0)
         torch.manual_seed(micro_seed(cfg.seed, step, g))

@@ -19,6 +19,15 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> No
         g["lr"] = g["base_lr"] * (min(1.0, step / w) if w else 1.0)
 
 
+def begin_step(cfg: TrainConfig, m: Models, step: int) -> None:
+    """What every optimizer step does first: this step's learning rates (warmups), the ramp gate's r_t
+    (0 on the first step: KL = 0), and cleared gradients."""
+    set_lr(m.optimizer, step, cfg.warmup_steps)
+    if hasattr(m.adapter, "out"):  # context_gate ramp: this step's r_t
+        m.adapter.out.set_step(step, cfg.gate_warmup_steps)
+    m.optimizer.zero_grad(set_to_none=True)
+
+
 def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float, it: int = 0) -> tuple[float, dict]:
     """One AdamW update on the accumulated gradients: sum over ranks, dapo's token sums divided by the
     step's loss tokens (all ranks), clip. A non-finite loss or norm raises NonFinite before the update.

@@ -28,9 +28,9 @@ import torch
 from core import dist
 from train.config import TrainConfig
 from train.inputs import policy_inputs
-from train.optim import set_lr, update
+from train.optim import begin_step, update
 from train.policy import completion_logprobs
-from train.setup import Models, RunData, data_order, micro_batches_per_rank
+from train.setup import Models, RunData, micro_batches_per_rank, step_prompts
 
 
 def answer_tokens(tok, answers: list[str], eos: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,15 +92,12 @@ def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: i
     guard). With sft_warmup_train `context` the LoRA's gradients are dropped before the update, so the
     LoRA is untouched (AdamW skips a tensor without a gradient: no weight decay either)."""
     t0 = time.perf_counter()
-    set_lr(m.optimizer, step, cfg.warmup_steps)
-    if hasattr(m.adapter, "out"):  # context_gate ramp: r_t rises over the warm-up as over GRPO steps
-        m.adapter.out.set_step(step, cfg.gate_warmup_steps)
-    m.optimizer.zero_grad(set_to_none=True)
+    begin_step(cfg, m, step)  # the ramp gate's r_t rises over the warm-up as over GRPO steps
     W, B, A = dist.world(), cfg.train_batch_size, cfg.gradient_accumulation_steps
     losses = []
     for micro in range(micro_batches_per_rank(A, W)):
         g = micro * W + dist.rank()
-        idx = [int(data.train_idx[i]) for i in data_order(cfg.seed, len(data.train_idx), cursor + g * B, B)]
+        idx = step_prompts(cfg, data.train_idx, cursor, g)
         loss = answer_nll(cfg, m, data, idx, device)
         (loss / A).backward()  # the step's A micro-batches, over every rank, average
         losses.append(float(loss.detach()))

@@ -37,6 +37,14 @@ def data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
     return out
 
 
+def step_prompts(cfg: TrainConfig, train_idx, cursor: int, block: int) -> list[int]:
+    """Cache rows of block `block` of train_batch_size prompts from data position `cursor` on: round r of
+    micro-batch g of a step reads block r * gradient_accumulation_steps + g (GRPO steps and warm-up
+    steps alike), so the prompts do not depend on the number of ranks."""
+    B = cfg.train_batch_size
+    return [int(train_idx[i]) for i in data_order(cfg.seed, len(train_idx), cursor + block * B, B)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Data: everything a run needs, read from the cache once into memory (no per-row HDF5 reads on
 # the hot path).
