@@ -271,6 +271,8 @@ def probe(
                                      "their mean and 95th percentile are shown."),
     out: Optional[Path] = typer.Option(None, "--out", help="Also write the table to OUT.md and OUT.csv."),
     max_train: Optional[int] = typer.Option(None, "--max-train", help="Probe on the first N training prompts only."),
+    variants: Optional[str] = typer.Option(None, "--variants", help="Comma-separated pooling variants to probe "
+                                           "(e.g. last_token); default: every variant in the cache."),
     threads: Optional[int] = typer.Option(None, "--threads", help=THREADS_HELP),
 ):
     """Is the answer in the state beyond what the question shows? A linear probe per expert and pooling
@@ -289,7 +291,11 @@ def probe(
         _fail(f"--permutations must be at least {MIN_PERMUTATIONS}, got {permutations}")
     name = policy or TrainConfig().policy
     tok = _run(load_tokenizer_from, name)
-    rows = _run(probe_cache, cache, tok, ProbeConfig(max_train=max_train, target=target, permutations=permutations))
+    chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants is not None else None
+    if chosen is not None and not chosen:
+        _fail("--variants names no variant")
+    cfg = ProbeConfig(max_train=max_train, target=target, permutations=permutations, variants=chosen)
+    rows = _run(probe_cache, cache, tok, cfg)
     title = f"Decodability probe ({target}): {cache.name}, question-only control in {name}'s tokenizer"
     typer.echo(probe_markdown(rows, title))
     if out is not None:

@@ -81,6 +81,8 @@ class ProbeConfig:
     """Keep only the first max_train training prompts (large caches); None keeps all."""
     target: str = "answer"
     """What is predicted: one of TARGETS (module docstring)."""
+    variants: tuple[str, ...] | None = None
+    """Pooling variants to probe (in the cache's order); None probes every variant the cache holds."""
 
 
 def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -228,7 +230,7 @@ def probe_rows(features, texts: list[str], y: np.ndarray, train: np.ndarray, val
 def probe_cache(path: Path, tok, cfg: ProbeConfig = ProbeConfig()) -> list[dict]:
     """probe_rows for every (expert, variant) of the cache at `path`, each row with the held-out split's
     name and the target. `tok`: the policy's tokenizer. Raises MuskError on a missing or foreign
-    cache, an unknown target or a target with one class."""
+    cache, an unknown target, a target with one class or a variant the cache lacks."""
     with Cache(path) as c:
         prompts = c.prompts()
         train, split = c.split_indices("train"), held_out_split(c)
@@ -236,7 +238,11 @@ def probe_cache(path: Path, tok, cfg: ProbeConfig = ProbeConfig()) -> list[dict]
         if cfg.max_train is not None:
             train = train[: cfg.max_train]
         y, _ = target_labels(cfg.target, prompts["answer"], tok, train)
-        feats = ((e, v, c.features(v, [e])[e].astype(np.float64)) for e in c.experts for v in c.variants)
+        variants = [v for v in c.variants if cfg.variants is None or v in cfg.variants]
+        missing = sorted(set(cfg.variants or ()) - set(c.variants))
+        if missing:
+            raise MuskError(f"{path}: no pooling variant(s) {missing} in this cache; it holds {list(c.variants)}")
+        feats = ((e, v, c.features(v, [e])[e].astype(np.float64)) for e in c.experts for v in variants)
         rows = probe_rows(feats, prompts["text"], y, train, val, tok, cfg)
     return [{**r, "split": split, "target": cfg.target} for r in rows]
 

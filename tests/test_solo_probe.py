@@ -187,6 +187,12 @@ def test_probe_cli_end_to_end(tiny_cache, tiny_policy, tmp_path):
     for args, want in ((["--permutations", "5"], "--permutations"), (["--target", "last"], "--target")):
         bad = CliRunner().invoke(app, ["probe", str(tiny_cache), "--policy", str(tiny_policy), *args])
         assert bad.exit_code == 2 and want in bad.output and "Traceback" not in bad.output
+    # --variants: only the named variants are probed; one the cache lacks is refused by name
+    one = CliRunner().invoke(app, ["probe", str(tiny_cache), "--policy", str(tiny_policy), "--variants", "last_token"])
+    assert one.exit_code == 0, one.output
+    assert "| last_token |" in one.output and "| first_token |" not in one.output
+    bad = CliRunner().invoke(app, ["probe", str(tiny_cache), "--policy", str(tiny_policy), "--variants", "nope"])
+    assert bad.exit_code == 2 and "no pooling variant(s) ['nope']" in bad.output and "Traceback" not in bad.output
 
 
 def test_probe_cli_refuses_a_one_class_first_token(tiny_cache, tiny_policy, monkeypatch):
