@@ -31,10 +31,10 @@ def test_extract_presets_load(path):
 
 def test_paper_train_preset_matches_listing1():
     cfg = load_train_config(str(CONFIGS / "train" / "paper.yaml"))
-    assert cfg.policy == "Qwen/Qwen2.5-3B-Instruct" and cfg.lora_rank == 8 and cfg.group_size == 8
-    assert cfg.beta == 0.04 and cfg.lr == 1e-4 and cfg.router_lr == 1e-4 and cfg.epsilon == 1e-6
-    assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 32 and cfg.total_training_steps == 500
-    assert cfg.answer_extraction == "strict" and cfg.max_new_tokens == 128 and cfg.num_latents == 8
+    assert cfg.policy.name == "Qwen/Qwen2.5-3B-Instruct" and cfg.policy.lora_rank == 8 and cfg.grpo.group_size == 8
+    assert cfg.grpo.beta == 0.04 and cfg.optim.lr == 1e-4 and cfg.optim.router_lr == 1e-4 and cfg.optim.epsilon == 1e-6
+    assert cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps == 32 and cfg.optim.total_training_steps == 500
+    assert cfg.sampling.answer_extraction == "strict" and cfg.sampling.max_new_tokens == 128 and cfg.context.num_latents == 8
     assert load_train_config(str(CONFIGS / "train" / "paper-gsm8k.yaml")).total_training_steps == 233
 
 
@@ -86,7 +86,7 @@ def test_every_train_preset_is_recipe_free():
     """Recipes are beyond the paper: off in every shipped train preset."""
     for path in sorted((CONFIGS / "train").glob("*.yaml")):
         cfg = load_train_config(str(path))
-        assert (cfg.sft_warmup_steps, cfg.sft_mix_coef) == (0, 0.0), path.name
+        assert (cfg.recipe.sft_warmup_steps, cfg.recipe.sft_mix_coef) == (0, 0.0), path.name
 
 
 def test_paper_presets_keep_the_literal_recipe():
@@ -94,9 +94,9 @@ def test_paper_presets_keep_the_literal_recipe():
     normalisation: the paper's literal recipe stays one named setting, comparable with musk's."""
     for name in ("paper.yaml", "paper-gsm8k.yaml", "paper-h100.yaml"):
         cfg = load_train_config(str(CONFIGS / "train" / name))
-        assert (cfg.context_position, cfg.context_gate, cfg.feature_norm, cfg.router_warmup_steps,
-                cfg.grad_clip_scope) == ("suffix", "none", "none", 0, "global")
-        assert cfg.init_std == 1e-4
+        assert (cfg.context.context_position, cfg.context.context_gate, cfg.context.feature_norm, cfg.optim.router_warmup_steps,
+                cfg.optim.grad_clip_scope) == ("suffix", "none", "none", 0, "global")
+        assert cfg.context.init_std == 1e-4
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "train").glob("*.yaml")), ids=lambda p: p.stem)
@@ -107,9 +107,9 @@ def test_train_presets_keep_the_original_grpo_estimator(path):
     from train.config import advantage_scale
 
     cfg = load_train_config(str(path))
-    assert (cfg.loss_type, advantage_scale(cfg), cfg.num_iterations, cfg.clip_eps, cfg.clip_eps_high,
-            cfg.mask_truncated_completions) == ("grpo", "group", 1, 0.2, None, False)
-    assert (cfg.top_p, cfg.top_k, cfg.min_p) == (1.0, 0, 0.0)
+    assert (cfg.grpo.loss_type, advantage_scale(cfg), cfg.grpo.num_iterations, cfg.grpo.clip_eps, cfg.grpo.clip_eps_high,
+            cfg.grpo.mask_truncated_completions) == ("grpo", "group", 1, 0.2, None, False)
+    assert (cfg.sampling.top_p, cfg.sampling.top_k, cfg.sampling.min_p) == (1.0, 0, 0.0)
 
 
 def test_scale_rewards_auto_follows_loss_type():

@@ -76,7 +76,7 @@ def test_parse_sets_types_values_by_the_field():
     assert parse_sets(ExtractConfig, ["task.train_size=5", "task.val_size=2", "task.train_size=6"]) == {
         "task": {"train_size": 6, "val_size": 2}}
     cfg = from_dict(TrainConfig, {k: v for k, v in got.items() if k not in ("experts", "policy")})
-    assert (cfg.beta, cfg.decode_merged, cfg.router, cfg.pooling) == (1e-3, "off", None, "first_token")
+    assert (cfg.grpo.beta, cfg.sampling.decode_merged, cfg.context.router, cfg.context.pooling) == (1e-3, "off", None, "first_token")
 
 
 def test_progress_bar_writes_plain_lines_where_stderr_is_not_a_terminal():

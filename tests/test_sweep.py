@@ -251,12 +251,12 @@ def test_presets_plan_the_paper_grids():
     assert len(gsm) == 21 and {c.steps for c in gsm} == {233} and {c.steps for c in t1 if c not in gsm} == {500}
     assert sorted({c.method for c in t1 if "generalist" in c.cache}) == ["perceiver"]
     _, t2 = plan_sweep(sweeps / "table2.yaml")
-    assert {c.train.pooling for c in t2} == {"first_token", "first_layer", "random_token", "random_layer", "last_token"}
+    assert {c.train.context.pooling for c in t2} == {"first_token", "first_layer", "random_token", "random_layer", "last_token"}
     _, f6 = plan_sweep(sweeps / "figure6.yaml")
-    assert sorted({c.train.num_latents for c in f6}) == [2, 4, 8, 16, 32, 64, 128]
+    assert sorted({c.train.context.num_latents for c in f6}) == [2, 4, 8, 16, 32, 64, 128]
     folder, ev = plan_sweep(sweeps / "embedded-evidence.yaml")
     assert sorted({c.method for c in ev}) == ["ffn", "hard-routing", "output-collab", "perceiver", "prefix", "single"]
-    assert all(c.train.total_training_steps == 20 and c.config is None for c in ev)  # the README's embedded runs
+    assert all(c.train.optim.total_training_steps == 20 and c.config is None for c in ev)  # the README's embedded runs
 
 
 @pytest.mark.slow
@@ -364,7 +364,7 @@ def test_cells_are_named_from_the_typed_value(tiny_cache, tiny_policy, tmp_path)
     _, cells = plan_sweep(_raw_grid(tmp_path, tiny_cache, tiny_policy,
                                     "methods: [single]\ngrid:\n  lr: [1e-3, 2_000e-7]\n  decode_merged: [off]\n"))
     assert [c.name for c in cells] == ["single-lr-0.001-decode_merged-off-s0", "single-lr-0.0002-decode_merged-off-s0"]
-    assert [c.train.lr for c in cells] == [0.001, 0.0002] and cells[0].train.decode_merged == "off"
+    assert [c.train.optim.lr for c in cells] == [0.001, 0.0002] and cells[0].train.sampling.decode_merged == "off"
     # two spellings of one value: one configuration, refused before anything starts, naming both
     grid = _raw_grid(tmp_path, tiny_cache, tiny_policy, "methods: [single]\ngrid:\n  lr: [1e-3, 0.001]\n", "two.yaml")
     with pytest.raises(MuskError, match=r"two cells are named 'single-lr-0.001-s0'.*one value as the train config"):
@@ -388,7 +388,7 @@ def test_keys_a_method_does_not_read_do_not_multiply_its_runs(tiny_cache, tiny_p
         ["single-lr-0.1-s0", "single-lr-0.2-s0"] +
         [f"perceiver-router_lr-{r}-lr-{lr}-s0" for r in (0.001, 0.01) for lr in (0.1, 0.2)])
     single = [c for c in cells if c.method == "single"]
-    assert all(c.train.router_lr == 1e-2 for c in single)  # the set value, not a grid one
+    assert all(c.train.optim.router_lr == 1e-2 for c in single)  # the set value, not a grid one
     lines = plan_lines(folder, cells, 1, 1.0)
     assert "  note: router_lr is not read by single: one single run where the grid lists 2 values of it" in lines
 
