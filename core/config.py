@@ -197,8 +197,11 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def is_text(tp: Any) -> bool:
-    """Whether field type tp is str or str | None (VALUE then stays the text typed, not YAML's reading)."""
+    """Whether field type tp is str, str | None or a Literal of strings (VALUE then stays the text typed,
+    not YAML's reading: `off` is "off", not false)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return all(isinstance(a, str) for a in args)
     return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and args == [str])
 
 

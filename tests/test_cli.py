@@ -105,11 +105,11 @@ def test_train_set_values_land_in_the_saved_config(tiny_cache, tiny_policy, tmp_
 
 
 @pytest.mark.parametrize("item,message", [
-    ("betta=0.1", "--set 'betta': unknown key 'betta'; nearest valid keys: ['beta'"),
-    ("loss=dapo", "--set 'loss': unknown key 'loss'; nearest valid keys: ['loss_type']"),
-    ("group_size=abc", "--set group_size: expected an integer, got 'abc' (field type int; nearest valid keys: "
-                       "['group_size'"),
-    ("beta=[1]", "--set beta: expected a number, got [1]"),
+    ("betta=0.1", "--set 'betta': unknown key 'betta'; nearest valid keys: ['grpo.beta'"),
+    ("loss=dapo", "--set 'loss': unknown key 'loss'; nearest valid keys: ['grpo.loss_type']"),
+    ("group_size=abc", "--set grpo.group_size: expected an integer, got 'abc' (field type int; nearest "
+                       "valid keys: ['grpo.group_size'"),
+    ("beta=[1]", "--set grpo.beta: expected a number, got [1]"),
     ("experts=3", "--set experts: expected a list, got 3"),
     ("beta", "--set 'beta': expected KEY=VALUE"),
     ("loss_type=ppo", "unknown loss_type 'ppo'; choices: ['grpo', 'dr_grpo', 'dapo', 'bnpo']"),

@@ -123,11 +123,11 @@ def test_scale_rewards_auto_follows_loss_type():
 @pytest.mark.parametrize("bad,message", [
     ({"loss_type": "ppo"}, "unknown loss_type 'ppo'; choices: ['grpo', 'dr_grpo', 'dapo', 'bnpo']"),
     ({"scale_rewards": "std"}, "unknown scale_rewards 'std'; choices: ['auto', 'group', 'batch', 'none']"),
-    ({"num_iterations": 0}, "num_iterations must be at least 1"),
-    ({"top_p": 0.0}, "0 < top_p <= 1"),
-    ({"top_k": -1}, "top_k >= 0"),
-    ({"min_p": 1.0}, "0 <= min_p < 1"),
-    ({"clip_eps_high": -0.1}, "clip_eps and clip_eps_high must be >= 0"),
+    ({"num_iterations": 0}, "grpo.num_iterations must be at least 1"),
+    ({"top_p": 0.0}, "sampling.top_p must be more than 0, got 0.0"),
+    ({"top_k": -1}, "sampling.top_k must be at least 0 (0: off), got -1"),
+    ({"min_p": 1.0}, "sampling.min_p must be less than 1, got 1.0"),
+    ({"clip_eps_high": -0.1}, "grpo.clip_eps_high must be at least 0, got -0.1"),
 ])
 def test_grpo_settings_are_checked(bad, message):
     from core.errors import MuskError

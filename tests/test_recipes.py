@@ -39,10 +39,10 @@ def _models(tiny_cache, tiny_policy, **extra):
 @pytest.mark.parametrize("extra, match", [
     ({"method": "single", "sft_warmup_steps": 1}, "no g_phi"),
     ({"method": "output-collab", "sft_warmup_steps": 1}, "no g_phi"),
-    ({"sft_warmup_steps": 4, "total_training_steps": 3}, "more than the run's total_training_steps"),
+    ({"sft_warmup_steps": 4, "total_training_steps": 3}, "more than the run's optim.total_training_steps"),
     ({"sft_warmup_train": "lora"}, "unknown sft_warmup_train"),
-    ({"sft_mix_coef": -0.1}, "must be >= 0"),
-    ({"sft_mix_coef": 0.5, "sft_mix_steps": 0}, "sft_mix_steps >= 1"),
+    ({"sft_mix_coef": -0.1}, "recipe.sft_mix_coef must be at least 0"),
+    ({"sft_mix_coef": 0.5, "sft_mix_steps": 0}, "recipe.sft_mix_steps must be at least 1"),
     ({"sft_mix_coef": 0.5, "loss_type": "dapo"}, "dapo"),
 ])
 def test_bad_recipes_are_refused_by_name(tiny_policy, extra, match):

@@ -111,10 +111,17 @@ def dotted(key: str, where: str = "config") -> str:
         return FLAT[key]
     if key in DOTTED or key in SECTIONS:
         return key
-    near = difflib.get_close_matches(key, [*DOTTED, *FLAT], n=5, cutoff=0.5)
-    hint = sorted({FLAT.get(k, k) for k in near})
-    raise MuskError(f"{where}: unknown key {key!r}{f'; did you mean {hint}?' if hint else ''} (keys are "
-                    f"SECTION.KEY, sections {list(SECTIONS)}, or top-level {list(TOP)})")
+    raise MuskError(f"{where}: unknown key {key!r}; nearest valid keys: {nearest(key)} (keys are SECTION.KEY, "
+                    f"sections {list(SECTIONS)}, or top-level {list(TOP)})")
+
+
+def nearest(key: str, n: int = 5) -> list[str]:
+    """The dotted keys whose dotted or flat spelling is nearest `key` (`betta` -> ['grpo.beta', ...])."""
+    def score(flat: str, full: str) -> float:
+        return max(difflib.SequenceMatcher(None, key, s).ratio() for s in (flat, full))
+
+    ranked = sorted(FLAT.items(), key=lambda kv: -score(*kv))
+    return [full for flat, full in ranked[:n] if score(flat, full) >= 0.4]
 
 
 def flat_name(key: str) -> str:
@@ -165,8 +172,12 @@ def parse_train_sets(items: list[str] | tuple[str, ...], where: str = "--set") -
     (`grpo.beta`) or the flat alias (`beta`); an unknown KEY raises MuskError naming the dotted keys near it."""
     named = []
     for item in items:
-        key, eq, raw = item.partition("=")
-        named.append(f"{dotted(key.strip(), f'{where} {key.strip()!r}')}{eq}{raw}" if eq else item)
+        key, eq, raw = (s.strip() if i == 0 else s for i, s in enumerate(item.partition("=")))
+        head, dot, rest = key.partition(".")
+        if dot and head in FLAT and "." not in FLAT[head]:
+            head, dot, rest = key, "", ""  # top-level (experts.x): parse_sets says what is wrong
+        full = FLAT[head] + dot + rest if dot and head in FLAT else dotted(key, f"{where} {key!r}")
+        named.append(f"{full}={raw}" if eq else item)
     return parse_sets(TrainConfig, named, where)
 
 
