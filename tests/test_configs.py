@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import to_dict
 from pipeline.extract import EMBEDDED_DEFAULT, load_extract_config
 from train.config import EMBEDDED_DEFAULT as TRAIN_DEFAULT
-from train.config import load_train_config
+from train.config import flat_dict, load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -35,14 +34,14 @@ def test_paper_train_preset_matches_listing1():
     assert cfg.grpo.beta == 0.04 and cfg.optim.lr == 1e-4 and cfg.optim.router_lr == 1e-4 and cfg.optim.epsilon == 1e-6
     assert cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps == 32 and cfg.optim.total_training_steps == 500
     assert cfg.sampling.answer_extraction == "strict" and cfg.sampling.max_new_tokens == 128 and cfg.context.num_latents == 8
-    assert load_train_config(str(CONFIGS / "train" / "paper-gsm8k.yaml")).total_training_steps == 233
+    assert load_train_config(str(CONFIGS / "train" / "paper-gsm8k.yaml")).optim.total_training_steps == 233
 
 
 def test_paper_h100_preset_is_paper_yaml_in_one_micro_batch():
     """paper-h100.yaml changes how a step is batched, nothing it means: the same 32 prompts a step,
     the same validation prompts (the 4000 of the split), every other key equal to paper.yaml's."""
-    paper = to_dict(load_train_config(str(CONFIGS / "train" / "paper.yaml")))
-    h100 = to_dict(load_train_config(str(CONFIGS / "train" / "paper-h100.yaml")))
+    paper = flat_dict(load_train_config(str(CONFIGS / "train" / "paper.yaml")))
+    h100 = flat_dict(load_train_config(str(CONFIGS / "train" / "paper-h100.yaml")))
     batching = {"train_batch_size", "gradient_accumulation_steps", "rollout_chunk", "val_batch_size", "eval_batches"}
     assert {k for k in paper if paper[k] != h100[k]} == batching
     assert h100["train_batch_size"] == 32 and h100["gradient_accumulation_steps"] == 1
@@ -66,8 +65,8 @@ def test_probe_presets():
     assert cfg.experts[0].model == cfg.experts[1].model == "smollm2-135m-instruct"
     assert cfg.task.family == "easy-arithmetic" and cfg.task.developer_prompt == "direct"
     train = load_train_config(str(CONFIGS / "train" / "probe.yaml"))
-    assert train.policy == "smollm2-135m-instruct" and train.total_training_steps >= 100
-    assert train.answer_extraction == "lenient"
+    assert train.policy.name == "smollm2-135m-instruct" and train.optim.total_training_steps >= 100
+    assert train.sampling.answer_extraction == "lenient"
 
 
 def test_label_probe_presets():
@@ -76,8 +75,8 @@ def test_label_probe_presets():
     cfg = load_extract_config(str(CONFIGS / "extract" / "probe-label.yaml"))
     assert cfg.task.family == "secret-label" and cfg.task.labels == 4 and not cfg.hints
     assert [e.kind for e in cfg.experts] == ["probe-oracle", "probe-noise", "gguf-package"]
-    label = to_dict(load_train_config(str(CONFIGS / "train" / "probe-label.yaml")))
-    old = to_dict(load_train_config(str(CONFIGS / "train" / "probe.yaml")))
+    label = flat_dict(load_train_config(str(CONFIGS / "train" / "probe-label.yaml")))
+    old = flat_dict(load_train_config(str(CONFIGS / "train" / "probe.yaml")))
     assert {k for k in label if label[k] != old[k]} == {"max_new_tokens", "total_training_steps", "curve_freq", "curve_prompts"}
     assert label["sft_warmup_steps"] == 0 and label["sft_mix_coef"] == 0.0
 

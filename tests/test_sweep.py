@@ -421,7 +421,7 @@ def test_each_run_reads_the_config_the_plan_typed(tiny_cache, tiny_policy, tmp_p
     folder, [cell] = plan_sweep(grid)
     path = write_resolved(cell, folder)
     preset.write_text(preset.read_text().replace("lr: 0.01", "lr: 0.5"))  # edited while the sweep runs
-    assert load_train_config(str(path)) == cell.train and read(path)["lr"] == 0.01
+    assert load_train_config(str(path)) == cell.train and read(path)["optim"]["lr"] == 0.01
     cmd = train_command(cell, False, 1, ENTRY, path)
     assert cmd[cmd.index("--config") + 1] == str(path) and "--set" not in cmd
 
@@ -429,14 +429,13 @@ def test_each_run_reads_the_config_the_plan_typed(tiny_cache, tiny_policy, tmp_p
 def test_a_run_of_an_older_musk_resumes_when_its_missing_keys_take_their_old_defaults(tiny_cache, tiny_policy,
                                                                                         tmp_path):
     from cache.reader import Cache
-    from core.config import to_dict
-    from train.config import keys_missing_from_old_run
+    from train.config import flat_dict, keys_missing_from_old_run
 
     grid = _grid(tmp_path, tiny_cache, tiny_policy, methods=["single"], seeds=[0])
     folder, [cell] = plan_sweep(grid)
     with Cache(str(tiny_cache)) as c:
         fp = c.fingerprint
-    full = {**to_dict(cell.train), "cache_fingerprint": fp}
+    full = {**flat_dict(cell.train), "cache_fingerprint": fp}  # flat: as an older musk wrote it
     cell.folder.mkdir(parents=True)
     old = {k: v for k, v in full.items() if k not in ("tis_cap", "min_p")}  # keys added later, old defaults now
     (cell.folder / "config.yaml").write_text(yaml_dump(old))
@@ -526,7 +525,7 @@ def test_train_resume_of_an_older_run_folder_takes_old_defaults_or_names_the_key
     open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)
     assert "lacks ['tis_cap'] (made by an older musk); taken as their defaults from before they existed: " \
            "{'tis_cap': 0.0}" in capsys.readouterr().out
-    assert RunFolder(tmp_path / "r").read_config()["tis_cap"] == 0.0  # whole again
+    assert RunFolder(tmp_path / "r").read_config()["grpo"]["tis_cap"] == 0.0  # whole again
     (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "lr"}))
     with pytest.raises(MuskError, match=r"older musk without the keys \['lr'\]"):
         open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)

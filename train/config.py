@@ -58,11 +58,12 @@ class TrainConfig:
         """The rules across sections (each section has checked itself), by dotted key and with the reason."""
         method_info(self.method)
         if self.policy.lm_head_fp32 and self.sampling.rollout_engine != "musk":
-            raise MuskError("policy.lm_head_fp32 needs sampling.rollout_engine musk (vLLM computes its own logits)")
+            raise MuskError("policy.lm_head_fp32 needs rollout_engine musk (sampling.rollout_engine; vLLM computes its own "
+                            "logits)")
         g, r = self.grpo, self.recipe
         if g.filter_groups and g.num_iterations > 1 and self.method == "hard-routing":
-            raise MuskError("grpo.filter_groups with grpo.num_iterations > 1 is not offered for hard-routing: passes "
-                            "2.. redraw the Gumbel routing per micro-batch, and a micro-batch of kept groups from "
+            raise MuskError("grpo.filter_groups with num_iterations > 1 is not offered for hard-routing: passes 2.. "
+                            "redraw the Gumbel routing per micro-batch, and a micro-batch of kept groups from "
                             "several rounds would not redraw the experts it sampled with")
         if r.sft_warmup_steps > self.optim.total_training_steps:
             raise MuskError(f"recipe.sft_warmup_steps {r.sft_warmup_steps} is more than the run's "
