@@ -174,10 +174,13 @@ def parse_train_sets(items: list[str] | tuple[str, ...], where: str = "--set") -
     named = []
     for item in items:
         key, eq, raw = (s.strip() if i == 0 else s for i, s in enumerate(item.partition("=")))
-        head, dot, rest = key.partition(".")
-        if dot and head in FLAT and "." not in FLAT[head]:
-            head, dot, rest = key, "", ""  # top-level (experts.x): parse_sets says what is wrong
-        full = FLAT[head] + dot + rest if dot and head in FLAT else dotted(key, f"{where} {key!r}")
+        head, _, rest = key.partition(".")
+        if key in FLAT or not (head in SECTIONS or head in TOP or head in FLAT):
+            full = dotted(key, f"{where} {key!r}")  # an unknown key raises here, naming the dotted ones near it
+        elif head in SECTIONS or head in TOP:
+            full = key  # parse_sets checks the rest (grpo.betta: nearest keys of grpo)
+        else:  # a flat key with a tail (lr.x): parse_sets says what is wrong, under the dotted name
+            full = f"{FLAT[head]}.{rest}"
         named.append(f"{full}={raw}" if eq else item)
     return parse_sets(TrainConfig, named, where)
 
