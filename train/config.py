@@ -99,10 +99,7 @@ def _flat_names() -> dict[str, str]:
 FLAT: dict[str, str] = _flat_names()
 DOTTED: dict[str, str] = {d: k for k, d in FLAT.items()}  # dotted key -> flat name
 
-# Choice tuples for the code that lists them (the Literal annotations are the source).
-HINT_FORMATS = get_args(get_type_hints(ContextConfig)["hint_format"])
-DECODE_MERGED = get_args(get_type_hints(SamplingConfig)["decode_merged"])
-SFT_TARGETS = get_args(get_type_hints(RecipeConfig)["sft_warmup_train"])
+HINT_FORMATS = get_args(get_type_hints(ContextConfig)["hint_format"])  # for train/inputs.py; the Literal is the source
 
 
 def dotted(key: str, where: str = "config") -> str:
