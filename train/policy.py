@@ -95,7 +95,7 @@ def lora_targets(model, wanted: tuple[str, ...], policy: str) -> list[str]:
                             "stays frozen; take it out of lora_target_modules (attention projections: q_proj, ...)")
         if name not in names:
             raise MuskError(f"policy {policy!r} ({family}) has no linear modules named {t!r} for LoRA; "
-                            f"set lora_target_modules to names among {linear}")
+                            f"set policy.lora_target_modules to names among {linear}")
         if name not in out:
             out.append(name)
     return out
