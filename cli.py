@@ -71,6 +71,9 @@ def _finite(ctx: typer.Context, param: typer.CallbackParam, value):
 
 SET_HELP = ("KEY=VALUE for any config field (repeatable; dotted for nested fields, e.g. task.train_size=64); "
             "VALUE is read as YAML and typed by the config. Recorded in the saved config.")
+TRAIN_SET_HELP = ("SECTION.KEY=VALUE for any train config key (repeatable; e.g. grpo.beta=0, optim.lr=1e-4; "
+                  "the flat KEY of older configs, beta=0, still works); VALUE is read as YAML and typed by the "
+                  "config. Recorded in the saved config.")
 THREADS_HELP = "CPU threads for this job (default: torch's, one per core). Split the cores between parallel jobs."
 
 
@@ -135,13 +138,13 @@ def train(
     report_to: Optional[str] = typer.Option(None, "--report-to",
                                             help="Trackers, comma-separated: none, tensorboard, wandb, trackio."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
-    sets: Optional[list[str]] = typer.Option(None, "--set", help=SET_HELP),
+    sets: Optional[list[str]] = typer.Option(None, "--set", help=TRAIN_SET_HELP),
 ):
     """GRPO over cached expert features (no expert is loaded)."""
-    from core.config import merge, parse_sets
+    from core.config import merge
     from evaluate.records import evaluate
     from pipeline.rewards import score
-    from train.config import TrainConfig, load_train_config
+    from train.config import load_train_config, parse_train_sets, sectioned
     from train.loop import run_train
 
     _threads(threads)
@@ -153,7 +156,7 @@ def train(
         "warmup_steps": warmup_steps, "log_freq": log_freq, "eval_batches": eval_batches,
         "report_to": [t.strip() for t in report_to.split(",") if t.strip()] if report_to is not None else None,
     }.items() if v is not None}
-    overrides = merge(overrides, _run(parse_sets, TrainConfig, sets or []))  # --set wins over the named flags
+    overrides = merge(_run(sectioned, overrides), _run(parse_train_sets, sets or []))  # --set wins over the named flags
     seed_list = [seed] if seed is not None else [None]
     if seeds:
         try:
@@ -289,7 +292,7 @@ def probe(
         _fail(f"--target takes one of {list(TARGETS)}, got {target!r}")
     if permutations < MIN_PERMUTATIONS:
         _fail(f"--permutations must be at least {MIN_PERMUTATIONS}, got {permutations}")
-    name = policy or TrainConfig().policy
+    name = policy or TrainConfig().policy.name
     tok = _run(load_tokenizer_from, name)
     chosen = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants is not None else None
     if chosen is not None and not chosen:

@@ -12,7 +12,7 @@ import yaml
 from cache.run_folder import CONFIG, EVAL, METRICS, NOT_SETTINGS, RunFolder
 from core.errors import MuskError
 from core.hashing import sha256_of
-from train.config import DEFAULTS_BEFORE_KEY, METHOD_KEYS, method_reads  # noqa: F401  (METHOD_KEYS: the report's reading)
+from train.config import DEFAULTS_BEFORE_KEY, METHOD_KEYS, flatten, method_reads  # noqa: F401  (METHOD_KEYS: the report's reading)
 from train.recipes import recipe_name
 
 # Keys of the resolved config that never make two runs different conditions. total_training_steps
@@ -124,7 +124,7 @@ def discover(paths: list[Path]) -> list[Path]:
 def load_run(path: Path) -> Run:
     folder = RunFolder(path)
     try:
-        config = folder.read_config()
+        config = flatten(folder.read_config())  # sectioned, or flat from an older musk: compared flat
     except yaml.YAMLError as e:
         raise MuskError(f"run {str(path)!r}: config.yaml is not valid YAML: {e}") from None
     try:

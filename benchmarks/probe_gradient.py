@@ -101,8 +101,8 @@ def main(scorer=score) -> None:
         torch.set_num_threads(args.threads)
     cfg = load_train_config(args.config, {"method": "perceiver", "seed": args.seed})
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.run.device)
+    dtype = resolve_dtype(cfg.policy.dtype, device)
     data = load_data(cfg, args.cache)
     m = build_models(cfg, data, device, dtype)
     where = "initial weights, gate open (r_t = 1)"
@@ -111,16 +111,16 @@ def main(scorer=score) -> None:
         path = path or sorted((args.run / "checkpoints").glob("step_*"), key=lambda p: int(p.name[5:]))[-1]
         ckpt.load_checkpoint(path, m.peft, m.adapter, m.optimizer)
         where = f"{args.run.name} at {path.name}"
-    m.adapter.out.set_step(10**9, cfg.gate_warmup_steps)  # r_t = 1: the gate as after warmup
+    m.adapter.out.set_step(10**9, cfg.context.gate_warmup_steps)  # r_t = 1: the gate as after warmup
     w = m.adapter.experts.proj[data.experts.index(args.expert)].weight  # W_oracle [d_latent, D]
     print(f"GRPO vs supervised gradient on W[{args.expert}] {tuple(w.shape)}: {where}; {args.batches} batches x "
-          f"{cfg.train_batch_size} prompts, {args.draws} GRPO draws of {cfg.group_size} rollouts each; dtype "
+          f"{cfg.optim.train_batch_size} prompts, {args.draws} GRPO draws of {cfg.grpo.group_size} rollouts each; dtype "
           f"{str(dtype).removeprefix('torch.')}, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads), torch {torch.__version__}", flush=True)
     rng = np.random.default_rng(cfg.seed)
     pooled = defaultdict(list)
     for b in range(args.batches):
-        idx = [int(i) for i in rng.choice(data.train_idx, cfg.train_batch_size, replace=False)]
+        idx = [int(i) for i in rng.choice(data.train_idx, cfg.optim.train_batch_size, replace=False)]
         sup = supervised_grad(cfg, m, data, idx, device, w)
         draws, zero = [], []
         for _ in range(args.draws):
@@ -140,11 +140,11 @@ def main(scorer=score) -> None:
     rho = float(np.mean(pooled["cos_draw_draw"])) if pooled["cos_draw_draw"] else float("nan")
     res = {k: float(np.mean(v)) for k, v in pooled.items()}
     res["cos_expectation_sup"] = res["cos_mean_sup"] / mean_cos(args.draws, rho)  # attenuation-corrected
-    res.update(where=where, dtype=str(dtype), n90_draws=n_for(rho), group_size=cfg.group_size)
+    res.update(where=where, dtype=str(dtype), n90_draws=n_for(rho), group_size=cfg.grpo.group_size)
     print(f"RESULT {where}: cos(GRPO draw, supervised) = {res['cos_draw_sup']:+.3f}; cos(draw, draw') = {rho:+.3f}; "
           f"cos(mean of {args.draws} draws, supervised) = {res['cos_mean_sup']:+.3f}, so cos(GRPO's expectation, supervised) "
           f"~ {res['cos_expectation_sup']:+.2f}; draws for cos 0.9 with GRPO's own "
-          f"expectation: {res['n90_draws']:.1f} x {cfg.group_size} rollouts per prompt")
+          f"expectation: {res['n90_draws']:.1f} x {cfg.grpo.group_size} rollouts per prompt")
     if args.json:
         args.json.write_text(json.dumps(res, indent=1))
 

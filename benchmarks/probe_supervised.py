@@ -46,7 +46,7 @@ def supervised_step(cfg, m, data, idx: list[int], device: str) -> float:
     loss = answer_nll(cfg, m, data, idx, device)
     m.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)  # as a GRPO step clips
+    clip_gradients(m.optimizer, cfg.optim.grad_clip, cfg.optim.grad_clip_scope)  # as a GRPO step clips
     m.optimizer.step()
     return float(loss.detach())
 
@@ -82,20 +82,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cfg = load_train_config(args.config, {"method": args.method, "seed": args.seed})
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    device = resolve_device(cfg.run.device)
+    dtype = resolve_dtype(cfg.policy.dtype, device)
     data = load_data(cfg, args.cache)
     m = build_models(cfg, data, device, dtype)
     rng = np.random.default_rng(cfg.seed)
-    B = cfg.train_batch_size * cfg.gradient_accumulation_steps  # prompts per step, as a GRPO step reads
+    B = cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps  # prompts per step, as a GRPO step reads
     print(f"supervised probe: {args.method}, seed {cfg.seed}, {args.steps} steps x {B} prompts, dtype "
           f"{str(dtype).removeprefix('torch.')}, {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads), torch "
           f"{torch.__version__}, {len(data.val_idx)} held-out prompts", flush=True)
     figures, t0 = {"method": args.method, "seed": cfg.seed, "dtype": str(dtype), "evals": []}, time.perf_counter()
     for step in range(1, args.steps + 1):
-        set_lr(m.optimizer, step, cfg.warmup_steps)  # the same warmups as a GRPO run
+        set_lr(m.optimizer, step, cfg.optim.warmup_steps)  # the same warmups as a GRPO run
         if hasattr(m.adapter, "out") and hasattr(m.adapter.out, "set_step"):
-            m.adapter.out.set_step(step, cfg.gate_warmup_steps)
+            m.adapter.out.set_step(step, cfg.context.gate_warmup_steps)
         idx = [int(i) for i in rng.choice(data.train_idx, B, replace=False)]
         loss = supervised_step(cfg, m, data, idx, device)
         if step % args.eval_every == 0 or step == args.steps:

@@ -229,7 +229,7 @@ def main():
         fn = None
         if online:
             dev = "cuda" if args.device.startswith("cuda") else "cpu"
-            fn = OnlineExperts(team[:n], cache, cfg.pooling, resolve_dtype("auto", dev), args.device)
+            fn = OnlineExperts(team[:n], cache, cfg.context.pooling, resolve_dtype("auto", dev), args.device)
         if args.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         WATCH["seconds"] = 0.0

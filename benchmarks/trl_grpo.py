@@ -54,7 +54,7 @@ def trl_steps(cfg, cache: Path, out: Path) -> list[float]:
     with Cache(cache) as c:
         prompts = c.prompts()
         task = from_dict(TaskConfig, yaml.safe_load(c.config_yaml)["task"], "cache task config")
-    model, tok = load_expert(policy_spec(cfg.policy), resolve_dtype(cfg.dtype, "cpu"), "cpu")
+    model, tok = load_expert(policy_spec(cfg.policy.name), resolve_dtype(cfg.policy.dtype, "cpu"), "cpu")
     model.train()
     for p in model.parameters():
         p.requires_grad_(True)  # load_expert freezes; PEFT re-freezes the base itself
@@ -64,7 +64,7 @@ def trl_steps(cfg, cache: Path, out: Path) -> list[float]:
                               "entry": [prompts["entry"][i] for i in train]})
 
     def reward(completions, entry, **_):
-        return [score(e, c, cfg.answer_extraction) for e, c in zip(entry, completions)]
+        return [score(e, c, cfg.sampling.answer_extraction) for e, c in zip(entry, completions)]
 
     times: list[float] = []
 
@@ -76,17 +76,17 @@ def trl_steps(cfg, cache: Path, out: Path) -> list[float]:
             times.append(time.perf_counter() - self.t)
 
     args = GRPOConfig(
-        output_dir=str(out), per_device_train_batch_size=cfg.train_batch_size * cfg.group_size,
-        num_generations=cfg.group_size, gradient_accumulation_steps=1, max_steps=cfg.total_training_steps,
-        max_completion_length=cfg.max_new_tokens, generation_kwargs={"min_new_tokens": cfg.max_new_tokens},
-        temperature=cfg.temperature, beta=cfg.beta, epsilon=cfg.clip_eps, loss_type="grpo",
-        scale_rewards="group", num_iterations=1, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        adam_epsilon=cfg.epsilon, max_grad_norm=cfg.grad_clip, lr_scheduler_type="constant",
-        gradient_checkpointing=cfg.gradient_checkpointing, use_cpu=True, bf16=False, save_strategy="no",
+        output_dir=str(out), per_device_train_batch_size=cfg.optim.train_batch_size * cfg.grpo.group_size,
+        num_generations=cfg.grpo.group_size, gradient_accumulation_steps=1, max_steps=cfg.optim.total_training_steps,
+        max_completion_length=cfg.sampling.max_new_tokens, generation_kwargs={"min_new_tokens": cfg.sampling.max_new_tokens},
+        temperature=cfg.sampling.temperature, beta=cfg.grpo.beta, epsilon=cfg.grpo.clip_eps, loss_type="grpo",
+        scale_rewards="group", num_iterations=1, learning_rate=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
+        adam_epsilon=cfg.optim.epsilon, max_grad_norm=cfg.optim.grad_clip, lr_scheduler_type="constant",
+        gradient_checkpointing=cfg.run.gradient_checkpointing, use_cpu=True, bf16=False, save_strategy="no",
         logging_steps=1, report_to="none", seed=cfg.seed, disable_tqdm=True, dataloader_num_workers=0,
     )
-    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.lora_target_modules), task_type="CAUSAL_LM")
+    lora = LoraConfig(r=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha, lora_dropout=cfg.policy.lora_dropout,
+                      target_modules=list(cfg.policy.lora_target_modules), task_type="CAUSAL_LM")
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
                           processing_class=tok, peft_config=lora, callbacks=[Clock()])
     trainer.train()
@@ -129,7 +129,7 @@ def main():
     m, t = statistics.median(musk_t), statistics.median(trl_t[1:])
     phases = {k: statistics.median(r[f"time/{k}"] for r in m1[1:] + m2[1:])
               for k in ("generate", "reward", "policy", "reference")}
-    print(f"policy {args.policy}, cpu ({torch.get_num_threads()} threads), LoRA r={cfg.lora_rank}, "
+    print(f"policy {args.policy}, cpu ({torch.get_num_threads()} threads), LoRA r={cfg.policy.lora_rank}, "
           f"{args.batch} prompts x {args.group} completions x {args.tokens} tokens (fixed; musk completion "
           f"tokens per step: {sorted(tokens)}), TRL {trl.__version__}, medians of steps 2..{args.steps}")
     print(f"TRL GRPOTrainer : {t:7.2f} s/step  (steps: {', '.join(f'{x:.2f}' for x in trl_t)})")

@@ -76,7 +76,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         return check_finite(dict(value), where)
     if origin is typing.Literal:
         if value not in args:
-            raise MuskError(f"{where}: {value!r} is not one of {list(args)}")
+            leaf = where.rsplit(".", 1)[-1].rsplit(" ", 1)[-1]
+            raise MuskError(f"{where}: unknown {leaf} {value!r}; choices: {list(args)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -99,6 +100,32 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             raise MuskError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+_BOUND_WORDS = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+
+
+def bound(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+          lt: float | None = None, note: str = "") -> Any:
+    """A dataclass field whose bounds sit beside it: `beta: float = bound(0.04, ge=0)`. `check_bounds`
+    reads them; `note` says what the edge means (`"0: off"`) in the refusal."""
+    limits = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return dataclasses.field(default=default, metadata={"bounds": limits, "note": note})
+
+
+def check_bounds(obj: Any, where: str) -> None:
+    """Refuse (MuskError naming `where.field`, the bound and the value) a field of the dataclass `obj`
+    outside the bounds `bound` set beside it; None (an unset optional) passes."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        for op, limit in f.metadata.get("bounds", {}).items():
+            ok = {"ge": value >= limit, "gt": value > limit, "le": value <= limit, "lt": value < limit}[op]
+            if not ok:
+                note = f.metadata.get("note")
+                raise MuskError(f"{where}.{f.name} must be {_BOUND_WORDS[op]} {limit:g}{f' ({note})' if note else ''}, "
+                                f"got {value!r}")
 
 
 def from_dict(cls: type[T], data: dict, where: str = "config") -> T:
@@ -170,8 +197,11 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def is_text(tp: Any) -> bool:
-    """Whether field type tp is str or str | None (VALUE then stays the text typed, not YAML's reading)."""
+    """Whether field type tp is str, str | None or a Literal of strings (VALUE then stays the text typed,
+    not YAML's reading: `off` is "off", not false)."""
     args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Literal:
+        return all(isinstance(a, str) for a in args)
     return tp is str or (typing.get_origin(tp) in (typing.Union, types.UnionType) and args == [str])
 
 

@@ -49,9 +49,9 @@ def training_conditions(cfg: TrainConfig, m: Policy) -> list[Condition]:
     """With C; with C removed (Figure 5, eval_without_context); with C's information removed but its m
     slots kept (eval_null_context), for methods that have a C."""
     conds = [Condition("with", "with")]
-    if cfg.eval_without_context and cfg.method != "single":
+    if cfg.eval.eval_without_context and cfg.method != "single":
         conds.append(Condition("without", "without"))
-    if cfg.eval_null_context and hasattr(m.adapter, "out"):
+    if cfg.eval.eval_null_context and hasattr(m.adapter, "out"):
         conds.append(Condition("null", "null"))
     return conds
 
@@ -82,20 +82,20 @@ def condition_records(cfg: TrainConfig, m: Policy, data: RunData, rows, cond: Co
     out = []
     with torch.no_grad(), torch.random.fork_rng(devices=[]), merged_lora(m.peft, decode_merged(cfg, m)):
         torch.manual_seed(seed)
-        for s in range(0, len(rows), cfg.val_batch_size):
-            idx = [int(i) for i in rows[s: s + cfg.val_batch_size]]
+        for s in range(0, len(rows), cfg.eval.val_batch_size):
+            idx = [int(i) for i in rows[s: s + cfg.eval.val_batch_size]]
             e, mk, att = eval_inputs(cfg, m, data, idx, _MODE[cond.context], device, view=cond.view)
             if K > 1:
                 e, mk = e.repeat_interleave(K, 0), mk.repeat_interleave(K, 0)
             # the policy's token entropy at the sampling temperature comes from the decoder's own logits
-            dec = sample(m.lm, e, mk, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, temperature or 1.0, greedy,
-                         group=K, entropy_temperature=temperature or cfg.temperature)
+            dec = sample(m.lm, e, mk, cfg.sampling.max_new_tokens, m.eos, m.tok.pad_token_id, temperature or 1.0, greedy,
+                         group=K, entropy_temperature=temperature or cfg.sampling.temperature)
             toks, live = dec.tokens, dec.live
             texts = decode(m.tok, toks, live)
-            cut = truncated_rows(toks, live, m.eos, cfg.max_new_tokens)  # [b*K]
+            cut = truncated_rows(toks, live, m.eos, cfg.sampling.max_new_tokens)  # [b*K]
             tok_h = (dec.entropy * live).sum(1) / live.sum(1).clamp_min(1)  # [b*K] mean over each completion
             for j, (row, text) in enumerate(zip([i for i in idx for _ in range(K)], texts)):
-                r = scorer(data.prompts["entry"][row], text, cfg.answer_extraction)
+                r = scorer(data.prompts["entry"][row], text, cfg.sampling.answer_extraction)
                 rec = {"prompt": row, "task": data.prompts["task"][row], "split": data.prompts["split"][row],
                        "question_sha": hashlib.sha256(data.prompts["text"][row].encode()).hexdigest()[:16],
                        "condition": cond.name, "sample": j % K, "reward": float(r), "correct": bool(r >= 1.0),
@@ -188,7 +188,7 @@ def evaluate(cfg: TrainConfig, m: Policy, data: RunData, *, step: int, rows: np.
         for r in recs:
             run.append(EVAL_RECORDS, {"step": step, "kind": kind, **r})
     if kind == "full":
-        for i, row in enumerate(rows[: cfg.eval_completions]):
+        for i, row in enumerate(rows[: cfg.eval.eval_completions]):
             rec = {"step": step, "kind": "eval", "prompt": data.prompts["text"][row],
                    "answer": data.prompts["answer"][row]}
             for name, recs in by_cond.items():

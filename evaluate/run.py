@@ -26,13 +26,13 @@ from tqdm import tqdm
 from cache.reader import Cache
 from cache.run_folder import EVAL_DIR, RunFolder, read_jsonl, write_jsonl
 from core.atomic import atomic_write_text
-from core.config import check_finite, from_dict
+from core.config import check_finite
 from core.errors import MuskError
 from core.heldout import problem_key
 from pipeline.experts import resolve_device, resolve_dtype
 from train import checkpoint as ckpt
 from train.adapters import method_info
-from train.config import TrainConfig
+from train.config import TrainConfig, config_from_run, flatten
 from evaluate.records import Condition, condition_records, summarize
 from train.inputs import ExpertView
 from train.setup import Policy, RunData, build_policy, load_data
@@ -83,8 +83,8 @@ def run_config(run: RunFolder) -> tuple[TrainConfig, dict]:
     if not run.config_path.is_file():
         raise MuskError(f"{str(run)!r} is not a run folder (no config.yaml)")
     resolved = run.read_config()
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return from_dict(TrainConfig, {k: v for k, v in resolved.items() if k in names}, f"{run}/config.yaml"), resolved
+    resolved = flatten(resolved)  # sectioned, or flat from an older musk: the flat form either way
+    return config_from_run(resolved, f"{run}/config.yaml"), resolved
 
 
 def weights_folder(run: RunFolder, checkpoint: str) -> Path:
@@ -233,8 +233,8 @@ def eval_dtype(req: EvalRequest, cfg: TrainConfig, resolved: dict, device: str, 
         return resolve_dtype(req.dtype, device)
     if resolved.get("dtype_resolved"):
         return resolve_dtype(str(resolved["dtype_resolved"]), device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    log(f"musk eval: the run does not record the dtype it trained in; its dtype {cfg.dtype!r} resolves to "
+    dtype = resolve_dtype(cfg.policy.dtype, device)
+    log(f"musk eval: the run does not record the dtype it trained in; its dtype {cfg.policy.dtype!r} resolves to "
         f"{str(dtype).removeprefix('torch.')} on this machine")
     return dtype
 
@@ -247,7 +247,8 @@ def run_eval(req: EvalRequest, *, scorer=None, progress: bool = True, log=print)
     run = RunFolder(req.run)
     cfg, resolved = run_config(run)
     # evaluation decodes with musk's own decoder, on whatever device this machine has
-    cfg = dataclasses.replace(cfg, rollout_engine="musk", device="auto")
+    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, rollout_engine="musk"),
+                              run=dataclasses.replace(cfg.run, device="auto"))
     folder = weights_folder(run, req.checkpoint)
     if req.split not in SPLITS:
         raise MuskError(f"unknown --split {req.split!r}; choices: {list(SPLITS)}")
@@ -273,7 +274,7 @@ def run_eval(req: EvalRequest, *, scorer=None, progress: bool = True, log=print)
         conds = [c for c in conds if not c.name.startswith("shuffle:")]
     conds = [shuffled(c, rows, req.seed, questions, datasets=tasks, answers=answers, log=log) for c in conds]
     controls = {c.name: shuffle_stats(c, rows, tasks, answers) for c in conds if c.view.source}
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     dtype = eval_dtype(req, cfg, resolved, device, log)
     out = Path(req.out) if req.out is not None else default_out(req)
     here = settings(req, run, data, rows, dtype, weights_digest(folder))

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import sys
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -22,9 +21,10 @@ import yaml
 
 from cache.reader import Cache
 from cache.run_folder import NOT_SETTINGS, RunFolder
-from core.config import is_text, dump_yaml, from_dict, load_yaml, merge, parse_sets, to_dict
+from core.config import is_text, dump_yaml, from_dict, load_yaml, merge, to_dict
 from core.errors import MuskError
-from train.config import TrainConfig, keys_missing_from_old_run, load_train_config, method_reads
+from train.config import (FLAT, TrainConfig, field_type, flat_dict, flat_name, flatten, keys_missing_from_old_run,
+                          load_train_config, method_reads, parse_train_sets)
 
 LOGS = "logs"  # <sweep>/logs/<run name>.log: each run's own output, every attempt appended
 
@@ -70,7 +70,7 @@ class Cell:
 
     @property
     def steps(self) -> int:
-        return self.train.total_training_steps
+        return self.train.optim.total_training_steps
 
     def describe(self) -> str:
         bits = [f"method={self.method}", f"seed={self.seed}", f"cache={self.cache}"]
@@ -111,13 +111,11 @@ def _text_as_written(data: dict, path: Path) -> dict:
         raw = yaml.load(Path(path).read_text(), Loader=yaml.BaseLoader)  # every scalar as its text
     except (OSError, yaml.YAMLError):
         return data
-    hints = typing.get_type_hints(TrainConfig)
-
     def fix(node: dict, raw_node, is_grid: bool) -> None:
         if not isinstance(node, dict) or not isinstance(raw_node, dict):
             return
         for k, v in node.items():
-            if k in hints and is_text(hints[k]) and k in raw_node:
+            if is_text(field_type(k)) and k in raw_node:
                 r = raw_node[k]
                 if is_grid and isinstance(v, list) and isinstance(r, list) and len(r) == len(v):
                     node[k] = [x if isinstance(x, str) or x is None else rx for x, rx in zip(v, r)]
@@ -194,7 +192,7 @@ class Cells(list):
 def _typed(cfg: TrainConfig, key: str, value):
     """The value the train config holds for a grid key (`1e-3` -> 0.001), for the cell's name."""
     node = cfg
-    for part in key.split("."):
+    for part in FLAT.get(key, key).split("."):
         if not hasattr(node, part):
             return value
         node = getattr(node, part)
@@ -203,7 +201,7 @@ def _typed(cfg: TrainConfig, key: str, value):
 
 def _type_cell(cell: str, config: str | None, sets: dict, method: str, seed: int) -> TrainConfig:
     try:
-        overrides = merge(parse_sets(TrainConfig, set_items(sets), where=f"{cell}:"), {"method": method, "seed": seed})
+        overrides = merge(parse_train_sets(set_items(sets), where=f"{cell}:"), {"method": method, "seed": seed})
         return load_train_config(config, overrides)
     except MuskError as e:
         raise MuskError(f"{cell}: {e}") from None
@@ -233,13 +231,14 @@ def expand(grids: list[SweepConfig], out: Path) -> Cells:
         for g in grids:
             if seed not in g.seeds:
                 continue
-            combos = [dict(zip(g.grid, vs)) for vs in itertools.product(*g.grid.values())]
+            grid = {flat_name(k): v for k, v in g.grid.items()}  # grpo.beta or beta: one axis, named beta
+            combos = [dict(zip(grid, vs)) for vs in itertools.product(*grid.values())]
             seen: set = set()  # (cache, config, method, the keys it reads): one run however the others vary
             for cache, config, method, combo in itertools.product(_as_list(g.cache)[0], _as_list(g.config)[0],
                                                                    g.methods, combos):
                 read = {k: v for k, v in combo.items() if method_reads(method, k)}
                 for k in combo.keys() - read.keys():
-                    unread[(method, k)] = len(g.grid[k])
+                    unread[(method, k)] = len(grid[k])
                 key = (cache, config, method, json.dumps(read, sort_keys=True, default=str))
                 if key in seen:
                     continue
@@ -266,7 +265,7 @@ def _add_cell(cells: dict, resolved: dict, g: SweepConfig, seed: int, cache_show
     if name in cells:
         raise MuskError(f"two cells are named {name!r} ({cells[name].describe()} and {cell}): their values are "
                         "one value as the train config reads it; list it once, or give other grid values or caches")
-    same = json.dumps({**to_dict(cfg), "cache": str(cache)}, sort_keys=True, default=str)
+    same = json.dumps({**flat_dict(cfg), "cache": str(cache)}, sort_keys=True, default=str)
     if same in resolved:
         raise MuskError(f"{cell} and cell {resolved[same]} are one configuration (the same resolved train "
                         "config and cache); list it once")
@@ -296,6 +295,7 @@ def with_state(cell: Cell, fingerprints: dict) -> Cell:
         return replace(cell, state="todo")
     try:
         old = run.read_config()
+        old = flatten(old) if isinstance(old, dict) else old  # sectioned, or flat from an older musk
         summary = run.read_summary()
     except (OSError, ValueError, yaml.YAMLError) as e:  # written whole by musk train: another program's folder
         return replace(cell, state="blocked", note=f"{cell.folder} holds a config.yaml or summary.json that "
@@ -303,7 +303,7 @@ def with_state(cell: Cell, fingerprints: dict) -> Cell:
     if not isinstance(old, dict) or not isinstance(summary, dict):
         return replace(cell, state="blocked", note=f"{cell.folder}/config.yaml holds no run config; remove it "
                        "or use another out")
-    new = {**to_dict(cell.train), "cache_fingerprint": fp}
+    new = {**flat_dict(cell.train), "cache_fingerprint": fp}
     taken, lacking = keys_missing_from_old_run(old, new, NOT_SETTINGS)
     if lacking:
         return replace(cell, state="blocked", note=f"{cell.folder} holds a run made by an older musk without the "

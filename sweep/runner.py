@@ -69,8 +69,9 @@ def makespan(durations: list[float], lanes: int) -> float:
 
 # Measuring runs: a few steps, evaluations cut to one prompt, nothing else logged.
 MEASURE_STEPS = 3
-MEASURE_SETS = {"eval_batches": 1, "val_batch_size": 1, "eval_without_context": False, "eval_null_context": False,
-                "eval_completions": 0, "log_completions_freq": 0, "curve_freq": 0}
+MEASURE_SETS = {"eval.eval_batches": 1, "eval.val_batch_size": 1, "eval.eval_without_context": False,
+                "eval.eval_null_context": False, "eval.eval_completions": 0, "run.log_completions_freq": 0,
+                "eval.curve_freq": 0}
 
 
 def measure_step_seconds(cells: list[Cell], threads: int, entry: list[str] | None = None) -> dict[str, float]:
@@ -301,7 +302,7 @@ def _drive(ex, folder: Path, pending: list[Cell], finished: list, failed: list, 
             logf = folder / LOGS / f"{c.name}.log"
             cmd = train_command(c, c.state == "resume", None, entry, configs[c.name])
             where = ex.start(Job(c.name, cmd, logf, os.getcwd()))
-            w = RunWatcher(c.name, c.folder, c.steps, c.train.log_freq, c.train.test_freq, logf, quiet)
+            w = RunWatcher(c.name, c.folder, c.steps, c.train.run.log_freq, c.train.eval.test_freq, logf, quiet)
             running[c.name] = (c, w, time.monotonic())
             log(f"{w.prefix()} {'resuming' if c.state == 'resume' else 'started'} on {where}; log: {logf}")
         for c, w, _ in running.values():

@@ -87,15 +87,20 @@ def test_threads_option(tiny_cache, tmp_path, monkeypatch):
 def test_train_set_values_land_in_the_saved_config(tiny_cache, tiny_policy, tmp_path, monkeypatch):
     import yaml
 
+    from train.config import flatten
+
     cfg_path = write_yaml(tmp_path / "t.yaml", tiny_train_overrides(tiny_policy, total_training_steps=1))
     code, out = _run(["train", "--cache", str(tiny_cache), "--method", "single", "--config", str(cfg_path),
                       "--out", str(tmp_path / "run"), "--no-progress", "--lr", "0.5",
                       "--set", "beta=0.01", "--set", "loss_type=dr_grpo", "--set", "num_iterations=2",
                       "--set", "clip_eps_high=0.28", "--set", "lora_target_modules=[q_proj, v_proj]",
-                      "--set", "decode_merged=off", "--set", "top_k=20", "--set", "lr=1e-3", "--set", "beta=0.02"])
+                      "--set", "decode_merged=off", "--set", "top_k=20", "--set", "optim.lr=1e-3",
+                      "--set", "grpo.beta=0.02"])
     assert code == 0, out
-    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    assert saved["beta"] == 0.02  # later --set wins
+    written = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert written["grpo"]["beta"] == 0.02 and written["optim"]["lr"] == 1e-3  # saved in sections
+    saved = flatten(written)
+    assert saved["beta"] == 0.02  # later --set wins, flat or dotted
     assert saved["lr"] == 1e-3  # --set wins over the named flag
     assert (saved["loss_type"], saved["num_iterations"], saved["clip_eps_high"]) == ("dr_grpo", 2, 0.28)
     assert saved["top_k"] == 20
@@ -105,11 +110,11 @@ def test_train_set_values_land_in_the_saved_config(tiny_cache, tiny_policy, tmp_
 
 
 @pytest.mark.parametrize("item,message", [
-    ("betta=0.1", "--set 'betta': unknown key 'betta'; nearest valid keys: ['beta'"),
-    ("loss=dapo", "--set 'loss': unknown key 'loss'; nearest valid keys: ['loss_type']"),
-    ("group_size=abc", "--set group_size: expected an integer, got 'abc' (field type int; nearest valid keys: "
-                       "['group_size'"),
-    ("beta=[1]", "--set beta: expected a number, got [1]"),
+    ("betta=0.1", "--set 'betta': unknown key 'betta'; nearest valid keys: ['grpo.beta'"),
+    ("loss=dapo", "--set 'loss': unknown key 'loss'; nearest valid keys: ['grpo.loss_type']"),
+    ("group_size=abc", "--set grpo.group_size: expected an integer, got 'abc' (field type int; nearest "
+                       "valid keys: ['grpo.group_size'"),
+    ("beta=[1]", "--set grpo.beta: expected a number, got [1]"),
     ("experts=3", "--set experts: expected a list, got 3"),
     ("beta", "--set 'beta': expected KEY=VALUE"),
     ("loss_type=ppo", "unknown loss_type 'ppo'; choices: ['grpo', 'dr_grpo', 'dapo', 'bnpo']"),

@@ -5,10 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.config import to_dict
 from pipeline.extract import EMBEDDED_DEFAULT, load_extract_config
 from train.config import EMBEDDED_DEFAULT as TRAIN_DEFAULT
-from train.config import load_train_config
+from train.config import flat_dict, load_train_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -31,18 +30,18 @@ def test_extract_presets_load(path):
 
 def test_paper_train_preset_matches_listing1():
     cfg = load_train_config(str(CONFIGS / "train" / "paper.yaml"))
-    assert cfg.policy == "Qwen/Qwen2.5-3B-Instruct" and cfg.lora_rank == 8 and cfg.group_size == 8
-    assert cfg.beta == 0.04 and cfg.lr == 1e-4 and cfg.router_lr == 1e-4 and cfg.epsilon == 1e-6
-    assert cfg.train_batch_size * cfg.gradient_accumulation_steps == 32 and cfg.total_training_steps == 500
-    assert cfg.answer_extraction == "strict" and cfg.max_new_tokens == 128 and cfg.num_latents == 8
-    assert load_train_config(str(CONFIGS / "train" / "paper-gsm8k.yaml")).total_training_steps == 233
+    assert cfg.policy.name == "Qwen/Qwen2.5-3B-Instruct" and cfg.policy.lora_rank == 8 and cfg.grpo.group_size == 8
+    assert cfg.grpo.beta == 0.04 and cfg.optim.lr == 1e-4 and cfg.optim.router_lr == 1e-4 and cfg.optim.epsilon == 1e-6
+    assert cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps == 32 and cfg.optim.total_training_steps == 500
+    assert cfg.sampling.answer_extraction == "strict" and cfg.sampling.max_new_tokens == 128 and cfg.context.num_latents == 8
+    assert load_train_config(str(CONFIGS / "train" / "paper-gsm8k.yaml")).optim.total_training_steps == 233
 
 
 def test_paper_h100_preset_is_paper_yaml_in_one_micro_batch():
     """paper-h100.yaml changes how a step is batched, nothing it means: the same 32 prompts a step,
     the same validation prompts (the 4000 of the split), every other key equal to paper.yaml's."""
-    paper = to_dict(load_train_config(str(CONFIGS / "train" / "paper.yaml")))
-    h100 = to_dict(load_train_config(str(CONFIGS / "train" / "paper-h100.yaml")))
+    paper = flat_dict(load_train_config(str(CONFIGS / "train" / "paper.yaml")))
+    h100 = flat_dict(load_train_config(str(CONFIGS / "train" / "paper-h100.yaml")))
     batching = {"train_batch_size", "gradient_accumulation_steps", "rollout_chunk", "val_batch_size", "eval_batches"}
     assert {k for k in paper if paper[k] != h100[k]} == batching
     assert h100["train_batch_size"] == 32 and h100["gradient_accumulation_steps"] == 1
@@ -66,8 +65,8 @@ def test_probe_presets():
     assert cfg.experts[0].model == cfg.experts[1].model == "smollm2-135m-instruct"
     assert cfg.task.family == "easy-arithmetic" and cfg.task.developer_prompt == "direct"
     train = load_train_config(str(CONFIGS / "train" / "probe.yaml"))
-    assert train.policy == "smollm2-135m-instruct" and train.total_training_steps >= 100
-    assert train.answer_extraction == "lenient"
+    assert train.policy.name == "smollm2-135m-instruct" and train.optim.total_training_steps >= 100
+    assert train.sampling.answer_extraction == "lenient"
 
 
 def test_label_probe_presets():
@@ -76,8 +75,8 @@ def test_label_probe_presets():
     cfg = load_extract_config(str(CONFIGS / "extract" / "probe-label.yaml"))
     assert cfg.task.family == "secret-label" and cfg.task.labels == 4 and not cfg.hints
     assert [e.kind for e in cfg.experts] == ["probe-oracle", "probe-noise", "gguf-package"]
-    label = to_dict(load_train_config(str(CONFIGS / "train" / "probe-label.yaml")))
-    old = to_dict(load_train_config(str(CONFIGS / "train" / "probe.yaml")))
+    label = flat_dict(load_train_config(str(CONFIGS / "train" / "probe-label.yaml")))
+    old = flat_dict(load_train_config(str(CONFIGS / "train" / "probe.yaml")))
     assert {k for k in label if label[k] != old[k]} == {"max_new_tokens", "total_training_steps", "curve_freq", "curve_prompts"}
     assert label["sft_warmup_steps"] == 0 and label["sft_mix_coef"] == 0.0
 
@@ -86,7 +85,7 @@ def test_every_train_preset_is_recipe_free():
     """Recipes are beyond the paper: off in every shipped train preset."""
     for path in sorted((CONFIGS / "train").glob("*.yaml")):
         cfg = load_train_config(str(path))
-        assert (cfg.sft_warmup_steps, cfg.sft_mix_coef) == (0, 0.0), path.name
+        assert (cfg.recipe.sft_warmup_steps, cfg.recipe.sft_mix_coef) == (0, 0.0), path.name
 
 
 def test_paper_presets_keep_the_literal_recipe():
@@ -94,9 +93,9 @@ def test_paper_presets_keep_the_literal_recipe():
     normalisation: the paper's literal recipe stays one named setting, comparable with musk's."""
     for name in ("paper.yaml", "paper-gsm8k.yaml", "paper-h100.yaml"):
         cfg = load_train_config(str(CONFIGS / "train" / name))
-        assert (cfg.context_position, cfg.context_gate, cfg.feature_norm, cfg.router_warmup_steps,
-                cfg.grad_clip_scope) == ("suffix", "none", "none", 0, "global")
-        assert cfg.init_std == 1e-4
+        assert (cfg.context.context_position, cfg.context.context_gate, cfg.context.feature_norm, cfg.optim.router_warmup_steps,
+                cfg.optim.grad_clip_scope) == ("suffix", "none", "none", 0, "global")
+        assert cfg.context.init_std == 1e-4
 
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "train").glob("*.yaml")), ids=lambda p: p.stem)
@@ -107,9 +106,9 @@ def test_train_presets_keep_the_original_grpo_estimator(path):
     from train.config import advantage_scale
 
     cfg = load_train_config(str(path))
-    assert (cfg.loss_type, advantage_scale(cfg), cfg.num_iterations, cfg.clip_eps, cfg.clip_eps_high,
-            cfg.mask_truncated_completions) == ("grpo", "group", 1, 0.2, None, False)
-    assert (cfg.top_p, cfg.top_k, cfg.min_p) == (1.0, 0, 0.0)
+    assert (cfg.grpo.loss_type, advantage_scale(cfg), cfg.grpo.num_iterations, cfg.grpo.clip_eps, cfg.grpo.clip_eps_high,
+            cfg.grpo.mask_truncated_completions) == ("grpo", "group", 1, 0.2, None, False)
+    assert (cfg.sampling.top_p, cfg.sampling.top_k, cfg.sampling.min_p) == (1.0, 0, 0.0)
 
 
 def test_scale_rewards_auto_follows_loss_type():
@@ -123,11 +122,11 @@ def test_scale_rewards_auto_follows_loss_type():
 @pytest.mark.parametrize("bad,message", [
     ({"loss_type": "ppo"}, "unknown loss_type 'ppo'; choices: ['grpo', 'dr_grpo', 'dapo', 'bnpo']"),
     ({"scale_rewards": "std"}, "unknown scale_rewards 'std'; choices: ['auto', 'group', 'batch', 'none']"),
-    ({"num_iterations": 0}, "num_iterations must be at least 1"),
-    ({"top_p": 0.0}, "0 < top_p <= 1"),
-    ({"top_k": -1}, "top_k >= 0"),
-    ({"min_p": 1.0}, "0 <= min_p < 1"),
-    ({"clip_eps_high": -0.1}, "clip_eps and clip_eps_high must be >= 0"),
+    ({"num_iterations": 0}, "grpo.num_iterations must be at least 1"),
+    ({"top_p": 0.0}, "sampling.top_p must be more than 0, got 0.0"),
+    ({"top_k": -1}, "sampling.top_k must be at least 0 (0: off), got -1"),
+    ({"min_p": 1.0}, "sampling.min_p must be less than 1, got 1.0"),
+    ({"clip_eps_high": -0.1}, "grpo.clip_eps_high must be at least 0, got -0.1"),
 ])
 def test_grpo_settings_are_checked(bad, message):
     from core.errors import MuskError

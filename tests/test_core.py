@@ -67,16 +67,18 @@ def test_run_folder_logs_truncate_and_state(tmp_path):
 def test_parse_sets_types_values_by_the_field():
     from core.config import from_dict, parse_sets
     from pipeline.extract import ExtractConfig
-    from train.config import TrainConfig
+    from train.config import TrainConfig, parse_train_sets
 
-    got = parse_sets(TrainConfig, ["decode_merged=off", "policy=123", "router=null", "experts=[a, b]", "beta=1e-3",
-                                   "eval_null_context=yes", "pooling='first_token'"])
-    assert got == {"decode_merged": "off", "policy": "123", "router": None, "experts": ["a", "b"], "beta": "1e-3",
-                   "eval_null_context": True, "pooling": "first_token"}
+    got = parse_train_sets(["decode_merged=off", "policy=123", "router=null", "experts=[a, b]", "grpo.beta=1e-3",
+                            "eval_null_context=yes", "context.pooling='first_token'"])
+    assert got == {"sampling": {"decode_merged": "off"}, "policy": {"name": "123"}, "context": {"router": None,
+                   "pooling": "first_token"}, "experts": ["a", "b"], "grpo": {"beta": "1e-3"},
+                   "eval": {"eval_null_context": True}}
     assert parse_sets(ExtractConfig, ["task.train_size=5", "task.val_size=2", "task.train_size=6"]) == {
         "task": {"train_size": 6, "val_size": 2}}
     cfg = from_dict(TrainConfig, {k: v for k, v in got.items() if k not in ("experts", "policy")})
-    assert (cfg.beta, cfg.decode_merged, cfg.router, cfg.pooling) == (1e-3, "off", None, "first_token")
+    assert parse_train_sets(["sampling.decode_merged=off"]) == parse_train_sets(["decode_merged=off"])
+    assert (cfg.grpo.beta, cfg.sampling.decode_merged, cfg.context.router, cfg.context.pooling) == (1e-3, "off", None, "first_token")
 
 
 def test_progress_bar_writes_plain_lines_where_stderr_is_not_a_terminal():

@@ -108,12 +108,12 @@ def test_off_changes_nothing_and_presets_keep_it_off(tiny_cache, tiny_policy, tm
     from train.loop import run_train
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single", total_training_steps=1))
-    assert cfg.filter_groups is False
+    assert cfg.grpo.filter_groups is False
     run = run_train(cfg, tiny_cache, tmp_path / "off", **quiet_train())
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert not any(k.startswith("filter/") for k in rec)
     for path in sorted((CONFIGS / "train").glob("*.yaml")):
-        assert load_train_config(str(path)).filter_groups is False, path.name
+        assert load_train_config(str(path)).grpo.filter_groups is False, path.name
 
 
 def test_cat_groups_pads_without_changing_log_probs():

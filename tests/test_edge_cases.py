@@ -248,7 +248,7 @@ def test_lm_head_fp32_is_a_config_key_old_runs_resume_without(tiny_policy):
     from train.config import DEFAULTS_BEFORE_KEY, load_train_config
     from train.policy import load_policy
 
-    assert load_train_config(None, {}).lm_head_fp32 is False and DEFAULTS_BEFORE_KEY["lm_head_fp32"] is False
+    assert load_train_config(None, {}).policy.lm_head_fp32 is False and DEFAULTS_BEFORE_KEY["lm_head_fp32"] is False
     with pytest.raises(MuskError, match="lm_head_fp32 needs rollout_engine musk"):
         load_train_config(None, {"lm_head_fp32": True, "rollout_engine": "vllm"})
     cfg = load_train_config(None, {"policy": str(tiny_policy), "lm_head_fp32": True})

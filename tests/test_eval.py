@@ -217,9 +217,9 @@ def test_dtype_is_recorded_resolved_and_used(tiny_run, tiny_policy, tiny_cache, 
     another resolved dtype is refused naming both."""
     import yaml
 
-    from train.config import load_train_config
+    from train.config import flatten, load_train_config
 
-    cfg = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    cfg = flatten(yaml.safe_load((tiny_run / "config.yaml").read_text()))  # written flat below: an older run folder
     assert cfg["dtype"] == "float32" and cfg["dtype_resolved"] == "float32"
     assert json.loads((tiny_run / "summary.json").read_text())["dtype"] == "float32"
     run = tmp_path / "run"

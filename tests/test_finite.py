@@ -3,26 +3,39 @@ the key or flag named (a NaN passes every `<= 0` check and runs to nonsense)."""
 
 import dataclasses
 import math
+import re
 import typing
 
 import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from core.config import from_dict, parse_sets
+from core.config import from_dict
 from core.errors import MuskError
 from pipeline.extract import ExtractConfig
 from pipeline.probes import ProbeConfig
 from pipeline.tasks import TaskConfig
-from train.config import TrainConfig
+from train.config import TrainConfig, parse_train_sets
 
 BAD = [math.nan, math.inf, -math.inf, "nan", "inf", "-Infinity"]
 
 
 def _float_fields(cls) -> list[str]:
+    """Float keys of cls, dotted into its nested sections (`grpo.beta`)."""
     hints = typing.get_type_hints(cls)
-    return [f.name for f in dataclasses.fields(cls)
-            if hints[f.name] is float or (float in typing.get_args(hints[f.name]) and hints[f.name] is not typing.Any)]
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and cls is TrainConfig:
+            out += [f"{f.name}.{k}" for k in _float_fields(tp)]
+        elif tp is float or (float in typing.get_args(tp) and tp is not typing.Any):
+            out.append(f.name)
+    return out
+
+
+def _nested(key: str, value) -> dict:
+    head, _, rest = key.partition(".")
+    return {head: _nested(rest, value) if rest else value}
 
 
 @pytest.mark.parametrize("cls", [TrainConfig, TaskConfig, ExtractConfig, ProbeConfig])
@@ -31,8 +44,8 @@ def test_every_float_key_refuses_non_finite(cls):
     assert fields  # the test has keys to see
     for name in fields:
         for bad in BAD:
-            with pytest.raises(MuskError, match=rf"^cfg\.{name}: expected a finite number, got "):
-                from_dict(cls, {name: bad}, "cfg")
+            with pytest.raises(MuskError, match=rf"^cfg\.{re.escape(name)}: expected a finite number, got "):
+                from_dict(cls, _nested(name, bad), "cfg")
     assert len(_float_fields(TrainConfig)) >= 10
 
 
@@ -44,14 +57,14 @@ def test_nested_and_mapping_values_are_checked():
     with pytest.raises(MuskError, match=r"x\.a\[1\]\.b: expected a finite number, got inf"):
         check_finite({"a": [1.0, {"b": math.inf}]}, "x")
     assert check_finite({"a": [1.0, {"b": 2}], "s": "nan"}, "x") == {"a": [1.0, {"b": 2}], "s": "nan"}  # text stays
-    assert from_dict(TrainConfig, {"temperature": "0.7"}).temperature == 0.7  # numbers as text still read
+    assert from_dict(TrainConfig, {"sampling": {"temperature": "0.7"}}).sampling.temperature == 0.7  # numbers as text still read
 
 
 def test_set_names_the_key():
-    with pytest.raises(MuskError, match="--set temperature: expected a finite number, got nan"):
-        parse_sets(TrainConfig, ["temperature=nan"])
-    with pytest.raises(MuskError, match="--set beta: expected a finite number, got inf"):
-        parse_sets(TrainConfig, ["beta=.inf"])
+    with pytest.raises(MuskError, match="--set sampling.temperature: expected a finite number, got nan"):
+        parse_train_sets(["temperature=nan"])
+    with pytest.raises(MuskError, match="--set grpo.beta: expected a finite number, got inf"):
+        parse_train_sets(["grpo.beta=.inf"])
 
 
 def _cli(args):

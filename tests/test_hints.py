@@ -27,9 +27,9 @@ def test_zeros_reference_needs_the_context_position(tiny_policy):
 def test_presets_choose_their_hint_form():
     for preset in ("paper", "paper-gsm8k", "paper-h100"):
         cfg = load_train_config(str(ROOT / "configs" / "train" / f"{preset}.yaml"))
-        assert (cfg.hint_format, cfg.hint_position, cfg.hint_reference) == ("literal", "context", "zeros")
+        assert (cfg.context.hint_format, cfg.context.hint_position, cfg.context.hint_reference) == ("literal", "context", "zeros")
     cfg = load_train_config(None)
-    assert (cfg.hint_format, cfg.hint_position, cfg.hint_reference) == ("labelled", "user-turn", "reads")
+    assert (cfg.context.hint_format, cfg.context.hint_position, cfg.context.hint_reference) == ("labelled", "user-turn", "reads")
 
 
 def _inputs(tiny_cache, tiny_policy, **ov):

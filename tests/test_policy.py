@@ -133,7 +133,7 @@ def test_decode_merged_auto_is_float32_only():
         return SimpleNamespace(lm=SimpleNamespace(dtype=dtype))
 
     def cfg(v):
-        return SimpleNamespace(decode_merged=v)
+        return SimpleNamespace(sampling=SimpleNamespace(decode_merged=v))
 
     assert decode_merged(cfg("auto"), m(torch.float32)) and not decode_merged(cfg("auto"), m(torch.bfloat16))
     assert decode_merged(cfg("on"), m(torch.bfloat16)) and not decode_merged(cfg("off"), m(torch.float32))

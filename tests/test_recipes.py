@@ -39,10 +39,10 @@ def _models(tiny_cache, tiny_policy, **extra):
 @pytest.mark.parametrize("extra, match", [
     ({"method": "single", "sft_warmup_steps": 1}, "no g_phi"),
     ({"method": "output-collab", "sft_warmup_steps": 1}, "no g_phi"),
-    ({"sft_warmup_steps": 4, "total_training_steps": 3}, "more than the run's total_training_steps"),
+    ({"sft_warmup_steps": 4, "total_training_steps": 3}, "more than the run's optim.total_training_steps"),
     ({"sft_warmup_train": "lora"}, "unknown sft_warmup_train"),
-    ({"sft_mix_coef": -0.1}, "must be >= 0"),
-    ({"sft_mix_coef": 0.5, "sft_mix_steps": 0}, "sft_mix_steps >= 1"),
+    ({"sft_mix_coef": -0.1}, "recipe.sft_mix_coef must be at least 0"),
+    ({"sft_mix_coef": 0.5, "sft_mix_steps": 0}, "recipe.sft_mix_steps must be at least 1"),
     ({"sft_mix_coef": 0.5, "loss_type": "dapo"}, "dapo"),
 ])
 def test_bad_recipes_are_refused_by_name(tiny_policy, extra, match):
@@ -53,7 +53,7 @@ def test_bad_recipes_are_refused_by_name(tiny_policy, extra, match):
 def test_single_takes_a_lora_warm_up(tiny_policy):
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="single", sft_warmup_steps=1,
                                                        sft_warmup_train="context+lora"))
-    assert cfg.sft_warmup_steps == 1
+    assert cfg.recipe.sft_warmup_steps == 1
 
 
 def test_mix_coef_decays_linearly_to_zero_after_the_warm_up(tiny_policy):
@@ -90,7 +90,7 @@ def test_a_warm_up_step_lowers_the_answer_nll_and_a_context_warm_up_leaves_the_l
     assert after < before - 1e-3, (before, after)
     assert all(torch.equal(a, b) for a, b in zip(lora0, m.optimizer.param_groups[0]["params"]))
     assert any(not torch.equal(a, b) for a, b in zip(g0, m.adapter.parameters()))
-    assert cursor == 3 * cfg.gradient_accumulation_steps * cfg.train_batch_size
+    assert cursor == 3 * cfg.optim.gradient_accumulation_steps * cfg.optim.train_batch_size
 
 
 @pytest.mark.slow

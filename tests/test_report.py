@@ -146,9 +146,9 @@ def test_paper_preset_draws_figure5_as_a_curve():
 
     for name in ("paper.yaml", "paper-gsm8k.yaml"):
         cfg = load_train_config(str(Path(__file__).resolve().parents[1] / "configs" / "train" / name))
-        points = [s for s in range(1, cfg.total_training_steps + 1) if cfg.curve_freq and s % cfg.curve_freq == 0]
-        assert len(points) >= 5 and cfg.curve_prompts >= 32, name
-        assert cfg.eval_without_context
+        points = [s for s in range(1, cfg.optim.total_training_steps + 1) if cfg.eval.curve_freq and s % cfg.eval.curve_freq == 0]
+        assert len(points) >= 5 and cfg.eval.curve_prompts >= 32, name
+        assert cfg.eval.eval_without_context
 
 
 def test_cost_table(runs_dir):

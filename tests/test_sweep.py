@@ -251,12 +251,12 @@ def test_presets_plan_the_paper_grids():
     assert len(gsm) == 21 and {c.steps for c in gsm} == {233} and {c.steps for c in t1 if c not in gsm} == {500}
     assert sorted({c.method for c in t1 if "generalist" in c.cache}) == ["perceiver"]
     _, t2 = plan_sweep(sweeps / "table2.yaml")
-    assert {c.train.pooling for c in t2} == {"first_token", "first_layer", "random_token", "random_layer", "last_token"}
+    assert {c.train.context.pooling for c in t2} == {"first_token", "first_layer", "random_token", "random_layer", "last_token"}
     _, f6 = plan_sweep(sweeps / "figure6.yaml")
-    assert sorted({c.train.num_latents for c in f6}) == [2, 4, 8, 16, 32, 64, 128]
+    assert sorted({c.train.context.num_latents for c in f6}) == [2, 4, 8, 16, 32, 64, 128]
     folder, ev = plan_sweep(sweeps / "embedded-evidence.yaml")
     assert sorted({c.method for c in ev}) == ["ffn", "hard-routing", "output-collab", "perceiver", "prefix", "single"]
-    assert all(c.train.total_training_steps == 20 and c.config is None for c in ev)  # the README's embedded runs
+    assert all(c.train.optim.total_training_steps == 20 and c.config is None for c in ev)  # the README's embedded runs
 
 
 @pytest.mark.slow
@@ -364,7 +364,7 @@ def test_cells_are_named_from_the_typed_value(tiny_cache, tiny_policy, tmp_path)
     _, cells = plan_sweep(_raw_grid(tmp_path, tiny_cache, tiny_policy,
                                     "methods: [single]\ngrid:\n  lr: [1e-3, 2_000e-7]\n  decode_merged: [off]\n"))
     assert [c.name for c in cells] == ["single-lr-0.001-decode_merged-off-s0", "single-lr-0.0002-decode_merged-off-s0"]
-    assert [c.train.lr for c in cells] == [0.001, 0.0002] and cells[0].train.decode_merged == "off"
+    assert [c.train.optim.lr for c in cells] == [0.001, 0.0002] and cells[0].train.sampling.decode_merged == "off"
     # two spellings of one value: one configuration, refused before anything starts, naming both
     grid = _raw_grid(tmp_path, tiny_cache, tiny_policy, "methods: [single]\ngrid:\n  lr: [1e-3, 0.001]\n", "two.yaml")
     with pytest.raises(MuskError, match=r"two cells are named 'single-lr-0.001-s0'.*one value as the train config"):
@@ -388,7 +388,7 @@ def test_keys_a_method_does_not_read_do_not_multiply_its_runs(tiny_cache, tiny_p
         ["single-lr-0.1-s0", "single-lr-0.2-s0"] +
         [f"perceiver-router_lr-{r}-lr-{lr}-s0" for r in (0.001, 0.01) for lr in (0.1, 0.2)])
     single = [c for c in cells if c.method == "single"]
-    assert all(c.train.router_lr == 1e-2 for c in single)  # the set value, not a grid one
+    assert all(c.train.optim.router_lr == 1e-2 for c in single)  # the set value, not a grid one
     lines = plan_lines(folder, cells, 1, 1.0)
     assert "  note: router_lr is not read by single: one single run where the grid lists 2 values of it" in lines
 
@@ -421,7 +421,7 @@ def test_each_run_reads_the_config_the_plan_typed(tiny_cache, tiny_policy, tmp_p
     folder, [cell] = plan_sweep(grid)
     path = write_resolved(cell, folder)
     preset.write_text(preset.read_text().replace("lr: 0.01", "lr: 0.5"))  # edited while the sweep runs
-    assert load_train_config(str(path)) == cell.train and read(path)["lr"] == 0.01
+    assert load_train_config(str(path)) == cell.train and read(path)["optim"]["lr"] == 0.01
     cmd = train_command(cell, False, 1, ENTRY, path)
     assert cmd[cmd.index("--config") + 1] == str(path) and "--set" not in cmd
 
@@ -429,14 +429,13 @@ def test_each_run_reads_the_config_the_plan_typed(tiny_cache, tiny_policy, tmp_p
 def test_a_run_of_an_older_musk_resumes_when_its_missing_keys_take_their_old_defaults(tiny_cache, tiny_policy,
                                                                                         tmp_path):
     from cache.reader import Cache
-    from core.config import to_dict
-    from train.config import keys_missing_from_old_run
+    from train.config import flat_dict, keys_missing_from_old_run
 
     grid = _grid(tmp_path, tiny_cache, tiny_policy, methods=["single"], seeds=[0])
     folder, [cell] = plan_sweep(grid)
     with Cache(str(tiny_cache)) as c:
         fp = c.fingerprint
-    full = {**to_dict(cell.train), "cache_fingerprint": fp}
+    full = {**flat_dict(cell.train), "cache_fingerprint": fp}  # flat: as an older musk wrote it
     cell.folder.mkdir(parents=True)
     old = {k: v for k, v in full.items() if k not in ("tis_cap", "min_p")}  # keys added later, old defaults now
     (cell.folder / "config.yaml").write_text(yaml_dump(old))
@@ -526,7 +525,7 @@ def test_train_resume_of_an_older_run_folder_takes_old_defaults_or_names_the_key
     open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)
     assert "lacks ['tis_cap'] (made by an older musk); taken as their defaults from before they existed: " \
            "{'tis_cap': 0.0}" in capsys.readouterr().out
-    assert RunFolder(tmp_path / "r").read_config()["tis_cap"] == 0.0  # whole again
+    assert RunFolder(tmp_path / "r").read_config()["grpo"]["tis_cap"] == 0.0  # whole again
     (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "lr"}))
     with pytest.raises(MuskError, match=r"older musk without the keys \['lr'\]"):
         open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)

@@ -318,10 +318,10 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
         e_null, mk_null, _ = eval_inputs(cfg, m, data, idx, "null", "cpu")
         e_none, mk_none, _ = eval_inputs(cfg, m, data, idx, "removed", "cpu")
     assert torch.equal(e_with, e_null) and torch.equal(mk_with, mk_null)
-    assert e_null.shape[1] == e_none.shape[1] + cfg.num_latents
+    assert e_null.shape[1] == e_none.shape[1] + cfg.context.num_latents
     anchor = m.lm.get_input_embeddings().weight.mean(0)
     slots = [(e_null[b] - anchor).abs().amax(-1) < 1e-6 for b in range(2)]  # [P+m] rows equal to the anchor
-    assert all(int(s.sum()) >= cfg.num_latents for s in slots)
+    assert all(int(s.sum()) >= cfg.context.num_latents for s in slots)
 
 
 # --- GRPO settings: loss types, several passes per batch, truncation masking --------------------

@@ -33,9 +33,12 @@ Fixed choices, all deliberate:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, get_args
 
 import torch
+
+from core.config import bound, check_bounds
 
 
 class AdvantageStats(NamedTuple):
@@ -45,8 +48,71 @@ class AdvantageStats(NamedTuple):
     frac_zero_std: float
 
 
-SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+LossType = Literal["grpo", "dr_grpo", "dapo", "bnpo"]
+ScaleRewards = Literal["auto", "group", "batch", "none"]
+SCALE_REWARDS = get_args(ScaleRewards)[1:]  # what group_advantages takes: auto is resolved before
+LOSS_TYPES = get_args(LossType)
+
+
+@dataclass(frozen=True)
+class GrpoConfig:
+    """The `grpo` section of the train config: the objective and its estimator (`--set grpo.KEY=VALUE`)."""
+
+    group_size: int = bound(8, ge=2, note="GRPO normalises within a group")
+    """G completions per prompt (paper: 8)."""
+    beta: float = bound(0.04, ge=0)
+    """KL coefficient (paper: 0.04)."""
+    clip_eps: float = bound(0.2, ge=0)
+    """Lower PPO clip of the ratio pi/pi_old: the surrogate clips it at 1 - clip_eps (TRL: epsilon;
+    default 0.2 as TRL). Active only when num_iterations > 1 (with one pass the ratio is 1)."""
+    clip_eps_high: float | None = bound(None, ge=0)
+    """Upper PPO clip: the ratio is clipped at 1 + clip_eps_high; null: clip_eps (symmetric, TRL:
+    epsilon_high, default null as TRL). DAPO's clip-higher sets it above clip_eps (e.g. 0.28)."""
+    num_iterations: int = bound(1, ge=1)
+    """mu, AdamW updates per batch of rollouts (TRL: num_iterations; paper and default 1). Each step
+    samples once, then makes mu passes over the same rollouts, the ratio taken against the sampling
+    policy's log-probs (PPO-style GRPO). optim.total_training_steps counts batches of rollouts, so a run
+    makes mu x total_training_steps updates."""
+    loss_type: LossType = "grpo"
+    """How per-token losses become one number: grpo (mean over each completion's tokens, then over
+    completions: the paper and original GRPO), dr_grpo (token sum over the constant completions x
+    max_new_tokens), bnpo (token mean over the micro-batch), dapo (token mean over the whole optimizer
+    step). TRL's name; TRL's default is dapo."""
+    scale_rewards: ScaleRewards = "auto"
+    """Advantage scaling (TRL: scale_rewards): group (divide by the group's reward std: GRPO), batch (by
+    the std of the micro-batch's B*G rewards), none (no division: Dr. GRPO). auto: none under
+    loss_type dr_grpo, group otherwise (the paper: group)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit max_new_tokens without EOS out of the loss (DAPO's overlong
+    filtering; TRL: mask_truncated_completions, default false). They still count in the advantages."""
+    filter_groups: bool = False
+    """Dynamic sampling (DAPO; verl's algorithm.filter_groups): drop the groups whose G rewards are all
+    equal (advantage 0: no policy gradient) and draw further prompts until each micro-batch has
+    train_batch_size informative groups, at most filter_groups_max_rounds generation rounds (logged per
+    step: filter/groups_drawn, filter/groups_kept). Off: the paper's GRPO."""
+    filter_groups_max_rounds: int = bound(10, ge=1)
+    """Cap on generation rounds of train_batch_size prompts a micro-batch may take under filter_groups
+    (verl's max_num_gen_batches; DAPO's recipe 10). At the cap the micro-batch is filled with the
+    uninformative groups last drawn (they add only the KL term) and filter/groups_kept says so."""
+    std_floor: float = bound(1e-4, ge=0)
+    """Floor of the group std in the advantage denominator."""
+    tis_cap: float = bound(0.0, ge=0, note="0: off")
+    """Truncated importance sampling: weight each rollout token's policy-gradient term by
+    min(pi_trainer(y_t) / pi_sampler(y_t), tis_cap), correcting for a sampler that is not the training
+    forward (the fused decode step in bf16, vLLM with merged bf16 weights). 0 = off (paper presets:
+    off; the paper trains on-policy). Typical when on: 2. The gap itself is logged every step
+    (sampler/logprob_gap, sampler/logprob_abs_gap, sampler/logprob_max_abs_gap) whenever musk's own
+    decoder draws the rollouts."""
+
+    def validate(self) -> None:
+        """Raises MuskError naming grpo.KEY for a value outside its bounds."""
+        check_bounds(self, "grpo")
+
+    def advantage_scale(self) -> str:
+        """scale_rewards with auto resolved: none under dr_grpo (Dr. GRPO drops the std), group otherwise."""
+        if self.scale_rewards != "auto":
+            return self.scale_rewards
+        return "none" if self.loss_type == "dr_grpo" else "group"
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, std_floor: float = 1e-4,

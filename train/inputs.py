@@ -144,8 +144,8 @@ ALL = ExpertView()
 
 
 def decode_merged(cfg: TrainConfig, m: Models) -> bool:
-    """Whether rollouts and evaluations decode through merged LoRA weights (cfg.decode_merged)."""
-    return cfg.decode_merged == "on" or (cfg.decode_merged == "auto" and m.lm.dtype == torch.float32)
+    """Whether rollouts and evaluations decode through merged LoRA weights (cfg.sampling.decode_merged)."""
+    return cfg.sampling.decode_merged == "on" or (cfg.sampling.decode_merged == "auto" and m.lm.dtype == torch.float32)
 
 
 def expert_features(data: RunData, idx: list[int], view: ExpertView = ALL) -> list[torch.Tensor]:
@@ -205,8 +205,8 @@ def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], de
     where C goes (context: Eq. 12), the reference then reading zero-valued tokens at their positions
     (hint_reference zeros) or the hints themselves (reads)."""
     hints = method_info(cfg.method).needs_hints and mode != "removed"
-    block = hints and cfg.hint_position == "context"
-    pb = prompt_batch(m, data, idx, hints and not block, device, view=view, hint_format=cfg.hint_format)  # [b, P]
+    block = hints and cfg.context.hint_position == "context"
+    pb = prompt_batch(m, data, idx, hints and not block, device, view=view, hint_format=cfg.context.hint_format)  # [b, P]
     emb = m.lm.get_input_embeddings()(pb.ids)  # [b, P, d]
     ctx = context_tokens(m, data, idx, device, view) if mode != "removed" else None
     extra, ref_extra, extra_mask = None, None, None
@@ -215,12 +215,12 @@ def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], de
         if mode == "with":
             extra = ctx.context
     elif block:
-        texts = [hint_block_text(expert_hints(data, i, view), cfg.hint_format) for i in idx]
+        texts = [hint_block_text(expert_hints(data, i, view), cfg.context.hint_format) for i in idx]
         ids, extra_mask = encode_blocks(m.tok, texts, device)  # [b, H]
         extra = m.lm.get_input_embeddings()(ids)  # [b, H, d]
-        ref_extra = torch.zeros_like(extra) if cfg.hint_reference == "zeros" else extra
-    e_in, m_in = splice(emb, pb.mask, extra, cfg.context_position, pb.tail, extra_mask)
-    ref_e = splice(emb, pb.mask, ref_extra, cfg.context_position, pb.tail, extra_mask)[0] if extra is not None else emb
+        ref_extra = torch.zeros_like(extra) if cfg.context.hint_reference == "zeros" else extra
+    e_in, m_in = splice(emb, pb.mask, extra, cfg.context.context_position, pb.tail, extra_mask)
+    ref_e = splice(emb, pb.mask, ref_extra, cfg.context.context_position, pb.tail, extra_mask)[0] if extra is not None else emb
     return PolicyInputs(e_in, ref_e, m_in, ctx)
 
 
@@ -235,5 +235,5 @@ def rollout_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], d
     """policy_inputs for prompts idx, each row repeated G times, with C made by g_phi as it is now
     (num_iterations > 1 rebuilds them after each update)."""
     pi = policy_inputs(cfg, m, data, idx, device)  # [B, L, d]
-    G = cfg.group_size
+    G = cfg.grpo.group_size
     return RolloutInputs(pi.ctx, *(x.repeat_interleave(G, 0) for x in (pi.embeds, pi.ref_embeds, pi.mask)))

@@ -69,31 +69,31 @@ class Evaluator(Protocol):
 def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], *, device: str,
                         timing: dict, scorer: Scorer) -> Rollouts:
     """G completions for each prompt of idx, scored by `scorer`, with their group advantages."""
-    G = cfg.group_size
+    G = cfg.grpo.group_size
     ctx, e_in, ref_e, m_in = rollout_inputs(cfg, m, data, idx, device)
 
     t = time.perf_counter()
     sampler_logp = None
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
-        tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.max_new_tokens,
-                                          m.eos, m.tok.pad_token_id, cfg.temperature, False,
-                                          int(torch.randint(2**31 - 1, ())), cfg.top_k, cfg.top_p, cfg.min_p)
+        tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.sampling.max_new_tokens,
+                                          m.eos, m.tok.pad_token_id, cfg.sampling.temperature, False,
+                                          int(torch.randint(2**31 - 1, ())), cfg.sampling.top_k, cfg.sampling.top_p, cfg.sampling.min_p)
         tokens, live = tokens.to(device), live.to(device)
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
         with merged_lora(m.peft, decode_merged(cfg, m)):
-            dec = sample(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, cfg.temperature,
-                         min_new_tokens=cfg.min_new_tokens, group=G if cfg.share_prompt else 1, logprobs=True,
-                         filters=(cfg.top_k, cfg.top_p, cfg.min_p))
+            dec = sample(m.lm, e_in.detach(), m_in, cfg.sampling.max_new_tokens, m.eos, m.tok.pad_token_id, cfg.sampling.temperature,
+                         min_new_tokens=cfg.sampling.min_new_tokens, group=G if cfg.run.share_prompt else 1, logprobs=True,
+                         filters=(cfg.sampling.top_k, cfg.sampling.top_p, cfg.sampling.min_p))
             tokens, live, sampler_logp = dec.tokens, dec.live, dec.logprobs
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
     t = time.perf_counter()
     texts = decode(m.tok, tokens, live)
-    rewards = torch.tensor([scorer(data.prompts["entry"][i], s, cfg.answer_extraction)
+    rewards = torch.tensor([scorer(data.prompts["entry"][i], s, cfg.sampling.answer_extraction)
                             for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
-    adv = group_advantages(rewards, G, cfg.std_floor, advantage_scale(cfg))
+    adv = group_advantages(rewards, G, cfg.grpo.std_floor, advantage_scale(cfg))
     timing["reward"] += time.perf_counter() - t
     return Rollouts(idx=idx, embeds=e_in, ref_embeds=ref_e, mask=m_in, tokens=tokens, live=live, texts=texts,
                     rewards=rewards, advantages=adv.advantages.to(device), frac_zero_std=adv.frac_zero_std,
@@ -125,14 +125,14 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     old None: the first pass, right after sampling: the policy's log-probs detached are pi_old (same
     weights, same inputs) and are kept, with the reference's, for later passes when num_iterations > 1.
     loss_type dapo backpropagates the micro-batch's token sum; `update` divides by the step's tokens."""
-    N, G = ro.tokens.shape[0], cfg.group_size
-    chunk = cfg.rollout_chunk or N
+    N, G = ro.tokens.shape[0], cfg.grpo.group_size
+    chunk = cfg.run.rollout_chunk or N
     # Each prompt runs once per group of G rollouts when the chunks hold whole groups and the KV
     # cache is on (gradient checkpointing turns it off).
-    share = G if cfg.share_prompt and chunk % G == 0 and not cfg.gradient_checkpointing else 1
-    T = cfg.temperature
+    share = G if cfg.run.share_prompt and chunk % G == 0 and not cfg.run.gradient_checkpointing else 1
+    T = cfg.sampling.temperature
     t = time.perf_counter()
-    if old is not None or cfg.beta == 0:  # beta 0: the KL term is absent, so the reference never runs
+    if old is not None or cfg.grpo.beta == 0:  # beta 0: the KL term is absent, so the reference never runs
         ref_logp = old.ref if old is not None else None
     else:
         with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
@@ -144,10 +144,10 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
 
     t = time.perf_counter()
     live = ro.live
-    if cfg.mask_truncated_completions:  # [B*G, T]: truncated rows leave the loss
-        live = live * (~truncated_rows(ro.tokens, ro.live, m.eos, cfg.max_new_tokens)).to(live.dtype)[:, None]
+    if cfg.grpo.mask_truncated_completions:  # [B*G, T]: truncated rows leave the loss
+        live = live * (~truncated_rows(ro.tokens, ro.live, m.eos, cfg.sampling.max_new_tokens)).to(live.dtype)[:, None]
     n_tok = float(live.sum())
-    token_mean = cfg.loss_type in ("bnpo", "dapo")  # chunks share the micro-batch's token count
+    token_mean = cfg.grpo.loss_type in ("bnpo", "dapo")  # chunks share the micro-batch's token count
     loss = kl_sum = clip_sum = ent_sum = 0.0
     kept = []
     gaps = {"gap": 0.0, "abs_gap": 0.0, "max_abs_gap": 0.0, "truncated": 0.0} if ro.sampler_logp is not None else None
@@ -159,28 +159,28 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
         old_logp = logp.detach() if old is None else old.logp[sl]
         is_w = None
         if gaps is not None:  # the sampler is not the training forward: measure, and correct if asked (TIS)
-            sg = sampler_gap(old_logp, ro.sampler_logp[sl], ro.live[sl], cfg.tis_cap)  # pi_old: first pass's
+            sg = sampler_gap(old_logp, ro.sampler_logp[sl], ro.live[sl], cfg.grpo.tis_cap)  # pi_old: first pass's
             if old is None:
                 chunk_tok = float(ro.live[sl].sum())
                 for k in ("gap", "abs_gap", "truncated"):
                     gaps[k] += getattr(sg, k) * chunk_tok
                 gaps["max_abs_gap"] = max(gaps["max_abs_gap"], sg.max_abs_gap)
-            is_w = sg.weights if cfg.tis_cap > 0 else None
+            is_w = sg.weights if cfg.grpo.tis_cap > 0 else None
         ref_sl = ref_logp[sl] if ref_logp is not None else None
-        out = grpo_loss(logp, old_logp, ref_sl, ro.advantages[sl], live[sl], cfg.beta, clip_eps=cfg.clip_eps,
-                        clip_eps_high=cfg.clip_eps_high, loss_type=cfg.loss_type, max_tokens=cfg.max_new_tokens,
+        out = grpo_loss(logp, old_logp, ref_sl, ro.advantages[sl], live[sl], cfg.grpo.beta, clip_eps=cfg.grpo.clip_eps,
+                        clip_eps_high=cfg.grpo.clip_eps_high, loss_type=cfg.grpo.loss_type, max_tokens=cfg.sampling.max_new_tokens,
                         num_tokens=n_tok if token_mean else None, is_weights=is_w)
         weight = 1.0 if token_mean else logp.shape[0] / N
-        if cfg.loss_type == "dapo":
+        if cfg.grpo.loss_type == "dapo":
             share_of_step = weight * n_tok  # the token sum; `update` divides by the step's token count
         else:
-            share_of_step = weight / cfg.gradient_accumulation_steps  # the step's A micro-batches, over every rank
+            share_of_step = weight / cfg.optim.gradient_accumulation_steps  # the step's A micro-batches, over every rank
         (out.loss * share_of_step).backward(retain_graph=s + chunk < N)
         loss += float(out.loss.detach()) * weight
         kl_sum += float(out.kl) * float(live[sl].sum())
         clip_sum += float(out.clip_frac) * float(live[sl].sum())
         ent_sum += float((ent[0] * ro.live[sl]).sum())
-        if cfg.num_iterations > 1 and old is None:
+        if cfg.grpo.num_iterations > 1 and old is None:
             kept.append(old_logp)
     timing["policy"] += time.perf_counter() - t
     return StepOut(loss, kl_sum, n_tok, OldLogps(torch.cat(kept), ref_logp) if kept else None, clip_sum, ent_sum,
@@ -199,13 +199,13 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
     t_step = time.perf_counter()
     timing = {"generate": 0.0, "reward": 0.0, "policy": 0.0, "reference": 0.0}
     begin_step(cfg, m, step)
-    method, W, B = method_info(cfg.method), dist.world(), cfg.train_batch_size
+    method, W, B = method_info(cfg.method), dist.world(), cfg.optim.train_batch_size
     stats = []  # [(global micro index, stats)]
     sft_nll = []  # the mixed objective's answer NLL per micro-batch (sft_mix_coef > 0)
     again = []  # num_iterations > 1: (global micro index, rollouts without their graph, pi_old and ref log-probs)
-    for micro in range(micro_batches_per_rank(cfg.gradient_accumulation_steps, W)):
+    for micro in range(micro_batches_per_rank(cfg.optim.gradient_accumulation_steps, W)):
         g = micro * W + dist.rank()  # global micro-batch index: whole groups per rank, no exchange for advantages
-        A = cfg.gradient_accumulation_steps  # round r of micro-batch g reads the step's r-th block of A*B prompts
+        A = cfg.optim.gradient_accumulation_steps  # round r of micro-batch g reads the step's r-th block of A*B prompts
 
         def prompts(r: int, g: int = g) -> list[int]:
             return step_prompts(cfg, data.train_idx, cursor, r * A + g)
@@ -214,7 +214,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
         torch.manual_seed(micro_seed(cfg.seed, step, g))
         ro = generate_trajectory(cfg, m, data, idx, device=device, timing=timing, scorer=scorer)
         drew = None
-        if cfg.filter_groups:  # dynamic sampling: informative groups only, further rounds drawn
+        if cfg.grpo.filter_groups:  # dynamic sampling: informative groups only, further rounds drawn
             def more(r: int) -> Rollouts:
                 return generate_trajectory(cfg, m, data, prompts(r), device=device, timing=timing, scorer=scorer)
 
@@ -224,21 +224,21 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
         coef = mix_coef(cfg, step)
         if coef > 0:  # the mixed objective's supervised term, this micro-batch's share of the step
             nll = answer_nll(cfg, m, data, idx, device)
-            (coef * nll / cfg.gradient_accumulation_steps).backward()
+            (coef * nll / cfg.optim.gradient_accumulation_steps).backward()
             sft_nll.append(float(nll.detach()))
         if out.old is not None:
             again.append((g, ro._replace(embeds=None, ref_embeds=None), out.old))
-        if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
-            for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
+        if run is not None and g == 0 and cfg.run.log_completions_freq and step % cfg.run.log_completions_freq == 0:
+            for rec in completion_records(cfg, data, step, ro, cfg.run.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
         stats.append((g, {**micro_stats(cfg, m, data, idx=idx, ro=ro, out=out, method=method), "filter": drew}))
     stats = [st for _, st in sorted(dist.gather_all(stats))]  # every rank's micro-batches, in global order
-    rounds = max(st["filter"]["rounds"] for st in stats) if cfg.filter_groups else 1
-    cursor += cfg.gradient_accumulation_steps * B * rounds  # blocks a round of any micro-batch drew from
+    rounds = max(st["filter"]["rounds"] for st in stats) if cfg.grpo.filter_groups else 1
+    cursor += cfg.optim.gradient_accumulation_steps * B * rounds  # blocks a round of any micro-batch drew from
     step_tokens = sum(st["loss_tokens"] for st in stats)
     norms = [update(cfg, m, float(np.mean([st["loss"] for st in stats])), step_tokens)]
     updates = [stats]  # per update (pass over the rollouts): its micro-batches' statistics, every rank's
-    for it in range(1, cfg.num_iterations):  # PPO-style passes 2..mu over the same rollouts
+    for it in range(1, cfg.grpo.num_iterations):  # PPO-style passes 2..mu over the same rollouts
         m.optimizer.zero_grad(set_to_none=True)
         passed = []
         for g, ro, old in again:
@@ -253,16 +253,16 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
     rec = step_record(cfg, m, step=step, stats=stats, grad_norm=norms[0][0], dt=time.perf_counter() - t_step,
                       timing=timing, device=device)
     rec.update({f"grad_norm/{k}": v for k, v in norms[0][1].items()})
-    if cfg.filter_groups:  # reward/* and accuracy describe the kept groups (what is trained on)
+    if cfg.grpo.filter_groups:  # reward/* and accuracy describe the kept groups (what is trained on)
         drew = [st["filter"] for st in stats]
         rec.update({"filter/groups_drawn": sum(d["drawn"] for d in drew), "filter/groups_kept": sum(d["kept"] for d in drew),
                     "filter/rounds_max": rounds,
-                    "filter/reward_mean_drawn": sum(d["reward_sum"] for d in drew) / (sum(d["drawn"] for d in drew) * cfg.group_size)})
+                    "filter/reward_mean_drawn": sum(d["reward_sum"] for d in drew) / (sum(d["drawn"] for d in drew) * cfg.grpo.group_size)})
     rec.update(update_record(cfg, updates, norms))  # clip_frac, policy/entropy, kl over every update
-    if cfg.sft_mix_coef > 0:
+    if cfg.recipe.sft_mix_coef > 0:
         nll = dist.gather_all(sft_nll)
         rec.update({"sft/coef": mix_coef(cfg, step), "sft/nll": sum(nll) / len(nll) if nll else None})
-    if cfg.beta == 0:
+    if cfg.grpo.beta == 0:
         rec.pop("kl")  # the reference never ran: no KL was measured
     return rec, cursor
 
@@ -283,15 +283,15 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
     """Steps start+1..total: train, log, evaluate (`evaluator`, rank 0), checkpoint. Returns the last full
     evaluation (or None)."""
     start_step, cursor = start
-    full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
-    curve_rows = data.val_idx[: min(len(data.val_idx), cfg.curve_prompts)]
+    full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval.eval_batches * cfg.eval.val_batch_size)]
+    curve_rows = data.val_idx[: min(len(data.val_idx), cfg.eval.curve_prompts)]
     m.peft.train()
     m.adapter.train()
     main = dist.is_main()  # under torchrun rank 0 alone writes, evaluates and logs; the others train
-    bar = tqdm(total=cfg.total_training_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
+    bar = tqdm(total=cfg.optim.total_training_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
                disable=not progress or not main, dynamic_ncols=True)
     last_eval = None
-    for step in range(start_step + 1, cfg.total_training_steps + 1):
+    for step in range(start_step + 1, cfg.optim.total_training_steps + 1):
         cursor_at_start = cursor  # the data position that goes with the weights before this step
         try:
             if in_warmup(cfg, step):  # the supervised warm-up's steps (sft_warmup_steps): no rollouts
@@ -310,8 +310,8 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
                 f"(loss={e.loss}, grad_norm={e.grad_norm}); stopped before the update and {saved}. "
                 f"Lower lr/router_lr or check the cache's features."
             ) from None
-        full = step % cfg.test_freq == 0 or step == cfg.total_training_steps
-        curve = bool(cfg.curve_freq) and step % cfg.curve_freq == 0  # the Figure 5 curve: same prompts each time
+        full = step % cfg.eval.test_freq == 0 or step == cfg.optim.total_training_steps
+        curve = bool(cfg.eval.curve_freq) and step % cfg.eval.curve_freq == 0  # the Figure 5 curve: same prompts each time
         if not main:
             if full or curve:
                 dist.barrier()  # wait for rank 0's evaluation
@@ -321,11 +321,11 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
         bar.update(1)
         if "sft/nll" in rec and "reward/mean" not in rec:  # a warm-up step: no rollouts, no reward
             bar.set_postfix(sft_nll=f"{rec['sft/nll']:.3f}")
-            if not progress and step % cfg.log_freq == 0:
+            if not progress and step % cfg.run.log_freq == 0:
                 log(f"step {step}: sft warm-up nll {rec['sft/nll']:.3f} {rec['step_seconds']:.1f}s")
         else:
             bar.set_postfix(reward=f"{rec['reward/mean']:.3f}", kl=f"{rec.get('kl', math.nan):.4f}")
-            if not progress and step % cfg.log_freq == 0:
+            if not progress and step % cfg.run.log_freq == 0:
                 log(f"step {step}: reward {rec['reward/mean']:.3f} acc {rec['accuracy']:.3f} kl {rec.get('kl', math.nan):.4f} "
                     f"{rec['step_seconds']:.1f}s")
         evals = []
@@ -340,7 +340,7 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
             trackers.log({f"eval/{ev['kind']}/{k}": v for k, v in ev.items() if k not in ("step", "split", "kind")}, step)
         if evals:
             dist.barrier()
-        if step % cfg.save_freq == 0 or step == cfg.total_training_steps:
+        if step % cfg.run.save_freq == 0 or step == cfg.optim.total_training_steps:
             ckpt.save_checkpoint(run, step, m.peft, m.adapter, m.optimizer, {"cursor": cursor})
     bar.close()
     return last_eval
@@ -357,9 +357,9 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, ev
     features: where expert vectors come from (default: the cache, in memory). benchmarks/train_step.py
     passes experts run online on each batch's prompts, to time what the cache saves.
     """
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.run.device)
     device = dist.init(device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.policy.dtype, device)
     data = load_data(cfg, cache_path)
     if features is not None:
         data.features = features
@@ -377,7 +377,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, ev
         if dist.is_main():
             run.truncate(start_step)
             log(f"resuming {run} at step {start_step}")
-    trackers = Trackers(cfg.report_to if dist.is_main() else ("none",), run.path, resolved, log)
+    trackers = Trackers(cfg.run.report_to if dist.is_main() else ("none",), run.path, resolved, log)
     try:
         last_eval = train_loop(cfg, m, data, run=run, start=(start_step, cursor), device=device, trackers=trackers,
                                evaluator=evaluator, scorer=scorer, progress=progress, log=log)
@@ -388,14 +388,14 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, ev
         dist.barrier()  # rank 0 writes the final artefacts
         return run.path
     # ---- final artefacts: PEFT adapter (PeftModel.from_pretrained), g_phi + its config, summary.
-    final_step = max(start_step, cfg.total_training_steps)
+    final_step = max(start_step, cfg.optim.total_training_steps)
     if last_eval is None:
         evals = [e for e in run.read(EVAL) if e.get("kind", "full") == "full"]
-        full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
+        full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval.eval_batches * cfg.eval.val_batch_size)]
         last_eval = evals[-1] if evals else evaluator(cfg, m, data, step=final_step, rows=full_rows, kind="full",
                                                       device=device, run=run, scorer=scorer)
     with atomic_path(run.final, directory=True) as tmp:
-        save_policy(m.peft, tmp, policy_spec(cfg.policy))  # PEFT's files + where the base model comes from
+        save_policy(m.peft, tmp, policy_spec(cfg.policy.name))  # PEFT's files + where the base model comes from
         save_adapter(m.adapter, m.spec, tmp)
     summary = summary_record(cfg, data, resolved=resolved, final_step=final_step, last_eval=last_eval, m=m)
     run.write_summary(summary)

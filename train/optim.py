@@ -22,9 +22,9 @@ def set_lr(optimizer: torch.optim.Optimizer, step: int, warmup_steps: int) -> No
 def begin_step(cfg: TrainConfig, m: Models, step: int) -> None:
     """What every optimizer step does first: this step's learning rates (warmups), the ramp gate's r_t
     (0 on the first step: KL = 0), and cleared gradients."""
-    set_lr(m.optimizer, step, cfg.warmup_steps)
+    set_lr(m.optimizer, step, cfg.optim.warmup_steps)
     if hasattr(m.adapter, "out"):  # context_gate ramp: this step's r_t
-        m.adapter.out.set_step(step, cfg.gate_warmup_steps)
+        m.adapter.out.set_step(step, cfg.context.gate_warmup_steps)
     m.optimizer.zero_grad(set_to_none=True)
 
 
@@ -33,11 +33,11 @@ def update(cfg: TrainConfig, m: Models, loss: float, step_tokens: float, it: int
     step's loss tokens (all ranks), clip. A non-finite loss or norm raises NonFinite before the update.
     it: the pass over the step's rollouts (0 the first). Returns clip_gradients' (global norm, {group: norm})."""
     dist.sum_grads(m.trainable)
-    if cfg.loss_type == "dapo":
+    if cfg.grpo.loss_type == "dapo":
         for p in m.trainable:
             if p.grad is not None:
                 p.grad.div_(max(step_tokens, 1.0))
-    grad_norm, group_norms = clip_gradients(m.optimizer, cfg.grad_clip, cfg.grad_clip_scope)
+    grad_norm, group_norms = clip_gradients(m.optimizer, cfg.optim.grad_clip, cfg.optim.grad_clip_scope)
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         m.optimizer.zero_grad(set_to_none=True)
         raise NonFinite(loss, grad_norm, it)

@@ -95,7 +95,7 @@ def lora_targets(model, wanted: tuple[str, ...], policy: str) -> list[str]:
                             "stays frozen; take it out of lora_target_modules (attention projections: q_proj, ...)")
         if name not in names:
             raise MuskError(f"policy {policy!r} ({family}) has no linear modules named {t!r} for LoRA; "
-                            f"set lora_target_modules to names among {linear}")
+                            f"set policy.lora_target_modules to names among {linear}")
         if name not in out:
             out.append(name)
     return out
@@ -108,7 +108,7 @@ def check_policy(cfg, device: str) -> None:
     loaded."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = policy_spec(cfg.policy)
+    spec = policy_spec(cfg.policy.name)
     check_device(spec, device)
     if spec.kind != "hf":
         return
@@ -118,7 +118,7 @@ def check_policy(cfg, device: str) -> None:
         return  # loading says why
     with torch.device("meta"):  # module names only: no memory, no weights
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
-    lora_targets(skeleton, tuple(cfg.lora_target_modules), cfg.policy)
+    lora_targets(skeleton, tuple(cfg.policy.lora_target_modules), cfg.policy.name)
 
 
 def disable_dropout(model) -> None:
@@ -134,16 +134,16 @@ def disable_dropout(model) -> None:
 
 def load_policy(cfg, dtype: torch.dtype, device: str):
     """(peft model, tokenizer, context scale). Base weights frozen, dropout off; LoRA in fp32, on the
-    family's module names for cfg.lora_target_modules (lora_targets)."""
+    family's module names for cfg.policy.lora_target_modules (lora_targets)."""
     from peft import LoraConfig, get_peft_model
 
-    spec = policy_spec(cfg.policy)
+    spec = policy_spec(cfg.policy.name)
     model, tok = load_expert(spec, dtype, device)
     disable_dropout(model)
-    set_head_fp32(model, getattr(cfg, "lm_head_fp32", False))
-    targets = lora_targets(model, tuple(cfg.lora_target_modules), cfg.policy)
+    set_head_fp32(model, cfg.policy.lm_head_fp32)
+    targets = lora_targets(model, tuple(cfg.policy.lora_target_modules), cfg.policy.name)
     conv1d = any(type(mod).__name__ == "Conv1D" and n.rsplit(".", 1)[-1] in targets for n, mod in model.named_modules())
-    lcfg = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    lcfg = LoraConfig(r=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha, lora_dropout=cfg.policy.lora_dropout,
                       target_modules=targets, task_type="CAUSAL_LM",
                       fan_in_fan_out=conv1d)  # GPT-2's Conv1D stores its weight as [in, out]
     with torch.random.fork_rng(devices=[]):

@@ -57,16 +57,16 @@ def answer_nll(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], devic
 
 def in_warmup(cfg: TrainConfig, step: int) -> bool:
     """Whether optimizer step `step` (1-based) is a supervised warm-up step."""
-    return step <= cfg.sft_warmup_steps
+    return step <= cfg.recipe.sft_warmup_steps
 
 
 def mix_coef(cfg: TrainConfig, step: int) -> float:
     """The mixed supervised term's weight at optimizer step `step`: c * max(0, 1 - (t - 1) / D), t the
     GRPO step counted from the end of the warm-up; 0 when the recipe is off or has decayed."""
-    if cfg.sft_mix_coef == 0 or in_warmup(cfg, step):
+    if cfg.recipe.sft_mix_coef == 0 or in_warmup(cfg, step):
         return 0.0
-    t = step - cfg.sft_warmup_steps
-    return cfg.sft_mix_coef * max(0.0, 1.0 - (t - 1) / cfg.sft_mix_steps)
+    t = step - cfg.recipe.sft_warmup_steps
+    return cfg.recipe.sft_mix_coef * max(0.0, 1.0 - (t - 1) / cfg.recipe.sft_mix_steps)
 
 
 def recipe_name(config: dict) -> str | None:
@@ -93,7 +93,7 @@ def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: i
     LoRA is untouched (AdamW skips a tensor without a gradient: no weight decay either)."""
     t0 = time.perf_counter()
     begin_step(cfg, m, step)  # the ramp gate's r_t rises over the warm-up as over GRPO steps
-    W, B, A = dist.world(), cfg.train_batch_size, cfg.gradient_accumulation_steps
+    W, B, A = dist.world(), cfg.optim.train_batch_size, cfg.optim.gradient_accumulation_steps
     losses = []
     for micro in range(micro_batches_per_rank(A, W)):
         g = micro * W + dist.rank()
@@ -102,7 +102,7 @@ def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: i
         (loss / A).backward()  # the step's A micro-batches, over every rank, average
         losses.append(float(loss.detach()))
     losses = dist.gather_all(losses)  # every rank's micro-batches
-    if cfg.sft_warmup_train == "context":
+    if cfg.recipe.sft_warmup_train == "context":
         for group in m.optimizer.param_groups:
             if group.get("name") == "lora":
                 for p in group["params"]:

@@ -21,7 +21,7 @@ from train.setup import Models, RunData
 def completion_records(cfg: TrainConfig, data: RunData, step: int, ro: Rollouts, prompts: int) -> list[dict]:
     """The first `prompts` prompts of a micro-batch with their G completions, rewards, advantages and
     (context methods) the prompt's expert attention row [m][n] (completions.jsonl)."""
-    G, out = cfg.group_size, []
+    G, out = cfg.grpo.group_size, []
     for b, i in enumerate(ro.idx[:prompts]):
         rows = range(b * G, (b + 1) * G)
         rec = {"step": step, "kind": "train", "prompt": data.prompts["text"][i], "answer": data.prompts["answer"][i],
@@ -41,8 +41,8 @@ def micro_stats(cfg, m, data, *, idx, ro, out, method) -> dict:
           "attention": ro.attention.float().cpu().tolist() if ro.attention is not None else None,
           "cost": {"cost/prompts": len(idx), "cost/policy_prompt_tokens": ro.policy_prompt_tokens},
           "scorer_errors": SCORER_ERRORS.take(),  # verifier exceptions (scored 0) since the last micro-batch
-          "lengths": ro.live.sum(1).tolist(), "truncated": truncated_rows(ro.tokens, ro.live, m.eos, cfg.max_new_tokens).tolist(),
-          "tasks": [data.prompts["task"][i] for i in idx for _ in range(cfg.group_size)],
+          "lengths": ro.live.sum(1).tolist(), "truncated": truncated_rows(ro.tokens, ro.live, m.eos, cfg.sampling.max_new_tokens).tolist(),
+          "tasks": [data.prompts["task"][i] for i in idx for _ in range(cfg.grpo.group_size)],
           "clip": out.clip_token_sum, "entropy": out.entropy_token_sum, "sampler": out.sampler}
     if data.prompt_tokens is not None:
         hint = data.hint_tokens[:, idx] if data.hint_tokens is not None else None
@@ -129,11 +129,11 @@ def summary_record(cfg: TrainConfig, data: RunData, *, resolved: dict, final_ste
         "steps": final_step, "final_val_accuracy": last_eval.get("accuracy"),
         "final_val_accuracy_without_context": last_eval.get("accuracy_without_context"),
         "final_val_accuracy_null_context": last_eval.get("accuracy_null_context"),
-        "eval_n": last_eval.get("n"), "pooling": cfg.pooling, "pooling_draw": data.pooling_draw,
-        "num_latents": cfg.num_latents, "policy": cfg.policy, "cache_fingerprint": data.cache_fingerprint,
+        "eval_n": last_eval.get("n"), "pooling": cfg.context.pooling, "pooling_draw": data.pooling_draw,
+        "num_latents": cfg.context.num_latents, "policy": cfg.policy.name, "cache_fingerprint": data.cache_fingerprint,
         "prompt_set": data.prompt_set, "dtype": resolved.get("dtype_resolved"),
-        "config_fingerprint": sha256_of(resolved), "group_size": cfg.group_size,
-        "train_batch_size": cfg.train_batch_size, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "max_new_tokens": cfg.max_new_tokens, "context_position": cfg.context_position,
-        "context_gate": cfg.context_gate, "context_anchor": cfg.context_anchor, "context_scale": m.scale,
+        "config_fingerprint": sha256_of(resolved), "group_size": cfg.grpo.group_size,
+        "train_batch_size": cfg.optim.train_batch_size, "gradient_accumulation_steps": cfg.optim.gradient_accumulation_steps,
+        "max_new_tokens": cfg.sampling.max_new_tokens, "context_position": cfg.context.context_position,
+        "context_gate": cfg.context.context_gate, "context_anchor": cfg.context.context_anchor, "context_scale": m.scale,
     }

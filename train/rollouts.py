@@ -80,7 +80,7 @@ def draw_informative(cfg: TrainConfig, first: Rollouts, more: Callable[[int], Ro
     informative groups are kept or filter_groups_max_rounds rounds are spent; at the cap, the last
     round's uninformative groups fill the micro-batch. Advantages are recomputed over the kept batch
     (scale_rewards batch: its std). Returns (the micro-batch, {rounds, drawn, kept, reward_sum})."""
-    B, G = len(first.idx), cfg.group_size
+    B, G = len(first.idx), cfg.grpo.group_size
     parts, kept, ro, rounds, reward_sum = [], 0, first, 1, 0.0
     while True:
         ok = informative_groups(ro.rewards, G).tolist()  # [B]
@@ -88,13 +88,13 @@ def draw_informative(cfg: TrainConfig, first: Rollouts, more: Callable[[int], Ro
         take = [b for b in range(B) if ok[b]][: B - kept]
         parts.append((ro, take))
         kept += len(take)
-        if kept == B or rounds == cfg.filter_groups_max_rounds:
+        if kept == B or rounds == cfg.grpo.filter_groups_max_rounds:
             break
         ro = more(rounds)
         rounds += 1
     if kept < B:  # at the cap: the micro-batch keeps its size, its remaining groups have advantage 0
         parts[-1] = (ro, sorted(parts[-1][1] + [b for b in range(B) if not ok[b]][: B - kept]))
     out = cat_groups([(r, g) for r, g in parts if g], G, pad_id)
-    adv = group_advantages(out.rewards, G, cfg.std_floor, advantage_scale(cfg))
+    adv = group_advantages(out.rewards, G, cfg.grpo.std_floor, advantage_scale(cfg))
     out = out._replace(advantages=adv.advantages.to(device), frac_zero_std=adv.frac_zero_std)
     return out, {"rounds": rounds, "drawn": rounds * B, "kept": kept, "reward_sum": reward_sum}

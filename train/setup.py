@@ -18,13 +18,13 @@ from cache.reader import Cache
 from cache.run_folder import NOT_SETTINGS, RunFolder
 from core import dist
 from core.errors import MuskError
-from core.config import from_dict, to_dict
+from core.config import from_dict
 from pipeline.experts import KINDS
 from pipeline.generation import eos_ids
 from pipeline.vllm_engine import make_llm, require_vllm, sync_weights
 from pipeline.tasks import TaskConfig
 from train.adapters import AdapterSpec, build_adapter, method_info
-from train.config import TrainConfig, keys_missing_from_old_run
+from train.config import TrainConfig, flat_dict, flatten, keys_missing_from_old_run, sectioned
 from train.policy import load_policy, merged_lora_weights, policy_spec
 
 
@@ -41,7 +41,7 @@ def step_prompts(cfg: TrainConfig, train_idx, cursor: int, block: int) -> list[i
     """Cache rows of block `block` of train_batch_size prompts from data position `cursor` on: round r of
     micro-batch g of a step reads block r * gradient_accumulation_steps + g (GRPO steps and warm-up
     steps alike), so the prompts do not depend on the number of ranks."""
-    B = cfg.train_batch_size
+    B = cfg.optim.train_batch_size
     return [int(train_idx[i]) for i in data_order(cfg.seed, len(train_idx), cursor + block * B, B)]
 
 
@@ -105,10 +105,10 @@ def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
         else:
             experts = []
         if info.needs_features:
-            feats = cache.features(cfg.pooling, experts, draw=cfg.seed)  # raises on an unknown expert
+            feats = cache.features(cfg.context.pooling, experts, draw=cfg.seed)  # raises on an unknown expert
             features = CachedFeatures([torch.from_numpy(feats[n]).float() for n in experts])
-            draw = cfg.seed % cache.draws(cfg.pooling, experts[0])
-        router_emb = torch.from_numpy(cache.router_embedding(cfg.router)).float() if info.needs_router else None
+            draw = cfg.seed % cache.draws(cfg.context.pooling, experts[0])
+        router_emb = torch.from_numpy(cache.router_embedding(cfg.context.router)).float() if info.needs_router else None
         hints = {n: cache.hints(n) for n in experts} if info.needs_hints else {}
         prompt_tokens = np.stack([cache.column(n, "n_tokens") for n in experts]) if experts else None
         hint_tokens = None
@@ -130,29 +130,29 @@ def micro_batches_per_rank(accumulation: int, world: int) -> int:
     if accumulation % world:
         raise MuskError(f"gradient_accumulation_steps {accumulation} does not split over {world} ranks: a step takes "
                         f"gradient_accumulation_steps x train_batch_size prompts whatever the rank count. Use a "
-                        f"multiple of {world} (--set gradient_accumulation_steps=...) or another rank count.")
+                        f"multiple of {world} (--set optim.gradient_accumulation_steps=...) or another rank count.")
     return accumulation // world
 
 
 def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData,
              dtype: torch.dtype | None = None) -> tuple[RunFolder, dict]:
-    """The run folder and its resolved config (written to config.yaml). Refuses to overwrite a run
+    """The run folder and its resolved config, flat (`train.config.flatten`; config.yaml holds it in sections). Refuses to overwrite a run
     and to resume one made with other settings. dtype: the policy's dtype as resolved on this machine,
     stored as dtype_resolved beside `dtype` (auto resolves per machine); --resume refuses another one."""
     run = RunFolder(Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}")
-    resolved = {**to_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
+    resolved = {**flat_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
                 "task_family": data.family, "prompt_set": data.prompt_set, "world_size": dist.world(),
-                "micro_batches_per_rank": micro_batches_per_rank(cfg.gradient_accumulation_steps, dist.world()),
-                "prompts_per_step": cfg.gradient_accumulation_steps * cfg.train_batch_size}
+                "micro_batches_per_rank": micro_batches_per_rank(cfg.optim.gradient_accumulation_steps, dist.world()),
+                "prompts_per_step": cfg.optim.gradient_accumulation_steps * cfg.optim.train_batch_size}
     if dtype is not None:
         resolved["dtype_resolved"] = str(dtype).removeprefix("torch.")
     if resume:
         if not run.config_path.exists():
             raise MuskError(f"--resume: {str(run)!r} holds no run (no config.yaml)")
-        old = run.read_config()
+        old = flatten(run.read_config())  # sectioned, or flat from an older musk
         if "dtype_resolved" in old and old["dtype_resolved"] != resolved.get("dtype_resolved", old["dtype_resolved"]):
             raise MuskError(f"--resume: the run in {str(run)!r} trained in {old['dtype_resolved']}, and dtype "
-                            f"{cfg.dtype!r} resolves to {resolved['dtype_resolved']} here; set dtype: "
+                            f"{cfg.policy.dtype!r} resolves to {resolved['dtype_resolved']} here; set policy.dtype: "
                             f"{old['dtype_resolved']} to continue it in its own precision")
         if "dtype_resolved" not in old:  # made before the resolved dtype was recorded: nothing to compare
             resolved.pop("dtype_resolved", None)
@@ -170,7 +170,7 @@ def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool,
         raise MuskError(f"run folder {str(run)!r} already holds a run; use --resume or another --out")
     dist.barrier()  # every rank has checked the folder before rank 0 writes into it
     if dist.is_main():
-        run.write_config(resolved)
+        run.write_config(sectioned(resolved, strict=False))
     dist.barrier()
     return run, resolved
 
@@ -206,12 +206,12 @@ def _param_groups(cfg: TrainConfig, lora: list, adapter: torch.nn.Module) -> lis
     """LoRA at lr; g_phi at router_lr (warmed up over router_warmup_steps); the gate at gate_lr."""
     gate = [p for n, p in adapter.named_parameters() if n.endswith("out.gate")]
     rest = [p for n, p in adapter.named_parameters() if not n.endswith("out.gate")]
-    groups = [{"name": "lora", "params": lora, "lr": cfg.lr, "base_lr": cfg.lr, "warmup": 0}]
+    groups = [{"name": "lora", "params": lora, "lr": cfg.optim.lr, "base_lr": cfg.optim.lr, "warmup": 0}]
     if rest:
-        groups.append({"name": "router", "params": rest, "lr": cfg.router_lr, "base_lr": cfg.router_lr,
-                       "warmup": cfg.router_warmup_steps})
+        groups.append({"name": "router", "params": rest, "lr": cfg.optim.router_lr, "base_lr": cfg.optim.router_lr,
+                       "warmup": cfg.optim.router_warmup_steps})
     if gate:
-        groups.append({"name": "gate", "params": gate, "lr": cfg.gate_lr, "base_lr": cfg.gate_lr, "warmup": 0})
+        groups.append({"name": "gate", "params": gate, "lr": cfg.optim.gate_lr, "base_lr": cfg.optim.gate_lr, "warmup": 0})
     return groups
 
 
@@ -223,17 +223,17 @@ def build_policy(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtyp
     torch.manual_seed(cfg.seed)
     peft_model, tok, scale = load_policy(cfg, dtype, device)
     lm = peft_model.get_base_model()
-    if cfg.gradient_checkpointing:
+    if cfg.run.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     emb = lm.get_input_embeddings().weight
     feats = data.features.feats if data.features is not None else []
     spec = AdapterSpec(
         method=cfg.method, expert_dims=tuple(int(f.shape[1]) for f in feats), expert_names=tuple(data.experts),
-        d_latent=cfg.d_latent, d_out=int(emb.shape[1]), num_latents=cfg.num_latents, num_heads=cfg.num_heads,
-        router_dim=int(data.router_emb.shape[1]) if data.router_emb is not None else 0, init_std=cfg.init_std,
-        gumbel_tau=cfg.gumbel_tau, pooling=cfg.pooling, context_scale=scale, context_gate=cfg.context_gate,
-        embed_rms=float(emb.detach().float().pow(2).mean().sqrt()), feature_norm=cfg.feature_norm,
-        context_rms=cfg.context_rms, context_anchor=cfg.context_anchor,
+        d_latent=cfg.context.d_latent, d_out=int(emb.shape[1]), num_latents=cfg.context.num_latents, num_heads=cfg.context.num_heads,
+        router_dim=int(data.router_emb.shape[1]) if data.router_emb is not None else 0, init_std=cfg.context.init_std,
+        gumbel_tau=cfg.context.gumbel_tau, pooling=cfg.context.pooling, context_scale=scale, context_gate=cfg.context.context_gate,
+        embed_rms=float(emb.detach().float().pow(2).mean().sqrt()), feature_norm=cfg.context.feature_norm,
+        context_rms=cfg.context.context_rms, context_anchor=cfg.context.context_anchor,
     )
     adapter = build_adapter(spec).to(device)
     if hasattr(adapter, "out"):
@@ -248,20 +248,20 @@ def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtyp
     vllm, the engine holding the merged weights."""
     p = build_policy(cfg, data, device, dtype)
     lora = [t for t in p.peft.parameters() if t.requires_grad]
-    optimizer = torch.optim.AdamW(_param_groups(cfg, lora, p.adapter), weight_decay=cfg.weight_decay, eps=cfg.epsilon)
+    optimizer = torch.optim.AdamW(_param_groups(cfg, lora, p.adapter), weight_decay=cfg.optim.weight_decay, eps=cfg.optim.epsilon)
     return Models(**{f: getattr(p, f) for f in p.__dataclass_fields__}, optimizer=optimizer,
                   trainable=lora + list(p.adapter.parameters()), vllm=_rollout_engine(cfg, p.peft, dtype))
 
 
 def _rollout_engine(cfg: TrainConfig, peft_model, dtype: torch.dtype):
     """rollout_engine vllm: an engine over the policy's folder, holding the current merged weights."""
-    if cfg.rollout_engine != "vllm":
+    if cfg.sampling.rollout_engine != "vllm":
         return None
     require_vllm("rollout_engine vllm")
-    spec = policy_spec(cfg.policy)
+    spec = policy_spec(cfg.policy.name)
     if KINDS[spec.kind].folder is None:
-        raise MuskError(f"rollout_engine vllm needs a policy with a model folder; {cfg.policy!r} is built in code")
-    llm = make_llm(KINDS[spec.kind].folder(spec), dtype, cfg.vllm_memory, prompt_embeds=True, seed=cfg.seed)
+        raise MuskError(f"rollout_engine vllm needs a policy with a model folder; {cfg.policy.name!r} is built in code")
+    llm = make_llm(KINDS[spec.kind].folder(spec), dtype, cfg.sampling.vllm_memory, prompt_embeds=True, seed=cfg.seed)
     sync_weights(llm, merged_lora_weights(peft_model))
     return llm
 
