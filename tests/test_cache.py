@@ -156,7 +156,8 @@ def _extract_cmd(cfg_path: Path) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_equals_uninterrupted(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cfg = tiny_extract_config(tmp_path / "killed.h5", train_size=60, val_size=20, router=False, batch_size=4,
+    # 32 prompts in batches of 4: 16 feature parts, then every hint; the kill comes after the third part
+    cfg = tiny_extract_config(tmp_path / "killed.h5", train_size=24, val_size=8, router=False, batch_size=4,
                               hint_batch_size=4, hint_max_new_tokens=24)
     killed_cfg = write_yaml(tmp_path / "killed.yaml", cfg)
     parts = tmp_path / "killed.h5.parts"

@@ -16,7 +16,7 @@ from tests.helpers import ROOT, tiny_train_overrides, write_yaml
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_evidence_script_on_a_tiny_run(tiny_cache, tiny_policy, tmp_path):
-    cfg = write_yaml(tmp_path / "t.yaml", tiny_train_overrides(tiny_policy, total_training_steps=2, test_freq=1))
+    cfg = write_yaml(tmp_path / "t.yaml", tiny_train_overrides(tiny_policy, total_training_steps=1, test_freq=1))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "MUSK": f"{sys.executable} {ROOT / 'cli.py'}", "EVAL_ARGS": "--limit 3"}
     res = subprocess.run(["bash", str(ROOT / "benchmarks" / "evidence.sh"), "tiny", str(tiny_cache), str(cfg),

@@ -23,6 +23,7 @@ def _overlap(ps) -> int:
     return sum(normalize_question(p.text) in train for p in ps if p.split != "train")
 
 
+@pytest.mark.slow
 def test_reasoning_gym_seeds_one_and_two_are_one_stream_shifted():
     """Why musk does not hand reasoning-gym the split seeds as they are: seed 2's item i is seed 1's i+1."""
     import reasoning_gym
