@@ -10,11 +10,13 @@ from hypothesis import strategies as st
 
 from cache.reader import Cache
 from core.errors import MuskError
-from train.adapters import OutputProjection, Perceiver, Prefix, load_adapter, method_info
+from train.adapters import load_adapter, method_info
+from train.gphi import OutputProjection, Perceiver, Prefix
 from train.config import load_train_config
 from evaluate.run import EvalRequest, run_eval
 from train.loop import run_train
-from train.setup import build_models, load_data
+from train.data import load_data
+from train.setup import build_models
 from tests.helpers import parity_score, quiet_train, tiny_train_overrides
 
 QUIET = quiet_train(parity_score)

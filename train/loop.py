@@ -32,22 +32,19 @@ from core import dist
 from core.atomic import atomic_path
 from core.errors import MuskError
 from pipeline.experts import resolve_device, resolve_dtype
-from pipeline.generation import decode, sample
 from pipeline.vllm_engine import sample_from_embeds, sync_weights
 from pipeline.rewards import score
 from train import checkpoint as ckpt
-from train.adapters import method_info, save_adapter
+from train.adapters import method_info
 from train.config import TrainConfig, advantage_scale
 from train.grpo import group_advantages, grpo_loss, sampler_gap, truncated_rows
-from train.inputs import decode_merged, rollout_inputs
 from train.optim import NonFinite, begin_step, update
-from train.policy import (check_policy, completion_logprobs, merged_lora, merged_lora_weights,
-                          policy_spec, save_policy)
+from train.policy import check_policy, merged_lora_weights
 from train.recipes import answer_nll, in_warmup, mix_coef, warmup_step
 from train.records import completion_records, micro_stats, step_record, summary_record, update_record
 from train.rollouts import Rollouts, draw_informative, micro_seed
-from train.setup import (FeatureSource, Models, RunData, build_models, load_data, step_prompts,
-                         micro_batches_per_rank, open_run)
+from train.data import FeatureSource, RunData, load_data
+from train.setup import Models, build_models, micro_batches_per_rank, open_run, step_prompts
 from train.trackers import Trackers
 
 # The task's reward: (entry JSON, completion, answer_extraction mode) -> reward (pipeline.rewards.score).
@@ -70,7 +67,7 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
                         timing: dict, scorer: Scorer) -> Rollouts:
     """G completions for each prompt of idx, scored by `scorer`, with their group advantages."""
     G = cfg.group_size
-    ctx, e_in, ref_e, m_in = rollout_inputs(cfg, m, data, idx, device)
+    ctx, e_in, ref_e, m_in = m.rollout_inputs(cfg, data, idx, device=device)
 
     t = time.perf_counter()
     sampler_logp = None
@@ -81,16 +78,16 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
         tokens, live = tokens.to(device), live.to(device)
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
-        with merged_lora(m.peft, decode_merged(cfg, m)):
-            dec = sample(m.lm, e_in.detach(), m_in, cfg.max_new_tokens, m.eos, m.tok.pad_token_id, cfg.temperature,
-                         min_new_tokens=cfg.min_new_tokens, group=G if cfg.share_prompt else 1, logprobs=True,
-                         filters=(cfg.top_k, cfg.top_p, cfg.min_p))
+        with m.decoding(cfg):
+            dec = m.sample(e_in.detach(), m_in, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                           min_new_tokens=cfg.min_new_tokens, group=G if cfg.share_prompt else 1, logprobs=True,
+                           filters=(cfg.top_k, cfg.top_p, cfg.min_p))
             tokens, live, sampler_logp = dec.tokens, dec.live, dec.logprobs
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    texts = decode(m.tok, tokens, live)
+    texts = m.texts(tokens, live)
     rewards = torch.tensor([scorer(data.prompts["entry"][i], s, cfg.answer_extraction)
                             for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
     adv = group_advantages(rewards, G, cfg.std_floor, advantage_scale(cfg))
@@ -135,11 +132,11 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     if old is not None or cfg.beta == 0:  # beta 0: the KL term is absent, so the reference never runs
         ref_logp = old.ref if old is not None else None
     else:
-        with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
-            ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
-                                                      ro.tokens[s:s + chunk], ro.live[s:s + chunk], group=share,
-                                                      temperature=T)
-                                  for s in range(0, N, chunk)])  # [B*G, T]
+        # pi_ref: the initial policy (LoRA off) reading C with its gate closed
+        ref_logp = torch.cat([m.reference_logprobs(ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
+                                                   ro.tokens[s:s + chunk], ro.live[s:s + chunk], group=share,
+                                                   temperature=T)
+                              for s in range(0, N, chunk)])  # [B*G, T]
         timing["reference"] += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -154,8 +151,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
         ent = []  # [chunk, T] token entropy, filled by completion_logprobs
-        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], group=share,
-                                   temperature=T, entropy=ent)
+        logp = m.logprobs(ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], group=share, temperature=T,
+                          entropy=ent)
         old_logp = logp.detach() if old is None else old.logp[sl]
         is_w = None
         if gaps is not None:  # the sampler is not the training forward: measure, and correct if asked (TIS)
@@ -243,7 +240,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
         passed = []
         for g, ro, old in again:
             torch.manual_seed(micro_seed(cfg.seed, step, g))  # hard-routing's Gumbel draw as at sampling time
-            ri = rollout_inputs(cfg, m, data, ro.idx, device)  # C from g_phi as it is now
+            ri = m.rollout_inputs(cfg, data, ro.idx, device=device)  # C from g_phi as it is now
             ro = ro._replace(embeds=ri.embeds, mask=ri.mask)  # the mask: filter_groups' rows were padded otherwise
             passed.append((g, _pass_stats(grpo_step(cfg, m, ro, timing, old), ro)))
         updates.append([st for _, st in sorted(dist.gather_all(passed))])
@@ -285,8 +282,7 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
     start_step, cursor = start
     full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval_batches * cfg.val_batch_size)]
     curve_rows = data.val_idx[: min(len(data.val_idx), cfg.curve_prompts)]
-    m.peft.train()
-    m.adapter.train()
+    m.train()
     main = dist.is_main()  # under torchrun rank 0 alone writes, evaluates and logs; the others train
     bar = tqdm(total=cfg.total_training_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
                disable=not progress or not main, dynamic_ncols=True)
@@ -395,8 +391,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, ev
         last_eval = evals[-1] if evals else evaluator(cfg, m, data, step=final_step, rows=full_rows, kind="full",
                                                       device=device, run=run, scorer=scorer)
     with atomic_path(run.final, directory=True) as tmp:
-        save_policy(m.peft, tmp, policy_spec(cfg.policy))  # PEFT's files + where the base model comes from
-        save_adapter(m.adapter, m.spec, tmp)
+        m.save(tmp)  # PEFT's files + where the base model comes from, g_phi + its spec
     summary = summary_record(cfg, data, resolved=resolved, final_step=final_step, last_eval=last_eval, m=m)
     run.write_summary(summary)
     dist.barrier()

@@ -23,7 +23,7 @@ def begin_step(cfg: TrainConfig, m: Models, step: int) -> None:
     """What every optimizer step does first: this step's learning rates (warmups), the ramp gate's r_t
     (0 on the first step: KL = 0), and cleared gradients."""
     set_lr(m.optimizer, step, cfg.warmup_steps)
-    if hasattr(m.adapter, "out"):  # context_gate ramp: this step's r_t
+    if m.caps.context:  # context_gate ramp: this step's r_t
         m.adapter.out.set_step(step, cfg.gate_warmup_steps)
     m.optimizer.zero_grad(set_to_none=True)
 

@@ -1,31 +1,28 @@
-"""Run setup shared by the training loop and the evaluations: the data read from the cache
-(RunData, load_data), the run folder (open_run), the policy (Policy, build_policy: what evaluation
-reads) and the training state around it (Models, build_models: the optimizer, the trainable tensors
-and the vLLM engine)."""
+"""Run setup shared by the training loop and the evaluations (the data read from the cache is
+train/data.py): the step's prompts (step_prompts), the run folder (open_run), the policy (train/policy.Policy, built by
+build_policy: what evaluation reads) and the training state around it (Models, build_models: the
+optimizer, the trainable tensors and the vLLM engine)."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
-import yaml
 
-from cache.reader import Cache
 from cache.run_folder import NOT_SETTINGS, RunFolder
 from core import dist
 from core.errors import MuskError
-from core.config import from_dict, to_dict
+from core.config import to_dict
 from pipeline.experts import KINDS
 from pipeline.generation import eos_ids
 from pipeline.vllm_engine import make_llm, require_vllm, sync_weights
-from pipeline.tasks import TaskConfig
-from train.adapters import AdapterSpec, build_adapter, method_info
+from train.adapters import AdapterSpec, build_adapter
+from train.data import RunData
 from train.config import TrainConfig, keys_missing_from_old_run
-from train.policy import load_policy, merged_lora_weights, policy_spec
+from train.policy import Policy, load_policy, merged_lora_weights, policy_spec
 
 
 def data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
@@ -43,85 +40,6 @@ def step_prompts(cfg: TrainConfig, train_idx, cursor: int, block: int) -> list[i
     steps alike), so the prompts do not depend on the number of ranks."""
     B = cfg.train_batch_size
     return [int(train_idx[i]) for i in data_order(cfg.seed, len(train_idx), cursor + block * B, B)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Data: everything a run needs, read from the cache once into memory (no per-row HDF5 reads on
-# the hot path).
-
-
-class FeatureSource(Protocol):
-    """Where the pooled expert vectors of a batch come from: n tensors [b, d_i] for cache rows idx."""
-
-    def __call__(self, idx: list[int]) -> list[torch.Tensor]: ...
-
-
-class CachedFeatures:
-    """The cache's features, held in memory: n tensors [N, d_i]."""
-
-    def __init__(self, feats: list[torch.Tensor]):
-        self.feats = feats
-
-    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
-        return [f[idx] for f in self.feats]
-
-
-@dataclass(kw_only=True)
-class RunData:
-    family: str
-    system: str  # the developer prompt (system turn of the policy)
-    cache_fingerprint: str
-    prompts: dict[str, list[str]]  # the cache's prompt columns
-    train_idx: np.ndarray  # cache rows of the train split
-    val_idx: np.ndarray  # cache rows of the validation (GSM8K: test) split
-    val_split: str
-    experts: list[str]  # the team, in order (empty for methods without experts)
-    features: CachedFeatures | None  # [N, d_i] per expert
-    router_emb: torch.Tensor | None  # [N, e]
-    hints: dict[str, list[str]]  # expert -> hint per row (output-collab)
-    prompt_tokens: np.ndarray | None  # [n, N] prompt length in each expert's tokenizer (cost)
-    hint_tokens: np.ndarray | None  # [n, N] generated hint tokens (cost)
-    pooling_draw: int  # which seeded draw of random_token / random_layer this run reads (seed % draws)
-    prompt_set: str = ""  # the cache's data fingerprint: runs with equal values saw the same prompts
-
-
-def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
-    info = method_info(cfg.method)
-    with Cache(cache_path) as cache:
-        cache_cfg = yaml.safe_load(cache.config_yaml)
-        if (overlap := cache.split_overlap()) > 0:
-            raise MuskError(f"cache {str(cache_path)!r}: {overlap} of its held-out prompts are also in its training "
-                            "split, so its validation numbers would be training accuracy. Rebuild it with this "
-                            "musk's `musk extract` (held-out splits by construction).")
-        prompts = cache.prompts()
-        train_idx, val_idx, val_split = cache.split_indices("train"), cache.split_indices("val"), "val"
-        if len(val_idx) == 0:
-            val_idx, val_split = cache.split_indices("test"), "test"  # GSM8K evaluates on its test split
-        experts = list(cfg.experts) if cfg.experts is not None else cache.experts
-        features, draw = None, 0
-        if info.needs_features or info.needs_hints:
-            if not experts:
-                raise MuskError(f"method {cfg.method!r} needs experts, but cache {str(cache_path)!r} has none")
-        else:
-            experts = []
-        if info.needs_features:
-            feats = cache.features(cfg.pooling, experts, draw=cfg.seed)  # raises on an unknown expert
-            features = CachedFeatures([torch.from_numpy(feats[n]).float() for n in experts])
-            draw = cfg.seed % cache.draws(cfg.pooling, experts[0])
-        router_emb = torch.from_numpy(cache.router_embedding(cfg.router)).float() if info.needs_router else None
-        hints = {n: cache.hints(n) for n in experts} if info.needs_hints else {}
-        prompt_tokens = np.stack([cache.column(n, "n_tokens") for n in experts]) if experts else None
-        hint_tokens = None
-        if info.needs_hints and all(cache.has_column(n, "hint_n_tokens") for n in experts):
-            hint_tokens = np.stack([cache.column(n, "hint_n_tokens") for n in experts])
-        fingerprint, prompt_set = cache.fingerprint, cache.data_fingerprint
-    if len(train_idx) == 0 or len(val_idx) == 0:
-        raise MuskError(f"cache {str(cache_path)!r} needs a train and a val (or test) split")
-    system = from_dict(TaskConfig, cache_cfg["task"], "cache task config").system_prompt()
-    return RunData(family=cache_cfg["task"]["family"], system=system, cache_fingerprint=fingerprint, prompts=prompts,
-                   train_idx=train_idx, val_idx=val_idx, val_split=val_split, experts=experts, features=features,
-                   router_emb=router_emb, hints=hints, prompt_tokens=prompt_tokens, hint_tokens=hint_tokens,
-                   pooling_draw=draw, prompt_set=prompt_set)
 
 
 def micro_batches_per_rank(accumulation: int, world: int) -> int:
@@ -181,21 +99,8 @@ def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool,
 
 
 @dataclass(kw_only=True)
-class Policy:
-    """What decoding and evaluation read: no optimizer (`musk eval` builds none)."""
-
-    peft: object  # the PeftModel
-    lm: object  # the causal LM with LoRA layers injected
-    tok: object
-    adapter: torch.nn.Module  # g_phi
-    spec: AdapterSpec
-    scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
-    eos: list[int]
-
-
-@dataclass(kw_only=True)
 class Models(Policy):
-    """The policy and its training state."""
+    """The policy (train/policy.Policy: its methods) and its training state."""
 
     optimizer: torch.optim.Optimizer
     trainable: list[torch.Tensor]
@@ -236,11 +141,12 @@ def build_policy(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtyp
         context_rms=cfg.context_rms, context_anchor=cfg.context_anchor,
     )
     adapter = build_adapter(spec).to(device)
-    if hasattr(adapter, "out"):
+    if adapter.caps.context:
         adapter.out.set_anchor(emb.detach())
-    if hasattr(adapter, "experts"):
+    if adapter.caps.reads_experts:
         adapter.experts.set_feature_stats([f[data.train_idx] for f in feats])
-    return Policy(peft=peft_model, lm=lm, tok=tok, adapter=adapter, spec=spec, scale=scale, eos=eos_ids(lm, tok))
+    return Policy(peft=peft_model, lm=lm, tok=tok, adapter=adapter, spec=spec, scale=scale, eos=eos_ids(lm, tok),
+                  base=policy_spec(cfg.policy))
 
 
 def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtype) -> Models:
