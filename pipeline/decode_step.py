@@ -338,8 +338,8 @@ def attn_masks(W: Weights, valid: torch.Tensor, q_cols: torch.Tensor, L: int) ->
 def attend(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of q [n, Hq, T, hd] on K, V [n, Hk, L, hd] under a boolean mask [n, 1, T, L], grouped
     keys and values never copied. SDPA (enable_gqa), except for one reduced-precision query on a CPU:
-    there SDPA's kernel took 2.6 ms a layer for SmolLM2's decode shape in bf16, the two bmm below
-    0.5 ms."""
+    there the two bmm below are several times faster than SDPA's kernel (docs/performance.md,
+    "Figures behind code comments")."""
     n, hq, T, hd = q.shape
     hk = K.shape[1]
     if T > 1 or q.device.type != "cpu" or q.dtype == torch.float32:

@@ -88,7 +88,8 @@ EASY_ARITHMETIC = {
 }
 
 # Not in the paper: the probe team's task (configs/extract/probe.yaml). Answers are one digit, a
-# single token for SmolLM2, which scores ~13% alone: whether C can carry the answer is then visible.
+# single token for SmolLM2, which rarely answers it alone (docs/context-path.md): whether C can carry
+# the answer is then visible.
 LETTER_COUNTING = {"letter_counting": {"weight": 1.0, "config": {}}}
 
 FAMILIES: dict[str, dict | None] = {

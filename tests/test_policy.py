@@ -137,3 +137,23 @@ def test_decode_merged_auto_is_float32_only():
 
     assert decode_merged(cfg("auto"), m(torch.float32)) and not decode_merged(cfg("auto"), m(torch.bfloat16))
     assert decode_merged(cfg("on"), m(torch.bfloat16)) and not decode_merged(cfg("off"), m(torch.float32))
+
+
+def test_the_loop_and_the_evaluations_go_through_the_policys_face():
+    """Training and evaluation build inputs, decode and take log-probs through Policy's methods: they
+    import none of the free functions behind them, and no file of train/ or evaluate/ probes g_phi with
+    hasattr (its class declares `caps`)."""
+    import ast
+
+    from tests.helpers import ROOT
+
+    behind = {"policy_inputs", "rollout_inputs", "completion_logprobs", "merged_lora", "decode_merged", "sample",
+              "decode", "save_policy", "save_adapter", "load_weights"}
+    for rel in ("train/loop.py", "train/recipes.py", "evaluate/records.py", "evaluate/run.py"):
+        tree = ast.parse((ROOT / rel).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not names & behind, f"{rel} imports {sorted(names & behind)}: call the Policy's methods"
+    probes = [f"{p.relative_to(ROOT)}:{n.lineno}" for pkg in ("train", "evaluate") for p in (ROOT / pkg).rglob("*.py")
+              for n in ast.walk(ast.parse(p.read_text()))
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hasattr"]
+    assert not probes, f"hasattr probes (read the module's caps): {probes}"

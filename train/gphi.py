@@ -72,10 +72,10 @@ class OutputProjection(nn.Module):
 
     anchor "zero": C is the above. anchor "mean-embedding": the policy's mean token embedding is added
     to every context token (a fixed buffer, set by `set_anchor`). Why: C ~ 0 at step 0 is not "no C";
-    m zero vectors spliced after the question cost a small policy several points of accuracy, m copies
-    of its mean embedding far fewer (measured in docs/results.md, "The context anchor"), so with the
-    anchor a context method starts where single does and C moves away from a neutral token, not from
-    a blank one.
+    m zero vectors spliced after the question cost a frozen policy accuracy before any training, m
+    copies of its mean embedding far less (the figures: docs/context-path.md, "C = 0 is not 'no C'"),
+    so with the anchor a context method starts where single does and C moves away from a neutral
+    token, not from a blank one.
     """
 
     def __init__(self, d: int, d_out: int, init_std: float, gate: str = "none", embed_rms: float = 1.0,

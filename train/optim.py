@@ -49,8 +49,9 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str
     """Clip to max_norm over all trainable tensors together (global: one norm, as verl and TRL clip) or
     per optimizer group (per-group: LoRA, g_phi and the gate each get their own budget). Why per-group:
     under the rms gate C = tanh(gamma) k s C_raw / rms(C_raw) divides by a small rms(C_raw) at init,
-    so g_phi's gradient norm reached 10^2-10^3 on the embedded default while the LoRA's was below 1;
-    a global clip then divides the LoRA's update by that much on those steps.
+    so g_phi's gradient norm can exceed the LoRA's by orders of magnitude in the first steps, and a
+    global clip then divides the LoRA's update by that much (the measured norms: docs/context-path.md,
+    "A global gradient clip lets g_phi starve the LoRA").
     Returns (the global norm before clipping, {group name: its norm})."""
     groups = [(g.get("name", str(i)), [p for p in g["params"] if p.grad is not None])
               for i, g in enumerate(optimizer.param_groups)]

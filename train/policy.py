@@ -214,8 +214,8 @@ def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, tempe
     """log softmax(head(h) / temperature)[ids] in float32: [N, T] from h [N, T, d], ids [N, T].
 
     `rows` positions at a time: the [rows, V] float32 logits stay in cache and no [N, T, V] tensor
-    is ever formed (1.7x faster forward and backward than one log_softmax over 384 x 49k on a CPU;
-    less peak memory on a GPU). cross_entropy is log_softmax + gather in one kernel.
+    is ever formed (faster forward and backward than one log_softmax over all positions on a CPU, see
+    docs/performance.md; less peak memory on a GPU). cross_entropy is log_softmax + gather in one kernel.
 
     entropy: a list that receives H = -sum_v p_v log p_v of softmax(head(h) / temperature), [N, T]
     nats, detached, from the same logits (one more pass over each [rows, V] block, no backward).
