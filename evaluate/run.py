@@ -193,7 +193,7 @@ def weights_digest(folder: Path) -> str:
 SETTING_KEYS = ("checkpoint", "split", "n_prompts", "limit", "samples", "temperature", "decoding", "seed", "dtype")
 
 
-def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, dtype: torch.dtype,
+def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, *, dtype: torch.dtype,
              weights_sha: str = "") -> dict:
     """The evaluation's settings as summary.json records them: decoding is greedy only without a
     temperature (--samples 1 at a temperature is one sampled completion); weights_sha the digest of
@@ -260,7 +260,7 @@ def run_eval(req: EvalRequest, *, scorer=None, progress: bool = True, log=print)
     device = resolve_device(cfg.device)
     dtype = eval_dtype(req, cfg, resolved, device, log)
     out = Path(req.out) if req.out is not None else default_out(req)
-    here = settings(req, run, data, rows, dtype, weights_digest(folder))
+    here = settings(req, run, data, rows, dtype=dtype, weights_sha=weights_digest(folder))
     old = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
     diff = _differs(old, here) if old is not None else []
     if diff:

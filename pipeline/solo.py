@@ -74,7 +74,7 @@ def reuses_hint(hint_ids: list[list[int]] | None, ids: list[list[int]], hint_bud
     return hint_ids is not None and hint_budget == budget and hint_engine == "musk" and hint_ids == ids
 
 
-def solo_batches(model, tok, ids: list[list[int]], batches: list[np.ndarray], max_new_tokens: int, parts,
+def solo_batches(model, tok, ids: list[list[int]], batches: list[np.ndarray], *, max_new_tokens: int, parts,
                  group: str, device, greedy_fn, bar=None) -> None:
     """This rank's share of the solo decodes, stored batch by batch in the parts folder (kind "solo"):
     rows, text, n_tokens, seconds. A batch already stored is skipped (a resumed run decodes nothing

@@ -77,7 +77,7 @@ def test_filtered_sampler_logprobs_are_the_trainers(step, filters, min_new):
     emb = lm.get_input_embeddings().weight[torch.randint(1, 61, (6, 5))].detach()
     mask = torch.ones(6, 5, dtype=torch.long)
     torch.manual_seed(3)
-    out = sample(lm, emb, mask, 8, [9], 0, temperature=0.9, logprobs=True, step=step, filters=filters,
+    out = sample(lm, emb, mask, 8, eos=[9], pad_id=0, temperature=0.9, logprobs=True, step=step, filters=filters,
                  min_new_tokens=min_new)
     with torch.no_grad():
         trainer = completion_logprobs(lm, emb, mask, out.tokens, out.live, temperature=0.9)

@@ -14,7 +14,6 @@ MAX_POSITIONAL = 6
 
 # "file:function": why its parameters stay positional.
 ALLOWED = {
-    "cli.py:_show_warning": "replaces warnings.showwarning, whose six-parameter signature Python calls positionally",
     "pipeline/decode_step.py:_lin": "a compiled kernel's matmul: its weights arrive as a packed tuple (`_lin(x, *qkv)`)",
     "pipeline/decode_step.py:_layer_t1": "the torch.compile'd layer: its weights arrive as a packed tuple "
                                          "(`_layer_t1(h, *args)`)",

@@ -20,7 +20,7 @@ def test_splice_positions_hand_worked():
     ee, mm = splice(e, mask, C, "after-question", tail=2)
     assert col(ee)[0] == [0, 1, 2, -1, -2, 3, 4] and col(ee)[1] == [5, 6, 7, -3, -4, 8, 9]
     assert mm.tolist()[1] == [0, 0, 1, 1, 1, 1, 1]
-    assert splice(e, mask, None, "after-question", 2)[0] is e
+    assert splice(e, mask, None, "after-question", tail=2)[0] is e
 
 
 def test_prompt_parts_split_after_the_users_content(tiny_policy):
@@ -113,9 +113,9 @@ def test_merged_lora_decodes_the_same_and_puts_w_back(tiny_policy):
     assert all(mod.get_base_layer().weight is w for mod, w in zip(layers, weights))
 
     emb, mask = lm.get_input_embeddings()(ids), torch.ones_like(ids)
-    a = generate(lm, emb, mask, 8, eos_ids(lm, tok), tok.pad_token_id, greedy=True)
+    a = generate(lm, emb, mask, 8, eos=eos_ids(lm, tok), pad_id=tok.pad_token_id, greedy=True)
     with merged_lora(peft):
-        b = generate(lm, emb, mask, 8, eos_ids(lm, tok), tok.pad_token_id, greedy=True)
+        b = generate(lm, emb, mask, 8, eos=eos_ids(lm, tok), pad_id=tok.pad_token_id, greedy=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(RuntimeError), merged_lora(peft):
         raise RuntimeError("inside")

@@ -126,7 +126,7 @@ METHODS = registry([
     MethodInfo(name="perceiver", needs_features=True, needs_router=False, needs_hints=False,
                description="the method: Perceiver cross-attention, m latent queries (Eqs. 5-11)",
                module=Perceiver, build=lambda s: Perceiver(list(s.expert_dims), s.d_latent, s.d_out, s.num_latents,
-                                                           s.num_heads, s.init_std, **s.out_kwargs),
+                                                           num_heads=s.num_heads, init_std=s.init_std, **s.out_kwargs),
                cost=_every_expert),
     MethodInfo(name="ffn", needs_features=True, needs_router=False, needs_hints=False,
                description="the method without cross-attention: FFN(V) (Eq. 14)",
@@ -136,7 +136,7 @@ METHODS = registry([
     MethodInfo(name="hard-routing", needs_features=True, needs_router=True, needs_hints=False,
                description="top-1 router over a sentence embedding, one memory token (Eq. 13)",
                module=HardRouter, build=lambda s: HardRouter(list(s.expert_dims), s.d_latent, s.d_out, s.router_dim,
-                                                             s.init_std, s.gumbel_tau, **s.out_kwargs),
+                                                             init_std=s.init_std, tau=s.gumbel_tau, **s.out_kwargs),
                cost=_chosen_expert),
     MethodInfo(name="prefix", needs_features=False, needs_router=False, needs_hints=False,
                description="m trainable context tokens, no experts (prompt tuning): the perceiver without its "

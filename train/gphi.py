@@ -78,7 +78,7 @@ class OutputProjection(nn.Module):
     token, not from a blank one.
     """
 
-    def __init__(self, d: int, d_out: int, init_std: float, gate: str = "none", embed_rms: float = 1.0,
+    def __init__(self, d: int, d_out: int, init_std: float, *, gate: str = "none", embed_rms: float = 1.0,
                  context_rms: float = 1.0, anchor: str = "zero"):
         super().__init__()
         self.proj = nn.Linear(d, d_out)
@@ -177,7 +177,7 @@ class Perceiver(nn.Module):
     caps: ClassVar[Capabilities] = Capabilities(reads_experts=True, context=True, attention=True)
 
 
-    def __init__(self, dims, d, d_out, num_latents, num_heads, init_std, gate="none", embed_rms=1.0,
+    def __init__(self, dims, d, d_out, num_latents, *, num_heads, init_std, gate="none", embed_rms=1.0,
                  norm="none", context_rms=1.0, anchor="zero"):
         super().__init__()
         if d % num_heads:
@@ -189,7 +189,8 @@ class Perceiver(nn.Module):
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
+        self.out = OutputProjection(d, d_out, init_std, gate=gate, embed_rms=embed_rms, context_rms=context_rms,
+                                    anchor=anchor)
 
     def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
         V = self.experts(feats)  # [B, n, d]
@@ -213,12 +214,13 @@ class FFNOnly(nn.Module):
     caps: ClassVar[Capabilities] = Capabilities(reads_experts=True, context=True)
 
 
-    def __init__(self, dims, d, d_out, init_std, gate="none", embed_rms=1.0, norm="none", context_rms=1.0,
+    def __init__(self, dims, d, d_out, init_std, *, gate="none", embed_rms=1.0, norm="none", context_rms=1.0,
                  anchor="zero"):
         super().__init__()
         self.experts = ExpertProjections(dims, d, norm)
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
+        self.out = OutputProjection(d, d_out, init_std, gate=gate, embed_rms=embed_rms, context_rms=context_rms,
+                                    anchor=anchor)
 
     def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
         V = self.experts(feats)  # [B, n, d]
@@ -237,13 +239,14 @@ class HardRouter(nn.Module):
     caps: ClassVar[Capabilities] = Capabilities(reads_experts=True, context=True, attention=True, hard_routing=True)
 
 
-    def __init__(self, dims, d, d_out, router_dim, init_std, tau, gate="none", embed_rms=1.0, norm="none",
+    def __init__(self, dims, d, d_out, router_dim, *, init_std, tau, gate="none", embed_rms=1.0, norm="none",
                  context_rms=1.0, anchor="zero"):
         super().__init__()
         self.experts = ExpertProjections(dims, d, norm)
         self.router = nn.Linear(router_dim, len(dims))
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
+        self.out = OutputProjection(d, d_out, init_std, gate=gate, embed_rms=embed_rms, context_rms=context_rms,
+                                    anchor=anchor)
         self.tau = tau
 
     def route(self, logits: torch.Tensor) -> torch.Tensor:
@@ -276,12 +279,13 @@ class Prefix(nn.Module):
     caps: ClassVar[Capabilities] = Capabilities(context=True, prompt_independent=True)
 
 
-    def __init__(self, d, d_out, num_latents, init_std, gate="none", embed_rms=1.0, norm="none", context_rms=1.0,
+    def __init__(self, d, d_out, num_latents, init_std, *, gate="none", embed_rms=1.0, norm="none", context_rms=1.0,
                  anchor="zero"):
         super().__init__()
         self.latents = nn.Parameter(torch.randn(num_latents, d) / math.sqrt(d))  # Q_lat [m, d]
         self.ffn = TanhFFN(d)
-        self.out = OutputProjection(d, d_out, init_std, gate, embed_rms, context_rms, anchor)
+        self.out = OutputProjection(d, d_out, init_std, gate=gate, embed_rms=embed_rms, context_rms=context_rms,
+                                    anchor=anchor)
 
     def forward(self, feats, router_emb=None, keep=None) -> AdapterOut:
         if keep is not None:

@@ -111,7 +111,7 @@ def encode_prompts(tok, parts: list[tuple[str, str]], device) -> PromptBatch:
     return PromptBatch(ids.to(device), mask.to(device), int(tail_ids.shape[1]))
 
 
-def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, position: str, tail: int = 0,
+def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, position: str, *, tail: int = 0,
            context_mask: torch.Tensor | None = None):
     """Insert C [N, m, d] into left-padded prompt embeddings [N, P, d] -> ([N, P+m, d], [N, P+m]).
 
@@ -229,8 +229,9 @@ def policy_inputs(cfg: TrainConfig, m: PolicyParts, data: RunData, idx: list[int
         ids, extra_mask = encode_blocks(m.tok, texts, device)  # [b, H]
         extra = m.lm.get_input_embeddings()(ids)  # [b, H, d]
         ref_extra = torch.zeros_like(extra) if cfg.hint_reference == "zeros" else extra
-    e_in, m_in = splice(emb, pb.mask, extra, cfg.context_position, pb.tail, extra_mask)
-    ref_e = splice(emb, pb.mask, ref_extra, cfg.context_position, pb.tail, extra_mask)[0] if extra is not None else emb
+    e_in, m_in = splice(emb, pb.mask, extra, cfg.context_position, tail=pb.tail, context_mask=extra_mask)
+    ref_e = splice(emb, pb.mask, ref_extra, cfg.context_position, tail=pb.tail,
+                   context_mask=extra_mask)[0] if extra is not None else emb
     return PolicyInputs(e_in, ref_e, m_in, ctx)
 
 

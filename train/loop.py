@@ -72,9 +72,11 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
     t = time.perf_counter()
     sampler_logp = None
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
-        tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.max_new_tokens,
-                                          m.eos, m.tok.pad_token_id, cfg.temperature, False,
-                                          int(torch.randint(2**31 - 1, ())), cfg.top_k, cfg.top_p, cfg.min_p)
+        seed = int(torch.randint(2**31 - 1, ()))
+        tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G,
+                                          max_new_tokens=cfg.max_new_tokens, eos=m.eos, pad_id=m.tok.pad_token_id,
+                                          temperature=cfg.temperature, greedy=False, seed=seed, top_k=cfg.top_k,
+                                          top_p=cfg.top_p, min_p=cfg.min_p)
         tokens, live = tokens.to(device), live.to(device)
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
@@ -224,7 +226,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
             (coef * nll / cfg.gradient_accumulation_steps).backward()
             sft_nll.append(float(nll.detach()))
         if out.old is not None:
-            again.append((g, ro._replace(embeds=None, ref_embeds=None), out.old))
+            again.append((g, replace(ro, embeds=None, ref_embeds=None), out.old))
         if run is not None and g == 0 and cfg.log_completions_freq and step % cfg.log_completions_freq == 0:
             for rec in completion_records(cfg, data, step, ro, cfg.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
@@ -241,7 +243,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
         for g, ro, old in again:
             torch.manual_seed(micro_seed(cfg.seed, step, g))  # hard-routing's Gumbel draw as at sampling time
             ri = m.rollout_inputs(cfg, data, ro.idx, device=device)  # C from g_phi as it is now
-            ro = ro._replace(embeds=ri.embeds, mask=ri.mask)  # the mask: filter_groups' rows were padded otherwise
+            ro = replace(ro, embeds=ri.embeds, mask=ri.mask)  # the mask: filter_groups' rows were padded otherwise
             passed.append((g, _pass_stats(grpo_step(cfg, m, ro, timing, old), ro)))
         updates.append([st for _, st in sorted(dist.gather_all(passed))])
         norms.append(update(cfg, m, float(np.mean([st["loss"] for st in updates[-1]])), step_tokens, it))
@@ -291,13 +293,14 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
         cursor_at_start = cursor  # the data position that goes with the weights before this step
         try:
             if in_warmup(cfg, step):  # the supervised warm-up's steps (sft_warmup_steps): no rollouts
-                rec, cursor = warmup_step(cfg, m, data, step, cursor, device)
+                rec, cursor = warmup_step(cfg, m, data, step, cursor=cursor, device=device)
             else:
                 rec, cursor = train_step(cfg, m, data, step=step, cursor=cursor, device=device, scorer=scorer,
                                          run=run if main else None)
         except NonFinite as e:
             if main and e.it == 0:  # pass it > 0: the weights hold this step's first updates, not step-1's
-                ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
+                ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, optimizer=m.optimizer,
+                                     state={"cursor": cursor_at_start})
             bar.close()
             saved = f"saved {run.checkpoint(step - 1)}" if e.it == 0 else \
                 f"saved nothing (pass {e.it + 1} of num_iterations; the last checkpoint is the one to resume)"
@@ -337,7 +340,7 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
         if evals:
             dist.barrier()
         if step % cfg.save_freq == 0 or step == cfg.total_training_steps:
-            ckpt.save_checkpoint(run, step, m.peft, m.adapter, m.optimizer, {"cursor": cursor})
+            ckpt.save_checkpoint(run, step, m.peft, m.adapter, optimizer=m.optimizer, state={"cursor": cursor})
     bar.close()
     return last_eval
 
@@ -361,7 +364,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, ev
         data.features = features
     cfg = replace(cfg, experts=tuple(data.experts))
     check_policy(cfg, device)  # a policy that cannot train here stops before the run folder is made
-    run, resolved = open_run(cfg, cache_path, out, resume, data, dtype)
+    run, resolved = open_run(cfg, cache_path, out, resume, data=data, dtype=dtype)
     m = build_models(cfg, data, device, dtype)
 
     start_step, cursor = 0, 0

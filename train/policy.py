@@ -185,11 +185,11 @@ def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, *, group: int = 1
 
     entropy: a list that receives the policy's token entropy [N, T] (nats, detached) at the same positions.
     """
-    h = _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group)
+    h = _completion_hidden(lm, embeds, mask, comp_ids, comp_mask=comp_mask, group=group)
     return token_logprobs(lm, h, comp_ids, temperature=temperature, entropy=entropy)
 
 
-def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> torch.Tensor:
+def _completion_hidden(lm, embeds, mask, comp_ids, *, comp_mask, group: int) -> torch.Tensor:
     """Final hidden states [N, T, d] at the positions that predict each completion token."""
     P, T = embeds.shape[1], comp_ids.shape[1]
     if group == 1 or T == 1:
@@ -209,7 +209,7 @@ def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> tor
     return h
 
 
-def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, temperature: float = 1.0,
+def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, *, rows: int = 64, temperature: float = 1.0,
                    entropy: list | None = None) -> torch.Tensor:
     """log softmax(head(h) / temperature)[ids] in float32: [N, T] from h [N, T, d], ids [N, T].
 
@@ -269,7 +269,8 @@ class Policy:
                greedy: bool = False, **options) -> Decoded:
         """Completions [N, T] of inputs embeds [N, L, d], mask [N, L] (pipeline.generation.sample; options:
         its keywords min_new_tokens, group, logprobs, filters, entropy_temperature)."""
-        return sample(self.lm, embeds, mask, max_new_tokens, self.eos, self.tok.pad_token_id, temperature, greedy,
+        return sample(self.lm, embeds, mask, max_new_tokens, eos=self.eos, pad_id=self.tok.pad_token_id,
+                      temperature=temperature, greedy=greedy,
                       **options)
 
     def texts(self, tokens: torch.Tensor, live: torch.Tensor) -> list[str]:

@@ -85,7 +85,7 @@ class WarmupOut(NamedTuple):
     cursor: int  # the data position after the step's prompts
 
 
-def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str) -> WarmupOut:
+def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, *, cursor: int, device: str) -> WarmupOut:
     """One supervised warm-up step: the same prompts a GRPO step would read (gradient_accumulation_steps
     micro-batches of train_batch_size prompts in the run's data order, split over ranks), the mean of
     their answer NLLs backpropagated, and one AdamW update through `update` (clipping, the non-finite

@@ -52,7 +52,7 @@ def micro_batches_per_rank(accumulation: int, world: int) -> int:
     return accumulation // world
 
 
-def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData,
+def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, *, data: RunData,
              dtype: torch.dtype | None = None) -> tuple[RunFolder, dict]:
     """The run folder and its resolved config (written to config.yaml). Refuses to overwrite a run
     and to resume one made with other settings. dtype: the policy's dtype as resolved on this machine,
