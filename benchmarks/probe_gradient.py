@@ -45,8 +45,7 @@ from train import checkpoint as ckpt  # noqa: E402
 from train.config import load_train_config  # noqa: E402
 from pipeline.rewards import score  # noqa: E402
 from train.loop import generate_trajectory, grpo_step  # noqa: E402
-from train.data import load_data  # noqa: E402
-from train.setup import build_models  # noqa: E402
+from train.setup import build_models, load_data  # noqa: E402
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:

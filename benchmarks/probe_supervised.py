@@ -38,8 +38,7 @@ from evaluate.records import condition_records  # noqa: E402
 from evaluate.run import EvalRequest, parse_conditions, shuffled  # noqa: E402
 from train.optim import set_lr, clip_gradients  # noqa: E402
 from train.recipes import answer_nll  # noqa: E402
-from train.data import load_data  # noqa: E402
-from train.setup import build_models  # noqa: E402
+from train.setup import build_models, load_data  # noqa: E402
 
 
 def supervised_step(cfg, m, data, idx: list[int], device: str) -> float:

@@ -34,8 +34,8 @@ from train.adapters import method_info
 from train.config import TrainConfig
 from evaluate.records import Condition, condition_records, summarize
 from train.inputs import ExpertView
-from train.data import RunData, load_data
-from train.setup import build_policy
+from train.data import RunData
+from train.setup import build_policy, load_data
 from evaluate.shuffle import partnered, shuffle_stats, shuffled
 
 CONTEXTS = ("with", "without", "null")

@@ -34,8 +34,7 @@ def test_presets_choose_their_hint_form():
 
 def _inputs(tiny_cache, tiny_policy, **ov):
     from train.inputs import policy_inputs
-    from train.data import load_data
-    from train.setup import build_models
+    from train.setup import build_models, load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="output-collab", **ov))
     data = load_data(cfg, tiny_cache)

@@ -15,8 +15,7 @@ from train.gphi import OutputProjection, Perceiver, Prefix
 from train.config import load_train_config
 from evaluate.run import EvalRequest, run_eval
 from train.loop import run_train
-from train.data import load_data
-from train.setup import build_models
+from train.setup import build_models, load_data
 from tests.helpers import parity_score, quiet_train, tiny_train_overrides
 
 QUIET = quiet_train(parity_score)

@@ -17,8 +17,7 @@ from pipeline.experts import resolve_dtype
 from train.config import load_train_config
 from train.loop import run_train
 from train.recipes import answer_nll, mix_coef, recipe_name, warmup_step
-from train.data import load_data
-from train.setup import build_models
+from train.setup import build_models, load_data
 from tests.helpers import quiet_train, tiny_train_overrides
 
 QUIET = quiet_train()

@@ -261,7 +261,7 @@ def test_stable_path_starts_at_kl_zero_and_c_stays_bounded(tiny_cache, tiny_poli
     from transformers import AutoModelForCausalLM
 
     from train.adapters import load_adapter
-    from train.data import load_data
+    from train.setup import load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method=method, total_training_steps=1, **STABLE))
     run = run_train(cfg, tiny_cache, tmp_path / "run", **QUIET)
@@ -306,8 +306,7 @@ def test_null_context_input_is_the_anchor_in_the_slots(tiny_cache, tiny_policy):
     """The null variant's input: the prompt with m copies of the anchor (the mean token embedding) where
     C goes; with gamma = 0 it is exactly the "with C" input, and never the zero-slot input."""
     from evaluate.records import eval_inputs
-    from train.data import load_data
-    from train.setup import build_models
+    from train.setup import build_models, load_data
 
     cfg = load_train_config(None, tiny_train_overrides(tiny_policy, method="perceiver", **STABLE))
     data = load_data(cfg, tiny_cache)

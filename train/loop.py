@@ -43,8 +43,8 @@ from train.policy import check_policy, merged_lora_weights
 from train.recipes import answer_nll, in_warmup, mix_coef, warmup_step
 from train.records import completion_records, micro_stats, step_record, summary_record, update_record
 from train.rollouts import Rollouts, draw_informative, micro_seed
-from train.data import FeatureSource, RunData, load_data
-from train.setup import Models, build_models, micro_batches_per_rank, open_run, step_prompts
+from train.data import FeatureSource, RunData
+from train.setup import Models, build_models, load_data, micro_batches_per_rank, open_run, step_prompts
 from train.trackers import Trackers
 
 # The task's reward: (entry JSON, completion, answer_extraction mode) -> reward (pipeline.rewards.score).

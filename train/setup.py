@@ -1,7 +1,7 @@
-"""Run setup shared by the training loop and the evaluations (the data read from the cache is
-train/data.py): the step's prompts (step_prompts), the run folder (open_run), the policy (train/policy.Policy, built by
-build_policy: what evaluation reads) and the training state around it (Models, build_models: the
-optimizer, the trainable tensors and the vLLM engine)."""
+"""Run setup shared by the training loop and the evaluations: the data read from the cache
+(load_data, into train/data.RunData), the run folder (open_run), the policy (train/policy.Policy,
+built by build_policy: what evaluation reads) and the training state around it (Models,
+build_models: the optimizer, the trainable tensors and the vLLM engine)."""
 
 from __future__ import annotations
 
@@ -11,16 +11,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
+from cache.reader import Cache
 from cache.run_folder import NOT_SETTINGS, RunFolder
 from core import dist
 from core.errors import MuskError
-from core.config import to_dict
+from core.config import from_dict, to_dict
 from pipeline.experts import KINDS
 from pipeline.generation import eos_ids
 from pipeline.vllm_engine import make_llm, require_vllm, sync_weights
-from train.adapters import AdapterSpec, build_adapter
-from train.data import RunData
+from pipeline.tasks import TaskConfig
+from train.adapters import AdapterSpec, build_adapter, method_info
+from train.data import CachedFeatures, RunData
 from train.config import TrainConfig, keys_missing_from_old_run
 from train.policy import Policy, load_policy, merged_lora_weights, policy_spec
 
@@ -40,6 +43,50 @@ def step_prompts(cfg: TrainConfig, train_idx, cursor: int, block: int) -> list[i
     steps alike), so the prompts do not depend on the number of ranks."""
     B = cfg.train_batch_size
     return [int(train_idx[i]) for i in data_order(cfg.seed, len(train_idx), cursor + block * B, B)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: everything a run needs, read from the cache once into memory (no per-row HDF5 reads on
+# the hot path).
+
+
+def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
+    info = method_info(cfg.method)
+    with Cache(cache_path) as cache:
+        cache_cfg = yaml.safe_load(cache.config_yaml)
+        if (overlap := cache.split_overlap()) > 0:
+            raise MuskError(f"cache {str(cache_path)!r}: {overlap} of its held-out prompts are also in its training "
+                            "split, so its validation numbers would be training accuracy. Rebuild it with this "
+                            "musk's `musk extract` (held-out splits by construction).")
+        prompts = cache.prompts()
+        train_idx, val_idx, val_split = cache.split_indices("train"), cache.split_indices("val"), "val"
+        if len(val_idx) == 0:
+            val_idx, val_split = cache.split_indices("test"), "test"  # GSM8K evaluates on its test split
+        experts = list(cfg.experts) if cfg.experts is not None else cache.experts
+        features, draw = None, 0
+        if info.needs_features or info.needs_hints:
+            if not experts:
+                raise MuskError(f"method {cfg.method!r} needs experts, but cache {str(cache_path)!r} has none")
+        else:
+            experts = []
+        if info.needs_features:
+            feats = cache.features(cfg.pooling, experts, draw=cfg.seed)  # raises on an unknown expert
+            features = CachedFeatures([torch.from_numpy(feats[n]).float() for n in experts])
+            draw = cfg.seed % cache.draws(cfg.pooling, experts[0])
+        router_emb = torch.from_numpy(cache.router_embedding(cfg.router)).float() if info.needs_router else None
+        hints = {n: cache.hints(n) for n in experts} if info.needs_hints else {}
+        prompt_tokens = np.stack([cache.column(n, "n_tokens") for n in experts]) if experts else None
+        hint_tokens = None
+        if info.needs_hints and all(cache.has_column(n, "hint_n_tokens") for n in experts):
+            hint_tokens = np.stack([cache.column(n, "hint_n_tokens") for n in experts])
+        fingerprint, prompt_set = cache.fingerprint, cache.data_fingerprint
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise MuskError(f"cache {str(cache_path)!r} needs a train and a val (or test) split")
+    system = from_dict(TaskConfig, cache_cfg["task"], "cache task config").system_prompt()
+    return RunData(family=cache_cfg["task"]["family"], system=system, cache_fingerprint=fingerprint, prompts=prompts,
+                   train_idx=train_idx, val_idx=val_idx, val_split=val_split, experts=experts, features=features,
+                   router_emb=router_emb, hints=hints, prompt_tokens=prompt_tokens, hint_tokens=hint_tokens,
+                   pooling_draw=draw, prompt_set=prompt_set)
 
 
 def micro_batches_per_rank(accumulation: int, world: int) -> int:
