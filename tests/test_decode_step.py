@@ -530,7 +530,7 @@ def test_compiled_layers_give_the_loops_tokens_and_are_off_by_default(monkeypatc
 
     calls = []
     monkeypatch.setattr(decode_step, "_compiled_layers",
-                        lambda *a, _f=decode_step._compiled_layers: calls.append(1) or _f(*a))
+                        lambda *a, _f=decode_step._compiled_layers, **k: calls.append(1) or _f(*a, **k))
     model = _tiny("qwen2")
     emb, mask = _prompts(model, context=2)
     ref = sample(model, emb, mask, 10, eos=[], pad_id=0, greedy=True, step="loop")
