@@ -78,14 +78,14 @@ def solo_batches(model, tok, ids: list[list[int]], batches: list[np.ndarray], *,
                  group: str, device, greedy_fn, bar=None) -> None:
     """This rank's share of the solo decodes, stored batch by batch in the parts folder (kind "solo"):
     rows, text, n_tokens, seconds. A batch already stored is skipped (a resumed run decodes nothing
-    twice). `greedy_fn(model, tok, batch_ids, max_new_tokens, eos, device) -> (tokens, live)`."""
+    twice). `greedy_fn(model, tok, batch_ids, max_new_tokens, *, eos, device) -> (tokens, live)`."""
     eos = eos_ids(model, tok)
     for b, rows in enumerate(batches):
         if not dist.mine(b):
             continue
         if not parts.has(group, "solo", b):
             t0 = time.perf_counter()
-            gen, live = greedy_fn(model, tok, [ids[i] for i in rows], max_new_tokens, eos, device)
+            gen, live = greedy_fn(model, tok, [ids[i] for i in rows], max_new_tokens, eos=eos, device=device)
             if torch.cuda.is_available() and str(device).startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0  # the batch's wall time, spread over its rows (they sum to it)
