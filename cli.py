@@ -89,6 +89,7 @@ def _run(fn, *args, **kwargs):
 
 @app.command()
 def extract(
+    *,
     config: Optional[Path] = typer.Option(None, "--config", help="YAML extract config; default: the embedded default."),
     out: Optional[Path] = typer.Option(None, "--out", help="Cache path (default caches/<family>.h5)."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Keep the first N prompts of each split."),
@@ -111,6 +112,7 @@ def extract(
 @app.command()
 def train(
     ctx: typer.Context,
+    *,
     cache: Path = typer.Option(..., "--cache", help="Cache file written by `musk extract`."),
     method: str = typer.Option(..., "--method", help="single | hard-routing | output-collab | perceiver | ffn | prefix"),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML train config; default: the embedded default."),
@@ -182,6 +184,7 @@ def train(
 @app.command("eval")
 def eval_(
     ctx: typer.Context,
+    *,
     run: Path = typer.Argument(..., help="A run folder written by `musk train`."),
     checkpoint: str = typer.Option("final", "--checkpoint", help="final, or step_K of the run's checkpoints."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache to read (default: the run's own)."),
@@ -219,6 +222,7 @@ def eval_(
 
 @app.command()
 def sweep(
+    *,
     grid: Path = typer.Argument(..., help="GRID.yaml: out, cache, config, methods, seeds, grid, set, also (docs/sweeps.md)."),
     out: Optional[Path] = typer.Option(None, "--out", help="The sweep folder (overrides the grid's `out`)."),
     executor: str = typer.Option("local", "--executor", help="local (lanes on this machine) | ray (a Ray cluster)."),
@@ -262,6 +266,7 @@ def report(
 
 @app.command()
 def probe(
+    *,
     cache: Path = typer.Argument(..., help="A cache built by `musk extract`."),
     policy: Optional[str] = typer.Option(None, "--policy", help="Whose tokenizer encodes the question-only control "
                                          "(and the first-token labels): expert name, hub id or folder; default: the "

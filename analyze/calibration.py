@@ -28,7 +28,7 @@ AGREE = 0.5
 KINDS = ("seed-question", "seed t", "question bootstrap")
 
 
-def draw(rng: np.random.Generator, design: str, draws: int, seeds: int, n: int, sd: float,
+def draw(rng: np.random.Generator, design: str, draws: int, seeds: int, *, n: int, sd: float,
          effect: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(a [draws, S, n], b [draws, S or 1, n]) 0/1 scores of one design (module docstring)."""
     if design not in DESIGNS:
@@ -77,7 +77,7 @@ def seed_t(a: np.ndarray, b: np.ndarray, design: str, level: float = 0.95) -> De
     return Decision((np.abs(d) > h) & (h > 0), 2 * h)
 
 
-def question_bootstrap(a: np.ndarray, b: np.ndarray, design: str, level: float = 0.95, resamples: int = 1000,
+def question_bootstrap(a: np.ndarray, b: np.ndarray, design: str, *, level: float = 0.95, resamples: int = 1000,
                        seed: int = 0) -> Decision:
     """The plain percentile bootstrap over questions of the seed-averaged difference (seeds ignored)."""
     d = a.mean(-2) - b.mean(-2)  # [draws, n]
@@ -92,14 +92,14 @@ def question_bootstrap(a: np.ndarray, b: np.ndarray, design: str, level: float =
 INTERVALS = {"seed-question": seed_question, "seed t": seed_t, "question bootstrap": question_bootstrap}
 
 
-def calibrate(design: str, seeds: int, n: int, sd: float, draws: int, effect: float = 0.05, seed: int = 0,
+def calibrate(design: str, seeds: int, n: int, sd: float, *, draws: int, effect: float = 0.05, seed: int = 0,
               kinds=KINDS, extra: dict | None = None) -> dict[str, dict[str, float]]:
     """{kind: {"null": rejection rate under no effect, "power": rejection rate at `effect`, "width":
     mean width under the null}} over `draws` draws of each, from default_rng([seed, 0]) and ([seed, 1]).
     extra: more {kind: fn(a, b, design) -> Decision} to measure on the same draws."""
     fns = {k: INTERVALS[k] for k in kinds} | (extra or {})
-    null = draw(np.random.default_rng([seed, 0]), design, draws, seeds, n, sd)
-    alt = draw(np.random.default_rng([seed, 1]), design, draws, seeds, n, sd, effect)
+    null = draw(np.random.default_rng([seed, 0]), design, draws, seeds, n=n, sd=sd)
+    alt = draw(np.random.default_rng([seed, 1]), design, draws, seeds, n=n, sd=sd, effect=effect)
     out = {}
     for k, fn in fns.items():
         d0, d1 = fn(*null, design), fn(*alt, design)

@@ -207,7 +207,7 @@ def held_out_split(c: Cache) -> str:
     return "val" if len(c.split_indices("val")) else "test"
 
 
-def probe_rows(features, texts: list[str], y: np.ndarray, train: np.ndarray, val: np.ndarray, tok,
+def probe_rows(features, texts: list[str], y: np.ndarray, train: np.ndarray, *, val: np.ndarray, tok,
                cfg: ProbeConfig = ProbeConfig()) -> list[dict]:
     """The control row, then one row per (expert, variant, x [N, d]) of the iterable `features`:
     {expert, variant, dim, seconds, **ProbeResult, minus_control, minus_control_lo, minus_control_hi}
@@ -243,7 +243,7 @@ def probe_cache(path: Path, tok, cfg: ProbeConfig = ProbeConfig()) -> list[dict]
         if missing:
             raise MuskError(f"{path}: no pooling variant(s) {missing} in this cache; it holds {list(c.variants)}")
         feats = ((e, v, c.features(v, [e])[e].astype(np.float64)) for e in c.experts for v in variants)
-        rows = probe_rows(feats, prompts["text"], y, train, val, tok, cfg)
+        rows = probe_rows(feats, prompts["text"], y, train, val=val, tok=tok, cfg=cfg)
     return [{**r, "split": split, "target": cfg.target} for r in rows]
 
 

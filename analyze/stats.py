@@ -79,7 +79,7 @@ def _percentiles(means: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def paired_bootstrap(a, b, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
+def paired_bootstrap(a, b, *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED,
                      level: float = 0.95, chunk: int = BOOTSTRAP_CHUNK) -> PairedCI:
     """Percentile bootstrap interval of mean(a - b) over paired prompts (Efron & Tibshirani 1993, ch. 13).
 
@@ -234,7 +234,7 @@ def half_width(v_seed, df, v_question, level: float = 0.95):
     return np.sqrt(t.ppf(q, df) ** 2 * v_seed + norm.ppf(q) ** 2 * v_question)
 
 
-def seed_question_interval(a, b, paired_seeds: bool = False, fixed_b: bool = False, clusters=None,
+def seed_question_interval(a, b, *, paired_seeds: bool = False, fixed_b: bool = False, clusters=None,
                            level: float = 0.95) -> SeedQuestionCI:
     """Interval of a between-run difference that carries training randomness: diff +/- half_width of
     the seed and question variance components (`components`; a random-effects two-way layout, Searle,
@@ -272,7 +272,7 @@ def seed_question_interval(a, b, paired_seeds: bool = False, fixed_b: bool = Fal
     return ci
 
 
-def two_level_bootstrap(a, b, paired_seeds: bool = False, fixed_b: bool = False, clusters=None,
+def two_level_bootstrap(a, b, *, paired_seeds: bool = False, fixed_b: bool = False, clusters=None,
                         level: float = 0.95) -> SeedQuestionCI:
     """The former name of seed_question_interval (the same interval, no resampling)."""
     return seed_question_interval(a, b, paired_seeds=paired_seeds, fixed_b=fixed_b, clusters=clusters, level=level)

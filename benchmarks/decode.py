@@ -119,7 +119,7 @@ def decoders(model, emb, mask, T: int, compile_hf: bool):
             before = {k: os.environ.get(k) for k in env}
             os.environ.update(env)
             try:
-                return sample(model, emb, mask, n, [], 0, greedy=True, min_new_tokens=n, step=step)
+                return sample(model, emb, mask, n, eos=[], pad_id=0, greedy=True, min_new_tokens=n, step=step)
             finally:
                 for k, v in before.items():
                     os.environ.pop(k) if v is None else os.environ.update({k: v})

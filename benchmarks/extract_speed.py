@@ -68,7 +68,7 @@ def time_hints(model, tok, ids, sizes, budget, device, sync) -> dict[int, float]
     for size in sizes:
         t = time.perf_counter()
         for rows in length_batches(n_tok, size):
-            greedy_hints(model, tok, [ids[i] for i in rows], budget, eos, device, min_new_tokens=budget)
+            greedy_hints(model, tok, [ids[i] for i in rows], budget, eos=eos, device=device, min_new_tokens=budget)
         sync()
         out[size] = time.perf_counter() - t
     return out

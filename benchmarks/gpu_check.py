@@ -215,7 +215,7 @@ def decode_figures(policy: Path, size: dict, device: str, log) -> dict:
                 "fused_eager": dict(step="fused", static=False), "loop": dict(step="loop")}
 
     def run(kw, n):
-        return lambda: sample(model, emb, mask, n, [], 0, temperature=1.0, min_new_tokens=n, group=G, **kw)
+        return lambda: sample(model, emb, mask, n, eos=[], pad_id=0, temperature=1.0, min_new_tokens=n, group=G, **kw)
     for kw in decoders.values():
         run(kw, 3)()  # warm-up: fused weights, allocator
     floor, nbytes = weight_read_floor(model, device, size["decode_repeats"])

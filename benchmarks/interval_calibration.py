@@ -48,9 +48,10 @@ def main() -> None:
         for sd in (0.04, 0.10):
             for seeds in (2, 3, 6):
                 for n in (64, 256):
-                    res = calibrate(design, seeds, n, sd, args.draws)
+                    res = calibrate(design, seeds, n, sd, draws=args.draws)
                     if old is not None:
-                        res |= calibrate(design, seeds, n, sd, args.old_draws, kinds=(), extra={"old two-level": old})
+                        res |= calibrate(design, seeds, n, sd, draws=args.old_draws, kinds=(),
+                                         extra={"old two-level": old})
                     for kind, r in res.items():
                         print(f"| {design} | {sd * 100:.0f} | {seeds} | {n} | {kind} | {r['null'] * 100:.1f}% | "
                               f"{r['power'] * 100:.1f}% | {r['width'] * 100:.1f} |", flush=True)

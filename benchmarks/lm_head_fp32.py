@@ -91,7 +91,7 @@ def main():
     T, N = args.tokens, args.prompts
     torch.manual_seed(0)
     with torch.no_grad():
-        d = sample(lm, emb, mask, T, eos_ids(lm, tok), tok.pad_token_id, min_new_tokens=T)
+        d = sample(lm, emb, mask, T, eos=eos_ids(lm, tok), pad_id=tok.pad_token_id, min_new_tokens=T)
 
     def trainer(fp32: bool, grad: bool):
         set_head_fp32(lm, fp32)
@@ -112,7 +112,7 @@ def main():
         set_head_fp32(lm, fp32)
 
         def decode(n):
-            return lambda: sample(lm, emb, mask, n, [], tok.pad_token_id, min_new_tokens=n)
+            return lambda: sample(lm, emb, mask, n, eos=[], pad_id=tok.pad_token_id, min_new_tokens=n)
         with torch.no_grad():
             decode(3)()
             full, two = timed(decode(T), args.repeats, args.device), timed(decode(2), args.repeats, args.device)

@@ -81,7 +81,7 @@ class OnlineExperts:
             rti, rli = seeded_indices(0, spec.name, n, int(model.config.get_text_config().num_hidden_layers))
             bid, mask = pad_ids(ids, tok.pad_token_id, "right")
             pooled = expert_forward_pool(model.base_model, bid.to(self.device), mask.to(self.device),
-                                         torch.from_numpy(rti).to(self.device), torch.from_numpy(rli))
+                                         torch.from_numpy(rti).to(self.device), rli=torch.from_numpy(rli))
             out.append(pooled[self.pooling].clone())  # a normal tensor: the adapter takes gradients
         return out
 

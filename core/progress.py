@@ -28,7 +28,7 @@ class _Lines:
         self.stream.flush()
 
 
-def bar(total: int, desc: str, unit: str, disable: bool = False, every: float = 30.0, stream=None, **kw) -> tqdm:
+def bar(total: int, desc: str, unit: str, *, disable: bool = False, every: float = 30.0, stream=None, **kw) -> tqdm:
     """A tqdm bar over `total` units on stderr: redrawn in place on a terminal, else one line at most
     every `every` seconds (and the first and last state)."""
     stream = stream if stream is not None else sys.stderr

@@ -22,16 +22,15 @@ import torch
 
 from core.metrics import pass_at_k
 from cache.run_folder import COMPLETIONS, EVAL, EVAL_RECORDS, RunFolder
-from pipeline.generation import decode, sample
 from train.adapters import routing_stats
 from train.grpo import truncated_rows
-from train.inputs import ALL, ExpertView, decode_merged, policy_inputs
-from train.policy import merged_lora
+from train.inputs import ALL, ExpertView
 from pipeline.rewards import score
 
 if TYPE_CHECKING:
     from train.config import TrainConfig
-    from train.setup import Policy, RunData
+    from train.policy import Policy
+    from train.data import RunData
 
 
 class Condition(NamedTuple):
@@ -51,7 +50,7 @@ def training_conditions(cfg: TrainConfig, m: Policy) -> list[Condition]:
     conds = [Condition("with", "with")]
     if cfg.eval.eval_without_context and cfg.method != "single":
         conds.append(Condition("without", "without"))
-    if cfg.eval.eval_null_context and hasattr(m.adapter, "out"):
+    if cfg.eval.eval_null_context and m.caps.context:
         conds.append(Condition("null", "null"))
     return conds
 
@@ -60,7 +59,7 @@ def eval_inputs(cfg: TrainConfig, m: Policy, data: RunData, idx: list[int], mode
                 view: ExpertView = ALL):
     """The policy's input under one mode (with | removed | null): (embeds [b, L, d], mask [b, L],
     expert attention [b, m, n] or None)."""
-    pi = policy_inputs(cfg, m, data, idx, device, mode=mode, view=view)
+    pi = m.inputs(cfg, data, idx, device=device, mode=mode, view=view)
     return pi.embeds, pi.mask, (pi.ctx.attention if pi.ctx is not None and mode == "with" else None)
 
 
@@ -80,7 +79,7 @@ def condition_records(cfg: TrainConfig, m: Policy, data: RunData, rows, cond: Co
     greedy = temperature is None
     K = 1 if greedy else samples
     out = []
-    with torch.no_grad(), torch.random.fork_rng(devices=[]), merged_lora(m.peft, decode_merged(cfg, m)):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), m.decoding(cfg):
         torch.manual_seed(seed)
         for s in range(0, len(rows), cfg.eval.val_batch_size):
             idx = [int(i) for i in rows[s: s + cfg.eval.val_batch_size]]
@@ -88,10 +87,10 @@ def condition_records(cfg: TrainConfig, m: Policy, data: RunData, rows, cond: Co
             if K > 1:
                 e, mk = e.repeat_interleave(K, 0), mk.repeat_interleave(K, 0)
             # the policy's token entropy at the sampling temperature comes from the decoder's own logits
-            dec = sample(m.lm, e, mk, cfg.sampling.max_new_tokens, m.eos, m.tok.pad_token_id, temperature or 1.0, greedy,
-                         group=K, entropy_temperature=temperature or cfg.sampling.temperature)
+            dec = m.sample(e, mk, max_new_tokens=cfg.sampling.max_new_tokens, temperature=temperature or 1.0,
+                           greedy=greedy, group=K, entropy_temperature=temperature or cfg.sampling.temperature)
             toks, live = dec.tokens, dec.live
-            texts = decode(m.tok, toks, live)
+            texts = m.texts(toks, live)
             cut = truncated_rows(toks, live, m.eos, cfg.sampling.max_new_tokens)  # [b*K]
             tok_h = (dec.entropy * live).sum(1) / live.sum(1).clamp_min(1)  # [b*K] mean over each completion
             for j, (row, text) in enumerate(zip([i for i in idx for _ in range(K)], texts)):
@@ -172,8 +171,7 @@ def evaluate(cfg: TrainConfig, m: Policy, data: RunData, *, step: int, rows: np.
     (accuracy, reward and diagnostics per condition, keys suffixed as SUFFIX), eval_records.jsonl the
     records (with step and kind), and a full evaluation its first eval_completions prompts side by side
     in completions.jsonl; scorer: the training reward (default pipeline.rewards.score). Returns the aggregate record."""
-    m.peft.eval()
-    m.adapter.eval()
+    m.train(False)
     result = {"step": step, "split": data.val_split, "n": len(rows), "kind": kind}
     by_cond = {}
     for cond in training_conditions(cfg, m):
@@ -194,6 +192,5 @@ def evaluate(cfg: TrainConfig, m: Policy, data: RunData, *, step: int, rows: np.
             for name, recs in by_cond.items():
                 rec.update({"completion" + SUFFIX[name]: recs[i]["completion"], "reward" + SUFFIX[name]: recs[i]["reward"]})
             run.append(COMPLETIONS, rec)
-    m.peft.train()
-    m.adapter.train()
+    m.train()
     return result

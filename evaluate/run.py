@@ -30,12 +30,12 @@ from core.config import check_finite
 from core.errors import MuskError
 from core.heldout import problem_key
 from pipeline.experts import resolve_device, resolve_dtype
-from train import checkpoint as ckpt
 from train.adapters import method_info
 from train.config import TrainConfig, config_from_run, flatten
 from evaluate.records import Condition, condition_records, summarize
 from train.inputs import ExpertView
-from train.setup import Policy, RunData, build_policy, load_data
+from train.data import RunData
+from train.setup import build_policy, load_data
 from evaluate.shuffle import partnered, shuffle_stats, shuffled
 
 CONTEXTS = ("with", "without", "null")
@@ -178,22 +178,6 @@ def parse_conditions(req: EvalRequest, cfg: TrainConfig, data: RunData, has_gate
     return conds
 
 
-def load_weights(m: Policy, folder: Path, checkpoint: str) -> None:
-    """The trained LoRA and g_phi of final/ or a checkpoint folder into the policy m (a checkpoint's
-    optimizer state is not read: evaluation has no optimizer). Raises MuskError on LoRA tensors that
-    do not match the policy's."""
-    if checkpoint == "final":
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        res = set_peft_model_state_dict(m.peft, load_file(str(folder / "adapter_model.safetensors")))
-        ckpt.check_lora_loaded(folder / "adapter_model.safetensors", [k for k in res.missing_keys if "lora_" in k],
-                               list(res.unexpected_keys))
-        m.adapter.load_state_dict(ckpt.safe_load(folder / "context_adapter.pt"))
-    else:
-        ckpt.load_checkpoint(folder, m.peft, m.adapter)
-
-
 def weights_digest(folder: Path) -> str:
     """sha256 over the names and bytes of the weight files in `folder` (final/ or a checkpoint)."""
     h = hashlib.sha256()
@@ -209,7 +193,7 @@ def weights_digest(folder: Path) -> str:
 SETTING_KEYS = ("checkpoint", "split", "n_prompts", "limit", "samples", "temperature", "decoding", "seed", "dtype")
 
 
-def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, dtype: torch.dtype,
+def settings(req: EvalRequest, run: RunFolder, data: RunData, rows: np.ndarray, *, dtype: torch.dtype,
              weights_sha: str = "") -> dict:
     """The evaluation's settings as summary.json records them: decoding is greedy only without a
     temperature (--samples 1 at a temperature is one sampled completion); weights_sha the digest of
@@ -277,17 +261,16 @@ def run_eval(req: EvalRequest, *, scorer=None, progress: bool = True, log=print)
     device = resolve_device(cfg.run.device)
     dtype = eval_dtype(req, cfg, resolved, device, log)
     out = Path(req.out) if req.out is not None else default_out(req)
-    here = settings(req, run, data, rows, dtype, weights_digest(folder))
+    here = settings(req, run, data, rows, dtype=dtype, weights_sha=weights_digest(folder))
     old = json.loads((out / SUMMARY).read_text()) if (out / SUMMARY).is_file() else None
     diff = _differs(old, here) if old is not None else []
     if diff:
         raise MuskError(f"{str(out)!r} holds an evaluation with other settings or weights ({diff}); use another --out")
     m = build_policy(cfg, data, device, dtype)  # no optimizer: nothing is trained
-    load_weights(m, folder, req.checkpoint)
+    m.load(folder, final=req.checkpoint == "final")
     meta = {**here, "method": cfg.method, "team": data.experts, "content_controls": controls}
     records = read_jsonl(out / RECORDS) if old is not None else []
-    m.peft.eval()
-    m.adapter.eval()
+    m.train(False)
     for cond in tqdm(conds, desc="musk eval", unit="condition", disable=not progress):
         cond_rows = partnered(cond, rows)  # a shuffle leaves out the rows with no partner in their dataset
         want = {(int(r), s) for r in cond_rows for s in range(req.samples)}

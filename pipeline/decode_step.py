@@ -184,7 +184,7 @@ def family_of(lm) -> str | None:
     return t if t in FAMILIES else None
 
 
-def _rope_tables(backbone, cfg, kinds: set, max_pos: int, dtype, device) -> tuple[dict, dict]:
+def _rope_tables(backbone, cfg, kinds: set, max_pos: int, *, dtype, device) -> tuple[dict, dict]:
     """cos/sin [max_pos, hd] from the model's own rotary module (the values it would compute)."""
     pos = torch.arange(max_pos, device=device)[None]
     x = torch.zeros(1, dtype=dtype, device=device)
@@ -256,7 +256,7 @@ def build_weights(lm, max_pos: int, packed: bool | None = None) -> Weights:
     emb = bb.embed_tokens
     scale = emb.embed_scale.to(emb.weight.dtype) if gemma else None
     kinds = {la.rope for la in layers}
-    cos, sin = _rope_tables(bb, cfg, kinds, max_pos, emb.weight.dtype, emb.weight.device)
+    cos, sin = _rope_tables(bb, cfg, kinds, max_pos, dtype=emb.weight.dtype, device=emb.weight.device)
     scaling = cfg.query_pre_attn_scalar ** -0.5 if gemma else hd ** -0.5
     final = (1.0 + bb.norm.weight.float()) if gemma else bb.norm.weight
     return Weights(fam, layers, final, emb.weight, scale, cfg.num_attention_heads, cfg.num_key_value_heads, hd,
@@ -287,8 +287,8 @@ def fused_weights(lm, max_pos: int, packed: bool | None = None) -> Weights:
         if (st == state and len(refs) == len(src) and all(r() is s for r, s in zip(refs, src))
                 and vers == [s._version for s in src]):
             if next(iter(w.cos.values())).shape[0] < max_pos:
-                w.cos, w.sin = _rope_tables(lm.base_model, lm.config, set(w.cos), 2 * max_pos, w.embed.dtype,
-                                            w.embed.device)
+                w.cos, w.sin = _rope_tables(lm.base_model, lm.config, set(w.cos), 2 * max_pos, dtype=w.embed.dtype,
+                                            device=w.embed.device)
             return w
     _CACHE.pop(lm, None)
     w = build_weights(lm, max(max_pos, 1024), packed)
@@ -338,8 +338,8 @@ def attn_masks(W: Weights, valid: torch.Tensor, q_cols: torch.Tensor, L: int) ->
 def attend(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of q [n, Hq, T, hd] on K, V [n, Hk, L, hd] under a boolean mask [n, 1, T, L], grouped
     keys and values never copied. SDPA (enable_gqa), except for one reduced-precision query on a CPU:
-    there SDPA's kernel took 2.6 ms a layer for SmolLM2's decode shape in bf16, the two bmm below
-    0.5 ms."""
+    there the two bmm below are several times faster than SDPA's kernel (docs/performance.md,
+    "Figures behind code comments")."""
     n, hq, T, hd = q.shape
     hk = K.shape[1]
     if T > 1 or q.device.type != "cpu" or q.dtype == torch.float32:
@@ -354,7 +354,7 @@ def attend(q: torch.Tensor, K: torch.Tensor, V: torch.Tensor, mask: torch.Tensor
     return torch.bmm(p.view(n * hk, g, L), Vb).view(n, hq, 1, hd).to(q.dtype)
 
 
-def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, col0, masks: dict,
+def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, *, col0, masks: dict,
             L: int, group: int = 1) -> torch.Tensor:
     """Run x [n, T, d] (columns col0..col0+T-1 of every row) through the layers; returns the final
     hidden states [n, T, d] after the last norm. pos [n, T]: rotary positions. col0: int, or a
@@ -366,7 +366,7 @@ def forward(W: Weights, cache: KVCache, x: torch.Tensor, pos: torch.Tensor, col0
     hq, hk, hd = W.hq, W.hk, W.hd
     rope = {k: (W.cos[k][pos][:, :, None], W.sin[k][pos][:, :, None]) for k in W.cos}  # [n, T, 1, hd] per kind
     if T == 1 and group == 1 and x.device.type == "cpu" and compile_default() and _compilable(W):
-        return _compiled_layers(W, cache, x, rope, col0, masks)
+        return _compiled_layers(W, cache, x, rope, col0=col0, masks=masks)
     h = x
     for i, la in enumerate(W.layers):
         r = _norm(h, la.norms[0], W.eps, gemma)
@@ -448,7 +448,7 @@ def _layer_t1(h, norms, qkv, o, gate_up, down, K, V, cos, sin, mask, col, hq: in
     return h + _lin(_ACTS[act](g) * u, *down)
 
 
-def _compiled_layers(W: Weights, cache: KVCache, x: torch.Tensor, rope: dict, col0, masks: dict) -> torch.Tensor:
+def _compiled_layers(W: Weights, cache: KVCache, x: torch.Tensor, rope: dict, *, col0, masks: dict) -> torch.Tensor:
     """`forward` for one token on a CPU with each layer through one torch.compile'd `_layer_t1`
     (fixed shapes: all cache columns under the mask, so a step's shapes do not change with the
     column). Falls back to the eager layer, for the rest of the process, where compiling fails

@@ -273,7 +273,7 @@ def _columns(prompts: list[Prompt]) -> dict[str, list[str]]:
 
 
 def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt], parts: PartsStore,
-                    device: str, dtype: torch.dtype, progress: bool) -> tuple[list, list, list]:
+                    *, device: str, dtype: torch.dtype, progress: bool) -> tuple[list, list, list]:
     """(new expert groups, new router groups, solo answers for experts the cache holds) for `assemble`:
     every missing expert once over every prompt."""
     N = len(prompts)
@@ -286,7 +286,8 @@ def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt]
         for spec in plan.todo:
             bar.set_postfix_str(spec.name)
             fpr = plan.expert_fps[spec.name]
-            attrs, arrays = extract_one_expert(cfg, spec, prompts, parts, f"expert-{fpr[:16]}", device, dtype, bar)
+            attrs, arrays = extract_one_expert(cfg, spec, prompts, parts, group=f"expert-{fpr[:16]}", device=device,
+                                               dtype=dtype, bar=bar)
             if spec.name in plan.solo_fps:
                 attrs["solo_fingerprint"] = plan.solo_fps[spec.name]
             new_experts.append((spec.name, {**attrs, "weights_sha256": plan.weights[spec.name], "fingerprint": fpr},
@@ -294,11 +295,13 @@ def _compute_groups(cfg: ExtractConfig, plan: ExtractPlan, prompts: list[Prompt]
         for spec in plan.todo_solo:  # experts the cache holds: their solo answers only
             bar.set_postfix_str(f"{spec.name} solo")
             group = f"expert-{plan.expert_fps[spec.name][:16]}"
-            attrs, arrays = complete_solo(cfg, spec, prompts, out, parts, group, device, dtype, bar)
+            attrs, arrays = complete_solo(cfg, spec, prompts, out, parts=parts, group=group, device=device,
+                                          dtype=dtype, bar=bar)
             solo_updates.append((spec.name, {**attrs, "solo_fingerprint": plan.solo_fps[spec.name]}, arrays))
         if (r := plan.todo_router) is not None:
             bar.set_postfix_str(r.name)
-            emb = extract_router(cfg, r, prompts, parts, f"router-{plan.router_fps[r.name][:16]}", device, bar)
+            emb = extract_router(cfg, r, prompts, parts, group=f"router-{plan.router_fps[r.name][:16]}", device=device,
+                                 bar=bar)
             attrs = {"source": r.source, "weights_sha256": router_sha(r), "fingerprint": plan.router_fps[r.name]}
             new_routers.append((r.name, attrs, emb))
     return new_experts, new_routers, solo_updates
@@ -340,8 +343,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, log=print) -> Path:
         require_vllm("hint_engine vllm")  # before any work
     t0 = time.time()
     parts = parts or _parts_store(out, cfg, dtype)
-    new_experts, new_routers, solo_updates = _compute_groups(cfg, plan, prompts, parts, device, dtype,
-                                               progress and dist.is_main())
+    new_experts, new_routers, solo_updates = _compute_groups(cfg, plan, prompts, parts, device=device, dtype=dtype,
+                                               progress=progress and dist.is_main())
     if not dist.is_main():  # rank 0 writes the cache; the others wait for it and are done
         dist.barrier()
         return out

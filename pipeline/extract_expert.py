@@ -47,7 +47,7 @@ def _extract_probe(cfg, spec, prompts, bar) -> tuple[dict, dict]:
     return attrs, arrays
 
 
-def extract_one_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> tuple[dict, dict]:
+def extract_one_expert(cfg, spec, prompts, parts, *, group, device, dtype, bar) -> tuple[dict, dict]:
     if spec.kind in PROBE_KINDS:
         return _extract_probe(cfg, spec, prompts, bar)
     model, tok = load_expert(spec, dtype, device)
@@ -69,16 +69,16 @@ def extract_one_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> 
             parts.save(group, "feat", b, rows=rows, **{k: v.cpu().numpy() for k, v in pooled.items()})
         bar.update(len(rows) if dist.mine(b) else 0)
     if cfg.hints and cfg.hint_engine == "vllm" and KINDS[spec.kind].folder is not None:
-        hint_batches_vllm(cfg, spec, model, tok, ids, n_tokens, parts, group, bar)
+        hint_batches_vllm(cfg, spec, model, tok, ids=ids, n_tokens=n_tokens, parts=parts, group=group, bar=bar)
     elif cfg.hints:
-        hint_batches(cfg, model, tok, ids, n_tokens, parts, group, device, bar)
-    solo = _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar)
+        hint_batches(cfg, model, tok, ids, n_tokens=n_tokens, parts=parts, group=group, device=device, bar=bar)
+    solo = _solo_decode(cfg, spec, prompts, model, tok=tok, ids=ids, parts=parts, group=group, device=device, bar=bar)
     dist.barrier()
-    feats = gather_parts(parts, group, "feat", length_batches(n_tokens, cfg.batch_size), N, spec.name)
+    feats = gather_parts(parts, group, "feat", length_batches(n_tokens, cfg.batch_size), N=N, name=spec.name)
     check_finite(feats, spec.name, prompts)
     hints = None
     if cfg.hints:
-        h = gather_parts(parts, group, "hint", length_batches(n_tokens, cfg.hint_batch_size), N, spec.name)
+        h = gather_parts(parts, group, "hint", length_batches(n_tokens, cfg.hint_batch_size), N=N, name=spec.name)
         hints, hint_tokens = np.array([str(t) for t in h["text"]], dtype=object), h["n_tokens"].astype(np.int64)  # tokens: cost accounting
     arrays = dict(feats)
     arrays["random_token_index"] = rti
@@ -96,14 +96,14 @@ def extract_one_expert(cfg, spec, prompts, parts, group, device, dtype, bar) -> 
         "spec": json.dumps(to_dict(spec), sort_keys=True),
     }
     if solo is not None:
-        s_attrs, s_arrays = _solo_gather(cfg, spec, prompts, solo, parts, group, device,
-                                         {"text": hints, "n_tokens": hint_tokens} if hints is not None else None)
+        s_attrs, s_arrays = _solo_gather(cfg, spec, prompts, solo, parts=parts, group=group, device=device,
+                                         hints={"text": hints, "n_tokens": hint_tokens} if hints is not None else None)
         attrs, arrays = {**attrs, **s_attrs}, {**arrays, **s_arrays}
     del model
     return attrs, arrays
 
 
-def _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar) -> tuple | None:
+def _solo_decode(cfg, spec, prompts, model, *, tok, ids, parts, group, device, bar) -> tuple | None:
     """This rank's share of the expert's solo decodes (pipeline/solo.py) into the parts folder; None
     when solo is off or the expert is a probe. Returns (source, batches): source "hint" when the hint
     decode already is the solo decode (nothing decoded twice), else "decode"."""
@@ -114,33 +114,34 @@ def _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar)
     if solo_mod.reuses_hint(ids if cfg.hints else None, sids, cfg.hint_max_new_tokens, cfg.solo_max_new_tokens,
                             cfg.hint_engine):
         return "hint", batches
-    solo_mod.solo_batches(model, tok, sids, batches, cfg.solo_max_new_tokens, parts, group, device, greedy_hints, bar)
+    solo_mod.solo_batches(model, tok, sids, batches, max_new_tokens=cfg.solo_max_new_tokens, parts=parts, group=group,
+                          device=device, greedy_fn=greedy_hints, bar=bar)
     return "decode", batches
 
 
-def _solo_gather(cfg, spec, prompts, solo: tuple, parts, group, device, hints: dict | None) -> tuple[dict, dict]:
+def _solo_gather(cfg, spec, prompts, solo: tuple, *, parts, group, device, hints: dict | None) -> tuple[dict, dict]:
     """(attrs, arrays) of the expert's scored solo answers, from the parts folder or the hints reused."""
     source, batches = solo
     if source == "hint":
         texts, n_tok, seconds = hints["text"], hints["n_tokens"], float("nan")  # the hint decode's time is not kept
     else:
-        got = gather_parts(parts, group, "solo", batches, len(prompts), spec.name)
+        got = gather_parts(parts, group, "solo", batches, N=len(prompts), name=spec.name)
         texts, n_tok, seconds = got["text"], got["n_tokens"], float(got["seconds"].sum())
     return solo_mod.solo_result(prompts, texts, n_tok, seconds, source=source, max_new_tokens=cfg.solo_max_new_tokens,
                                 mode=cfg.solo_answer_extraction, device=device)
 
 
-def complete_solo(cfg, spec, prompts, out: Path, parts, group, device, dtype, bar) -> tuple[dict, dict]:
+def complete_solo(cfg, spec, prompts, out: Path, *, parts, group, device, dtype, bar) -> tuple[dict, dict]:
     """The solo answers of an expert the cache already holds: its model is loaded for the decode
     only; its stored features are neither read nor recomputed."""
     model, tok = load_expert(spec, dtype, device)
     ids, _ = tokenize_prompts(tok, prompts)
-    solo = _solo_decode(cfg, spec, prompts, model, tok, ids, parts, group, device, bar)
+    solo = _solo_decode(cfg, spec, prompts, model, tok=tok, ids=ids, parts=parts, group=group, device=device, bar=bar)
     dist.barrier()
     hints = None
     if solo[0] == "hint":
         with Cache(out) as c:
             hints = {"text": np.array(c.hints(spec.name), dtype=object), "n_tokens": c.column(spec.name, "hint_n_tokens")}
-    result = _solo_gather(cfg, spec, prompts, solo, parts, group, device, hints)
+    result = _solo_gather(cfg, spec, prompts, solo, parts=parts, group=group, device=device, hints=hints)
     del model
     return result

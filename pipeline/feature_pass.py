@@ -67,7 +67,7 @@ def run_prefix(backbone, prefix_ids: list[int], device) -> SharedPrefix:
 
 
 @torch.inference_mode()
-def expert_forward_pool(backbone, ids: torch.Tensor, mask: torch.Tensor, rti: torch.Tensor, rli: torch.Tensor,
+def expert_forward_pool(backbone, ids: torch.Tensor, mask: torch.Tensor, rti: torch.Tensor, *, rli: torch.Tensor,
                         prefix: SharedPrefix | None = None):
     """One forward of the backbone (model.base_model: no LM head) -> pooled variants, each [B, d] float32.
 
@@ -115,8 +115,8 @@ def feature_batches(backbone, ids: list[list[int]], pad_id: int, rti: np.ndarray
         side = "right" if P > 0 else padding_side  # see expert_forward_pool
         bid, mask = pad_ids([ids[i][P:] for i in rows], pad_id, side)
         yield b, rows, expert_forward_pool(backbone, bid.to(device), mask.to(device),
-                                           torch.from_numpy(rti[rows]).to(device), torch.from_numpy(rli[rows]),
-                                           prefix)  # rti, rli: [N, D] (D seeded draws)
+                                           torch.from_numpy(rti[rows]).to(device), rli=torch.from_numpy(rli[rows]),
+                                           prefix=prefix)  # rti, rli: [N, D] (D seeded draws)
 
 
 def tokenize_prompts(tok, prompts: list[Prompt]) -> tuple[list[list[int]], str]:

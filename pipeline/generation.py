@@ -189,7 +189,7 @@ def fused_step_weights(lm, max_pos: int, step: str):
         return None
 
 
-def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
+def generate(lm, embeds, mask, max_new_tokens: int, *, eos: list[int], pad_id: int,
              temperature: float = 1.0, greedy: bool = False, min_new_tokens: int = 0, group: int = 1,
              top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     """Decode from prompt embeddings [N, P, d] (left padded, mask [N, P]).
@@ -207,12 +207,13 @@ def generate(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int,
     Returns (tokens [N, T], live [N, T]): live is 1 through the first EOS (inclusive) and 0 after,
     where tokens are pad_id. Sampling draws from torch's global RNG (seeded, checkpointed).
     """
-    out = sample(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
+    out = sample(lm, embeds, mask, max_new_tokens, eos=eos, pad_id=pad_id, temperature=temperature, greedy=greedy,
+                 min_new_tokens=min_new_tokens, group=group,
                  filters=(top_k, top_p, min_p))
     return out.tokens, out.live
 
 
-def sample(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int, temperature: float = 1.0,
+def sample(lm, embeds, mask, max_new_tokens: int, *, eos: list[int], pad_id: int, temperature: float = 1.0,
            greedy: bool = False, min_new_tokens: int = 0, group: int = 1, logprobs: bool = False,
            step: str = "auto", check_every: int | None = None, static: bool | None = None,
            filters: tuple[int, float, float] = (0, 1.0, 0.0), entropy_temperature: float | None = None) -> Decoded:
@@ -233,11 +234,12 @@ def sample(lm, embeds, mask, max_new_tokens: int, eos: list[int], pad_id: int, t
         raise ValueError(f"unknown decode step {step!r}; choices: {list(STEPS)}")
     if check_every is None:
         check_every = 8 if embeds.device.type == "cuda" else 1
-    with torch.inference_mode():  # ~5% faster decode steps than no_grad on a CPU
+    with torch.inference_mode():  # faster decode steps than no_grad on a CPU (docs/performance.md)
         W = fused_step_weights(lm, mask.shape[1] + max_new_tokens + 1, step)
-        args = (lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
-                (logprobs, filters, entropy_temperature))
-        out = _decode(*args) if W is None else _decode_fused(W, *args, check_every=check_every, static=static)
+        kw = dict(max_new_tokens=max_new_tokens, eos=eos, pad_id=pad_id, temperature=temperature, greedy=greedy,
+                  min_new_tokens=min_new_tokens, group=group, logprobs=(logprobs, filters, entropy_temperature))
+        out = _decode(lm, embeds, mask, **kw) if W is None else \
+            _decode_fused(W, lm, embeds, mask, **kw, check_every=check_every, static=static)
     # normal tensors again: autograd may index with them
     return Decoded(*(None if x is None else x.clone() for x in out))
 
@@ -246,7 +248,7 @@ class _Picker:
     """Choose each row's next token from logits [N, V] as the old loop did (EOS suppressed for the
     first min_new_tokens, greedy argmax or one inverse-CDF draw per row, pad after EOS)."""
 
-    def __init__(self, N, eos, pad_id, temperature, greedy, min_new_tokens, want, device):
+    def __init__(self, N, eos, pad_id, temperature, *, greedy, min_new_tokens, want, device):
         logprobs, self.filters, self.ent_t = want  # (bool, (top_k, top_p, min_p), entropy temperature or None)
         self.eos_t = torch.tensor(eos, device=device, dtype=torch.long)
         self.done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -285,14 +287,15 @@ class _Picker:
                        ent[:, :n] if ent is not None else None)
 
 
-def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group, logprobs):
+def _decode(lm, embeds, mask, *, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group, logprobs):
     """Today's loop: transformers' modules with their dynamic cache, one forward per token."""
     N = embeds.shape[0]
     backbone = lm.base_model
     h, cache = prefill(backbone, embeds, mask, group)  # [N/group, P, d], cache of N rows
     logits = lm_logits(lm, h[:, -1]).repeat_interleave(group, 0)  # [N, V]
     pos = positions(mask)[:, -1]  # [N]
-    pick = _Picker(N, eos, pad_id, temperature, greedy, min_new_tokens, logprobs, embeds.device)
+    pick = _Picker(N, eos, pad_id, temperature, greedy=greedy, min_new_tokens=min_new_tokens, want=logprobs,
+                   device=embeds.device)
     for t in range(max_new_tokens):
         nxt = pick(t, logits)
         if bool(pick.done.all()) or t == max_new_tokens - 1:
@@ -305,7 +308,7 @@ def _decode(lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, 
     return pick.result()
 
 
-def _decode_fused(W, lm, embeds, mask, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
+def _decode_fused(W, lm, embeds, mask, *, max_new_tokens, eos, pad_id, temperature, greedy, min_new_tokens, group,
                   logprobs, check_every: int = 1, static: bool | None = None):
     """The fused step (pipeline/decode_step.py): static cache, prefill once per group, one step a token.
     On CUDA the step is captured as a CUDA graph after its first run and replayed; the all-done check
@@ -319,11 +322,12 @@ def _decode_fused(W, lm, embeds, mask, max_new_tokens, eos, pad_id, temperature,
     pos = positions(mask)  # [N, P]
     cols = torch.arange(P, device=dev)
     pv = valid[::group]
-    h = ds.forward(W, cache, embeds[::group].to(W.embed.dtype), pos[::group], 0, ds.attn_masks(W, pv, cols, P), P,
-                   group)  # [N/group, P, d]
+    h = ds.forward(W, cache, embeds[::group].to(W.embed.dtype), pos[::group], col0=0, masks=ds.attn_masks(W, pv, cols,
+                                                                                                          P), L=P,
+                   group=group)  # [N/group, P, d]
     logits = lm_logits(lm, h[:, -1], W.head).repeat_interleave(group, 0)  # [N, V]
     last = pos[:, -1]  # [N]
-    pick = _Picker(N, eos, pad_id, temperature, greedy, min_new_tokens, logprobs, dev)
+    pick = _Picker(N, eos, pad_id, temperature, greedy=greedy, min_new_tokens=min_new_tokens, want=logprobs, device=dev)
     static = dev.type == "cuda" if static is None else static
     step, gen_cols = None, torch.arange(P, S, device=dev)  # [T] the columns tokens land in, on the device
     for t in range(max_new_tokens):
@@ -341,7 +345,7 @@ def _decode_fused(W, lm, embeds, mask, max_new_tokens, eos, pad_id, temperature,
             c = P + t
             x = ds.embed(W, nxt[:, None])  # [N, 1, d]
             masks = ds.attn_masks(W, valid, torch.tensor([c], device=dev), c + 1)
-            logits = lm_logits(lm, ds.forward(W, cache, x, p[:, None], c, masks, c + 1)[:, 0], W.head)
+            logits = lm_logits(lm, ds.forward(W, cache, x, p[:, None], col0=c, masks=masks, L=c + 1)[:, 0], W.head)
     return pick.result()
 
 
@@ -351,4 +355,5 @@ def _static_step(W, lm, cache, valid, nxt, col, p, *, S: int):
     from pipeline import decode_step as ds
 
     masks = ds.attn_masks(W, valid, col.view(1), S)
-    return lm_logits(lm, ds.forward(W, cache, ds.embed(W, nxt[:, None]), p[:, None], col, masks, S)[:, 0], W.head)
+    return lm_logits(lm, ds.forward(W, cache, ds.embed(W, nxt[:, None]), p[:, None], col0=col, masks=masks, L=S)[:, 0],
+                     W.head)

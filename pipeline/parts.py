@@ -11,7 +11,7 @@ from core.errors import MuskError
 from pipeline.tasks import Prompt
 
 
-def gather_parts(parts: PartsStore, group: str, kind: str, batches: list[np.ndarray], N: int,
+def gather_parts(parts: PartsStore, group: str, kind: str, batches: list[np.ndarray], *, N: int,
                  name: str) -> dict[str, np.ndarray]:
     """Assemble the stored batches of one group into [N, ...] arrays, proving the result whole: each
     stored batch must hold exactly the rows the plan gives it, and every row must end up computed.

@@ -55,7 +55,7 @@ def router_sha(spec: RouterSpec) -> str:
     return sha256_of([sha256_file(f) for f in files])
 
 
-def extract_router(cfg, spec: RouterSpec, prompts, parts, group, device, bar) -> np.ndarray:
+def extract_router(cfg, spec: RouterSpec, prompts, parts, *, group, device, bar) -> np.ndarray:
     from transformers import AutoModel, AutoTokenizer
 
     folder = _router_folder(spec)

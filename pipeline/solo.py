@@ -74,18 +74,18 @@ def reuses_hint(hint_ids: list[list[int]] | None, ids: list[list[int]], hint_bud
     return hint_ids is not None and hint_budget == budget and hint_engine == "musk" and hint_ids == ids
 
 
-def solo_batches(model, tok, ids: list[list[int]], batches: list[np.ndarray], max_new_tokens: int, parts,
+def solo_batches(model, tok, ids: list[list[int]], batches: list[np.ndarray], *, max_new_tokens: int, parts,
                  group: str, device, greedy_fn, bar=None) -> None:
     """This rank's share of the solo decodes, stored batch by batch in the parts folder (kind "solo"):
     rows, text, n_tokens, seconds. A batch already stored is skipped (a resumed run decodes nothing
-    twice). `greedy_fn(model, tok, batch_ids, max_new_tokens, eos, device) -> (tokens, live)`."""
+    twice). `greedy_fn(model, tok, batch_ids, max_new_tokens, *, eos, device) -> (tokens, live)`."""
     eos = eos_ids(model, tok)
     for b, rows in enumerate(batches):
         if not dist.mine(b):
             continue
         if not parts.has(group, "solo", b):
             t0 = time.perf_counter()
-            gen, live = greedy_fn(model, tok, [ids[i] for i in rows], max_new_tokens, eos, device)
+            gen, live = greedy_fn(model, tok, [ids[i] for i in rows], max_new_tokens, eos=eos, device=device)
             if torch.cuda.is_available() and str(device).startswith("cuda"):
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0  # the batch's wall time, spread over its rows (they sum to it)

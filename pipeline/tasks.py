@@ -88,7 +88,8 @@ EASY_ARITHMETIC = {
 }
 
 # Not in the paper: the probe team's task (configs/extract/probe.yaml). Answers are one digit, a
-# single token for SmolLM2, which scores ~13% alone: whether C can carry the answer is then visible.
+# single token for SmolLM2, which rarely answers it alone (docs/context-path.md): whether C can carry
+# the answer is then visible.
 LETTER_COUNTING = {"letter_counting": {"weight": 1.0, "config": {}}}
 
 FAMILIES: dict[str, dict | None] = {
@@ -472,7 +473,7 @@ def _secret_label_stream(seed: int, k: int, salt: int) -> Iterator[dict]:
                "metadata": {"source_dataset": "secret-label", "labels": k}}
 
 
-def secret_label_split(split: str, size: int, seed: int, k: int, salt: int,
+def secret_label_split(split: str, size: int, seed: int, k: int, *, salt: int,
                        keep: Callable[[str], bool] = lambda t: True) -> list[Prompt]:
     """The probe only C can answer: every question names the same k options (digits 0..k-1) and a random
     six-letter card; the answer is the card's label (`secret_label`, a seeded hash of the card). The
@@ -513,7 +514,7 @@ def _build_here(cfg: TaskConfig, limit: int | None) -> list[Prompt]:
     if cfg.family == "secret-digit":
         train = secret_digit_split("train", train_n, cfg.train_seed, train_keep)
     elif cfg.family == "secret-label":
-        train = secret_label_split("train", train_n, cfg.train_seed, cfg.labels, cfg.label_seed, train_keep)
+        train = secret_label_split("train", train_n, cfg.train_seed, cfg.labels, salt=cfg.label_seed, keep=train_keep)
     else:
         train = _rg_split(cfg, "train", train_n, cfg.train_seed, train_keep)
     seen = {problem_key(p.text) for p in train}
@@ -521,7 +522,7 @@ def _build_here(cfg: TaskConfig, limit: int | None) -> list[Prompt]:
     if cfg.family == "secret-digit":
         return train + secret_digit_split("val", val_n, cfg.val_seed, val_keep)
     if cfg.family == "secret-label":
-        return train + secret_label_split("val", val_n, cfg.val_seed, cfg.labels, cfg.label_seed, val_keep)
+        return train + secret_label_split("val", val_n, cfg.val_seed, cfg.labels, salt=cfg.label_seed, keep=val_keep)
     return train + _rg_split(cfg, "val", val_n, cfg.val_seed, val_keep)
 
 

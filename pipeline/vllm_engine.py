@@ -63,7 +63,7 @@ def greedy_texts(llm, ids: list[list[int]], max_new_tokens: int, eos: list[int])
     return [o.outputs[0].text for o in outs], [len(o.outputs[0].token_ids) for o in outs]
 
 
-def sample_from_embeds(llm, embeds: torch.Tensor, mask: torch.Tensor, n: int, max_new_tokens: int,
+def sample_from_embeds(llm, embeds: torch.Tensor, mask: torch.Tensor, n: int, *, max_new_tokens: int,
                        eos: list[int], pad_id: int, temperature: float, greedy: bool, seed: int,
                        top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0):
     """Decode from left-padded prompt embeddings [B, P, d] (mask [B, P]), n completions per prompt, in

@@ -243,15 +243,16 @@ def expand(grids: list[SweepConfig], out: Path) -> Cells:
                 if key in seen:
                     continue
                 seen.add(key)
-                _add_cell(cells, resolved, g, seed, cache if many_caches else None, cache,
-                          config if many_configs else None, config, method, read, out, limit)
+                _add_cell(cells, resolved, g, seed, cache_shown=cache if many_caches else None, cache=cache,
+                          config_shown=config if many_configs else None, config=config, method=method, combo=read,
+                          out=out, limit=limit)
     plan = Cells(cells.values())
     plan.notes = [f"{k} is not read by {m}: one {m} run where the grid lists {n} values of it"
                   for (m, k), n in sorted(unread.items())]
     return plan
 
 
-def _add_cell(cells: dict, resolved: dict, g: SweepConfig, seed: int, cache_shown, cache: str, config_shown,
+def _add_cell(cells: dict, resolved: dict, g: SweepConfig, seed: int, *, cache_shown, cache: str, config_shown,
               config, method: str, combo: dict, out: Path, limit: int) -> None:
     sets = {**g.set, **combo}
     cell = f"cell {cell_name(method, seed, cache_shown, config_shown, combo)} (method={method}, seed={seed}, " \

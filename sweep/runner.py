@@ -103,7 +103,7 @@ def measure_step_seconds(cells: list[Cell], threads: int, entry: list[str] | Non
 
 
 def plan_lines(folder: Path, cells: list[Cell], lanes: int | None, step_seconds: float | None,
-               measured_now: dict[str, float] | None = None, step_source: str | None = None) -> list[str]:
+               *, measured_now: dict[str, float] | None = None, step_source: str | None = None) -> list[str]:
     from sweep.watch import duration
 
     states = {s: [c for c in cells if c.state == s] for s in ("done", "resume", "todo", "no-cache", "blocked")}
@@ -200,7 +200,7 @@ def make_executor(executor: str, lanes: int, threads: int | None, address: str |
     raise MuskError(f"unknown executor {executor!r}; choices: ['local', 'ray']")
 
 
-def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lanes: int = 1,
+def run_sweep(grid: Path, *, out: Path | None = None, executor: str = "local", lanes: int = 1,
               threads: int | None = None, address: str | None = None, gpus_per_run: float | None = None,
               dry_run: bool = False, step_seconds: float | None = None, measure: bool = False,
               quiet: float = 120.0, poll: float = 1.0, entry: list[str] | None = None, log=print,
@@ -226,7 +226,8 @@ def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lane
             log(f"measuring the step time of {len(methods)} method(s) here ({MEASURE_STEPS} steps each, "
                 f"{n} thread(s))...")
             now = measure_step_seconds(cells, n, entry)
-        for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds, now, source):
+        for line in plan_lines(folder, cells, lanes if executor == "local" else None, step_seconds, measured_now=now,
+                               step_source=source):
             log(line)
         return SweepResult(folder, [], [c.name for c in cells if c.state == "done"], [], [])
     bad = [c for c in cells if c.state in ("no-cache", "blocked")]
@@ -247,7 +248,8 @@ def run_sweep(grid: Path, out: Path | None = None, executor: str = "local", lane
         log(f"sweep {folder}: {len(cells)} runs, {len(before)} finished before, {len(pending)} to run on "
             f"{ex.describe()}")
         try:
-            _drive(ex, folder, pending, finished, failed, quiet, poll, entry, log, configs)
+            _drive(ex, folder, pending, finished, failed=failed, quiet=quiet, poll=poll, entry=entry, log=log,
+                   configs=configs)
         except KeyboardInterrupt:
             log("sweep: interrupted; stopping the running runs (a rerun resumes them)")
             ex.stop()
@@ -288,7 +290,7 @@ def sweep_lock(folder: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _drive(ex, folder: Path, pending: list[Cell], finished: list, failed: list, quiet: float, poll: float,
+def _drive(ex, folder: Path, pending: list[Cell], finished: list, *, failed: list, quiet: float, poll: float,
            entry: list[str] | None, log, configs: dict) -> None:
     """Start cells while the executor has room, print their progress, record how each ended."""
     from sweep.executors import Job
@@ -302,7 +304,8 @@ def _drive(ex, folder: Path, pending: list[Cell], finished: list, failed: list, 
             logf = folder / LOGS / f"{c.name}.log"
             cmd = train_command(c, c.state == "resume", None, entry, configs[c.name])
             where = ex.start(Job(c.name, cmd, logf, os.getcwd()))
-            w = RunWatcher(c.name, c.folder, c.steps, c.train.run.log_freq, c.train.eval.test_freq, logf, quiet)
+            w = RunWatcher(c.name, c.folder, c.steps, c.train.run.log_freq, test_freq=c.train.eval.test_freq,
+                           log=logf, quiet=quiet)
             running[c.name] = (c, w, time.monotonic())
             log(f"{w.prefix()} {'resuming' if c.state == 'resume' else 'started'} on {where}; log: {logf}")
         for c, w, _ in running.values():

@@ -57,7 +57,7 @@ class _Tail:
 class RunWatcher:
     """Lines for one running cell. `poll()` returns the lines that are due now."""
 
-    def __init__(self, name: str, folder: Path, steps: int, log_freq: int, test_freq: int, log: Path,
+    def __init__(self, name: str, folder: Path, steps: int, log_freq: int, *, test_freq: int, log: Path,
                  quiet: float = 120.0, clock=time.monotonic):
         run = RunFolder(folder)
         last = run.latest_checkpoint()

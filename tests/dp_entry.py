@@ -7,16 +7,19 @@ import os
 
 import torch
 
-import train.loop
+import train.policy
 from tests.helpers import parity_score
 
 if os.environ.get("MUSK_TEST_LENGTHS") == "1":
     from pipeline.generation import Decoded
 
-    _sample = train.loop.sample  # the rollouts' decoder (greedy evaluations go through evaluate.records)
+    _sample = train.policy.sample  # the decoder behind Policy.sample (rollouts and evaluations)
 
-    def _varied(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k):
-        d = _sample(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
+    def _varied(lm, embeds, mask, max_new_tokens, **k):
+        d = _sample(lm, embeds, mask, max_new_tokens, **k)
+        if k.get("greedy"):  # the evaluations decode as they would
+            return d
+        eos, pad_id = k["eos"], k["pad_id"]
         tokens, lp = d.tokens, d.logprobs
         T = tokens.shape[1]
         end, pos = (tokens[:, 0] % (T + 1))[:, None], torch.arange(T)[None]  # end T: the whole budget, no EOS
@@ -24,7 +27,7 @@ if os.environ.get("MUSK_TEST_LENGTHS") == "1":
         tokens = torch.where(pos == end, eos[0], torch.where(live.bool(), tokens, pad_id))
         return Decoded(tokens, live, None if lp is None else lp * live)
 
-    train.loop.sample = _varied
+    train.policy.sample = _varied
 
 if __name__ == "__main__":
     from cli import main

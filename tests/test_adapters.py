@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from train.adapters import (AdapterSpec, ExpertProjections, FFNOnly, HardRouter, Perceiver, TanhFFN, build_adapter,
-                            load_adapter, save_adapter)
+from train.adapters import AdapterSpec, build_adapter, load_adapter, save_adapter
+from train.gphi import ExpertProjections, FFNOnly, HardRouter, Perceiver, TanhFFN
 
 
 def _feats(B=3, dims=(32, 24, 40)):
@@ -155,3 +155,31 @@ def test_cost_rules_hand_worked():
     assert METHODS["hard-routing"].cost(prompt, hint, np.array([2, 0])) == {
         "cost/expert_forward_passes": 2, "cost/expert_prompt_tokens": 50 + 20, "cost/expert_generated_tokens": 0}
     assert METHODS["output-collab"].cost(prompt, hint, None)["cost/expert_generated_tokens"] == 21
+
+
+@pytest.mark.parametrize("method", ["single", "perceiver", "ffn", "hard-routing", "prefix", "output-collab"])
+def test_capabilities_say_what_each_g_phi_has(method):
+    """A module's declared `caps` agree with its parts (callers read caps and never probe attributes) and
+    with the registry's entry: reading experts, a C behind an output projection, expert attention, a
+    router (its choice), one C for every prompt."""
+    from train.adapters import method_info
+    from train.gphi import ExpertProjections, OutputProjection
+
+    info = method_info(method)
+    spec = AdapterSpec(method=method, expert_dims=(8, 6), expert_names=("a", "b"), d_latent=8, d_out=6, num_latents=2,
+                       num_heads=2, router_dim=5 if info.needs_router else 0, init_std=0.1, gumbel_tau=1.0,
+                       pooling="last_token", context_scale=1.0, context_gate="rms", context_anchor="mean-embedding")
+    g = build_adapter(spec).eval()
+    caps = g.caps
+    assert caps is type(g).caps and info.module is type(g)
+    assert caps.reads_experts == isinstance(getattr(g, "experts", None), ExpertProjections) == info.needs_features
+    assert caps.context == isinstance(getattr(g, "out", None), OutputProjection) == info.has_context
+    assert caps.hard_routing == info.needs_router
+    torch.manual_seed(0)
+    feats = [torch.randn(3, 8), torch.randn(3, 6)] if caps.reads_experts else []
+    out = g(feats, torch.randn(3, 5) if caps.hard_routing else None)
+    assert (out.attention is not None) == caps.attention
+    assert (out.choice is not None) == caps.hard_routing
+    assert (out.context is not None) == caps.context
+    if caps.context:
+        assert out.context.shape[0] == (1 if caps.prompt_independent else 3)

@@ -321,16 +321,16 @@ def test_assembly_proves_every_row_computed(tmp_path):
     plan = [np.array([3, 1]), np.array([0, 2])]
     parts.save("g", "feat", 0, rows=plan[0], last_token=np.ones((2, 3), np.float32))
     with pytest.raises(MuskError, match="feat batch 1 was never computed"):
-        gather_parts(parts, "g", "feat", plan, 4, "e")
+        gather_parts(parts, "g", "feat", plan, N=4, name="e")
     parts.save("g", "feat", 1, rows=np.array([0, 1]), last_token=np.ones((2, 3), np.float32))  # other rows
     with pytest.raises(MuskError, match="batch 1 holds rows other than the plan's"):
-        gather_parts(parts, "g", "feat", plan, 4, "e")
+        gather_parts(parts, "g", "feat", plan, N=4, name="e")
     parts.save("g", "feat", 1, rows=plan[1], last_token=np.full((2, 3), 2, np.float32))
-    out = gather_parts(parts, "g", "feat", plan, 4, "e")
+    out = gather_parts(parts, "g", "feat", plan, N=4, name="e")
     np.testing.assert_array_equal(out["last_token"][:, 0], [2, 1, 2, 1])
     parts.save("h", "feat", 0, rows=np.array([4]), last_token=np.ones((1, 3), np.float32))
     with pytest.raises(MuskError, match="4 of 5 prompts have no feat"):  # a plan that misses rows
-        gather_parts(parts, "h", "feat", [np.array([4])], 5, "e")
+        gather_parts(parts, "h", "feat", [np.array([4])], N=5, name="e")
 
 
 def test_non_finite_features_are_refused_naming_expert_and_prompt():

@@ -14,7 +14,7 @@ import train.loop
 from cli import app
 from evaluate.run import EvalRequest, parse_conditions, shuffled
 from train.inputs import expert_features
-from train.setup import CachedFeatures
+from train.data import CachedFeatures
 from tests.helpers import parity_score, quiet_train, tiny_train_overrides
 
 TEAM = ["a", "b", "c"]

@@ -68,8 +68,8 @@ FAMILIES = ["llama", "qwen2", "mistral", "mistral-window", "gemma3"]
 def test_greedy_tokens_equal_the_loop(family, context):
     model = _tiny(family)
     emb, mask = _prompts(model, context=context)
-    ref = sample(model, emb, mask, 14, [], 0, greedy=True, step="loop")
-    new = sample(model, emb, mask, 14, [], 0, greedy=True, step="fused")
+    ref = sample(model, emb, mask, 14, eos=[], pad_id=0, greedy=True, step="loop")
+    new = sample(model, emb, mask, 14, eos=[], pad_id=0, greedy=True, step="fused")
     assert ref.tokens.shape == (3, 14)
     assert torch.equal(new.tokens, ref.tokens) and torch.equal(new.live, ref.live)
     assert len(set(ref.tokens.flatten().tolist())) > 3  # the test model does not emit one token forever
@@ -85,7 +85,7 @@ def test_sampled_tokens_equal_the_loop_under_one_seed_with_groups_and_eos(family
     out, state = {}, {}
     for step in ("loop", "fused"):
         torch.manual_seed(4)
-        out[step] = sample(model, emb, mask, 20, [5, 17], 0, temperature=1.3, min_new_tokens=2, group=3,
+        out[step] = sample(model, emb, mask, 20, eos=[5, 17], pad_id=0, temperature=1.3, min_new_tokens=2, group=3,
                            step=step, logprobs=True)
         state[step] = torch.rand(())
     assert torch.equal(out["fused"].tokens, out["loop"].tokens)
@@ -102,18 +102,18 @@ def test_fixed_shape_step_equals_the_eager_step(family):
     checked every 4 tokens) gives the eager step's tokens; here it runs without a graph."""
     model = _tiny(family)
     emb, mask = _prompts(model, context=2)
-    a = sample(model, emb, mask, 12, [7], 0, greedy=True, step="fused")
-    b = sample(model, emb, mask, 12, [7], 0, greedy=True, step="fused", static=True, check_every=4)
+    a = sample(model, emb, mask, 12, eos=[7], pad_id=0, greedy=True, step="fused")
+    b = sample(model, emb, mask, 12, eos=[7], pad_id=0, greedy=True, step="fused", static=True, check_every=4)
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.live, b.live)
 
 
 def test_all_done_checked_every_k_tokens_cuts_the_trailing_pad_columns():
     model = _tiny("llama")
     emb, mask = _prompts(model)
-    free = sample(model, emb, mask, 12, [], 0, greedy=True, step="fused")
+    free = sample(model, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="fused")
     eos = sorted({int(free.tokens[i, 1]) for i in range(3)})  # every row stops by its second token
-    ref = sample(model, emb, mask, 12, eos, 0, greedy=True, step="loop")
-    got = sample(model, emb, mask, 12, eos, 0, greedy=True, step="fused", check_every=5)
+    ref = sample(model, emb, mask, 12, eos=eos, pad_id=0, greedy=True, step="loop")
+    got = sample(model, emb, mask, 12, eos=eos, pad_id=0, greedy=True, step="fused", check_every=5)
     assert ref.tokens.shape[1] <= 2
     assert torch.equal(got.tokens, ref.tokens) and torch.equal(got.live, ref.live)
 
@@ -138,19 +138,19 @@ def test_lora_branch_fused_and_merged_give_the_loops_tokens(family):
             m.lora_B["default"].weight.data.mul_(30)
     lm = peft.get_base_model()
     emb, mask = _prompts(lm, context=2)
-    ref = sample(lm, emb, mask, 12, [], 0, greedy=True, step="loop")
+    ref = sample(lm, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="loop")
     with peft.disable_adapter():
-        base = sample(lm, emb, mask, 12, [], 0, greedy=True, step="fused")
+        base = sample(lm, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="fused")
     assert not torch.equal(base.tokens, ref.tokens)  # the adapter matters
-    assert torch.equal(sample(lm, emb, mask, 12, [], 0, greedy=True, step="fused").tokens, ref.tokens)
+    assert torch.equal(sample(lm, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="fused").tokens, ref.tokens)
     with merged_lora(peft):
-        assert torch.equal(sample(lm, emb, mask, 12, [], 0, greedy=True, step="fused").tokens, ref.tokens)
+        assert torch.equal(sample(lm, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="fused").tokens, ref.tokens)
     # an optimizer-like in-place update is seen (the fused weights are rebuilt)
     for m in peft.modules():
         if hasattr(m, "lora_B"):
             m.lora_B["default"].weight.data.mul_(-1)
-    ref2 = sample(lm, emb, mask, 12, [], 0, greedy=True, step="loop")
-    assert torch.equal(sample(lm, emb, mask, 12, [], 0, greedy=True, step="fused").tokens, ref2.tokens)
+    ref2 = sample(lm, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="loop")
+    assert torch.equal(sample(lm, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="fused").tokens, ref2.tokens)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
@@ -161,7 +161,7 @@ def test_sampler_logprobs_equal_the_trainers(family):
     model = _tiny(family)
     emb, mask = _prompts(model, context=2)
     torch.manual_seed(1)
-    out = sample(model, emb, mask, 10, [9], 0, temperature=0.8, logprobs=True, step="fused")
+    out = sample(model, emb, mask, 10, eos=[9], pad_id=0, temperature=0.8, logprobs=True, step="fused")
     with torch.no_grad():
         trainer = completion_logprobs(model, emb, mask, out.tokens, out.live, temperature=0.8)
     live = out.live.bool()
@@ -177,7 +177,7 @@ def test_bfloat16_logprobs_agree_within_rounding():
     model = _tiny("llama", torch.bfloat16)
     emb, mask = _prompts(model, context=2)
     torch.manual_seed(2)
-    new = sample(model, emb, mask, 10, [], 0, logprobs=True, step="fused")
+    new = sample(model, emb, mask, 10, eos=[], pad_id=0, logprobs=True, step="fused")
     with torch.no_grad():
         ref = completion_logprobs(model, emb, mask, new.tokens, new.live)
     gap = (new.logprobs - ref).abs()
@@ -197,11 +197,11 @@ def test_uncovered_family_falls_back_to_the_loop_and_says_so(caplog, monkeypatch
     emb = model.get_input_embeddings()(torch.randint(1, V, (2, 5)))
     mask = torch.ones(2, 5, dtype=torch.long)
     with caplog.at_level(logging.INFO, logger="pipeline.generation"):
-        a = sample(model, emb, mask, 6, [], 0, greedy=True)
+        a = sample(model, emb, mask, 6, eos=[], pad_id=0, greedy=True)
     assert "transformers loop" in caplog.text
-    assert torch.equal(a.tokens, sample(model, emb, mask, 6, [], 0, greedy=True, step="loop").tokens)
+    assert torch.equal(a.tokens, sample(model, emb, mask, 6, eos=[], pad_id=0, greedy=True, step="loop").tokens)
     with pytest.raises(decode_step.Unsupported):
-        sample(model, emb, mask, 6, [], 0, greedy=True, step="fused")
+        sample(model, emb, mask, 6, eos=[], pad_id=0, greedy=True, step="fused")
 
 
 @pytest.mark.slow
@@ -212,9 +212,10 @@ def test_fused_weights_are_reused_then_released_with_the_model():
 
     model = _tiny("llama")
     emb, mask = _prompts(model)
-    sample(model, emb, mask, 3, [], 0, greedy=True, step="fused")
+    sample(model, emb, mask, 3, eos=[], pad_id=0, greedy=True, step="fused")
     w = decode_step._CACHE[model][-1]
-    sample(model, emb, mask, 40, [], 0, greedy=True, step="fused")  # longer: rotary tables grow, weights stay
+    sample(model, emb, mask, 40, eos=[], pad_id=0, greedy=True,
+           step="fused")  # longer: rotary tables grow, weights stay
     assert decode_step._CACHE[model][-1] is w
     n = len(decode_step._CACHE)
     del model, w
@@ -228,10 +229,10 @@ def test_environment_switch_forces_the_loop(monkeypatch):
 
     model = _tiny("llama")
     emb, mask = _prompts(model)
-    a, _ = generate(model, emb, mask, 5, [], 0, greedy=True)
+    a, _ = generate(model, emb, mask, 5, eos=[], pad_id=0, greedy=True)
     monkeypatch.setenv("MUSK_DECODE_STEP", "loop")
     monkeypatch.setattr(decode_step, "fused_weights", lambda *a: pytest.fail("the fused step ran"))
-    b, _ = generate(model, emb, mask, 5, [], 0, greedy=True)
+    b, _ = generate(model, emb, mask, 5, eos=[], pad_id=0, greedy=True)
     assert torch.equal(a, b)
 
 
@@ -292,11 +293,11 @@ def test_packed_and_plain_weights_decode_the_same_tokens(dtype, monkeypatch):
 
     model = _peft(_tiny("llama", dtype)).get_base_model()
     emb, mask = _prompts(model, context=2)
-    packed = sample(model, emb, mask, 12, [], 0, greedy=True, step="fused")
+    packed = sample(model, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="fused")
     W = decode_step._CACHE[model][-1]
     assert all((f.packed is not None) == _packs(dtype) for f in (W.head, W.layers[0].qkv, W.layers[1].down))
     monkeypatch.setenv("MUSK_DECODE_PACK", "0")
-    plain = sample(model, emb, mask, 12, [], 0, greedy=True, step="fused")
+    plain = sample(model, emb, mask, 12, eos=[], pad_id=0, greedy=True, step="fused")
     W = decode_step._CACHE[model][-1]
     assert W.head.packed is None and W.layers[0].qkv.packed is None
     assert torch.equal(packed.tokens, plain.tokens)
@@ -312,25 +313,25 @@ def test_a_lora_update_reuses_the_packed_base_weights_and_a_base_update_repacks(
     peft = _peft(_tiny("llama"))
     lm = peft.get_base_model()
     emb, mask = _prompts(lm)
-    sample(lm, emb, mask, 4, [], 0, greedy=True, step="fused")
+    sample(lm, emb, mask, 4, eos=[], pad_id=0, greedy=True, step="fused")
     W1 = decode_step._CACHE[lm][-1]
     with torch.no_grad():
         lm.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(0.5)  # what an optimizer step does
-    sample(lm, emb, mask, 4, [], 0, greedy=True, step="fused")
+    sample(lm, emb, mask, 4, eos=[], pad_id=0, greedy=True, step="fused")
     W2 = decode_step._CACHE[lm][-1]
     assert W2 is not W1
     assert W2.layers[0].qkv.packed is W1.layers[0].qkv.packed and W2.head.packed is W1.head.packed
     assert not torch.equal(W2.layers[0].qkv.lora_b, W1.layers[0].qkv.lora_b)
-    ref = sample(lm, emb, mask, 8, [], 0, greedy=True, step="loop")
-    assert torch.equal(sample(lm, emb, mask, 8, [], 0, greedy=True, step="fused").tokens, ref.tokens)
+    ref = sample(lm, emb, mask, 8, eos=[], pad_id=0, greedy=True, step="loop")
+    assert torch.equal(sample(lm, emb, mask, 8, eos=[], pad_id=0, greedy=True, step="fused").tokens, ref.tokens)
     with torch.no_grad():
         lm.model.layers[0].mlp.down_proj.base_layer.weight.mul_(1.5)
-    sample(lm, emb, mask, 4, [], 0, greedy=True, step="fused")
+    sample(lm, emb, mask, 4, eos=[], pad_id=0, greedy=True, step="fused")
     W3 = decode_step._CACHE[lm][-1]
     assert W3.layers[0].down.packed is not W2.layers[0].down.packed
     assert W3.layers[0].qkv.packed is W2.layers[0].qkv.packed
-    ref = sample(lm, emb, mask, 8, [], 0, greedy=True, step="loop")
-    assert torch.equal(sample(lm, emb, mask, 8, [], 0, greedy=True, step="fused").tokens, ref.tokens)
+    ref = sample(lm, emb, mask, 8, eos=[], pad_id=0, greedy=True, step="loop")
+    assert torch.equal(sample(lm, emb, mask, 8, eos=[], pad_id=0, greedy=True, step="fused").tokens, ref.tokens)
 
 
 def _forced_logprobs(lm, emb, mask, toks, step: str) -> torch.Tensor:
@@ -357,12 +358,14 @@ def _forced_logprobs(lm, emb, mask, toks, step: str) -> torch.Tensor:
             W = ds.build_weights(lm, 256)
             cache = ds.KVCache(W, N, P + T, ds.cache_dtype(W.embed.dtype, "cpu"), "cpu")
             valid = torch.cat([mask.bool(), torch.ones(N, T, dtype=torch.bool)], 1)
-            h = ds.forward(W, cache, emb.to(W.embed.dtype), pos, 0, ds.attn_masks(W, valid, torch.arange(P), P), P)
+            h = ds.forward(W, cache, emb.to(W.embed.dtype), pos, col0=0, masks=ds.attn_masks(W, valid, torch.arange(P),
+                                                                                             P), L=P)
             out.append(lm_logits(lm, h[:, -1], W.head))
             for t in range(T - 1):
                 c = P + t
                 masks = ds.attn_masks(W, valid, torch.tensor([c]), c + 1)
-                h = ds.forward(W, cache, ds.embed(W, toks[:, t:t + 1]), (pos[:, -1] + t + 1)[:, None], c, masks, c + 1)
+                h = ds.forward(W, cache, ds.embed(W, toks[:, t:t + 1]), (pos[:, -1] + t + 1)[:, None], col0=c,
+                               masks=masks, L=c + 1)
                 out.append(lm_logits(lm, h[:, 0], W.head))
     return torch.log_softmax(torch.stack(out, 1).float(), -1)
 
@@ -389,7 +392,7 @@ def test_bfloat16_fused_step_is_as_close_to_float32_as_the_loop(family):
         mask[i, : i % 4] = 0
     C = torch.randn(n, 2, 64, generator=g)  # context rows, as g_phi's C
     emb32, mk = splice(lm32.get_input_embeddings()(ids * mask).detach(), mask, C, "suffix")
-    toks = sample(lm32, emb32, mk, 16, [], 0, greedy=True, min_new_tokens=16, step="loop").tokens
+    toks = sample(lm32, emb32, mk, 16, eos=[], pad_id=0, greedy=True, min_new_tokens=16, step="loop").tokens
     ref = _forced_logprobs(lm32, emb32, mk, toks, "loop")
     lm16 = peft.get_base_model().to(torch.bfloat16)
     for m in peft.modules():  # PEFT keeps the adapters in float32 (autocast_adapter_dtype)
@@ -414,7 +417,8 @@ def test_decoder_entropy_equals_the_training_forwards(step, greedy):
     emb, mask = _prompts(model, context=2)
     torch.manual_seed(4)
     t_h = 0.7 if greedy else 1.3
-    out = sample(model, emb, mask, 12, [7, 9], 0, temperature=1.3, greedy=greedy, step=step, entropy_temperature=t_h)
+    out = sample(model, emb, mask, 12, eos=[7, 9], pad_id=0, temperature=1.3, greedy=greedy, step=step,
+                 entropy_temperature=t_h)
     assert out.entropy.shape == out.tokens.shape
     ent = []
     with torch.no_grad():
@@ -422,7 +426,7 @@ def test_decoder_entropy_equals_the_training_forwards(step, greedy):
     live = out.live.bool()
     assert torch.allclose(out.entropy[live], ent[0][live], atol=1e-4)
     assert (out.entropy[~live] == 0).all() and (out.entropy[live] > 0).all()
-    assert sample(model, emb, mask, 4, [], 0, greedy=True, step=step).entropy is None  # only when asked
+    assert sample(model, emb, mask, 4, eos=[], pad_id=0, greedy=True, step=step).entropy is None  # only when asked
 
 
 def test_base_weights_are_reused_where_packing_is_unavailable(monkeypatch):
@@ -434,11 +438,11 @@ def test_base_weights_are_reused_where_packing_is_unavailable(monkeypatch):
     peft = _peft(_tiny("llama"))
     lm = peft.get_base_model()
     emb, mask = _prompts(lm)
-    sample(lm, emb, mask, 4, [], 0, greedy=True, step="fused")
+    sample(lm, emb, mask, 4, eos=[], pad_id=0, greedy=True, step="fused")
     W1 = decode_step._CACHE[lm][-1]
     with torch.no_grad():
         lm.model.layers[0].self_attn.q_proj.lora_B["default"].weight.add_(0.5)
-    sample(lm, emb, mask, 4, [], 0, greedy=True, step="fused")
+    sample(lm, emb, mask, 4, eos=[], pad_id=0, greedy=True, step="fused")
     W2 = decode_step._CACHE[lm][-1]
     assert W2 is not W1 and W2.layers[0].qkv.packed is None
     assert W2.layers[0].qkv.weight is W1.layers[0].qkv.weight  # the concatenated q/k/v, not made again
@@ -463,9 +467,9 @@ def test_cuda_graph_replays_give_the_eager_steps_and_the_loops_tokens(family):
     emb, mask = _prompts(model, context=2)
     with torch.no_grad():
         model, emb, mask = _cuda(model, emb, mask)
-    ref = sample(model, emb, mask, 14, [7], 0, greedy=True, step="loop")
-    eager = sample(model, emb, mask, 14, [7], 0, greedy=True, step="fused", static=False)
-    graph = sample(model, emb, mask, 14, [7], 0, greedy=True, step="fused")
+    ref = sample(model, emb, mask, 14, eos=[7], pad_id=0, greedy=True, step="loop")
+    eager = sample(model, emb, mask, 14, eos=[7], pad_id=0, greedy=True, step="fused", static=False)
+    graph = sample(model, emb, mask, 14, eos=[7], pad_id=0, greedy=True, step="fused")
     assert graph.tokens.device.type == "cuda"
     for out in (eager, graph):
         assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.live, ref.live)
@@ -486,10 +490,11 @@ def test_cuda_graph_sampling_with_lora_groups_and_eos_equals_the_eager_step():
     out = {}
     for name, static in (("eager", False), ("graph", True)):
         torch.manual_seed(4)
-        out[name] = sample(lm, emb, mask, 20, [5, 17], 0, temperature=1.3, min_new_tokens=2, group=3, step="fused",
+        out[name] = sample(lm, emb, mask, 20, eos=[5, 17], pad_id=0, temperature=1.3, min_new_tokens=2, group=3,
+                           step="fused",
                            static=static, logprobs=True)
     kept = out["graph"].tokens.clone()
-    sample(lm, emb, mask, 20, [5, 17], 0, temperature=1.3, group=3, step="fused")
+    sample(lm, emb, mask, 20, eos=[5, 17], pad_id=0, temperature=1.3, group=3, step="fused")
     assert torch.equal(out["graph"].tokens, kept)
     assert torch.equal(out["graph"].tokens, out["eager"].tokens) and torch.equal(out["graph"].live, out["eager"].live)
     assert torch.allclose(out["graph"].logprobs, out["eager"].logprobs, atol=1e-5)
@@ -508,7 +513,7 @@ def test_bfloat16_cuda_graph_logprobs_agree_with_the_trainer_within_rounding():
     with torch.no_grad():
         model, emb, mask = _cuda(model, emb, mask)
     torch.manual_seed(2)
-    new = sample(model, emb, mask, 10, [], 0, logprobs=True, step="fused")
+    new = sample(model, emb, mask, 10, eos=[], pad_id=0, logprobs=True, step="fused")
     with torch.no_grad():
         ref = completion_logprobs(model, emb, mask, new.tokens, new.live)
     gap = (new.logprobs - ref).abs()
@@ -525,17 +530,17 @@ def test_compiled_layers_give_the_loops_tokens_and_are_off_by_default(monkeypatc
 
     calls = []
     monkeypatch.setattr(decode_step, "_compiled_layers",
-                        lambda *a, _f=decode_step._compiled_layers: calls.append(1) or _f(*a))
+                        lambda *a, _f=decode_step._compiled_layers, **k: calls.append(1) or _f(*a, **k))
     model = _tiny("qwen2")
     emb, mask = _prompts(model, context=2)
-    ref = sample(model, emb, mask, 10, [], 0, greedy=True, step="loop")
-    sample(model, emb, mask, 10, [], 0, greedy=True, step="fused")
+    ref = sample(model, emb, mask, 10, eos=[], pad_id=0, greedy=True, step="loop")
+    sample(model, emb, mask, 10, eos=[], pad_id=0, greedy=True, step="fused")
     assert not calls and decode_step.KVCache(decode_step.fused_weights(model, 32), 2, 21, torch.float32,
                                              "cpu").k[0].shape[2] == 21
     monkeypatch.setenv("MUSK_DECODE_COMPILE", "1")
     assert decode_step.KVCache(decode_step.fused_weights(model, 32), 2, 21, torch.float32, "cpu").k[0].shape[2] == 64
     for static in (False, True):
-        new = sample(model, emb, mask, 10, [], 0, greedy=True, step="fused", static=static)
+        new = sample(model, emb, mask, 10, eos=[], pad_id=0, greedy=True, step="fused", static=static)
         assert torch.equal(new.tokens, ref.tokens)
     assert len(calls) == 2 * 9 and "failed" not in decode_step._COMPILED  # 9 decode steps a call, compiled
     peft = _peft(_tiny("llama"))
@@ -545,11 +550,12 @@ def test_compiled_layers_give_the_loops_tokens_and_are_off_by_default(monkeypatc
                 p.weight.data *= 5
     lm = peft.get_base_model()
     emb, mask = _prompts(lm, context=2)
-    ref = sample(lm, emb, mask, 10, [], 0, greedy=True, step="loop")
-    assert torch.equal(sample(lm, emb, mask, 10, [], 0, greedy=True, step="fused").tokens, ref.tokens)
+    ref = sample(lm, emb, mask, 10, eos=[], pad_id=0, greedy=True, step="loop")
+    assert torch.equal(sample(lm, emb, mask, 10, eos=[], pad_id=0, greedy=True, step="fused").tokens, ref.tokens)
     monkeypatch.delenv("MUSK_DECODE_COMPILE")
-    assert not torch.equal(sample(peft.get_base_model(), emb, mask, 10, [], 0, greedy=True, step="loop").tokens,
-                           sample(_tiny("llama"), emb, mask, 10, [], 0, greedy=True, step="loop").tokens)
+    assert not torch.equal(sample(peft.get_base_model(), emb, mask, 10, eos=[], pad_id=0, greedy=True,
+                                  step="loop").tokens,
+                           sample(_tiny("llama"), emb, mask, 10, eos=[], pad_id=0, greedy=True, step="loop").tokens)
 
 
 def test_compiled_layers_fall_back_to_the_eager_layer_where_compiling_fails(monkeypatch, caplog):
@@ -565,10 +571,10 @@ def test_compiled_layers_fall_back_to_the_eager_layer_where_compiling_fails(monk
     monkeypatch.setenv("MUSK_DECODE_COMPILE", "1")
     model = _tiny("llama")
     emb, mask = _prompts(model)
-    ref = sample(model, emb, mask, 8, [], 0, greedy=True, step="loop")
+    ref = sample(model, emb, mask, 8, eos=[], pad_id=0, greedy=True, step="loop")
     with caplog.at_level(logging.WARNING):
-        out = sample(model, emb, mask, 8, [], 0, greedy=True, step="fused")
-        sample(model, emb, mask, 8, [], 0, greedy=True, step="fused")
+        out = sample(model, emb, mask, 8, eos=[], pad_id=0, greedy=True, step="fused")
+        sample(model, emb, mask, 8, eos=[], pad_id=0, greedy=True, step="fused")
     assert torch.equal(out.tokens, ref.tokens)
     assert "no C++ compiler" in decode_step._COMPILED["failed"]
     assert sum("torch.compile failed" in r.message for r in caplog.records) == 1

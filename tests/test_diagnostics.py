@@ -77,7 +77,7 @@ def test_filtered_sampler_logprobs_are_the_trainers(step, filters, min_new):
     emb = lm.get_input_embeddings().weight[torch.randint(1, 61, (6, 5))].detach()
     mask = torch.ones(6, 5, dtype=torch.long)
     torch.manual_seed(3)
-    out = sample(lm, emb, mask, 8, [9], 0, temperature=0.9, logprobs=True, step=step, filters=filters,
+    out = sample(lm, emb, mask, 8, eos=[9], pad_id=0, temperature=0.9, logprobs=True, step=step, filters=filters,
                  min_new_tokens=min_new)
     with torch.no_grad():
         trainer = completion_logprobs(lm, emb, mask, out.tokens, out.live, temperature=0.9)
@@ -99,16 +99,16 @@ def test_training_with_top_k_logs_no_gap(tiny_cache, tiny_policy, tmp_path, monk
 
 @pytest.mark.slow
 def test_beta_zero_never_runs_the_reference(tiny_cache, tiny_policy, tmp_path, monkeypatch):
-    import train.loop
+    import train.policy
 
     calls = {"n": 0}
-    real = train.loop.completion_logprobs
+    real = train.policy.completion_logprobs  # what Policy.logprobs and Policy.reference_logprobs call
 
     def counted(*a, **k):
         calls["n"] += 1
         return real(*a, **k)
 
-    monkeypatch.setattr(train.loop, "completion_logprobs", counted)
+    monkeypatch.setattr(train.policy, "completion_logprobs", counted)
     with_ref = _train(tiny_cache, tiny_policy, tmp_path, monkeypatch, "ref", beta=0.04, total_training_steps=2)
     n_ref, calls["n"] = calls["n"], 0
     without = _train(tiny_cache, tiny_policy, tmp_path, monkeypatch, "noref", beta=0.0, total_training_steps=2)

@@ -70,26 +70,26 @@ def _tiny_lora():
 
 @pytest.mark.parametrize("rename", [False, True])
 def test_eval_refuses_an_adapter_that_loads_no_trained_key(tmp_path, rename):
-    from types import SimpleNamespace
 
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from evaluate.run import load_weights
+    from train.policy import Policy
 
-    src, m = _tiny_lora(), SimpleNamespace(peft=_tiny_lora(), adapter=torch.nn.Linear(2, 2))
+    src = _tiny_lora()
+    m = Policy(peft=_tiny_lora(), lm=None, tok=None, adapter=torch.nn.Linear(2, 2), spec=None, scale=1.0, eos=[])
     state = {k: v.contiguous() for k, v in get_peft_model_state_dict(src).items()}
     if rename:  # another model's module names: nothing matches
         state = {k.replace("layers.0", "blocks.0"): v for k, v in state.items()}
     save_file(state, str(tmp_path / "adapter_model.safetensors"))
     torch.save(m.adapter.state_dict(), tmp_path / "context_adapter.pt")
     if not rename:
-        load_weights(m, tmp_path, "final")
+        m.load(tmp_path, final=True)
         name = next(n for n, _ in m.peft.named_parameters() if "lora_B" in n)
         assert torch.equal(dict(m.peft.named_parameters())[name], dict(src.named_parameters())[name])
         return
     with pytest.raises(MuskError, match="adapter_model.safetensors") as e:
-        load_weights(m, tmp_path, "final")
+        m.load(tmp_path, final=True)
     assert "4 trained LoRA tensor(s) it does not set" in str(e.value)
 
 

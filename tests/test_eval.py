@@ -17,7 +17,7 @@ import train.loop
 from cli import app
 from train.adapters import AdapterSpec, build_adapter
 from train.inputs import ExpertView, expert_features
-from train.setup import CachedFeatures
+from train.data import CachedFeatures
 from pipeline.rewards import score
 from tests.helpers import parity_score, quiet_train, tiny_train_overrides
 

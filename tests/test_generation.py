@@ -22,7 +22,7 @@ def test_greedy_matches_transformers_generate():
     model, tok, ids, mask = _model()
     emb = model.get_input_embeddings()(ids)
     with torch.inference_mode():
-        ours, live = generate(model, emb, mask, 12, [], tok.pad_token_id, greedy=True)
+        ours, live = generate(model, emb, mask, 12, eos=[], pad_id=tok.pad_token_id, greedy=True)
         ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=None)
     assert torch.equal(ours, ref[:, ids.shape[1]:])
@@ -33,10 +33,10 @@ def test_eos_stops_a_row_and_min_new_tokens_suppresses_it():
     model, tok, ids, mask = _model()
     emb = model.get_input_embeddings()(ids)
     with torch.inference_mode():
-        free, _ = generate(model, emb, mask, 8, [], tok.pad_token_id, greedy=True)
+        free, _ = generate(model, emb, mask, 8, eos=[], pad_id=tok.pad_token_id, greedy=True)
         eos = [int(free[0, 2])]  # make row 0's third greedy token the EOS
-        stopped, live = generate(model, emb, mask, 8, eos, tok.pad_token_id, greedy=True)
-        forced, flive = generate(model, emb, mask, 8, eos, tok.pad_token_id, greedy=True, min_new_tokens=8)
+        stopped, live = generate(model, emb, mask, 8, eos=eos, pad_id=tok.pad_token_id, greedy=True)
+        forced, flive = generate(model, emb, mask, 8, eos=eos, pad_id=tok.pad_token_id, greedy=True, min_new_tokens=8)
     first = int((free[0] == eos[0]).nonzero()[0])
     assert live[0].tolist() == [1] * (first + 1) + [0] * (live.shape[1] - first - 1)
     assert (stopped[0, first + 1:] == tok.pad_token_id).all()
@@ -157,7 +157,7 @@ def test_sample_tokens_draws_only_from_the_kept_set():
 def test_generate_with_top_k_one_is_greedy():
     model, tok, ids, mask = _model()
     emb = model.get_input_embeddings()(ids)
-    greedy, _ = generate(model, emb, mask, 6, [], tok.pad_token_id, greedy=True)
+    greedy, _ = generate(model, emb, mask, 6, eos=[], pad_id=tok.pad_token_id, greedy=True)
     torch.manual_seed(0)
-    sampled, _ = generate(model, emb, mask, 6, [], tok.pad_token_id, temperature=1.5, top_k=1)
+    sampled, _ = generate(model, emb, mask, 6, eos=[], pad_id=tok.pad_token_id, temperature=1.5, top_k=1)
     assert torch.equal(sampled, greedy)

@@ -20,7 +20,7 @@ def test_splice_positions_hand_worked():
     ee, mm = splice(e, mask, C, "after-question", tail=2)
     assert col(ee)[0] == [0, 1, 2, -1, -2, 3, 4] and col(ee)[1] == [5, 6, 7, -3, -4, 8, 9]
     assert mm.tolist()[1] == [0, 0, 1, 1, 1, 1, 1]
-    assert splice(e, mask, None, "after-question", 2)[0] is e
+    assert splice(e, mask, None, "after-question", tail=2)[0] is e
 
 
 def test_prompt_parts_split_after_the_users_content(tiny_policy):
@@ -113,9 +113,9 @@ def test_merged_lora_decodes_the_same_and_puts_w_back(tiny_policy):
     assert all(mod.get_base_layer().weight is w for mod, w in zip(layers, weights))
 
     emb, mask = lm.get_input_embeddings()(ids), torch.ones_like(ids)
-    a = generate(lm, emb, mask, 8, eos_ids(lm, tok), tok.pad_token_id, greedy=True)
+    a = generate(lm, emb, mask, 8, eos=eos_ids(lm, tok), pad_id=tok.pad_token_id, greedy=True)
     with merged_lora(peft):
-        b = generate(lm, emb, mask, 8, eos_ids(lm, tok), tok.pad_token_id, greedy=True)
+        b = generate(lm, emb, mask, 8, eos=eos_ids(lm, tok), pad_id=tok.pad_token_id, greedy=True)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(RuntimeError), merged_lora(peft):
         raise RuntimeError("inside")
@@ -137,3 +137,23 @@ def test_decode_merged_auto_is_float32_only():
 
     assert decode_merged(cfg("auto"), m(torch.float32)) and not decode_merged(cfg("auto"), m(torch.bfloat16))
     assert decode_merged(cfg("on"), m(torch.bfloat16)) and not decode_merged(cfg("off"), m(torch.float32))
+
+
+def test_the_loop_and_the_evaluations_go_through_the_policys_face():
+    """Training and evaluation build inputs, decode and take log-probs through Policy's methods: they
+    import none of the free functions behind them, and no file of train/ or evaluate/ probes g_phi with
+    hasattr (its class declares `caps`)."""
+    import ast
+
+    from tests.helpers import ROOT
+
+    behind = {"policy_inputs", "rollout_inputs", "completion_logprobs", "merged_lora", "decode_merged", "sample",
+              "decode", "save_policy", "save_adapter", "load_weights"}
+    for rel in ("train/loop.py", "train/recipes.py", "evaluate/records.py", "evaluate/run.py"):
+        tree = ast.parse((ROOT / rel).read_text())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        assert not names & behind, f"{rel} imports {sorted(names & behind)}: call the Policy's methods"
+    probes = [f"{p.relative_to(ROOT)}:{n.lineno}" for pkg in ("train", "evaluate") for p in (ROOT / pkg).rglob("*.py")
+              for n in ast.walk(ast.parse(p.read_text()))
+              if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "hasattr"]
+    assert not probes, f"hasattr probes (read the module's caps): {probes}"

@@ -101,9 +101,11 @@ def test_batched_equals_single_unpadded_forward(arch, shared, padding_side, dtyp
     bid, mask = pad_ids([x[P:] for x in ids], tok.pad_token_id, padding_side)
     if shared and padding_side == "left":  # refused: pads between prefix and prompt
         with pytest.raises(ValueError, match="right"):
-            expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), torch.from_numpy(rli), prefix)
+            expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), rli=torch.from_numpy(rli),
+                                prefix=prefix)
         return
-    batched = expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), torch.from_numpy(rli), prefix)
+    batched = expert_forward_pool(model.base_model, bid, mask, torch.from_numpy(rti), rli=torch.from_numpy(rli),
+                                  prefix=prefix)
     with torch.inference_mode():
         for i, x in enumerate(ids):
             hs = model.base_model(input_ids=torch.tensor([x]), output_hidden_states=True).hidden_states

@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from cache.reader import Cache
 from core.errors import MuskError
-from train.adapters import OutputProjection, Perceiver, Prefix, load_adapter, method_info
+from train.adapters import load_adapter, method_info
+from train.gphi import OutputProjection, Perceiver, Prefix
 from train.config import load_train_config
 from evaluate.run import EvalRequest, run_eval
 from train.loop import run_train

@@ -83,7 +83,7 @@ def test_a_warm_up_step_lowers_the_answer_nll_and_a_context_warm_up_leaves_the_l
         before = float(answer_nll(cfg, m, data, idx, "cpu"))
     cursor = 0
     for step in (1, 2, 3):
-        rec, cursor = warmup_step(cfg, m, data, step, cursor, "cpu")
+        rec, cursor = warmup_step(cfg, m, data, step, cursor=cursor, device="cpu")
         assert rec["stage"] == "sft-warmup" and rec["sft/nll"] > 0
     with torch.no_grad():
         after = float(answer_nll(cfg, m, data, idx, "cpu"))
@@ -98,7 +98,7 @@ def test_context_and_lora_warm_up_moves_the_lora(tiny_cache, tiny_policy):
     cfg, data, m = _models(tiny_cache, tiny_policy, method="single", sft_warmup_steps=1,
                            sft_warmup_train="context+lora")
     lora0 = [p.detach().clone() for p in m.optimizer.param_groups[0]["params"]]
-    warmup_step(cfg, m, data, 1, 0, "cpu")
+    warmup_step(cfg, m, data, 1, cursor=0, device="cpu")
     assert any(not torch.equal(a, b) for a, b in zip(lora0, m.optimizer.param_groups[0]["params"]))
 
 

@@ -126,12 +126,12 @@ def test_first_token_target_reads_the_question_and_the_whole_answer_does_not():
     texts, answers, onehot = _terms_task()
     train, val = np.arange(300), np.arange(300, 400)
     y, _ = target_labels("first-token", answers, tok, train)
-    ctrl, expert = probe_rows([("terms", "one-hot", onehot)], texts, y, train, val, tok)
+    ctrl, expert = probe_rows([("terms", "one-hot", onehot)], texts, y, train, val=val, tok=tok)
     assert expert["accuracy"] == 1.0 and ctrl["accuracy"] == 1.0 and ctrl["expert"] == "question-only control"
     assert expert["minus_control"] == 0.0 and expert["minus_control_lo"] <= 0.0 <= expert["minus_control_hi"]
     assert expert["classes"] == 9 and expert["chance"] == pytest.approx(1 / 9) and expert["permutations"] == 20
     y, _ = target_labels("answer", answers, tok, train)
-    ctrl, expert = probe_rows([("terms", "one-hot", onehot)], texts, y, train, val, tok)
+    ctrl, expert = probe_rows([("terms", "one-hot", onehot)], texts, y, train, val=val, tok=tok)
     assert expert["classes"] >= 85 and expert["accuracy"] < 0.25 and expert["accuracy_lo"] < 0.2
     assert expert["accuracy"] <= expert["shuffled_p95"] + 0.12
 

@@ -190,7 +190,7 @@ def test_interval_calibrated_both_ways(sd):
     new, ref = r["seed-question"], r["seed t"]
     assert 0.02 <= new["null"] <= 0.08, r
     assert new["power"] >= 0.8 * ref["power"], r
-    a, b = draw(np.random.default_rng(9), "paired", 50, 3, 64, sd, 0.05)
+    a, b = draw(np.random.default_rng(9), "paired", 50, 3, n=64, sd=sd, effect=0.05)
     batched = seed_question(a, b, "paired").reject
     assert [two_level_bootstrap(x, y, paired_seeds=True).excludes_zero() for x, y in zip(a, b)] == batched.tolist()
 

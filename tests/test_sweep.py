@@ -211,7 +211,7 @@ def test_watcher_prints_steps_evals_and_a_heartbeat(tmp_path):
     run = tmp_path / "r"
     run.mkdir()
     now = [0.0]
-    w = RunWatcher("perceiver-s0", run, 4, 2, 4, tmp_path / "r.log", quiet=60, clock=lambda: now[0])
+    w = RunWatcher("perceiver-s0", run, 4, 2, test_freq=4, log=tmp_path / "r.log", quiet=60, clock=lambda: now[0])
     assert w.poll() == []
     now[0] = 61
     assert w.poll() == [f"[perceiver-s0 0/4] still running (loading the policy and the cache, or the first step), "
@@ -286,7 +286,7 @@ def test_watcher_of_a_resumed_run_starts_at_its_checkpoint(tmp_path):
     rec = lambda k: json.dumps({"step": k, "reward/mean": 0.0, "accuracy": 0.0, "kl": 0.0, "step_seconds": 1.0})  # noqa: E731
     (run / "metrics.jsonl").write_text("".join(rec(k) + "\n" for k in (1, 2)))
     (run / "eval.jsonl").write_text(json.dumps({"step": 2, "n": 4, "accuracy": 0.5}) + "\n")
-    w = RunWatcher("single-s0", run, 4, 1, 2, tmp_path / "r.log")
+    w = RunWatcher("single-s0", run, 4, 1, test_freq=2, log=tmp_path / "r.log")
     assert w.prefix() == "[single-s0 2/4]" and w.poll() == []
     (run / "metrics.jsonl").write_text("".join(rec(k) + "\n" for k in (1, 2, 3)))
     assert [x[:17] for x in w.poll()] == ["[single-s0 3/4] r"]
@@ -316,7 +316,7 @@ def test_measure_times_steps_here_without_touching_the_sweep(tiny_cache, tiny_po
     folder, cells = plan_sweep(_grid(tmp_path, tiny_cache, tiny_policy, methods=["single"]))
     now = measure_step_seconds(cells, 1, ENTRY)
     assert set(now) == {"single"} and 0 < now["single"] < 120
-    line = plan_lines(folder, cells, 2, None, now)[-1]
+    line = plan_lines(folder, cells, 2, None, measured_now=now)[-1]
     assert line.startswith(f"estimated: 4 steps from step times measured just now, {MEASURE_STEPS} steps of each "
                            f"method one run at a time (single {now['single']:.1f} s)")
     assert not folder.exists()  # measured in a temporary folder
@@ -519,17 +519,17 @@ def test_train_resume_of_an_older_run_folder_takes_old_defaults_or_names_the_key
 
     cfg = load_train_config(None, {"method": "single"})
     data = SimpleNamespace(cache_fingerprint="fp", family="arithmetic", prompt_set="p")
-    run, resolved = open_run(cfg, Path("c.h5"), tmp_path / "r", False, data)
+    run, resolved = open_run(cfg, Path("c.h5"), tmp_path / "r", False, data=data)
     (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "tis_cap"}))
     capsys.readouterr()
-    open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)
+    open_run(cfg, Path("c.h5"), tmp_path / "r", True, data=data)
     assert "lacks ['tis_cap'] (made by an older musk); taken as their defaults from before they existed: " \
            "{'tis_cap': 0.0}" in capsys.readouterr().out
     assert RunFolder(tmp_path / "r").read_config()["grpo"]["tis_cap"] == 0.0  # whole again
     (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "lr"}))
     with pytest.raises(MuskError, match=r"older musk without the keys \['lr'\]"):
-        open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)
+        open_run(cfg, Path("c.h5"), tmp_path / "r", True, data=data)
     changed = load_train_config(None, {"method": "single", "tis_cap": 2.0})  # not the old behaviour: refused
     (tmp_path / "r" / "config.yaml").write_text(dump_yaml({k: v for k, v in resolved.items() if k != "tis_cap"}))
     with pytest.raises(MuskError, match=r"older musk without the keys \['tis_cap'\]"):
-        open_run(changed, Path("c.h5"), tmp_path / "r", True, data)
+        open_run(changed, Path("c.h5"), tmp_path / "r", True, data=data)

@@ -355,21 +355,26 @@ def _varied_lengths(monkeypatch):
     tiny policy almost never samples EOS itself."""
     from pipeline.generation import Decoded
 
-    gen, calls = train.loop.sample, []
+    import train.policy
 
-    def varied(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k):
-        d = gen(lm, embeds, mask, max_new_tokens, eos, pad_id, *a, **k)
+    gen, calls = train.policy.sample, []
+
+    def varied(lm, embeds, mask, max_new_tokens, **k):
+        d = gen(lm, embeds, mask, max_new_tokens, **k)
+        if k.get("greedy"):  # the evaluations decode as they would
+            return d
+        eos, pad_id = k["eos"], k["pad_id"]
         tokens, lp = d.tokens, d.logprobs
         N, T = tokens.shape
         rows = torch.arange(N)
         end = rows % (T + 1) if len(calls) % 2 == 0 else torch.where(rows == 0, T, 0)
-        calls.extend([] if k.get("greedy") else [1])  # count rollouts only: each run's start even
+        calls.append(1)  # rollouts only: each run's start even
         end, pos = end[:, None], torch.arange(T)[None]
         live = (pos <= end).long()
         tokens = torch.where(pos == end, eos[0], torch.where(live.bool(), tokens, pad_id))
         return Decoded(tokens, live, None if lp is None else lp * live)
 
-    monkeypatch.setattr(train.loop, "sample", varied)
+    monkeypatch.setattr(train.policy, "sample", varied)  # what Policy.sample calls
 
 
 @pytest.mark.slow

@@ -52,11 +52,12 @@ def test_vllm_greedy_tokens_match_musk_decoder_from_prompt_embeds(tiny_policy):
     lm = peft_model.get_base_model()
     pb = encode_prompts(tok, [build_prompt_parts(tok, "", q) for q in ("2+3=", "what is 7+1?")], "cuda")
     emb = lm.get_input_embeddings()(pb.ids)
-    ours, live = generate(lm, emb, pb.mask, 12, eos_ids(lm, tok), tok.pad_token_id, greedy=True)
+    ours, live = generate(lm, emb, pb.mask, 12, eos=eos_ids(lm, tok), pad_id=tok.pad_token_id, greedy=True)
     llm = make_llm(tiny_policy, torch.float32, 0.3, prompt_embeds=True)
     sync_weights(llm, merged_lora_weights(peft_model))
-    theirs, live_v = sample_from_embeds(llm, emb.cpu(), pb.mask.cpu(), 1, 12, eos_ids(lm, tok), tok.pad_token_id,
-                                        1.0, True, 0)
+    theirs, live_v = sample_from_embeds(llm, emb.cpu(), pb.mask.cpu(), 1, max_new_tokens=12, eos=eos_ids(lm, tok),
+                                        pad_id=tok.pad_token_id,
+                                        temperature=1.0, greedy=True, seed=0)
     release(llm)
     T = min(ours.shape[1], theirs.shape[1])
     assert torch.equal((ours * live)[:, :T].cpu(), (theirs * live_v)[:, :T].cpu())

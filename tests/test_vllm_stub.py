@@ -57,8 +57,9 @@ class StubLLM:
             rows = []
             for _ in range(sp.n):
                 torch.manual_seed(int(torch.randint(2**31 - 1, (), generator=gen)))
-                toks, live = generate(self.lm, emb, mask, sp.max_tokens, sp.stop_token_ids, 0,
-                                      max(sp.temperature, 1e-6), greedy=sp.temperature == 0.0, top_k=sp.top_k,
+                toks, live = generate(self.lm, emb, mask, sp.max_tokens, eos=sp.stop_token_ids, pad_id=0,
+                                      temperature=max(sp.temperature,
+                                                      1e-6), greedy=sp.temperature == 0.0, top_k=sp.top_k,
                                       top_p=sp.top_p, min_p=sp.min_p)
                 ids = toks[0][live[0].bool()].tolist()
                 rows.append(SimpleNamespace(token_ids=ids, text=self.tok.decode(

@@ -23,14 +23,14 @@ def trainable_state(named_params) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in named_params if p.requires_grad}
 
 
-def save_checkpoint(run: RunFolder, step: int, model, adapter, optimizer, state: dict) -> Path:
+def save_checkpoint(run: RunFolder, step: int, model, adapter, *, optimizer, state: dict) -> Path:
     final = run.checkpoint(step)
     with atomic_path(final, directory=True) as tmp:
-        _write_checkpoint(tmp, step, model, adapter, optimizer, state)
+        _write_checkpoint(tmp, step, model, adapter, optimizer=optimizer, state=state)
     return final
 
 
-def _write_checkpoint(tmp: Path, step: int, model, adapter, optimizer, state: dict) -> None:
+def _write_checkpoint(tmp: Path, step: int, model, adapter, *, optimizer, state: dict) -> None:
     torch.save(trainable_state(model.named_parameters()), tmp / "lora.pt")
     torch.save(adapter.state_dict(), tmp / "adapter.pt")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

@@ -45,8 +45,8 @@ class ContextConfig:
     """context_gate rms: the largest RMS of C, in units of the RMS of the policy's token embeddings."""
     context_anchor: Literal["zero", "mean-embedding"] = "zero"
     """zero: C as above (the paper). mean-embedding: the policy's mean token embedding is added to every
-    context token, so a closed gate leaves m neutral tokens rather than m zero vectors (which cost a
-    135M policy 6 points before any training); the reference reads the same anchor."""
+    context token, so a closed gate leaves m neutral tokens rather than m zero vectors (what zero vectors
+    cost an untrained policy: docs/context-path.md); the reference reads the same anchor."""
     feature_norm: Literal["none", "standardize"] = "none"
     """none, or standardize: z-score each expert's cached features per dimension with the train split's
     statistics before W_i (experts of very different scale meet on equal terms)."""

@@ -10,17 +10,27 @@ Training always reads ALL: every expert, each prompt's own row.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
 from core.errors import MuskError
 from pipeline.chat import PLAIN_FORMAT, render_system_user
-from train.adapters import AdapterOut, method_info
+from train.adapters import method_info
+from train.gphi import AdapterOut
 from train.config import HINT_FORMATS, TrainConfig
 
 if TYPE_CHECKING:
-    from train.setup import Models, RunData
+    from train.data import RunData
+
+
+class PolicyParts(Protocol):
+    """What the input builder reads of a policy (train/policy.Policy, which calls it)."""
+
+    lm: Any  # the causal LM: its input embeddings and dtype
+    tok: Any  # its tokenizer (left padding)
+    adapter: torch.nn.Module  # g_phi (train/gphi.py)
+    scale: float  # the embedding scale C is multiplied by
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,7 +111,7 @@ def encode_prompts(tok, parts: list[tuple[str, str]], device) -> PromptBatch:
     return PromptBatch(ids.to(device), mask.to(device), int(tail_ids.shape[1]))
 
 
-def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, position: str, tail: int = 0,
+def splice(embeds: torch.Tensor, mask: torch.Tensor, context: torch.Tensor | None, position: str, *, tail: int = 0,
            context_mask: torch.Tensor | None = None):
     """Insert C [N, m, d] into left-padded prompt embeddings [N, P, d] -> ([N, P+m, d], [N, P+m]).
 
@@ -143,7 +153,7 @@ class ExpertView(NamedTuple):
 ALL = ExpertView()
 
 
-def decode_merged(cfg: TrainConfig, m: Models) -> bool:
+def decode_merged(cfg: TrainConfig, m: PolicyParts) -> bool:
     """Whether rollouts and evaluations decode through merged LoRA weights (cfg.sampling.decode_merged)."""
     return cfg.sampling.decode_merged == "on" or (cfg.sampling.decode_merged == "auto" and m.lm.dtype == torch.float32)
 
@@ -156,7 +166,7 @@ def expert_features(data: RunData, idx: list[int], view: ExpertView = ALL) -> li
     return feats
 
 
-def context_tokens(m: Models, data: RunData, idx: list[int], device: str, view: ExpertView = ALL) -> AdapterOut:
+def context_tokens(m: PolicyParts, data: RunData, idx: list[int], device: str, view: ExpertView = ALL) -> AdapterOut:
     """g_phi on prompts idx: C [b, m, d_out] (scaled like the policy's token embeddings) with grad,
     expert attention [b, m, n] and the routed expert [b] where the method has them."""
     feats = [f.to(device) for f in expert_features(data, idx, view)] if data.features is not None else []
@@ -167,7 +177,7 @@ def context_tokens(m: Models, data: RunData, idx: list[int], device: str, view: 
     return o._replace(context=o.context * m.scale if o.context is not None else None)
 
 
-def null_context_tokens(m: Models, C: torch.Tensor) -> torch.Tensor:
+def null_context_tokens(m: PolicyParts, C: torch.Tensor) -> torch.Tensor:
     """C with its information removed (the gate closed: the anchor, or zeros), scaled like C: what the
     reference reads in training and the policy reads in the null-context evaluation. [.., m, d_out]"""
     return m.adapter.out.null_context(C) * m.scale
@@ -178,7 +188,7 @@ def expert_hints(data: RunData, i: int, view: ExpertView = ALL) -> list[tuple[st
     return [(n, data.hints[n][view.row(e, i)]) for e, n in enumerate(data.experts) if view.kept(e)]
 
 
-def prompt_batch(m: Models, data: RunData, idx: list[int], with_hints: bool, device: str, *,
+def prompt_batch(m: PolicyParts, data: RunData, idx: list[int], with_hints: bool, device: str, *,
                  view: ExpertView = ALL, hint_format: str = "labelled") -> PromptBatch:
     """The prompts idx, left padded [b, P]; with_hints: each kept expert's hint in the user turn."""
     parts = [build_prompt_parts(m.tok, data.system, data.prompts["text"][i],
@@ -196,7 +206,7 @@ class PolicyInputs(NamedTuple):
     ctx: AdapterOut | None  # g_phi's output (None with C removed)
 
 
-def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str, *, mode: str = "with",
+def policy_inputs(cfg: TrainConfig, m: PolicyParts, data: RunData, idx: list[int], device: str, *, mode: str = "with",
                   view: ExpertView = ALL) -> PolicyInputs:
     """The policy's input for prompts idx under `mode`: with (C, or output-collab's hints), removed
     (the bare prompt: Figure 5), null (C's information removed, its slots kept).
@@ -219,8 +229,9 @@ def policy_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], de
         ids, extra_mask = encode_blocks(m.tok, texts, device)  # [b, H]
         extra = m.lm.get_input_embeddings()(ids)  # [b, H, d]
         ref_extra = torch.zeros_like(extra) if cfg.context.hint_reference == "zeros" else extra
-    e_in, m_in = splice(emb, pb.mask, extra, cfg.context.context_position, pb.tail, extra_mask)
-    ref_e = splice(emb, pb.mask, ref_extra, cfg.context.context_position, pb.tail, extra_mask)[0] if extra is not None else emb
+    e_in, m_in = splice(emb, pb.mask, extra, cfg.context.context_position, tail=pb.tail, context_mask=extra_mask)
+    ref_e = splice(emb, pb.mask, ref_extra, cfg.context.context_position, tail=pb.tail,
+                   context_mask=extra_mask)[0] if extra is not None else emb
     return PolicyInputs(e_in, ref_e, m_in, ctx)
 
 
@@ -231,7 +242,7 @@ class RolloutInputs(NamedTuple):
     mask: torch.Tensor  # [B*G, L]
 
 
-def rollout_inputs(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str) -> RolloutInputs:
+def rollout_inputs(cfg: TrainConfig, m: PolicyParts, data: RunData, idx: list[int], device: str) -> RolloutInputs:
     """policy_inputs for prompts idx, each row repeated G times, with C made by g_phi as it is now
     (num_iterations > 1 rebuilds them after each update)."""
     pi = policy_inputs(cfg, m, data, idx, device)  # [B, L, d]

@@ -32,22 +32,19 @@ from core import dist
 from core.atomic import atomic_path
 from core.errors import MuskError
 from pipeline.experts import resolve_device, resolve_dtype
-from pipeline.generation import decode, sample
 from pipeline.vllm_engine import sample_from_embeds, sync_weights
 from pipeline.rewards import score
 from train import checkpoint as ckpt
-from train.adapters import method_info, save_adapter
+from train.adapters import method_info
 from train.config import TrainConfig, advantage_scale
 from train.grpo import group_advantages, grpo_loss, sampler_gap, truncated_rows
-from train.inputs import decode_merged, rollout_inputs
 from train.optim import NonFinite, begin_step, update
-from train.policy import (check_policy, completion_logprobs, merged_lora, merged_lora_weights,
-                          policy_spec, save_policy)
+from train.policy import check_policy, merged_lora_weights
 from train.recipes import answer_nll, in_warmup, mix_coef, warmup_step
 from train.records import completion_records, micro_stats, step_record, summary_record, update_record
 from train.rollouts import Rollouts, draw_informative, micro_seed
-from train.setup import (FeatureSource, Models, RunData, build_models, load_data, step_prompts,
-                         micro_batches_per_rank, open_run)
+from train.data import FeatureSource, RunData
+from train.setup import Models, build_models, load_data, micro_batches_per_rank, open_run, step_prompts
 from train.trackers import Trackers
 
 # The task's reward: (entry JSON, completion, answer_extraction mode) -> reward (pipeline.rewards.score).
@@ -70,27 +67,31 @@ def generate_trajectory(cfg: TrainConfig, m: Models, data: RunData, idx: list[in
                         timing: dict, scorer: Scorer) -> Rollouts:
     """G completions for each prompt of idx, scored by `scorer`, with their group advantages."""
     G = cfg.grpo.group_size
-    ctx, e_in, ref_e, m_in = rollout_inputs(cfg, m, data, idx, device)
+    ctx, e_in, ref_e, m_in = m.rollout_inputs(cfg, data, idx, device=device)
 
     t = time.perf_counter()
     sampler_logp = None
     if m.vllm is not None:  # one request per prompt, G samples each; its seed drawn from the micro-batch's RNG
-        tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G, cfg.sampling.max_new_tokens,
-                                          m.eos, m.tok.pad_token_id, cfg.sampling.temperature, False,
-                                          int(torch.randint(2**31 - 1, ())), cfg.sampling.top_k, cfg.sampling.top_p, cfg.sampling.min_p)
+        seed = int(torch.randint(2**31 - 1, ()))
+        tokens, live = sample_from_embeds(m.vllm, e_in[::G].detach().cpu(), m_in[::G].cpu(), G,
+                                          max_new_tokens=cfg.sampling.max_new_tokens, eos=m.eos,
+                                          pad_id=m.tok.pad_token_id, temperature=cfg.sampling.temperature,
+                                          greedy=False, seed=seed, top_k=cfg.sampling.top_k,
+                                          top_p=cfg.sampling.top_p, min_p=cfg.sampling.min_p)
         tokens, live = tokens.to(device), live.to(device)
     else:
         m.peft.eval()  # decoding: eval mode keeps the KV cache on under gradient checkpointing
-        with merged_lora(m.peft, decode_merged(cfg, m)):
-            dec = sample(m.lm, e_in.detach(), m_in, cfg.sampling.max_new_tokens, m.eos, m.tok.pad_token_id, cfg.sampling.temperature,
-                         min_new_tokens=cfg.sampling.min_new_tokens, group=G if cfg.run.share_prompt else 1, logprobs=True,
-                         filters=(cfg.sampling.top_k, cfg.sampling.top_p, cfg.sampling.min_p))
+        with m.decoding(cfg):
+            dec = m.sample(e_in.detach(), m_in, max_new_tokens=cfg.sampling.max_new_tokens,
+                           temperature=cfg.sampling.temperature, min_new_tokens=cfg.sampling.min_new_tokens,
+                           group=G if cfg.run.share_prompt else 1, logprobs=True,
+                           filters=(cfg.sampling.top_k, cfg.sampling.top_p, cfg.sampling.min_p))
             tokens, live, sampler_logp = dec.tokens, dec.live, dec.logprobs
         m.peft.train()
     timing["generate"] += time.perf_counter() - t
 
     t = time.perf_counter()
-    texts = decode(m.tok, tokens, live)
+    texts = m.texts(tokens, live)
     rewards = torch.tensor([scorer(data.prompts["entry"][i], s, cfg.sampling.answer_extraction)
                             for i, s in zip([i for i in idx for _ in range(G)], texts)])  # [B*G]
     adv = group_advantages(rewards, G, cfg.grpo.std_floor, advantage_scale(cfg))
@@ -135,11 +136,11 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     if old is not None or cfg.grpo.beta == 0:  # beta 0: the KL term is absent, so the reference never runs
         ref_logp = old.ref if old is not None else None
     else:
-        with torch.no_grad(), m.peft.disable_adapter():  # pi_ref: initial policy, zero C
-            ref_logp = torch.cat([completion_logprobs(m.lm, ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
-                                                      ro.tokens[s:s + chunk], ro.live[s:s + chunk], group=share,
-                                                      temperature=T)
-                                  for s in range(0, N, chunk)])  # [B*G, T]
+        # pi_ref: the initial policy (LoRA off) reading C with its gate closed
+        ref_logp = torch.cat([m.reference_logprobs(ro.ref_embeds[s:s + chunk], ro.mask[s:s + chunk],
+                                                   ro.tokens[s:s + chunk], ro.live[s:s + chunk], group=share,
+                                                   temperature=T)
+                              for s in range(0, N, chunk)])  # [B*G, T]
         timing["reference"] += time.perf_counter() - t
 
     t = time.perf_counter()
@@ -154,8 +155,8 @@ def grpo_step(cfg: TrainConfig, m: Models, ro: Rollouts, timing: dict, old: OldL
     for s in range(0, N, chunk):
         sl = slice(s, s + chunk)
         ent = []  # [chunk, T] token entropy, filled by completion_logprobs
-        logp = completion_logprobs(m.lm, ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], group=share,
-                                   temperature=T, entropy=ent)
+        logp = m.logprobs(ro.embeds[sl], ro.mask[sl], ro.tokens[sl], ro.live[sl], group=share, temperature=T,
+                          entropy=ent)
         old_logp = logp.detach() if old is None else old.logp[sl]
         is_w = None
         if gaps is not None:  # the sampler is not the training forward: measure, and correct if asked (TIS)
@@ -227,7 +228,7 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
             (coef * nll / cfg.optim.gradient_accumulation_steps).backward()
             sft_nll.append(float(nll.detach()))
         if out.old is not None:
-            again.append((g, ro._replace(embeds=None, ref_embeds=None), out.old))
+            again.append((g, replace(ro, embeds=None, ref_embeds=None), out.old))
         if run is not None and g == 0 and cfg.run.log_completions_freq and step % cfg.run.log_completions_freq == 0:
             for rec in completion_records(cfg, data, step, ro, cfg.run.log_completions_prompts):
                 run.append(COMPLETIONS, rec)
@@ -243,8 +244,8 @@ def train_step(cfg: TrainConfig, m: Models, data: RunData, *, step: int, cursor:
         passed = []
         for g, ro, old in again:
             torch.manual_seed(micro_seed(cfg.seed, step, g))  # hard-routing's Gumbel draw as at sampling time
-            ri = rollout_inputs(cfg, m, data, ro.idx, device)  # C from g_phi as it is now
-            ro = ro._replace(embeds=ri.embeds, mask=ri.mask)  # the mask: filter_groups' rows were padded otherwise
+            ri = m.rollout_inputs(cfg, data, ro.idx, device=device)  # C from g_phi as it is now
+            ro = replace(ro, embeds=ri.embeds, mask=ri.mask)  # the mask: filter_groups' rows were padded otherwise
             passed.append((g, _pass_stats(grpo_step(cfg, m, ro, timing, old), ro)))
         updates.append([st for _, st in sorted(dist.gather_all(passed))])
         norms.append(update(cfg, m, float(np.mean([st["loss"] for st in updates[-1]])), step_tokens, it))
@@ -285,8 +286,7 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
     start_step, cursor = start
     full_rows = data.val_idx[: min(len(data.val_idx), cfg.eval.eval_batches * cfg.eval.val_batch_size)]
     curve_rows = data.val_idx[: min(len(data.val_idx), cfg.eval.curve_prompts)]
-    m.peft.train()
-    m.adapter.train()
+    m.train()
     main = dist.is_main()  # under torchrun rank 0 alone writes, evaluates and logs; the others train
     bar = tqdm(total=cfg.optim.total_training_steps, initial=start_step, desc=f"train {cfg.method}", unit="step",
                disable=not progress or not main, dynamic_ncols=True)
@@ -295,13 +295,14 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
         cursor_at_start = cursor  # the data position that goes with the weights before this step
         try:
             if in_warmup(cfg, step):  # the supervised warm-up's steps (sft_warmup_steps): no rollouts
-                rec, cursor = warmup_step(cfg, m, data, step, cursor, device)
+                rec, cursor = warmup_step(cfg, m, data, step, cursor=cursor, device=device)
             else:
                 rec, cursor = train_step(cfg, m, data, step=step, cursor=cursor, device=device, scorer=scorer,
                                          run=run if main else None)
         except NonFinite as e:
             if main and e.it == 0:  # pass it > 0: the weights hold this step's first updates, not step-1's
-                ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, m.optimizer, {"cursor": cursor_at_start})
+                ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, optimizer=m.optimizer,
+                                     state={"cursor": cursor_at_start})
             bar.close()
             saved = f"saved {run.checkpoint(step - 1)}" if e.it == 0 else \
                 f"saved nothing (pass {e.it + 1} of num_iterations; the last checkpoint is the one to resume)"
@@ -341,7 +342,7 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
         if evals:
             dist.barrier()
         if step % cfg.run.save_freq == 0 or step == cfg.optim.total_training_steps:
-            ckpt.save_checkpoint(run, step, m.peft, m.adapter, m.optimizer, {"cursor": cursor})
+            ckpt.save_checkpoint(run, step, m.peft, m.adapter, optimizer=m.optimizer, state={"cursor": cursor})
     bar.close()
     return last_eval
 
@@ -365,7 +366,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, ev
         data.features = features
     cfg = replace(cfg, experts=tuple(data.experts))
     check_policy(cfg, device)  # a policy that cannot train here stops before the run folder is made
-    run, resolved = open_run(cfg, cache_path, out, resume, data, dtype)
+    run, resolved = open_run(cfg, cache_path, out, resume, data=data, dtype=dtype)
     m = build_models(cfg, data, device, dtype)
 
     start_step, cursor = 0, 0
@@ -395,8 +396,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, ev
         last_eval = evals[-1] if evals else evaluator(cfg, m, data, step=final_step, rows=full_rows, kind="full",
                                                       device=device, run=run, scorer=scorer)
     with atomic_path(run.final, directory=True) as tmp:
-        save_policy(m.peft, tmp, policy_spec(cfg.policy.name))  # PEFT's files + where the base model comes from
-        save_adapter(m.adapter, m.spec, tmp)
+        m.save(tmp)  # PEFT's files + where the base model comes from, g_phi + its spec
     summary = summary_record(cfg, data, resolved=resolved, final_step=final_step, last_eval=last_eval, m=m)
     run.write_summary(summary)
     dist.barrier()

@@ -23,7 +23,7 @@ def begin_step(cfg: TrainConfig, m: Models, step: int) -> None:
     """What every optimizer step does first: this step's learning rates (warmups), the ramp gate's r_t
     (0 on the first step: KL = 0), and cleared gradients."""
     set_lr(m.optimizer, step, cfg.optim.warmup_steps)
-    if hasattr(m.adapter, "out"):  # context_gate ramp: this step's r_t
+    if m.caps.context:  # context_gate ramp: this step's r_t
         m.adapter.out.set_step(step, cfg.context.gate_warmup_steps)
     m.optimizer.zero_grad(set_to_none=True)
 
@@ -49,8 +49,9 @@ def clip_gradients(optimizer: torch.optim.Optimizer, max_norm: float, scope: str
     """Clip to max_norm over all trainable tensors together (global: one norm, as verl and TRL clip) or
     per optimizer group (per-group: LoRA, g_phi and the gate each get their own budget). Why per-group:
     under the rms gate C = tanh(gamma) k s C_raw / rms(C_raw) divides by a small rms(C_raw) at init,
-    so g_phi's gradient norm reached 10^2-10^3 on the embedded default while the LoRA's was below 1;
-    a global clip then divides the LoRA's update by that much on those steps.
+    so g_phi's gradient norm can exceed the LoRA's by orders of magnitude in the first steps, and a
+    global clip then divides the LoRA's update by that much (the measured norms: docs/context-path.md,
+    "A global gradient clip lets g_phi starve the LoRA").
     Returns (the global norm before clipping, {group name: its norm})."""
     groups = [(g.get("name", str(i)), [p for p in g["params"] if p.grad is not None])
               for i, g in enumerate(optimizer.param_groups)]

@@ -1,21 +1,34 @@
 """The policy: a causal LM with LoRA, conditioned on context tokens spliced into its input
 embeddings (Eq. 3; the input is assembled in train/inputs.py), with a sampler (pipeline/generation.py)
 and completion log-probs that skip the LM head on prompt positions.
+
+`Policy` is its face: the LM, LoRA, g_phi, tokenizer and input builder behind a few methods (inputs,
+sample, logprobs, save, load) that the training loop and the evaluations call. The training state
+around it (optimizer, trainable tensors, vLLM engine) is train/setup.Models.
 """
 
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from core.errors import MuskError
 from pipeline.experts import (EXPERTS, GGUF_DISTRIBUTIONS, ExpertSpec, check_device, gguf_path, load_expert,
                               resolve_expert, weights_sha256)
-from pipeline.generation import lm_logits, positions, prefill, set_head_fp32, token_entropy
+from pipeline.generation import Decoded, decode, lm_logits, positions, prefill, sample, set_head_fp32, token_entropy
+from train import checkpoint as ckpt
+from train.adapters import AdapterSpec, save_adapter
+from train.gphi import Capabilities
+from train.inputs import ALL, ExpertView, PolicyInputs, RolloutInputs, decode_merged, policy_inputs, rollout_inputs
+
+if TYPE_CHECKING:
+    from train.config import TrainConfig
+    from train.data import RunData
 
 
 def policy_spec(name: str) -> ExpertSpec:
@@ -156,7 +169,6 @@ def load_policy(cfg, dtype: torch.dtype, device: str):
     return peft_model, tok, scale
 
 
-
 def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, *, group: int = 1, temperature: float = 1.0,
                         entropy: list | None = None) -> torch.Tensor:
     """log pi(y_t | prefix) for each completion token: [N, T]. The LM head runs on completion
@@ -173,11 +185,11 @@ def completion_logprobs(lm, embeds, mask, comp_ids, comp_mask, *, group: int = 1
 
     entropy: a list that receives the policy's token entropy [N, T] (nats, detached) at the same positions.
     """
-    h = _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group)
+    h = _completion_hidden(lm, embeds, mask, comp_ids, comp_mask=comp_mask, group=group)
     return token_logprobs(lm, h, comp_ids, temperature=temperature, entropy=entropy)
 
 
-def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> torch.Tensor:
+def _completion_hidden(lm, embeds, mask, comp_ids, *, comp_mask, group: int) -> torch.Tensor:
     """Final hidden states [N, T, d] at the positions that predict each completion token."""
     P, T = embeds.shape[1], comp_ids.shape[1]
     if group == 1 or T == 1:
@@ -197,13 +209,13 @@ def _completion_hidden(lm, embeds, mask, comp_ids, comp_mask, group: int) -> tor
     return h
 
 
-def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, temperature: float = 1.0,
+def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, *, rows: int = 64, temperature: float = 1.0,
                    entropy: list | None = None) -> torch.Tensor:
     """log softmax(head(h) / temperature)[ids] in float32: [N, T] from h [N, T, d], ids [N, T].
 
     `rows` positions at a time: the [rows, V] float32 logits stay in cache and no [N, T, V] tensor
-    is ever formed (1.7x faster forward and backward than one log_softmax over 384 x 49k on a CPU;
-    less peak memory on a GPU). cross_entropy is log_softmax + gather in one kernel.
+    is ever formed (faster forward and backward than one log_softmax over all positions on a CPU, see
+    docs/performance.md; less peak memory on a GPU). cross_entropy is log_softmax + gather in one kernel.
 
     entropy: a list that receives H = -sum_v p_v log p_v of softmax(head(h) / temperature), [N, T]
     nats, detached, from the same logits (one more pass over each [rows, V] block, no backward).
@@ -219,6 +231,90 @@ def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, rows: int = 64, tempe
     if entropy is not None:
         entropy.append(torch.cat(ent).view(ids.shape))
     return torch.cat(out).view(ids.shape)
+
+
+@dataclass(kw_only=True)
+class Policy:
+    """What decoding, evaluation and the loss read: the LM with LoRA, g_phi, the tokenizer, and the
+    input builder (train/inputs.py) behind methods. No optimizer (`musk eval` builds none)."""
+
+    peft: object  # the PeftModel
+    lm: object  # the causal LM with LoRA layers injected
+    tok: object
+    adapter: torch.nn.Module  # g_phi (train/gphi.py)
+    spec: AdapterSpec
+    scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
+    eos: list[int]
+    base: ExpertSpec | None = None  # where the base weights come from (what `save` records)
+
+    @property
+    def caps(self) -> Capabilities:
+        """What g_phi can do (its class's declaration)."""
+        return self.adapter.caps
+
+    def inputs(self, cfg: TrainConfig, data: RunData, idx: list[int], *, device: str, mode: str = "with",
+               view: ExpertView = ALL) -> PolicyInputs:
+        """The input of cache rows idx under mode with | removed | null (train/inputs.policy_inputs)."""
+        return policy_inputs(cfg, self, data, idx, device, mode=mode, view=view)
+
+    def rollout_inputs(self, cfg: TrainConfig, data: RunData, idx: list[int], *, device: str) -> RolloutInputs:
+        """inputs(mode="with") with each row repeated group_size times (train/inputs.rollout_inputs)."""
+        return rollout_inputs(cfg, self, data, idx, device)
+
+    def decoding(self, cfg: TrainConfig):
+        """Context manager for decoding: the LoRA merged into its linears where cfg.sampling.decode_merged says."""
+        return merged_lora(self.peft, decode_merged(cfg, self))
+
+    def sample(self, embeds: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int, temperature: float = 1.0,
+               greedy: bool = False, **options) -> Decoded:
+        """Completions [N, T] of inputs embeds [N, L, d], mask [N, L] (pipeline.generation.sample; options:
+        its keywords min_new_tokens, group, logprobs, filters, entropy_temperature)."""
+        return sample(self.lm, embeds, mask, max_new_tokens, eos=self.eos, pad_id=self.tok.pad_token_id,
+                      temperature=temperature, greedy=greedy,
+                      **options)
+
+    def texts(self, tokens: torch.Tensor, live: torch.Tensor) -> list[str]:
+        """The completions' text, tokens after each row's EOS dropped."""
+        return decode(self.tok, tokens, live)
+
+    def logprobs(self, embeds, mask, tokens, live, *, group: int = 1, temperature: float = 1.0,
+                 entropy: list | None = None) -> torch.Tensor:
+        """log pi(y_t | prefix) [N, T] of completions tokens [N, T] (completion_logprobs)."""
+        return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature,
+                                   entropy=entropy)
+
+    def reference_logprobs(self, embeds, mask, tokens, live, *, group: int = 1, temperature: float = 1.0):
+        """log pi_ref(y_t | prefix) [N, T]: the same weights with the LoRA off, no gradients."""
+        with torch.no_grad(), self.peft.disable_adapter():
+            return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
+
+    def gate_value(self) -> float | None:
+        """The context gate's factor (None: no gate, or no C)."""
+        return self.adapter.out.gate_value() if self.caps.context else None
+
+    def train(self, mode: bool = True) -> None:
+        """The LoRA and g_phi into train (or eval) mode."""
+        self.peft.train(mode)
+        self.adapter.train(mode)
+
+    def save(self, folder: Path) -> None:
+        """A final/ folder: PEFT's adapter with the base's origin (save_policy) and g_phi with its spec."""
+        save_policy(self.peft, folder, self.base)
+        save_adapter(self.adapter, self.spec, Path(folder))
+
+    def load(self, folder: Path, *, final: bool = True) -> None:
+        """The trained LoRA and g_phi of a final/ folder (final) or a checkpoint folder (its optimizer
+        state is not read). Raises MuskError on LoRA tensors that do not match this policy's."""
+        if not final:
+            ckpt.load_checkpoint(folder, self.peft, self.adapter)
+            return
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        res = set_peft_model_state_dict(self.peft, load_file(str(folder / "adapter_model.safetensors")))
+        ckpt.check_lora_loaded(folder / "adapter_model.safetensors", [k for k in res.missing_keys if "lora_" in k],
+                               list(res.unexpected_keys))
+        self.adapter.load_state_dict(ckpt.safe_load(folder / "context_adapter.pt"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,10 +27,10 @@ import torch
 
 from core import dist
 from train.config import TrainConfig
-from train.inputs import policy_inputs
 from train.optim import begin_step, update
-from train.policy import completion_logprobs
-from train.setup import Models, RunData, micro_batches_per_rank, step_prompts
+from train.policy import Policy
+from train.data import RunData
+from train.setup import Models, micro_batches_per_rank, step_prompts
 
 
 def answer_tokens(tok, answers: list[str], eos: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,13 +45,13 @@ def answer_tokens(tok, answers: list[str], eos: int, device: str) -> tuple[torch
     return out.to(device), mask.to(device)
 
 
-def answer_nll(cfg: TrainConfig, m: Models, data: RunData, idx: list[int], device: str) -> torch.Tensor:
+def answer_nll(cfg: TrainConfig, m: Policy, data: RunData, idx: list[int], device: str) -> torch.Tensor:
     """Mean negative log-likelihood, nats per answer token (a scalar with its graph), of the reference
     answers and EOS of prompts `idx`, each read after its prompt with C spliced in (teacher-forced, the
     rollouts' temperature 1). Gradients reach the LoRA and g_phi (and the gate) like GRPO's do."""
-    pi = policy_inputs(cfg, m, data, idx, device)  # [b, L, d], C spliced in with its gate
+    pi = m.inputs(cfg, data, idx, device=device)  # [b, L, d], C spliced in with its gate
     ids, mask = answer_tokens(m.tok, [data.prompts["answer"][i] for i in idx], m.eos[0], device)  # [b, T]
-    logp = completion_logprobs(m.lm, pi.embeds, pi.mask, ids, mask)  # [b, T]
+    logp = m.logprobs(pi.embeds, pi.mask, ids, mask)  # [b, T]
     return -(logp * mask).sum() / mask.sum()
 
 
@@ -85,7 +85,7 @@ class WarmupOut(NamedTuple):
     cursor: int  # the data position after the step's prompts
 
 
-def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: int, device: str) -> WarmupOut:
+def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, *, cursor: int, device: str) -> WarmupOut:
     """One supervised warm-up step: the same prompts a GRPO step would read (gradient_accumulation_steps
     micro-batches of train_batch_size prompts in the run's data order, split over ranks), the mean of
     their answer NLLs backpropagated, and one AdamW update through `update` (clipping, the non-finite
@@ -112,7 +112,6 @@ def warmup_step(cfg: TrainConfig, m: Models, data: RunData, step: int, cursor: i
     rec = {"step": step, "stage": "sft-warmup", "sft/nll": nll, "grad_norm": grad_norm,
            "lr": m.optimizer.param_groups[0]["lr"], "step_seconds": time.perf_counter() - t0,
            **{f"grad_norm/{k}": v for k, v in norms.items()}}
-    out = getattr(m.adapter, "out", None)
-    if out is not None and out.gate_value() is not None:
-        rec["context/gate"] = out.gate_value()
+    if m.gate_value() is not None:
+        rec["context/gate"] = m.gate_value()
     return WarmupOut(rec, cursor + A * B)

@@ -15,7 +15,8 @@ from train.config import TrainConfig
 from train.adapters import routing_stats
 from train.grpo import truncated_rows
 from train.rollouts import Rollouts
-from train.setup import Models, RunData
+from train.data import RunData
+from train.setup import Models
 
 
 def completion_records(cfg: TrainConfig, data: RunData, step: int, ro: Rollouts, prompts: int) -> list[dict]:
@@ -89,9 +90,8 @@ def step_record(cfg: TrainConfig, m: Models, *, step: int, stats: list[dict], gr
         rec["sampler/logprob_max_abs_gap"] = max(g["max_abs_gap"] for g in gaps)
     if len(m.optimizer.param_groups) > 1:
         rec["router_lr"] = m.optimizer.param_groups[1]["lr"]
-    out = getattr(m.adapter, "out", None)
-    if out is not None and out.gate_value() is not None:
-        rec["context/gate"] = out.gate_value()
+    if m.gate_value() is not None:
+        rec["context/gate"] = m.gate_value()
     if device.startswith("cuda"):
         rec["mem/peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     attn = [torch.tensor(st["attention"]) for st in stats if st["attention"] is not None]

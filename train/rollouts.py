@@ -4,7 +4,8 @@ informative groups of several rounds. The loop (train/loop.py) generates and sco
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 
@@ -12,8 +13,10 @@ from train.config import TrainConfig, advantage_scale
 from train.grpo import group_advantages, informative_groups
 
 
-class Rollouts(NamedTuple):
-    """A micro-batch of B prompts x G completions, rows of one prompt contiguous."""
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Rollouts:
+    """A micro-batch of B prompts x G completions, rows of one prompt contiguous (built by keyword;
+    dataclasses.replace makes a changed copy)."""
 
     idx: list[int]  # [B] cache rows
     embeds: torch.Tensor  # [B*G, P+m, d] the policy's input, C spliced in (differentiable into g_phi)
@@ -96,5 +99,5 @@ def draw_informative(cfg: TrainConfig, first: Rollouts, more: Callable[[int], Ro
         parts[-1] = (ro, sorted(parts[-1][1] + [b for b in range(B) if not ok[b]][: B - kept]))
     out = cat_groups([(r, g) for r, g in parts if g], G, pad_id)
     adv = group_advantages(out.rewards, G, cfg.grpo.std_floor, advantage_scale(cfg))
-    out = out._replace(advantages=adv.advantages.to(device), frac_zero_std=adv.frac_zero_std)
+    out = replace(out, advantages=adv.advantages.to(device), frac_zero_std=adv.frac_zero_std)
     return out, {"rounds": rounds, "drawn": rounds * B, "kept": kept, "reward_sum": reward_sum}

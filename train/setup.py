@@ -1,14 +1,13 @@
 """Run setup shared by the training loop and the evaluations: the data read from the cache
-(RunData, load_data), the run folder (open_run), the policy (Policy, build_policy: what evaluation
-reads) and the training state around it (Models, build_models: the optimizer, the trainable tensors
-and the vLLM engine)."""
+(load_data, into train/data.RunData), the run folder (open_run), the policy (train/policy.Policy,
+built by build_policy: what evaluation reads) and the training state around it (Models,
+build_models: the optimizer, the trainable tensors and the vLLM engine)."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -24,8 +23,9 @@ from pipeline.generation import eos_ids
 from pipeline.vllm_engine import make_llm, require_vllm, sync_weights
 from pipeline.tasks import TaskConfig
 from train.adapters import AdapterSpec, build_adapter, method_info
+from train.data import CachedFeatures, RunData
 from train.config import TrainConfig, flat_dict, flatten, keys_missing_from_old_run, sectioned
-from train.policy import load_policy, merged_lora_weights, policy_spec
+from train.policy import Policy, load_policy, merged_lora_weights, policy_spec
 
 
 def data_order(seed: int, n: int, cursor: int, count: int) -> list[int]:
@@ -48,41 +48,6 @@ def step_prompts(cfg: TrainConfig, train_idx, cursor: int, block: int) -> list[i
 # ---------------------------------------------------------------------------------------------
 # Data: everything a run needs, read from the cache once into memory (no per-row HDF5 reads on
 # the hot path).
-
-
-class FeatureSource(Protocol):
-    """Where the pooled expert vectors of a batch come from: n tensors [b, d_i] for cache rows idx."""
-
-    def __call__(self, idx: list[int]) -> list[torch.Tensor]: ...
-
-
-class CachedFeatures:
-    """The cache's features, held in memory: n tensors [N, d_i]."""
-
-    def __init__(self, feats: list[torch.Tensor]):
-        self.feats = feats
-
-    def __call__(self, idx: list[int]) -> list[torch.Tensor]:
-        return [f[idx] for f in self.feats]
-
-
-@dataclass(kw_only=True)
-class RunData:
-    family: str
-    system: str  # the developer prompt (system turn of the policy)
-    cache_fingerprint: str
-    prompts: dict[str, list[str]]  # the cache's prompt columns
-    train_idx: np.ndarray  # cache rows of the train split
-    val_idx: np.ndarray  # cache rows of the validation (GSM8K: test) split
-    val_split: str
-    experts: list[str]  # the team, in order (empty for methods without experts)
-    features: CachedFeatures | None  # [N, d_i] per expert
-    router_emb: torch.Tensor | None  # [N, e]
-    hints: dict[str, list[str]]  # expert -> hint per row (output-collab)
-    prompt_tokens: np.ndarray | None  # [n, N] prompt length in each expert's tokenizer (cost)
-    hint_tokens: np.ndarray | None  # [n, N] generated hint tokens (cost)
-    pooling_draw: int  # which seeded draw of random_token / random_layer this run reads (seed % draws)
-    prompt_set: str = ""  # the cache's data fingerprint: runs with equal values saw the same prompts
 
 
 def load_data(cfg: TrainConfig, cache_path: Path) -> RunData:
@@ -134,7 +99,7 @@ def micro_batches_per_rank(accumulation: int, world: int) -> int:
     return accumulation // world
 
 
-def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, data: RunData,
+def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, *, data: RunData,
              dtype: torch.dtype | None = None) -> tuple[RunFolder, dict]:
     """The run folder and its resolved config, flat (`train.config.flatten`; config.yaml holds it in sections). Refuses to overwrite a run
     and to resume one made with other settings. dtype: the policy's dtype as resolved on this machine,
@@ -181,21 +146,8 @@ def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool,
 
 
 @dataclass(kw_only=True)
-class Policy:
-    """What decoding and evaluation read: no optimizer (`musk eval` builds none)."""
-
-    peft: object  # the PeftModel
-    lm: object  # the causal LM with LoRA layers injected
-    tok: object
-    adapter: torch.nn.Module  # g_phi
-    spec: AdapterSpec
-    scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
-    eos: list[int]
-
-
-@dataclass(kw_only=True)
 class Models(Policy):
-    """The policy and its training state."""
+    """The policy (train/policy.Policy: its methods) and its training state."""
 
     optimizer: torch.optim.Optimizer
     trainable: list[torch.Tensor]
@@ -236,11 +188,12 @@ def build_policy(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtyp
         context_rms=cfg.context.context_rms, context_anchor=cfg.context.context_anchor,
     )
     adapter = build_adapter(spec).to(device)
-    if hasattr(adapter, "out"):
+    if adapter.caps.context:
         adapter.out.set_anchor(emb.detach())
-    if hasattr(adapter, "experts"):
+    if adapter.caps.reads_experts:
         adapter.experts.set_feature_stats([f[data.train_idx] for f in feats])
-    return Policy(peft=peft_model, lm=lm, tok=tok, adapter=adapter, spec=spec, scale=scale, eos=eos_ids(lm, tok))
+    return Policy(peft=peft_model, lm=lm, tok=tok, adapter=adapter, spec=spec, scale=scale, eos=eos_ids(lm, tok),
+                  base=policy_spec(cfg.policy.name))
 
 
 def build_models(cfg: TrainConfig, data: RunData, device: str, dtype: torch.dtype) -> Models:
