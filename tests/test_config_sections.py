@@ -181,14 +181,14 @@ def test_resume_accepts_a_flat_config_yaml_of_an_older_run(tmp_path):
 
     cfg = load_train_config(None, {"method": "single"})
     data = SimpleNamespace(cache_fingerprint="fp", family="arithmetic", prompt_set="p")
-    _, resolved = open_run(cfg, Path("c.h5"), tmp_path / "r", False, data)
+    _, resolved = open_run(cfg, Path("c.h5"), tmp_path / "r", False, data=data)
     written = yaml.safe_load((tmp_path / "r" / "config.yaml").read_text())
     assert written["grpo"]["beta"] == cfg.grpo.beta and written["cache"] == "c.h5"
     (tmp_path / "r" / "config.yaml").write_text(yaml.safe_dump(resolved))  # flat, as an older musk wrote it
-    assert open_run(cfg, Path("c.h5"), tmp_path / "r", True, data)[1] == resolved
+    assert open_run(cfg, Path("c.h5"), tmp_path / "r", True, data=data)[1] == resolved
     other = load_train_config(None, {"method": "single", "beta": 0.1})
     with pytest.raises(MuskError, match=r"other settings: \['beta'\]"):
-        open_run(other, Path("c.h5"), tmp_path / "r", True, data)
+        open_run(other, Path("c.h5"), tmp_path / "r", True, data=data)
 
 
 @pytest.mark.slow

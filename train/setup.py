@@ -101,8 +101,8 @@ def micro_batches_per_rank(accumulation: int, world: int) -> int:
 
 def open_run(cfg: TrainConfig, cache_path: Path, out: Path | None, resume: bool, *, data: RunData,
              dtype: torch.dtype | None = None) -> tuple[RunFolder, dict]:
-    """The run folder and its resolved config, flat (`train.config.flatten`; config.yaml holds it in sections). Refuses to overwrite a run
-    and to resume one made with other settings. dtype: the policy's dtype as resolved on this machine,
+    """The run folder and its resolved config, flat (`train.config.flatten`; config.yaml holds it in
+    sections). Refuses to overwrite a run and to resume one made with other settings. dtype: the policy's dtype as resolved on this machine,
     stored as dtype_resolved beside `dtype` (auto resolves per machine); --resume refuses another one."""
     run = RunFolder(Path(out) if out is not None else Path("runs") / f"{cfg.method}-{data.family}-s{cfg.seed}")
     resolved = {**flat_dict(cfg), "cache": str(cache_path), "cache_fingerprint": data.cache_fingerprint,
