@@ -205,21 +205,22 @@ def test_cache_file_is_not_read_after_loading(tiny_cache, tiny_policy, tmp_path,
     and evaluation still run (no per-row HDF5 reads on the hot path)."""
     import cache.reader
 
+    # a copy: the shared tiny cache is read by other tests (and xdist workers) at the same time
+    own = tmp_path / "tiny.h5"
+    shutil.copy(tiny_cache, own)
     moved = tmp_path / "moved.h5"
     real_exit = cache.reader.Cache.__exit__
 
     def exit_and_move(self, *exc):
         out = real_exit(self, *exc)
-        shutil.move(str(tiny_cache), str(moved))
+        if own.exists():
+            shutil.move(str(own), str(moved))
         return out
 
     monkeypatch.setattr(cache.reader.Cache, "__exit__", exit_and_move)
-    try:
-        ov = tiny_train_overrides(tiny_policy, method="hard-routing", total_training_steps=2, test_freq=1)
-        run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
-        assert not tiny_cache.exists() and len(_metrics(run)) == 2
-    finally:
-        shutil.move(str(moved), str(tiny_cache))
+    ov = tiny_train_overrides(tiny_policy, method="hard-routing", total_training_steps=2, test_freq=1)
+    run = run_train(load_train_config(None, ov), own, tmp_path / "r", **QUIET)
+    assert not own.exists() and moved.exists() and len(_metrics(run)) == 2
 
 
 def _two_group_optimizer():
