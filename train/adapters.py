@@ -103,8 +103,6 @@ def _every_expert_decodes(prompt_tokens, hint_tokens, choice) -> dict:
 @dataclass(frozen=True, kw_only=True)
 class MethodInfo:
     name: str
-    needs_features: bool
-    needs_router: bool
     needs_hints: bool
     description: str
     module: type[nn.Module]
@@ -114,36 +112,46 @@ class MethodInfo:
     """(prompt_tokens [n, b], hint_tokens [n, b] | None, choice [b] | None) -> cost/* counts."""
 
     @property
+    def needs_features(self) -> bool:
+        """The run reads the cache's expert features (g_phi projects them)."""
+        return self.module.caps.reads_experts
+
+    @property
+    def needs_router(self) -> bool:
+        """The run reads the cache's router embeddings (hard routing)."""
+        return self.module.caps.hard_routing
+
+    @property
     def has_context(self) -> bool:
         """g_phi makes context tokens C behind an output projection (so C can be removed or nulled)."""
         return self.module.caps.context
 
 
 METHODS = registry([
-    MethodInfo(name="single", needs_features=False, needs_router=False, needs_hints=False,
+    MethodInfo(name="single", needs_hints=False,
                description="single-model RLVR: no context tokens",
                module=NoContext, build=lambda s: NoContext(), cost=_no_cost),
-    MethodInfo(name="perceiver", needs_features=True, needs_router=False, needs_hints=False,
+    MethodInfo(name="perceiver", needs_hints=False,
                description="the method: Perceiver cross-attention, m latent queries (Eqs. 5-11)",
                module=Perceiver, build=lambda s: Perceiver(list(s.expert_dims), s.d_latent, s.d_out, s.num_latents,
                                                            num_heads=s.num_heads, init_std=s.init_std, **s.out_kwargs),
                cost=_every_expert),
-    MethodInfo(name="ffn", needs_features=True, needs_router=False, needs_hints=False,
+    MethodInfo(name="ffn", needs_hints=False,
                description="the method without cross-attention: FFN(V) (Eq. 14)",
                module=FFNOnly, build=lambda s: FFNOnly(list(s.expert_dims), s.d_latent, s.d_out, s.init_std,
                                                        **s.out_kwargs),
                cost=_every_expert),
-    MethodInfo(name="hard-routing", needs_features=True, needs_router=True, needs_hints=False,
+    MethodInfo(name="hard-routing", needs_hints=False,
                description="top-1 router over a sentence embedding, one memory token (Eq. 13)",
                module=HardRouter, build=lambda s: HardRouter(list(s.expert_dims), s.d_latent, s.d_out, s.router_dim,
                                                              init_std=s.init_std, tau=s.gumbel_tau, **s.out_kwargs),
                cost=_chosen_expert),
-    MethodInfo(name="prefix", needs_features=False, needs_router=False, needs_hints=False,
+    MethodInfo(name="prefix", needs_hints=False,
                description="m trainable context tokens, no experts (prompt tuning): the perceiver without its "
                            "read of the experts",
                module=Prefix, build=lambda s: Prefix(s.d_latent, s.d_out, s.num_latents, s.init_std, **s.out_kwargs),
                cost=_no_cost),
-    MethodInfo(name="output-collab", needs_features=False, needs_router=False, needs_hints=True,
+    MethodInfo(name="output-collab", needs_hints=True,
                description="expert hints as text in an [Expert Hints] block (Eq. 12)",
                module=NoContext, build=lambda s: NoContext(), cost=_every_expert_decodes),
 ], "method")
