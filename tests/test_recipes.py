@@ -67,6 +67,24 @@ def test_recipe_name_reads_config_mappings():
     assert recipe_name({}) is None and recipe_name({"sft_warmup_steps": 0, "sft_mix_coef": 0.0}) is None
     assert recipe_name({"sft_warmup_steps": 20, "sft_warmup_train": "context"}) == "sft-warmup 20 (context)"
     assert recipe_name({"sft_mix_coef": 0.5, "sft_mix_steps": 30}) == "sft-mix 0.5/30"
+    lora = {"sft_warmup_steps": 100, "sft_warmup_train": "context+lora"}
+    assert recipe_name({**lora, "sft_reference": "warmup-end"}) == "sft-warmup 100 (context+lora, KL to warm-up end)"
+    assert recipe_name({**lora, "sft_reference": "base"}) == "sft-warmup 100 (context+lora, KL to base)"
+    assert recipe_name(lora) == "sft-warmup 100 (context+lora, KL to base)"  # an older run: what it did
+
+
+def test_an_older_run_without_the_reference_key_resumes_only_where_the_key_is_inert():
+    from train.config import keys_missing_from_old_run
+
+    new = {"sft_warmup_steps": 0, "sft_warmup_train": "context", "sft_reference": "warmup-end"}
+    old = {k: v for k, v in new.items() if k != "sft_reference"}
+    assert keys_missing_from_old_run(old, new) == ({"sft_reference": "warmup-end"}, [])
+    for warm in ({"sft_warmup_steps": 5}, {"sft_warmup_steps": 5, "sft_warmup_train": "context+lora"}):
+        n = {**new, **warm}
+        o = {k: v for k, v in n.items() if k != "sft_reference"}
+        lora = warm.get("sft_warmup_train") == "context+lora"  # before the key, its KL was to the base model
+        assert keys_missing_from_old_run(o, n) == (({}, ["sft_reference"]) if lora else ({"sft_reference": "warmup-end"}, []))
+        assert keys_missing_from_old_run(o, {**n, "sft_reference": "base"}) == ({"sft_reference": "base"}, [])
 
 
 # --- the warm-up step
@@ -176,10 +194,52 @@ def test_resume_is_exact_across_the_stage_boundary(tiny_cache, tiny_policy, tmp_
 
 
 @pytest.mark.slow
+def test_grpo_after_a_lora_warm_up_measures_kl_from_the_warm_ups_end(tiny_cache, tiny_policy, tmp_path):
+    """Step 3, the first GRPO step after a 2-step context+lora warm-up, is scored against its reference
+    before its update: against the warm-up's end the policy is its own reference (KL 0); against
+    the base model the warm-up's LoRA shows as KL > 0."""
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=3, sft_warmup_steps=2,
+                              sft_warmup_train="context+lora", lr=5e-2)
+    kl = {}
+    for ref in ("warmup-end", "base"):
+        run = run_train(load_train_config(None, {**ov, "sft_reference": ref}), tiny_cache, tmp_path / ref, **QUIET)
+        kl[ref] = _metrics(run)[2]["kl"]
+    assert kl["warmup-end"] < 1e-6 and kl["base"] > 1e-3, kl  # 0 up to the last bits of two forward paths
+
+
+@pytest.mark.slow
+def test_resume_is_exact_past_a_lora_warm_up_with_its_kl_reference(tiny_cache, tiny_policy, tmp_path):
+    """Stopped at the warm-up's last step (the reference is taken from the loaded LoRA) and one GRPO step
+    later (the checkpoint keeps it), each resume ends where the uninterrupted run does."""
+    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=4, save_freq=1, sft_warmup_steps=2,
+                              sft_warmup_train="context+lora", lr=5e-2)
+    full = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "full", **QUIET)
+    assert (full / "checkpoints" / "step_3" / "lora_ref.pt").is_file()
+    assert not (full / "checkpoints" / "step_1" / "lora_ref.pt").exists()
+    skip = {"step_seconds", "tokens_per_second"}
+    want = [{k: v for k, v in r.items() if k not in skip and not k.startswith("time/")} for r in _metrics(full)]
+    assert want[2]["kl"] < 1e-6 < want[3]["kl"]
+    for stop in (2, 3):
+        part = run_train(load_train_config(None, {**ov, "total_training_steps": stop}), tiny_cache,
+                         tmp_path / f"part{stop}", **QUIET)
+        run_train(load_train_config(None, ov), tiny_cache, part, resume=True, **QUIET)
+        got = [{k: v for k, v in r.items() if k not in skip and not k.startswith("time/")} for r in _metrics(part)]
+        assert got == want, stop
+    import shutil
+
+    shutil.rmtree(tmp_path / "part3")  # a checkpoint past the warm-up without its reference is refused by name
+    part = run_train(load_train_config(None, {**ov, "total_training_steps": 3}), tiny_cache, tmp_path / "part3", **QUIET)
+    (part / "checkpoints" / "step_3" / "lora_ref.pt").unlink()
+    with pytest.raises(MuskError, match="keeps no KL reference"):
+        run_train(load_train_config(None, ov), tiny_cache, part, resume=True, **QUIET)
+
+
+@pytest.mark.slow
 def test_a_resume_that_would_change_a_recipe_is_refused(tiny_cache, tiny_policy, tmp_path):
     ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=1, sft_warmup_steps=1)
     run = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "r", **QUIET)
-    for change in ({"sft_warmup_steps": 0}, {"sft_mix_coef": 0.5}, {"sft_warmup_train": "context+lora"}):
+    for change in ({"sft_warmup_steps": 0}, {"sft_mix_coef": 0.5}, {"sft_warmup_train": "context+lora"},
+                   {"sft_reference": "base"}):
         with pytest.raises(MuskError, match="other settings"):
             run_train(load_train_config(None, {**ov, "total_training_steps": 3, **change}), tiny_cache, run,
                       resume=True, **QUIET)

@@ -247,7 +247,14 @@ DEFAULTS_BEFORE_KEY: dict = {
     "grad_clip_scope": "global", "curve_freq": 0, "eval_null_context": False, "min_new_tokens": 0,
     "rollout_engine": "musk", "filter_groups": False, "filter_groups_max_rounds": 10, "gate_warmup_steps": 10,
     "sft_warmup_steps": 0, "sft_warmup_train": "context", "sft_mix_coef": 0.0, "sft_mix_steps": 1,
-    "lm_head_fp32": False,
+    "lm_head_fp32": False, "sft_reference": "base",
+}
+
+# Keys whose value changes nothing in a run of the given (flat) config: an older run without the key
+# resumes under today's default (sft_reference matters only after a warm-up that trained the LoRA).
+INERT_WHEN = {
+    "sft_reference": lambda c: not (int(c.get("sft_warmup_steps") or 0) > 0
+                                    and c.get("sft_warmup_train") == "context+lora"),
 }
 
 
@@ -255,7 +262,8 @@ def keys_missing_from_old_run(old: dict, new: dict, skip=()) -> tuple[dict, list
     """Keys of `new` (a resolved run config, flat: `flatten`) that an older run's `old` config (flat) lacks: (those that take
     their pre-existing default, {key: value}; those that cannot, sorted)."""
     missing = sorted(k for k in new if k not in old and k not in skip)
-    ok = {k: new[k] for k in missing if k in DEFAULTS_BEFORE_KEY and DEFAULTS_BEFORE_KEY[k] == new[k]}
+    ok = {k: new[k] for k in missing if (k in DEFAULTS_BEFORE_KEY and DEFAULTS_BEFORE_KEY[k] == new[k])
+          or (k in INERT_WHEN and INERT_WHEN[k](new))}
     return ok, [k for k in missing if k not in ok]
 
 

@@ -233,6 +233,23 @@ def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, *, rows: int = 64, te
     return torch.cat(out).view(ids.shape)
 
 
+@contextmanager
+def swapped_lora(peft, weights: dict):
+    """The LoRA tensors named in `weights` hold those values inside the block and their own after it
+    (copied in place, no gradients: the optimizer's tensors stay the same objects)."""
+    params = dict(peft.named_parameters())
+    own = {n: params[n].detach().clone() for n in weights}
+    with torch.no_grad():
+        for n, v in weights.items():
+            params[n].copy_(v)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, v in own.items():
+                params[n].copy_(v)
+
+
 @dataclass(kw_only=True)
 class Policy:
     """What decoding, evaluation and the loss read: the LM with LoRA, g_phi, the tokenizer, and the
@@ -246,6 +263,7 @@ class Policy:
     scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
     eos: list[int]
     base: ExpertSpec | None = None  # where the base weights come from (what `save` records)
+    ref_lora: dict | None = None  # GRPO's KL reference LoRA {name: tensor}; None: the LoRA off (the paper)
 
     @property
     def caps(self) -> Capabilities:
@@ -284,9 +302,14 @@ class Policy:
                                    entropy=entropy)
 
     def reference_logprobs(self, embeds, mask, tokens, live, *, group: int = 1, temperature: float = 1.0):
-        """log pi_ref(y_t | prefix) [N, T]: the same weights with the LoRA off, no gradients."""
-        with torch.no_grad(), self.peft.disable_adapter():
-            return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
+        """log pi_ref(y_t | prefix) [N, T], no gradients: the same weights with the LoRA off, or with the
+        LoRA of `ref_lora` (the warm-up's end, train/recipes.kl_to_warmup_end) swapped in for the call."""
+        with torch.no_grad():
+            if self.ref_lora is None:
+                with self.peft.disable_adapter():
+                    return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
+            with swapped_lora(self.peft, self.ref_lora):
+                return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
 
     def gate_value(self) -> float | None:
         """The context gate's factor (None: no gate, or no C)."""

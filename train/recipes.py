@@ -8,7 +8,9 @@ training split only (the same data order GRPO reads: the held-out split cannot b
 
 - sft_warmup_steps W: steps 1..W are supervised (no rollouts, no reward); GRPO runs steps W+1..total.
   sft_warmup_train says what the warm-up trains: `context` (g_phi and its gate, the LoRA frozen: the
-  projector-first stage) or `context+lora`.
+  projector-first stage) or `context+lora`. After a context+lora warm-up GRPO's KL reference is the
+  policy as the warm-up left it (sft_reference warmup-end, RLHF's KL to the supervised model), not the
+  base model, whose KL term would pull the LoRA back and undo the warm-up.
 - sft_mix_coef c, sft_mix_steps D: at GRPO step t (t = 1 the first step after the warm-up) the loss is
   GRPO's plus c * max(0, 1 - (t - 1) / D) * answer_nll, so the supervised term decays linearly to 0 over
   D GRPO steps and the run ends as the paper's GRPO (docs/grpo.md says why this and not a reference
@@ -21,11 +23,14 @@ its recipe (`recipe_name`). Refusals live in TrainConfig.validate.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from core import dist
+from core.errors import MuskError
+from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.optim import begin_step, update
 from train.policy import Policy
@@ -69,12 +74,44 @@ def mix_coef(cfg: TrainConfig, step: int) -> float:
     return cfg.recipe.sft_mix_coef * max(0.0, 1.0 - (t - 1) / cfg.recipe.sft_mix_steps)
 
 
+def kl_to_warmup_end(cfg: TrainConfig) -> bool:
+    """Whether GRPO's KL reference is the LoRA as the warm-up left it (a snapshot taken after step
+    sft_warmup_steps) instead of the LoRA off: a context+lora warm-up with sft_reference warmup-end."""
+    r = cfg.recipe
+    return r.sft_warmup_steps > 0 and r.sft_warmup_train == "context+lora" and r.sft_reference == "warmup-end"
+
+
+def lora_snapshot(peft) -> dict[str, torch.Tensor]:
+    """{name: detached copy} of the LoRA's trainable tensors: the KL reference kl_to_warmup_end takes."""
+    return {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad and "lora_" in n}
+
+
+def resumed_reference(cfg: TrainConfig, m: Policy, checkpoint: Path, step: int) -> dict | None:
+    """The KL reference LoRA a resume at `step` continues with: the checkpoint's, or the loaded LoRA
+    itself at the warm-up's last step (the snapshot the uninterrupted run takes there). Raises MuskError
+    for a checkpoint past a context+lora warm-up that keeps none (written before the reference was kept)."""
+    if not kl_to_warmup_end(cfg) or step < cfg.recipe.sft_warmup_steps:
+        return None
+    kept = ckpt.load_reference(checkpoint)
+    if kept is not None:
+        return kept
+    if step == cfg.recipe.sft_warmup_steps:
+        return lora_snapshot(m.peft)
+    raise MuskError(f"--resume: {checkpoint} is past the warm-up (step {step} > {cfg.recipe.sft_warmup_steps}) and "
+                    f"keeps no KL reference ({ckpt.REFERENCE}); resume from the warm-up's last checkpoint or start a new run")
+
+
 def recipe_name(config: dict) -> str | None:
-    """A run's recipe in words from its config mapping ('sft-warmup 20 (context)', 'sft-mix 0.5/30'),
-    None for the paper's recipe (reward only). Keys absent from an older run's config read as off."""
+    """A run's recipe in words from its config mapping ('sft-warmup 20 (context)', 'sft-warmup 100
+    (context+lora, KL to warm-up end)', 'sft-mix 0.5/30'), None for the paper's recipe (reward only). Keys
+    absent from an older run's config read as off, and its KL reference as the base model (what it did)."""
     parts = []
     if int(config.get("sft_warmup_steps", 0) or 0) > 0:
-        parts.append(f"sft-warmup {config['sft_warmup_steps']} ({config.get('sft_warmup_train', 'context')})")
+        train = config.get("sft_warmup_train", "context")
+        if train == "context+lora":
+            ref = "warm-up end" if config.get("sft_reference", "base") == "warmup-end" else "base"
+            train = f"{train}, KL to {ref}"
+        parts.append(f"sft-warmup {config['sft_warmup_steps']} ({train})")
     if float(config.get("sft_mix_coef", 0.0) or 0.0) > 0:
         parts.append(f"sft-mix {config['sft_mix_coef']:g}/{config.get('sft_mix_steps')}")
     return " + ".join(parts) or None
