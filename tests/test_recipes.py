@@ -194,44 +194,39 @@ def test_resume_is_exact_across_the_stage_boundary(tiny_cache, tiny_policy, tmp_
 
 
 @pytest.mark.slow
-def test_grpo_after_a_lora_warm_up_measures_kl_from_the_warm_ups_end(tiny_cache, tiny_policy, tmp_path):
+def test_grpo_after_a_lora_warm_up_measures_kl_from_the_warm_ups_end_and_resumes_exactly(tiny_cache, tiny_policy,
+                                                                                         tmp_path):
     """Step 3, the first GRPO step after a 2-step context+lora warm-up, is scored against its reference
-    before its update: against the warm-up's end the policy is its own reference (KL 0); against
-    the base model the warm-up's LoRA shows as KL > 0."""
-    ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=3, sft_warmup_steps=2,
-                              sft_warmup_train="context+lora", lr=5e-2)
-    kl = {}
-    for ref in ("warmup-end", "base"):
-        run = run_train(load_train_config(None, {**ov, "sft_reference": ref}), tiny_cache, tmp_path / ref, **QUIET)
-        kl[ref] = _metrics(run)[2]["kl"]
-    assert kl["warmup-end"] < 1e-6 and kl["base"] > 1e-3, kl  # 0 up to the last bits of two forward paths
+    before its update: against the warm-up's end the policy is its own reference (KL 0); against the base
+    model the warm-up's LoRA shows as KL > 0. Stopped at the warm-up's last step (the reference is taken
+    from the loaded LoRA) and one GRPO step later (the checkpoint keeps it), a resume ends where the
+    uninterrupted run does; a checkpoint past the warm-up without its reference is refused by name."""
+    import shutil
 
-
-@pytest.mark.slow
-def test_resume_is_exact_past_a_lora_warm_up_with_its_kl_reference(tiny_cache, tiny_policy, tmp_path):
-    """Stopped at the warm-up's last step (the reference is taken from the loaded LoRA) and one GRPO step
-    later (the checkpoint keeps it), each resume ends where the uninterrupted run does."""
     ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=4, save_freq=1, sft_warmup_steps=2,
                               sft_warmup_train="context+lora", lr=5e-2)
+    skip = {"step_seconds", "tokens_per_second"}
+
+    def metrics(run):
+        return [{k: v for k, v in r.items() if k not in skip and not k.startswith("time/")} for r in _metrics(run)]
+
     full = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "full", **QUIET)
+    want = metrics(full)
+    base = run_train(load_train_config(None, {**ov, "total_training_steps": 3, "sft_reference": "base"}), tiny_cache,
+                     tmp_path / "base", **QUIET)
+    assert want[2]["kl"] < 1e-6 < 1e-3 < metrics(base)[2]["kl"]  # 0 up to the last bits of two forward paths
     assert (full / "checkpoints" / "step_3" / "lora_ref.pt").is_file()
     assert not (full / "checkpoints" / "step_1" / "lora_ref.pt").exists()
-    skip = {"step_seconds", "tokens_per_second"}
-    want = [{k: v for k, v in r.items() if k not in skip and not k.startswith("time/")} for r in _metrics(full)]
-    assert want[2]["kl"] < 1e-6 < want[3]["kl"]
     for stop in (2, 3):
         part = run_train(load_train_config(None, {**ov, "total_training_steps": stop}), tiny_cache,
                          tmp_path / f"part{stop}", **QUIET)
+        if stop == 3:
+            bare = shutil.copytree(part, tmp_path / "bare")
+            (bare / "checkpoints" / "step_3" / "lora_ref.pt").unlink()
+            with pytest.raises(MuskError, match="keeps no KL reference"):
+                run_train(load_train_config(None, ov), tiny_cache, bare, resume=True, **QUIET)
         run_train(load_train_config(None, ov), tiny_cache, part, resume=True, **QUIET)
-        got = [{k: v for k, v in r.items() if k not in skip and not k.startswith("time/")} for r in _metrics(part)]
-        assert got == want, stop
-    import shutil
-
-    shutil.rmtree(tmp_path / "part3")  # a checkpoint past the warm-up without its reference is refused by name
-    part = run_train(load_train_config(None, {**ov, "total_training_steps": 3}), tiny_cache, tmp_path / "part3", **QUIET)
-    (part / "checkpoints" / "step_3" / "lora_ref.pt").unlink()
-    with pytest.raises(MuskError, match="keeps no KL reference"):
-        run_train(load_train_config(None, ov), tiny_cache, part, resume=True, **QUIET)
+        assert metrics(part) == want, stop
 
 
 @pytest.mark.slow
