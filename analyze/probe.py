@@ -25,6 +25,7 @@ tokenizer); random_token / random_layer read draw 0 of their seeded draws.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ class ProbeResult(NamedTuple):
     n_val: int
     classes: int
     """Distinct labels in the training split."""
+    unconverged: int = 0
+    """Fits (of the 1 + permutations) whose lbfgs stopped at max_iter before converging."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     Standardised per dimension with the training split's mean and std (a constant dimension is left
     at 0). Raises MuskError on empty splits, non-finite features, fewer than MIN_PERMUTATIONS
     permutations, or one training class (every classifier is then the majority rule: nothing to probe)."""
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
@@ -135,10 +139,16 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     scaler = StandardScaler().fit(x_train)
     xt, xv = scaler.transform(x_train), scaler.transform(x_val)
 
+    stopped = []  # one entry per fit whose lbfgs ran out of iterations (counted, not printed per fit)
+
     def hits(labels: np.ndarray) -> np.ndarray:
         if len(np.unique(labels)) < 2:  # a permutation keeps the classes, so this cannot happen; kept safe
             return y_val == labels[0]
-        return LogisticRegression(C=cfg.C, max_iter=cfg.max_iter).fit(xt, labels).predict(xv) == y_val
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            clf = LogisticRegression(C=cfg.C, max_iter=cfg.max_iter).fit(xt, labels)
+        stopped.extend(w for w in caught if issubclass(w.category, ConvergenceWarning))
+        return clf.predict(xv) == y_val
 
     rng = np.random.default_rng(cfg.seed)
     shuffled = np.array([hits(rng.permutation(y_train)).mean() for _ in range(cfg.permutations)])
@@ -146,7 +156,8 @@ def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     n, k_maj = len(y_val), int(np.sum(y_val == values[np.argmax(counts)]))
     res = ProbeResult(float(got.mean()), *wilson(int(got.sum()), n), float(shuffled.mean()),
                       float(np.percentile(shuffled, 95)), cfg.permutations, k_maj / n, *wilson(k_maj, n),
-                      1 / len(values), float(np.mean(~np.isin(y_val, values))), len(y_train), n, len(values))
+                      1 / len(values), float(np.mean(~np.isin(y_val, values))), len(y_train), n, len(values),
+                      len(stopped))
     return res, got
 
 
@@ -251,6 +262,13 @@ def _pct(r: dict, key: str) -> str:
     return f"{100 * r[key]:.1f} [{100 * r[key + '_lo']:.1f}, {100 * r[key + '_hi']:.1f}]"
 
 
+def _unconverged(rows: list[dict]) -> str:
+    n = sum(r.get("unconverged", 0) for r in rows)
+    fits = sum(1 + r["permutations"] for r in rows)
+    return (f" lbfgs stopped at its iteration limit before converging in {n} of {fits} fits (scikit-learn's "
+            "ConvergenceWarning, counted here instead of printed per fit)." if n else "")
+
+
 def probe_markdown(rows: list[dict], title: str) -> str:
     """The probe table as Markdown: accuracies in % of held-out prompts with Wilson 95% intervals."""
     if len(rows) < 2:
@@ -275,7 +293,7 @@ def probe_markdown(rows: list[dict], title: str) -> str:
             f"and the last 16 tokens by position); − control: expert minus control, paired on the same prompts "
             f"(Newcombe's hybrid score interval): the claim is what an expert's state adds to the question. Shuffled "
             f"labels: {r0['permutations']} permutations of the training labels. random_token / random_layer: draw 0. "
-            f"{sum(r['seconds'] for r in rows):.1f} s in all.\n")
+            f"{sum(r['seconds'] for r in rows):.1f} s in all.{_unconverged(rows)}\n")
     return f"### {title}\n\n{head}{body}{note}"
 
 

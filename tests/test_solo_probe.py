@@ -48,6 +48,19 @@ def test_probe_on_noise_is_calibrated():
     assert wins <= 2
 
 
+def test_unconverged_fits_are_counted_not_printed(recwarn):
+    """lbfgs capped at 2 iterations stops early in every fit: the count says so, and no warning escapes."""
+    from analyze.probe import probe_markdown
+
+    y, informative, _, n = _synthetic(1, n_train=120, n_val=40, k=3, d=8)
+    capped = linear_probe(informative[:n], y[:n], informative[n:], y[n:], ProbeConfig(max_iter=2))
+    assert capped.unconverged == 21 and not [w for w in recwarn if "converge" in str(w.message)]
+    assert linear_probe(informative[:n], y[:n], informative[n:], y[n:]).unconverged == 0
+    row = {**capped._asdict(), "expert": "e", "variant": "v", "dim": 8, "minus_control": None, "seconds": 0.0,
+           "split": "val", "target": "answer"}
+    assert "in 21 of 42 fits" in probe_markdown([{**row, "unconverged": 0}, row], "t")
+
+
 def test_probe_edge_cases():
     x = np.zeros((4, 3))
     with pytest.raises(MuskError, match="one class"):  # every classifier would be the majority rule
