@@ -29,14 +29,14 @@ def test_speed_table_one_cell_per_seed_and_recipe_rows_apart():
     t = speed_table(runs)
     rows = dict(t.rows)
     assert rows["secret-label / perceiver"] == ["s0: 10; s1: —"]
-    assert rows["secret-label / perceiver + sft-warmup 20 (context)"] == ["s0: 10"]
+    assert rows["secret-label / perceiver + sft-warmup 20 (context, KL to base)"] == ["s0: 10"]
 
 
 def test_a_recipe_row_is_never_labelled_as_the_paper_method():
     assert method_label("perceiver", {"sft_warmup_steps": 0, "sft_mix_coef": 0.0}, []) == "perceiver"
     assert method_label("prefix", {"sft_mix_coef": 0.5, "sft_mix_steps": 30}, ["sft_mix_coef"]) == "prefix + sft-mix 0.5/30"
     assert method_label("prefix", {"sft_warmup_steps": 5, "num_latents": 4}, ["num_latents"]) == \
-        "prefix + sft-warmup 5 (context) [num_latents=4]"
+        "prefix + sft-warmup 5 (context, KL to base) [num_latents=4]"
 
 
 def test_the_report_reads_a_recipe_run_whose_first_steps_are_warm_up(tmp_path):

@@ -65,12 +65,13 @@ def test_mix_coef_decays_linearly_to_zero_after_the_warm_up(tiny_policy):
 
 def test_recipe_name_reads_config_mappings():
     assert recipe_name({}) is None and recipe_name({"sft_warmup_steps": 0, "sft_mix_coef": 0.0}) is None
-    assert recipe_name({"sft_warmup_steps": 20, "sft_warmup_train": "context"}) == "sft-warmup 20 (context)"
+    # a run from before sft_reference existed: its KL was to the base model (what it did)
+    assert recipe_name({"sft_warmup_steps": 20, "sft_warmup_train": "context"}) == "sft-warmup 20 (context, KL to base)"
     assert recipe_name({"sft_mix_coef": 0.5, "sft_mix_steps": 30}) == "sft-mix 0.5/30"
     lora = {"sft_warmup_steps": 100, "sft_warmup_train": "context+lora"}
     assert recipe_name({**lora, "sft_reference": "warmup-end"}) == "sft-warmup 100 (context+lora, KL to warm-up end)"
     assert recipe_name({**lora, "sft_reference": "base"}) == "sft-warmup 100 (context+lora, KL to base)"
-    assert recipe_name(lora) == "sft-warmup 100 (context+lora, KL to base)"  # an older run: what it did
+    assert recipe_name(lora) == "sft-warmup 100 (context+lora, KL to base)"
 
 
 def test_an_older_run_without_the_reference_key_resumes_only_where_the_key_is_inert():
@@ -78,12 +79,11 @@ def test_an_older_run_without_the_reference_key_resumes_only_where_the_key_is_in
 
     new = {"sft_warmup_steps": 0, "sft_warmup_train": "context", "sft_reference": "warmup-end"}
     old = {k: v for k, v in new.items() if k != "sft_reference"}
-    assert keys_missing_from_old_run(old, new) == ({"sft_reference": "warmup-end"}, [])
-    for warm in ({"sft_warmup_steps": 5}, {"sft_warmup_steps": 5, "sft_warmup_train": "context+lora"}):
-        n = {**new, **warm}
+    assert keys_missing_from_old_run(old, new) == ({"sft_reference": "warmup-end"}, [])  # no warm-up: inert
+    for what in ("context", "context+lora"):  # before the key, the KL after a warm-up was to the base model
+        n = {**new, "sft_warmup_steps": 5, "sft_warmup_train": what}
         o = {k: v for k, v in n.items() if k != "sft_reference"}
-        lora = warm.get("sft_warmup_train") == "context+lora"  # before the key, its KL was to the base model
-        assert keys_missing_from_old_run(o, n) == (({}, ["sft_reference"]) if lora else ({"sft_reference": "warmup-end"}, []))
+        assert keys_missing_from_old_run(o, n) == ({}, ["sft_reference"])
         assert keys_missing_from_old_run(o, {**n, "sft_reference": "base"}) == ({"sft_reference": "base"}, [])
 
 
@@ -193,12 +193,33 @@ def test_resume_is_exact_across_the_stage_boundary(tiny_cache, tiny_policy, tmp_
     assert a == b
 
 
+def test_the_reference_reads_c_as_the_warm_up_left_g_phi(tiny_cache, tiny_policy):
+    """After the snapshot, the reference's input holds the warm-up's C (not the closed gate's), and it stays
+    there while GRPO moves g_phi; without a snapshot it reads the closed gate (the paper)."""
+    from train.recipes import warmup_reference
+
+    cfg, data, m = _models(tiny_cache, tiny_policy, method="perceiver", context_gate="rms", sft_warmup_steps=1)
+    idx = [int(i) for i in data.train_idx[:2]]
+    with torch.no_grad():
+        m.adapter.out.gate.fill_(1.0)  # the warm-up opened the gate
+        paper = m.inputs(cfg, data, idx, device="cpu")
+        m.reference = warmup_reference(m)
+        at_end = m.inputs(cfg, data, idx, device="cpu")
+        for p in m.adapter.parameters():  # GRPO moves g_phi on
+            p.add_(0.5)
+        later = m.inputs(cfg, data, idx, device="cpu")
+    assert not torch.equal(paper.ref_embeds, paper.embeds)  # the paper's reference: C's gate closed
+    assert torch.equal(at_end.ref_embeds, at_end.embeds)  # the policy is its own reference at the warm-up's end
+    assert torch.equal(later.ref_embeds, at_end.ref_embeds) and not torch.equal(later.embeds, at_end.embeds)
+    assert all(not p.requires_grad for p in m.reference.adapter.parameters())
+
+
 @pytest.mark.slow
 def test_grpo_after_a_lora_warm_up_measures_kl_from_the_warm_ups_end_and_resumes_exactly(tiny_cache, tiny_policy,
                                                                                          tmp_path):
     """Step 3, the first GRPO step after a 2-step context+lora warm-up, is scored against its reference
-    before its update: against the warm-up's end the policy is its own reference (KL 0); against the base
-    model the warm-up's LoRA shows as KL > 0. Stopped at the warm-up's last step (the reference is taken
+    before its update: against the warm-up's end (its LoRA, g_phi and gate) the policy is its own
+    reference (KL 0); against the paper's (LoRA off, gate closed) the warm-up's LoRA shows as KL > 0. Stopped at the warm-up's last step (the reference is taken
     from the loaded LoRA) and one GRPO step later (the checkpoint keeps it), a resume ends where the
     uninterrupted run does; a checkpoint past the warm-up without its reference is refused by name."""
     import shutil
@@ -212,17 +233,18 @@ def test_grpo_after_a_lora_warm_up_measures_kl_from_the_warm_ups_end_and_resumes
 
     full = run_train(load_train_config(None, ov), tiny_cache, tmp_path / "full", **QUIET)
     want = metrics(full)
+    assert want[2]["kl"] < 1e-6  # 0 up to the last bits of two forward paths
     base = run_train(load_train_config(None, {**ov, "total_training_steps": 3, "sft_reference": "base"}), tiny_cache,
                      tmp_path / "base", **QUIET)
-    assert want[2]["kl"] < 1e-6 < 1e-3 < metrics(base)[2]["kl"]  # 0 up to the last bits of two forward paths
-    assert (full / "checkpoints" / "step_3" / "lora_ref.pt").is_file()
-    assert not (full / "checkpoints" / "step_1" / "lora_ref.pt").exists()
+    assert metrics(base)[2]["kl"] > 1e-3
+    assert (full / "checkpoints" / "step_3" / "reference.pt").is_file()
+    assert not (full / "checkpoints" / "step_1" / "reference.pt").exists()
     for stop in (2, 3):
         part = run_train(load_train_config(None, {**ov, "total_training_steps": stop}), tiny_cache,
                          tmp_path / f"part{stop}", **QUIET)
         if stop == 3:
             bare = shutil.copytree(part, tmp_path / "bare")
-            (bare / "checkpoints" / "step_3" / "lora_ref.pt").unlink()
+            (bare / "checkpoints" / "step_3" / "reference.pt").unlink()
             with pytest.raises(MuskError, match="keeps no KL reference"):
                 run_train(load_train_config(None, ov), tiny_cache, bare, resume=True, **QUIET)
         run_train(load_train_config(None, ov), tiny_cache, part, resume=True, **QUIET)

@@ -23,13 +23,13 @@ def trainable_state(named_params) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in named_params if p.requires_grad}
 
 
-REFERENCE = "lora_ref.pt"  # GRPO's KL reference LoRA after a context+lora warm-up (train/recipes.py)
+REFERENCE = "reference.pt"  # GRPO's KL reference after a warm-up: {"lora": ..., "adapter": ...} (train/recipes.py)
 
 
 def save_checkpoint(run: RunFolder, step: int, model, adapter, *, optimizer, state: dict,
                     reference: dict | None = None) -> Path:
-    """A checkpoint folder for `step`; reference: the KL reference LoRA ({name: tensor}), kept beside the
-    weights so a resume past the warm-up reads the same reference."""
+    """A checkpoint folder for `step`; reference: the KL reference after a warm-up (train/recipes.reference_state:
+    tensors only), kept beside the weights so a resume past the warm-up reads the same reference."""
     final = run.checkpoint(step)
     with atomic_path(final, directory=True) as tmp:
         _write_checkpoint(tmp, step, model, adapter, optimizer=optimizer, state=state)
@@ -39,7 +39,7 @@ def save_checkpoint(run: RunFolder, step: int, model, adapter, *, optimizer, sta
 
 
 def load_reference(path: Path) -> dict | None:
-    """The KL reference LoRA a checkpoint folder keeps, None when it keeps none."""
+    """The KL reference a checkpoint folder keeps ({"lora", "adapter"} state), None when it keeps none."""
     return safe_load(path / REFERENCE) if (path / REFERENCE).is_file() else None
 
 

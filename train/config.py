@@ -251,11 +251,8 @@ DEFAULTS_BEFORE_KEY: dict = {
 }
 
 # Keys whose value changes nothing in a run of the given (flat) config: an older run without the key
-# resumes under today's default (sft_reference matters only after a warm-up that trained the LoRA).
-INERT_WHEN = {
-    "sft_reference": lambda c: not (int(c.get("sft_warmup_steps") or 0) > 0
-                                    and c.get("sft_warmup_train") == "context+lora"),
-}
+# resumes under today's default (sft_reference matters only after a warm-up).
+INERT_WHEN = {"sft_reference": lambda c: not int(c.get("sft_warmup_steps") or 0) > 0}
 
 
 def keys_missing_from_old_run(old: dict, new: dict, skip=()) -> tuple[dict, list[str]]:

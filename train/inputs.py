@@ -31,6 +31,7 @@ class PolicyParts(Protocol):
     tok: Any  # its tokenizer (left padding)
     adapter: torch.nn.Module  # g_phi (train/gphi.py)
     scale: float  # the embedding scale C is multiplied by
+    reference: Any  # train/policy.KLReference or None: what GRPO's reference reads as C
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,12 +167,14 @@ def expert_features(data: RunData, idx: list[int], view: ExpertView = ALL) -> li
     return feats
 
 
-def context_tokens(m: PolicyParts, data: RunData, idx: list[int], device: str, view: ExpertView = ALL) -> AdapterOut:
-    """g_phi on prompts idx: C [b, m, d_out] (scaled like the policy's token embeddings) with grad,
-    expert attention [b, m, n] and the routed expert [b] where the method has them."""
+def context_tokens(m: PolicyParts, data: RunData, idx: list[int], device: str, view: ExpertView = ALL, *,
+                   adapter: torch.nn.Module | None = None) -> AdapterOut:
+    """g_phi (or `adapter`, another copy of it) on prompts idx: C [b, m, d_out] (scaled like the policy's
+    token embeddings) with grad, expert attention [b, m, n] and the routed expert [b] where the method has them."""
+    g = adapter if adapter is not None else m.adapter
     feats = [f.to(device) for f in expert_features(data, idx, view)] if data.features is not None else []
     rb = data.router_emb[idx].to(device) if data.router_emb is not None else None
-    o = m.adapter(feats, rb, keep=view.keep) if view.keep is not None else m.adapter(feats, rb)
+    o = g(feats, rb, keep=view.keep) if view.keep is not None else g(feats, rb)
     if o.context is not None and o.context.shape[0] != len(idx):  # prefix: one C [1, m, d] for every prompt
         o = o._replace(context=o.context.expand(len(idx), -1, -1))
     return o._replace(context=o.context * m.scale if o.context is not None else None)
@@ -201,7 +204,8 @@ class PolicyInputs(NamedTuple):
     """What the policy and the reference read for b prompts, C or the hint block spliced in."""
 
     embeds: torch.Tensor  # [b, L, d] the policy's input (differentiable into g_phi)
-    ref_embeds: torch.Tensor  # [b, L, d] the reference's: C with its gate closed, or zeros at the hints
+    ref_embeds: torch.Tensor  # [b, L, d] the reference's: C with its gate closed (after a warm-up: the
+    #                           warm-up's C), or zeros at the hints
     mask: torch.Tensor  # [b, L] left padded
     ctx: AdapterOut | None  # g_phi's output (None with C removed)
 
@@ -224,6 +228,9 @@ def policy_inputs(cfg: TrainConfig, m: PolicyParts, data: RunData, idx: list[int
         extra = ref_extra = null_context_tokens(m, ctx.context)
         if mode == "with":
             extra = ctx.context
+            if m.reference is not None:  # after a warm-up: C as the warm-up left g_phi and its gate
+                with torch.no_grad():
+                    ref_extra = context_tokens(m, data, idx, device, view, adapter=m.reference.adapter).context
     elif block:
         texts = [hint_block_text(expert_hints(data, i, view), cfg.context.hint_format) for i in idx]
         ids, extra_mask = encode_blocks(m.tok, texts, device)  # [b, H]

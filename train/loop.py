@@ -40,8 +40,8 @@ from train.config import TrainConfig, advantage_scale
 from train.grpo import group_advantages, grpo_loss, sampler_gap, truncated_rows
 from train.optim import NonFinite, begin_step, update
 from train.policy import check_policy, merged_lora_weights
-from train.recipes import (answer_nll, in_warmup, kl_to_warmup_end, lora_snapshot, mix_coef, resumed_reference,
-                           warmup_step)
+from train.recipes import (answer_nll, in_warmup, kl_to_warmup_end, mix_coef, reference_state, resumed_reference,
+                           warmup_reference, warmup_step)
 from train.records import completion_records, micro_stats, step_record, summary_record, update_record
 from train.rollouts import Rollouts, draw_informative, micro_seed
 from train.data import FeatureSource, RunData
@@ -298,14 +298,14 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
             if in_warmup(cfg, step):  # the supervised warm-up's steps (sft_warmup_steps): no rollouts
                 rec, cursor = warmup_step(cfg, m, data, step, cursor=cursor, device=device)
                 if step == cfg.recipe.sft_warmup_steps and kl_to_warmup_end(cfg):
-                    m.ref_lora = lora_snapshot(m.peft)  # GRPO's KL reference from here on
+                    m.reference = warmup_reference(m)  # GRPO's KL reference from here on
             else:
                 rec, cursor = train_step(cfg, m, data, step=step, cursor=cursor, device=device, scorer=scorer,
                                          run=run if main else None)
         except NonFinite as e:
             if main and e.it == 0:  # pass it > 0: the weights hold this step's first updates, not step-1's
                 ckpt.save_checkpoint(run, step - 1, m.peft, m.adapter, optimizer=m.optimizer,
-                                     state={"cursor": cursor_at_start}, reference=m.ref_lora)
+                                     state={"cursor": cursor_at_start}, reference=reference_state(m.reference))
             bar.close()
             saved = f"saved {run.checkpoint(step - 1)}" if e.it == 0 else \
                 f"saved nothing (pass {e.it + 1} of num_iterations; the last checkpoint is the one to resume)"
@@ -346,7 +346,7 @@ def train_loop(cfg: TrainConfig, m: Models, data: RunData, *, run: RunFolder, st
             dist.barrier()
         if step % cfg.run.save_freq == 0 or step == cfg.optim.total_training_steps:
             ckpt.save_checkpoint(run, step, m.peft, m.adapter, optimizer=m.optimizer, state={"cursor": cursor},
-                                 reference=m.ref_lora)
+                                 reference=reference_state(m.reference))
     bar.close()
     return last_eval
 
@@ -379,7 +379,7 @@ def run_train(cfg: TrainConfig, cache_path: Path, out: Path | None = None, *, ev
         if last is not None:
             state = ckpt.load_checkpoint(last, m.peft, m.adapter, m.optimizer)
             start_step, cursor = state["step"], state["cursor"]
-            m.ref_lora = resumed_reference(cfg, m, last, start_step)
+            m.reference = resumed_reference(cfg, m, last, start_step)
         if dist.is_main():
             run.truncate(start_step)
             log(f"resuming {run} at step {start_step}")

@@ -13,7 +13,7 @@ import json
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -233,6 +233,14 @@ def token_logprobs(lm, h: torch.Tensor, ids: torch.Tensor, *, rows: int = 64, te
     return torch.cat(out).view(ids.shape)
 
 
+class KLReference(NamedTuple):
+    """GRPO's KL reference after a supervised warm-up (train/recipes.kl_to_warmup_end): the policy as the
+    warm-up left it. The reference reads C made by `adapter` and decodes with `lora` swapped in."""
+
+    lora: dict  # {name: tensor} the LoRA's trainable tensors
+    adapter: torch.nn.Module  # a frozen copy of g_phi and its gate
+
+
 @contextmanager
 def swapped_lora(peft, weights: dict):
     """The LoRA tensors named in `weights` hold those values inside the block and their own after it
@@ -263,7 +271,7 @@ class Policy:
     scale: float  # the policy's embedding scale (Gemma: sqrt(d)); C is multiplied by it like tokens are
     eos: list[int]
     base: ExpertSpec | None = None  # where the base weights come from (what `save` records)
-    ref_lora: dict | None = None  # GRPO's KL reference LoRA {name: tensor}; None: the LoRA off (the paper)
+    reference: KLReference | None = None  # GRPO's KL reference after a warm-up; None: the paper's (LoRA off, gate closed)
 
     @property
     def caps(self) -> Capabilities:
@@ -303,12 +311,13 @@ class Policy:
 
     def reference_logprobs(self, embeds, mask, tokens, live, *, group: int = 1, temperature: float = 1.0):
         """log pi_ref(y_t | prefix) [N, T], no gradients: the same weights with the LoRA off, or with the
-        LoRA of `ref_lora` (the warm-up's end, train/recipes.kl_to_warmup_end) swapped in for the call."""
+        LoRA of `reference` (the warm-up's end, train/recipes.kl_to_warmup_end) swapped in for the call.
+        `embeds` are the reference's inputs (PolicyInputs.ref_embeds: C as the reference reads it)."""
         with torch.no_grad():
-            if self.ref_lora is None:
+            if self.reference is None:
                 with self.peft.disable_adapter():
                     return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
-            with swapped_lora(self.peft, self.ref_lora):
+            with swapped_lora(self.peft, self.reference.lora):
                 return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
 
     def gate_value(self) -> float | None:

@@ -19,11 +19,10 @@ class RecipeConfig:
     """What the warm-up trains: context (g_phi and its gate; the LoRA frozen: LLaVA's projector-first
     stage) or context+lora. single and output-collab have no g_phi: they take context+lora only."""
     sft_reference: Literal["warmup-end", "base"] = "warmup-end"
-    """GRPO's KL reference after a warm-up that trains the LoRA (sft_warmup_train context+lora): warmup-end,
-    the policy as the warm-up left it (RLHF's KL to the supervised model: InstructGPT, DeepSeek-R1), or
-    base, the LoRA off, whose KL term pulls the LoRA back to the base model and undoes what the warm-up
-    taught it (docs/results.md, the sums probe). Inert otherwise: a context-only warm-up leaves the LoRA at
-    its zero start, where the two references coincide; g_phi's C is read by either reference."""
+    """GRPO's KL reference after a warm-up: warmup-end, the policy as the warm-up left it (its LoRA, g_phi
+    and gate: RLHF's KL to the supervised model, as InstructGPT and DeepSeek-R1), or base, the paper's
+    (LoRA off, C's gate closed), whose KL term pulls the policy back to where it started and undoes the
+    warm-up (docs/results.md, the sums probe). Inert without a warm-up."""
     sft_mix_coef: float = bound(0.0, ge=0, note="0: off")
     """Mixed objective: GRPO's loss plus sft_mix_coef * max(0, 1 - (t - 1) / sft_mix_steps) times the
     answer NLL at GRPO step t (a supervised term that decays to 0; CHORD-style). 0: off (the paper)."""

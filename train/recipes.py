@@ -22,6 +22,7 @@ its recipe (`recipe_name`). Refusals live in TrainConfig.validate.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -33,7 +34,7 @@ from core.errors import MuskError
 from train import checkpoint as ckpt
 from train.config import TrainConfig
 from train.optim import begin_step, update
-from train.policy import Policy
+from train.policy import KLReference, Policy
 from train.data import RunData
 from train.setup import Models, micro_batches_per_rank, step_prompts
 
@@ -75,43 +76,49 @@ def mix_coef(cfg: TrainConfig, step: int) -> float:
 
 
 def kl_to_warmup_end(cfg: TrainConfig) -> bool:
-    """Whether GRPO's KL reference is the LoRA as the warm-up left it (a snapshot taken after step
-    sft_warmup_steps) instead of the LoRA off: a context+lora warm-up with sft_reference warmup-end."""
-    r = cfg.recipe
-    return r.sft_warmup_steps > 0 and r.sft_warmup_train == "context+lora" and r.sft_reference == "warmup-end"
+    """Whether GRPO's KL reference is the policy as the warm-up left it (LoRA, g_phi and its gate, a
+    snapshot taken after step sft_warmup_steps) instead of the paper's (LoRA off, C's gate closed)."""
+    return cfg.recipe.sft_warmup_steps > 0 and cfg.recipe.sft_reference == "warmup-end"
 
 
-def lora_snapshot(peft) -> dict[str, torch.Tensor]:
-    """{name: detached copy} of the LoRA's trainable tensors: the KL reference kl_to_warmup_end takes."""
-    return {n: p.detach().clone() for n, p in peft.named_parameters() if p.requires_grad and "lora_" in n}
+def warmup_reference(m: Policy) -> KLReference:
+    """The policy as it is now, frozen: copies of the LoRA's trainable tensors and of g_phi."""
+    lora = {n: p.detach().clone() for n, p in m.peft.named_parameters() if p.requires_grad and "lora_" in n}
+    adapter = copy.deepcopy(m.adapter).requires_grad_(False)
+    return KLReference(lora, adapter)
 
 
-def resumed_reference(cfg: TrainConfig, m: Policy, checkpoint: Path, step: int) -> dict | None:
-    """The KL reference LoRA a resume at `step` continues with: the checkpoint's, or the loaded LoRA
-    itself at the warm-up's last step (the snapshot the uninterrupted run takes there). Raises MuskError
-    for a checkpoint past a context+lora warm-up that keeps none (written before the reference was kept)."""
+def reference_state(ref: KLReference | None) -> dict | None:
+    """What a checkpoint keeps of the reference: {"lora": {name: tensor}, "adapter": g_phi's state_dict}."""
+    return None if ref is None else {"lora": ref.lora, "adapter": ref.adapter.state_dict()}
+
+
+def resumed_reference(cfg: TrainConfig, m: Policy, checkpoint: Path, step: int) -> KLReference | None:
+    """The KL reference a resume at `step` continues with: at the warm-up's last step the loaded weights
+    themselves (the snapshot the uninterrupted run takes there), later the checkpoint's kept one. Raises
+    MuskError for a checkpoint past the warm-up that keeps none (written before the reference was kept)."""
     if not kl_to_warmup_end(cfg) or step < cfg.recipe.sft_warmup_steps:
         return None
-    kept = ckpt.load_reference(checkpoint)
-    if kept is not None:
-        return kept
     if step == cfg.recipe.sft_warmup_steps:
-        return lora_snapshot(m.peft)
-    raise MuskError(f"--resume: {checkpoint} is past the warm-up (step {step} > {cfg.recipe.sft_warmup_steps}) and "
-                    f"keeps no KL reference ({ckpt.REFERENCE}); resume from the warm-up's last checkpoint or start a new run")
+        return warmup_reference(m)
+    kept = ckpt.load_reference(checkpoint)
+    if kept is None:
+        raise MuskError(f"--resume: {checkpoint} is past the warm-up (step {step} > {cfg.recipe.sft_warmup_steps}) and "
+                        f"keeps no KL reference ({ckpt.REFERENCE}); resume from the warm-up's last checkpoint or "
+                        "start a new run")
+    adapter = copy.deepcopy(m.adapter).requires_grad_(False)
+    adapter.load_state_dict(kept["adapter"])
+    return KLReference(kept["lora"], adapter)
 
 
 def recipe_name(config: dict) -> str | None:
-    """A run's recipe in words from its config mapping ('sft-warmup 20 (context)', 'sft-warmup 100
-    (context+lora, KL to warm-up end)', 'sft-mix 0.5/30'), None for the paper's recipe (reward only). Keys
+    """A run's recipe in words from its config mapping ('sft-warmup 20 (context, KL to base)', 'sft-warmup
+    100 (context+lora, KL to warm-up end)', 'sft-mix 0.5/30'), None for the paper's recipe (reward only). Keys
     absent from an older run's config read as off, and its KL reference as the base model (what it did)."""
     parts = []
     if int(config.get("sft_warmup_steps", 0) or 0) > 0:
-        train = config.get("sft_warmup_train", "context")
-        if train == "context+lora":
-            ref = "warm-up end" if config.get("sft_reference", "base") == "warmup-end" else "base"
-            train = f"{train}, KL to {ref}"
-        parts.append(f"sft-warmup {config['sft_warmup_steps']} ({train})")
+        ref = "warm-up end" if config.get("sft_reference", "base") == "warmup-end" else "base"
+        parts.append(f"sft-warmup {config['sft_warmup_steps']} ({config.get('sft_warmup_train', 'context')}, KL to {ref})")
     if float(config.get("sft_mix_coef", 0.0) or 0.0) > 0:
         parts.append(f"sft-mix {config['sft_mix_coef']:g}/{config.get('sft_mix_steps')}")
     return " + ".join(parts) or None
