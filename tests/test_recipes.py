@@ -219,9 +219,10 @@ def test_grpo_after_a_lora_warm_up_measures_kl_from_the_warm_ups_end_and_resumes
                                                                                          tmp_path):
     """Step 3, the first GRPO step after a 2-step context+lora warm-up, is scored against its reference
     before its update: against the warm-up's end (its LoRA, g_phi and gate) the policy is its own
-    reference (KL 0); against the paper's (LoRA off, gate closed) the warm-up's LoRA shows as KL > 0. Stopped at the warm-up's last step (the reference is taken
-    from the loaded LoRA) and one GRPO step later (the checkpoint keeps it), a resume ends where the
-    uninterrupted run does; a checkpoint past the warm-up without its reference is refused by name."""
+    reference (KL 0); against the paper's (LoRA off, gate closed) the warm-up's LoRA shows as KL > 0.
+    Stopped at the warm-up's last step (the reference is taken from the loaded weights) and one GRPO step
+    later (the checkpoint keeps it), a resume ends where the uninterrupted run does; a checkpoint past the
+    warm-up without its reference is refused by name."""
     import shutil
 
     ov = tiny_train_overrides(tiny_policy, method="perceiver", total_training_steps=4, save_freq=1, sft_warmup_steps=2,

@@ -313,12 +313,9 @@ class Policy:
         """log pi_ref(y_t | prefix) [N, T], no gradients: the same weights with the LoRA off, or with the
         LoRA of `reference` (the warm-up's end, train/recipes.kl_to_warmup_end) swapped in for the call.
         `embeds` are the reference's inputs (PolicyInputs.ref_embeds: C as the reference reads it)."""
-        with torch.no_grad():
-            if self.reference is None:
-                with self.peft.disable_adapter():
-                    return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
-            with swapped_lora(self.peft, self.reference.lora):
-                return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
+        weights = self.peft.disable_adapter() if self.reference is None else swapped_lora(self.peft, self.reference.lora)
+        with torch.no_grad(), weights:
+            return completion_logprobs(self.lm, embeds, mask, tokens, live, group=group, temperature=temperature)
 
     def gate_value(self) -> float | None:
         """The context gate's factor (None: no gate, or no C)."""

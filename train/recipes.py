@@ -8,9 +8,10 @@ training split only (the same data order GRPO reads: the held-out split cannot b
 
 - sft_warmup_steps W: steps 1..W are supervised (no rollouts, no reward); GRPO runs steps W+1..total.
   sft_warmup_train says what the warm-up trains: `context` (g_phi and its gate, the LoRA frozen: the
-  projector-first stage) or `context+lora`. After a context+lora warm-up GRPO's KL reference is the
-  policy as the warm-up left it (sft_reference warmup-end, RLHF's KL to the supervised model), not the
-  base model, whose KL term would pull the LoRA back and undo the warm-up.
+  projector-first stage) or `context+lora`. After a warm-up GRPO's KL reference is the policy as the
+  warm-up left it (sft_reference warmup-end: its LoRA, g_phi and gate; RLHF's KL to the supervised
+  model), not the paper's (LoRA off, C's gate closed), whose KL term would pull the policy back to where
+  it started and undo the warm-up.
 - sft_mix_coef c, sft_mix_steps D: at GRPO step t (t = 1 the first step after the warm-up) the loss is
   GRPO's plus c * max(0, 1 - (t - 1) / D) * answer_nll, so the supervised term decays linearly to 0 over
   D GRPO steps and the run ends as the paper's GRPO (docs/grpo.md says why this and not a reference
@@ -81,11 +82,15 @@ def kl_to_warmup_end(cfg: TrainConfig) -> bool:
     return cfg.recipe.sft_warmup_steps > 0 and cfg.recipe.sft_reference == "warmup-end"
 
 
-def warmup_reference(m: Policy) -> KLReference:
-    """The policy as it is now, frozen: copies of the LoRA's trainable tensors and of g_phi."""
-    lora = {n: p.detach().clone() for n, p in m.peft.named_parameters() if p.requires_grad and "lora_" in n}
+def warmup_reference(m: Policy, kept: dict | None = None) -> KLReference:
+    """The policy as it is now, frozen: copies of the LoRA's trainable tensors (as a checkpoint's lora.pt
+    holds them) and of g_phi; with `kept` (a checkpoint's reference_state), that reference instead, on a
+    frozen copy of g_phi."""
     adapter = copy.deepcopy(m.adapter).requires_grad_(False)
-    return KLReference(lora, adapter)
+    if kept is None:
+        return KLReference(ckpt.trainable_state(m.peft.named_parameters()), adapter)
+    adapter.load_state_dict(kept["adapter"])
+    return KLReference(kept["lora"], adapter)
 
 
 def reference_state(ref: KLReference | None) -> dict | None:
@@ -106,9 +111,7 @@ def resumed_reference(cfg: TrainConfig, m: Policy, checkpoint: Path, step: int) 
         raise MuskError(f"--resume: {checkpoint} is past the warm-up (step {step} > {cfg.recipe.sft_warmup_steps}) and "
                         f"keeps no KL reference ({ckpt.REFERENCE}); resume from the warm-up's last checkpoint or "
                         "start a new run")
-    adapter = copy.deepcopy(m.adapter).requires_grad_(False)
-    adapter.load_state_dict(kept["adapter"])
-    return KLReference(kept["lora"], adapter)
+    return warmup_reference(m, kept)
 
 
 def recipe_name(config: dict) -> str | None:
