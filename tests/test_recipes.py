@@ -146,38 +146,64 @@ def test_supervised_stages_read_training_prompts_only(tiny_cache, tiny_policy, t
 # --- the paper's run is unchanged; resume across the stage boundary
 
 
-# Measured with the code before recipes existed (same tiny fixtures, float32, this file's parity reward):
-# GRPO loss and global gradient norm of steps 1-3. Bit-identical on the CPU capability they were
-# recorded on; elsewhere kernels may round differently, and the check allows 1e-6 relative.
-GOLDEN_CAPABILITY = "AVX2"
+# GRPO loss and global gradient norm of steps 1-3 (same tiny fixtures, float32, this file's parity
+# reward, one torch thread), measured with the code before recipes existed (perceiver, prefix) and before
+# the config moved into sections and the policy got its interface (the others). The bits depend on the
+# CPU's kernels (torch.backends.cpu.get_cpu_capability()) and on the thread count, hence one table per
+# capability at one thread; on the AVX512 capability both older versions gave the same bits for all six
+# methods. A capability with no table is checked to 1e-3 relative against the AVX2 one.
 GOLDEN = {
-    "perceiver": ([0.0, 0.00029448792338371277, 7.374584674835205e-05],
-                  [0.21028249375275185, 0.22599504068587642, 0.16391535853826825]),
-    "prefix": ([0.0, 0.0002945326268672943, 7.370114326477051e-05],
-               [0.2102822250787952, 0.2528702759825839, 0.16409459784308952]),
-    # the other methods, recorded before the config moved into sections and the policy got its interface
-    "single": ([0.0, 0.00030482932925224304, 6.379932165145874e-05],
-               [0.2092341184616089, 0.16739226877689362, 0.17776177823543549]),
-    "hard-routing": ([0.0, 0.0003183968074154109, 6.434321403503418e-05],
-                     [0.20664785965084598, 0.19843079336626065, 0.14252758425790085]),
-    "ffn": ([0.0, 0.0003011971712112427, 8.276477456092834e-05],
-            [0.20973783495976514, 0.17157665171121805, 0.18404047103718646]),
-    "output-collab": ([0.0, 0.0002900324761867523, 0.0003629252314567566],
-                      [0.20490524172782898, 0.16566160321235657, 0.26975154876708984]),
+    "AVX2": {
+        "perceiver": ([0.0, 0.00029448792338371277, 7.374584674835205e-05],
+                      [0.21028249375275185, 0.22599504068587642, 0.16391535853826825]),
+        "prefix": ([0.0, 0.0002945326268672943, 7.370114326477051e-05],
+                   [0.2102822250787952, 0.2528702759825839, 0.16409459784308952]),
+        "single": ([0.0, 0.00030482932925224304, 6.379932165145874e-05],
+                   [0.2092341184616089, 0.16739226877689362, 0.17776177823543549]),
+        "hard-routing": ([0.0, 0.0003183968074154109, 6.434321403503418e-05],
+                         [0.20664785965084598, 0.19843079336626065, 0.14252758425790085]),
+        "ffn": ([0.0, 0.0003011971712112427, 8.276477456092834e-05],
+                [0.20973783495976514, 0.17157665171121805, 0.18404047103718646]),
+        "output-collab": ([0.0, 0.0002900324761867523, 0.0003629252314567566],
+                          [0.20490524172782898, 0.16566160321235657, 0.26975154876708984]),
+    },
+    "AVX512": {
+        "perceiver": ([0.0, 0.00029448792338371277, 7.374584674835205e-05],
+                      [0.2102825235217332, 0.22599468567111114, 0.1639151228088693]),
+        "prefix": ([0.0, 0.0002945326268672943, 7.369369268417358e-05],
+                   [0.21028225488208854, 0.25287018418110097, 0.16409425742108374]),
+        "single": ([0.0, 0.0003048218786716461, 6.38030469417572e-05],
+                   [0.2092341184616089, 0.1673927903175354, 0.1777612268924713]),
+        "hard-routing": ([0.0, 0.00031839711300563067, 6.434321403503418e-05],
+                         [0.20664787455310293, 0.19843100813000242, 0.1425275990279587]),
+        "ffn": ([0.0, 0.0003011971712112427, 8.276477456092834e-05],
+                [0.20973784985205232, 0.171576577531344, 0.1840385348190165]),
+        "output-collab": ([0.0, 0.0002900324761867523, 0.0003629252314567566],
+                          [0.20490524172782898, 0.16566158831119537, 0.26975148916244507]),
+    },
 }
 
 
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(GOLDEN))
-def test_a_recipe_free_run_is_bit_identical_to_before(tiny_cache, tiny_policy, tmp_path, method):
+@pytest.mark.parametrize("method", sorted(GOLDEN["AVX2"]))
+def test_a_recipe_free_run_is_bit_identical_to_before(tiny_cache, tiny_policy, tmp_path, method, one_thread):
     ov = tiny_train_overrides(tiny_policy, method=method, total_training_steps=3)
     rows = _metrics(run_train(load_train_config(None, ov), tiny_cache, tmp_path / method, **QUIET))
     loss, norm = [r["loss"] for r in rows], [r["grad_norm"] for r in rows]
-    if torch.backends.cpu.get_cpu_capability() == GOLDEN_CAPABILITY:
-        assert (loss, norm) == GOLDEN[method]
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in GOLDEN:
+        assert (loss, norm) == GOLDEN[capability][method]
     else:
-        assert loss == pytest.approx(GOLDEN[method][0], rel=1e-6, abs=1e-9)
-        assert norm == pytest.approx(GOLDEN[method][1], rel=1e-6)
+        assert loss == pytest.approx(GOLDEN["AVX2"][method][0], rel=1e-3, abs=1e-9)
+        assert norm == pytest.approx(GOLDEN["AVX2"][method][1], rel=1e-3)
 
 
 @pytest.mark.slow
