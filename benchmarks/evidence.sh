@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evidence tables of docs/evaluation.md, made with `musk eval` and `musk report` on the final code:
 # train each method on a cache for each seed (skipping finished runs, resuming unfinished ones), evaluate
-# every run with C (single too: "ablated - single" reads its folder of the same setting), every run that
+# every run not evaluated before (delete its eval folder to redo) with C (single too: "ablated - single" reads its folder of the same setting), every run that
 # has C also with C removed and null (C's information removed, slots kept), and every run that reads experts
 # under the content controls: each expert dropped, each expert's features shuffled across prompts, and all
 # experts shuffled together (shuffle:all); then report (paired intervals against
@@ -46,6 +46,7 @@ done
 
 for run in "$runs"/*/; do
   run=${run%/}
+  [ -f "$run/eval/final-val-ablations/summary.json" ] && continue  # evaluated before: delete the folder to redo
   # method and team from the run's own config.yaml
   read -r method experts < <(python -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))
 print(c["method"], " ".join(c.get("experts") or []))' "$run/config.yaml")

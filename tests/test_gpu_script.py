@@ -78,12 +78,14 @@ def test_one_stage_runs_alone(tmp_path):
     out = tmp_path / "check"
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HOME": str(tmp_path),
            "PYTHON": sys.executable}
-    p = subprocess.run(["bash", "benchmarks/gpu.sh", "--tiny", "--stage", "decode", "--out", str(out)], cwd=ROOT,
+    p = subprocess.run(["bash", "benchmarks/gpu.sh", "--tiny", "--stage", "cache", "--out", str(out)], cwd=ROOT,
                        env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     fig = json.loads((out / "figures.json").read_text())
-    assert fig["stages"] == {"decode": "done"} and fig["tests"] == {"ran": False} and "runs" not in fig
-    assert fig["ok"] is True and set(fig["decode"]["ms_per_token"]) == {"fused_static", "fused_eager", "loop"}
+    assert fig["stages"] == {"cache": "done"} and fig["tests"] == {"ran": False}
+    assert "runs" not in fig and "decode" not in fig and "probe_train" not in fig
+    assert fig["ok"] is True and set(fig["cache"]["experts"]) == {"qwen2.5-math-1.5b-shape", "qwen2.5-coder-7b-shape",
+                                                                   "llama-3.2-3b-shape"}
 
 
 def test_every_file_with_gpu_marked_tests_is_run_by_gpu_sh():
