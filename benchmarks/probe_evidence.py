@@ -6,6 +6,10 @@ oracle (paired seeds), of each method against the prefix control of the same rec
 accuracy against chance 1/k (a fixed row). Reads saved per-sample records only (no model is loaded).
 
     python benchmarks/probe_evidence.py RUNS_DIR... [--chance 0.25] [--eval final-val-ablations]
+        [--control shuffle:probe-oracle]
+
+--control names the content control (a `musk eval --ablate` condition): the oracle shuffled on a probe
+team, shuffle:all (every expert from another question of the task) on a real team.
 
 Prints Markdown. A run without the eval folder is skipped and named.
 """
@@ -26,7 +30,7 @@ from analyze.curves import first_step_reaching  # noqa: E402
 from analyze.records import per_prompt, seeds_cell  # noqa: E402
 from analyze.runs import discover, load_run  # noqa: E402
 
-ORACLE = "shuffle:probe-oracle"
+ORACLE = "shuffle:probe-oracle"  # the default control; --control names another
 
 
 def records(run, folder: str) -> list[dict]:
@@ -38,13 +42,13 @@ def pct(scores: dict) -> str:
     return f"{100 * np.mean(list(scores.values())):.1f}" if scores else "—"
 
 
-def seed_row(run, folder: str) -> tuple[str, dict]:
+def seed_row(run, folder: str, control: str = ORACLE) -> tuple[str, dict]:
     recs = records(run, folder)
-    conds = {c: per_prompt(recs, c) for c in ("with", "without", ORACLE)}
-    oracle = seeds_cell([conds["with"]], [conds[ORACLE]])[0] if conds[ORACLE] else "—"
+    conds = {c: per_prompt(recs, c) for c in ("with", "without", control)}
+    oracle = seeds_cell([conds["with"]], [conds[control]])[0] if conds[control] else "—"
     zero = run.metrics["frac_reward_zero_std"].drop_nulls().mean() if "frac_reward_zero_std" in run.metrics.columns else None
     step = first_step_reaching(run)
-    cells = [str(run.config.get("seed")), pct(conds["with"]), pct(conds["without"]), pct(conds[ORACLE]), oracle,
+    cells = [str(run.config.get("seed")), pct(conds["with"]), pct(conds["without"]), pct(conds[control]), oracle,
              str(step) if step is not None else "—", f"{zero:.2f}" if zero is not None else "—"]
     return "| " + " | ".join(cells) + " |", conds
 
@@ -54,7 +58,9 @@ def main() -> None:
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--chance", type=float, default=None, help="1/k of a label probe: accuracies against it")
     ap.add_argument("--eval", default="final-val-ablations", help="the musk eval folder under each RUN/eval/")
+    ap.add_argument("--control", default=ORACLE, help="the content control: a musk eval --ablate condition")
     args = ap.parse_args()
+    ctl, name = args.control, args.control.replace("shuffle:", "") + " shuffled"
     runs = [load_run(p) for p in discover(args.runs)]
     groups = defaultdict(list)
     for r in runs:
@@ -66,16 +72,17 @@ def main() -> None:
     for label, rs in sorted(groups.items()):
         rs.sort(key=lambda r: r.config.get("seed", 0))
         print(f"\n**{label}** ({rs[0].family}, {rs[0].config.get('dtype_resolved')}, {len(rs)} seeds, eval/{args.eval})\n")
-        print("| seed | with C % | C removed % | oracle shuffled % | with C − shuffled oracle (conditional) "
+        print(f"| seed | with C % | C removed % | {name} % | with C − {name} (conditional) "
               "| first step at 50% | share of groups with equal rewards |\n|---|---|---|---|---|---|---|")
         per_seed = []
         for r in rs:
-            line, conds = seed_row(r, args.eval)
+            line, conds = seed_row(r, args.eval, ctl)
             print(line)
             per_seed.append(conds)
         by_label[label] = per_seed
-        if all(c[ORACLE] for c in per_seed):
-            print(f"\npooled with C − shuffled oracle: {seeds_cell([c['with'] for c in per_seed], [c[ORACLE] for c in per_seed], paired_seeds=True)[0]}")
+        if all(c[ctl] for c in per_seed):
+            pooled = seeds_cell([c["with"] for c in per_seed], [c[ctl] for c in per_seed], paired_seeds=True)[0]
+            print(f"\npooled with C − {name}: {pooled}")
         if args.chance is not None:
             for cond in ("with", "without"):
                 qs = sorted(per_seed[0][cond])
