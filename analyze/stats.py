@@ -166,8 +166,9 @@ class SeedQuestionCI(NamedTuple):
         if self.too_small:
             return f"{self.diff * scale:+.1f}, n too small for an interval ({what})"
         if self.two_seeds:
-            per = "; ".join(f"seed {i + 1}: {iv(*x)}†" if x[2] > x[1] else f"seed {i + 1}: {x[0] * scale:+.1f}, n too small"
-                            for i, x in enumerate(self.per_seed))  # a zero-width seed says so, as a pooled one does
+            # ordinal names: the seeds' own numbers are not known here, and "seed 1" would read as one of them
+            per = "; ".join(f"{o} seed: {iv(*x)}†" if x[2] > x[1] else f"{o} seed: {x[0] * scale:+.1f}, n too small"
+                            for o, x in zip(("first", "second"), self.per_seed))  # a zero-width seed says so
             return f"{self.diff * scale:+.1f}, two seeds: no pooled interval; {per} ({what})"
         out = iv(self.diff, self.lo, self.hi) + ("†" if self.conditional else "") + f" ({what}"
         if self.beyond:

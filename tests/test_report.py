@@ -659,7 +659,7 @@ def test_ablation_table_gives_each_seed_its_own_paired_change(tmp_path):
     row = dict(ablation_table(load_runs([root])).rows)[
         "arithmetic / perceiver / math, code, general / shuffle:math [val, final, float32, greedy, 4 prompts]"]
     assert row[0] == "2" and row[3].endswith("(2 seeds, 4 distinct questions)")
-    assert row[3].startswith("-12.5, two seeds: no pooled interval; seed 1: -25.0 [-74.0, +24.0]†; seed 2: +0.0, n too small")
+    assert row[3].startswith("-12.5, two seeds: no pooled interval; first seed: -25.0 [-74.0, +24.0]†; second seed: +0.0, n too small")
     assert row[5] == ("seed 0: -25.0 [-74.0, +24.0]† (1 v 1 seed, 4 distinct questions); seed 1: +0.0, n too small "
                       "for an interval (1 v 1 seed, 4 distinct questions)")
 

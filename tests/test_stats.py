@@ -145,7 +145,7 @@ def test_interval_n_too_small_and_two_seeds():
     assert two.two_seeds and not two.excludes_zero() and len(two.per_seed) == 2
     s1 = seed_question_interval(A[:1], B)
     assert two.per_seed[0] == (s1.diff, s1.lo, s1.hi)
-    assert "two seeds: no pooled interval; seed 1: " in two.fmt() and "seed 2: " in two.fmt()
+    assert "two seeds: no pooled interval; first seed: " in two.fmt() and "second seed: " in two.fmt()
 
 
 def test_interval_clusters_count_problems_once():
@@ -202,4 +202,4 @@ def test_a_zero_width_seed_of_two_says_n_too_small():
     a = [[0.0] * 8, [1, 0, 1, 0, 0, 1, 0, 0]]
     ci = seed_question_interval(a, [[0.25] * 8], fixed_b=True)
     text = ci.fmt()
-    assert "seed 1: -25.0, n too small" in text and "seed 2: +12.5 [" in text
+    assert "first seed: -25.0, n too small" in text and "second seed: +12.5 [" in text
