@@ -2,7 +2,7 @@
 
 Where PYTHONDONTWRITEBYTECODE is set, every fresh interpreter (each pytest-xdist worker, each CLI
 subprocess a test starts) would compile its imports from source again. Compiling the whole
-environment (compileall) does ~18,000 files for the ~4,000 that are imported; importing them once
+environment (compileall) does ~18,000 files for the ~5,000 that are imported; importing them once
 writes only those. A module missing from this list still works: it is compiled in memory where it is
 imported, as before. Run by .ci/install as `env -u PYTHONDONTWRITEBYTECODE python .ci/warm_imports.py`.
 """

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The evidence tables of docs/evaluation.md, made with `musk eval` and `musk report` on the final code:
 # train each method on a cache for each seed (skipping finished runs, resuming unfinished ones), evaluate
-# every run not evaluated before (delete its eval folder to redo) with C (single too: "ablated - single" reads its folder of the same setting), every run that
-# has C also with C removed and null (C's information removed, slots kept), and every run that reads experts
-# under the content controls: each expert dropped, each expert's features shuffled across prompts, and all
-# experts shuffled together (shuffle:all); then report (paired intervals against
-# single and prefix, the expert-ablation table, routing per dataset). Default methods: single, prefix
-# (m trainable context tokens, no experts) and perceiver.
+# each run not evaluated before (delete its eval folder to redo): every run with C (single too: "ablated
+# - single" reads its folder), each run that has C also with C removed and null (C's information removed,
+# slots kept), each run that reads experts under the content controls: each expert dropped, each expert's
+# features shuffled across prompts, all experts shuffled together (shuffle:all); then report (paired
+# intervals against single and prefix, the expert-ablation table, routing per dataset). Default methods:
+# single, prefix (m trainable context tokens, no experts) and perceiver.
 #
 #   benchmarks/evidence.sh NAME CACHE TRAIN_CONFIG OUT [SEEDS] [METHODS]
 #
