@@ -2,8 +2,11 @@
 accuracy with C, with C removed and with probe-oracle's features from another question, the oracle
 control's conditional interval, the first step at 50% held-out accuracy and the share of groups whose
 rewards were all equal (no GRPO gradient); pooled, the seed-and-question intervals of with C - shuffled
-oracle (paired seeds), of each method against the prefix control of the same recipe, and of each
-accuracy against chance 1/k (a fixed row). Reads saved per-sample records only (no model is loaded).
+oracle (paired seeds), of each method against the prefix control trained like it (the same recipe and
+every other key both read), and of each accuracy against chance 1/k (a fixed row). A table holds one
+condition (every config key but the seed): runs that share a method and recipe but differ in another
+key are two tables, named by the keys that differ. Reads saved per-sample records only (no model is
+loaded).
 
     python benchmarks/probe_evidence.py RUNS_DIR... [--chance 0.25] [--eval final-val-ablations]
         [--control shuffle:probe-oracle]
@@ -11,7 +14,8 @@ accuracy against chance 1/k (a fixed row). Reads saved per-sample records only (
 --control names the content control (a `musk eval --ablate` condition): the oracle shuffled on a probe
 team, shuffle:all (every expert from another question of the task) on a real team.
 
-Prints Markdown. A run without the eval folder is skipped and named.
+Prints Markdown. A run without the eval folder is skipped and named; a folder with no runs exits 1 with a
+message.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analyze.curves import first_step_reaching  # noqa: E402
 from analyze.records import per_prompt, seeds_cell  # noqa: E402
-from analyze.runs import discover, load_run  # noqa: E402
+from analyze.runs import NOT_A_CONDITION, discover, load_run, unmatched_keys  # noqa: E402
+from analyze.tables import differing_keys  # noqa: E402
+from core.errors import MuskError  # noqa: E402
 
 ORACLE = "shuffle:probe-oracle"  # the default control; --control names another
 
@@ -53,6 +59,38 @@ def seed_row(run, folder: str, control: str = ORACLE) -> tuple[str, dict]:
     return "| " + " | ".join(cells) + " |", conds
 
 
+def group_names(groups: dict) -> dict:
+    """Each condition's name: its label (method and recipe), with the config keys on which runs of the same
+    label differ ('perceiver + sft-warmup 600 (context, KL to warm-up end) [router_lr=0.001]'), so two
+    conditions never print, or pool, as one."""
+    by_label = defaultdict(list)
+    for key, rs in groups.items():
+        by_label[rs[0].label].append(key)
+    names = {}
+    for label, keys in by_label.items():
+        configs = [groups[k][0].config for k in keys]
+        differ = differing_keys(configs, set(NOT_A_CONDITION)) if len(keys) > 1 else []
+        for k, config in zip(keys, configs):
+            tag = ", ".join(f"{d}={config.get(d)}" for d in differ)
+            names[k] = f"{label} [{tag}]" if tag else label
+    return names
+
+
+def matched_prefix(run, groups: dict):
+    """The condition of the prefix control trained like `run`: every key both methods read equal, the seed
+    apart (analyze.runs.unmatched_keys), on the same cache, in the same dtype, to the same step. None for a
+    prefix run or when no prefix group matches."""
+    if run.method == "prefix":
+        return None
+    same = ("cache_fingerprint", "dtype_resolved")
+    for key, rs in groups.items():
+        c = rs[0]
+        if (c.method == "prefix" and c.recipe == run.recipe and c.steps == run.steps and not unmatched_keys(run, c)
+                and all(c.config.get(k) == run.config.get(k) for k in same)):
+            return key
+    return None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
@@ -62,16 +100,17 @@ def main() -> None:
     args = ap.parse_args()
     ctl, name = args.control, args.control.replace("shuffle:", "") + " shuffled"
     runs = [load_run(p) for p in discover(args.runs)]
-    groups = defaultdict(list)
+    groups = defaultdict(list)  # one group per condition (every config key but the seed), never per label
     for r in runs:
         if records(r, args.eval):
-            groups[r.label].append(r)
+            groups[r.condition].append(r)
         else:
             print(f"(skipped {r.name}: no eval/{args.eval})")
-    by_label = {}
-    for label, rs in sorted(groups.items()):
+    names = group_names(groups)
+    by_condition = {}
+    for key, rs in sorted(groups.items(), key=lambda kv: names[kv[0]]):
         rs.sort(key=lambda r: r.config.get("seed", 0))
-        print(f"\n**{label}** ({rs[0].family}, {rs[0].config.get('dtype_resolved')}, {len(rs)} seeds, eval/{args.eval})\n")
+        print(f"\n**{names[key]}** ({rs[0].family}, {rs[0].config.get('dtype_resolved')}, {len(rs)} seeds, eval/{args.eval})\n")
         print(f"| seed | with C % | C removed % | {name} % | with C − {name} (conditional) "
               "| first step at 50% | share of groups with equal rewards |\n|---|---|---|---|---|---|---|")
         per_seed = []
@@ -79,7 +118,7 @@ def main() -> None:
             line, conds = seed_row(r, args.eval, ctl)
             print(line)
             per_seed.append(conds)
-        by_label[label] = per_seed
+        by_condition[key] = per_seed
         if all(c[ctl] for c in per_seed):
             pooled = seeds_cell([c["with"] for c in per_seed], [c[ctl] for c in per_seed], paired_seeds=True)[0]
             print(f"\npooled with C − {name}: {pooled}")
@@ -89,13 +128,14 @@ def main() -> None:
                 if qs:
                     chance = {q: args.chance for q in qs}
                     print(f"{cond} − chance {100 * args.chance:.0f}%: {seeds_cell([c[cond] for c in per_seed], [chance], fixed_b=True)[0]}")
-    for label, per_seed in by_label.items():
-        method, _, recipe = label.partition(" + ")
-        control = "prefix" + (f" + {recipe}" if recipe else "")
-        if method != "prefix" and control in by_label:
-            cell = seeds_cell([c["with"] for c in per_seed], [c["with"] for c in by_label[control]])[0]
-            print(f"\n{label} − {control}: {cell}")
-
+    for key, per_seed in by_condition.items():
+        control = matched_prefix(groups[key][0], groups)
+        if control is not None:
+            cell = seeds_cell([c["with"] for c in per_seed], [c["with"] for c in by_condition[control]])[0]
+            print(f"\n{names[key]} − {names[control]}: {cell}")
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except MuskError as e:  # a folder with no runs, a run folder that does not load: a message, not a traceback
+        sys.exit(f"probe_evidence: {e}")
