@@ -8,7 +8,7 @@ import sys
 import yaml
 
 from tests.helpers import ROOT
-from tests.test_report import _eval_folder, make_run, write_eval_records
+from tests.test_report import eval_folder, make_run, write_eval_records
 
 SCRIPT = ROOT / "benchmarks" / "probe_evidence.py"
 
@@ -18,7 +18,7 @@ def probe_run(root, name, *, method, seed, router_lr, with_c, shuffled=None):
     cfg = yaml.safe_load((d / "config.yaml").read_text())
     cfg.update(router_lr=router_lr, dtype_resolved="bfloat16")
     (d / "config.yaml").write_text(yaml.safe_dump(cfg))
-    ev = _eval_folder(d, "final-val-ablations", dtype="bfloat16")
+    ev = eval_folder(d, "final-val-ablations", dtype="bfloat16")
     write_eval_records(ev, with_c, name="records.jsonl")
     write_eval_records(ev, [0, 0, 0, 0], condition="without", name="records.jsonl")
     if shuffled is not None:

@@ -586,7 +586,7 @@ def test_paired_tables_carry_seed_variance(tmp_path):
     assert per_seed.startswith("seed 0: +75.0 [") and "seed 1: +50.0 [" in per_seed and "seed 2: +87.5 [" in per_seed
 
 
-def _eval_folder(run, name, **settings):
+def eval_folder(run, name, **settings):
     ev = run / "eval" / name
     ev.mkdir(parents=True)
     base = {"split": "val", "checkpoint": "final", "n_prompts": 4, "limit": None, "samples": 1, "temperature": None,
@@ -603,14 +603,14 @@ def test_ablation_rows_are_one_evaluation_setting_and_seeds_count_runs(tmp_path)
     root = tmp_path / "ab2"
     p = make_run(root, "p", acc=0.75)
     for name, dtype, rows in (("f32", "float32", [1, 1, 1, 1]), ("bf16", "bfloat16", [0, 0, 0, 0])):
-        ev = _eval_folder(p, name, dtype=dtype)
+        ev = eval_folder(p, name, dtype=dtype)
         write_eval_records(ev, [1, 1, 1, 1], name="records.jsonl")
         write_eval_records(ev, rows, condition="drop:math", name="records.jsonl")
-    ev = _eval_folder(p, "f32-again")  # the same setting again: the same run, not a second seed
+    ev = eval_folder(p, "f32-again")  # the same setting again: the same run, not a second seed
     write_eval_records(ev, [1, 1, 1, 1], name="records.jsonl")
     write_eval_records(ev, [1, 1, 1, 1], condition="shuffle:math", name="records.jsonl")
     s = make_run(root, "s", method="single", acc=0.5)
-    write_eval_records(_eval_folder(s, "final-val", dtype="bfloat16"), [0, 1, 1, 0], name="records.jsonl")
+    write_eval_records(eval_folder(s, "final-val", dtype="bfloat16"), [0, 1, 1, 0], name="records.jsonl")
     rows = dict(ablation_table(load_runs([root])).rows)
     f32 = rows["arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"]
     bf16 = rows["arithmetic / perceiver / math, code, general / drop:math [val, final, bfloat16, greedy, 4 prompts]"]
@@ -626,12 +626,12 @@ def test_ablation_table_reads_musk_eval_folders(tmp_path):
     root = tmp_path / "ab"
     p = make_run(root, "p", acc=0.75)
     write_eval_records(p, [1, 1, 1, 0], util=[[0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.2, 0.2, 0.6], [0.2, 0.4, 0.4]])
-    ev = _eval_folder(p, "final-val-drop_math")
+    ev = eval_folder(p, "final-val-drop_math")
     write_eval_records(ev, [1, 1, 1, 0], name="records.jsonl")
     write_eval_records(ev, [0, 1, 1, 0], condition="drop:math", name="records.jsonl")
     s = make_run(root, "s", method="single", acc=0.5)
     write_eval_records(s, [1, 1, 1, 1])  # single's training-time evaluation: not what the ablation is set against
-    write_eval_records(_eval_folder(s, "final-val"), [0, 1, 1, 0], name="records.jsonl")
+    write_eval_records(eval_folder(s, "final-val"), [0, 1, 1, 0], name="records.jsonl")
     runs = load_runs([root])
     t = ablation_table(runs)
     label = "arithmetic / perceiver / math, code, general / drop:math [val, final, float32, greedy, 4 prompts]"
@@ -653,7 +653,7 @@ def test_ablation_table_gives_each_seed_its_own_paired_change(tmp_path):
 
     root = tmp_path / "ab3"
     for s, (with_c, shuffled) in enumerate((([1, 1, 1, 0], [0, 1, 1, 0]), ([1, 1, 0, 0], [1, 1, 0, 0]))):
-        ev = _eval_folder(make_run(root, f"p{s}", seed=s), "final-val")
+        ev = eval_folder(make_run(root, f"p{s}", seed=s), "final-val")
         write_eval_records(ev, with_c, name="records.jsonl")
         write_eval_records(ev, shuffled, condition="shuffle:math", name="records.jsonl")
     row = dict(ablation_table(load_runs([root])).rows)[
