@@ -257,6 +257,10 @@ def test_presets_plan_the_paper_grids():
     folder, ev = plan_sweep(sweeps / "embedded-evidence.yaml")
     assert sorted({c.method for c in ev}) == ["ffn", "hard-routing", "output-collab", "perceiver", "prefix", "single"]
     assert all(c.train.optim.total_training_steps == 20 and c.config is None for c in ev)  # the README's embedded runs
+    _, reads = plan_sweep(sweeps / "probe-reads.yaml")  # the sums probe's reading recipe: 5 seeds, matched prefix
+    assert sorted((c.method, c.seed) for c in reads) == [(m, s) for m in ("perceiver", "prefix") for s in range(5)]
+    assert {(c.train.recipe.sft_warmup_steps, c.train.recipe.sft_warmup_train, c.train.recipe.sft_reference,
+             c.train.optim.router_lr, c.train.optim.total_training_steps) for c in reads} == {(600, "context", "warmup-end", 1e-3, 620)}
 
 
 @pytest.mark.slow
