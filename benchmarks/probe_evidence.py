@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analyze.curves import first_step_reaching  # noqa: E402
 from analyze.records import per_prompt, seeds_cell  # noqa: E402
 from analyze.runs import NOT_A_CONDITION, discover, load_run, unmatched_keys  # noqa: E402
-from analyze.tables import differing_keys  # noqa: E402
+from analyze.tables import differing_keys, method_label  # noqa: E402
 from core.errors import MuskError  # noqa: E402
 
 ORACLE = "shuffle:probe-oracle"  # the default control; --control names another
@@ -71,8 +71,7 @@ def group_names(groups: dict) -> dict:
         configs = [groups[k][0].config for k in keys]
         differ = differing_keys(configs, set(NOT_A_CONDITION)) if len(keys) > 1 else []
         for k, config in zip(keys, configs):
-            tag = ", ".join(f"{d}={config.get(d)}" for d in differ)
-            names[k] = f"{label} [{tag}]" if tag else label
+            names[k] = method_label(groups[k][0].method, config, differ)
     return names
 
 
